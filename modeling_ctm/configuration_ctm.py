@@ -1,0 +1,206 @@
+# Copyright 2026 The modeling-ctm authors. Licensed under the Apache License, Version 2.0.
+"""Configuration of the neuroplastic Continuous Thought Machine (CTM) language model.
+
+This file travels with every checkpoint as remote code, so it imports only `transformers` (and the standard library).
+"""
+
+from transformers.configuration_utils import PreTrainedConfig
+
+
+CTM_LAYER_CHOICES = ("none", "all", "last")
+CTM_READOUT_CHOICES = ("last", "most_certain")
+CTM_CARRY_CHOICES = ("none", "chunk")
+MAX_DECAY = 15.0  # r = exp(-15) ~ 3e-7: a pair with this decay forgets everything between ticks
+
+
+class CTMConfig(PreTrainedConfig):
+    r"""
+    Configuration of a decoder-only transformer whose MLPs are (partly) replaced by CTM blocks.
+
+    The decoder fields follow [`LlamaConfig`]; with `ctm_layers="none"` the model *is* a Llama-style transformer
+    (phase 1 of the developmental recipe). The `ctm_*` fields describe the thinking blocks.
+
+    Args:
+        ctm_layers (`str` or `list[int]`, defaults to `"last"`):
+            Which decoder layers think: `"none"` (plain MLPs everywhere), `"all"`, `"last"`, or a list of layer
+            indices (negative indices count from the end).
+        ctm_ticks (`int`, defaults to 3):
+            K, the number of internal ticks each CTM block runs per token.
+        ctm_memory_length (`int`, defaults to 16):
+            M, the length of the rolling trace of pre-activations that feeds the neuron-level models.
+        ctm_n_synch_out (`int`, *optional*):
+            Number of neuron pairs whose synchronisation is read out (S_out). Defaults to `hidden_size // 2`.
+        ctm_n_synch_action (`int`, *optional*):
+            Number of neuron pairs whose synchronisation forms the attention query (S_action). Defaults to
+            `hidden_size // 2`.
+        ctm_nlm_hidden_size (`int`, defaults to 32):
+            Hidden width of every neuron's private two-layer GLU model (NLM).
+        ctm_synapse_depth (`int`, defaults to 32):
+            Number of linear layers in the U-Net synapse (even, >= 2; half down, half up).
+        ctm_attention_heads (`int`, defaults to 1):
+            Heads of the causal cross-attention with which the neurons re-observe the block input.
+        ctm_tick_embeddings (`bool`, defaults to `True`):
+            Whether a learned per-tick embedding is added to the state entering the synapse.
+        ctm_decay_init_range (`tuple[float, float]`, defaults to `(0.0, 0.0)`):
+            Synchronisation decays are drawn from U(low, high); r = exp(-decay). `(0, 0)` is the reference (r = 1,
+            plain running sums).
+        ctm_readout (`str`, defaults to `"most_certain"`):
+            Which tick inference reads per token: `"last"` or `"most_certain"` (lowest normalised entropy).
+        ctm_loss_argmin_weight (`float`, defaults to 0.5):
+            Weight of the per-token cross-entropy at the lowest-loss tick.
+        ctm_loss_certain_weight (`float`, defaults to 0.5):
+            Weight of the per-token cross-entropy at the most-certain tick.
+        ctm_loss_tick_aux_weight (`float`, defaults to 0.0):
+            Weight of the auxiliary loss averaged over all ticks (keeps every tick a usable prediction).
+        ctm_carry (`str`, defaults to `"none"`):
+            How thinking state flows between positions: `"none"` (every token starts from the learned start state)
+            or `"chunk"` (every token of chunk c starts from the final state of the last token of chunk c-1).
+        ctm_chunk_size (`int`, *optional*):
+            Chunk size C of the `"chunk"` carry; C = 1 is token-to-token streaming. Required with `"chunk"`.
+        ctm_tick_checkpointing (`bool`, defaults to `False`):
+            Recompute each tick in the backward pass instead of storing its activations (trades compute for memory).
+    """
+
+    model_type = "ctm"
+    keys_to_ignore_at_inference = ["cache", "certainty", "selected_tick", "tick_losses"]
+
+    # decoder (Llama-style)
+    vocab_size: int = 4096
+    hidden_size: int = 768
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 6
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    tie_word_embeddings: bool = True
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    mlp_bias: bool = False
+
+    # thinking blocks
+    ctm_layers: str | list[int] = "last"
+    ctm_ticks: int = 3
+    ctm_memory_length: int = 16
+    ctm_n_synch_out: int | None = None
+    ctm_n_synch_action: int | None = None
+    ctm_nlm_hidden_size: int = 32
+    ctm_synapse_depth: int = 32
+    ctm_attention_heads: int = 1
+    ctm_tick_embeddings: bool = True
+    ctm_decay_init_range: tuple[float, float] | list[float] = (0.0, 0.0)
+    ctm_readout: str = "most_certain"
+    ctm_loss_argmin_weight: float = 0.5
+    ctm_loss_certain_weight: float = 0.5
+    ctm_loss_tick_aux_weight: float = 0.0
+    ctm_carry: str = "none"
+    ctm_chunk_size: int | None = None
+    ctm_tick_checkpointing: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None and self.num_attention_heads:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.ctm_n_synch_out is None:
+            self.ctm_n_synch_out = self.hidden_size // 2
+        if self.ctm_n_synch_action is None:
+            self.ctm_n_synch_action = self.hidden_size // 2
+        if isinstance(self.ctm_layers, tuple):
+            self.ctm_layers = list(self.ctm_layers)
+        self.ctm_decay_init_range = [float(v) for v in self.ctm_decay_init_range]
+        super().__post_init__(**kwargs)
+        self.validate_ctm()
+
+    @property
+    def ctm_layer_indices(self) -> list[int]:
+        """Sorted indices of the decoder layers whose MLP is a CTM block."""
+        n = self.num_hidden_layers
+        if self.ctm_layers == "none":
+            return []
+        if self.ctm_layers == "all":
+            return list(range(n))
+        if self.ctm_layers == "last":
+            return [n - 1]
+        return sorted({i % n for i in self.ctm_layers})
+
+    def validate_ctm(self):
+        """Raise `ValueError` naming the field and what is allowed for every invalid architecture value."""
+
+        def fail(field, value, allowed):
+            raise ValueError(f"CTMConfig.{field}={value!r} is invalid: {allowed}.")
+
+        def positive_int(field, value, note=""):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(field, value, "allowed values are integers >= 1" + note)
+
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            positive_int(field, getattr(self, field))
+        if self.hidden_size % self.num_attention_heads != 0:
+            fail("num_attention_heads", self.num_attention_heads, f"must divide hidden_size={self.hidden_size}")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            fail(
+                "num_key_value_heads",
+                self.num_key_value_heads,
+                f"must divide num_attention_heads={self.num_attention_heads}",
+            )
+
+        n = self.num_hidden_layers
+        if isinstance(self.ctm_layers, str):
+            if self.ctm_layers not in CTM_LAYER_CHOICES:
+                fail("ctm_layers", self.ctm_layers, f"allowed values are {CTM_LAYER_CHOICES} or a list of layer indices")
+        elif isinstance(self.ctm_layers, list):
+            bad = [i for i in self.ctm_layers if not isinstance(i, int) or isinstance(i, bool) or not -n <= i < n]
+            if bad or not self.ctm_layers:
+                fail("ctm_layers", self.ctm_layers, f"layer indices must be integers in [-{n}, {n - 1}] (non-empty)")
+        else:
+            fail("ctm_layers", self.ctm_layers, f"allowed values are {CTM_LAYER_CHOICES} or a list of layer indices")
+
+        positive_int("ctm_ticks", self.ctm_ticks)
+        positive_int("ctm_memory_length", self.ctm_memory_length)
+        positive_int("ctm_nlm_hidden_size", self.ctm_nlm_hidden_size)
+        positive_int("ctm_attention_heads", self.ctm_attention_heads)
+        if self.hidden_size % self.ctm_attention_heads != 0:
+            fail("ctm_attention_heads", self.ctm_attention_heads, f"must divide hidden_size={self.hidden_size}")
+        max_pairs = self.hidden_size * (self.hidden_size + 1) // 2
+        for field in ("ctm_n_synch_out", "ctm_n_synch_action"):
+            value = getattr(self, field)
+            positive_int(field, value)
+            if value > max_pairs:
+                fail(
+                    field,
+                    value,
+                    f"at most hidden_size*(hidden_size+1)/2 = {max_pairs} distinct neuron pairs exist",
+                )
+        depth = self.ctm_synapse_depth
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 2 or depth % 2:
+            fail("ctm_synapse_depth", depth, "allowed values are even integers >= 2 (half down, half up)")
+        if len(self.ctm_decay_init_range) != 2 or not (
+            0.0 <= self.ctm_decay_init_range[0] <= self.ctm_decay_init_range[1] <= MAX_DECAY
+        ):
+            fail("ctm_decay_init_range", self.ctm_decay_init_range, f"must be [low, high] with 0 <= low <= high <= {MAX_DECAY}")
+        if self.ctm_readout not in CTM_READOUT_CHOICES:
+            fail("ctm_readout", self.ctm_readout, f"allowed values are {CTM_READOUT_CHOICES}")
+        for field in ("ctm_loss_argmin_weight", "ctm_loss_certain_weight", "ctm_loss_tick_aux_weight"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                fail(field, value, "allowed values are numbers >= 0")
+        if self.ctm_layer_indices and (
+            self.ctm_loss_argmin_weight + self.ctm_loss_certain_weight + self.ctm_loss_tick_aux_weight <= 0
+        ):
+            fail("ctm_loss_argmin_weight", self.ctm_loss_argmin_weight, "the three ctm_loss_*_weight must not all be 0")
+        if self.ctm_carry not in CTM_CARRY_CHOICES:
+            fail("ctm_carry", self.ctm_carry, f"allowed values are {CTM_CARRY_CHOICES}")
+        if self.ctm_carry == "chunk" or self.ctm_chunk_size is not None:
+            positive_int("ctm_chunk_size", self.ctm_chunk_size, " (required when ctm_carry='chunk')")
+
+
+__all__ = ["CTMConfig"]

@@ -1,0 +1,1376 @@
+# Copyright 2026 The modeling-ctm authors. Licensed under the Apache License, Version 2.0.
+"""A neuroplastic Continuous Thought Machine (CTM) language model in the house style of `transformers`.
+
+Reading order: thinking state and cache -> Llama-style building blocks -> the CTM pieces (synapse, neuron-level models
+over the trace, synchronisation, the block and its tick) -> decoder layer -> PreTrainedModel -> models and heads.
+
+One CTM block, per token, runs K ticks of::
+
+    query  = q_proj(S_action)                       # the neurons' co-firing asks a question ...
+    obs    = causal_cross_attention(query, K, V)    # ... of the block's own inputs at positions <= t
+    pre    = z + synapse([obs ; z + tick_embed[k]]) # U-Net synapse mixes observation and state
+    trace  = roll(trace, pre)                       # last M pre-activations per neuron
+    z      = neuron_level_models(trace)             # every neuron has its own small GLU MLP
+    S_out, S_action = decayed pairwise products of z (fp32 accumulators)
+    y_k    = out_proj(S_out)                        # zero-initialised readout into the residual stream
+
+The thinking state (z, trace, both accumulators) can be carried between positions: `ctm_carry="chunk"` starts every
+token of chunk c from the final state of the last token of chunk c-1. `forward`, chunked training and cached `generate`
+run the same schedule, so they compute the same function.
+
+This file travels with checkpoints as remote code: it imports `transformers`, `torch`, `safetensors` and
+`.configuration_ctm` only.
+"""
+
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers import initialization as init
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_ctm import MAX_DECAY, CTMConfig
+
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Thinking state: what one tick reads and writes, and what the cache carries between positions.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ThinkingState:
+    """The recurrent state of one CTM layer. Leading dims are any batch shape, e.g. (B,) or (B, T).
+
+    `state` is the post-activation z (…, D); `trace` holds the last M pre-activations (…, D, M); the four
+    synchronisation accumulators (…, S) are always float32 so long carries neither saturate nor lose increments.
+    """
+
+    state: torch.Tensor
+    trace: torch.Tensor
+    alpha_out: torch.Tensor
+    beta_out: torch.Tensor
+    alpha_action: torch.Tensor
+    beta_action: torch.Tensor
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "ThinkingState":
+        return ThinkingState(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+    @staticmethod
+    def where(condition: torch.Tensor, if_true: "ThinkingState", if_false: "ThinkingState") -> "ThinkingState":
+        """Pick per batch row (`condition` has shape (B,))."""
+
+        def pick(a, b):
+            mask = condition.view(-1, *([1] * (max(a.dim(), b.dim()) - 1)))
+            return torch.where(mask, a, b)
+
+        return ThinkingState(
+            **{f.name: pick(getattr(if_true, f.name), getattr(if_false, f.name)) for f in fields(ThinkingState)}
+        )
+
+    def expand_tokens(self, n: int) -> "ThinkingState":
+        """(B, ...) -> (B, n, ...): every token of a chunk starts from the same state."""
+        return self.map(lambda t: t.unsqueeze(1).expand(t.shape[0], n, *t.shape[1:]))
+
+    def select_tokens(self, index: torch.Tensor) -> "ThinkingState":
+        """(B, n, ...) -> (B, ...): the state of token `index[b]` of each row."""
+        rows = torch.arange(index.shape[0], device=index.device)
+        return self.map(lambda t: t[rows, index])
+
+    def to_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        return {prefix + f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, tensors: dict[str, torch.Tensor], prefix: str = "") -> "ThinkingState":
+        missing = [prefix + f.name for f in fields(cls) if prefix + f.name not in tensors]
+        if missing:
+            raise ValueError(f"thinking-state tensors are missing the keys {missing}")
+        return cls(**{f.name: tensors[prefix + f.name] for f in fields(cls)})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Cache: self-attention KV + CTM cross-attention K/V + the carried thinking state.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class CTMCacheLayer(DynamicLayer):
+    """One decoder layer's cache. The self-attention KV lives in `keys`/`values` (inherited); a CTM layer also keeps
+    the K/V of its cross-attention over all earlier positions (`observed_keys`/`observed_values`), the final thinking
+    state of the last real token (`last`) and the state the current chunk entered with (`entry`)."""
+
+    is_croppable = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.observed_keys: torch.Tensor | None = None
+        self.observed_values: torch.Tensor | None = None
+        self.last: ThinkingState | None = None
+        self.entry: ThinkingState | None = None
+
+    def update_observations(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.observed_keys is not None:
+            keys = torch.cat([self.observed_keys, keys], dim=-2)
+            values = torch.cat([self.observed_values, values], dim=-2)
+        self.observed_keys, self.observed_values = keys, values
+        return keys, values
+
+    def _map_extra(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.observed_keys is not None:
+            self.observed_keys, self.observed_values = fn(self.observed_keys), fn(self.observed_values)
+        if self.last is not None:
+            self.last = self.last.map(fn)
+        if self.entry is not None:
+            self.entry = self.entry.map(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_extra(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_extra(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_extra(lambda t: t[indices])
+
+    def reset(self) -> None:
+        super().reset()
+        self.observed_keys = self.observed_values = None
+        self.last = self.entry = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise ValueError("A CTM cache cannot be cropped: the carried thinking state cannot be rolled back.")
+
+    def offload(self) -> None:
+        super().offload()
+        self._map_extra(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        super().prefetch()
+        if self.is_initialized:
+            self._map_extra(lambda t: t.to(self.device, non_blocking=True))
+
+    def drop_attention(self) -> None:
+        """Forget every earlier position's keys and values; keep the thinking state."""
+        DynamicLayer.reset(self)
+        self.observed_keys = self.observed_values = None
+
+    def detach_(self) -> None:
+        if self.is_initialized and self.keys is not None:
+            self.keys, self.values = self.keys.detach(), self.values.detach()
+        self._map_extra(lambda t: t.detach())
+
+
+class CTMCache(Cache):
+    """Everything a decode step needs: per layer the self-attention KV; per CTM layer the cross-attention K/V of all
+    earlier positions and the recurrent thinking state; and per row the number of real (non-padding) tokens seen,
+    which places chunk boundaries. Not croppable: assisted decoding is refused (the model is stateful).
+
+    A new conversation can start from a thinking-state snapshot with no KV (`from_thinking_state`): that is how
+    memory crosses conversations.
+    """
+
+    def __init__(self, config: CTMConfig | None = None, num_hidden_layers: int | None = None):
+        n = num_hidden_layers if num_hidden_layers is not None else config.num_hidden_layers
+        super().__init__(layers=[CTMCacheLayer() for _ in range(n)])
+        self.seen_tokens: torch.Tensor | None = None  # (B,) real tokens consumed per row
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def record_new_tokens(self, new_tokens: torch.Tensor) -> None:
+        self.seen_tokens = new_tokens if self.seen_tokens is None else self.seen_tokens + new_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.seen_tokens is not None:
+            self.seen_tokens = self.seen_tokens.index_select(0, beam_idx.to(self.seen_tokens.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.seen_tokens is not None:
+            self.seen_tokens = self.seen_tokens.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.seen_tokens is not None:
+            self.seen_tokens = self.seen_tokens[indices]
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = None
+
+    def detach_(self) -> "CTMCache":
+        """Cut the autograd graph at this point (truncated backpropagation through the carried state)."""
+        for layer in self.layers:
+            layer.detach_()
+        return self
+
+    def drop_attention_(self) -> "CTMCache":
+        """Forget the keys/values of every earlier position but keep the thinking state and the token count. After
+        this, the only path from the past to the future is the carried thinking state (phase-3 'attention cut')."""
+        for layer in self.layers:
+            layer.drop_attention()
+        return self
+
+    # -- snapshots -----------------------------------------------------------------------------------------------------
+
+    def thinking_state_dict(self) -> dict[str, torch.Tensor]:
+        """The final thinking state of every CTM layer as a flat dict `{"layers.{i}.{field}": tensor}` (batch-first),
+        ready for `safetensors.torch.save_file`. A new sequence started from it (`from_thinking_state`) begins a new
+        chunk from exactly this state."""
+        tensors = {}
+        for idx, layer in enumerate(self.layers):
+            if layer.last is not None:
+                tensors.update(layer.last.map(lambda t: t.detach().contiguous()).to_dict(f"layers.{idx}."))
+        if not tensors:
+            raise ValueError("This cache holds no thinking state yet: run the model on at least one token first.")
+        return tensors
+
+    @classmethod
+    def from_thinking_state(
+        cls, config: CTMConfig, tensors: dict[str, torch.Tensor], batch_size: int | None = None
+    ) -> "CTMCache":
+        """A fresh cache (no KV, no tokens seen) whose CTM layers start from `tensors` (see `thinking_state_dict`).
+        A snapshot of batch 1 is repeated to `batch_size` rows."""
+        if config.ctm_carry != "chunk":
+            raise ValueError(
+                "Starting from a thinking-state snapshot needs CTMConfig.ctm_carry='chunk'; with ctm_carry="
+                f"{config.ctm_carry!r} every token starts from the learned start state."
+            )
+        cache = cls(config)
+        for idx in config.ctm_layer_indices:
+            state = ThinkingState.from_dict(tensors, f"layers.{idx}.")
+            rows = state.state.shape[0]
+            if batch_size is not None and rows != batch_size:
+                if rows != 1:
+                    raise ValueError(f"a snapshot of batch {rows} cannot start a batch of {batch_size}")
+                state = state.map(lambda t: t.expand(batch_size, *t.shape[1:]).contiguous())
+            cache.layers[idx].last = cache.layers[idx].entry = state
+        extra = {k for k in tensors if int(k.split(".")[1]) not in config.ctm_layer_indices}
+        if extra:
+            raise ValueError(f"the snapshot has layers this model does not think in: {sorted(extra)[:4]}")
+        return cache
+
+    def save_thinking_state(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+        """Write `thinking_state_dict()` to a safetensors file atomically (a temp file renamed into place)."""
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(self.thinking_state_dict(), tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load_thinking_state(
+        cls, path: str | os.PathLike, config: CTMConfig, batch_size: int | None = None, device=None
+    ) -> "CTMCache":
+        return cls.from_thinking_state(config, load_file(os.fspath(path), device=str(device or "cpu")), batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The carry schedule: which tokens think together, in which order, from which state.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ThinkingStep:
+    """Tokens that think in parallel from one entry state per row: slot j of row b is column `columns[b, j]`."""
+
+    columns: torch.Tensor  # (B, n) long
+    valid: torch.Tensor  # (B, n) bool: slot holds a real token
+    last_slot: torch.Tensor  # (B,) long: the row's last real token in this step
+    has_tokens: torch.Tensor  # (B,) bool
+    attention_mask: torch.Tensor | None  # (B, 1, n, past + T) bool, or None when `is_causal` suffices
+    is_causal: bool
+    covers_all_columns: bool  # columns == arange(T) in every row: outputs need no scatter
+
+
+@dataclass
+class ThinkingSchedule:
+    steps: list[ThinkingStep]
+    begins_new_chunk: torch.Tensor  # (B,) bool: the first new token starts a chunk (enters from `last`)
+    new_tokens: torch.Tensor  # (B,) long: real tokens in this call
+
+
+def plan_thinking(
+    config: CTMConfig,
+    batch_size: int,
+    length: int,
+    device: torch.device,
+    token_mask: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+    past_length: int,
+    seen_tokens: torch.Tensor | None,
+) -> ThinkingSchedule:
+    """Split the T new tokens of every row into sequential steps following the carry rule.
+
+    Chunk boundaries are counted in real tokens from the first real token of the sequence, so left padding and the
+    split of a sequence across calls do not move them. With `ctm_carry="none"` all tokens think in one parallel step.
+    """
+    B, T = batch_size, length
+    mask = token_mask if token_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+    seen = seen_tokens if seen_tokens is not None else torch.zeros(B, dtype=torch.long, device=device)
+    new_tokens = mask.sum(1)
+    positions = seen[:, None] + mask.cumsum(1) - 1  # real position of each new token
+
+    if config.ctm_carry == "none":
+        columns = torch.arange(T, device=device).expand(B, T)
+        slots = [(columns, mask)]
+        begins_new_chunk = torch.ones(B, dtype=torch.bool, device=device)
+    else:
+        C = config.ctm_chunk_size
+        begins_new_chunk = seen % C == 0
+        chunk = positions // C
+        step = chunk - (seen // C)[:, None]
+        slot = positions - torch.maximum(seen[:, None], chunk * C)
+        if bool(mask.any()):
+            n_steps = int(step[mask].max()) + 1
+            width = int(slot[mask].max()) + 1
+        else:
+            n_steps, width = 0, 1
+        rows, cols = mask.nonzero(as_tuple=True)
+        columns = torch.zeros(n_steps, B, width, dtype=torch.long, device=device)
+        valid = torch.zeros(n_steps, B, width, dtype=torch.bool, device=device)
+        columns[step[rows, cols], rows, slot[rows, cols]] = cols
+        valid[step[rows, cols], rows, slot[rows, cols]] = True
+        slots = [(columns[s], valid[s]) for s in range(n_steps)]
+
+    key_valid = key_mask if key_mask is not None else None
+    steps = []
+    for columns, valid in slots:
+        n = columns.shape[1]
+        covers_all = config.ctm_carry == "none" or (n == T and bool((columns == torch.arange(T, device=device)).all()))
+        no_padding = key_valid is None or bool(key_valid.all())
+        if covers_all and past_length == 0 and no_padding:
+            attention_mask, is_causal = None, T > 1
+        elif covers_all and T == 1 and no_padding:
+            attention_mask, is_causal = None, False
+        else:
+            key_columns = torch.arange(past_length + T, device=device) - past_length  # < 0 for cached keys
+            attention_mask = key_columns[None, None, :] <= columns[:, :, None]  # (B, n, past + T)
+            if key_valid is not None:
+                attention_mask = attention_mask & key_valid[:, None, :]
+            # Slots without a real token still run (their outputs are dropped); give them a key so softmax is finite.
+            attention_mask = (attention_mask | ~valid[:, :, None]).unsqueeze(1)
+            is_causal = False
+        last_slot = (valid.long().cumsum(1) * valid).argmax(1)
+        steps.append(
+            ThinkingStep(columns, valid, last_slot, valid.any(1), attention_mask, is_causal, covers_all_columns=covers_all)
+        )
+    return ThinkingSchedule(steps=steps, begins_new_chunk=begins_new_chunk, new_tokens=new_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Llama-style building blocks.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class CTMRMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class CTMRotaryEmbedding(nn.Module):
+    def __init__(self, config: CTMConfig):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = self.config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(self.config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: CTMConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @dynamic_rope_update
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    attn_output = attn_output.transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class CTMAttention(nn.Module):
+    """Grouped-query self-attention with RoPE, through the `transformers` attention interface."""
+
+    def __init__(self, config: CTMConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class CTMMLP(nn.Module):
+    """The gated MLP of a layer that does not think (phase 1, or layers left out of `ctm_layers`)."""
+
+    def __init__(self, config: CTMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The CTM pieces: synapse, neuron-level models over the trace, synchronisation.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class CTMSynapse(nn.Module):
+    """The U-Net synapse (reference nanoctm): bias-free Linear+SiLU down to a width-16 bottleneck, then
+    Linear+SiLU+LayerNorm up with concatenated skips. Input [observation ; state] (2D), output D."""
+
+    min_width = 16
+
+    def __init__(self, hidden_size: int, depth: int):
+        super().__init__()
+        half = depth // 2
+        d_in = 2 * hidden_size
+        widths = [max(self.min_width, round(d_in + (self.min_width - d_in) * i / half)) for i in range(half + 1)]
+        self.down = nn.ModuleList(nn.Linear(widths[i], widths[i + 1], bias=False) for i in range(half))
+        up_in = [widths[half]] + [2 * widths[half - j] for j in range(1, half)]
+        up_out = [widths[half - 1 - j] for j in range(half - 1)] + [hidden_size]
+        self.up = nn.ModuleList(nn.Linear(i, o, bias=False) for i, o in zip(up_in, up_out))
+        self.up_norms = nn.ModuleList(nn.LayerNorm(o) for o in up_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for layer in self.down:
+            x = F.silu(layer(x))
+            skips.append(x)
+        # skips[-1] is the bottleneck; the up path re-uses the down activations in reverse, the input itself never
+        u = self.up_norms[0](F.silu(self.up[0](skips[-1])))
+        for j in range(1, len(self.up)):
+            u = self.up_norms[j](F.silu(self.up[j](torch.cat([u, skips[-1 - j]], dim=-1))))
+        return u
+
+
+class CTMNeuronLevelModels(nn.Module):
+    """Every neuron d has its own two-layer GLU MLP over its trace of M pre-activations: M -> 2H -> GLU -> 2 -> GLU."""
+
+    def __init__(self, hidden_size: int, memory_length: int, nlm_hidden_size: int):
+        super().__init__()
+        D, M, H = hidden_size, memory_length, nlm_hidden_size
+        self.w1 = nn.Parameter(torch.empty(M, 2 * H, D))
+        self.b1 = nn.Parameter(torch.empty(1, D, 2 * H))
+        self.w2 = nn.Parameter(torch.empty(H, 2, D))
+        self.b2 = nn.Parameter(torch.empty(1, D, 2))
+
+    def forward(self, trace: torch.Tensor) -> torch.Tensor:
+        """trace (..., D, M) -> post-activation (..., D)."""
+        dtype = trace.dtype
+        hidden = F.glu(torch.einsum("...dm,mhd->...dh", trace, self.w1.to(dtype)) + self.b1[0].to(dtype), dim=-1)
+        return F.glu(torch.einsum("...dh,hod->...do", hidden, self.w2.to(dtype)) + self.b2[0].to(dtype), dim=-1)[..., 0]
+
+
+class _ClampWithRecovery(torch.autograd.Function):
+    """Clamp in the forward pass; in the backward pass let through every gradient that would move an out-of-range
+    value back into range. A plain clamp has zero gradient outside the range, so a decay pushed below 0 by one optimiser
+    step would be frozen forever (the reference's dead zone)."""
+
+    @staticmethod
+    def forward(ctx, x, low, high):
+        ctx.save_for_backward(x)
+        ctx.low, ctx.high = low, high
+        return x.clamp(low, high)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        # gradient descent moves x by -grad: below the range it must be allowed to grow (grad < 0), above to shrink
+        keep = ((x >= ctx.low) & (x <= ctx.high)) | ((x < ctx.low) & (grad < 0)) | ((x > ctx.high) & (grad > 0))
+        return grad * keep, None, None
+
+
+class CTMSynchronisation(nn.Module):
+    """Decayed co-firing of S fixed neuron pairs: alpha <- r*alpha + w*z_i*z_j, beta <- r*beta + w, read as
+    alpha/sqrt(beta). Accumulated in float32 whatever the compute dtype. `w` is the per-token surprise weight."""
+
+    def __init__(self, hidden_size: int, n_pairs: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.left = nn.Buffer(torch.zeros(n_pairs, dtype=torch.long))
+        self.right = nn.Buffer(torch.zeros(n_pairs, dtype=torch.long))
+        self.decay = nn.Parameter(torch.zeros(n_pairs))
+
+    @staticmethod
+    def sample_pairs(hidden_size: int, n_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`n_pairs` distinct unordered neuron pairs (i <= j), self-pairs included, drawn without replacement."""
+        total = hidden_size * (hidden_size + 1) // 2
+        flat = torch.randperm(total)[:n_pairs]
+        row_lengths = torch.arange(hidden_size, 0, -1)
+        row_starts = torch.cumsum(row_lengths, 0) - row_lengths
+        left = torch.searchsorted(row_starts, flat, right=True) - 1
+        right = left + (flat - row_starts[left])
+        return left, right
+
+    def decay_rates(self) -> torch.Tensor:
+        return torch.exp(-_ClampWithRecovery.apply(self.decay.float(), 0.0, MAX_DECAY))
+
+    def pair_products(self, state: torch.Tensor) -> torch.Tensor:
+        return state[..., self.left].float() * state[..., self.right].float()
+
+    def seed(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha = self.pair_products(state)
+        return alpha, torch.ones_like(alpha)
+
+    def update(self, alpha, beta, state, rate, weight=None) -> tuple[torch.Tensor, torch.Tensor]:
+        products = self.pair_products(state)
+        if weight is None:
+            return rate * alpha + products, rate * beta + 1.0
+        return rate * alpha + weight * products, rate * beta + weight
+
+    @staticmethod
+    def read(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        return alpha * torch.rsqrt(beta)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The CTM block and its tick.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CTMLayerProbe:
+    """What one CTM layer did, per token and tick (the "fMRI"). Shapes (B, T, K, ...)."""
+
+    state: torch.Tensor  # post-activation z_k (B, T, K, D)
+    state_delta: torch.Tensor  # ||z_k - z_{k-1}|| with z_{-1} the entry state (B, T, K)
+    sync_out: torch.Tensor  # readout synchronisation S_out at tick k (B, T, K, S_out)
+    tick_outputs: torch.Tensor  # y_k, what tick k would add to the residual stream (B, T, K, D)
+    residual: torch.Tensor | None = None  # the residual stream entering the block (B, T, D)
+    certainty: torch.Tensor | None = None  # certainty of the logit lens on residual + y_k (B, T, K)
+
+
+class CTMProbeRecorder:
+    """Passed through `forward(..., ctm_probe=recorder)`: collects per-tick tensors and may intervene on the state.
+
+    `intervention(layer_idx, tick, state) -> state | None` may replace the post-activation z after tick `tick`.
+    """
+
+    def __init__(self, intervention: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None):
+        self.intervention = intervention
+        self.layers: dict[int, CTMLayerProbe] = {}
+
+
+class CTMBlock(nn.Module):
+    """The thinking block that replaces a layer's MLP (reference nanoctm CTMBlock, with fp32 sync, no decay dead zone,
+    a cached cross-attention and a well-defined carried state)."""
+
+    def __init__(self, config: CTMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.carry = config.ctm_carry
+        self.ticks = config.ctm_ticks
+        self.checkpoint_ticks = config.ctm_tick_checkpointing
+        D, M = config.hidden_size, config.ctm_memory_length
+        self.num_heads = config.ctm_attention_heads
+        self.head_dim = D // self.num_heads
+        # observation: the neurons' action synchronisation queries the block's own (normed) inputs
+        self.q_proj = nn.Linear(config.ctm_n_synch_action, D, bias=False)
+        self.k_proj = nn.Linear(D, D, bias=False)
+        self.v_proj = nn.Linear(D, D, bias=False)
+        self.synapse = CTMSynapse(D, config.ctm_synapse_depth)
+        self.neurons = CTMNeuronLevelModels(D, M, config.ctm_nlm_hidden_size)
+        self.sync_out = CTMSynchronisation(D, config.ctm_n_synch_out)
+        self.sync_action = CTMSynchronisation(D, config.ctm_n_synch_action)
+        self.out_proj = nn.Linear(config.ctm_n_synch_out, D, bias=False)
+        self.start_state = nn.Parameter(torch.empty(D))
+        self.start_trace = nn.Parameter(torch.empty(D, M))
+        self.tick_embed = nn.Parameter(torch.empty(config.ctm_ticks, D)) if config.ctm_tick_embeddings else None
+
+    # -- pieces --------------------------------------------------------------------------------------------------------
+
+    def observe_inputs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (RMS-normed per head) and values of the cross-attention: (B, H, T, HD)."""
+        B, T, _ = hidden_states.shape
+        keys = self.k_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
+        keys = F.rms_norm(keys, (self.head_dim,))
+        values = self.v_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
+        return keys.transpose(1, 2), values.transpose(1, 2)
+
+    def start(self, dtype: torch.dtype) -> ThinkingState:
+        """The learned start state, batch dims (1,)."""
+        state = self.start_state.to(dtype)[None]
+        trace = self.start_trace.to(dtype)[None]
+        alpha_out, beta_out = self.sync_out.seed(state)
+        alpha_action, beta_action = self.sync_action.seed(state)
+        return ThinkingState(state, trace, alpha_out, beta_out, alpha_action, beta_action)
+
+    def readout(self, thinking: ThinkingState) -> torch.Tensor:
+        """y = out_proj(S_out): what this tick would add to the residual stream."""
+        sync = CTMSynchronisation.read(thinking.alpha_out, thinking.beta_out)
+        return self.out_proj(sync.to(self.out_proj.weight.dtype))
+
+    def tick(
+        self,
+        tick: int,
+        thinking: ThinkingState,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        is_causal: bool,
+        rate_out: torch.Tensor,
+        rate_action: torch.Tensor,
+        surprise_weight: torch.Tensor | None = None,
+        intervention: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
+    ) -> ThinkingState:
+        """One internal tick for tokens of shape (B, n): observe, synapse, trace, neuron models, synchronise."""
+        z = thinking.state
+        B, n, D = z.shape
+        sync_action = CTMSynchronisation.read(thinking.alpha_action, thinking.beta_action)
+        query = self.q_proj(sync_action.to(z.dtype)).view(B, n, self.num_heads, self.head_dim)
+        query = F.rms_norm(query, (self.head_dim,)).transpose(1, 2)
+        observation = F.scaled_dot_product_attention(query, keys, values, attn_mask=attention_mask, is_causal=is_causal)
+        observation = observation.transpose(1, 2).reshape(B, n, D)
+        state_in = z if self.tick_embed is None else z + self.tick_embed[tick].to(z.dtype)
+        pre_activation = z + self.synapse(torch.cat([observation, state_in], dim=-1))
+        trace = torch.cat([thinking.trace[..., 1:], pre_activation.unsqueeze(-1)], dim=-1)
+        z = self.neurons(trace)
+        if intervention is not None:
+            replaced = intervention(self.layer_idx, tick, z)
+            z = z if replaced is None else replaced.to(z.dtype)
+        alpha_out, beta_out = self.sync_out.update(thinking.alpha_out, thinking.beta_out, z, rate_out, surprise_weight)
+        alpha_action, beta_action = self.sync_action.update(
+            thinking.alpha_action, thinking.beta_action, z, rate_action, surprise_weight
+        )
+        return ThinkingState(z, trace, alpha_out, beta_out, alpha_action, beta_action)
+
+    def think(self, thinking, keys, values, step, rates, surprise_weight, record_ticks, probe):
+        """Run the K ticks of one step. Returns the final state, the final output y_{K-1} (B, n, D), the stacked
+        per-tick outputs (B, n, K, D) when `record_ticks`, and probe tensors when `probe`."""
+        per_tick_outputs, per_tick_state, per_tick_delta, per_tick_sync = [], [], [], []
+        intervention = probe.intervention if probe is not None else None
+        previous = thinking.state
+        for k in range(self.ticks):
+            args = (k, thinking, keys, values, step.attention_mask, step.is_causal, *rates, surprise_weight, intervention)
+            if self.checkpoint_ticks and self.training and torch.is_grad_enabled():
+                thinking = checkpoint(self.tick, *args, use_reentrant=False)
+            else:
+                thinking = self.tick(*args)
+            if record_ticks or probe is not None or k == self.ticks - 1:
+                per_tick_outputs.append(self.readout(thinking))
+            if probe is not None:
+                per_tick_state.append(thinking.state)
+                per_tick_delta.append((thinking.state - previous).float().norm(dim=-1))
+                per_tick_sync.append(CTMSynchronisation.read(thinking.alpha_out, thinking.beta_out))
+                previous = thinking.state
+        ticks = torch.stack(per_tick_outputs, dim=2) if record_ticks or probe is not None else None
+        probe_tensors = None
+        if probe is not None:
+            probe_tensors = (
+                torch.stack(per_tick_state, 2),
+                torch.stack(per_tick_delta, 2),
+                torch.stack(per_tick_sync, 2),
+                ticks,
+            )
+        return thinking, per_tick_outputs[-1], ticks, probe_tensors
+
+    # -- forward -------------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        schedule: ThinkingSchedule,
+        cache_layer: CTMCacheLayer | None = None,
+        surprise_weight: torch.Tensor | None = None,
+        record_ticks: bool = False,
+        probe: CTMProbeRecorder | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states (B, T, D), normed. Returns the final-tick output (B, T, D) and, when `record_ticks`, every
+        tick's output (B, T, K, D). Padding slots get zeros and never advance the carried state."""
+        B, T, D = hidden_states.shape
+        dtype = hidden_states.dtype
+        keys, values = self.observe_inputs(hidden_states)
+        if cache_layer is not None:
+            keys, values = cache_layer.update_observations(keys, values)
+        rates = (self.sync_out.decay_rates(), self.sync_action.decay_rates())
+
+        start = self.start(dtype).map(lambda t: t.expand(B, *t.shape[1:]))
+        last = cache_layer.last if cache_layer is not None and cache_layer.last is not None else start
+        if self.carry == "chunk":
+            entry = cache_layer.entry if cache_layer is not None and cache_layer.entry is not None else start
+            entry = ThinkingState.where(schedule.begins_new_chunk, last, entry)
+        else:
+            entry = start
+        entry_of_last_chunk = entry
+
+        output = None
+        ticks = None
+        probe_parts = []
+        for step in schedule.steps:
+            n = step.columns.shape[1]
+            weight = None
+            if surprise_weight is not None:
+                weight = surprise_weight.to(torch.float32).gather(1, step.columns).unsqueeze(-1)
+            thinking, final_output, step_ticks, probe_tensors = self.think(
+                entry.expand_tokens(n), keys, values, step, rates, weight, record_ticks, probe
+            )
+            if step.covers_all_columns:
+                output = final_output * step.valid[..., None].to(dtype)
+                ticks = step_ticks
+                probe_parts.append((step, probe_tensors))
+            else:
+                if output is None:
+                    output = hidden_states.new_zeros(B, T, D)
+                    ticks = hidden_states.new_zeros(B, T, self.ticks, D) if record_ticks else None
+                rows, slots = step.valid.nonzero(as_tuple=True)
+                cols = step.columns[rows, slots]
+                output = output.index_put((rows, cols), final_output[rows, slots])
+                if ticks is not None:
+                    ticks = ticks.index_put((rows, cols), step_ticks[rows, slots])
+                probe_parts.append((step, probe_tensors))
+            final = thinking.select_tokens(step.last_slot)
+            entry_of_last_chunk = ThinkingState.where(step.has_tokens, entry, entry_of_last_chunk)
+            last = ThinkingState.where(step.has_tokens, final, last)
+            entry = last  # the next chunk of every row enters from this chunk's last token
+
+        if output is None:  # no real token in this call
+            output = hidden_states.new_zeros(B, T, D)
+            ticks = hidden_states.new_zeros(B, T, self.ticks, D) if record_ticks else None
+        if cache_layer is not None:
+            cache_layer.last = last
+            cache_layer.entry = entry_of_last_chunk
+        if probe is not None:
+            probe.layers[self.layer_idx] = self._assemble_probe(probe_parts, B, T)
+        return output, ticks
+
+    def _assemble_probe(self, parts, B, T) -> CTMLayerProbe:
+        def scatter(index):
+            template = next(p[1][index] for p in parts)
+            full = template.new_zeros(B, T, *template.shape[2:])
+            for step, tensors in parts:
+                rows, slots = step.valid.nonzero(as_tuple=True)
+                full[rows, step.columns[rows, slots]] = tensors[index][rows, slots].detach()
+            return full
+
+        return CTMLayerProbe(state=scatter(0), state_delta=scatter(1), sync_out=scatter(2), tick_outputs=scatter(3))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoder layer, PreTrainedModel, models and heads.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class CTMDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: CTMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = CTMAttention(config=config, layer_idx=layer_idx)
+        self.is_thinking = layer_idx in config.ctm_layer_indices
+        if self.is_thinking:
+            self.thinking = CTMBlock(config, layer_idx)
+        else:
+            self.mlp = CTMMLP(config)
+        self.input_layernorm = CTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = CTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        thinking_schedule: ThinkingSchedule | None = None,
+        surprise_weight: torch.Tensor | None = None,
+        record_ticks: bool = False,
+        ctm_probe: CTMProbeRecorder | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the layer output and, for a thinking layer asked to `record_ticks`, the residual stream after each
+        tick (B, T, K, D)."""
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        if not self.is_thinking:
+            return residual + self.mlp(hidden_states), None
+        output, ticks = self.thinking(
+            hidden_states,
+            thinking_schedule,
+            cache_layer=cache.layers[self.layer_idx] if cache is not None else None,
+            surprise_weight=surprise_weight,
+            record_ticks=record_ticks,
+            probe=ctm_probe,
+        )
+        if ctm_probe is not None:
+            ctm_probe.layers[self.layer_idx].residual = residual.detach()
+        tick_residuals = residual.unsqueeze(2) + ticks if ticks is not None else None
+        return residual + output, tick_residuals
+
+
+class CTMPreTrainedModel(PreTrainedModel):
+    config: CTMConfig
+    config_class = CTMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CTMDecoderLayer"]
+    _skip_keys_device_placement = ["cache"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+    _is_stateful = True  # the carried thinking state cannot be rolled back: no assisted decoding
+    _can_record_outputs = {"hidden_states": CTMDecoderLayer, "attentions": CTMAttention}
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # the reference scale for every matrix inside a CTM block: U(-s, s), s = sqrt(3) * D^-1/2 * 0.68
+        ctm_scale = math.sqrt(3) * self.config.hidden_size**-0.5 * 0.68
+        if isinstance(module, CTMBlock):
+            D, M = module.start_trace.shape
+            for linear in (module.q_proj, module.k_proj, module.v_proj):
+                init.uniform_(linear.weight, -ctm_scale, ctm_scale)
+            init.zeros_(module.out_proj.weight)  # a fresh block adds nothing to the residual stream
+            init.uniform_(module.start_state, -(D**-0.5), D**-0.5)
+            init.uniform_(module.start_trace, -((D + M) ** -0.5), (D + M) ** -0.5)
+            if module.tick_embed is not None:
+                init.normal_(module.tick_embed, mean=0.0, std=0.02)
+        elif isinstance(module, CTMSynapse):
+            for linear in [*module.down, *module.up]:
+                init.uniform_(linear.weight, -ctm_scale, ctm_scale)
+        elif isinstance(module, CTMNeuronLevelModels):
+            M, H2, _ = module.w1.shape
+            H = module.w2.shape[0]
+            init.uniform_(module.w1, -((M + H2) ** -0.5), (M + H2) ** -0.5)
+            init.zeros_(module.b1)
+            init.uniform_(module.w2, -((H + 2) ** -0.5), (H + 2) ** -0.5)
+            init.zeros_(module.b2)
+        elif isinstance(module, CTMSynchronisation):
+            left, right = CTMSynchronisation.sample_pairs(module.hidden_size, module.left.numel())
+            init.copy_(module.left, left)
+            init.copy_(module.right, right)
+            low, high = self.config.ctm_decay_init_range
+            init.uniform_(module.decay, low, high) if high > low else init.constant_(module.decay, low)
+        elif isinstance(module, CTMRotaryEmbedding):
+            inv_freq, _ = module.compute_default_rope_parameters(module.config)
+            if module.rope_type != "default":
+                inv_freq, _ = ROPE_INIT_FUNCTIONS[module.rope_type](module.config)
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
+        else:
+            super()._init_weights(module)
+
+
+@dataclass
+class CTMModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus `tick_hidden_states` (B, T, K, D): the final-normed residual stream after each
+    tick of the last layer, when that layer thinks (the last tick equals `last_hidden_state`)."""
+
+    tick_hidden_states: torch.Tensor | None = None
+
+
+class CTMModel(CTMPreTrainedModel):
+    def __init__(self, config: CTMConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [CTMDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = CTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = CTMRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @property
+    def last_layer_thinks(self) -> bool:
+        return self.layers[-1].is_thinking
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        surprise_weight: torch.Tensor | None = None,
+        return_tick_states: bool | None = None,
+        ctm_probe: CTMProbeRecorder | None = None,
+        **kwargs,
+    ) -> CTMModelOutputWithPast:
+        r"""
+        surprise_weight (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Per-token weight on the synchronisation update (the seed's "dopamine"); 1 everywhere changes nothing.
+        return_tick_states (`bool`, *optional*):
+            Return `tick_hidden_states` when the last layer thinks. Defaults to True.
+        ctm_probe (`CTMProbeRecorder`, *optional*):
+            Collects per-layer, per-tick thinking tensors and may intervene on the state (see `probe`).
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, T = inputs_embeds.shape[:2]
+
+        if cache is not None and not isinstance(cache, CTMCache):
+            if cache.get_seq_length() > 0:
+                raise ValueError(f"CTM models need a CTMCache; got a filled {type(cache).__name__}.")
+            cache = None  # an empty cache of another type (e.g. built by a generic caller) is replaced
+        if use_cache and cache is None:
+            cache = CTMCache(self.config)
+        if (
+            cache is not None
+            and self.gradient_checkpointing
+            and self.training
+            and torch.is_grad_enabled()
+            and self.config.ctm_carry == "chunk"
+            and self.config.ctm_layer_indices
+        ):
+            raise ValueError(
+                "Layer-level activation checkpointing drops the cache, and with ctm_carry='chunk' the cache carries "
+                "the thinking state. Use CTMConfig.ctm_tick_checkpointing=True instead, or call without a cache."
+            )
+
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = (torch.arange(T, device=inputs_embeds.device) + past_length).unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+
+        schedule = None
+        if self.config.ctm_layer_indices:
+            token_mask, key_mask = self._thinking_masks(attention_mask, B, T, past_length)
+            schedule = plan_thinking(
+                self.config,
+                B,
+                T,
+                inputs_embeds.device,
+                token_mask,
+                key_mask,
+                past_length,
+                cache.seen_tokens if cache is not None else None,
+            )
+        if surprise_weight is not None and surprise_weight.shape != (B, T):
+            raise ValueError(f"surprise_weight must have shape (batch, sequence) = {(B, T)}, got {tuple(surprise_weight.shape)}")
+
+        return_tick_states = True if return_tick_states is None else return_tick_states
+        record_last_ticks = return_tick_states and self.last_layer_thinks
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        tick_residuals = None
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states, tick_residuals = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                thinking_schedule=schedule,
+                surprise_weight=surprise_weight,
+                record_ticks=record_last_ticks and decoder_layer.layer_idx == self.config.num_hidden_layers - 1,
+                ctm_probe=ctm_probe,
+                **kwargs,
+            )
+        if cache is not None and schedule is not None:
+            cache.record_new_tokens(schedule.new_tokens)
+
+        if tick_residuals is not None:
+            tick_hidden_states = self.norm(tick_residuals)
+            hidden_states = tick_hidden_states[:, :, -1]
+        else:
+            tick_hidden_states = None
+            hidden_states = self.norm(hidden_states)
+        return CTMModelOutputWithPast(
+            last_hidden_state=hidden_states, cache=cache, tick_hidden_states=tick_hidden_states
+        )
+
+    @staticmethod
+    def _thinking_masks(attention_mask, B, T, past_length):
+        """From a 2D padding mask over past + new tokens: the real new tokens (B, T) and the real keys (B, past + T)."""
+        if attention_mask is None or attention_mask.dim() != 2:
+            return None, None
+        mask = attention_mask.bool()
+        if mask.shape[1] == T and past_length > 0:  # a mask over the new tokens only: the past was all real
+            mask = torch.cat([mask.new_ones(B, past_length), mask], dim=1)
+        if mask.shape[1] != past_length + T:
+            raise ValueError(
+                f"attention_mask covers {mask.shape[1]} positions; expected {past_length + T} (cached + new) or {T}."
+            )
+        if bool(mask.all()):
+            return None, None
+        return mask[:, past_length:], mask
+
+
+@dataclass
+class CTMCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus what the ticks did, when the last layer thinks.
+
+    certainty (B, T, K): 1 - normalised entropy of each tick's prediction. selected_tick (B, T): the tick `logits`
+    were read from (`config.ctm_readout`). With labels: `tick_losses` (K,) mean CE per tick, and the mean CE of three
+    readouts side by side, so the deployable number is never hidden behind the training objective:
+    `loss_final_tick`, `loss_most_certain_tick`, `loss_argmin_tick` (the optimistic one), plus
+    `tick_argmin_fraction` (K,) how often each tick was the lowest-loss tick.
+    """
+
+    certainty: torch.Tensor | None = None
+    selected_tick: torch.Tensor | None = None
+    tick_losses: torch.Tensor | None = None
+    tick_argmin_fraction: torch.Tensor | None = None
+    loss_final_tick: torch.Tensor | None = None
+    loss_most_certain_tick: torch.Tensor | None = None
+    loss_argmin_tick: torch.Tensor | None = None
+
+
+def tick_certainty(tick_logits: torch.Tensor) -> torch.Tensor:
+    """1 - H(softmax(logits)) / log V, in float32, without gradient. (..., V) -> (...)."""
+    with torch.no_grad():
+        log_probs = F.log_softmax(tick_logits.float(), dim=-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        return 1.0 - entropy / math.log(tick_logits.shape[-1])
+
+
+@dataclass
+class MultiTickLoss:
+    loss: torch.Tensor
+    tick_losses: torch.Tensor
+    tick_argmin_fraction: torch.Tensor
+    loss_final_tick: torch.Tensor
+    loss_most_certain_tick: torch.Tensor
+    loss_argmin_tick: torch.Tensor
+
+
+def multi_tick_loss(
+    tick_logits: torch.Tensor,
+    certainty: torch.Tensor,
+    labels: torch.Tensor | None,
+    argmin_weight: float,
+    certain_weight: float,
+    tick_aux_weight: float,
+    shift_labels: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    **kwargs,
+) -> MultiTickLoss:
+    """Per token: argmin_weight * CE at the lowest-loss tick + certain_weight * CE at the most-certain tick +
+    tick_aux_weight * mean CE over ticks; summed over tokens and divided by `num_items_in_batch` (or the number of
+    labelled tokens), like `ForCausalLMLoss`. `tick_logits` (B, T, K, V), `certainty` (B, T, K)."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = shift_labels.to(tick_logits.device)
+    B, T, K, V = tick_logits.shape
+    targets = shift_labels.unsqueeze(-1).expand(B, T, K)
+    token_tick_ce = F.cross_entropy(
+        tick_logits.float().permute(0, 3, 1, 2), targets, ignore_index=ignore_index, reduction="none"
+    )  # (B, T, K)
+    labelled = shift_labels != ignore_index
+    argmin_tick = token_tick_ce.detach().argmin(-1, keepdim=True)
+    certain_tick = certainty.argmax(-1, keepdim=True)
+    ce_argmin = token_tick_ce.gather(-1, argmin_tick)[..., 0]
+    ce_certain = token_tick_ce.gather(-1, certain_tick)[..., 0]
+    per_token = argmin_weight * ce_argmin + certain_weight * ce_certain
+    if tick_aux_weight:
+        per_token = per_token + tick_aux_weight * token_tick_ce.mean(-1)
+    n_labelled = labelled.sum()
+    denominator = num_items_in_batch if num_items_in_batch is not None else n_labelled
+    if torch.is_tensor(denominator):
+        denominator = denominator.to(per_token.device)
+    loss = (per_token * labelled).sum() / denominator
+
+    with torch.no_grad():
+        count = n_labelled.clamp(min=1)
+        weights = labelled.float()
+        tick_losses = (token_tick_ce * weights[..., None]).sum((0, 1)) / count
+        argmin_fraction = (F.one_hot(argmin_tick[..., 0], K).float() * weights[..., None]).sum((0, 1)) / count
+        return MultiTickLoss(
+            loss=loss,
+            tick_losses=tick_losses,
+            tick_argmin_fraction=argmin_fraction,
+            loss_final_tick=tick_losses[-1],
+            loss_most_certain_tick=(ce_certain * weights).sum() / count,
+            loss_argmin_tick=(ce_argmin * weights).sum() / count,
+        )
+
+
+class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: CTMConfig):
+        super().__init__(config)
+        self.model = CTMModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() builds nothing; forward builds a CTMCache
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        surprise_weight: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CTMCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Labels for language modeling (shifted inside, like every causal LM); -100 is ignored. When the last layer
+            thinks, the loss is the multi-tick loss (see `multi_tick_loss`).
+        surprise_weight (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Per-token weight on the synchronisation update (the seed's "dopamine"); None or 1 changes nothing.
+        """
+        outputs: CTMModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            surprise_weight=surprise_weight,
+            **kwargs,
+        )
+        if outputs.tick_hidden_states is None:
+            hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+            logits = self.lm_head(hidden_states)
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            return CTMCausalLMOutputWithPast(
+                loss=loss,
+                logits=logits,
+                cache=outputs.cache,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+            )
+
+        tick_logits = self.lm_head(slice_logits_to_keep(outputs.tick_hidden_states, logits_to_keep))  # (B, T, K, V)
+        certainty = tick_certainty(tick_logits)
+        if self.config.ctm_readout == "most_certain":
+            selected_tick = certainty.argmax(-1)
+        else:
+            selected_tick = torch.full(certainty.shape[:2], self.config.ctm_ticks - 1, device=certainty.device)
+        logits = tick_logits.gather(2, selected_tick[..., None, None].expand(-1, -1, 1, tick_logits.shape[-1]))[:, :, 0]
+
+        result = CTMCausalLMOutputWithPast(
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            certainty=certainty,
+            selected_tick=selected_tick,
+        )
+        if labels is not None:
+            if tick_logits.shape[1] != labels.shape[1] and kwargs.get("shift_labels") is None:
+                raise ValueError("labels need logits for every position: call with logits_to_keep=0")
+            terms = multi_tick_loss(
+                tick_logits,
+                certainty,
+                labels,
+                argmin_weight=self.config.ctm_loss_argmin_weight,
+                certain_weight=self.config.ctm_loss_certain_weight,
+                tick_aux_weight=self.config.ctm_loss_tick_aux_weight,
+                **kwargs,
+            )
+            result.loss = terms.loss
+            result.tick_losses = terms.tick_losses
+            result.tick_argmin_fraction = terms.tick_argmin_fraction
+            result.loss_final_tick = terms.loss_final_tick
+            result.loss_most_certain_tick = terms.loss_most_certain_tick
+            result.loss_argmin_tick = terms.loss_argmin_tick
+        return result
+
+    @torch.no_grad()
+    def probe(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        intervention: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
+        **kwargs,
+    ) -> tuple[CTMCausalLMOutputWithPast, dict[int, CTMLayerProbe]]:
+        """Neuroimaging of one forward pass: for every CTM layer and tick the state, its change, the readout
+        synchronisation and the certainty of the logit lens (final norm + lm_head on the residual after that tick).
+
+        `intervention(layer_idx, tick, state) -> new_state | None` may replace the post-activation state at tick k.
+        Returns the model output and `{layer_idx: CTMLayerProbe}`.
+        """
+        recorder = CTMProbeRecorder(intervention)
+        outputs = self(input_ids=input_ids, attention_mask=attention_mask, ctm_probe=recorder, use_cache=False, **kwargs)
+        for layer in recorder.layers.values():
+            residual = layer.residual.unsqueeze(2) + layer.tick_outputs
+            layer.certainty = tick_certainty(self.lm_head(self.model.norm(residual)))
+        return outputs, recorder.layers
+
+
+__all__ = [
+    "CTMBlock",
+    "CTMCache",
+    "CTMCacheLayer",
+    "CTMCausalLMOutputWithPast",
+    "CTMForCausalLM",
+    "CTMLayerProbe",
+    "CTMModel",
+    "CTMPreTrainedModel",
+    "CTMProbeRecorder",
+    "ThinkingState",
+    "multi_tick_loss",
+    "tick_certainty",
+]

@@ -963,6 +963,17 @@ class CTMPreTrainedModel(PreTrainedModel):
     _is_stateful = True  # the carried thinking state cannot be rolled back: no assisted decoding
     _can_record_outputs = {"hidden_states": CTMDecoderLayer, "attentions": CTMAttention}
 
+    def save_pretrained(self, *args, **kwargs):
+        # `register_for_auto_class` records only the saved class in `auto_map`; list both so that AutoModel and
+        # AutoModelForCausalLM both load the folder as remote code.
+        if self._auto_class is not None:
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": "modeling_ctm.CTMModel",
+                "AutoModelForCausalLM": "modeling_ctm.CTMForCausalLM",
+            }
+        return super().save_pretrained(*args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         # the reference scale for every matrix inside a CTM block: U(-s, s), s = sqrt(3) * D^-1/2 * 0.68

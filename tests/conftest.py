@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from modeling_ctm import CTMConfig, CTMForCausalLM
+
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    ctm_layers="all",
+    ctm_ticks=3,
+    ctm_memory_length=4,
+    ctm_n_synch_out=16,
+    ctm_n_synch_action=8,
+    ctm_nlm_hidden_size=4,
+    ctm_synapse_depth=4,
+    ctm_decay_init_range=[0.0, 1.0],
+    pad_token_id=0,
+)
+
+
+def tiny_config(**overrides) -> CTMConfig:
+    return CTMConfig(**{**TINY, **overrides})
+
+
+def tiny_model(seed: int = 0, awake: bool = True, **overrides) -> CTMForCausalLM:
+    """A tiny model in eval mode. `awake`: give the zero-initialised readouts weight, so the ticks reach the logits
+    (a fresh CTM block adds exactly nothing to the residual stream)."""
+    torch.manual_seed(seed)
+    model = CTMForCausalLM(tiny_config(**overrides)).eval()
+    if awake:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("out_proj.weight"):
+                    param.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

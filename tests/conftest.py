@@ -4,6 +4,10 @@ import torch
 from modeling_ctm import CTMConfig, CTMForCausalLM
 
 
+# Tiny tensors gain nothing from intra-op threads, and spinning OpenMP threads on a busy 2-core runner can make a
+# test 50x slower: one thread keeps the suite fast and its timing stable.
+torch.set_num_threads(1)
+
 TINY = dict(
     vocab_size=97,
     hidden_size=32,

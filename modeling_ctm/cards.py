@@ -1,0 +1,108 @@
+"""Model cards for phase checkpoints, written with `huggingface_hub.ModelCard` from a Jinja template."""
+
+import os
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .phases import PHASES
+
+
+PHASE_DESCRIPTIONS = {
+    1: "A plain decoder-only transformer (no thinking layers) trained on language modelling.",
+    2: "The chosen MLPs were replaced by CTM blocks that think for K ticks per token; embeddings, attention and norms "
+    "were frozen while the blocks (tick embeddings included) learned.",
+    3: "The thinking state is carried from chunk to chunk (`ctm_carry='chunk'`); trained on chunked sequences with "
+    "gradients flowing back through the carried state.",
+    4: "Online learning: Hebbian plasticity and episodic memory during live use.",
+}
+ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "ctm_layers",
+    "ctm_ticks",
+    "ctm_memory_length",
+    "ctm_n_synch_out",
+    "ctm_n_synch_action",
+    "ctm_synapse_depth",
+    "ctm_readout",
+    "ctm_carry",
+    "ctm_chunk_size",
+)
+
+
+def write_model_card(
+    folder: str | os.PathLike,
+    *,
+    template_path: str | os.PathLike,
+    phase: int,
+    model,
+    metrics: dict[str, float],
+    samples: list[str],
+    data_description: str,
+    eval_data: str,
+    recipe: str,
+    steps: int,
+    tokens_seen: int,
+    train_seconds: float,
+    hardware: str,
+    base_model: str | None = None,
+    model_id: str | None = None,
+    repo_url: str = "https://github.com/modeling-ctm/modeling-ctm",
+    sample_prompt: str = "It is a truth universally acknowledged",
+) -> ModelCard:
+    """Render the phase card into `folder/README.md` (written atomically) and return it."""
+    if phase not in PHASES:
+        raise ValueError(f"phase={phase!r} is invalid: allowed values are {sorted(PHASES)}")
+    config = model.config
+    folder = Path(folder)
+    model_id = model_id or folder.name
+    card_data = ModelCardData(
+        library_name="transformers",
+        license="apache-2.0",
+        pipeline_tag="text-generation",
+        tags=["ctm", "continuous-thought-machine", f"phase-{phase}", "custom_code"],
+        base_model=base_model,
+        model_name=model_id,
+    )
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_id,
+        model_id=model_id,
+        phase=phase,
+        phase_name=PHASES[phase],
+        phase_description=PHASE_DESCRIPTIONS[phase],
+        repo_url=repo_url,
+        sample_prompt=sample_prompt,
+        architecture={field: getattr(config, field) for field in ARCHITECTURE_FIELDS},
+        n_parameters=f"{model.num_parameters():,}",
+        n_trainable=f"{n_trainable:,}",
+        data_description=data_description,
+        eval_data=eval_data,
+        recipe=recipe,
+        steps=steps,
+        tokens_seen=f"{tokens_seen:,}",
+        train_seconds=f"{train_seconds:.0f}",
+        hardware=hardware,
+        base_model=base_model,
+        metrics={key: (f"{value:.4f}" if isinstance(value, float) else value) for key, value in metrics.items()},
+        readout=config.ctm_readout if config.ctm_layer_indices else "final layer (no thinking layers)",
+        samples=[sample.replace("\n", " ") for sample in samples],
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".md.tmp")
+    os.close(fd)
+    try:
+        card.save(tmp)
+        os.replace(tmp, folder / "README.md")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return card

@@ -1,0 +1,216 @@
+"""What the phase recipes share: presets, data, TrainingArguments, evaluation, samples, saving and model cards.
+
+Recipes are scripts on top of the library: they import `modeling_ctm`, never the other way round.
+"""
+
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
+
+from modeling_ctm.cards import write_model_card
+from modeling_ctm.data import count_tokens_and_bytes, load_text_dataset, pack_dataset, unigram_baseline
+from modeling_ctm.phases import PHASES
+from modeling_ctm.tokenization import get_tokenizer
+
+
+REPO = Path(__file__).resolve().parent.parent
+PRESETS = REPO / "recipes" / "presets"
+CARD_TEMPLATE = REPO / "model_cards" / "phase_checkpoint.md"
+PRESET_SECTIONS = ("data", "model", "thinking", "training", "phase1", "phase2", "phase3", "samples")
+PHASE_FOLDERS = {1: "phase1-language", 2: "phase2-thinking", 3: "phase3-continuity"}
+
+
+def load_preset(name_or_path: str) -> dict:
+    """A preset by name (`recipes/presets/<name>.yaml`) or path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESETS / f"{name_or_path}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+        raise ValueError(f"preset={name_or_path!r} is invalid: allowed values are {available} or a path to a YAML file")
+    preset = yaml.safe_load(path.read_text())
+    missing = [section for section in PRESET_SECTIONS if section not in preset]
+    if missing:
+        raise ValueError(f"preset {path} lacks the sections {missing}")
+    return preset
+
+
+@dataclass
+class Data:
+    tokenizer: PreTrainedTokenizerBase
+    train: object
+    eval: object
+    bytes_per_token: float
+    unigram_nats: float
+    description: str
+    eval_description: str
+
+
+def prepare_data(preset: dict, run_dir: Path) -> Data:
+    """Tokenizer (trained once on the training split, kept in the run folder), packed train and held-out blocks."""
+    spec = preset["data"]
+    splits = load_text_dataset(spec["source"])
+    tokenizer = get_tokenizer(
+        spec.get("tokenizer"), vocab_size=spec["tokenizer_vocab_size"], cache_dir=run_dir / "tokenizer"
+    )
+    block = spec["block_size"]
+    train = pack_dataset(splits["train"], tokenizer, block)
+    held_out = pack_dataset(splits["validation"], tokenizer, block)
+    unigram = unigram_baseline({"train": train, "validation": held_out}, len(tokenizer))
+    n_tokens, n_bytes = count_tokens_and_bytes(splits["validation"]["text"], tokenizer)
+    n_eval = min(spec.get("eval_blocks", len(held_out)), len(held_out))
+    held_out = held_out.select(range(n_eval))
+    source = spec["source"]
+    described = "six Jane Austen novels (public domain), Persuasion held out" if source == "austen" else str(source)
+    return Data(
+        tokenizer=tokenizer,
+        train=train,
+        eval=held_out,
+        bytes_per_token=n_bytes / n_tokens,
+        unigram_nats=unigram,
+        description=f"{described}; {len(train)} blocks of {block} tokens ({len(train) * block:,} tokens)",
+        eval_description=f"{n_eval} blocks of {block} tokens of the held-out split",
+    )
+
+
+def training_arguments(preset: dict, phase: int, output_dir: Path) -> TrainingArguments:
+    """The preset's shared TrainingArguments overlaid with the phase's own."""
+    fields_ = {**preset["training"], **preset[f"phase{phase}"].get("training", {})}
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        seed=preset.get("seed", 0),
+        eval_strategy="no",
+        save_strategy="steps",
+        prediction_loss_only=True,
+        remove_unused_columns=False,
+        **fields_,
+    )
+
+
+def decoder_fields(preset: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
+    return {
+        **preset["model"],
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+@torch.no_grad()
+def greedy_samples(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    model.eval()
+    samples = []
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        samples.append(tokenizer.decode(generated[0], skip_special_tokens=True))
+    return samples
+
+
+def save_atomically(model, tokenizer, folder: Path, write_extra=None) -> None:
+    """save_pretrained into a sibling temp folder, then rename it into place: a crash leaves no half-written model."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if write_extra is not None:
+        write_extra(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+@dataclass
+class PhaseResult:
+    phase: int
+    folder: Path
+    metrics: dict
+    samples: list[str]
+    steps: int
+    train_seconds: float
+    n_trainable: int
+    extra: dict = field(default_factory=dict)
+
+
+def finish_phase(
+    trainer, phase: int, run_dir: Path, data: Data, preset: dict, train_seconds: float, base_model: Path | None
+) -> PhaseResult:
+    """Evaluate on held-out text, write greedy samples, save the final checkpoint with its model card."""
+    model = trainer.model
+    metrics = trainer.evaluate()
+    metrics = {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second"))}
+    metrics["unigram_baseline_loss"] = data.unigram_nats
+    if "eval_bpb" not in metrics and "eval_loss" in metrics:
+        metrics["eval_bpb"] = metrics["eval_loss"] / (math.log(2) * data.bytes_per_token)
+    samples = greedy_samples(model, data.tokenizer, **preset["samples"])
+    folder = run_dir / PHASE_FOLDERS[phase] / "model"
+    args = trainer.args
+    steps = trainer.state.global_step
+    tokens_seen = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    tokens_seen *= args.world_size * preset["data"]["block_size"]
+    hardware = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
+
+    def write_card_and_samples(target: Path):
+        write_model_card(
+            target,
+            template_path=CARD_TEMPLATE,
+            phase=phase,
+            model=model,
+            metrics=metrics,
+            samples=samples,
+            data_description=data.description,
+            eval_data=data.eval_description,
+            recipe=f"recipes/phase{phase}_{PHASES[phase]}.py, preset `{preset['name']}`",
+            steps=steps,
+            tokens_seen=tokens_seen,
+            train_seconds=train_seconds,
+            hardware=hardware,
+            base_model=str(base_model) if base_model else None,
+            model_id=f"ctm-{preset['name']}-phase{phase}-{PHASES[phase]}",
+        )
+        (target / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+
+    save_atomically(model, data.tokenizer, folder, write_card_and_samples)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return PhaseResult(phase, folder, metrics, samples, steps, train_seconds, n_trainable)
+
+
+def timed_train(trainer, resume: bool) -> float:
+    checkpoints = list(Path(trainer.args.output_dir).glob("checkpoint-*"))
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if resume and checkpoints else None)
+    return time.perf_counter() - started
+
+
+def seed_everything(preset: dict) -> None:
+    set_seed(preset.get("seed", 0))
+
+
+def phase_cli(phase: int, run, doc: str, argv=None) -> None:
+    """The command line shared by the phase scripts; phases 2-3 start from the previous phase's model folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--preset", default="tiny", help="a preset name in recipes/presets or a YAML path")
+    parser.add_argument("--output", type=Path, required=True, help="run folder")
+    if phase > 1:
+        parser.add_argument("--from", dest="source", type=Path, help=f"phase-{phase - 1} model folder")
+    parser.add_argument("--resume", action="store_true", help="continue from the last Trainer checkpoint")
+    args = parser.parse_args(argv)
+    preset = load_preset(args.preset)
+    data = prepare_data(preset, args.output)
+    if phase > 1:
+        source = args.source or args.output / PHASE_FOLDERS[phase - 1] / "model"
+        result = run(preset, args.output, data, source, resume=args.resume)
+    else:
+        result = run(preset, args.output, data, resume=args.resume)
+    print(f"phase {phase} saved to {result.folder}:\n{json.dumps(result.metrics, indent=2)}")

@@ -1,0 +1,45 @@
+"""Phase 3 - memory continuity: the thinking state is carried from chunk to chunk, with gradients through it.
+
+    python recipes/phase3_continuity.py --preset tiny --output runs/tiny [--from runs/tiny/phase2-thinking/model]
+"""
+
+from pathlib import Path
+
+from common import PHASE_FOLDERS, finish_phase, phase_cli, seed_everything, timed_train, training_arguments
+
+from modeling_ctm.phases import freeze_for_thinking, start_continuity
+from modeling_ctm.training import ContinuityTrainer
+
+
+def run(preset: dict, run_dir: Path, data, source: Path, resume: bool = False):
+    spec = preset["phase3"]
+    if spec["chunk_length"] % spec["chunk_size"]:
+        raise ValueError(
+            f"phase3.chunk_length={spec['chunk_length']} is invalid: it must be a multiple of chunk_size="
+            f"{spec['chunk_size']} so training chunks follow the carry rule"
+        )
+    seed_everything(preset)
+    model = start_continuity(source, chunk_size=spec["chunk_size"])
+    counts = freeze_for_thinking(model, spec.get("freeze", "non_ctm"))
+    print(f"phase 3: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters")
+    trainer = ContinuityTrainer(
+        model=model,
+        args=training_arguments(preset, 3, run_dir / PHASE_FOLDERS[3]),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=data.tokenizer,
+        bytes_per_token=data.bytes_per_token,
+        chunk_length=spec["chunk_length"],
+        gradient_window=spec["gradient_window"],
+        cut_attention=spec["cut_attention"],
+    )
+    seconds = timed_train(trainer, resume)
+    return finish_phase(trainer, 3, run_dir, data, preset, seconds, base_model=source)
+
+
+def main(argv=None):
+    phase_cli(3, run, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

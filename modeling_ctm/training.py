@@ -154,7 +154,8 @@ class ContinuityTrainer(CTMTrainer):
         shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
         if num_items_in_batch is None:
             count = shift_labels.ne(-100).sum()
-            scale = 1.0 / self.current_gradient_accumulation_steps if backward else 1.0
+            steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            scale = 1.0 / steps if backward else 1.0
         else:
             count = num_items_in_batch
             scale = float(self.accelerator.num_processes) if self.args.average_tokens_across_devices else 1.0

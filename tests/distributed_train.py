@@ -1,0 +1,49 @@
+"""Run by tests/test_phases.py under `torchrun --nproc_per_node 2`: a few training steps on 2 CPU processes, then
+every rank writes its weights so the test can check they are identical."""
+
+import sys
+from pathlib import Path
+
+import torch
+from conftest import tiny_model
+from datasets import Dataset
+from safetensors.torch import save_file
+from transformers import TrainingArguments
+
+from modeling_ctm.phases import freeze_for_thinking
+from modeling_ctm.training import ContinuityTrainer, CTMTrainer
+
+
+def main(out: Path, phase: str) -> None:
+    torch.manual_seed(0)
+    carry = dict(ctm_carry="chunk", ctm_chunk_size=4) if phase == "continuity" else {}
+    model = tiny_model(ctm_layers="last", **carry).train()
+    freeze_for_thinking(model)
+    ids = torch.randint(1, 97, (32, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 16] * 32, "labels": ids})
+    args = TrainingArguments(
+        output_dir=str(out / "run"),
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    if phase == "continuity":
+        trainer = ContinuityTrainer(model=model, args=args, train_dataset=data, chunk_length=8, gradient_window=1)
+    else:
+        trainer = CTMTrainer(model=model, args=args, train_dataset=data)
+    rank = args.process_index
+    if rank == 0:
+        save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, str(out / "initial.safetensors"))
+        (out / "world_size.txt").write_text(str(args.world_size))
+    trainer.train()
+    weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}  # clone: tied weights
+    save_file(weights, str(out / f"rank{rank}.safetensors"))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])

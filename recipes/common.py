@@ -193,6 +193,9 @@ def timed_train(trainer, resume: bool) -> float:
 
 def seed_everything(preset: dict) -> None:
     set_seed(preset.get("seed", 0))
+    if preset.get("torch_threads"):
+        # small matrices gain little from a second thread, and spinning threads on a busy machine cost a lot
+        torch.set_num_threads(preset["torch_threads"])
 
 
 def phase_cli(phase: int, run, doc: str, argv=None) -> None:

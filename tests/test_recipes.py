@@ -1,0 +1,69 @@
+"""The main job end to end on a micro preset: phases 1 -> 2 -> 3, evaluation, samples, model cards, summary."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+sys.path.insert(0, str(RECIPES))
+
+import run_all  # noqa: E402
+from common import load_preset  # noqa: E402
+
+
+def _micro_preset(tmp_path) -> Path:
+    preset = load_preset("tiny")
+    preset["name"] = "micro"
+    preset["data"].update(block_size=32, eval_blocks=4, tokenizer_vocab_size=512)
+    preset["model"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    preset["thinking"].update(ctm_n_synch_out=16, ctm_n_synch_action=8, ctm_nlm_hidden_size=4)
+    preset["training"].update(per_device_train_batch_size=4, per_device_eval_batch_size=4, logging_steps=1,
+                              save_steps=2, warmup_steps=0)  # fmt: skip
+    for phase in ("phase1", "phase2", "phase3"):
+        preset[phase]["training"]["max_steps"] = 2
+    preset["phase3"].update(chunk_size=8, chunk_length=16)
+    preset["samples"] = {"prompts": ["Emma was"], "max_new_tokens": 4}
+    path = tmp_path / "micro.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    return path
+
+
+@pytest.mark.slow
+def test_main_job_runs_the_three_phases_and_writes_cards(tmp_path):
+    run_dir = tmp_path / "run"
+    run_all.main(["--preset", str(_micro_preset(tmp_path)), "--output", str(run_dir)])
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [p["phase"] for p in summary["phases"]] == [1, 2, 3]
+    assert "| 3 continuity |" in (run_dir / "summary.md").read_text()
+    for entry in summary["phases"]:
+        folder = Path(entry["folder"])
+        card = ModelCard.load(folder / "README.md")
+        assert f"phase-{entry['phase']}" in card.data.tags and card.data.library_name == "transformers"
+        assert "eval_loss" in entry["metrics"] and "unigram_baseline_loss" in entry["metrics"]
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert AutoTokenizer.from_pretrained(folder).pad_token == "<|pad|>"
+        assert len(entry["samples"]) == 1 and entry["samples"][0].startswith("Emma was")
+        assert not folder.with_name("model.tmp").exists()
+        if entry["phase"] == 1:
+            assert model.config.ctm_layer_indices == []
+        else:
+            for key in ("eval_loss_final_tick", "eval_loss_most_certain_tick", "eval_bpb_final_tick"):
+                assert key in entry["metrics"], key
+            assert f"| eval_loss_most_certain_tick |" in card.text
+    assert AutoModelForCausalLM.from_pretrained(summary["phases"][2]["folder"]).config.ctm_carry == "chunk"
+    assert list((run_dir / "phase1-language").glob("runs/*"))  # TensorBoard logs
+
+
+def test_presets_are_valid_and_bad_names_are_refused():
+    for name in ("tiny", "gpu"):
+        preset = load_preset(name)
+        assert preset["phase3"]["chunk_length"] % preset["phase3"]["chunk_size"] == 0
+    with pytest.raises(ValueError, match="preset='huge' is invalid: allowed values are"):
+        load_preset("huge")

@@ -1349,6 +1349,14 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
             result.loss_argmin_tick = terms.loss_argmin_tick
         return result
 
+    def compile_ticks(self, **compile_kwargs) -> "CTMForCausalLM":
+        """Compile the tick function of every CTM block with `torch.compile(**compile_kwargs)` (the tick is where
+        the time goes; the schedule around it stays eager so any carry plan works)."""
+        for layer in self.model.layers:
+            if layer.is_thinking:
+                layer.thinking.tick = torch.compile(layer.thinking.tick, **compile_kwargs)
+        return self
+
     @torch.no_grad()
     def probe(
         self,

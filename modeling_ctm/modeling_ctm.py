@@ -1184,12 +1184,15 @@ class CTMCausalLMOutputWithPast(CausalLMOutputWithPast):
     loss_argmin_tick: torch.Tensor | None = None
 
 
-def tick_certainty(tick_logits: torch.Tensor) -> torch.Tensor:
-    """1 - H(softmax(logits)) / log V, in float32, without gradient. (..., V) -> (...)."""
+def tick_certainty(tick_logits: torch.Tensor | None = None, log_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - H(softmax(logits)) / log V, in float32, without gradient. (..., V) -> (...). Pass `log_probs` when they
+    are already computed (the loss needs them too) to skip a second softmax over the vocabulary."""
     with torch.no_grad():
-        log_probs = F.log_softmax(tick_logits.float(), dim=-1)
+        if log_probs is None:
+            log_probs = F.log_softmax(tick_logits.float(), dim=-1)
+        log_probs = log_probs.detach()
         entropy = -(log_probs.exp() * log_probs).sum(-1)
-        return 1.0 - entropy / math.log(tick_logits.shape[-1])
+        return 1.0 - entropy / math.log(log_probs.shape[-1])
 
 
 @dataclass
@@ -1203,7 +1206,7 @@ class MultiTickLoss:
 
 
 def multi_tick_loss(
-    tick_logits: torch.Tensor,
+    tick_log_probs: torch.Tensor,
     certainty: torch.Tensor,
     labels: torch.Tensor | None,
     argmin_weight: float,
@@ -1216,16 +1219,16 @@ def multi_tick_loss(
 ) -> MultiTickLoss:
     """Per token: argmin_weight * CE at the lowest-loss tick + certain_weight * CE at the most-certain tick +
     tick_aux_weight * mean CE over ticks; summed over tokens and divided by `num_items_in_batch` (or the number of
-    labelled tokens), like `ForCausalLMLoss`. `tick_logits` (B, T, K, V), `certainty` (B, T, K)."""
+    labelled tokens), like `ForCausalLMLoss`. `tick_log_probs` (B, T, K, V) float32 log-softmax of every tick's logits,
+    `certainty` (B, T, K)."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    shift_labels = shift_labels.to(tick_logits.device)
-    B, T, K, V = tick_logits.shape
-    targets = shift_labels.unsqueeze(-1).expand(B, T, K)
-    token_tick_ce = F.cross_entropy(
-        tick_logits.float().permute(0, 3, 1, 2), targets, ignore_index=ignore_index, reduction="none"
-    )  # (B, T, K)
+    shift_labels = shift_labels.to(tick_log_probs.device)
+    B, T, K, V = tick_log_probs.shape
     labelled = shift_labels != ignore_index
+    # gather along the vocabulary (last) dim: no permuted copy of the K-fold logits
+    targets = torch.where(labelled, shift_labels, 0)[..., None, None].expand(B, T, K, 1)
+    token_tick_ce = -tick_log_probs.gather(-1, targets)[..., 0] * labelled[..., None]  # (B, T, K)
     argmin_tick = token_tick_ce.detach().argmin(-1, keepdim=True)
     certain_tick = certainty.argmax(-1, keepdim=True)
     ce_argmin = token_tick_ce.gather(-1, argmin_tick)[..., 0]
@@ -1314,7 +1317,9 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
             )
 
         tick_logits = self.lm_head(slice_logits_to_keep(outputs.tick_hidden_states, logits_to_keep))  # (B, T, K, V)
-        certainty = tick_certainty(tick_logits)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and labels is not None):
+            tick_log_probs = F.log_softmax(tick_logits.float(), dim=-1)
+        certainty = tick_certainty(log_probs=tick_log_probs)
         if self.config.ctm_readout == "most_certain":
             selected_tick = certainty.argmax(-1)
         else:
@@ -1333,7 +1338,7 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
             if tick_logits.shape[1] != labels.shape[1] and kwargs.get("shift_labels") is None:
                 raise ValueError("labels need logits for every position: call with logits_to_keep=0")
             terms = multi_tick_loss(
-                tick_logits,
+                tick_log_probs,
                 certainty,
                 labels,
                 argmin_weight=self.config.ctm_loss_argmin_weight,

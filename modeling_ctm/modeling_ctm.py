@@ -311,7 +311,7 @@ class ThinkingStep:
     has_tokens: torch.Tensor  # (B,) bool
     attention_mask: torch.Tensor | None  # (B, 1, n, past + T) bool, or None when `is_causal` suffices
     is_causal: bool
-    covers_all_columns: bool  # columns == arange(T) in every row: outputs need no scatter
+    column_slice: slice | None  # the same contiguous columns in every row: outputs are concatenated, not scattered
 
 
 @dataclass
@@ -333,6 +333,9 @@ def plan_thinking(
 ) -> ThinkingSchedule:
     """Split the T new tokens of every row into sequential steps following the carry rule.
 
+    `token_mask` (B, T) marks the real new tokens and `key_mask` (B, past + T) the real keys; both are None when
+    nothing is padding. `seen_tokens` (B,) counts the real tokens of earlier calls.
+
     Chunk boundaries are counted in real tokens from the first real token of the sequence, so left padding and the
     split of a sequence across calls do not move them. With `ctm_carry="none"` all tokens think in one parallel step.
     """
@@ -340,52 +343,51 @@ def plan_thinking(
     mask = token_mask if token_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
     seen = seen_tokens if seen_tokens is not None else torch.zeros(B, dtype=torch.long, device=device)
     new_tokens = mask.sum(1)
-    positions = seen[:, None] + mask.cumsum(1) - 1  # real position of each new token
+    arange = torch.arange(T, device=device)
 
     if config.ctm_carry == "none":
-        columns = torch.arange(T, device=device).expand(B, T)
-        slots = [(columns, mask)]
         begins_new_chunk = torch.ones(B, dtype=torch.bool, device=device)
+        slots = [(arange.expand(B, T), mask, slice(0, T))]
     else:
         C = config.ctm_chunk_size
         begins_new_chunk = seen % C == 0
-        chunk = positions // C
-        step = chunk - (seen // C)[:, None]
-        slot = positions - torch.maximum(seen[:, None], chunk * C)
-        if bool(mask.any()):
-            n_steps = int(step[mask].max()) + 1
-            width = int(slot[mask].max()) + 1
+        if token_mask is None and bool((seen == seen[0]).all()):
+            # every row at the same position, no padding (training, plain decoding): contiguous column ranges
+            first = int(seen[0])
+            bounds = [0, *range(C - first % C if first % C else C, T, C), T]
+            slots = [(arange[a:b].expand(B, b - a), mask[:, a:b], slice(a, b)) for a, b in zip(bounds, bounds[1:])]
         else:
-            n_steps, width = 0, 1
-        rows, cols = mask.nonzero(as_tuple=True)
-        columns = torch.zeros(n_steps, B, width, dtype=torch.long, device=device)
-        valid = torch.zeros(n_steps, B, width, dtype=torch.bool, device=device)
-        columns[step[rows, cols], rows, slot[rows, cols]] = cols
-        valid[step[rows, cols], rows, slot[rows, cols]] = True
-        slots = [(columns[s], valid[s]) for s in range(n_steps)]
+            positions = seen[:, None] + mask.cumsum(1) - 1  # real position of each new token
+            chunk = positions // C
+            step = chunk - (seen // C)[:, None]
+            slot = positions - torch.maximum(seen[:, None], chunk * C)
+            n_steps = int(step[mask].max()) + 1 if bool(mask.any()) else 0
+            width = int(slot[mask].max()) + 1 if n_steps else 1
+            rows, cols = mask.nonzero(as_tuple=True)
+            columns = torch.zeros(n_steps, B, width, dtype=torch.long, device=device)
+            valid = torch.zeros(n_steps, B, width, dtype=torch.bool, device=device)
+            columns[step[rows, cols], rows, slot[rows, cols]] = cols
+            valid[step[rows, cols], rows, slot[rows, cols]] = True
+            slots = [(columns[s], valid[s], None) for s in range(n_steps)]
 
-    key_valid = key_mask if key_mask is not None else None
+    no_padding = key_mask is None  # `key_mask` is None unless some key is padding
     steps = []
-    for columns, valid in slots:
-        n = columns.shape[1]
-        covers_all = config.ctm_carry == "none" or (n == T and bool((columns == torch.arange(T, device=device)).all()))
-        no_padding = key_valid is None or bool(key_valid.all())
+    for columns, valid, column_slice in slots:
+        covers_all = column_slice == slice(0, T)
         if covers_all and past_length == 0 and no_padding:
             attention_mask, is_causal = None, T > 1
         elif covers_all and T == 1 and no_padding:
             attention_mask, is_causal = None, False
         else:
-            key_columns = torch.arange(past_length + T, device=device) - past_length  # < 0 for cached keys
+            key_columns = arange.new_tensor(range(-past_length, T))  # < 0 for cached keys
             attention_mask = key_columns[None, None, :] <= columns[:, :, None]  # (B, n, past + T)
-            if key_valid is not None:
-                attention_mask = attention_mask & key_valid[:, None, :]
+            if key_mask is not None:
+                attention_mask = attention_mask & key_mask[:, None, :]
             # Slots without a real token still run (their outputs are dropped); give them a key so softmax is finite.
             attention_mask = (attention_mask | ~valid[:, :, None]).unsqueeze(1)
             is_causal = False
         last_slot = (valid.long().cumsum(1) * valid).argmax(1)
-        steps.append(
-            ThinkingStep(columns, valid, last_slot, valid.any(1), attention_mask, is_causal, covers_all_columns=covers_all)
-        )
+        steps.append(ThinkingStep(columns, valid, last_slot, valid.any(1), attention_mask, is_causal, column_slice))
     return ThinkingSchedule(steps=steps, begins_new_chunk=begins_new_chunk, new_tokens=new_tokens)
 
 
@@ -832,39 +834,40 @@ class CTMBlock(nn.Module):
             entry = start
         entry_of_last_chunk = entry
 
-        output = None
-        ticks = None
-        probe_parts = []
+        concatenated, scattered, probe_parts = [], [], []
         for step in schedule.steps:
-            n = step.columns.shape[1]
             weight = None
             if surprise_weight is not None:
                 weight = surprise_weight.to(torch.float32).gather(1, step.columns).unsqueeze(-1)
             thinking, final_output, step_ticks, probe_tensors = self.think(
-                entry.expand_tokens(n), keys, values, step, rates, weight, record_ticks, probe
+                entry.expand_tokens(step.columns.shape[1]), keys, values, step, rates, weight, record_ticks, probe
             )
-            if step.covers_all_columns:
-                output = final_output * step.valid[..., None].to(dtype)
-                ticks = step_ticks
-                probe_parts.append((step, probe_tensors))
+            probe_parts.append((step, probe_tensors))
+            if step.column_slice is not None:
+                concatenated.append((final_output * step.valid[..., None].to(dtype), step_ticks))
             else:
-                if output is None:
-                    output = hidden_states.new_zeros(B, T, D)
-                    ticks = hidden_states.new_zeros(B, T, self.ticks, D) if record_ticks else None
                 rows, slots = step.valid.nonzero(as_tuple=True)
-                cols = step.columns[rows, slots]
-                output = output.index_put((rows, cols), final_output[rows, slots])
-                if ticks is not None:
-                    ticks = ticks.index_put((rows, cols), step_ticks[rows, slots])
-                probe_parts.append((step, probe_tensors))
+                picked_ticks = step_ticks[rows, slots] if step_ticks is not None else None
+                scattered.append((rows, step.columns[rows, slots], final_output[rows, slots], picked_ticks))
             final = thinking.select_tokens(step.last_slot)
             entry_of_last_chunk = ThinkingState.where(step.has_tokens, entry, entry_of_last_chunk)
             last = ThinkingState.where(step.has_tokens, final, last)
             entry = last  # the next chunk of every row enters from this chunk's last token
 
-        if output is None:  # no real token in this call
+        ticks = None
+        if concatenated:  # steps tile the columns in order
+            output = torch.cat([piece for piece, _ in concatenated], dim=1)
+            if record_ticks:
+                ticks = torch.cat([piece for _, piece in concatenated], dim=1)
+        else:  # one scatter for all steps (padding, or rows at different positions)
             output = hidden_states.new_zeros(B, T, D)
             ticks = hidden_states.new_zeros(B, T, self.ticks, D) if record_ticks else None
+            if scattered:
+                rows, cols, picked, picked_ticks = zip(*scattered)
+                index = (torch.cat(rows), torch.cat(cols))
+                output = output.index_put(index, torch.cat(picked))
+                if record_ticks:
+                    ticks = ticks.index_put(index, torch.cat(picked_ticks))
         if cache_layer is not None:
             cache_layer.last = last
             cache_layer.entry = entry_of_last_chunk

@@ -107,10 +107,12 @@ class CTMTrainer(Trainer):
             self._train_ticks.reset()
         super().log(logs, start_time)
 
-    def evaluation_loop(self, *args, **kwargs):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         self._eval_ticks.reset()
-        output = super().evaluation_loop(*args, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        prefix = metric_key_prefix
         extra = self._eval_ticks.summary(f"{prefix}_", self.bytes_per_token, reduce=self.accelerator.reduce)
         if self.bytes_per_token and f"{prefix}_loss" in output.metrics:
             output.metrics[f"{prefix}_bpb"] = output.metrics[f"{prefix}_loss"] / (math.log(2) * self.bytes_per_token)

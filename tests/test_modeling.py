@@ -427,3 +427,15 @@ def test_generate_runs_and_assisted_decoding_is_refused():
     assert generated.shape == (1, 12)
     with pytest.raises(ValueError, match="stateful"):
         model.generate(ids, max_new_tokens=3, assistant_model=tiny_model(seed=1), pad_token_id=0)
+
+
+def test_eager_and_sdpa_attention_agree_and_eager_returns_attentions():
+    ids = _ids()
+    sdpa = tiny_model()
+    eager = tiny_model(attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    out = eager(ids, output_attentions=True)
+    torch.testing.assert_close(out.logits, sdpa(ids).logits, rtol=0, atol=1e-5)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 4, 7, 7)
+    # causal: nothing attends to the future
+    assert torch.count_nonzero(out.attentions[0].triu(1)) == 0

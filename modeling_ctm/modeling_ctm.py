@@ -585,21 +585,29 @@ class CTMSynapse(nn.Module):
 
 
 class CTMNeuronLevelModels(nn.Module):
-    """Every neuron d has its own two-layer GLU MLP over its trace of M pre-activations: M -> 2H -> GLU -> 2 -> GLU."""
+    """Every neuron d has its own two-layer GLU MLP over its trace of M pre-activations: M -> 2H -> GLU -> 2 -> GLU.
+
+    Weights are stored neuron-major, (D, M, 2H) and (D, H, 2), so each layer is one batched matmul over neurons with
+    the bias folded in (`baddbmm`): the per-neuron models are memory-bound, and this layout avoids a permuted copy of
+    the hidden activations and a separate bias pass.
+    """
 
     def __init__(self, hidden_size: int, memory_length: int, nlm_hidden_size: int):
         super().__init__()
         D, M, H = hidden_size, memory_length, nlm_hidden_size
-        self.w1 = nn.Parameter(torch.empty(M, 2 * H, D))
-        self.b1 = nn.Parameter(torch.empty(1, D, 2 * H))
-        self.w2 = nn.Parameter(torch.empty(H, 2, D))
-        self.b2 = nn.Parameter(torch.empty(1, D, 2))
+        self.w1 = nn.Parameter(torch.empty(D, M, 2 * H))
+        self.b1 = nn.Parameter(torch.empty(D, 1, 2 * H))
+        self.w2 = nn.Parameter(torch.empty(D, H, 2))
+        self.b2 = nn.Parameter(torch.empty(D, 1, 2))
 
     def forward(self, trace: torch.Tensor) -> torch.Tensor:
         """trace (..., D, M) -> post-activation (..., D)."""
+        *lead, D, M = trace.shape
         dtype = trace.dtype
-        hidden = F.glu(torch.einsum("...dm,mhd->...dh", trace, self.w1.to(dtype)) + self.b1[0].to(dtype), dim=-1)
-        return F.glu(torch.einsum("...dh,hod->...do", hidden, self.w2.to(dtype)) + self.b2[0].to(dtype), dim=-1)[..., 0]
+        neuron_major = trace.reshape(-1, D, M).transpose(0, 1)  # (D, N, M)
+        hidden = F.glu(torch.baddbmm(self.b1.to(dtype), neuron_major, self.w1.to(dtype)), dim=-1)  # (D, N, H)
+        post = F.glu(torch.baddbmm(self.b2.to(dtype), hidden, self.w2.to(dtype)), dim=-1)[..., 0]  # (D, N)
+        return post.transpose(0, 1).reshape(*lead, D)
 
 
 class _ClampWithRecovery(torch.autograd.Function):
@@ -994,8 +1002,8 @@ class CTMPreTrainedModel(PreTrainedModel):
             for linear in [*module.down, *module.up]:
                 init.uniform_(linear.weight, -ctm_scale, ctm_scale)
         elif isinstance(module, CTMNeuronLevelModels):
-            M, H2, _ = module.w1.shape
-            H = module.w2.shape[0]
+            _, M, H2 = module.w1.shape
+            H = module.w2.shape[1]
             init.uniform_(module.w1, -((M + H2) ** -0.5), (M + H2) ** -0.5)
             init.zeros_(module.b1)
             init.uniform_(module.w2, -((H + 2) ** -0.5), (H + 2) ** -0.5)

@@ -312,6 +312,7 @@ class ThinkingStep:
     attention_mask: torch.Tensor | None  # (B, 1, n, past + T) bool, or None when `is_causal` suffices
     is_causal: bool
     column_slice: slice | None  # the same contiguous columns in every row: outputs are concatenated, not scattered
+    every_row: bool  # every row has a real token in this step: no per-row selection of the carried state
 
 
 @dataclass
@@ -372,6 +373,7 @@ def plan_thinking(
 
     no_padding = key_mask is None  # `key_mask` is None unless some key is padding
     steps = []
+    every_row = token_mask is None  # the aligned fast path and unpadded `none` steps hold tokens in every row
     for columns, valid, column_slice in slots:
         covers_all = column_slice == slice(0, T)
         if covers_all and past_length == 0 and no_padding:
@@ -387,7 +389,13 @@ def plan_thinking(
             attention_mask = (attention_mask | ~valid[:, :, None]).unsqueeze(1)
             is_causal = False
         last_slot = (valid.long().cumsum(1) * valid).argmax(1)
-        steps.append(ThinkingStep(columns, valid, last_slot, valid.any(1), attention_mask, is_causal, column_slice))
+        has_tokens = valid.any(1)
+        steps.append(
+            ThinkingStep(
+                columns, valid, last_slot, has_tokens, attention_mask, is_causal, column_slice,
+                every_row=every_row or bool(has_tokens.all()),
+            )
+        )  # fmt: skip
     return ThinkingSchedule(steps=steps, begins_new_chunk=begins_new_chunk, new_tokens=new_tokens)
 
 
@@ -858,8 +866,11 @@ class CTMBlock(nn.Module):
                 picked_ticks = step_ticks[rows, slots] if step_ticks is not None else None
                 scattered.append((rows, step.columns[rows, slots], final_output[rows, slots], picked_ticks))
             final = thinking.select_tokens(step.last_slot)
-            entry_of_last_chunk = ThinkingState.where(step.has_tokens, entry, entry_of_last_chunk)
-            last = ThinkingState.where(step.has_tokens, final, last)
+            if step.every_row:
+                entry_of_last_chunk, last = entry, final
+            else:  # rows without a token here keep what they had
+                entry_of_last_chunk = ThinkingState.where(step.has_tokens, entry, entry_of_last_chunk)
+                last = ThinkingState.where(step.has_tokens, final, last)
             entry = last  # the next chunk of every row enters from this chunk's last token
 
         ticks = None

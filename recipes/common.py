@@ -83,16 +83,15 @@ def prepare_data(preset: dict, run_dir: Path) -> Data:
 
 def training_arguments(preset: dict, phase: int, output_dir: Path) -> TrainingArguments:
     """The preset's shared TrainingArguments overlaid with the phase's own."""
-    fields_ = {**preset["training"], **preset[f"phase{phase}"].get("training", {})}
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        seed=preset.get("seed", 0),
-        eval_strategy="no",
-        save_strategy="steps",
-        prediction_loss_only=True,
-        remove_unused_columns=False,
-        **fields_,
-    )
+    defaults = {
+        "seed": preset.get("seed", 0),
+        "eval_strategy": "no",  # every phase ends with a held-out evaluation anyway
+        "save_strategy": "steps",
+        "prediction_loss_only": True,
+        "remove_unused_columns": False,
+    }
+    fields_ = {**defaults, **preset["training"], **preset[f"phase{phase}"].get("training", {})}
+    return TrainingArguments(output_dir=str(output_dir), **fields_)
 
 
 def decoder_fields(preset: dict, tokenizer: PreTrainedTokenizerBase) -> dict:

@@ -1,5 +1,6 @@
 """The main job end to end on a micro preset: phases 1 -> 2 -> 3, evaluation, samples, model cards, summary."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -7,14 +8,16 @@ from pathlib import Path
 import pytest
 import yaml
 from huggingface_hub import ModelCard
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+from modeling_ctm import CTMConfig
 
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 sys.path.insert(0, str(RECIPES))
 
 import run_all  # noqa: E402
-from common import load_preset  # noqa: E402
+from common import load_preset, training_arguments  # noqa: E402
 
 
 def _micro_preset(tmp_path) -> Path:
@@ -61,9 +64,15 @@ def test_main_job_runs_the_three_phases_and_writes_cards(tmp_path):
     assert list((run_dir / "phase1-language").glob("runs/*"))  # TensorBoard logs
 
 
-def test_presets_are_valid_and_bad_names_are_refused():
+def test_presets_are_valid_and_bad_names_are_refused(tmp_path):
+    known = {field.name for field in dataclasses.fields(TrainingArguments)}
     for name in ("tiny", "gpu"):
         preset = load_preset(name)
         assert preset["phase3"]["chunk_length"] % preset["phase3"]["chunk_size"] == 0
+        for phase in (1, 2, 3):
+            assert set(preset["training"]) | set(preset[f"phase{phase}"]["training"]) <= known
+        CTMConfig(**preset["model"], **preset["thinking"])  # the architecture validates
+    for phase in (1, 2, 3):  # the tiny preset builds here (the gpu one asks for bf16 on a GPU)
+        assert training_arguments(load_preset("tiny"), phase, tmp_path).use_cpu
     with pytest.raises(ValueError, match="preset='huge' is invalid: allowed values are"):
         load_preset("huge")

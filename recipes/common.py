@@ -183,11 +183,24 @@ def finish_phase(
     return PhaseResult(phase, folder, metrics, samples, steps, train_seconds, n_trainable)
 
 
-def timed_train(trainer, resume: bool) -> float:
+def train_phase(
+    phase: int, preset: dict, run_dir: Path, data: Data, model, trainer_class, base_model=None, resume=False, **extra
+) -> PhaseResult:
+    """Train `model` with `trainer_class` on the preset's phase settings, then evaluate, sample and save it."""
+    trainer = trainer_class(
+        model=model,
+        args=training_arguments(preset, phase, run_dir / PHASE_FOLDERS[phase]),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=data.tokenizer,
+        bytes_per_token=data.bytes_per_token,
+        **extra,
+    )
     checkpoints = list(Path(trainer.args.output_dir).glob("checkpoint-*"))
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if resume and checkpoints else None)
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    return finish_phase(trainer, phase, run_dir, data, preset, seconds, base_model=base_model)
 
 
 def seed_everything(preset: dict) -> None:

@@ -5,7 +5,7 @@
 
 from pathlib import Path
 
-from common import PHASE_FOLDERS, finish_phase, phase_cli, seed_everything, timed_train, training_arguments
+from common import phase_cli, seed_everything, train_phase
 
 from modeling_ctm.phases import freeze_for_thinking, start_thinking
 from modeling_ctm.training import CTMTrainer
@@ -16,16 +16,7 @@ def run(preset: dict, run_dir: Path, data, source: Path, resume: bool = False):
     model = start_thinking(source, **preset["thinking"])
     counts = freeze_for_thinking(model, preset["phase2"].get("freeze", "non_ctm"))
     print(f"phase 2: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters")
-    trainer = CTMTrainer(
-        model=model,
-        args=training_arguments(preset, 2, run_dir / PHASE_FOLDERS[2]),
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=data.tokenizer,
-        bytes_per_token=data.bytes_per_token,
-    )
-    seconds = timed_train(trainer, resume)
-    return finish_phase(trainer, 2, run_dir, data, preset, seconds, base_model=source)
+    return train_phase(2, preset, run_dir, data, model, CTMTrainer, base_model=source, resume=resume)
 
 
 def main(argv=None):

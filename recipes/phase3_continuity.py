@@ -5,7 +5,7 @@
 
 from pathlib import Path
 
-from common import PHASE_FOLDERS, finish_phase, phase_cli, seed_everything, timed_train, training_arguments
+from common import phase_cli, seed_everything, train_phase
 
 from modeling_ctm.phases import freeze_for_thinking, start_continuity
 from modeling_ctm.training import ContinuityTrainer
@@ -22,19 +22,10 @@ def run(preset: dict, run_dir: Path, data, source: Path, resume: bool = False):
     model = start_continuity(source, chunk_size=spec["chunk_size"])
     counts = freeze_for_thinking(model, spec.get("freeze", "non_ctm"))
     print(f"phase 3: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters")
-    trainer = ContinuityTrainer(
-        model=model,
-        args=training_arguments(preset, 3, run_dir / PHASE_FOLDERS[3]),
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=data.tokenizer,
-        bytes_per_token=data.bytes_per_token,
-        chunk_length=spec["chunk_length"],
-        gradient_window=spec["gradient_window"],
-        cut_attention=spec["cut_attention"],
-    )
-    seconds = timed_train(trainer, resume)
-    return finish_phase(trainer, 3, run_dir, data, preset, seconds, base_model=source)
+    return train_phase(
+        3, preset, run_dir, data, model, ContinuityTrainer, base_model=source, resume=resume,
+        chunk_length=spec["chunk_length"], gradient_window=spec["gradient_window"], cut_attention=spec["cut_attention"],
+    )  # fmt: skip
 
 
 def main(argv=None):

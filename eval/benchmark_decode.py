@@ -235,7 +235,10 @@ def main(argv=None):
         "cached = ms per single-token step with the cache (after prefilling the context); recompute = ms for one "
         "`use_cache=False` forward over the context + 1 token (what uncached generate pays per token).",
         "",
-        "| model | " + " | ".join(f"cached @{c}" for c in contexts) + " | " + " | ".join(f"recompute @{c}" for c in contexts)
+        "| model | "
+        + " | ".join(f"cached @{c}" for c in contexts)
+        + " | "
+        + " | ".join(f"recompute @{c}" for c in contexts)
         + f" | cached @{flat_hi} / @{contexts[0]} | goal <= {GOAL_FLATNESS} | generate {args.new_tokens} cached s | "
         f"uncached s | speedup | goal >= {GOAL_SPEEDUP:.0f}x | greedy match |",
         "|---|" + "---:|" * (2 * len(contexts) + 7),
@@ -272,7 +275,9 @@ def main(argv=None):
     print()
     print(table)
     (out_dir / "results.md").write_text(table + "\n")
-    (out_dir / "results.json").write_text(json.dumps({"env": env, "elapsed_s": elapsed, "results": results}, indent=1) + "\n")
+    (out_dir / "results.json").write_text(
+        json.dumps({"env": env, "elapsed_s": elapsed, "results": results}, indent=1) + "\n"
+    )
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}")
 
 

@@ -452,7 +452,11 @@ def attribute_profile(prof, device: str) -> tuple[dict, list]:
         return tuple(path)
 
     for event in events:
-        if event.sequence_nr >= 0 and not event.name.startswith("autograd::engine") and event.sequence_nr not in region_of_seq:
+        if (
+            event.sequence_nr >= 0
+            and not event.name.startswith("autograd::engine")
+            and event.sequence_nr not in region_of_seq
+        ):
             if not event.name.endswith("Backward0") and not event.name.endswith("Backward1"):
                 region_of_seq[event.sequence_nr] = region_path(event)
 
@@ -498,7 +502,9 @@ def run_profile(spec, shape, preset, ctm_overrides, load: MachineLoad) -> dict:
     device, dtype, vocab = preset["device"], preset["dtype"], preset["vocab"]
     model, config = build_model(spec, shape, vocab, device, preset.get("compile_ticks", False))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(2, vocab, (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(2, vocab, (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(0)).to(
+        device
+    )
     for _ in range(2):
         train_step(model, optimizer, ids, device, dtype)
     synchronize(device)
@@ -518,7 +524,9 @@ def run_profile(spec, shape, preset, ctm_overrides, load: MachineLoad) -> dict:
         row = categories.setdefault(category, {"fwd_ms": 0.0, "bwd_ms": 0.0, "opt_ms": 0.0, "train_gflop": 0.0})
         row[f"{phase}_ms"] += us / 1e3
     for key, value in flops["breakdown"].items():
-        row = categories.setdefault(FLOP_CATEGORY[key], {"fwd_ms": 0.0, "bwd_ms": 0.0, "opt_ms": 0.0, "train_gflop": 0.0})
+        row = categories.setdefault(
+            FLOP_CATEGORY[key], {"fwd_ms": 0.0, "bwd_ms": 0.0, "opt_ms": 0.0, "train_gflop": 0.0}
+        )
         row["train_gflop"] += 3 * value * tokens / 1e9
     total_ms = sum(r["fwd_ms"] + r["bwd_ms"] + r["opt_ms"] for r in categories.values())
     total_gflop = sum(r["train_gflop"] for r in categories.values())
@@ -558,7 +566,13 @@ def profile_markdown(profile: dict) -> str:
             f"| {name} | {r['fwd_ms']:.1f} | {r['bwd_ms']:.1f} | {r['opt_ms']:.1f} | {r['total_ms']:.1f} | "
             f"{100 * r['time_share']:.1f} | {100 * r['flop_share']:.1f} | {rate} |"
         )
-    lines += ["", "Top ops by self time:", "", "| op | input shapes | piece/phase | self ms | calls |", "|---|---|---|---:|---:|"]
+    lines += [
+        "",
+        "Top ops by self time:",
+        "",
+        "| op | input shapes | piece/phase | self ms | calls |",
+        "|---|---|---|---:|---:|",
+    ]
     for r in profile["top_ops"][:15]:
         lines.append(f"| {r['op']} | `{r['shapes']}` | {r['category']} | {r['self_ms']:.1f} | {r['calls']} |")
     return "\n".join(lines)
@@ -607,7 +621,9 @@ def benchmark_shape(preset, shape, ctm_overrides, load: MachineLoad, budget: dic
             model = optimizer = None
             torch.cuda.empty_cache()
         entries.append((entry, model, optimizer))
-        log(f"  built {spec['name']:<14} {entry['params_m']:.2f}M params  warm-up {entry.get('warmup_s', 0):.1f}s  {entry['status']}")
+        log(
+            f"  built {spec['name']:<14} {entry['params_m']:.2f}M params  warm-up {entry.get('warmup_s', 0):.1f}s  {entry['status']}"
+        )
 
     # timed steps, round-robin over the models of this shape, until every model has `steps` steps measured on a quiet
     # machine (other processes < QUIET of the CPUs) or 3 x `steps` rounds have run
@@ -674,14 +690,14 @@ def fmt(value, spec=".2f", missing="-"):
 def markdown_table(results: list[dict], contexts: list[int]) -> str:
     head = (
         "| shape | model | params M | train GFLOP/tok | FLOPs x Llama | tok/s | tok/s x Llama | achieved GFLOP/s "
-        "| eff. x Llama | goal >= 0.8 | peak MiB | "
-        + " | ".join(f"decode ms @{c}" for c in contexts)
-        + " |"
+        "| eff. x Llama | goal >= 0.8 | peak MiB | " + " | ".join(f"decode ms @{c}" for c in contexts) + " |"
     )
     lines = [head, "|" + "---|" * (11 + len(contexts))]
     for r in results:
         if r["status"] != "ok":
-            lines.append(f"| {r['shape']} | {r['model']} | {r['params_m']:.2f} | {r['status']} |" + " |" * (7 + len(contexts)))
+            lines.append(
+                f"| {r['shape']} | {r['model']} | {r['params_m']:.2f} | {r['status']} |" + " |" * (7 + len(contexts))
+            )
             continue
         goal = "-" if r["kind"] == "llama" else ("PASS" if r.get("goal_efficiency_met") else "FAIL")
         mem = r.get("memory", {}).get("peak_mib")
@@ -728,7 +744,9 @@ def plot(results: list[dict], contexts: list[int], path: Path) -> None:
         for shape in shapes[-1:]:
             row = next((r for r in ok if r["shape"] == shape and r["model"] == model), None)
             if row:
-                axes[2].plot(contexts, [row["decode"][str(c)]["ms_per_token"] for c in contexts], marker="o", label=model)
+                axes[2].plot(
+                    contexts, [row["decode"][str(c)]["ms_per_token"] for c in contexts], marker="o", label=model
+                )
     axes[2].set_xscale("log", base=2)
     axes[2].set_yscale("log")
     axes[2].set_xlabel("context length")
@@ -748,10 +766,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, help="timed steps per model (default: preset)")
     parser.add_argument("--warmup", type=int, help="warm-up steps per model (default: preset)")
     parser.add_argument(
-        "--ctm-config", default="{}", help='JSON overrides of the ctm_* fields, e.g. \'{"ctm_synapse_depth": 8}\''
+        "--ctm-config", default="{}", help="JSON overrides of the ctm_* fields, e.g. '{\"ctm_synapse_depth\": 8}'"
     )
     parser.add_argument(
-        "--max-wait", type=float, help="seconds the run may wait in total for other processes to go quiet (default: preset)"
+        "--max-wait",
+        type=float,
+        help="seconds the run may wait in total for other processes to go quiet (default: preset)",
     )
     parser.add_argument(
         "--compile-ticks", action="store_true", help="torch.compile every CTM tick (CTMForCausalLM.compile_ticks)"
@@ -788,7 +808,9 @@ def main(argv=None):
     started = time.perf_counter()
     env = {
         "preset": args.preset,
-        "device": torch.cuda.get_device_name() if preset["device"] == "cuda" else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name()
+        if preset["device"] == "cuda"
+        else platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "dtype": preset["dtype"],
@@ -805,8 +827,10 @@ def main(argv=None):
     results = []
     if not args.profile_only:
         for shape in preset["shapes"]:
-            log(f"shape {shape['name']}: d={shape['hidden']} L={shape['layers']} heads={shape['heads']} "
-                f"seq={shape['seq']} batch={shape['batch']} I={intermediate_size(shape['hidden'])}")
+            log(
+                f"shape {shape['name']}: d={shape['hidden']} L={shape['layers']} heads={shape['heads']} "
+                f"seq={shape['seq']} batch={shape['batch']} I={intermediate_size(shape['hidden'])}"
+            )
             results.extend(benchmark_shape(preset, shape, ctm_overrides, load, budget, log))
 
     profiles = []

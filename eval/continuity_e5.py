@@ -119,7 +119,9 @@ class Settings:
 
     def validate(self):
         if self.vocab_size - FIRST_VALUE - self.n_values < 2:
-            raise ValueError(f"vocab_size={self.vocab_size} is invalid: needs room for 3 specials, the values and noise")
+            raise ValueError(
+                f"vocab_size={self.vocab_size} is invalid: needs room for 3 specials, the values and noise"
+            )
         if self.chunk_length < 3:
             raise ValueError(f"chunk_length={self.chunk_length} is invalid: allowed values are integers >= 3")
 
@@ -227,7 +229,11 @@ def train(settings: Settings, seed: int, gradient_window: int) -> tuple[CTMForCa
     # `loss` is the training objective (it includes the optimistic lowest-loss-tick term, so it can sit below chance
     # without any information); `final_tick` is the CE of the tick the evaluation reads with ctm_readout="last".
     losses = [
-        {"step": log["step"], "loss": round(log["loss"], 4), "final_tick": round(log.get("ctm/loss_final_tick", math.nan), 4)}
+        {
+            "step": log["step"],
+            "loss": round(log["loss"], 4),
+            "final_tick": round(log.get("ctm/loss_final_tick", math.nan), 4),
+        }
         for log in trainer.state.log_history
         if "loss" in log
     ]
@@ -277,7 +283,9 @@ def path_checks(model: CTMForCausalLM, input_ids: torch.Tensor) -> dict[str, flo
     first, second = input_ids[:, :L], input_ids[:, L : 2 * L]
     cache = model(input_ids=first, cache=CTMCache(model.config), use_cache=True).cache
     cache.drop_attention_()
-    kv_left = sum(layer.keys.numel() if layer.is_initialized and layer.keys is not None else 0 for layer in cache.layers)
+    kv_left = sum(
+        layer.keys.numel() if layer.is_initialized and layer.keys is not None else 0 for layer in cache.layers
+    )
     kv_left += sum(layer.observed_keys.numel() if layer.observed_keys is not None else 0 for layer in cache.layers)
     snapshot = CTMCache.from_thinking_state(model.config, cache.thinking_state_dict())
     carried = chunk2_logits(model, input_ids, carry=True)
@@ -388,7 +396,12 @@ def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
         acc = [r[arm]["accuracy"] for r in per_seed]
         nll = [r[arm]["recall_nll"] for r in per_seed]
         m, s = mean_sd(acc)
-        summary[arm] = {"accuracy_mean": m, "accuracy_sd": s, "accuracy_per_seed": acc, "recall_nll_mean": statistics.fmean(nll)}
+        summary[arm] = {
+            "accuracy_mean": m,
+            "accuracy_sd": s,
+            "accuracy_per_seed": acc,
+            "recall_nll_mean": statistics.fmean(nll),
+        }
     result = {
         "experiment": "E5 continuity: recall across a chunk boundary through the carried CTM thinking state only",
         "settings": asdict(settings),
@@ -437,11 +450,11 @@ def format_markdown(result: dict, table: str) -> str:
     )
     return f"""# E5 continuity: recall through the carried thinking state
 
-Two chunks of {s['chunk_length']} tokens; chunk 1 holds STORE v, chunk 2 ends with RECALL; the target at RECALL is v
-(one of {s['n_values']} values, chance {result['chance']:.3f}, chance NLL {result['chance_nll']:.3f}). Attention is cut at
+Two chunks of {s["chunk_length"]} tokens; chunk 1 holds STORE v, chunk 2 ends with RECALL; the target at RECALL is v
+(one of {s["n_values"]} values, chance {result["chance"]:.3f}, chance NLL {result["chance_nll"]:.3f}). Attention is cut at
 the boundary in training and in every arm: only the carried CTM thinking state crosses.
-{len(result['per_seed'])} seeds, {s['steps']} steps of batch {s['batch_size']}, {s['eval_sequences']} held-out sequences.
-Wall time {result['wall_seconds']:.0f} s.
+{len(result["per_seed"])} seeds, {s["steps"]} steps of batch {s["batch_size"]}, {s["eval_sequences"]} held-out sequences.
+Wall time {result["wall_seconds"]:.0f} s.
 
 | arm | description | accuracy mean ± sd | per seed | recall NLL | chance |
 |---|---|---|---|---|---|
@@ -463,13 +476,18 @@ Settings: `{json.dumps(s)}`
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; 1 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per training run (default 1200)")
     parser.add_argument("--out", type=Path, default=Path("eval/results/e5"), help="folder for results.json/.md")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few steps (mechanics only)")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="FIELD=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
         help="override a Settings field (JSON value), e.g. --set ctm_ticks=2 --set 'ctm_decay_init_range=[0,1]'",
     )
     return parser.parse_args(argv)

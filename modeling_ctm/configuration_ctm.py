@@ -156,7 +156,9 @@ class CTMConfig(PreTrainedConfig):
         n = self.num_hidden_layers
         if isinstance(self.ctm_layers, str):
             if self.ctm_layers not in CTM_LAYER_CHOICES:
-                fail("ctm_layers", self.ctm_layers, f"allowed values are {CTM_LAYER_CHOICES} or a list of layer indices")
+                fail(
+                    "ctm_layers", self.ctm_layers, f"allowed values are {CTM_LAYER_CHOICES} or a list of layer indices"
+                )
         elif isinstance(self.ctm_layers, list):
             bad = [i for i in self.ctm_layers if not isinstance(i, int) or isinstance(i, bool) or not -n <= i < n]
             if bad or not self.ctm_layers:
@@ -186,7 +188,11 @@ class CTMConfig(PreTrainedConfig):
         if len(self.ctm_decay_init_range) != 2 or not (
             0.0 <= self.ctm_decay_init_range[0] <= self.ctm_decay_init_range[1] <= MAX_DECAY
         ):
-            fail("ctm_decay_init_range", self.ctm_decay_init_range, f"must be [low, high] with 0 <= low <= high <= {MAX_DECAY}")
+            fail(
+                "ctm_decay_init_range",
+                self.ctm_decay_init_range,
+                f"must be [low, high] with 0 <= low <= high <= {MAX_DECAY}",
+            )
         if self.ctm_readout not in CTM_READOUT_CHOICES:
             fail("ctm_readout", self.ctm_readout, f"allowed values are {CTM_READOUT_CHOICES}")
         for field in ("ctm_loss_argmin_weight", "ctm_loss_certain_weight", "ctm_loss_tick_aux_weight"):
@@ -196,7 +202,9 @@ class CTMConfig(PreTrainedConfig):
         if self.ctm_layer_indices and (
             self.ctm_loss_argmin_weight + self.ctm_loss_certain_weight + self.ctm_loss_tick_aux_weight <= 0
         ):
-            fail("ctm_loss_argmin_weight", self.ctm_loss_argmin_weight, "the three ctm_loss_*_weight must not all be 0")
+            fail(
+                "ctm_loss_argmin_weight", self.ctm_loss_argmin_weight, "the three ctm_loss_*_weight must not all be 0"
+            )
         if self.ctm_carry not in CTM_CARRY_CHOICES:
             fail("ctm_carry", self.ctm_carry, f"allowed values are {CTM_CARRY_CHOICES}")
         if self.ctm_carry == "chunk" or self.ctm_chunk_size is not None:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation import GenerationMixin
@@ -42,7 +42,6 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
-from transformers import initialization as init
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -505,10 +504,18 @@ class CTMAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
-        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        self.q_proj = nn.Linear(
+            config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias
+        )
+        self.k_proj = nn.Linear(
+            config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias
+        )
+        self.v_proj = nn.Linear(
+            config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
+        )
 
     def forward(
         self,
@@ -776,7 +783,9 @@ class CTMBlock(nn.Module):
         sync_action = CTMSynchronisation.read(thinking.alpha_action, thinking.beta_action)
         query = self.q_proj(sync_action.to(z.dtype)).view(B, n, self.num_heads, self.head_dim)
         query = F.rms_norm(query, (self.head_dim,)).transpose(1, 2)
-        observation = F.scaled_dot_product_attention(query, keys, values, attn_mask=attention_mask, is_causal=is_causal)
+        observation = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=attention_mask, is_causal=is_causal
+        )
         observation = observation.transpose(1, 2).reshape(B, n, D)
         state_in = z if self.tick_embed is None else z + self.tick_embed[tick].to(z.dtype)
         pre_activation = z + self.synapse(torch.cat([observation, state_in], dim=-1))
@@ -798,7 +807,17 @@ class CTMBlock(nn.Module):
         intervention = probe.intervention if probe is not None else None
         previous = thinking.state
         for k in range(self.ticks):
-            args = (k, thinking, keys, values, step.attention_mask, step.is_causal, *rates, surprise_weight, intervention)
+            args = (
+                k,
+                thinking,
+                keys,
+                values,
+                step.attention_mask,
+                step.is_causal,
+                *rates,
+                surprise_weight,
+                intervention,
+            )
             if self.checkpoint_ticks and self.training and torch.is_grad_enabled():
                 thinking = checkpoint(self.tick, *args, use_reentrant=False)
             else:
@@ -1135,7 +1154,9 @@ class CTMModel(CTMPreTrainedModel):
                 cache.seen_tokens if cache is not None else None,
             )
         if surprise_weight is not None and surprise_weight.shape != (B, T):
-            raise ValueError(f"surprise_weight must have shape (batch, sequence) = {(B, T)}, got {tuple(surprise_weight.shape)}")
+            raise ValueError(
+                f"surprise_weight must have shape (batch, sequence) = {(B, T)}, got {tuple(surprise_weight.shape)}"
+            )
 
         return_tick_states = True if return_tick_states is None else return_tick_states
         record_last_ticks = return_tick_states and self.last_layer_thinks
@@ -1346,7 +1367,9 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
             selected_tick = certainty.argmax(-1)
         else:
             selected_tick = torch.full(certainty.shape[:2], self.config.ctm_ticks - 1, device=certainty.device)
-        logits = tick_logits.gather(2, selected_tick[..., None, None].expand(-1, -1, 1, tick_logits.shape[-1]))[:, :, 0]
+        logits = tick_logits.gather(2, selected_tick[..., None, None].expand(-1, -1, 1, tick_logits.shape[-1]))[
+            :, :, 0
+        ]
 
         result = CTMCausalLMOutputWithPast(
             logits=logits,
@@ -1399,7 +1422,9 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
         Returns the model output and `{layer_idx: CTMLayerProbe}`.
         """
         recorder = CTMProbeRecorder(intervention)
-        outputs = self(input_ids=input_ids, attention_mask=attention_mask, ctm_probe=recorder, use_cache=False, **kwargs)
+        outputs = self(
+            input_ids=input_ids, attention_mask=attention_mask, ctm_probe=recorder, use_cache=False, **kwargs
+        )
         for layer in recorder.layers.values():
             residual = layer.residual.unsqueeze(2) + layer.tick_outputs
             layer.certainty = tick_certainty(self.lm_head(self.model.norm(residual)))

@@ -186,8 +186,7 @@ def run_tokenizer_command(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     tokenizer.save_pretrained(str(args.output))
     print(
-        f"Trained a {len(tokenizer)}-token byte-level BPE on {args.source!r} in {elapsed:.1f}s; "
-        f"saved to {args.output}"
+        f"Trained a {len(tokenizer)}-token byte-level BPE on {args.source!r} in {elapsed:.1f}s; saved to {args.output}"
     )
     return 0
 

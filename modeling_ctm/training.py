@@ -143,7 +143,9 @@ class ContinuityTrainer(CTMTrainer):
             raise ValueError(f"gradient_window={gradient_window} is invalid: allowed values are integers >= 0")
         config = self.accelerator.unwrap_model(self.model).config
         if config.ctm_carry != "chunk":
-            raise ValueError("ContinuityTrainer needs a model with CTMConfig.ctm_carry='chunk' (see phases.start_continuity)")
+            raise ValueError(
+                "ContinuityTrainer needs a model with CTMConfig.ctm_carry='chunk' (see phases.start_continuity)"
+            )
         self.chunk_length = chunk_length
         self.gradient_window = gradient_window
         self.cut_attention = cut_attention

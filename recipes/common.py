@@ -35,7 +35,9 @@ def load_preset(name_or_path: str) -> dict:
         path = PRESETS / f"{name_or_path}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-        raise ValueError(f"preset={name_or_path!r} is invalid: allowed values are {available} or a path to a YAML file")
+        raise ValueError(
+            f"preset={name_or_path!r} is invalid: allowed values are {available} or a path to a YAML file"
+        )
     preset = yaml.safe_load(path.read_text())
     missing = [section for section in PRESET_SECTIONS if section not in preset]
     if missing:

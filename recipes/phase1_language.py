@@ -1,6 +1,6 @@
 """Phase 1 - language: a plain transformer (no thinking layers) learns the language at full speed.
 
-    python recipes/phase1_language.py --preset tiny --output runs/tiny
+python recipes/phase1_language.py --preset tiny --output runs/tiny
 """
 
 from pathlib import Path

@@ -1,6 +1,6 @@
 """Phase 2 - thinking: CTM blocks replace the chosen MLPs of a phase-1 model; everything else is frozen.
 
-    python recipes/phase2_thinking.py --preset tiny --output runs/tiny [--from runs/tiny/phase1-language/model]
+python recipes/phase2_thinking.py --preset tiny --output runs/tiny [--from runs/tiny/phase1-language/model]
 """
 
 from pathlib import Path

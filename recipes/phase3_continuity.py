@@ -1,6 +1,6 @@
 """Phase 3 - memory continuity: the thinking state is carried from chunk to chunk, with gradients through it.
 
-    python recipes/phase3_continuity.py --preset tiny --output runs/tiny [--from runs/tiny/phase2-thinking/model]
+python recipes/phase3_continuity.py --preset tiny --output runs/tiny [--from runs/tiny/phase2-thinking/model]
 """
 
 from pathlib import Path

@@ -72,9 +72,7 @@ def main(argv=None):
 
     rows = [summary_row(result) for result in results]
     table = markdown_table(rows)
-    samples = "\n".join(
-        f"- phase {result.phase}: {sample!r}" for result in results for sample in result.samples
-    )
+    samples = "\n".join(f"- phase {result.phase}: {sample!r}" for result in results for sample in result.samples)
     report = (
         f"# Run `{run_dir}` (preset `{preset['name']}`)\n\n{table}\n\n"
         f"Held-out unigram baseline: {data.unigram_nats:.3f} nats/token. Total wall time {total:.0f} s.\n"

@@ -255,7 +255,9 @@ def test_surprise_weight_one_is_a_no_op_and_other_weights_act_alike_in_both_path
 def test_text_generation_pipeline():
     tokenizer = train_tokenizer(["the cat sat on the mat. " * 20, "a dog ran in the park. " * 20], vocab_size=300)
     assert isinstance(tokenizer, PreTrainedTokenizerFast)
-    model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, ctm_carry="chunk", ctm_chunk_size=2)
+    model = tiny_model(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, ctm_carry="chunk", ctm_chunk_size=2
+    )
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
     result = generator("the cat", max_new_tokens=5, do_sample=False)
     assert result[0]["generated_text"].startswith("the cat")

@@ -95,8 +95,9 @@ def test_tick_part_is_linear_in_ticks(layers):
 
 
 def test_llama_with_no_thinking_layers_counts_like_llama():
-    assert flops.ctm_flops(CTMConfig(**TINY, ctm_layers="none"), 32)["forward"] == (
-        flops.llama_flops(LlamaConfig(**TINY), 32)["forward"]
+    assert (
+        flops.ctm_flops(CTMConfig(**TINY, ctm_layers="none"), 32)["forward"]
+        == (flops.llama_flops(LlamaConfig(**TINY), 32)["forward"])
     )
 
 

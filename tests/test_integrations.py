@@ -25,7 +25,9 @@ def test_peft_lora_trains_generates_saves_and_merges(tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
-    reloaded = PeftModel.from_pretrained(tiny_model(ctm_carry="chunk", ctm_chunk_size=2, ctm_readout="last"), tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(
+        tiny_model(ctm_carry="chunk", ctm_chunk_size=2, ctm_readout="last"), tmp_path / "adapter"
+    )
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, adapted)
         merged = reloaded.merge_and_unload()

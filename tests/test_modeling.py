@@ -380,7 +380,9 @@ def test_probe_reports_every_layer_and_tick_and_intervention_changes_the_output(
         assert layer.certainty.shape == (2, 7, K)
     # the last layer's logit-lens certainty is the model's own certainty
     torch.testing.assert_close(layers[1].certainty, outputs.certainty)
-    torch.testing.assert_close(layers[1].state_delta[:, :, 1], (layers[1].state[:, :, 1] - layers[1].state[:, :, 0]).norm(dim=-1))
+    torch.testing.assert_close(
+        layers[1].state_delta[:, :, 1], (layers[1].state[:, :, 1] - layers[1].state[:, :, 0]).norm(dim=-1)
+    )
     # same output without intervention; replacing the state at tick 1 of layer 1 changes what follows
     torch.testing.assert_close(outputs.logits, model(ids).logits)
     calls = []

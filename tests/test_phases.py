@@ -11,8 +11,8 @@ from conftest import TINY, tiny_model
 from datasets import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
-from modeling_ctm import CTMCache, CTMForCausalLM
-from modeling_ctm.phases import freeze_for_thinking, language_config, start_continuity, start_thinking
+from modeling_ctm import CTMForCausalLM
+from modeling_ctm.phases import freeze_for_thinking, language_config, start_thinking
 from modeling_ctm.training import ContinuityTrainer, CTMTrainer
 
 

@@ -59,7 +59,7 @@ def test_main_job_runs_the_three_phases_and_writes_cards(tmp_path):
         else:
             for key in ("eval_loss_final_tick", "eval_loss_most_certain_tick", "eval_bpb_final_tick"):
                 assert key in entry["metrics"], key
-            assert f"| eval_loss_most_certain_tick |" in card.text
+            assert "| eval_loss_most_certain_tick |" in card.text
     assert AutoModelForCausalLM.from_pretrained(summary["phases"][2]["folder"]).config.ctm_carry == "chunk"
     assert list((run_dir / "phase1-language").glob("runs/*"))  # TensorBoard logs
 

@@ -114,7 +114,8 @@ class CTMTrainer(Trainer):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         prefix = metric_key_prefix
         extra = self._eval_ticks.summary(f"{prefix}_", self.bytes_per_token, reduce=self.accelerator.reduce)
-        if self.bytes_per_token and f"{prefix}_loss" in output.metrics:
+        # bits per byte of the loss when it is a likelihood; a thinking model's objective is not (its readouts are)
+        if self.bytes_per_token and f"{prefix}_loss" in output.metrics and not extra:
             output.metrics[f"{prefix}_bpb"] = output.metrics[f"{prefix}_loss"] / (math.log(2) * self.bytes_per_token)
         output.metrics.update(extra)
         return output

@@ -4,7 +4,6 @@ Recipes are scripts on top of the library: they import `modeling_ctm`, never the
 """
 
 import json
-import math
 import platform
 import shutil
 import time
@@ -150,8 +149,6 @@ def finish_phase(
     metrics = trainer.evaluate()
     metrics = {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second"))}
     metrics["unigram_baseline_loss"] = data.unigram_nats
-    if "eval_bpb" not in metrics and "eval_loss" in metrics:
-        metrics["eval_bpb"] = metrics["eval_loss"] / (math.log(2) * data.bytes_per_token)
     samples = greedy_samples(model, data.tokenizer, **preset["samples"])
     folder = run_dir / PHASE_FOLDERS[phase] / "model"
     args = trainer.args
@@ -175,7 +172,7 @@ def finish_phase(
             tokens_seen=tokens_seen,
             train_seconds=train_seconds,
             hardware=hardware,
-            base_model=str(base_model) if base_model else None,
+            base_model=f"ctm-{preset['name']}-phase{phase - 1}-{PHASES[phase - 1]}" if base_model else None,
             model_id=f"ctm-{preset['name']}-phase{phase}-{PHASES[phase]}",
         )
         (target / "eval_results.json").write_text(json.dumps(metrics, indent=2))

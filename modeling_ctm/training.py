@@ -10,12 +10,12 @@ boundaries before the graph is truncated.
 """
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from .data import bits_per_byte
 from .modeling_ctm import CTMCache
 
 
@@ -73,7 +73,7 @@ class TickStatistics:
             if name in self.SCALARS:
                 metrics[f"{prefix}{name}"] = values[0]
                 if bytes_per_token:
-                    metrics[f"{prefix}{name.replace('loss', 'bpb')}"] = values[0] / (math.log(2) * bytes_per_token)
+                    metrics[f"{prefix}{name.replace('loss', 'bpb')}"] = bits_per_byte(values[0], 1, bytes_per_token)
             else:
                 metrics.update({f"{prefix}{name}_{k}": v for k, v in enumerate(values)})
         return metrics
@@ -116,7 +116,7 @@ class CTMTrainer(Trainer):
         extra = self._eval_ticks.summary(f"{prefix}_", self.bytes_per_token, reduce=self.accelerator.reduce)
         # bits per byte of the loss when it is a likelihood; a thinking model's objective is not (its readouts are)
         if self.bytes_per_token and f"{prefix}_loss" in output.metrics and not extra:
-            output.metrics[f"{prefix}_bpb"] = output.metrics[f"{prefix}_loss"] / (math.log(2) * self.bytes_per_token)
+            output.metrics[f"{prefix}_bpb"] = bits_per_byte(output.metrics[f"{prefix}_loss"], 1, self.bytes_per_token)
         output.metrics.update(extra)
         return output
 

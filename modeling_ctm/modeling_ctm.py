@@ -22,6 +22,7 @@ This file travels with checkpoints as remote code: it imports `transformers`, `t
 `.configuration_ctm` only.
 """
 
+import contextlib
 import math
 import os
 import tempfile
@@ -688,8 +689,96 @@ class CTMSynchronisation(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The CTM block and its tick.
+# The tick observer: how anything outside the block sees (and may steer) the ticks.
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+class CTMTickObserver:
+    """The one way in to what happens inside the ticks. Subclass, override what you need, and register with
+    `model.add_tick_observer(observer)` (a handle with `.remove()`, usable as a context manager) or
+    `with model.observing(observer): ...`. Probes, plasticity statistics, sleep's dream diagnostics and certainty
+    through `generate` are all observers; with none registered the forward pays nothing.
+
+    Per thinking layer and tick, the block first asks every observer `intervene(event)` (return a tensor to replace
+    the post-activation state z; the synchronisation of that tick is then recomputed from it), then tells every
+    observer `on_tick(event)` with the final state. After each thinking layer comes `on_layer`, after the head
+    `on_output`.
+    """
+
+    def intervene(self, event: "CTMTickEvent") -> torch.Tensor | None:
+        return None
+
+    def on_tick(self, event: "CTMTickEvent") -> None:
+        pass
+
+    def on_layer(self, event: "CTMLayerEvent") -> None:
+        pass
+
+    def on_output(self, event: "CTMOutputEvent") -> None:
+        pass
+
+
+@dataclass
+class CTMTickEvent:
+    """One tick of one CTM layer over the tokens of one thinking step. Tensors are (B, n, ...): slot j of row b holds
+    sequence position `columns[b, j]` of the current call, a real token where `valid[b, j]` (padding slots run too,
+    their results are dropped). Derived views are computed only when an observer asks for them."""
+
+    layer_idx: int
+    tick: int
+    before: ThinkingState  # the state entering this tick
+    after: ThinkingState  # the state this tick produced
+    columns: torch.Tensor  # (B, n) long
+    valid: torch.Tensor  # (B, n) bool
+    sequence_length: int  # T of the current call
+    block: "CTMBlock"
+
+    @property
+    def state_delta(self) -> torch.Tensor:
+        """||z_k - z_{k-1}|| per token (B, n), with z_{-1} the state the token entered with."""
+        return (self.after.state - self.before.state).float().norm(dim=-1)
+
+    @property
+    def sync_out(self) -> torch.Tensor:
+        """The readout synchronisation S_out after this tick (B, n, S_out), float32."""
+        return CTMSynchronisation.read(self.after.alpha_out, self.after.beta_out)
+
+    @property
+    def sync_action(self) -> torch.Tensor:
+        """The action synchronisation S_action after this tick (B, n, S_action), float32."""
+        return CTMSynchronisation.read(self.after.alpha_action, self.after.beta_action)
+
+    @property
+    def pre_activation(self) -> torch.Tensor:
+        """The newest entry of the trace: what the synapse produced this tick, before the neuron-level models."""
+        return self.after.trace[..., -1]
+
+    def output(self) -> torch.Tensor:
+        """y_k = out_proj(S_out): what this tick would add to the residual stream (B, n, D)."""
+        return self.block.readout(self.after)
+
+
+@dataclass
+class CTMLayerEvent:
+    """A thinking layer finished the current call: the residual stream entering its block (B, T, D) and what the
+    block added to it at the final tick (B, T, D)."""
+
+    layer_idx: int
+    residual: torch.Tensor
+    output: torch.Tensor
+
+
+@dataclass
+class CTMOutputEvent:
+    """The head finished: the readout `logits` (B, T, V), and for a model whose last layer thinks the per-tick
+    `certainty` (B, T, K) and `selected_tick` (B, T). `labels` are the unshifted labels when given."""
+
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    labels: torch.Tensor | None
+    logits: torch.Tensor
+    certainty: torch.Tensor | None = None
+    selected_tick: torch.Tensor | None = None
 
 
 @dataclass
@@ -704,8 +793,9 @@ class CTMLayerProbe:
     certainty: torch.Tensor | None = None  # certainty of the logit lens on residual + y_k (B, T, K)
 
 
-class CTMProbeRecorder:
-    """Passed through `forward(..., ctm_probe=recorder)`: collects per-tick tensors and may intervene on the state.
+class CTMProbeRecorder(CTMTickObserver):
+    """The observer behind `probe()`: records every real token's per-tick state, change, readout synchronisation and
+    tick output at its sequence position, and may intervene.
 
     `intervention(layer_idx, tick, state) -> state | None` may replace the post-activation z after tick `tick`.
     """
@@ -713,6 +803,56 @@ class CTMProbeRecorder:
     def __init__(self, intervention: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None):
         self.intervention = intervention
         self.layers: dict[int, CTMLayerProbe] = {}
+
+    def intervene(self, event: CTMTickEvent) -> torch.Tensor | None:
+        if self.intervention is None:
+            return None
+        return self.intervention(event.layer_idx, event.tick, event.after.state)
+
+    def on_tick(self, event: CTMTickEvent) -> None:
+        rows, slots = event.valid.nonzero(as_tuple=True)
+        columns = event.columns[rows, slots]
+        recorded = {
+            "state": event.after.state,
+            "state_delta": event.state_delta,
+            "sync_out": event.sync_out,
+            "tick_outputs": event.output(),
+        }
+        probe = self.layers.get(event.layer_idx)
+        if probe is None:
+            B, T, K = event.valid.shape[0], event.sequence_length, event.block.ticks
+            probe = CTMLayerProbe(**{name: t.new_zeros(B, T, K, *t.shape[2:]) for name, t in recorded.items()})
+            self.layers[event.layer_idx] = probe
+        for name, tensor in recorded.items():
+            getattr(probe, name)[rows, columns, event.tick] = tensor[rows, slots].detach()
+
+    def on_layer(self, event: CTMLayerEvent) -> None:
+        self.layers[event.layer_idx].residual = event.residual.detach()
+
+
+class CTMObserverHandle:
+    """Returned by `add_tick_observer`: `.remove()` unregisters; also a context manager."""
+
+    _next_id = 0
+
+    def __init__(self, registry: dict):
+        self.registry = registry
+        self.id = CTMObserverHandle._next_id
+        CTMObserverHandle._next_id += 1
+
+    def remove(self) -> None:
+        self.registry.pop(self.id, None)
+
+    def __enter__(self) -> "CTMObserverHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The CTM block and its tick.
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 class CTMBlock(nn.Module):
@@ -740,6 +880,8 @@ class CTMBlock(nn.Module):
         self.start_state = nn.Parameter(torch.empty(D))
         self.start_trace = nn.Parameter(torch.empty(D, M))
         self.tick_embed = nn.Parameter(torch.empty(config.ctm_ticks, D)) if config.ctm_tick_embeddings else None
+        # {handle id: CTMTickObserver}; the model shares one registry with all its blocks (`add_tick_observer`)
+        self.observers: dict[int, CTMTickObserver] = {}
 
     # -- pieces --------------------------------------------------------------------------------------------------------
 
@@ -775,7 +917,6 @@ class CTMBlock(nn.Module):
         rate_out: torch.Tensor,
         rate_action: torch.Tensor,
         surprise_weight: torch.Tensor | None = None,
-        intervention: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
     ) -> ThinkingState:
         """One internal tick for tokens of shape (B, n): observe, synapse, trace, neuron models, synchronise."""
         z = thinking.state
@@ -791,54 +932,47 @@ class CTMBlock(nn.Module):
         pre_activation = z + self.synapse(torch.cat([observation, state_in], dim=-1))
         trace = torch.cat([thinking.trace[..., 1:], pre_activation.unsqueeze(-1)], dim=-1)
         z = self.neurons(trace)
-        if intervention is not None:
-            replaced = intervention(self.layer_idx, tick, z)
-            z = z if replaced is None else replaced.to(z.dtype)
+        return self.synchronise(thinking, z, trace, rate_out, rate_action, surprise_weight)
+
+    def synchronise(self, thinking, z, trace, rate_out, rate_action, surprise_weight=None) -> ThinkingState:
+        """The new state: z and its trace, with both accumulators of `thinking` advanced by z's pair products."""
         alpha_out, beta_out = self.sync_out.update(thinking.alpha_out, thinking.beta_out, z, rate_out, surprise_weight)
         alpha_action, beta_action = self.sync_action.update(
             thinking.alpha_action, thinking.beta_action, z, rate_action, surprise_weight
         )
         return ThinkingState(z, trace, alpha_out, beta_out, alpha_action, beta_action)
 
-    def think(self, thinking, keys, values, step, rates, surprise_weight, record_ticks, probe):
-        """Run the K ticks of one step. Returns the final state, the final output y_{K-1} (B, n, D), the stacked
-        per-tick outputs (B, n, K, D) when `record_ticks`, and probe tensors when `probe`."""
-        per_tick_outputs, per_tick_state, per_tick_delta, per_tick_sync = [], [], [], []
-        intervention = probe.intervention if probe is not None else None
-        previous = thinking.state
+    def think(self, thinking, keys, values, step, rates, surprise_weight, record_ticks, sequence_length):
+        """Run the K ticks of one step. Returns the final state, the final output y_{K-1} (B, n, D) and, when
+        `record_ticks`, the stacked per-tick outputs (B, n, K, D)."""
+        per_tick_outputs = []
         for k in range(self.ticks):
-            args = (
-                k,
-                thinking,
-                keys,
-                values,
-                step.attention_mask,
-                step.is_causal,
-                *rates,
-                surprise_weight,
-                intervention,
-            )
+            before = thinking
+            args = (k, thinking, keys, values, step.attention_mask, step.is_causal, *rates, surprise_weight)
             if self.checkpoint_ticks and self.training and torch.is_grad_enabled():
                 thinking = checkpoint(self.tick, *args, use_reentrant=False)
             else:
                 thinking = self.tick(*args)
-            if record_ticks or probe is not None or k == self.ticks - 1:
+            if self.observers:
+                event = CTMTickEvent(self.layer_idx, k, before, thinking, step.columns, step.valid, sequence_length, self)
+                thinking = self.notify_tick(event, rates, surprise_weight)
+            if record_ticks or k == self.ticks - 1:
                 per_tick_outputs.append(self.readout(thinking))
-            if probe is not None:
-                per_tick_state.append(thinking.state)
-                per_tick_delta.append((thinking.state - previous).float().norm(dim=-1))
-                per_tick_sync.append(CTMSynchronisation.read(thinking.alpha_out, thinking.beta_out))
-                previous = thinking.state
-        ticks = torch.stack(per_tick_outputs, dim=2) if record_ticks or probe is not None else None
-        probe_tensors = None
-        if probe is not None:
-            probe_tensors = (
-                torch.stack(per_tick_state, 2),
-                torch.stack(per_tick_delta, 2),
-                torch.stack(per_tick_sync, 2),
-                ticks,
-            )
-        return thinking, per_tick_outputs[-1], ticks, probe_tensors
+        ticks = torch.stack(per_tick_outputs, dim=2) if record_ticks else None
+        return thinking, per_tick_outputs[-1], ticks
+
+    def notify_tick(self, event: CTMTickEvent, rates, surprise_weight) -> ThinkingState:
+        """Let observers replace the tick's state (the tick's synchronisation is recomputed from the replacement),
+        then tell them the final state."""
+        observers = list(self.observers.values())
+        for observer in observers:
+            replaced = observer.intervene(event)
+            if replaced is not None:
+                z = replaced.to(event.after.state.dtype)
+                event.after = self.synchronise(event.before, z, event.after.trace, *rates, surprise_weight)
+        for observer in observers:
+            observer.on_tick(event)
+        return event.after
 
     # -- forward -------------------------------------------------------------------------------------------------------
 
@@ -849,7 +983,6 @@ class CTMBlock(nn.Module):
         cache_layer: CTMCacheLayer | None = None,
         surprise_weight: torch.Tensor | None = None,
         record_ticks: bool = False,
-        probe: CTMProbeRecorder | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states (B, T, D), normed. Returns the final-tick output (B, T, D) and, when `record_ticks`, every
         tick's output (B, T, K, D). Padding slots get zeros and never advance the carried state."""
@@ -869,15 +1002,14 @@ class CTMBlock(nn.Module):
             entry = start
         entry_of_last_chunk = entry
 
-        concatenated, scattered, probe_parts = [], [], []
+        concatenated, scattered = [], []
         for step in schedule.steps:
             weight = None
             if surprise_weight is not None:
                 weight = surprise_weight.to(torch.float32).gather(1, step.columns).unsqueeze(-1)
-            thinking, final_output, step_ticks, probe_tensors = self.think(
-                entry.expand_tokens(step.columns.shape[1]), keys, values, step, rates, weight, record_ticks, probe
+            thinking, final_output, step_ticks = self.think(
+                entry.expand_tokens(step.columns.shape[1]), keys, values, step, rates, weight, record_ticks, T
             )
-            probe_parts.append((step, probe_tensors))
             if step.column_slice is not None:
                 concatenated.append((final_output * step.valid[..., None].to(dtype), step_ticks))
             else:
@@ -909,20 +1041,7 @@ class CTMBlock(nn.Module):
         if cache_layer is not None:
             cache_layer.last = last
             cache_layer.entry = entry_of_last_chunk
-        if probe is not None:
-            probe.layers[self.layer_idx] = self._assemble_probe(probe_parts, B, T)
         return output, ticks
-
-    def _assemble_probe(self, parts, B, T) -> CTMLayerProbe:
-        def scatter(index):
-            template = next(p[1][index] for p in parts)
-            full = template.new_zeros(B, T, *template.shape[2:])
-            for step, tensors in parts:
-                rows, slots = step.valid.nonzero(as_tuple=True)
-                full[rows, step.columns[rows, slots]] = tensors[index][rows, slots].detach()
-            return full
-
-        return CTMLayerProbe(state=scatter(0), state_delta=scatter(1), sync_out=scatter(2), tick_outputs=scatter(3))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -954,7 +1073,6 @@ class CTMDecoderLayer(GradientCheckpointingLayer):
         thinking_schedule: ThinkingSchedule | None = None,
         surprise_weight: torch.Tensor | None = None,
         record_ticks: bool = False,
-        ctm_probe: CTMProbeRecorder | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the layer output and, for a thinking layer asked to `record_ticks`, the residual stream after each
@@ -981,10 +1099,11 @@ class CTMDecoderLayer(GradientCheckpointingLayer):
             cache_layer=cache.layers[self.layer_idx] if cache is not None else None,
             surprise_weight=surprise_weight,
             record_ticks=record_ticks,
-            probe=ctm_probe,
         )
-        if ctm_probe is not None:
-            ctm_probe.layers[self.layer_idx].residual = residual.detach()
+        if self.thinking.observers:
+            event = CTMLayerEvent(self.layer_idx, residual, output)
+            for observer in list(self.thinking.observers.values()):
+                observer.on_layer(event)
         tick_residuals = residual.unsqueeze(2) + ticks if ticks is not None else None
         return residual + output, tick_residuals
 
@@ -1014,6 +1133,25 @@ class CTMPreTrainedModel(PreTrainedModel):
                 "AutoModelForCausalLM": "modeling_ctm.CTMForCausalLM",
             }
         return super().save_pretrained(*args, **kwargs)
+
+    def add_tick_observer(self, observer: CTMTickObserver) -> CTMObserverHandle:
+        """Register `observer` (see `CTMTickObserver`) with every thinking layer; `.remove()` the handle to stop."""
+        if not isinstance(observer, CTMTickObserver):
+            raise TypeError(f"observer must be a CTMTickObserver, got {type(observer).__name__}")
+        registry = self.base_model.tick_observers
+        handle = CTMObserverHandle(registry)
+        registry[handle.id] = observer
+        return handle
+
+    @contextlib.contextmanager
+    def observing(self, *observers: CTMTickObserver):
+        """`with model.observing(a, b): ...` registers the observers for the duration of the block."""
+        handles = [self.add_tick_observer(observer) for observer in observers]
+        try:
+            yield observers[0] if len(observers) == 1 else observers
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -1074,6 +1212,10 @@ class CTMModel(CTMPreTrainedModel):
         self.norm = CTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = CTMRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
+        self.tick_observers: dict[int, CTMTickObserver] = {}  # one registry, shared by every block
+        for layer in self.layers:
+            if layer.is_thinking:
+                layer.thinking.observers = self.tick_observers
         self.post_init()
 
     @property
@@ -1092,7 +1234,6 @@ class CTMModel(CTMPreTrainedModel):
         use_cache: bool | None = None,
         surprise_weight: torch.Tensor | None = None,
         return_tick_states: bool | None = None,
-        ctm_probe: CTMProbeRecorder | None = None,
         **kwargs,
     ) -> CTMModelOutputWithPast:
         r"""
@@ -1100,8 +1241,6 @@ class CTMModel(CTMPreTrainedModel):
             Per-token weight on the synchronisation update (the seed's "dopamine"); 1 everywhere changes nothing.
         return_tick_states (`bool`, *optional*):
             Return `tick_hidden_states` when the last layer thinks. Defaults to True.
-        ctm_probe (`CTMProbeRecorder`, *optional*):
-            Collects per-layer, per-tick thinking tensors and may intervene on the state (see `probe`).
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -1174,7 +1313,6 @@ class CTMModel(CTMPreTrainedModel):
                 thinking_schedule=schedule,
                 surprise_weight=surprise_weight,
                 record_ticks=record_last_ticks and decoder_layer.layer_idx == self.config.num_hidden_layers - 1,
-                ctm_probe=ctm_probe,
                 **kwargs,
             )
         if cache is not None and schedule is not None:
@@ -1345,12 +1483,17 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
             surprise_weight=surprise_weight,
             **kwargs,
         )
+        observers = list(self.model.tick_observers.values())
         if outputs.tick_hidden_states is None:
             hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
             logits = self.lm_head(hidden_states)
             loss = None
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if observers:
+                event = CTMOutputEvent(input_ids, attention_mask, labels, logits)
+                for observer in observers:
+                    observer.on_output(event)
             return CTMCausalLMOutputWithPast(
                 loss=loss,
                 logits=logits,
@@ -1371,6 +1514,10 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
             :, :, 0
         ]
 
+        if observers:
+            event = CTMOutputEvent(input_ids, attention_mask, labels, logits, certainty, selected_tick)
+            for observer in observers:
+                observer.on_output(event)
         result = CTMCausalLMOutputWithPast(
             logits=logits,
             cache=outputs.cache,
@@ -1421,10 +1568,8 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
         `intervention(layer_idx, tick, state) -> new_state | None` may replace the post-activation state at tick k.
         Returns the model output and `{layer_idx: CTMLayerProbe}`.
         """
-        recorder = CTMProbeRecorder(intervention)
-        outputs = self(
-            input_ids=input_ids, attention_mask=attention_mask, ctm_probe=recorder, use_cache=False, **kwargs
-        )
+        with self.observing(CTMProbeRecorder(intervention)) as recorder:
+            outputs = self(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
         for layer in recorder.layers.values():
             residual = layer.residual.unsqueeze(2) + layer.tick_outputs
             layer.certainty = tick_certainty(self.lm_head(self.model.norm(residual)))
@@ -1437,10 +1582,15 @@ __all__ = [
     "CTMCacheLayer",
     "CTMCausalLMOutputWithPast",
     "CTMForCausalLM",
+    "CTMLayerEvent",
     "CTMLayerProbe",
     "CTMModel",
+    "CTMObserverHandle",
+    "CTMOutputEvent",
     "CTMPreTrainedModel",
     "CTMProbeRecorder",
+    "CTMTickEvent",
+    "CTMTickObserver",
     "ThinkingState",
     "multi_tick_loss",
     "tick_certainty",

@@ -1365,6 +1365,11 @@ class CTMCausalLMOutputWithPast(CausalLMOutputWithPast):
     loss_argmin_tick: torch.Tensor | None = None
 
 
+def next_token_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Labels aligned with the logits that predict them: position t holds the label of t + 1 (the last is ignored)."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
 def tick_certainty(tick_logits: torch.Tensor | None = None, log_probs: torch.Tensor | None = None) -> torch.Tensor:
     """1 - H(softmax(logits)) / log V, in float32, without gradient. (..., V) -> (...). Pass `log_probs` when they
     are already computed (the loss needs them too) to skip a second softmax over the vocabulary."""
@@ -1374,6 +1379,10 @@ def tick_certainty(tick_logits: torch.Tensor | None = None, log_probs: torch.Ten
         log_probs = log_probs.detach()
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         return 1.0 - entropy / math.log(log_probs.shape[-1])
+
+
+# The readouts' mean CE, reported side by side by the model, the trainers and the main job.
+READOUT_LOSSES = ("loss_final_tick", "loss_most_certain_tick", "loss_argmin_tick")
 
 
 @dataclass
@@ -1403,7 +1412,7 @@ def multi_tick_loss(
     labelled tokens), like `ForCausalLMLoss`. `tick_log_probs` (B, T, K, V) float32 log-softmax of every tick's logits,
     `certainty` (B, T, K)."""
     if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift_labels = next_token_labels(labels, ignore_index)
     shift_labels = shift_labels.to(tick_log_probs.device)
     B, T, K, V = tick_log_probs.shape
     labelled = shift_labels != ignore_index
@@ -1538,12 +1547,8 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
                 tick_aux_weight=self.config.ctm_loss_tick_aux_weight,
                 **kwargs,
             )
-            result.loss = terms.loss
-            result.tick_losses = terms.tick_losses
-            result.tick_argmin_fraction = terms.tick_argmin_fraction
-            result.loss_final_tick = terms.loss_final_tick
-            result.loss_most_certain_tick = terms.loss_most_certain_tick
-            result.loss_argmin_tick = terms.loss_argmin_tick
+            for term in fields(terms):  # MultiTickLoss's fields are output fields of the same name
+                setattr(result, term.name, getattr(terms, term.name))
         return result
 
     def compile_ticks(self, **compile_kwargs) -> "CTMForCausalLM":
@@ -1593,5 +1598,6 @@ __all__ = [
     "CTMTickObserver",
     "ThinkingState",
     "multi_tick_loss",
+    "next_token_labels",
     "tick_certainty",
 ]

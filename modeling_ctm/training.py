@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from .data import bits_per_byte
-from .modeling_ctm import CTMCache
+from .modeling_ctm import READOUT_LOSSES, CTMCache, next_token_labels
 
 
 class TickStatistics:
     """Token-weighted running sums of the CTM extras of `CTMCausalLMOutputWithPast`."""
 
-    SCALARS = ("loss_final_tick", "loss_most_certain_tick", "loss_argmin_tick")
+    SCALARS = READOUT_LOSSES
 
     def __init__(self):
         self.reset()
@@ -40,7 +40,7 @@ class TickStatistics:
         if certainty is None or getattr(outputs, "tick_losses", None) is None:
             return
         if shift_labels is None:
-            shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+            shift_labels = next_token_labels(labels)
         labelled = (shift_labels != -100).to(certainty.device)
         n = float(labelled.sum())
         if n == 0:
@@ -125,8 +125,8 @@ class ContinuityTrainer(CTMTrainer):
     """Phase 3: chunked training with the thinking state carried from chunk to chunk.
 
     Args:
-        chunk_length (`int`): tokens per chunk (a multiple of the model's `ctm_chunk_size` keeps every training chunk
-            aligned with the carry rule).
+        chunk_length (`int`): tokens per chunk; a multiple of the model's `ctm_chunk_size`, so every training chunk
+            follows the carry rule (a chunk that ends mid carry-chunk would train on states decoding never sees).
         gradient_window (`int`, defaults to 1): chunk boundaries a gradient may cross. Chunks are backpropagated in
             groups of `gradient_window + 1`; the cache is detached between groups. 0 detaches at every boundary (the
             reference's behaviour, which teaches nothing about what to store).
@@ -147,6 +147,11 @@ class ContinuityTrainer(CTMTrainer):
             raise ValueError(
                 "ContinuityTrainer needs a model with CTMConfig.ctm_carry='chunk' (see phases.start_continuity)"
             )
+        if chunk_length % config.ctm_chunk_size:
+            raise ValueError(
+                f"chunk_length={chunk_length} is invalid: it must be a multiple of the model's "
+                f"ctm_chunk_size={config.ctm_chunk_size} so training chunks follow the carry rule"
+            )
         self.chunk_length = chunk_length
         self.gradient_window = gradient_window
         self.cut_attention = cut_attention
@@ -156,7 +161,7 @@ class ContinuityTrainer(CTMTrainer):
         summed loss (normalised like one full-sequence loss) and the last chunk's outputs."""
         ids, labels = inputs["input_ids"], inputs["labels"]
         mask = inputs.get("attention_mask")
-        shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+        shift_labels = next_token_labels(labels)
         if num_items_in_batch is None:
             count = shift_labels.ne(-100).sum()
             steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)

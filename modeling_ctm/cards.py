@@ -1,4 +1,5 @@
-"""Model cards for phase checkpoints, written with `huggingface_hub.ModelCard` from a Jinja template."""
+"""Model cards for phase checkpoints, written with `huggingface_hub.ModelCard` from a Jinja template that ships with the
+package (`modeling_ctm/model_cards/`), so an installed wheel writes cards too."""
 
 import os
 import tempfile
@@ -6,17 +7,10 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .phases import PHASES
+from .phases import get_phase
 
 
-PHASE_DESCRIPTIONS = {
-    1: "A plain decoder-only transformer (no thinking layers) trained on language modelling.",
-    2: "The chosen MLPs were replaced by CTM blocks that think for K ticks per token; embeddings, attention and norms "
-    "were frozen while the blocks (tick embeddings included) learned.",
-    3: "The thinking state is carried from chunk to chunk (`ctm_carry='chunk'`); trained on chunked sequences with "
-    "gradients flowing back through the carried state.",
-    4: "Online learning: Hebbian plasticity and episodic memory during live use.",
-}
+PHASE_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "phase_checkpoint.md"
 ARCHITECTURE_FIELDS = (
     "hidden_size",
     "num_hidden_layers",
@@ -39,7 +33,7 @@ ARCHITECTURE_FIELDS = (
 def write_model_card(
     folder: str | os.PathLike,
     *,
-    template_path: str | os.PathLike,
+    template_path: str | os.PathLike = PHASE_CARD_TEMPLATE,
     phase: int,
     model,
     metrics: dict[str, float],
@@ -57,8 +51,7 @@ def write_model_card(
     sample_prompt: str = "It is a truth universally acknowledged",
 ) -> ModelCard:
     """Render the phase card into `folder/README.md` (written atomically) and return it."""
-    if phase not in PHASES:
-        raise ValueError(f"phase={phase!r} is invalid: allowed values are {sorted(PHASES)}")
+    phase_info = get_phase(phase)
     config = model.config
     folder = Path(folder)
     model_id = model_id or folder.name
@@ -70,20 +63,19 @@ def write_model_card(
         base_model=base_model,
         model_name=model_id,
     )
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     card = ModelCard.from_template(
         card_data,
         template_path=str(template_path),
         model_name=model_id,
         model_id=model_id,
         phase=phase,
-        phase_name=PHASES[phase],
-        phase_description=PHASE_DESCRIPTIONS[phase],
+        phase_name=phase_info.name,
+        phase_description=phase_info.description,
         repo_url=repo_url,
         sample_prompt=sample_prompt,
         architecture={field: getattr(config, field) for field in ARCHITECTURE_FIELDS},
         n_parameters=f"{model.num_parameters():,}",
-        n_trainable=f"{n_trainable:,}",
+        n_trainable=f"{model.num_parameters(only_trainable=True):,}",
         data_description=data_description,
         eval_data=eval_data,
         recipe=recipe,

@@ -1,22 +1,35 @@
-"""The developmental phases: what changes in the model between them.
+"""The developmental phases: the one registry of what they are called, where they live and what changes between them.
 
-1. language   - a plain transformer (`ctm_layers="none"`), learns the language at full speed.
-2. thinking   - the chosen MLPs are replaced by fresh CTM blocks; embeddings, attention, norms and remaining MLPs are
-                frozen; the CTM blocks (tick embeddings included) learn to think on individual tokens.
-3. continuity - the thinking state is carried between chunks (`ctm_carry="chunk"`); trained with `ContinuityTrainer`.
-4. online     - Hebbian plasticity and episodic memory during live use (the plasticity/episodic modules).
-
-Each function takes a checkpoint folder (or a model) and returns the model that the next phase trains.
+Each phase's `transform` takes the previous phase's checkpoint folder (or model) and returns the model that the phase
+trains; cards, recipes and the main job read names, descriptions and folders from `PHASES`.
 """
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from .configuration_ctm import CTMConfig
 from .modeling_ctm import CTMForCausalLM
 
 
-PHASES = {1: "language", 2: "thinking", 3: "continuity", 4: "online"}
 FREEZE_CHOICES = ("non_ctm", "none")
+
+
+@dataclass(frozen=True)
+class Phase:
+    number: int
+    name: str
+    description: str  # what the phase's model card says about it
+    transform: Callable | None  # builds the phase's starting model (see each function's docstring)
+
+    @property
+    def folder(self) -> str:
+        """The phase's folder inside a run folder, e.g. `phase2-thinking`."""
+        return f"phase{self.number}-{self.name}"
+
+    @property
+    def recipe(self) -> str:
+        return f"recipes/phase{self.number}_{self.name}.py"
 
 
 def language_config(**fields) -> CTMConfig:
@@ -73,3 +86,37 @@ def freeze_for_thinking(model: CTMForCausalLM, freeze: str = "non_ctm") -> dict[
     if not counts["trainable"]:
         raise ValueError("the model has no CTM layers to train (ctm_layers='none')")
     return counts
+
+
+PHASES: dict[int, Phase] = {
+    phase.number: phase
+    for phase in (
+        Phase(
+            1,
+            "language",
+            "A plain decoder-only transformer (no thinking layers) trained on language modelling.",
+            language_config,
+        ),
+        Phase(
+            2,
+            "thinking",
+            "The chosen MLPs were replaced by CTM blocks that think for K ticks per token; embeddings, attention and "
+            "norms were frozen while the blocks (tick embeddings included) learned.",
+            start_thinking,
+        ),
+        Phase(
+            3,
+            "continuity",
+            "The thinking state is carried from chunk to chunk (`ctm_carry='chunk'`); trained on chunked sequences "
+            "with gradients flowing back through the carried state.",
+            start_continuity,
+        ),
+        Phase(4, "online", "Online learning: Hebbian plasticity and episodic memory during live use.", None),
+    )
+}
+
+
+def get_phase(number: int) -> Phase:
+    if number not in PHASES:
+        raise ValueError(f"phase={number!r} is invalid: allowed values are {sorted(PHASES)}")
+    return PHASES[number]

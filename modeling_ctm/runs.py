@@ -1,6 +1,8 @@
-"""What the phase recipes share: presets, data, TrainingArguments, evaluation, samples, saving and model cards.
+"""A training run, as the phase recipes and the main job drive it: presets, data, TrainingArguments, evaluation,
+samples, saving and model cards.
 
-Recipes are scripts on top of the library: they import `modeling_ctm`, never the other way round.
+The recipes (`recipes/phase*_*.py`, `recipes/run_all.py`) are thin scripts over this module: they choose what each
+phase does to the model; everything they share lives here. Presets ship with the package (`modeling_ctm/presets/`).
 """
 
 import json
@@ -14,21 +16,19 @@ import torch
 import yaml
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
-from modeling_ctm.cards import write_model_card
-from modeling_ctm.data import count_tokens_and_bytes, load_text_dataset, pack_dataset, unigram_baseline
-from modeling_ctm.phases import PHASES
-from modeling_ctm.tokenization import get_tokenizer
+from .cards import write_model_card
+from .configuration_ctm import CTMConfig
+from .data import count_tokens_and_bytes, load_text_dataset, pack_dataset, unigram_baseline
+from .phases import get_phase, language_config
+from .tokenization import get_tokenizer
 
 
-REPO = Path(__file__).resolve().parent.parent
-PRESETS = REPO / "recipes" / "presets"
-CARD_TEMPLATE = REPO / "model_cards" / "phase_checkpoint.md"
+PRESETS = Path(__file__).resolve().parent / "presets"
 PRESET_SECTIONS = ("data", "model", "thinking", "training", "phase1", "phase2", "phase3", "samples")
-PHASE_FOLDERS = {1: "phase1-language", 2: "phase2-thinking", 3: "phase3-continuity"}
 
 
 def load_preset(name_or_path: str) -> dict:
-    """A preset by name (`recipes/presets/<name>.yaml`) or path."""
+    """A preset by name (`modeling_ctm/presets/<name>.yaml`) or path."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PRESETS / f"{name_or_path}.yaml"
@@ -95,14 +95,15 @@ def training_arguments(preset: dict, phase: int, output_dir: Path) -> TrainingAr
     return TrainingArguments(output_dir=str(output_dir), **fields_)
 
 
-def decoder_fields(preset: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
-    return {
+def language_model_config(preset: dict, tokenizer: PreTrainedTokenizerBase) -> CTMConfig:
+    """The phase-1 config: the preset's decoder fields with the tokenizer's vocabulary and special tokens."""
+    return language_config(
         **preset["model"],
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
 
 
 @torch.no_grad()
@@ -150,7 +151,8 @@ def finish_phase(
     metrics = {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second"))}
     metrics["unigram_baseline_loss"] = data.unigram_nats
     samples = greedy_samples(model, data.tokenizer, **preset["samples"])
-    folder = run_dir / PHASE_FOLDERS[phase] / "model"
+    phase_info, previous = get_phase(phase), get_phase(phase - 1) if phase > 1 else None
+    folder = run_dir / phase_info.folder / "model"
     args = trainer.args
     steps = trainer.state.global_step
     tokens_seen = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
@@ -160,25 +162,24 @@ def finish_phase(
     def write_card_and_samples(target: Path):
         write_model_card(
             target,
-            template_path=CARD_TEMPLATE,
             phase=phase,
             model=model,
             metrics=metrics,
             samples=samples,
             data_description=data.description,
             eval_data=data.eval_description,
-            recipe=f"recipes/phase{phase}_{PHASES[phase]}.py, preset `{preset['name']}`",
+            recipe=f"{phase_info.recipe}, preset `{preset['name']}`",
             steps=steps,
             tokens_seen=tokens_seen,
             train_seconds=train_seconds,
             hardware=hardware,
-            base_model=f"ctm-{preset['name']}-phase{phase - 1}-{PHASES[phase - 1]}" if base_model else None,
-            model_id=f"ctm-{preset['name']}-phase{phase}-{PHASES[phase]}",
+            base_model=f"ctm-{preset['name']}-{previous.folder}" if base_model and previous else None,
+            model_id=f"ctm-{preset['name']}-{phase_info.folder}",
         )
         (target / "eval_results.json").write_text(json.dumps(metrics, indent=2))
 
     save_atomically(model, data.tokenizer, folder, write_card_and_samples)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_trainable = model.num_parameters(only_trainable=True)
     return PhaseResult(phase, folder, metrics, samples, steps, train_seconds, n_trainable)
 
 
@@ -188,7 +189,7 @@ def train_phase(
     """Train `model` with `trainer_class` on the preset's phase settings, then evaluate, sample and save it."""
     trainer = trainer_class(
         model=model,
-        args=training_arguments(preset, phase, run_dir / PHASE_FOLDERS[phase]),
+        args=training_arguments(preset, phase, run_dir / get_phase(phase).folder),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=data.tokenizer,
@@ -214,7 +215,7 @@ def phase_cli(phase: int, run, doc: str, argv=None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--preset", default="tiny", help="a preset name in recipes/presets or a YAML path")
+    parser.add_argument("--preset", default="tiny", help="a preset name (modeling_ctm/presets) or a YAML path")
     parser.add_argument("--output", type=Path, required=True, help="run folder")
     if phase > 1:
         parser.add_argument("--from", dest="source", type=Path, help=f"phase-{phase - 1} model folder")
@@ -223,7 +224,7 @@ def phase_cli(phase: int, run, doc: str, argv=None) -> None:
     preset = load_preset(args.preset)
     data = prepare_data(preset, args.output)
     if phase > 1:
-        source = args.source or args.output / PHASE_FOLDERS[phase - 1] / "model"
+        source = args.source or args.output / get_phase(phase - 1).folder / "model"
         result = run(preset, args.output, data, source, resume=args.resume)
     else:
         result = run(preset, args.output, data, resume=args.resume)

@@ -5,9 +5,8 @@ python recipes/phase2_thinking.py --preset tiny --output runs/tiny [--from runs/
 
 from pathlib import Path
 
-from common import phase_cli, seed_everything, train_phase
-
 from modeling_ctm.phases import freeze_for_thinking, start_thinking
+from modeling_ctm.runs import phase_cli, seed_everything, train_phase
 from modeling_ctm.training import CTMTrainer
 
 

@@ -5,19 +5,13 @@ python recipes/phase3_continuity.py --preset tiny --output runs/tiny [--from run
 
 from pathlib import Path
 
-from common import phase_cli, seed_everything, train_phase
-
 from modeling_ctm.phases import freeze_for_thinking, start_continuity
+from modeling_ctm.runs import phase_cli, seed_everything, train_phase
 from modeling_ctm.training import ContinuityTrainer
 
 
 def run(preset: dict, run_dir: Path, data, source: Path, resume: bool = False):
     spec = preset["phase3"]
-    if spec["chunk_length"] % spec["chunk_size"]:
-        raise ValueError(
-            f"phase3.chunk_length={spec['chunk_length']} is invalid: it must be a multiple of chunk_size="
-            f"{spec['chunk_size']} so training chunks follow the carry rule"
-        )
     seed_everything(preset)
     model = start_continuity(source, chunk_size=spec["chunk_size"])
     counts = freeze_for_thinking(model, spec.get("freeze", "non_ctm"))

@@ -12,7 +12,9 @@ from pathlib import Path
 import phase1_language
 import phase2_thinking
 import phase3_continuity
-from common import PHASE_FOLDERS, load_preset, prepare_data
+
+from modeling_ctm.phases import get_phase
+from modeling_ctm.runs import load_preset, prepare_data
 
 
 COLUMNS = [
@@ -33,7 +35,7 @@ def summary_row(result) -> dict:
     m = result.metrics
     thinks = "eval_loss_final_tick" in m
     return {
-        "phase": f"{result.phase} {PHASE_FOLDERS[result.phase].split('-', 1)[1]}",
+        "phase": f"{result.phase} {get_phase(result.phase).name}",
         "trainable": f"{result.n_trainable:,}",
         "steps": result.steps,
         "train_s": f"{result.train_seconds:.0f}",
@@ -54,7 +56,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny", help="a preset name in recipes/presets or a YAML path")
+    parser.add_argument("--preset", default="tiny", help="a preset name (modeling_ctm/presets) or a YAML path")
     parser.add_argument("--output", type=Path, default=None, help="run folder (default runs/<preset>)")
     parser.add_argument("--resume", action="store_true", help="continue interrupted phases from their checkpoints")
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ from datasets import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
 from modeling_ctm import CTMForCausalLM
-from modeling_ctm.phases import freeze_for_thinking, language_config, start_thinking
+from modeling_ctm.phases import PHASES, freeze_for_thinking, get_phase, language_config, start_thinking
 from modeling_ctm.training import ContinuityTrainer, CTMTrainer
 
 
@@ -138,6 +138,24 @@ def test_continuity_trainer_gradient_window(tmp_path, cut_attention):
         assert results[0][0] == pytest.approx(full, rel=1e-4)
     with pytest.raises(ValueError, match="ctm_carry='chunk'"):
         ContinuityTrainer(model=tiny_model(), args=_args(tmp_path / "x"), chunk_length=4)
+    chunked = tiny_model(ctm_carry="chunk", ctm_chunk_size=4)
+    with pytest.raises(ValueError, match="chunk_length=6 is invalid: it must be a multiple of .*ctm_chunk_size=4"):
+        ContinuityTrainer(model=chunked, args=_args(tmp_path / "y"), chunk_length=6)
+
+
+def test_one_phase_registry_names_every_phase_folder_and_card():
+    assert [PHASES[n].folder for n in sorted(PHASES)] == [
+        "phase1-language",
+        "phase2-thinking",
+        "phase3-continuity",
+        "phase4-online",
+    ]
+    assert PHASES[2].transform is start_thinking and PHASES[2].recipe == "recipes/phase2_thinking.py"
+    for phase in PHASES.values():
+        if phase.number < 4:  # phase 4's recipe comes with the online session
+            assert (TESTS.parent / phase.recipe).is_file()
+    with pytest.raises(ValueError, match="phase=7 is invalid: allowed values are"):
+        get_phase(7)
 
 
 class _StopAt(TrainerCallback):

@@ -17,7 +17,8 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 sys.path.insert(0, str(RECIPES))
 
 import run_all  # noqa: E402
-from common import load_preset, training_arguments  # noqa: E402
+
+from modeling_ctm.runs import load_preset, training_arguments  # noqa: E402
 
 
 def _micro_preset(tmp_path) -> Path:

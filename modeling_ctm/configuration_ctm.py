@@ -8,7 +8,8 @@ from transformers.configuration_utils import PreTrainedConfig
 
 
 CTM_LAYER_CHOICES = ("none", "all", "last")
-CTM_READOUT_CHOICES = ("last", "most_certain")
+CTM_READOUT_CHOICES = ("last", "most_certain", "tick_mixture")
+CTM_MLP_CHOICES = ("replace", "keep")
 CTM_CARRY_CHOICES = ("none", "chunk")
 MAX_DECAY = 15.0  # r = exp(-15) ~ 3e-7: a pair with this decay forgets everything between ticks
 
@@ -45,7 +46,12 @@ class CTMConfig(PreTrainedConfig):
             Synchronisation decays are drawn from U(low, high); r = exp(-decay). `(0, 0)` is the reference (r = 1,
             plain running sums).
         ctm_readout (`str`, defaults to `"most_certain"`):
-            Which tick inference reads per token: `"last"` or `"most_certain"` (lowest normalised entropy).
+            Which tick inference reads per token: `"last"`, `"most_certain"` (lowest normalised entropy) or
+            `"tick_mixture"` (the mean of the K ticks' next-token distributions; `logits` are then its log-probs).
+        ctm_mlp (`str`, defaults to `"replace"`):
+            What happens to the MLP of a thinking layer: `"replace"` (the seed: the CTM block takes its place) or
+            `"keep"` (the MLP stays beside the block and both add to the residual stream; with the zero-initialised
+            readout, a phase-1 model converted this way computes exactly the same function at step 0).
         ctm_loss_argmin_weight (`float`, defaults to 0.5):
             Weight of the per-token cross-entropy at the lowest-loss tick.
         ctm_loss_certain_weight (`float`, defaults to 0.5):
@@ -98,6 +104,7 @@ class CTMConfig(PreTrainedConfig):
     ctm_tick_embeddings: bool = True
     ctm_decay_init_range: tuple[float, float] | list[float] = (0.0, 0.0)
     ctm_readout: str = "most_certain"
+    ctm_mlp: str = "replace"
     ctm_loss_argmin_weight: float = 0.5
     ctm_loss_certain_weight: float = 0.5
     ctm_loss_tick_aux_weight: float = 0.0
@@ -205,6 +212,8 @@ class CTMConfig(PreTrainedConfig):
             fail(
                 "ctm_loss_argmin_weight", self.ctm_loss_argmin_weight, "the three ctm_loss_*_weight must not all be 0"
             )
+        if self.ctm_mlp not in CTM_MLP_CHOICES:
+            fail("ctm_mlp", self.ctm_mlp, f"allowed values are {CTM_MLP_CHOICES}")
         if self.ctm_carry not in CTM_CARRY_CHOICES:
             fail("ctm_carry", self.ctm_carry, f"allowed values are {CTM_CARRY_CHOICES}")
         if self.ctm_carry == "chunk" or self.ctm_chunk_size is not None:

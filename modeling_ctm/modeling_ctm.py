@@ -938,8 +938,8 @@ class CTMDecoderLayer(GradientCheckpointingLayer):
         self.is_thinking = layer_idx in config.ctm_layer_indices
         if self.is_thinking:
             self.thinking = CTMBlock(config, layer_idx)
-        else:
-            self.mlp = CTMMLP(config)
+        # ctm_mlp="keep": the MLP stays beside the block, so a converted phase-1 layer starts at its old function
+        self.mlp = CTMMLP(config) if not self.is_thinking or config.ctm_mlp == "keep" else None
         self.input_layernorm = CTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = CTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -975,6 +975,8 @@ class CTMDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.post_attention_layernorm(hidden_states)
         if not self.is_thinking:
             return residual + self.mlp(hidden_states), None
+        if self.mlp is not None:  # the ticks add to what the kept MLP already wrote
+            residual = residual + self.mlp(hidden_states)
         output, ticks = self.thinking(
             hidden_states,
             thinking_schedule,
@@ -1212,9 +1214,9 @@ class CTMCausalLMOutputWithPast(CausalLMOutputWithPast):
     """`CausalLMOutputWithPast` plus what the ticks did, when the last layer thinks.
 
     certainty (B, T, K): 1 - normalised entropy of each tick's prediction. selected_tick (B, T): the tick `logits`
-    were read from (`config.ctm_readout`). With labels: `tick_losses` (K,) mean CE per tick, and the mean CE of three
+    were read from (`config.ctm_readout`; None for `"tick_mixture"`, which reads all ticks). With labels: `tick_losses` (K,) mean CE per tick, and the mean CE of three
     readouts side by side, so the deployable number is never hidden behind the training objective:
-    `loss_final_tick`, `loss_most_certain_tick`, `loss_argmin_tick` (the optimistic one), plus
+    `loss_final_tick`, `loss_most_certain_tick`, `loss_argmin_tick` (the optimistic one), `loss_tick_mixture`, plus
     `tick_argmin_fraction` (K,) how often each tick was the lowest-loss tick.
     """
 
@@ -1225,6 +1227,7 @@ class CTMCausalLMOutputWithPast(CausalLMOutputWithPast):
     loss_final_tick: torch.Tensor | None = None
     loss_most_certain_tick: torch.Tensor | None = None
     loss_argmin_tick: torch.Tensor | None = None
+    loss_tick_mixture: torch.Tensor | None = None
 
 
 def tick_certainty(tick_logits: torch.Tensor | None = None, log_probs: torch.Tensor | None = None) -> torch.Tensor:
@@ -1246,6 +1249,7 @@ class MultiTickLoss:
     loss_final_tick: torch.Tensor
     loss_most_certain_tick: torch.Tensor
     loss_argmin_tick: torch.Tensor
+    loss_tick_mixture: torch.Tensor
 
 
 def multi_tick_loss(
@@ -1289,6 +1293,8 @@ def multi_tick_loss(
         count = n_labelled.clamp(min=1)
         weights = labelled.float()
         tick_losses = (token_tick_ce * weights[..., None]).sum((0, 1)) / count
+        # CE of the mean of the K distributions (the "tick_mixture" readout); unlabelled tokens give log K - log K = 0
+        mixture_ce = math.log(K) - torch.logsumexp(-token_tick_ce, dim=-1)
         argmin_fraction = (F.one_hot(argmin_tick[..., 0], K).float() * weights[..., None]).sum((0, 1)) / count
         return MultiTickLoss(
             loss=loss,
@@ -1297,6 +1303,7 @@ def multi_tick_loss(
             loss_final_tick=tick_losses[-1],
             loss_most_certain_tick=(ce_certain * weights).sum() / count,
             loss_argmin_tick=(ce_argmin * weights).sum() / count,
+            loss_tick_mixture=(mixture_ce * weights).sum() / count,
         )
 
 
@@ -1363,13 +1370,18 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
         with torch.set_grad_enabled(torch.is_grad_enabled() and labels is not None):
             tick_log_probs = F.log_softmax(tick_logits.float(), dim=-1)
         certainty = tick_certainty(log_probs=tick_log_probs)
-        if self.config.ctm_readout == "most_certain":
-            selected_tick = certainty.argmax(-1)
+        if self.config.ctm_readout == "tick_mixture":
+            # no single tick is read: the mean of the K distributions (log-probs), which never loses more than log K
+            # nats to the best tick and does not bet on one tick's certainty off the training distribution
+            selected_tick = None
+            logits = (torch.logsumexp(tick_log_probs, dim=2) - math.log(tick_log_probs.shape[2])).to(tick_logits.dtype)
         else:
-            selected_tick = torch.full(certainty.shape[:2], self.config.ctm_ticks - 1, device=certainty.device)
-        logits = tick_logits.gather(2, selected_tick[..., None, None].expand(-1, -1, 1, tick_logits.shape[-1]))[
-            :, :, 0
-        ]
+            if self.config.ctm_readout == "most_certain":
+                selected_tick = certainty.argmax(-1)
+            else:
+                selected_tick = torch.full(certainty.shape[:2], self.config.ctm_ticks - 1, device=certainty.device)
+            logits = tick_logits.gather(2, selected_tick[..., None, None].expand(-1, -1, 1, tick_logits.shape[-1]))
+            logits = logits[:, :, 0]
 
         result = CTMCausalLMOutputWithPast(
             logits=logits,
@@ -1397,6 +1409,7 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
             result.loss_final_tick = terms.loss_final_tick
             result.loss_most_certain_tick = terms.loss_most_certain_tick
             result.loss_argmin_tick = terms.loss_argmin_tick
+            result.loss_tick_mixture = terms.loss_tick_mixture
         return result
 
     def compile_ticks(self, **compile_kwargs) -> "CTMForCausalLM":

@@ -1,8 +1,9 @@
 """The developmental phases: what changes in the model between them.
 
 1. language   - a plain transformer (`ctm_layers="none"`), learns the language at full speed.
-2. thinking   - the chosen MLPs are replaced by fresh CTM blocks; embeddings, attention, norms and remaining MLPs are
-                frozen; the CTM blocks (tick embeddings included) learn to think on individual tokens.
+2. thinking   - fresh CTM blocks join the chosen layers, beside their MLPs (`ctm_mlp="keep"`: an exact start at phase
+                1's function) or in their place (`"replace"`, the seed); everything but the blocks is frozen; the CTM
+                blocks (tick embeddings included) learn to think on individual tokens.
 3. continuity - the thinking state is carried between chunks (`ctm_carry="chunk"`); trained with `ContinuityTrainer`.
 4. online     - Hebbian plasticity and episodic memory during live use (the plasticity/episodic modules).
 
@@ -41,17 +42,19 @@ def _load_with(source: str | os.PathLike | CTMForCausalLM, **overrides) -> CTMFo
     return CTMForCausalLM.from_pretrained(source, config=config)
 
 
-def start_thinking(source, ctm_layers="last", **ctm_fields) -> CTMForCausalLM:
-    """Phase 2: replace the MLPs of `ctm_layers` in a phase-1 checkpoint with fresh CTM blocks.
+def start_thinking(source, ctm_layers="last", ctm_mlp="keep", **ctm_fields) -> CTMForCausalLM:
+    """Phase 2: add fresh CTM blocks to the layers `ctm_layers` of a phase-1 checkpoint.
 
-    `ctm_fields` sets the other `ctm_*` fields (ticks, trace length, ...). Attention, embeddings and norms keep their
-    weights exactly."""
+    `ctm_mlp="keep"` (the default here) puts each block beside the layer's MLP: the blocks' readouts are zero at
+    initialisation, so the converted model computes exactly phase 1's function and training can only add to it.
+    `ctm_mlp="replace"` is the seed's plain replacement (the MLP and what it learned are dropped). `ctm_fields` sets
+    the other `ctm_*` fields (ticks, trace length, ...). Attention, embeddings and norms keep their weights exactly."""
     bad = [k for k in ctm_fields if not k.startswith("ctm_")]
     if bad:
         raise ValueError(f"start_thinking only changes ctm_* fields; got {bad}")
     if ctm_layers == "none":
         raise ValueError("start_thinking(ctm_layers='none') is invalid: allowed values are 'all', 'last' or indices")
-    return _load_with(source, ctm_layers=ctm_layers, **ctm_fields)
+    return _load_with(source, ctm_layers=ctm_layers, ctm_mlp=ctm_mlp, **ctm_fields)
 
 
 def start_continuity(source, chunk_size: int, **ctm_fields) -> CTMForCausalLM:

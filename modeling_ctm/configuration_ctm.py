@@ -58,6 +58,10 @@ class CTMConfig(PreTrainedConfig):
             Weight of the per-token cross-entropy at the most-certain tick.
         ctm_loss_tick_aux_weight (`float`, defaults to 0.0):
             Weight of the auxiliary loss averaged over all ticks (keeps every tick a usable prediction).
+        ctm_loss_mixture_weight (`float`, defaults to 0.0):
+            Weight of the cross-entropy of the tick mixture (the mean of the K distributions, the `"tick_mixture"`
+            readout): a soft, deployable version of the argmin term (-log mean_k p_k is a soft minimum over the
+            ticks' CE), so the model is trained on exactly what that readout serves.
         ctm_carry (`str`, defaults to `"none"`):
             How thinking state flows between positions: `"none"` (every token starts from the learned start state)
             or `"chunk"` (every token of chunk c starts from the final state of the last token of chunk c-1).
@@ -108,6 +112,7 @@ class CTMConfig(PreTrainedConfig):
     ctm_loss_argmin_weight: float = 0.5
     ctm_loss_certain_weight: float = 0.5
     ctm_loss_tick_aux_weight: float = 0.0
+    ctm_loss_mixture_weight: float = 0.0
     ctm_carry: str = "none"
     ctm_chunk_size: int | None = None
     ctm_tick_checkpointing: bool = False
@@ -202,16 +207,18 @@ class CTMConfig(PreTrainedConfig):
             )
         if self.ctm_readout not in CTM_READOUT_CHOICES:
             fail("ctm_readout", self.ctm_readout, f"allowed values are {CTM_READOUT_CHOICES}")
-        for field in ("ctm_loss_argmin_weight", "ctm_loss_certain_weight", "ctm_loss_tick_aux_weight"):
+        loss_weights = (
+            "ctm_loss_argmin_weight",
+            "ctm_loss_certain_weight",
+            "ctm_loss_tick_aux_weight",
+            "ctm_loss_mixture_weight",
+        )
+        for field in loss_weights:
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 fail(field, value, "allowed values are numbers >= 0")
-        if self.ctm_layer_indices and (
-            self.ctm_loss_argmin_weight + self.ctm_loss_certain_weight + self.ctm_loss_tick_aux_weight <= 0
-        ):
-            fail(
-                "ctm_loss_argmin_weight", self.ctm_loss_argmin_weight, "the three ctm_loss_*_weight must not all be 0"
-            )
+        if self.ctm_layer_indices and sum(getattr(self, field) for field in loss_weights) <= 0:
+            fail("ctm_loss_argmin_weight", self.ctm_loss_argmin_weight, "the four ctm_loss_*_weight must not all be 0")
         if self.ctm_mlp not in CTM_MLP_CHOICES:
             fail("ctm_mlp", self.ctm_mlp, f"allowed values are {CTM_MLP_CHOICES}")
         if self.ctm_carry not in CTM_CARRY_CHOICES:

@@ -1260,12 +1260,13 @@ def multi_tick_loss(
     certain_weight: float,
     tick_aux_weight: float,
     shift_labels: torch.Tensor | None = None,
+    mixture_weight: float = 0.0,
     num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = -100,
     **kwargs,
 ) -> MultiTickLoss:
     """Per token: argmin_weight * CE at the lowest-loss tick + certain_weight * CE at the most-certain tick +
-    tick_aux_weight * mean CE over ticks; summed over tokens and divided by `num_items_in_batch` (or the number of
+    tick_aux_weight * mean CE over ticks + mixture_weight * CE of the mean of the ticks' distributions; summed over tokens and divided by `num_items_in_batch` (or the number of
     labelled tokens), like `ForCausalLMLoss`. `tick_log_probs` (B, T, K, V) float32 log-softmax of every tick's logits,
     `certainty` (B, T, K)."""
     if shift_labels is None:
@@ -1283,6 +1284,10 @@ def multi_tick_loss(
     per_token = argmin_weight * ce_argmin + certain_weight * ce_certain
     if tick_aux_weight:
         per_token = per_token + tick_aux_weight * token_tick_ce.mean(-1)
+    # CE of the mean of the K distributions (the "tick_mixture" readout); unlabelled tokens give log K - log K = 0
+    mixture_ce = math.log(K) - torch.logsumexp(-token_tick_ce, dim=-1)
+    if mixture_weight:
+        per_token = per_token + mixture_weight * mixture_ce
     n_labelled = labelled.sum()
     denominator = num_items_in_batch if num_items_in_batch is not None else n_labelled
     if torch.is_tensor(denominator):
@@ -1293,8 +1298,6 @@ def multi_tick_loss(
         count = n_labelled.clamp(min=1)
         weights = labelled.float()
         tick_losses = (token_tick_ce * weights[..., None]).sum((0, 1)) / count
-        # CE of the mean of the K distributions (the "tick_mixture" readout); unlabelled tokens give log K - log K = 0
-        mixture_ce = math.log(K) - torch.logsumexp(-token_tick_ce, dim=-1)
         argmin_fraction = (F.one_hot(argmin_tick[..., 0], K).float() * weights[..., None]).sum((0, 1)) / count
         return MultiTickLoss(
             loss=loss,
@@ -1303,7 +1306,7 @@ def multi_tick_loss(
             loss_final_tick=tick_losses[-1],
             loss_most_certain_tick=(ce_certain * weights).sum() / count,
             loss_argmin_tick=(ce_argmin * weights).sum() / count,
-            loss_tick_mixture=(mixture_ce * weights).sum() / count,
+            loss_tick_mixture=(mixture_ce.detach() * weights).sum() / count,
         )
 
 
@@ -1401,6 +1404,7 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
                 argmin_weight=self.config.ctm_loss_argmin_weight,
                 certain_weight=self.config.ctm_loss_certain_weight,
                 tick_aux_weight=self.config.ctm_loss_tick_aux_weight,
+                mixture_weight=self.config.ctm_loss_mixture_weight,
                 **kwargs,
             )
             result.loss = terms.loss

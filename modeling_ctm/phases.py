@@ -17,7 +17,7 @@ from .modeling_ctm import CTMForCausalLM
 
 
 PHASES = {1: "language", 2: "thinking", 3: "continuity", 4: "online"}
-FREEZE_CHOICES = ("non_ctm", "none")
+FREEZE_CHOICES = ("non_ctm", "non_thinking_ffn", "none")
 
 
 def language_config(**fields) -> CTMConfig:
@@ -63,15 +63,19 @@ def start_continuity(source, chunk_size: int, **ctm_fields) -> CTMForCausalLM:
 
 
 def freeze_for_thinking(model: CTMForCausalLM, freeze: str = "non_ctm") -> dict[str, int]:
-    """Freeze everything but the CTM blocks (`freeze="non_ctm"`) or nothing (`"none"`).
+    """Freeze everything but the CTM blocks (`freeze="non_ctm"`), everything but the feed-forward part of the
+    thinking layers (`"non_thinking_ffn"`: the CTM blocks and the MLPs kept beside them with `ctm_mlp="keep"`), or
+    nothing (`"none"`).
 
     Every parameter of a CTM block trains, tick embeddings included (the reference froze them by mistake). Returns
     the number of trainable and frozen parameters."""
     if freeze not in FREEZE_CHOICES:
         raise ValueError(f"freeze={freeze!r} is invalid: allowed values are {FREEZE_CHOICES}")
     counts = {"trainable": 0, "frozen": 0}
+    beside = tuple(f"model.layers.{i}.mlp." for i in model.config.ctm_layer_indices)
     for name, param in model.named_parameters():
-        param.requires_grad_(freeze == "none" or ".thinking." in name)
+        trains = ".thinking." in name or (freeze == "non_thinking_ffn" and name.startswith(beside))
+        param.requires_grad_(freeze == "none" or trains)
         counts["trainable" if param.requires_grad else "frozen"] += param.numel()
     if not counts["trainable"]:
         raise ValueError("the model has no CTM layers to train (ctm_layers='none')")

@@ -7,11 +7,14 @@ phase-1 language model; the seed varies the new weights and the batch order):
                          plain next-token CE - the "just train longer" control
     continued_iso_flops  the same, for as many steps as exact_start's training FLOPs buy (per-FLOP control)
     replace              the seed: the last MLP is replaced by a fresh CTM block (`ctm_mlp="replace"`)
-    exact_start          the CTM block joins the MLP, which is kept and frozen (`ctm_mlp="keep"`): step 0 computes
-                         exactly phase 1's function
+    exact_start          the CTM block joins the MLP, which is kept (`ctm_mlp="keep"`): step 0 computes exactly phase
+                         1's function; block and MLP train together (`freeze="non_thinking_ffn"`), so the only
+                         difference from `continued` is the block
     exact_start_k1       exact_start with K = 1 tick (the block without thinking time)
 
-Every CTM arm trains only its block (`freeze_for_thinking("non_ctm")`) on the multi-tick loss of its config.
+Every CTM arm trains its thinking layer's feed-forward part (`freeze_for_thinking("non_thinking_ffn")`: the block,
+plus the kept MLP where there is one) on the tiny preset's objective: the CE of the tick mixture (the served readout)
+plus 0.1 x the mean per-tick CE.
 Held-out cross-entropy (nats/token) on two kinds of text: packed blocks of the held-out novel, and its first
 paragraphs each scored whole from its first token (`modeling_ctm.training.evaluate_documents`). Per arm: the final
 tick, the deployable readout (`tick_mixture`, the tiny preset's), the most-certain tick, the argmin tick (an oracle),
@@ -64,7 +67,7 @@ ARMS = {
     "continued": "phase 1 trained longer (last MLP only), same steps",
     "continued_iso_flops": "phase 1 trained longer (last MLP only), exact_start's training FLOPs",
     "replace": "seed: fresh CTM block replaces the last MLP",
-    "exact_start": "CTM block beside the kept, frozen MLP (zero readout)",
+    "exact_start": "CTM block beside the kept MLP (zero readout), both train",
     "exact_start_k1": "exact_start with K=1",
 }
 READOUTS = ("final", "readout", "most_certain", "argmin")
@@ -73,7 +76,7 @@ READOUTS = ("final", "readout", "most_certain", "argmin")
 @dataclass
 class Settings:
     steps: int = 150  # optimizer steps of every phase-2 arm
-    phase1_steps: int = 500
+    phase1_steps: int = 400
     batch_size: int = 16
     block_size: int = 64
     vocab_size: int = 2048
@@ -98,6 +101,9 @@ class Settings:
             ctm_synapse_depth=4,
             ctm_attention_heads=2,
             ctm_readout=self.readout,
+            ctm_loss_mixture_weight=1.0,
+            ctm_loss_argmin_weight=0.0,
+            ctm_loss_certain_weight=0.0,
             ctm_loss_tick_aux_weight=0.1,
         )
 
@@ -181,7 +187,7 @@ def build_arm(arm: str, phase1: CTMForCausalLM, settings: Settings) -> CTMForCau
         return model
     ticks = 1 if arm == "exact_start_k1" else settings.ticks
     model = start_thinking(phase1, ctm_mlp="replace" if arm == "replace" else "keep", **settings.thinking_fields(ticks))
-    freeze_for_thinking(model, "non_ctm")
+    freeze_for_thinking(model, "non_thinking_ffn")
     return model
 
 

@@ -20,7 +20,8 @@ per tick q_proj (S_action -> D), causal cross-attention over the block input (`c
 D/heads), the U-Net synapse (widths read from an instantiated `CTMSynapse` on the meta device, so they follow the
 code), the neuron-level models (per neuron M -> 2H, GLU, H -> 2, GLU), and both synchronisation updates plus the
 S_action read; readouts (S_out read + out_proj S_out -> D) run on every tick when the block is the last layer (its
-ticks feed the multi-tick loss), else once on the final tick. When the last layer thinks, the final norm and lm_head
+ticks feed the multi-tick loss), else once on the final tick. With `ctm_mlp="keep"` the thinking layer also runs its
+MLP once per token (the ticks do not re-run it). When the last layer thinks, the final norm and lm_head
 run on all K ticks (K x the logits).
 """
 
@@ -125,7 +126,7 @@ def ctm_flops(config, seq_len: int) -> dict:
         if idx in thinking:
             for key, value in ctm_block_flops(config, seq_len, readout_every_tick=idx == last).items():
                 breakdown[key] = breakdown.get(key, 0.0) + value
-        else:
+        if idx not in thinking or getattr(config, "ctm_mlp", "replace") == "keep":  # a kept MLP runs once per token
             breakdown["mlp"] += mlp_flops(config)
     lm_heads = config.ctm_ticks if last in thinking else 1
     breakdown["lm_head"] = lm_heads * 2 * config.hidden_size * config.vocab_size

@@ -8,7 +8,8 @@ from transformers.configuration_utils import PreTrainedConfig
 
 
 CTM_LAYER_CHOICES = ("none", "all", "last")
-CTM_READOUT_CHOICES = ("last", "most_certain")
+CTM_READOUT_CHOICES = ("last", "most_certain", "tick_mixture")
+CTM_MLP_CHOICES = ("replace", "keep")
 CTM_CARRY_CHOICES = ("none", "chunk")
 MAX_DECAY = 15.0  # r = exp(-15) ~ 3e-7: a pair with this decay forgets everything between ticks
 
@@ -45,13 +46,22 @@ class CTMConfig(PreTrainedConfig):
             Synchronisation decays are drawn from U(low, high); r = exp(-decay). `(0, 0)` is the reference (r = 1,
             plain running sums).
         ctm_readout (`str`, defaults to `"most_certain"`):
-            Which tick inference reads per token: `"last"` or `"most_certain"` (lowest normalised entropy).
+            Which tick inference reads per token: `"last"`, `"most_certain"` (lowest normalised entropy) or
+            `"tick_mixture"` (the mean of the K ticks' next-token distributions; `logits` are then its log-probs).
+        ctm_mlp (`str`, defaults to `"replace"`):
+            What happens to the MLP of a thinking layer: `"replace"` (the seed: the CTM block takes its place) or
+            `"keep"` (the MLP stays beside the block and both add to the residual stream; with the zero-initialised
+            readout, a phase-1 model converted this way computes exactly the same function at step 0).
         ctm_loss_argmin_weight (`float`, defaults to 0.5):
             Weight of the per-token cross-entropy at the lowest-loss tick.
         ctm_loss_certain_weight (`float`, defaults to 0.5):
             Weight of the per-token cross-entropy at the most-certain tick.
         ctm_loss_tick_aux_weight (`float`, defaults to 0.0):
             Weight of the auxiliary loss averaged over all ticks (keeps every tick a usable prediction).
+        ctm_loss_mixture_weight (`float`, defaults to 0.0):
+            Weight of the cross-entropy of the tick mixture (the mean of the K distributions, the `"tick_mixture"`
+            readout): a soft, deployable version of the argmin term (-log mean_k p_k is a soft minimum over the
+            ticks' CE), so the model is trained on exactly what that readout serves.
         ctm_carry (`str`, defaults to `"none"`):
             How thinking state flows between positions: `"none"` (every token starts from the learned start state)
             or `"chunk"` (every token of chunk c starts from the final state of the last token of chunk c-1).
@@ -98,9 +108,11 @@ class CTMConfig(PreTrainedConfig):
     ctm_tick_embeddings: bool = True
     ctm_decay_init_range: tuple[float, float] | list[float] = (0.0, 0.0)
     ctm_readout: str = "most_certain"
+    ctm_mlp: str = "replace"
     ctm_loss_argmin_weight: float = 0.5
     ctm_loss_certain_weight: float = 0.5
     ctm_loss_tick_aux_weight: float = 0.0
+    ctm_loss_mixture_weight: float = 0.0
     ctm_carry: str = "none"
     ctm_chunk_size: int | None = None
     ctm_tick_checkpointing: bool = False
@@ -195,16 +207,20 @@ class CTMConfig(PreTrainedConfig):
             )
         if self.ctm_readout not in CTM_READOUT_CHOICES:
             fail("ctm_readout", self.ctm_readout, f"allowed values are {CTM_READOUT_CHOICES}")
-        for field in ("ctm_loss_argmin_weight", "ctm_loss_certain_weight", "ctm_loss_tick_aux_weight"):
+        loss_weights = (
+            "ctm_loss_argmin_weight",
+            "ctm_loss_certain_weight",
+            "ctm_loss_tick_aux_weight",
+            "ctm_loss_mixture_weight",
+        )
+        for field in loss_weights:
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 fail(field, value, "allowed values are numbers >= 0")
-        if self.ctm_layer_indices and (
-            self.ctm_loss_argmin_weight + self.ctm_loss_certain_weight + self.ctm_loss_tick_aux_weight <= 0
-        ):
-            fail(
-                "ctm_loss_argmin_weight", self.ctm_loss_argmin_weight, "the three ctm_loss_*_weight must not all be 0"
-            )
+        if self.ctm_layer_indices and sum(getattr(self, field) for field in loss_weights) <= 0:
+            fail("ctm_loss_argmin_weight", self.ctm_loss_argmin_weight, "the four ctm_loss_*_weight must not all be 0")
+        if self.ctm_mlp not in CTM_MLP_CHOICES:
+            fail("ctm_mlp", self.ctm_mlp, f"allowed values are {CTM_MLP_CHOICES}")
         if self.ctm_carry not in CTM_CARRY_CHOICES:
             fail("ctm_carry", self.ctm_carry, f"allowed values are {CTM_CARRY_CHOICES}")
         if self.ctm_carry == "chunk" or self.ctm_chunk_size is not None:

@@ -1057,8 +1057,8 @@ class CTMDecoderLayer(GradientCheckpointingLayer):
         self.is_thinking = layer_idx in config.ctm_layer_indices
         if self.is_thinking:
             self.thinking = CTMBlock(config, layer_idx)
-        else:
-            self.mlp = CTMMLP(config)
+        # ctm_mlp="keep": the MLP stays beside the block, so a converted phase-1 layer starts at its old function
+        self.mlp = CTMMLP(config) if not self.is_thinking or config.ctm_mlp == "keep" else None
         self.input_layernorm = CTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = CTMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -1093,6 +1093,8 @@ class CTMDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.post_attention_layernorm(hidden_states)
         if not self.is_thinking:
             return residual + self.mlp(hidden_states), None
+        if self.mlp is not None:  # the ticks add to what the kept MLP already wrote
+            residual = residual + self.mlp(hidden_states)
         output, ticks = self.thinking(
             hidden_states,
             thinking_schedule,
@@ -1350,9 +1352,9 @@ class CTMCausalLMOutputWithPast(CausalLMOutputWithPast):
     """`CausalLMOutputWithPast` plus what the ticks did, when the last layer thinks.
 
     certainty (B, T, K): 1 - normalised entropy of each tick's prediction. selected_tick (B, T): the tick `logits`
-    were read from (`config.ctm_readout`). With labels: `tick_losses` (K,) mean CE per tick, and the mean CE of three
+    were read from (`config.ctm_readout`; None for `"tick_mixture"`, which reads all ticks). With labels: `tick_losses` (K,) mean CE per tick, and the mean CE of three
     readouts side by side, so the deployable number is never hidden behind the training objective:
-    `loss_final_tick`, `loss_most_certain_tick`, `loss_argmin_tick` (the optimistic one), plus
+    `loss_final_tick`, `loss_most_certain_tick`, `loss_argmin_tick` (the optimistic one), `loss_tick_mixture`, plus
     `tick_argmin_fraction` (K,) how often each tick was the lowest-loss tick.
     """
 
@@ -1363,6 +1365,7 @@ class CTMCausalLMOutputWithPast(CausalLMOutputWithPast):
     loss_final_tick: torch.Tensor | None = None
     loss_most_certain_tick: torch.Tensor | None = None
     loss_argmin_tick: torch.Tensor | None = None
+    loss_tick_mixture: torch.Tensor | None = None
 
 
 def next_token_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -1382,7 +1385,7 @@ def tick_certainty(tick_logits: torch.Tensor | None = None, log_probs: torch.Ten
 
 
 # The readouts' mean CE, reported side by side by the model, the trainers and the main job.
-READOUT_LOSSES = ("loss_final_tick", "loss_most_certain_tick", "loss_argmin_tick")
+READOUT_LOSSES = ("loss_final_tick", "loss_most_certain_tick", "loss_argmin_tick", "loss_tick_mixture")
 
 
 @dataclass
@@ -1393,6 +1396,7 @@ class MultiTickLoss:
     loss_final_tick: torch.Tensor
     loss_most_certain_tick: torch.Tensor
     loss_argmin_tick: torch.Tensor
+    loss_tick_mixture: torch.Tensor
 
 
 def multi_tick_loss(
@@ -1403,12 +1407,13 @@ def multi_tick_loss(
     certain_weight: float,
     tick_aux_weight: float,
     shift_labels: torch.Tensor | None = None,
+    mixture_weight: float = 0.0,
     num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = -100,
     **kwargs,
 ) -> MultiTickLoss:
     """Per token: argmin_weight * CE at the lowest-loss tick + certain_weight * CE at the most-certain tick +
-    tick_aux_weight * mean CE over ticks; summed over tokens and divided by `num_items_in_batch` (or the number of
+    tick_aux_weight * mean CE over ticks + mixture_weight * CE of the mean of the ticks' distributions; summed over tokens and divided by `num_items_in_batch` (or the number of
     labelled tokens), like `ForCausalLMLoss`. `tick_log_probs` (B, T, K, V) float32 log-softmax of every tick's logits,
     `certainty` (B, T, K)."""
     if shift_labels is None:
@@ -1426,6 +1431,10 @@ def multi_tick_loss(
     per_token = argmin_weight * ce_argmin + certain_weight * ce_certain
     if tick_aux_weight:
         per_token = per_token + tick_aux_weight * token_tick_ce.mean(-1)
+    # CE of the mean of the K distributions (the "tick_mixture" readout); unlabelled tokens give log K - log K = 0
+    mixture_ce = math.log(K) - torch.logsumexp(-token_tick_ce, dim=-1)
+    if mixture_weight:
+        per_token = per_token + mixture_weight * mixture_ce
     n_labelled = labelled.sum()
     denominator = num_items_in_batch if num_items_in_batch is not None else n_labelled
     if torch.is_tensor(denominator):
@@ -1444,6 +1453,7 @@ def multi_tick_loss(
             loss_final_tick=tick_losses[-1],
             loss_most_certain_tick=(ce_certain * weights).sum() / count,
             loss_argmin_tick=(ce_argmin * weights).sum() / count,
+            loss_tick_mixture=(mixture_ce.detach() * weights).sum() / count,
         )
 
 
@@ -1515,13 +1525,18 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
         with torch.set_grad_enabled(torch.is_grad_enabled() and labels is not None):
             tick_log_probs = F.log_softmax(tick_logits.float(), dim=-1)
         certainty = tick_certainty(log_probs=tick_log_probs)
-        if self.config.ctm_readout == "most_certain":
-            selected_tick = certainty.argmax(-1)
+        if self.config.ctm_readout == "tick_mixture":
+            # no single tick is read: the mean of the K distributions (log-probs), which never loses more than log K
+            # nats to the best tick and does not bet on one tick's certainty off the training distribution
+            selected_tick = None
+            logits = (torch.logsumexp(tick_log_probs, dim=2) - math.log(tick_log_probs.shape[2])).to(tick_logits.dtype)
         else:
-            selected_tick = torch.full(certainty.shape[:2], self.config.ctm_ticks - 1, device=certainty.device)
-        logits = tick_logits.gather(2, selected_tick[..., None, None].expand(-1, -1, 1, tick_logits.shape[-1]))[
-            :, :, 0
-        ]
+            if self.config.ctm_readout == "most_certain":
+                selected_tick = certainty.argmax(-1)
+            else:
+                selected_tick = torch.full(certainty.shape[:2], self.config.ctm_ticks - 1, device=certainty.device)
+            logits = tick_logits.gather(2, selected_tick[..., None, None].expand(-1, -1, 1, tick_logits.shape[-1]))
+            logits = logits[:, :, 0]
 
         if observers:
             event = CTMOutputEvent(input_ids, attention_mask, labels, logits, certainty, selected_tick)
@@ -1545,6 +1560,7 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
                 argmin_weight=self.config.ctm_loss_argmin_weight,
                 certain_weight=self.config.ctm_loss_certain_weight,
                 tick_aux_weight=self.config.ctm_loss_tick_aux_weight,
+                mixture_weight=self.config.ctm_loss_mixture_weight,
                 **kwargs,
             )
             for term in fields(terms):  # MultiTickLoss's fields are output fields of the same name

@@ -2,6 +2,15 @@
 
 Each phase's `transform` takes the previous phase's checkpoint folder (or model) and returns the model that the phase
 trains; cards, recipes and the main job read names, descriptions and folders from `PHASES`.
+
+Phase by phase:
+
+1. language   - a plain transformer (`ctm_layers="none"`), learns the language at full speed.
+2. thinking   - fresh CTM blocks join the chosen layers, beside their MLPs (`ctm_mlp="keep"`: an exact start at phase
+                1's function) or in their place (`"replace"`, the seed); everything but the blocks is frozen; the CTM
+                blocks (tick embeddings included) learn to think on individual tokens.
+3. continuity - the thinking state is carried between chunks (`ctm_carry="chunk"`); trained with `ContinuityTrainer`.
+4. online     - Hebbian plasticity and episodic memory during live use (the plasticity/episodic modules).
 """
 
 import os
@@ -12,7 +21,7 @@ from .configuration_ctm import CTMConfig
 from .modeling_ctm import CTMForCausalLM
 
 
-FREEZE_CHOICES = ("non_ctm", "none")
+FREEZE_CHOICES = ("non_ctm", "non_thinking_ffn", "none")
 
 
 @dataclass(frozen=True)
@@ -54,17 +63,19 @@ def _load_with(source: str | os.PathLike | CTMForCausalLM, **overrides) -> CTMFo
     return CTMForCausalLM.from_pretrained(source, config=config)
 
 
-def start_thinking(source, ctm_layers="last", **ctm_fields) -> CTMForCausalLM:
-    """Phase 2: replace the MLPs of `ctm_layers` in a phase-1 checkpoint with fresh CTM blocks.
+def start_thinking(source, ctm_layers="last", ctm_mlp="keep", **ctm_fields) -> CTMForCausalLM:
+    """Phase 2: add fresh CTM blocks to the layers `ctm_layers` of a phase-1 checkpoint.
 
-    `ctm_fields` sets the other `ctm_*` fields (ticks, trace length, ...). Attention, embeddings and norms keep their
-    weights exactly."""
+    `ctm_mlp="keep"` (the default here) puts each block beside the layer's MLP: the blocks' readouts are zero at
+    initialisation, so the converted model computes exactly phase 1's function and training can only add to it.
+    `ctm_mlp="replace"` is the seed's plain replacement (the MLP and what it learned are dropped). `ctm_fields` sets
+    the other `ctm_*` fields (ticks, trace length, ...). Attention, embeddings and norms keep their weights exactly."""
     bad = [k for k in ctm_fields if not k.startswith("ctm_")]
     if bad:
         raise ValueError(f"start_thinking only changes ctm_* fields; got {bad}")
     if ctm_layers == "none":
         raise ValueError("start_thinking(ctm_layers='none') is invalid: allowed values are 'all', 'last' or indices")
-    return _load_with(source, ctm_layers=ctm_layers, **ctm_fields)
+    return _load_with(source, ctm_layers=ctm_layers, ctm_mlp=ctm_mlp, **ctm_fields)
 
 
 def start_continuity(source, chunk_size: int, **ctm_fields) -> CTMForCausalLM:
@@ -73,15 +84,19 @@ def start_continuity(source, chunk_size: int, **ctm_fields) -> CTMForCausalLM:
 
 
 def freeze_for_thinking(model: CTMForCausalLM, freeze: str = "non_ctm") -> dict[str, int]:
-    """Freeze everything but the CTM blocks (`freeze="non_ctm"`) or nothing (`"none"`).
+    """Freeze everything but the CTM blocks (`freeze="non_ctm"`), everything but the feed-forward part of the
+    thinking layers (`"non_thinking_ffn"`: the CTM blocks and the MLPs kept beside them with `ctm_mlp="keep"`), or
+    nothing (`"none"`).
 
     Every parameter of a CTM block trains, tick embeddings included (the reference froze them by mistake). Returns
     the number of trainable and frozen parameters."""
     if freeze not in FREEZE_CHOICES:
         raise ValueError(f"freeze={freeze!r} is invalid: allowed values are {FREEZE_CHOICES}")
     counts = {"trainable": 0, "frozen": 0}
+    beside = tuple(f"model.layers.{i}.mlp." for i in model.config.ctm_layer_indices)
     for name, param in model.named_parameters():
-        param.requires_grad_(freeze == "none" or ".thinking." in name)
+        trains = ".thinking." in name or (freeze == "non_thinking_ffn" and name.startswith(beside))
+        param.requires_grad_(freeze == "none" or trains)
         counts["trainable" if param.requires_grad else "frozen"] += param.numel()
     if not counts["trainable"]:
         raise ValueError("the model has no CTM layers to train (ctm_layers='none')")
@@ -100,8 +115,9 @@ PHASES: dict[int, Phase] = {
         Phase(
             2,
             "thinking",
-            "The chosen MLPs were replaced by CTM blocks that think for K ticks per token; embeddings, attention and "
-            "norms were frozen while the blocks (tick embeddings included) learned.",
+            "CTM blocks that think for K ticks per token joined the chosen layers, beside their MLPs (`ctm_mlp='keep'`, "
+            "an exact start at phase 1's function) or in their place (`'replace'`); everything but the thinking layers "
+            "was frozen while the blocks (tick embeddings included) learned.",
             start_thinking,
         ),
         Phase(

@@ -21,6 +21,7 @@ from .configuration_ctm import CTMConfig
 from .data import count_tokens_and_bytes, load_text_dataset, pack_dataset, unigram_baseline
 from .phases import get_phase, language_config
 from .tokenization import get_tokenizer
+from .training import evaluate_documents, readout_loss_name
 
 
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -53,6 +54,7 @@ class Data:
     unigram_nats: float
     description: str
     eval_description: str
+    paragraphs: list[str] = field(default_factory=list)  # held-out paragraphs scored whole, from their first token
 
 
 def prepare_data(preset: dict, run_dir: Path) -> Data:
@@ -69,6 +71,7 @@ def prepare_data(preset: dict, run_dir: Path) -> Data:
     n_tokens, n_bytes = count_tokens_and_bytes(splits["validation"]["text"], tokenizer)
     n_eval = min(spec.get("eval_blocks", len(held_out)), len(held_out))
     held_out = held_out.select(range(n_eval))
+    paragraphs = list(splits["validation"]["text"][: spec.get("eval_paragraphs", 0)])
     source = spec["source"]
     described = "six Jane Austen novels (public domain), Persuasion held out" if source == "austen" else str(source)
     return Data(
@@ -78,7 +81,9 @@ def prepare_data(preset: dict, run_dir: Path) -> Data:
         bytes_per_token=n_bytes / n_tokens,
         unigram_nats=unigram,
         description=f"{described}; {len(train)} blocks of {block} tokens ({len(train) * block:,} tokens)",
-        eval_description=f"{n_eval} blocks of {block} tokens of the held-out split",
+        eval_description=f"{n_eval} blocks of {block} tokens of the held-out split"
+        + (f" and its first {len(paragraphs)} paragraphs, each from its first token" if paragraphs else ""),
+        paragraphs=paragraphs,
     )
 
 
@@ -149,6 +154,9 @@ def finish_phase(
     model = trainer.model
     metrics = trainer.evaluate()
     metrics = {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second"))}
+    metrics["eval_loss_readout"] = metrics[f"eval_{readout_loss_name(model.config)}"]  # what a user of it gets
+    if data.paragraphs:
+        metrics.update(evaluate_documents(model, data.tokenizer, data.paragraphs, prefix="paragraphs"))
     metrics["unigram_baseline_loss"] = data.unigram_nats
     samples = greedy_samples(model, data.tokenizer, **preset["samples"])
     phase_info, previous = get_phase(phase), get_phase(phase - 1) if phase > 1 else None

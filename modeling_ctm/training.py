@@ -50,8 +50,9 @@ class TickStatistics:
         self._add("tick_loss", outputs.tick_losses, n)
         self._add("tick_argmin_fraction", outputs.tick_argmin_fraction, n)
         self._add("tick_certainty", (certainty * weights).sum((0, 1)) / n, n)
-        selected = F.one_hot(outputs.selected_tick, K).float()
-        self._add("tick_readout_fraction", (selected * weights).sum((0, 1)) / n, n)
+        if outputs.selected_tick is not None:  # None: the tick-mixture readout reads every tick
+            selected = F.one_hot(outputs.selected_tick, K).float()
+            self._add("tick_readout_fraction", (selected * weights).sum((0, 1)) / n, n)
         for name in self.SCALARS:
             self._add(name, getattr(outputs, name), n)
         self.tokens += n
@@ -119,6 +120,58 @@ class CTMTrainer(Trainer):
             output.metrics[f"{prefix}_bpb"] = bits_per_byte(output.metrics[f"{prefix}_loss"], 1, self.bytes_per_token)
         output.metrics.update(extra)
         return output
+
+
+READOUT_SCALARS = {"last": "loss_final_tick", "most_certain": "loss_most_certain_tick", "tick_mixture": "loss_tick_mixture"}
+
+
+def readout_loss_name(config) -> str:
+    """The name of the loss of the readout `config.ctm_readout` deploys (`loss` for a model that does not think)."""
+    return READOUT_SCALARS[config.ctm_readout] if config.ctm_layer_indices else "loss"
+
+
+@torch.no_grad()
+def evaluate_documents(
+    model, tokenizer, texts, max_length: int | None = None, bytes_per_token: float | None = None, prefix: str = "doc"
+) -> dict[str, float]:
+    """Score whole documents from their first token, the way lm-evaluation-harness scores a document: each text is
+    tokenized alone, preceded by the end-of-text token as its only context, and every one of its tokens is predicted
+    (truncated to `max_length` tokens, default the model's `max_position_embeddings`). Unlike packed blocks, no
+    token sees the end of a previous document.
+
+    Returns token-weighted mean nats/token of every readout the model reports (`{prefix}_loss` for a model that does
+    not think; `{prefix}_loss_final_tick`, `_most_certain_tick`, `_argmin_tick`, `_tick_mixture` for one that does),
+    `{prefix}_loss_readout` (the one `config.ctm_readout` deploys), bits per byte when `bytes_per_token` is given,
+    and `{prefix}_tokens`."""
+    was_training = model.training
+    model.eval()
+    max_length = max_length or model.config.max_position_embeddings
+    names = [*TickStatistics.SCALARS, "loss"]
+    sums, tokens = dict.fromkeys(names, 0.0), 0
+    for text in texts:
+        ids = [tokenizer.eos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]][:max_length]
+        if len(ids) < 2:
+            continue
+        input_ids = torch.tensor([ids], device=model.device)
+        outputs = model(input_ids=input_ids, labels=input_ids, use_cache=False)
+        n = len(ids) - 1
+        tokens += n
+        for name in names:
+            value = getattr(outputs, name, None)
+            if value is not None:
+                sums[name] += float(value) * n
+    model.train(was_training)
+    if not tokens:
+        raise ValueError("evaluate_documents got no document with at least one token")
+    thinks = bool(model.config.ctm_layer_indices) and outputs.loss_final_tick is not None
+    reported = TickStatistics.SCALARS if thinks else ("loss",)
+    metrics = {f"{prefix}_{name}": sums[name] / tokens for name in reported}
+    metrics[f"{prefix}_loss_readout"] = metrics[f"{prefix}_{readout_loss_name(model.config) if thinks else 'loss'}"]
+    if bytes_per_token:
+        for name in list(metrics):
+            metrics[name.replace("_loss", "_bpb")] = bits_per_byte(metrics[name], 1, bytes_per_token)
+    metrics[f"{prefix}_tokens"] = tokens
+    return metrics
 
 
 class ContinuityTrainer(CTMTrainer):

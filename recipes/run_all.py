@@ -23,29 +23,52 @@ COLUMNS = [
     ("steps", "steps"),
     ("train_s", "train s"),
     ("objective", "held-out objective"),
+    ("readout", "readout loss (deployed)"),
     ("final", "final-tick loss"),
     ("most_certain", "most-certain loss"),
+    ("mixture", "tick-mixture loss"),
     ("argmin", "argmin-tick loss"),
-    ("bpb_final", "bpb (final)"),
-    ("bpb_certain", "bpb (most-certain)"),
+    ("bpb_readout", "bpb (deployed)"),
+    ("para_readout", "paragraphs: deployed"),
+    ("para_final", "paragraphs: final"),
+    ("para_certain", "paragraphs: most-certain"),
+    ("para_mixture", "paragraphs: mixture"),
 ]
 
 
 def summary_row(result) -> dict:
     m = result.metrics
     thinks = "eval_loss_final_tick" in m
+
+    def value(key, fallback=None):
+        key = key if key in m else fallback
+        return f"{m[key]:.3f}" if key in m else "-"
+
     return {
         "phase": f"{result.phase} {get_phase(result.phase).name}",
         "trainable": f"{result.n_trainable:,}",
         "steps": result.steps,
         "train_s": f"{result.train_seconds:.0f}",
-        "objective": f"{m['eval_loss']:.3f}",
-        "final": f"{m['eval_loss_final_tick'] if thinks else m['eval_loss']:.3f}",
-        "most_certain": f"{m['eval_loss_most_certain_tick']:.3f}" if thinks else "-",
-        "argmin": f"{m['eval_loss_argmin_tick']:.3f}" if thinks else "-",
-        "bpb_final": f"{m['eval_bpb_final_tick'] if thinks else m['eval_bpb']:.3f}",
-        "bpb_certain": f"{m['eval_bpb_most_certain_tick']:.3f}" if thinks else "-",
+        "objective": value("eval_loss"),
+        "readout": value("eval_loss_readout"),
+        "final": value("eval_loss_final_tick", "eval_loss"),
+        "most_certain": value("eval_loss_most_certain_tick") if thinks else "-",
+        "mixture": value("eval_loss_tick_mixture") if thinks else "-",
+        "argmin": value("eval_loss_argmin_tick") if thinks else "-",
+        "bpb_readout": bpb_of_readout(m) if thinks else value("eval_bpb"),
+        "para_readout": value("paragraphs_loss_readout"),
+        "para_final": value("paragraphs_loss_final_tick", "paragraphs_loss"),
+        "para_certain": value("paragraphs_loss_most_certain_tick") if thinks else "-",
+        "para_mixture": value("paragraphs_loss_tick_mixture") if thinks else "-",
     }
+
+
+def bpb_of_readout(m: dict) -> str:
+    """bits per byte of the deployed readout: the bpb metric whose loss equals `eval_loss_readout`."""
+    for name in ("final_tick", "most_certain_tick", "tick_mixture"):
+        if m.get(f"eval_loss_{name}") == m["eval_loss_readout"] and f"eval_bpb_{name}" in m:
+            return f"{m[f'eval_bpb_{name}']:.3f}"
+    return "-"
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -78,7 +101,9 @@ def main(argv=None):
     report = (
         f"# Run `{run_dir}` (preset `{preset['name']}`)\n\n{table}\n\n"
         f"Held-out unigram baseline: {data.unigram_nats:.3f} nats/token. Total wall time {total:.0f} s.\n"
-        f"Losses in nats/token on {data.eval_description}; bpb = bits per UTF-8 byte.\n\n## Greedy samples\n\n{samples}\n"
+        f"Losses in nats/token on {data.eval_description}; bpb = bits per UTF-8 byte. The deployed readout is the "
+        f"tick `ctm_readout` selects (what `logits` and `generate` use); argmin is the optimistic oracle.\n\n"
+        f"## Greedy samples\n\n{samples}\n"
     )
     (run_dir / "summary.md").write_text(report)
     (run_dir / "summary.json").write_text(

@@ -54,9 +54,9 @@ def _phase1(tmp_path) -> Path:
 def test_phase2_conversion_keeps_attention_and_freezes_exactly_the_rest(tmp_path):
     source = _phase1(tmp_path)
     language = CTMForCausalLM.from_pretrained(source)
-    model = start_thinking(source, ctm_layers="last", ctm_ticks=2)
+    model = start_thinking(source, ctm_layers="last", ctm_mlp="replace", ctm_ticks=2)
     assert model.config.ctm_layer_indices == [1] and model.config.ctm_ticks == 2
-    assert hasattr(model.model.layers[1], "thinking") and not hasattr(model.model.layers[1], "mlp")
+    assert hasattr(model.model.layers[1], "thinking") and model.model.layers[1].mlp is None
     kept = model.state_dict()
     for name, tensor in language.state_dict().items():
         if ".layers.1.mlp." in name:

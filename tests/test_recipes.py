@@ -24,7 +24,7 @@ from modeling_ctm.runs import load_preset, training_arguments  # noqa: E402
 def _micro_preset(tmp_path) -> Path:
     preset = load_preset("tiny")
     preset["name"] = "micro"
-    preset["data"].update(block_size=32, eval_blocks=4, tokenizer_vocab_size=512)
+    preset["data"].update(block_size=32, eval_blocks=4, eval_paragraphs=3, tokenizer_vocab_size=512)
     preset["model"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     preset["thinking"].update(ctm_n_synch_out=16, ctm_n_synch_action=8, ctm_nlm_hidden_size=4)
     preset["training"].update(per_device_train_batch_size=4, per_device_eval_batch_size=4, logging_steps=1,
@@ -51,6 +51,8 @@ def test_main_job_runs_the_three_phases_and_writes_cards(tmp_path):
         card = ModelCard.load(folder / "README.md")
         assert f"phase-{entry['phase']}" in card.data.tags and card.data.library_name == "transformers"
         assert "eval_loss" in entry["metrics"] and "unigram_baseline_loss" in entry["metrics"]
+        # both kinds of held-out text, with the deployed readout named
+        assert entry["metrics"]["paragraphs_tokens"] > 3 and "paragraphs_loss_readout" in entry["metrics"]
         model = AutoModelForCausalLM.from_pretrained(folder)
         assert AutoTokenizer.from_pretrained(folder).pad_token == "<|pad|>"
         assert len(entry["samples"]) == 1 and entry["samples"][0].startswith("Emma was")
@@ -58,7 +60,10 @@ def test_main_job_runs_the_three_phases_and_writes_cards(tmp_path):
         if entry["phase"] == 1:
             assert model.config.ctm_layer_indices == []
         else:
-            for key in ("eval_loss_final_tick", "eval_loss_most_certain_tick", "eval_bpb_final_tick"):
+            assert model.config.ctm_mlp == "keep" and model.config.ctm_readout == "tick_mixture"
+            assert entry["metrics"]["eval_loss_readout"] == entry["metrics"]["eval_loss_tick_mixture"]
+            for key in ("eval_loss_final_tick", "eval_loss_most_certain_tick", "eval_bpb_final_tick",
+                        "paragraphs_loss_final_tick", "paragraphs_loss_tick_mixture"):  # fmt: skip
                 assert key in entry["metrics"], key
             assert "| eval_loss_most_certain_tick |" in card.text
     assert AutoModelForCausalLM.from_pretrained(summary["phases"][2]["folder"]).config.ctm_carry == "chunk"

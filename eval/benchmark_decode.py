@@ -26,16 +26,15 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from perf.measure import cached_decode
+from perf.shapes import same_shape_fields
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_performance import QUIET, MachineLoad  # noqa: E402
+from modeling_ctm.experiments import QUIET, MachineLoad
 
 
 GOAL_FLATNESS = 1.5  # cached ms/token at 512 <= 1.5 x at 32
@@ -48,18 +47,8 @@ def build(kind: str, args):
     from modeling_ctm import CTMConfig, CTMForCausalLM
 
     torch.manual_seed(0)
-    fields = dict(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=16 * -(-8 * args.hidden // 48),
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        pad_token_id=1,
-        eos_token_id=None,
-        bos_token_id=None,
-    )
+    fields = same_shape_fields(args.hidden, args.layers, args.heads, args.vocab, max_positions=4096)
+    fields.update(pad_token_id=1, eos_token_id=None, bos_token_id=None)
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**fields))
     else:
@@ -77,20 +66,6 @@ def timed(fn, load: MachineLoad):
     result = fn()
     elapsed = time.perf_counter() - t0
     return elapsed, result, load.foreign(before, load.sample())
-
-
-@torch.no_grad()
-def cached_latency(model, ids, steps: int, warmup: int = 2) -> float:
-    out = model(input_ids=ids, use_cache=True)
-    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        out = model(input_ids=token, cache=cache, use_cache=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -164,7 +139,7 @@ def main(argv=None):
         row = {"contexts": {}}
         for context in args.contexts:
             ids = tokens[:, :context]
-            t_cached, value, f1 = timed(lambda: cached_latency(model, ids, args.cached_steps), load)
+            t_cached, value, f1 = timed(lambda: cached_decode(model, ids, args.cached_steps)["step_s"], load)
             t_recompute, value2, f2 = timed(lambda: recompute_latency(model, ids, args.recompute_steps), load)
             row["contexts"][str(context)] = {
                 "cached_ms": 1e3 * value,

@@ -42,11 +42,10 @@ Writes results.json and results.md to --out and prints the table.
 
 from __future__ import annotations
 
-import argparse
+import copy
 import json
 import math
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -64,6 +63,7 @@ from transformers import PrinterCallback, TrainingArguments, set_seed  # noqa: E
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
+from modeling_ctm.experiments import experiment_parser, format_mean_sd, summarize_arms, write_results  # noqa: E402
 from modeling_ctm.modeling_ctm import CTMCache  # noqa: E402
 from modeling_ctm.training import ContinuityTrainer  # noqa: E402
 
@@ -76,6 +76,29 @@ PAD, STORE, RECALL, FIRST_VALUE = 0, 1, 2, 3
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# The model: CTMConfig fields, validated by CTMConfig itself (`make_config`); the task adds the vocabulary, the chunk
+# carry (`ctm_carry="chunk"`, `ctm_chunk_size` = chunk_length), the positions and the pad token.
+MODEL = dict(
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=64,
+    ctm_layers="all",
+    ctm_ticks=3,
+    ctm_memory_length=4,
+    ctm_n_synch_out=32,
+    ctm_n_synch_action=16,
+    ctm_nlm_hidden_size=8,
+    ctm_synapse_depth=2,
+    ctm_decay_init_range=[0.0, 0.0],
+    ctm_readout="last",
+    ctm_loss_argmin_weight=0.5,
+    ctm_loss_certain_weight=0.0,
+    ctm_loss_tick_aux_weight=0.5,
+)
+TASK_FIELDS = ("vocab_size", "max_position_embeddings", "pad_token_id", "ctm_carry", "ctm_chunk_size")
+
+
 @dataclass
 class Settings:
     # task
@@ -83,23 +106,8 @@ class Settings:
     n_values: int = 8
     vocab_size: int = 32
     distractors: bool = False  # noise may contain value tokens too (then only "the token after STORE" is v)
-    # model
-    hidden_size: int = 32
-    num_hidden_layers: int = 1
-    num_attention_heads: int = 2
-    intermediate_size: int = 64
-    ctm_layers: str = "all"
-    ctm_ticks: int = 3
-    ctm_memory_length: int = 4
-    ctm_n_synch_out: int = 32
-    ctm_n_synch_action: int = 16
-    ctm_nlm_hidden_size: int = 8
-    ctm_synapse_depth: int = 2
-    ctm_decay_init_range: list = field(default_factory=lambda: [0.0, 0.0])
-    ctm_readout: str = "last"
-    ctm_loss_argmin_weight: float = 0.5
-    ctm_loss_certain_weight: float = 0.0
-    ctm_loss_tick_aux_weight: float = 0.5
+    # model: CTMConfig fields (see MODEL); `--set FIELD=VALUE` overrides one
+    model: dict = field(default_factory=lambda: copy.deepcopy(MODEL))
     # training
     steps: int = 1200
     batch_size: int = 64
@@ -124,6 +132,14 @@ class Settings:
             )
         if self.chunk_length < 3:
             raise ValueError(f"chunk_length={self.chunk_length} is invalid: allowed values are integers >= 3")
+        config_fields = CTMConfig().to_dict()
+        for name in self.model:
+            if name in TASK_FIELDS or name not in config_fields:
+                raise ValueError(
+                    f"model field {name!r} is invalid: allowed fields are the CTMConfig fields except the task's "
+                    f"{list(TASK_FIELDS)}"
+                )
+        make_config(self)  # CTMConfig validates the values
 
 
 QUICK = dict(steps=4, batch_size=16, eval_sequences=64, seeds=1, warmup_steps=0)
@@ -164,26 +180,11 @@ def make_dataset(settings: Settings, n: int, seed: int) -> Dataset:
 def make_config(settings: Settings) -> CTMConfig:
     return CTMConfig(
         vocab_size=settings.vocab_size,
-        hidden_size=settings.hidden_size,
-        intermediate_size=settings.intermediate_size,
-        num_hidden_layers=settings.num_hidden_layers,
-        num_attention_heads=settings.num_attention_heads,
         max_position_embeddings=4 * settings.chunk_length,
         pad_token_id=PAD,
-        ctm_layers=settings.ctm_layers,
-        ctm_ticks=settings.ctm_ticks,
-        ctm_memory_length=settings.ctm_memory_length,
-        ctm_n_synch_out=settings.ctm_n_synch_out,
-        ctm_n_synch_action=settings.ctm_n_synch_action,
-        ctm_nlm_hidden_size=settings.ctm_nlm_hidden_size,
-        ctm_synapse_depth=settings.ctm_synapse_depth,
-        ctm_decay_init_range=list(settings.ctm_decay_init_range),
-        ctm_readout=settings.ctm_readout,
-        ctm_loss_argmin_weight=settings.ctm_loss_argmin_weight,
-        ctm_loss_certain_weight=settings.ctm_loss_certain_weight,
-        ctm_loss_tick_aux_weight=settings.ctm_loss_tick_aux_weight,
         ctm_carry="chunk",
         ctm_chunk_size=settings.chunk_length,
+        **copy.deepcopy(settings.model),
     )
 
 
@@ -354,60 +355,47 @@ ARMS = {
 }
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def run_seed(settings: Settings, seed: int, eval_batch: dict, log=print) -> dict:
+    """Train the W=1 and W=0 models of one seed and evaluate every arm and the mechanics checks."""
+    t0 = time.time()
+    model_w1, losses_w1 = train(settings, seed, gradient_window=1)
+    t1 = time.time()
+    model_w0, losses_w0 = train(settings, seed, gradient_window=0)
+    t2 = time.time()
+    record = {
+        "seed": seed,
+        "A": recall_accuracy(model_w1, eval_batch, carry=True),
+        "B": recall_accuracy(model_w1, eval_batch, carry=False),
+        "C": recall_accuracy(model_w0, eval_batch, carry=True),
+        "C_reset": recall_accuracy(model_w0, eval_batch, carry=False),
+        "path_checks_w1_model": path_checks(model_w1, eval_batch["input_ids"][:64]),
+        "gradient_reach_w1_model": gradient_reach(settings, model_w1, seed),
+        "train_loss_w1": losses_w1,
+        "train_loss_w0": losses_w0,
+        "train_seconds_w1": round(t1 - t0, 1),
+        "train_seconds_w0": round(t2 - t1, 1),
+    }
+    last_w1 = losses_w1[-1] if losses_w1 else {"final_tick": math.nan}
+    last_w0 = losses_w0[-1] if losses_w0 else {"final_tick": math.nan}
+    log(
+        f"seed {seed}: A {record['A']['accuracy']:.3f}  B {record['B']['accuracy']:.3f}  "
+        f"C {record['C']['accuracy']:.3f}  (train {t1 - t0:.0f}s + {t2 - t1:.0f}s; last logged final-tick "
+        f"train CE W=1 {last_w1['final_tick']:.3f}, W=0 {last_w0['final_tick']:.3f}; chance {math.log(settings.n_values):.3f})"
+    )
+    return record
 
 
 def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
     settings.validate()
     start = time.time()
-    chance = 1.0 / settings.n_values
     eval_batch = make_sequences(settings, settings.eval_sequences, torch.Generator().manual_seed(99_991))
-    per_seed = []
-    for seed in range(settings.seeds):
-        t0 = time.time()
-        model_w1, losses_w1 = train(settings, seed, gradient_window=1)
-        t1 = time.time()
-        model_w0, losses_w0 = train(settings, seed, gradient_window=0)
-        t2 = time.time()
-        record = {
-            "seed": seed,
-            "A": recall_accuracy(model_w1, eval_batch, carry=True),
-            "B": recall_accuracy(model_w1, eval_batch, carry=False),
-            "C": recall_accuracy(model_w0, eval_batch, carry=True),
-            "C_reset": recall_accuracy(model_w0, eval_batch, carry=False),
-            "path_checks_w1_model": path_checks(model_w1, eval_batch["input_ids"][:64]),
-            "gradient_reach_w1_model": gradient_reach(settings, model_w1, seed),
-            "train_loss_w1": losses_w1,
-            "train_loss_w0": losses_w0,
-            "train_seconds_w1": round(t1 - t0, 1),
-            "train_seconds_w0": round(t2 - t1, 1),
-        }
-        per_seed.append(record)
-        last_w1 = losses_w1[-1] if losses_w1 else {"final_tick": math.nan}
-        last_w0 = losses_w0[-1] if losses_w0 else {"final_tick": math.nan}
-        log(
-            f"seed {seed}: A {record['A']['accuracy']:.3f}  B {record['B']['accuracy']:.3f}  "
-            f"C {record['C']['accuracy']:.3f}  (train {t1 - t0:.0f}s + {t2 - t1:.0f}s; last logged final-tick "
-            f"train CE W=1 {last_w1['final_tick']:.3f}, W=0 {last_w0['final_tick']:.3f}; chance {math.log(settings.n_values):.3f})"
-        )
-    summary = {}
-    for arm in ARMS:
-        acc = [r[arm]["accuracy"] for r in per_seed]
-        nll = [r[arm]["recall_nll"] for r in per_seed]
-        m, s = mean_sd(acc)
-        summary[arm] = {
-            "accuracy_mean": m,
-            "accuracy_sd": s,
-            "accuracy_per_seed": acc,
-            "recall_nll_mean": statistics.fmean(nll),
-        }
+    per_seed = [run_seed(settings, seed, eval_batch, log) for seed in range(settings.seeds)]
     result = {
         "experiment": "E5 continuity: recall across a chunk boundary through the carried CTM thinking state only",
         "settings": asdict(settings),
-        "chance": chance,
+        "chance": 1.0 / settings.n_values,
         "chance_nll": math.log(settings.n_values),
-        "arms": {arm: {"description": desc, **summary[arm]} for arm, desc in ARMS.items()},
+        "arms": summarize_arms(per_seed, ARMS, metrics=("accuracy", "recall_nll")),
         "per_seed": per_seed,
         "wall_seconds": round(time.time() - start, 1),
         "torch": torch.__version__,
@@ -416,9 +404,7 @@ def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
     table = format_table(result)
     log(table)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(result, indent=2))
-        (out_dir / "results.md").write_text(format_markdown(result, table))
+        write_results(out_dir, result, format_markdown(result, table))
         log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
     return result
 
@@ -430,7 +416,7 @@ def format_table(result: dict) -> str:
         "-" * 99,
     ]
     for arm, row in result["arms"].items():
-        cell = f"{row['accuracy_mean']:.3f} ± {row['accuracy_sd']:.3f}"
+        cell = format_mean_sd(row["accuracy_mean"], row["accuracy_sd"])
         lines.append(f"{arm:<4} {row['description']:<55} {cell:>30} {result['chance']:>7.3f}")
     return "\n".join(lines)
 
@@ -438,7 +424,7 @@ def format_table(result: dict) -> str:
 def format_markdown(result: dict, table: str) -> str:
     s = result["settings"]
     rows = "\n".join(
-        f"| {arm} | {row['description']} | {row['accuracy_mean']:.3f} ± {row['accuracy_sd']:.3f} | "
+        f"| {arm} | {row['description']} | {format_mean_sd(row['accuracy_mean'], row['accuracy_sd'])} | "
         f"{', '.join(f'{a:.3f}' for a in row['accuracy_per_seed'])} | {row['recall_nll_mean']:.3f} | {result['chance']:.3f} |"
         for arm, row in result["arms"].items()
     )
@@ -476,19 +462,15 @@ Settings: `{json.dumps(s)}`
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3; 1 with --quick)")
+    parser = experiment_parser(__doc__, default_out="eval/results/e5")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per training run (default 1200)")
-    parser.add_argument("--out", type=Path, default=Path("eval/results/e5"), help="folder for results.json/.md")
-    parser.add_argument("--quick", action="store_true", help="a smoke run of a few steps (mechanics only)")
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="override a Settings field (JSON value), e.g. --set ctm_ticks=2 --set 'ctm_decay_init_range=[0,1]'",
+        help="override a Settings field or a CTMConfig field of the model (JSON value), e.g. --set ctm_ticks=2 "
+        "--set 'ctm_decay_init_range=[0,1]'",
     )
     return parser.parse_args(argv)
 
@@ -497,15 +479,20 @@ def settings_from_args(args) -> Settings:
     settings = Settings(**(QUICK if args.quick else {}))
     for item in args.set:
         name, _, value = item.partition("=")
-        if not hasattr(settings, name):
-            raise ValueError(f"--set {name}: unknown field; allowed fields are {sorted(asdict(settings))}")
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
             pass
-        setattr(settings, name, value)
-    if args.seeds is not None:
-        settings.seeds = args.seeds
+        if name != "model" and name in asdict(settings):
+            setattr(settings, name, value)
+        elif name in CTMConfig().to_dict() and name not in TASK_FIELDS:
+            settings.model[name] = value
+        else:
+            raise ValueError(
+                f"--set {name}: unknown field; allowed fields are the Settings fields "
+                f"{sorted(set(asdict(settings)) - {'model'})} and the CTMConfig fields except {list(TASK_FIELDS)}"
+            )
+    settings.seeds = args.seeds
     if args.steps is not None:
         settings.steps = args.steps
     return settings

@@ -3,24 +3,18 @@
 Only the mechanics are checked here (finite numbers, the table, the result files, and that each arm runs the path it
 claims); the headline accuracies need the full run (`python eval/continuity_e5.py`)."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from modeling_ctm.experiments import load_script
 from modeling_ctm.modeling_ctm import CTMCache
 
 
-_spec = importlib.util.spec_from_file_location(
-    "ctm_eval_continuity_e5", Path(__file__).parents[1] / "eval" / "continuity_e5.py"
-)
-e5 = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = e5  # dataclasses resolve their module by name
-_spec.loader.exec_module(e5)
+e5 = load_script(Path(__file__).parents[1] / "eval" / "continuity_e5.py")
 
 
 def test_sequences_place_store_value_and_recall():

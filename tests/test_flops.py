@@ -1,7 +1,6 @@
 """The analytic FLOP counts of eval/flops.py: hand computations, linearity in the ticks, and an independent check
 against torch's FlopCounterMode (which counts every mm/bmm the models actually run, but not SDPA)."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,11 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_ctm import CTMConfig, CTMForCausalLM
+from modeling_ctm.experiments import load_script
 
 
-_spec = importlib.util.spec_from_file_location("ctm_eval_flops", Path(__file__).parents[1] / "eval" / "flops.py")
-flops = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(flops)
+flops = load_script(Path(__file__).parents[1] / "eval" / "flops.py")
 
 TINY = dict(
     vocab_size=32,

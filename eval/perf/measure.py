@@ -1,0 +1,124 @@
+"""Timing and memory: one training step, its peak memory, and cached decode latency."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import statistics
+import time
+
+import torch
+
+from modeling_ctm.experiments import QUIET, PeakRSS
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def autocast(device: str, dtype: str):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def static_bytes(model, optimizer) -> int:
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for state in optimizer.state.values():
+        total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    return total
+
+
+def train_step(model, optimizer, input_ids, device, dtype):
+    with autocast(device, dtype):
+        loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def measure_step_memory(model, optimizer, input_ids, device, dtype) -> dict:
+    """Peak memory of one training step: transient (what the step allocated at its peak) + static (params + AdamW
+    state, resident before the step; AdamW state exists after the warm-up steps)."""
+    static = static_bytes(model, optimizer)
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        train_step(model, optimizer, input_ids, device, dtype)
+        torch.cuda.synchronize()
+        transient = torch.cuda.max_memory_allocated() - before
+        method = "torch.cuda.max_memory_allocated() - memory_allocated() before the step"
+    else:
+        libc = _libc()
+        if libc is not None:
+            libc.malloc_trim(0)
+        if not os.path.exists("/proc/self/statm"):
+            return {"static_mib": static / 2**20, "transient_mib": None, "peak_mib": None, "method": "unavailable"}
+        with PeakRSS() as rss:
+            train_step(model, optimizer, input_ids, device, dtype)
+        transient = rss.peak - rss.start
+        method = "peak RSS growth during the step (1 ms sampling, after malloc_trim) + params/AdamW bytes"
+    return {
+        "static_mib": static / 2**20,
+        "transient_mib": transient / 2**20,
+        "peak_mib": (static + transient) / 2**20,
+        "method": method,
+    }
+
+
+@torch.no_grad()
+def cached_decode(model, ids, steps: int, warmup: int = 2, device: str = "cpu", dtype: str = "float32") -> dict:
+    """Prefill `ids` with `use_cache=True`, then time `warmup + steps` single-token greedy steps
+    `model(next_token, cache=out.cache, use_cache=True)`. Returns the prefill seconds and the median seconds per
+    step after the warm-up (what `generate` pays per new token)."""
+    with autocast(device, dtype):
+        synchronize(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)
+        synchronize(device)
+        prefill = time.perf_counter() - t0
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        times = []
+        for i in range(warmup + steps):
+            synchronize(device)
+            t0 = time.perf_counter()
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+    return {"prefill_s": prefill, "step_s": statistics.median(times)}
+
+
+@torch.no_grad()
+def decode_latency(model, vocab, contexts, steps, device, dtype, load=None, warmup: int = 2) -> dict:
+    """Median milliseconds per cached single-token step after prefilling `context` tokens (batch 1), per context."""
+    model.eval()
+    generator = torch.Generator().manual_seed(1)
+    result = {}
+    for context in contexts:
+        ids = torch.randint(2, vocab, (1, context), generator=generator).to(device)
+        if load is not None:
+            load.wait_quiet(QUIET, max_wait=10.0)
+        before = load.sample() if load is not None else None
+        timing = cached_decode(model, ids, steps, warmup, device, dtype)
+        result[str(context)] = {
+            "ms_per_token": 1e3 * timing["step_s"],
+            "prefill_ms": 1e3 * timing["prefill_s"],
+            "foreign_load": load.foreign(before, load.sample()) if load is not None else None,
+        }
+    model.train()
+    return result

@@ -1,0 +1,138 @@
+"""Reporting: the performance table, the profile tables and the throughput plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+GOAL_EFFICIENCY = 0.8  # CTM achieved FLOP/s >= 0.8 x Llama achieved FLOP/s
+
+
+def fmt(value, spec=".2f", missing="-"):
+    return missing if value is None else format(value, spec)
+
+
+def markdown_table(results: list[dict], contexts: list[int]) -> str:
+    head = (
+        "| shape | model | params M | train GFLOP/tok | FLOPs x Llama | tok/s | tok/s x Llama | achieved GFLOP/s "
+        "| eff. x Llama | goal >= 0.8 | peak MiB | " + " | ".join(f"decode ms @{c}" for c in contexts) + " |"
+    )
+    lines = [head, "|" + "---|" * (11 + len(contexts))]
+    for r in results:
+        if r["status"] != "ok":
+            lines.append(
+                f"| {r['shape']} | {r['model']} | {r['params_m']:.2f} | {r['status']} |" + " |" * (7 + len(contexts))
+            )
+            continue
+        goal = "-" if r["kind"] == "llama" else ("PASS" if r.get("goal_efficiency_met") else "FAIL")
+        mem = r.get("memory", {}).get("peak_mib")
+        decode = " | ".join(fmt(r["decode"][str(c)]["ms_per_token"], ".1f") for c in contexts)
+        lines.append(
+            f"| {r['shape']} | {r['model']} | {r['params_m']:.2f} | {r['flops']['training'] / 1e9:.4f} | "
+            f"{fmt(r.get('flops_ratio_vs_llama'), '.1f')} | {r['tokens_per_s']:.0f} | "
+            f"{fmt(r.get('tokens_ratio_vs_llama'), '.3f')} | {r['achieved_flops'] / 1e9:.2f} | "
+            f"{fmt(r.get('efficiency_vs_llama'), '.2f')} | {goal} | {fmt(mem, '.0f')} | {decode} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], contexts: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if r["status"] == "ok"]
+    shapes = list(dict.fromkeys(r["shape"] for r in ok))
+    models = list(dict.fromkeys(r["model"] for r in ok))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    width = 0.8 / max(1, len(models))
+    for i, model in enumerate(models):
+        xs, ys, eff = [], [], []
+        for j, shape in enumerate(shapes):
+            row = next((r for r in ok if r["shape"] == shape and r["model"] == model), None)
+            if row:
+                xs.append(j + i * width)
+                ys.append(row["achieved_flops"] / 1e9)
+                eff.append(row.get("efficiency_vs_llama") or 0.0)
+        axes[0].bar(xs, ys, width, label=model)
+        axes[1].bar(xs, eff, width, label=model)
+    for ax in axes[:2]:
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes)
+    axes[0].set_ylabel("achieved training GFLOP/s")
+    axes[0].set_title("Achieved FLOP/s (analytic FLOPs x measured tokens/s)")
+    axes[0].legend(fontsize=8)
+    axes[1].axhline(GOAL_EFFICIENCY, color="red", linestyle="--", label=f"goal {GOAL_EFFICIENCY}")
+    axes[1].set_ylabel("CTM FLOP/s / Llama FLOP/s")
+    axes[1].set_title("FLOP/s efficiency vs same-shape Llama")
+    for model in models:
+        for shape in shapes[-1:]:
+            row = next((r for r in ok if r["shape"] == shape and r["model"] == model), None)
+            if row:
+                axes[2].plot(
+                    contexts, [row["decode"][str(c)]["ms_per_token"] for c in contexts], marker="o", label=model
+                )
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("context length")
+    axes[2].set_ylabel("ms / token (cached decode, batch 1)")
+    axes[2].set_title(f"Decode latency, {shapes[-1] if shapes else ''}")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def profile_markdown(profile: dict) -> str:
+    lines = [
+        f"### Profile: {profile['model']} on {profile['shape']} (one training step, {profile['timer']}, "
+        f"{profile['total_ms']:.0f} ms under the profiler; other processes used "
+        f"{fmt(profile['foreign_load'], '.0%')} of the CPUs meanwhile)",
+        "",
+        "| piece | fwd ms | bwd ms | opt ms | total ms | time % | FLOP % | achieved GFLOP/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in profile["categories"].items():
+        rate = f"{r['gflops_per_s']:.1f}" if r["gflops_per_s"] and r["train_gflop"] else "-"
+        lines.append(
+            f"| {name} | {r['fwd_ms']:.1f} | {r['bwd_ms']:.1f} | {r['opt_ms']:.1f} | {r['total_ms']:.1f} | "
+            f"{100 * r['time_share']:.1f} | {100 * r['flop_share']:.1f} | {rate} |"
+        )
+    lines += [
+        "",
+        "Top ops by self time:",
+        "",
+        "| op | input shapes | piece/phase | self ms | calls |",
+        "|---|---|---|---:|---:|",
+    ]
+    for r in profile["top_ops"][:15]:
+        lines.append(f"| {r['op']} | `{r['shapes']}` | {r['category']} | {r['self_ms']:.1f} | {r['calls']} |")
+    return "\n".join(lines)
+
+
+
+
+def results_markdown(preset_name: str, device: str, env: dict, elapsed: float, results, profiles, contexts) -> str:
+    """results.md: the conventions, the table with the goal count, and the profiles."""
+    lines = [
+        f"# CTM vs same-shape Llama: performance ({preset_name} preset)",
+        "",
+        f"Environment: {json.dumps(env)}. Wall time of the benchmark: {elapsed:.0f} s.",
+        "",
+        "Training FLOPs are analytic (eval/flops.py: multiply-add = 2, causal attention (T+1)/2 keys, training = 3 x "
+        "forward). Achieved GFLOP/s = training FLOPs/token x measured tokens/s (fwd + bwd + AdamW, median of the "
+        "timed steps on a quiet machine). eff. x Llama = CTM achieved FLOP/s / Llama achieved FLOP/s "
+        f"(goal >= {GOAL_EFFICIENCY}). Peak MiB: params + AdamW state + the step's transient peak "
+        f"({'max_memory_allocated' if device == 'cuda' else 'RSS growth'}). Decode: ms per cached "
+        "single-token step after prefilling the context, batch 1.",
+        "",
+    ]
+    if results:
+        lines.append(markdown_table(results, contexts))
+        goals = [r for r in results if r["kind"] == "ctm" and r["status"] == "ok"]
+        met = sum(bool(r.get("goal_efficiency_met")) for r in goals)
+        lines += ["", f"Goal CTM achieved FLOP/s >= {GOAL_EFFICIENCY} x Llama's: met by {met}/{len(goals)} CTM rows."]
+    for profile in profiles:
+        lines += ["", profile_markdown(profile)]
+    return "\n".join(lines)

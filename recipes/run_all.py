@@ -14,6 +14,8 @@ import phase2_thinking
 import phase3_continuity
 from common import PHASE_FOLDERS, load_preset, prepare_data
 
+from modeling_ctm.modeling_ctm import atomic_write
+
 
 COLUMNS = [
     ("phase", "phase"),
@@ -78,21 +80,20 @@ def main(argv=None):
         f"Held-out unigram baseline: {data.unigram_nats:.3f} nats/token. Total wall time {total:.0f} s.\n"
         f"Losses in nats/token on {data.eval_description}; bpb = bits per UTF-8 byte.\n\n## Greedy samples\n\n{samples}\n"
     )
-    (run_dir / "summary.md").write_text(report)
-    (run_dir / "summary.json").write_text(
-        json.dumps(
-            {
-                "preset": preset["name"],
-                "total_seconds": total,
-                "unigram_baseline": data.unigram_nats,
-                "phases": [
-                    {"phase": r.phase, "folder": str(r.folder), "metrics": r.metrics, "samples": r.samples}
-                    for r in results
-                ],
-            },
-            indent=2,
-        )
+    atomic_write(run_dir / "summary.md", lambda tmp: Path(tmp).write_text(report))
+    summary = json.dumps(
+        {
+            "preset": preset["name"],
+            "total_seconds": total,
+            "unigram_baseline": data.unigram_nats,
+            "phases": [
+                {"phase": r.phase, "folder": str(r.folder), "metrics": r.metrics, "samples": r.samples}
+                for r in results
+            ],
+        },
+        indent=2,
     )
+    atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(summary))
     print(report)
 
 

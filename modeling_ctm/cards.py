@@ -2,11 +2,11 @@
 package (`modeling_ctm/model_cards/`), so an installed wheel writes cards too."""
 
 import os
-import tempfile
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .modeling_ctm import atomic_write
 from .phases import get_phase
 
 
@@ -88,13 +88,5 @@ def write_model_card(
         readout=config.ctm_readout if config.ctm_layer_indices else "final layer (no thinking layers)",
         samples=[sample.replace("\n", " ") for sample in samples],
     )
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".md.tmp")
-    os.close(fd)
-    try:
-        card.save(tmp)
-        os.replace(tmp, folder / "README.md")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(folder / "README.md", card.save)
     return card

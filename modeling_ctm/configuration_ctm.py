@@ -4,6 +4,9 @@
 This file travels with every checkpoint as remote code, so it imports only `transformers` (and the standard library).
 """
 
+import dataclasses
+import difflib
+
 from transformers.configuration_utils import PreTrainedConfig
 
 
@@ -118,6 +121,7 @@ class CTMConfig(PreTrainedConfig):
     ctm_tick_checkpointing: bool = False
 
     def __post_init__(self, **kwargs):
+        self.refuse_unknown_ctm_fields(kwargs)
         if self.head_dim is None and self.num_attention_heads:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
@@ -143,6 +147,19 @@ class CTMConfig(PreTrainedConfig):
         if self.ctm_layers == "last":
             return [n - 1]
         return sorted({i % n for i in self.ctm_layers})
+
+    @classmethod
+    def refuse_unknown_ctm_fields(cls, kwargs: dict) -> None:
+        """A misspelled `ctm_*` keyword would otherwise become a silent extra attribute (the config keeps unknown
+        keys): refuse it and name the closest field. Other unknown keys pass, as in every `PreTrainedConfig`."""
+        known = [f.name for f in dataclasses.fields(cls) if f.name.startswith("ctm_")]
+        for key in kwargs:
+            if key.startswith("ctm_") and key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise TypeError(
+                    f"CTMConfig got an unknown field {key}={kwargs[key]!r}: {hint}allowed ctm_ fields are {known}."
+                )
 
     def validate_ctm(self):
         """Raise `ValueError` naming the field and what is allowed for every invalid architecture value."""

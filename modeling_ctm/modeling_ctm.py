@@ -25,12 +25,15 @@ This file travels with checkpoints as remote code: it imports `transformers`, `t
 import contextlib
 import math
 import os
+import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -51,6 +54,53 @@ from .configuration_ctm import MAX_DECAY, CTMConfig
 
 
 logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Atomic files: every file the project writes goes through here.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
+def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Flush `tmp` to disk, give it the mode a plain `open()` would (0o666 & ~umask: temp files from `mkstemp` and
+    safetensors are private, 0600) and rename it over `path` (atomic on POSIX and Windows)."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.chmod(tmp, 0o666 & ~current_umask())
+    os.replace(tmp, path)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Write `path` so that a reader (or a process killed at any moment) sees the previous version or the new one,
+    never a part: `write(tmp)` fills a temp file in the same folder, which `publish_file` then renames into place."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        publish_file(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_safetensors_file(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file` whose errors name the file (safetensors' own do not)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return load_file(path, device=device)
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -262,9 +312,27 @@ class CTMCache(Cache):
                 f"{config.ctm_carry!r} every token starts from the learned start state."
             )
         cache = cls(config)
+        D, M = config.hidden_size, config.ctm_memory_length
+        expected = {
+            "state": (D,),
+            "trace": (D, M),
+            "alpha_out": (config.ctm_n_synch_out,),
+            "beta_out": (config.ctm_n_synch_out,),
+            "alpha_action": (config.ctm_n_synch_action,),
+            "beta_action": (config.ctm_n_synch_action,),
+        }
         for idx in config.ctm_layer_indices:
             state = ThinkingState.from_dict(tensors, f"layers.{idx}.")
             rows = state.state.shape[0]
+            for name, shape in expected.items():
+                got = tuple(getattr(state, name).shape)
+                if got != (rows, *shape):
+                    raise ValueError(
+                        f"thinking-state tensor layers.{idx}.{name} has shape {got}; this model (hidden_size={D}, "
+                        f"ctm_memory_length={M}, ctm_n_synch_out={config.ctm_n_synch_out}, ctm_n_synch_action="
+                        f"{config.ctm_n_synch_action}) needs (batch, {', '.join(map(str, shape))}): the snapshot "
+                        "comes from a model of another shape."
+                    )
             if batch_size is not None and rows != batch_size:
                 if rows != 1:
                     raise ValueError(f"a snapshot of batch {rows} cannot start a batch of {batch_size}")
@@ -276,24 +344,32 @@ class CTMCache(Cache):
         return cache
 
     def save_thinking_state(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-        """Write `thinking_state_dict()` to a safetensors file atomically (a temp file renamed into place)."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(self.thinking_state_dict(), tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        """Write `thinking_state_dict()` to a safetensors file atomically (see `atomic_write`)."""
+        tensors = self.thinking_state_dict()
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load_thinking_state(
         cls, path: str | os.PathLike, config: CTMConfig, batch_size: int | None = None, device=None
     ) -> "CTMCache":
-        return cls.from_thinking_state(config, load_file(os.fspath(path), device=str(device or "cpu")), batch_size)
+        tensors = load_safetensors_file(path, device=str(device or "cpu"))
+        try:
+            return cls.from_thinking_state(config, tensors, batch_size)
+        except ValueError as error:
+            raise ValueError(f"{os.fspath(path)}: {error}") from error
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows this cache holds state for (None while empty): read from shapes, so no device sync."""
+        if self.seen_tokens is not None:
+            return self.seen_tokens.shape[0]
+        for layer in self.layers:
+            if layer.last is not None:
+                return layer.last.state.shape[0]
+            keys = getattr(layer, "keys", None)
+            if keys is not None and keys.numel():
+                return keys.shape[0]
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1125,7 +1201,10 @@ class CTMPreTrainedModel(PreTrainedModel):
     _is_stateful = True  # the carried thinking state cannot be rolled back: no assisted decoding
     _can_record_outputs = {"hidden_states": CTMDecoderLayer, "attentions": CTMAttention}
 
-    def save_pretrained(self, *args, **kwargs):
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, atomic per file: everything is written into a private staging folder
+        inside `save_directory`, then each file is renamed into place with the usual permissions (`publish_file`). A
+        process killed during the save leaves the previous weights file whole and loadable."""
         # `register_for_auto_class` records only the saved class in `auto_map`; list both so that AutoModel and
         # AutoModelForCausalLM both load the folder as remote code.
         if self._auto_class is not None:
@@ -1134,7 +1213,47 @@ class CTMPreTrainedModel(PreTrainedModel):
                 "AutoModel": "modeling_ctm.CTMModel",
                 "AutoModelForCausalLM": "modeling_ctm.CTMForCausalLM",
             }
-        return super().save_pretrained(*args, **kwargs)
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory) or kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, *args, **kwargs)  # the error, or a Hub upload as usual
+        os.makedirs(save_directory, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=save_directory, prefix=".saving-")
+        try:
+            result = super().save_pretrained(staging, *args, **kwargs)
+            written = sorted(os.listdir(staging), key=lambda name: name == "config.json")  # the config goes last
+            weights = {name for name in written if name.endswith(".safetensors") or name.endswith(".index.json")}
+            for name in os.listdir(save_directory):  # stale shards of an earlier, differently sharded save
+                if name.startswith("model") and name.endswith((".safetensors", ".index.json")) and name not in weights:
+                    os.remove(os.path.join(save_directory, name))
+            for name in written:
+                source = os.path.join(staging, name)
+                if os.path.isfile(source):
+                    publish_file(source, os.path.join(save_directory, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained` whose error for a truncated or corrupted weights file names the file."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            folder = os.fspath(pretrained_model_name_or_path)
+            broken = folder
+            if os.path.isdir(folder):
+                for name in sorted(os.listdir(folder)):
+                    if name.endswith(".safetensors"):
+                        try:
+                            with safe_open(os.path.join(folder, name), framework="pt") as handle:
+                                handle.keys()
+                        except SafetensorError:
+                            broken = os.path.join(folder, name)
+                            break
+            raise OSError(
+                f"{broken} is not a readable safetensors file (truncated or corrupted?): {error}. Save the model "
+                "again or download it again."
+            ) from error
 
     def add_tick_observer(self, observer: CTMTickObserver) -> CTMObserverHandle:
         """Register `observer` (see `CTMTickObserver`) with every thinking layer; `.remove()` the handle to stop."""
@@ -1246,14 +1365,15 @@ class CTMModel(CTMPreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        B, T = inputs_embeds.shape[:2]
-
         if cache is not None and not isinstance(cache, CTMCache):
             if cache.get_seq_length() > 0:
                 raise ValueError(f"CTM models need a CTMCache; got a filled {type(cache).__name__}.")
             cache = None  # an empty cache of another type (e.g. built by a generic caller) is replaced
+        self.check_inputs(input_ids, inputs_embeds, attention_mask, cache, surprise_weight)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, T = inputs_embeds.shape[:2]
+
         if use_cache and cache is None:
             cache = CTMCache(self.config)
         if (
@@ -1294,11 +1414,6 @@ class CTMModel(CTMPreTrainedModel):
                 past_length,
                 cache.seen_tokens if cache is not None else None,
             )
-        if surprise_weight is not None and surprise_weight.shape != (B, T):
-            raise ValueError(
-                f"surprise_weight must have shape (batch, sequence) = {(B, T)}, got {tuple(surprise_weight.shape)}"
-            )
-
         return_tick_states = True if return_tick_states is None else return_tick_states
         record_last_ticks = return_tick_states and self.last_layer_thinks
         hidden_states = inputs_embeds
@@ -1329,6 +1444,64 @@ class CTMModel(CTMPreTrainedModel):
         return CTMModelOutputWithPast(
             last_hidden_state=hidden_states, cache=cache, tick_hidden_states=tick_hidden_states
         )
+
+    def check_inputs(self, input_ids, inputs_embeds, attention_mask, cache, surprise_weight) -> None:
+        """Refuse bad input before any work, with the argument, the value and what is allowed.
+
+        Shapes and dtypes are checked on every call (they are host-side metadata). Values (token ids, finiteness) need
+        a reduction, which on an accelerator is a host sync: they are checked when the tensor is on the CPU, and on an
+        accelerator only at the prompt of a generation (empty cache, eval mode): once per `generate`, never per decode
+        step or per training step.
+        """
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        name = "input_ids" if input_ids is not None else "inputs_embeds"
+        if input_ids is not None and (input_ids.is_floating_point() or input_ids.is_complex()):
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if tokens.dim() != (2 if input_ids is not None else 3):
+            expected = "(batch, sequence)" if input_ids is not None else "(batch, sequence, hidden)"
+            raise ValueError(f"{name} must have shape {expected}, got {tuple(tokens.shape)}")
+        B, T = tokens.shape[:2]
+        if T == 0:
+            raise ValueError(f"{name} has shape {tuple(tokens.shape)}: an empty prompt; give every row >= 1 token")
+        past_length = cache.get_seq_length() if cache is not None else 0
+        check_values = tokens.device.type == "cpu" or (cache is not None and past_length == 0 and not self.training)
+        if input_ids is not None and check_values:
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"input_ids holds the token id {bad}: allowed ids are 0 .. vocab_size - 1 = "
+                    f"{self.config.vocab_size - 1} (was the tokenizer made for this model?)"
+                )
+        if cache is not None:
+            rows = cache.batch_size
+            if rows is not None and rows != B:
+                raise ValueError(
+                    f"cache holds state for a batch of {rows}, but {name} has a batch of {B}: continue with the same "
+                    "rows, or start a new cache (`CTMCache.from_thinking_state(..., batch_size=B)` repeats a snapshot)"
+                )
+        if attention_mask is not None and attention_mask.dim() == 2:
+            if attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, past_length + T):
+                allowed = f"({B}, {T})"
+                if past_length:
+                    allowed += f" (new positions) or ({B}, {past_length + T}) (cached + new)"
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; allowed is {allowed}")
+        if surprise_weight is not None:
+            if tuple(surprise_weight.shape) != (B, T):
+                raise ValueError(
+                    f"surprise_weight must have shape (batch, sequence) = {(B, T)}, got {tuple(surprise_weight.shape)}"
+                )
+            if surprise_weight.device.type == "cpu" and not bool(torch.isfinite(surprise_weight).all()):
+                raise ValueError("surprise_weight holds NaN or infinite values: allowed are finite numbers")
+        length = past_length + T
+        if length > self.config.max_position_embeddings and not getattr(self, "_warned_too_long", False):
+            self._warned_too_long = True  # one warning per model, not one per decode step
+            warnings.warn(
+                f"the sequence has {length} positions, more than max_position_embeddings="
+                f"{self.config.max_position_embeddings} the model was made for: positions beyond it are untrained "
+                "and the output may degrade",
+                stacklevel=3,
+            )
 
     @staticmethod
     def _thinking_masks(attention_mask, B, T, past_length):
@@ -1492,6 +1665,9 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
         surprise_weight (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
             Per-token weight on the synchronisation update (the seed's "dopamine"); None or 1 changes nothing.
         """
+        if labels is not None:
+            tokens = input_ids if input_ids is not None else inputs_embeds
+            self.check_labels(labels, tokens, kwargs.get("ignore_index", -100))
         outputs: CTMModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1566,6 +1742,25 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
             for term in fields(terms):  # MultiTickLoss's fields are output fields of the same name
                 setattr(result, term.name, getattr(terms, term.name))
         return result
+
+    def check_labels(self, labels: torch.Tensor, tokens: torch.Tensor, ignore_index: int = -100) -> None:
+        """Labels must match the tokens' (batch, sequence) and hold ids < vocab_size or `ignore_index`; the values are
+        checked when the labels are on the CPU (no host sync in a training step on an accelerator)."""
+        if labels.is_floating_point():
+            raise TypeError(f"labels must hold integer token ids, got dtype {labels.dtype}")
+        if tuple(labels.shape) != tuple(tokens.shape[:2]):
+            raise ValueError(
+                f"labels has shape {tuple(labels.shape)}; allowed is the tokens' (batch, sequence) = "
+                f"{tuple(tokens.shape[:2])}"
+            )
+        if labels.device.type == "cpu" and labels.numel():
+            real = labels[labels != ignore_index]
+            if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.config.vocab_size):
+                bad = int(real.min()) if int(real.min()) < 0 else int(real.max())
+                raise ValueError(
+                    f"labels holds the id {bad}: allowed are 0 .. vocab_size - 1 = {self.config.vocab_size - 1}, "
+                    f"or {ignore_index} (ignored)"
+                )
 
     def compile_ticks(self, **compile_kwargs) -> "CTMForCausalLM":
         """Compile the tick function of every CTM block with `torch.compile(**compile_kwargs)` (the tick is where

@@ -123,16 +123,23 @@ def greedy_samples(model, tokenizer, prompts: list[str], max_new_tokens: int) ->
 
 
 def save_atomically(model, tokenizer, folder: Path, write_extra=None) -> None:
-    """save_pretrained into a sibling temp folder, then rename it into place: a crash leaves no half-written model."""
+    """save_pretrained into a sibling temp folder, then swap it into place: a process killed at any moment leaves the
+    previous folder or the new one, never a mix (a kill between the two renames leaves the previous one as
+    `<folder>.old`, which the next save puts back first)."""
     tmp = folder.with_name(folder.name + ".tmp")
+    old = folder.with_name(folder.name + ".old")
+    if old.exists() and not folder.exists():
+        old.rename(folder)
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if write_extra is not None:
         write_extra(tmp)
     if folder.exists():
-        shutil.rmtree(folder)
+        folder.rename(old)
     tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass
@@ -153,7 +160,8 @@ def finish_phase(
     """Evaluate on held-out text, write greedy samples, save the final checkpoint with its model card."""
     model = trainer.model
     metrics = trainer.evaluate()
-    metrics = {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second"))}
+    # timings and the epoch fraction are progress, not evaluation (a resumed run recounts the epoch differently)
+    metrics = {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second", "epoch"))}
     metrics["eval_loss_readout"] = metrics[f"eval_{readout_loss_name(model.config)}"]  # what a user of it gets
     if data.paragraphs:
         metrics.update(evaluate_documents(model, data.tokenizer, data.paragraphs, prefix="paragraphs"))

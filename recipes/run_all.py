@@ -16,6 +16,8 @@ import phase3_continuity
 from modeling_ctm.phases import get_phase
 from modeling_ctm.runs import load_preset, prepare_data
 
+from modeling_ctm.modeling_ctm import atomic_write
+
 
 COLUMNS = [
     ("phase", "phase"),
@@ -105,21 +107,20 @@ def main(argv=None):
         f"tick `ctm_readout` selects (what `logits` and `generate` use); argmin is the optimistic oracle.\n\n"
         f"## Greedy samples\n\n{samples}\n"
     )
-    (run_dir / "summary.md").write_text(report)
-    (run_dir / "summary.json").write_text(
-        json.dumps(
-            {
-                "preset": preset["name"],
-                "total_seconds": total,
-                "unigram_baseline": data.unigram_nats,
-                "phases": [
-                    {"phase": r.phase, "folder": str(r.folder), "metrics": r.metrics, "samples": r.samples}
-                    for r in results
-                ],
-            },
-            indent=2,
-        )
+    atomic_write(run_dir / "summary.md", lambda tmp: Path(tmp).write_text(report))
+    summary = json.dumps(
+        {
+            "preset": preset["name"],
+            "total_seconds": total,
+            "unigram_baseline": data.unigram_nats,
+            "phases": [
+                {"phase": r.phase, "folder": str(r.folder), "metrics": r.metrics, "samples": r.samples}
+                for r in results
+            ],
+        },
+        indent=2,
     )
+    atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(summary))
     print(report)
 
 

@@ -20,6 +20,7 @@ from .modeling_ctm import (
     multi_tick_loss,
     tick_certainty,
 )
+from .memory import CTMEpisodicMemory
 
 
 AutoConfig.register("ctm", CTMConfig, exist_ok=True)
@@ -36,6 +37,7 @@ __all__ = [
     "CTMCache",
     "CTMCausalLMOutputWithPast",
     "CTMConfig",
+    "CTMEpisodicMemory",
     "CTMForCausalLM",
     "CTMLayerProbe",
     "CTMModel",

@@ -46,7 +46,9 @@ from .configuration_ctm import CTMConfig
 from .modeling_ctm import CTMCache, ThinkingState
 
 
-def mean_input_embedding(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def mean_input_embedding(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
     """(B, T) token ids -> (B, E) unit keys: the normalised mean input embedding over the real tokens of each row."""
     embeddings = model.get_input_embeddings()(input_ids).float()
     if attention_mask is None:
@@ -225,7 +227,8 @@ class CTMEpisodicMemory(
     @property
     def bytes_per_episode(self) -> int:
         """Bytes one slot holds in buffers (key, thinking state, bookkeeping); the JSON metadata comes on top."""
-        return sum(buffer[0].numel() * buffer.element_size() for name, buffer in self.named_buffers() if name != "clock")
+        slots = (buffer for name, buffer in self.named_buffers() if name != "clock")
+        return sum(buffer[0].numel() * buffer.element_size() for buffer in slots)
 
     def extra_repr(self) -> str:
         return (
@@ -280,7 +283,7 @@ class CTMEpisodicMemory(
         row in `cache` (the cache `model(input_ids, use_cache=True)` returned). `metadata`: one JSON-serialisable dict
         for all rows, or one per row. Returns the (B,) slots written (merge and eviction rules: module docstring)."""
         if not isinstance(cache, CTMCache):
-            raise TypeError(f"cache must be a CTMCache (the `cache` of a forward with use_cache=True), got {type(cache)}")
+            raise TypeError(f"cache must be a CTMCache (a forward's `cache` with use_cache=True), got {type(cache)}")
         keys = self._keys(model, input_ids, attention_mask)
         rows = keys.shape[0]
         tensors = cache.thinking_state_dict()

@@ -136,7 +136,8 @@ def test_merge_replaces_a_near_episode_and_eviction_is_least_recently_used():
     again = _ids(1, 9, seed=9)
     merged = memory.store(model, ids[0:1], _conversation(model, again))
     assert merged.tolist() == [0] and int(memory.merges[0]) == 1 and len(memory) == 3
-    assert torch.equal(memory.episode(0)["layers.0.state"], _conversation(model, again).thinking_state_dict()["layers.0.state"])
+    replaced = _conversation(model, again).thinking_state_dict()["layers.0.state"]
+    assert torch.equal(memory.episode(0)["layers.0.state"], replaced)
 
 
 def test_capacity_and_eviction_hold_over_ten_times_capacity_stores():
@@ -316,3 +317,32 @@ def test_recall_is_vectorised_over_episodes():
         cache = memory.recall(model, query, threshold=-1.0)
     per_call = (time.perf_counter() - start) / 5
     assert cache is not None and per_call < 0.25  # generous on a shared CPU; a Python loop takes seconds
+
+
+def test_readme_episodic_memory_example_runs(tmp_path, monkeypatch):
+    """The README's example runs as written; the pushes are intercepted (no network): the memory's at the HfApi calls,
+    so its uploaded files are checked, the checkpoint's (transformers' own push, tested with the Hub work) whole."""
+    from transformers import PreTrainedModel
+
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text.split("## Episodic memory", 1)[1], re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    pushed = {}
+
+    def upload_folder(*, folder_path, repo_id, **kwargs):
+        pushed[repo_id] = sorted(p.name for p in Path(folder_path).iterdir())
+
+    with (
+        mock.patch("huggingface_hub.HfApi.create_repo", side_effect=lambda repo_id, **kw: mock.Mock(repo_id=repo_id)),
+        mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=upload_folder),
+        mock.patch.object(PreTrainedModel, "push_to_hub", autospec=True) as model_push,
+    ):
+        namespace = {}
+        exec(compile(code, "README episodic memory", "exec"), namespace)
+    assert namespace["warm"] is not None and namespace["reply"].shape == (1, 16 + 8)
+    assert len(namespace["memory"]) == 1 and namespace["memory"].episode_metadata == {0: {"topic": "the garden"}}
+    assert pushed["you/ctm-phase3-memory"] == ["config.json", "model.safetensors"]
+    assert model_push.call_args.args[1] == "you/ctm-phase3"

@@ -216,6 +216,11 @@ def arm_metrics(model, settings, ids, answers, cache) -> dict[str, torch.Tensor]
     return {"first_token_loss": first, "recall_correct": correct, "recall_nll": nll}
 
 
+def or_fresh(cache: CTMCache | None, config) -> CTMCache:
+    """`recall` returns None when no row reaches the threshold: the conversation then starts fresh."""
+    return cache if cache is not None else CTMCache(config)
+
+
 @torch.no_grad()
 def evaluate(model: CTMForCausalLM, settings: Settings, topics: torch.Tensor, seed: int) -> dict:
     config = model.config
@@ -244,7 +249,7 @@ def evaluate(model: CTMForCausalLM, settings: Settings, topics: torch.Tensor, se
     shift = 1 + torch.randint(n - 1, query_topics.shape, generator=generator)
     wrong_topics = (query_topics + shift) % n
     caches = {
-        "recalled": memory.recall(model, opening, threshold=settings.threshold) or CTMCache(config),
+        "recalled": or_fresh(memory.recall(model, opening, threshold=settings.threshold), config),
         "fresh": CTMCache(config),
         "wrong": CTMCache.from_thinking_state(config, {k: v[wrong_topics] for k, v in states.items()}),
         "oracle": oracle,
@@ -257,7 +262,7 @@ def evaluate(model: CTMForCausalLM, settings: Settings, topics: torch.Tensor, se
         select = (query_topics == topic).nonzero().flatten()
         without = copy.deepcopy(memory)
         without.forget(slots[topic])
-        cache = without.recall(model, opening[select], threshold=settings.threshold) or CTMCache(config)
+        cache = or_fresh(without.recall(model, opening[select], threshold=settings.threshold), config)
         pieces.append((select, arm_metrics(model, settings, ids[select], answers[select], cache)))
     forgotten = {metric: torch.zeros(len(query_topics)) for metric in rows["fresh"]}
     for select, metrics in pieces:

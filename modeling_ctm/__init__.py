@@ -24,6 +24,7 @@ from .modeling_ctm import (
     multi_tick_loss,
     tick_certainty,
 )
+from .memory import CTMEpisodicMemory
 
 
 AutoConfig.register("ctm", CTMConfig, exist_ok=True)
@@ -40,6 +41,7 @@ __all__ = [
     "CTMCache",
     "CTMCausalLMOutputWithPast",
     "CTMConfig",
+    "CTMEpisodicMemory",
     "CTMForCausalLM",
     "CTMLayerEvent",
     "CTMLayerProbe",

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .configuration_ctm import CTMConfig
-from .modeling_ctm import CTMCache, ThinkingState
+from .modeling_ctm import CTMCache, ThinkingState, atomic_write
 
 
 def mean_input_embedding(
@@ -437,9 +436,9 @@ class CTMEpisodicMemory(
         save_directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
         header = {METADATA_KEY: json.dumps({str(k): v for k, v in sorted(self.episode_metadata.items())})}
-        _write_atomically(save_directory / constants.SAFETENSORS_SINGLE_FILE, lambda p: save_file(tensors, p, header))
+        atomic_write(save_directory / constants.SAFETENSORS_SINGLE_FILE, lambda p: save_file(tensors, p, header))
         text = json.dumps(self.config, sort_keys=True, indent=2)
-        _write_atomically(save_directory / constants.CONFIG_NAME, lambda p: Path(p).write_text(text))
+        atomic_write(save_directory / constants.CONFIG_NAME, lambda p: Path(p).write_text(text))
         if push_to_hub:
             return self.push_to_hub(repo_id or save_directory.name, **push_to_hub_kwargs)
         return None
@@ -527,18 +526,6 @@ class CTMEpisodicMemory(
             raise ValueError(f"{model_file}: the {METADATA_KEY} header is corrupted: {error}") from error
         self.load_state_dict(tensors, strict=True)
         self.episode_metadata = metadata
-
-
-def _write_atomically(path: Path, write: Callable[[str], Any]) -> None:
-    """Write through a temporary file in the same folder, renamed into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 __all__ = ["CTMEpisodicMemory", "KEY_FUNCTIONS", "mean_input_embedding"]

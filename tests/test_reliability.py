@@ -227,7 +227,7 @@ def test_the_model_cards_usage_snippet_runs_as_written_non_interactively(tmp_pat
     folder = tmp_path / "ctm-tiny-phase2-thinking"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    write_model_card(folder, template_path=REPO / "model_cards" / "phase_checkpoint.md", phase=2, model=model,
+    write_model_card(folder, phase=2, model=model,
                      metrics={"eval_loss": 1.0}, samples=["s"], data_description="d", eval_data="e", recipe="r",
                      steps=1, tokens_seen=1, train_seconds=1.0, hardware="CPU")  # fmt: skip
     snippet = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)

@@ -1214,9 +1214,13 @@ class CTMPreTrainedModel(PreTrainedModel):
                 "AutoModelForCausalLM": "modeling_ctm.CTMForCausalLM",
             }
         save_directory = os.fspath(save_directory)
-        if os.path.isfile(save_directory) or kwargs.get("push_to_hub"):
-            return super().save_pretrained(save_directory, *args, **kwargs)  # the error, or a Hub upload as usual
+        if os.path.isfile(save_directory) or kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
+            # the error for a file, a Hub upload, or a non-main process (which writes nothing) go the usual way
+            return super().save_pretrained(save_directory, *args, **kwargs)
         os.makedirs(save_directory, exist_ok=True)
+        for name in os.listdir(save_directory):  # what a save killed earlier left behind (one saver per folder)
+            if name.startswith(".saving-"):
+                shutil.rmtree(os.path.join(save_directory, name), ignore_errors=True)
         staging = tempfile.mkdtemp(dir=save_directory, prefix=".saving-")
         try:
             result = super().save_pretrained(staging, *args, **kwargs)

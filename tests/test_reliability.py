@@ -322,8 +322,7 @@ def _resume_preset(tmp_path) -> Path:
     tokenizer_dir = tmp_path / "tokenizer"
     get_tokenizer(vocab_size=300, cache_dir=tmp_path / "tok-cache").save_pretrained(tokenizer_dir)
 
-    sys.path.insert(0, str(REPO / "recipes"))
-    from common import load_preset
+    from modeling_ctm.runs import load_preset
 
     preset = load_preset("tiny")
     preset["name"] = "micro"
@@ -381,6 +380,7 @@ def _summary_numbers(run_dir: Path) -> dict:
 @pytest.mark.slow
 def test_the_main_job_killed_mid_phase_resumes_to_the_same_result(tmp_path):
     preset = str(_resume_preset(tmp_path))
+    sys.path.insert(0, str(REPO / "recipes"))  # run_all imports the phase recipes beside it, as a script does
     import run_all
 
     run_all.main(["--preset", preset, "--output", str(tmp_path / "straight")])

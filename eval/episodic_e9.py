@@ -94,6 +94,7 @@ class Settings(e5.Settings):
     first_tokens: int = 6
     threshold: float = 0.3
     capacity: int = 128
+    lm_labels: str = "all"  # conversation 2's LM targets: "all" tokens, or only the "first" ones + the RECALL answer
     # model / training (E5's defaults otherwise)
     hidden_size: int = 48
     intermediate_size: int = 96
@@ -123,6 +124,8 @@ class Settings(e5.Settings):
             raise ValueError(f"first_tokens={self.first_tokens} is invalid: allowed 1..chunk_length-3")
         if not 1 <= self.query_tokens <= self.chunk_length - 2:
             raise ValueError(f"query_tokens={self.query_tokens} is invalid: allowed 1..chunk_length-2")
+        if self.lm_labels not in ("all", "first"):
+            raise ValueError(f"lm_labels={self.lm_labels!r} is invalid: allowed values are 'all', 'first'")
         if self.capacity < self.n_topics:
             raise ValueError(f"capacity={self.capacity} is invalid: it must hold n_topics={self.n_topics} episodes")
 
@@ -173,7 +176,10 @@ def make_dataset(settings: Settings, topics: torch.Tensor, n: int, seed: int) ->
     first, values = conversations(settings, topics, topic_ids, generator, role="store")
     second, _ = conversations(settings, topics, topic_ids, generator, values=values, role="recall")
     ids = torch.cat([first, second], 1)
-    labels = torch.cat([torch.full_like(first, -100), second], 1)  # the loss is on conversation 2
+    targets = second.clone()
+    if settings.lm_labels == "first":  # fewer word targets: the RECALL answer weighs more in the mean loss
+        targets[:, settings.first_tokens + 1 : settings.chunk_length - 1] = -100
+    labels = torch.cat([torch.full_like(first, -100), targets], 1)  # the loss is on conversation 2
     return Dataset.from_dict(
         {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()}
     )

@@ -93,7 +93,7 @@ def generate(model, prompt, new_tokens: int, use_cache: bool):
     )
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="eval/results/decode")
     parser.add_argument("--contexts", type=int, nargs="+", default=[32, 128, 512, 1024])
@@ -111,94 +111,78 @@ def main(argv=None):
     parser.add_argument("--max-uncached-s", type=float, default=120.0)
     parser.add_argument("--uncached-probe-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    load = MachineLoad()
-    started = time.perf_counter()
+    return parser.parse_args(argv)
 
-    import transformers
 
-    env = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "config": {k: getattr(args, k) for k in ("hidden", "layers", "heads", "vocab", "ticks", "chunk")},
-    }
-    print(f"benchmark_decode: {env}", flush=True)
-    generator = torch.Generator().manual_seed(0)
-    longest = max(args.contexts)
-    tokens = torch.randint(2, args.vocab, (1, longest), generator=generator)
-    prompt = tokens[:, : args.prompt]
-
-    results = {}
-    for kind in args.models:
-        model = build(kind, args)
-        row = {"contexts": {}}
-        for context in args.contexts:
-            ids = tokens[:, :context]
-            t_cached, value, f1 = timed(lambda: cached_decode(model, ids, args.cached_steps)["step_s"], load)
-            t_recompute, value2, f2 = timed(lambda: recompute_latency(model, ids, args.recompute_steps), load)
-            row["contexts"][str(context)] = {
-                "cached_ms": 1e3 * value,
-                "recompute_ms": 1e3 * value2,
-                "foreign_load": max(f for f in (f1, f2) if f is not None) if f1 is not None else None,
-            }
-            print(
-                f"  {kind:<10} context {context:5d}: cached {1e3 * value:7.2f} ms/token   recompute "
-                f"{1e3 * value2:8.2f} ms/token",
-                flush=True,
-            )
-        c = row["contexts"]
-        lo, hi = str(min(args.contexts)), "512" if "512" in c else str(max(args.contexts))
-        row["flatness"] = c[hi]["cached_ms"] / c[lo]["cached_ms"]
-
-        # generate: cached, then uncached (full, or a probe + extrapolation)
-        t_gen_cached, cached_ids, f_gen = timed(lambda: generate(model, prompt, args.new_tokens, True), load)
-        lengths = np.array(sorted(int(k) for k in c))
-        recompute_s = np.array([c[str(n)]["recompute_ms"] / 1e3 for n in lengths])
-        fit = np.polyfit(lengths, recompute_s, deg=min(2, len(lengths) - 1))
-        visited = np.arange(args.prompt, args.prompt + args.new_tokens)  # prefix length at each generated token
-        projected = float(np.polyval(fit, visited).clip(min=recompute_s.min() * 0.5).sum())
-        if projected <= args.max_uncached_s:
-            t_gen_uncached, uncached_ids, f_gen2 = timed(lambda: generate(model, prompt, args.new_tokens, False), load)
-            uncached = {"seconds": t_gen_uncached, "extrapolated": False, "projected_s": projected}
-            probe = args.new_tokens
-        else:
-            probe = args.uncached_probe_tokens
-            t_probe, uncached_ids, f_gen2 = timed(lambda: generate(model, prompt, probe, False), load)
-            probe_fit = float(np.polyval(fit, visited[:probe]).sum())
-            scale = t_probe / probe_fit  # correct the fit by what the probe actually took
-            uncached = {
-                "seconds": projected * scale,
-                "extrapolated": True,
-                "projected_s": projected,
-                "probe_tokens": probe,
-                "probe_seconds": t_probe,
-                "probe_fit_seconds": probe_fit,
-            }
-        n = prompt.shape[1] + probe
-        row["generate"] = {
-            "new_tokens": args.new_tokens,
-            "cached_s": t_gen_cached,
-            "uncached": uncached,
-            "speedup": uncached["seconds"] / t_gen_cached,
-            "tokens_match_over": probe,
-            "tokens_match": bool(torch.equal(cached_ids[:, :n], uncached_ids[:, :n])),
-            "foreign_load": max(f for f in (f_gen, f_gen2) if f is not None) if f_gen is not None else None,
+def measure_contexts(model, kind, tokens, args, load: MachineLoad) -> dict:
+    """Per context length: cached and recompute ms per new token, and the flatness of cached decode."""
+    row = {"contexts": {}}
+    for context in args.contexts:
+        ids = tokens[:, :context]
+        t_cached, value, f1 = timed(lambda: cached_decode(model, ids, args.cached_steps)["step_s"], load)
+        t_recompute, value2, f2 = timed(lambda: recompute_latency(model, ids, args.recompute_steps), load)
+        row["contexts"][str(context)] = {
+            "cached_ms": 1e3 * value,
+            "recompute_ms": 1e3 * value2,
+            "foreign_load": max(f for f in (f1, f2) if f is not None) if f1 is not None else None,
         }
         print(
-            f"  {kind:<10} generate {args.new_tokens}: cached {t_gen_cached:.2f} s, uncached "
-            f"{uncached['seconds']:.1f} s{' (extrapolated from ' + str(probe) + ' tokens)' if uncached['extrapolated'] else ''}"
-            f", speedup {row['generate']['speedup']:.1f}x, greedy tokens match over {probe}: {row['generate']['tokens_match']}",
+            f"  {kind:<10} context {context:5d}: cached {1e3 * value:7.2f} ms/token   recompute "
+            f"{1e3 * value2:8.2f} ms/token",
             flush=True,
         )
-        results[kind] = row
-        del model
+    c = row["contexts"]
+    lo, hi = str(min(args.contexts)), "512" if "512" in c else str(max(args.contexts))
+    row["flatness"] = c[hi]["cached_ms"] / c[lo]["cached_ms"]
+    return row
 
-    elapsed = time.perf_counter() - started
+
+def measure_generate(model, kind, prompt, row, args, load: MachineLoad) -> dict:
+    """Wall time of generate(new_tokens) with the cache, and without it (in full, or a probe + extrapolation)."""
+    c = row["contexts"]
+    t_gen_cached, cached_ids, f_gen = timed(lambda: generate(model, prompt, args.new_tokens, True), load)
+    lengths = np.array(sorted(int(k) for k in c))
+    recompute_s = np.array([c[str(n)]["recompute_ms"] / 1e3 for n in lengths])
+    fit = np.polyfit(lengths, recompute_s, deg=min(2, len(lengths) - 1))
+    visited = np.arange(args.prompt, args.prompt + args.new_tokens)  # prefix length at each generated token
+    projected = float(np.polyval(fit, visited).clip(min=recompute_s.min() * 0.5).sum())
+    if projected <= args.max_uncached_s:
+        t_gen_uncached, uncached_ids, f_gen2 = timed(lambda: generate(model, prompt, args.new_tokens, False), load)
+        uncached = {"seconds": t_gen_uncached, "extrapolated": False, "projected_s": projected}
+        probe = args.new_tokens
+    else:
+        probe = args.uncached_probe_tokens
+        t_probe, uncached_ids, f_gen2 = timed(lambda: generate(model, prompt, probe, False), load)
+        probe_fit = float(np.polyval(fit, visited[:probe]).sum())
+        scale = t_probe / probe_fit  # correct the fit by what the probe actually took
+        uncached = {
+            "seconds": projected * scale,
+            "extrapolated": True,
+            "projected_s": projected,
+            "probe_tokens": probe,
+            "probe_seconds": t_probe,
+            "probe_fit_seconds": probe_fit,
+        }
+    n = prompt.shape[1] + probe
+    row["generate"] = {
+        "new_tokens": args.new_tokens,
+        "cached_s": t_gen_cached,
+        "uncached": uncached,
+        "speedup": uncached["seconds"] / t_gen_cached,
+        "tokens_match_over": probe,
+        "tokens_match": bool(torch.equal(cached_ids[:, :n], uncached_ids[:, :n])),
+        "foreign_load": max(f for f in (f_gen, f_gen2) if f is not None) if f_gen is not None else None,
+    }
+    print(
+        f"  {kind:<10} generate {args.new_tokens}: cached {t_gen_cached:.2f} s, uncached "
+        f"{uncached['seconds']:.1f} s{' (extrapolated from ' + str(probe) + ' tokens)' if uncached['extrapolated'] else ''}"
+        f", speedup {row['generate']['speedup']:.1f}x, greedy tokens match over {probe}: {row['generate']['tokens_match']}",
+        flush=True,
+    )
+    return row["generate"]
+
+
+def decode_markdown(results: dict, env: dict, elapsed: float, args) -> str:
     contexts = [str(c) for c in args.contexts]
     flat_hi = "512" if "512" in contexts else contexts[-1]
     lines = [
@@ -246,7 +230,42 @@ def main(argv=None):
             )
     if notes:
         lines += [""] + notes
-    table = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    load = MachineLoad()
+    started = time.perf_counter()
+
+    import transformers
+
+    env = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "config": {k: getattr(args, k) for k in ("hidden", "layers", "heads", "vocab", "ticks", "chunk")},
+    }
+    print(f"benchmark_decode: {env}", flush=True)
+    generator = torch.Generator().manual_seed(0)
+    longest = max(args.contexts)
+    tokens = torch.randint(2, args.vocab, (1, longest), generator=generator)
+    prompt = tokens[:, : args.prompt]
+
+    results = {}
+    for kind in args.models:
+        model = build(kind, args)
+        row = measure_contexts(model, kind, tokens, args, load)
+        measure_generate(model, kind, prompt, row, args, load)
+        results[kind] = row
+        del model
+
+    elapsed = time.perf_counter() - started
+    table = decode_markdown(results, env, elapsed, args)
     print()
     print(table)
     (out_dir / "results.md").write_text(table + "\n")

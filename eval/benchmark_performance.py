@@ -47,7 +47,6 @@ from perf.shapes import analytic_flops, build_model, llama_intermediate_size, mo
 from modeling_ctm.experiments import QUIET, MachineLoad
 
 
-
 PRESETS = {
     "cpu": {
         "device": "cpu",

@@ -7,7 +7,9 @@ package is not installed).
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .adapters import CTM_LORA_TARGET_MODULES, register_peft_defaults
 from .configuration_ctm import CTMConfig
+from .memory import CTMEpisodicMemory
 from .modeling_ctm import (
     CTMBlock,
     CTMCache,
@@ -24,7 +26,6 @@ from .modeling_ctm import (
     multi_tick_loss,
     tick_certainty,
 )
-from .memory import CTMEpisodicMemory
 
 
 AutoConfig.register("ctm", CTMConfig, exist_ok=True)
@@ -33,10 +34,12 @@ AutoModelForCausalLM.register(CTMConfig, CTMForCausalLM, exist_ok=True)
 CTMConfig.register_for_auto_class()
 CTMModel.register_for_auto_class("AutoModel")
 CTMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+register_peft_defaults()  # LoraConfig(task_type="CAUSAL_LM") adapts self-attention q/v, not the thinking blocks
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CTM_LORA_TARGET_MODULES",
     "CTMBlock",
     "CTMCache",
     "CTMCausalLMOutputWithPast",

@@ -47,10 +47,13 @@ def write_model_card(
     hardware: str,
     base_model: str | None = None,
     model_id: str | None = None,
-    repo_url: str = "https://github.com/modeling-ctm/modeling-ctm",
+    repo_url: str | None = None,
     sample_prompt: str = "It is a truth universally acknowledged",
 ) -> ModelCard:
-    """Render the phase card into `folder/README.md` (written atomically) and return it."""
+    """Render the phase card into `folder/README.md` (written atomically) and return it.
+
+    `repo_url` links the project's source when it has a public home; None (the default) names the package without a
+    link, so that a card never points at a repository that does not exist."""
     phase_info = get_phase(phase)
     config = model.config
     folder = Path(folder)

@@ -47,6 +47,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -725,18 +726,25 @@ class CTMSynchronisation(nn.Module):
     """Decayed co-firing of S fixed neuron pairs: alpha <- r*alpha + w*z_i*z_j, beta <- r*beta + w, read as
     alpha/sqrt(beta). Accumulated in float32 whatever the compute dtype. `w` is the per-token surprise weight."""
 
-    def __init__(self, hidden_size: int, n_pairs: int):
+    def __init__(self, hidden_size: int, n_pairs: int, pair_seed: int = 0):
         super().__init__()
         self.hidden_size = hidden_size
-        self.left = nn.Buffer(torch.zeros(n_pairs, dtype=torch.long))
-        self.right = nn.Buffer(torch.zeros(n_pairs, dtype=torch.long))
+        # the pairs are structure, not weights: drawn from their own seed so that __init__ and `init_weights` (e.g.
+        # after building on the meta device) give the same pairs whatever the global RNG did in between
+        self.pair_seed = pair_seed
+        left, right = self.sample_pairs(hidden_size, n_pairs, pair_seed)
+        self.left = nn.Buffer(left)
+        self.right = nn.Buffer(right)
         self.decay = nn.Parameter(torch.zeros(n_pairs))
 
     @staticmethod
-    def sample_pairs(hidden_size: int, n_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`n_pairs` distinct unordered neuron pairs (i <= j), self-pairs included, drawn without replacement."""
+    def sample_pairs(hidden_size: int, n_pairs: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """`n_pairs` distinct unordered neuron pairs (i <= j), self-pairs included, drawn without replacement by a
+        CPU generator seeded with `seed` (the same pairs on every device and run)."""
         total = hidden_size * (hidden_size + 1) // 2
-        flat = torch.randperm(total)[:n_pairs]
+        if not 0 < n_pairs <= total:
+            raise ValueError(f"n_pairs={n_pairs} is invalid: allowed values are 1..{total} for hidden_size={hidden_size}")
+        flat = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n_pairs]
         row_lengths = torch.arange(hidden_size, 0, -1)
         row_starts = torch.cumsum(row_lengths, 0) - row_lengths
         left = torch.searchsorted(row_starts, flat, right=True) - 1
@@ -950,8 +958,9 @@ class CTMBlock(nn.Module):
         self.v_proj = nn.Linear(D, D, bias=False)
         self.synapse = CTMSynapse(D, config.ctm_synapse_depth)
         self.neurons = CTMNeuronLevelModels(D, M, config.ctm_nlm_hidden_size)
-        self.sync_out = CTMSynchronisation(D, config.ctm_n_synch_out)
-        self.sync_action = CTMSynchronisation(D, config.ctm_n_synch_action)
+        # one pair seed per (layer, role): the two sets differ, and a model is reproducible from its config alone
+        self.sync_out = CTMSynchronisation(D, config.ctm_n_synch_out, pair_seed=2 * layer_idx)
+        self.sync_action = CTMSynchronisation(D, config.ctm_n_synch_action, pair_seed=2 * layer_idx + 1)
         self.out_proj = nn.Linear(config.ctm_n_synch_out, D, bias=False)
         self.start_state = nn.Parameter(torch.empty(D))
         self.start_trace = nn.Parameter(torch.empty(D, M))
@@ -1302,7 +1311,7 @@ class CTMPreTrainedModel(PreTrainedModel):
             init.uniform_(module.w2, -((H + 2) ** -0.5), (H + 2) ** -0.5)
             init.zeros_(module.b2)
         elif isinstance(module, CTMSynchronisation):
-            left, right = CTMSynchronisation.sample_pairs(module.hidden_size, module.left.numel())
+            left, right = CTMSynchronisation.sample_pairs(module.hidden_size, module.left.numel(), module.pair_seed)
             init.copy_(module.left, left)
             init.copy_(module.right, right)
             low, high = self.config.ctm_decay_init_range
@@ -1347,6 +1356,8 @@ class CTMModel(CTMPreTrainedModel):
     def last_layer_thinks(self) -> bool:
         return self.layers[-1].is_thinking
 
+    # transformers 5.24 renamed `past_key_values` to `cache`; the old spelling must not be silently ignored
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -1648,6 +1659,7 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # generate() builds nothing; forward builds a CTMCache
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,

@@ -13,6 +13,7 @@ Phase by phase:
 4. online     - Hebbian plasticity and episodic memory during live use (the plasticity/episodic modules).
 """
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,7 +61,25 @@ def _load_with(source: str | os.PathLike | CTMForCausalLM, **overrides) -> CTMFo
         return model
     config = CTMConfig.from_pretrained(source)
     config = CTMConfig.from_dict({**config.to_dict(), **overrides})
-    return CTMForCausalLM.from_pretrained(source, config=config)
+    # transformers prints a long LOAD REPORT for every missing/unexpected key, which reads like a failure although
+    # the dropped MLPs and fresh blocks are the point of the conversion: silence it and check the keys ourselves
+    load_logger = logging.getLogger("transformers.modeling_utils")
+    level = load_logger.level
+    load_logger.setLevel(logging.ERROR)
+    try:
+        model, info = CTMForCausalLM.from_pretrained(source, config=config, output_loading_info=True)
+    finally:
+        load_logger.setLevel(level)
+    thinking = tuple(f"model.layers.{i}." for i in config.ctm_layer_indices)
+    missing = sorted(k for k in info["missing_keys"] if not (k.startswith(thinking) and ".thinking." in k))
+    unexpected = sorted(k for k in info["unexpected_keys"] if not (k.startswith(thinking) and ".mlp." in k))
+    if missing or unexpected or info["mismatched_keys"]:
+        raise ValueError(
+            f"{source} does not fit the converted model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"mismatched {sorted(info['mismatched_keys'])[:5]}; only the MLPs of the layers that start thinking may "
+            "be dropped and only their CTM blocks may be new"
+        )
+    return model
 
 
 def start_thinking(source, ctm_layers="last", ctm_mlp="keep", **ctm_fields) -> CTMForCausalLM:

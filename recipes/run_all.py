@@ -1,7 +1,7 @@
 """The main job: train the phases 1 -> 2 -> 3 on a preset, evaluate each on held-out text, write samples, model cards
 and a summary table into one run folder.
 
-    python recipes/run_all.py --preset tiny --output runs/tiny
+    python recipes/run_all.py --preset tiny --output runs/tiny [--push-to-hub NAMESPACE/NAME]
 """
 
 import argparse
@@ -13,10 +13,10 @@ import phase1_language
 import phase2_thinking
 import phase3_continuity
 
+from modeling_ctm.hub import push_run
+from modeling_ctm.modeling_ctm import atomic_write
 from modeling_ctm.phases import get_phase
 from modeling_ctm.runs import load_preset, prepare_data
-
-from modeling_ctm.modeling_ctm import atomic_write
 
 
 COLUMNS = [
@@ -84,6 +84,7 @@ def main(argv=None):
     parser.add_argument("--preset", default="tiny", help="a preset name (modeling_ctm/presets) or a YAML path")
     parser.add_argument("--output", type=Path, default=None, help="run folder (default runs/<preset>)")
     parser.add_argument("--resume", action="store_true", help="continue interrupted phases from their checkpoints")
+    parser.add_argument("--push-to-hub", metavar="NAMESPACE/NAME", help="publish every phase (modeling_ctm.hub)")
     args = parser.parse_args(argv)
     preset = load_preset(args.preset)
     run_dir = args.output or Path("runs") / preset["name"]
@@ -122,6 +123,9 @@ def main(argv=None):
     )
     atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(summary))
     print(report)
+    if args.push_to_hub:
+        for repo, commit in push_run(run_dir, args.push_to_hub).items():
+            print(f"pushed {repo} @ {commit}")
 
 
 if __name__ == "__main__":

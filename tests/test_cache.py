@@ -52,7 +52,7 @@ def test_most_certain_readout_agrees_wherever_the_choice_is_clear(carry):
     model = tiny_model(ctm_readout="most_certain", **carry)
     with torch.no_grad():  # louder ticks, so that the ticks' certainties differ visibly
         for layer in model.model.layers:
-            layer.thinking.out_proj.weight.mul_(10.0)
+            layer.thinking.out_proj.weight.mul_(30.0)
         model.lm_head.weight.mul_(3.0)
     ids = _ids(2, 11)
     with torch.no_grad():

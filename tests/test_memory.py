@@ -11,7 +11,7 @@ from conftest import tiny_config, tiny_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from modeling_ctm import CTMCache, CTMEpisodicMemory
+from modeling_ctm import CTMEpisodicMemory
 from modeling_ctm.memory import mean_input_embedding
 
 
@@ -322,10 +322,10 @@ def test_recall_is_vectorised_over_episodes():
 def test_readme_episodic_memory_example_runs(tmp_path, monkeypatch):
     """The README's example runs as written; the pushes are intercepted (no network): the memory's at the HfApi calls,
     so its uploaded files are checked, the checkpoint's (transformers' own push, tested with the Hub work) whole."""
-    from transformers import PreTrainedModel
-
     import re
     from pathlib import Path
+
+    from transformers import PreTrainedModel
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", text.split("## Episodic memory", 1)[1], re.S).group(1)

@@ -50,6 +50,7 @@ def test_main_job_runs_the_three_phases_and_writes_cards(tmp_path):
         folder = Path(entry["folder"])
         card = ModelCard.load(folder / "README.md")
         assert f"phase-{entry['phase']}" in card.data.tags and card.data.library_name == "transformers"
+        assert "github.com" not in card.text  # no link to a repository that does not exist
         assert "eval_loss" in entry["metrics"] and "unigram_baseline_loss" in entry["metrics"]
         # both kinds of held-out text, with the deployed readout named
         assert entry["metrics"]["paragraphs_tokens"] > 3 and "paragraphs_loss_readout" in entry["metrics"]

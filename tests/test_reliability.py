@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from modeling_ctm import CTMCache, CTMConfig, CTMForCausalLM
 from modeling_ctm.modeling_ctm import atomic_write
@@ -27,7 +27,7 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
-from conftest import tiny_config, tiny_model  # noqa: E402
+from conftest import tiny_model  # noqa: E402
 
 
 def _ids(*shape, high=97):

@@ -56,6 +56,7 @@ from .modeling_ctm import CTMForCausalLM, CTMLayerEvent, CTMOutputEvent, CTMTick
 
 GATE_CHOICES = ("prediction_error", "entropy", "none")
 TARGET_CHOICES = ("out_proj", "synapse")
+PRESYNAPTIC_CHOICES = ("raw", "centered", "whitened")
 
 
 @dataclass
@@ -77,6 +78,10 @@ class PlasticityConfig:
         max_drift: the distance to the anchor stays below max_drift x the anchor norm.
         max_step: one edit is at most max_step x the anchor norm.
         decay: fraction of the distance to the anchor forgotten at each edit (0: none).
+        presynaptic: the readout's pre-synaptic term: "raw" (S_t: the plain delta rule), "centered" (S_t minus its
+            gated mean over the text read, Sejnowski's covariance rule: drops the part every pattern shares, a bias
+            towards the text's average next token) or "whitened" (centered and divided per pair by its gated
+            variance: what distinguishes the patterns read is stored at full strength).
     """
 
     learning_rate: float = 1.0
@@ -90,6 +95,7 @@ class PlasticityConfig:
     max_drift: float = 0.3
     max_step: float = 0.1
     decay: float = 0.0
+    presynaptic: str = "raw"
 
     def __post_init__(self):
         self.targets = tuple(self.targets) if isinstance(self.targets, (list, tuple)) else self.targets
@@ -124,6 +130,10 @@ class PlasticityConfig:
             raise ValueError(
                 f"PlasticityConfig.targets must be a non-empty list of distinct values from {TARGET_CHOICES}, "
                 f"got {self.targets!r}."
+            )
+        if self.presynaptic not in PRESYNAPTIC_CHOICES:
+            raise ValueError(
+                f"PlasticityConfig.presynaptic must be one of {PRESYNAPTIC_CHOICES}, got {self.presynaptic!r}."
             )
         if self.gate not in GATE_CHOICES:
             raise ValueError(f"PlasticityConfig.gate must be one of {GATE_CHOICES}, got {self.gate!r}.")
@@ -335,6 +345,9 @@ class HebbianPlasticity:
             layout.append((f"{target.name}:corr", (out_features, in_features)))
             # out_proj: gated sum of the readout sync (for novelty); synapse: gated sum of y^2 (Oja's decay)
             layout.append((f"{target.name}:aux", (in_features if target.kind == "out_proj" else out_features,)))
+            if target.kind == "out_proj":  # gated sums of the error and of S^2 (the covariance forms need them)
+                layout.append((f"{target.name}:post", (out_features,)))
+                layout.append((f"{target.name}:pre_sq", (in_features,)))
         layout += [("gate_sum", (1,)), ("tokens", (1,)), ("batches_skipped", (1,))]
         return layout
 
@@ -425,6 +438,8 @@ class HebbianPlasticity:
                 pre = pre[:, :-1]
                 parts[f"{target_entry.name}:corr"].copy_(torch.einsum("btd,bts->ds", weighted, pre))
                 parts[f"{target_entry.name}:aux"].copy_(torch.einsum("bt,bts->s", gate, pre))
+                parts[f"{target_entry.name}:post"].copy_(weighted.sum((0, 1)))
+                parts[f"{target_entry.name}:pre_sq"].copy_(torch.einsum("bt,bts->s", gate, pre * pre))
             else:
                 io = observer.synapse_io.get(idx)
                 if io is None:
@@ -460,6 +475,11 @@ class HebbianPlasticity:
             corr = parts[f"{target.name}:corr"] / gate_sum
             aux = parts[f"{target.name}:aux"] / gate_sum
             if target.kind == "out_proj":
+                if config.presynaptic != "raw":  # sum_t g_t e_t (S_t - mean S)^T = sum g e S^T - (sum g e) mean S^T
+                    corr = corr - torch.outer(parts[f"{target.name}:post"] / gate_sum, aux)
+                if config.presynaptic == "whitened":
+                    variance = (parts[f"{target.name}:pre_sq"] / gate_sum - aux * aux).clamp_min(0.0)
+                    corr = corr / (variance + 1e-6 * variance.mean() + 1e-12)[None, :]
                 delta = config.learning_rate * corr
                 if config.novelty_quantile > 0:
                     block = self.model.model.layers[target.layer_idx].thinking

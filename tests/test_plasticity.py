@@ -49,11 +49,24 @@ def targets(rule):
         ("targets", ()),
         ("layers", "first"),
         ("layers", []),
+        ("presynaptic", "centred"),
     ],
 )
 def test_bad_config_values_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         PlasticityConfig(**{field: value})
+
+
+@pytest.mark.parametrize("presynaptic", ["raw", "centered", "whitened"])
+def test_every_presynaptic_form_edits_within_the_band(presynaptic):
+    model = tiny_model(ctm_layers="last")
+    rule = HebbianPlasticity(model, PlasticityConfig(learning_rate=100.0, presynaptic=presynaptic)).enable()
+    anchors = targets(rule)
+    next_token_ce(model, torch.randint(1, 97, (2, 12)))
+    report = rule.apply()
+    assert report["applied"]
+    assert any(not torch.equal(t.param.detach(), anchors[t.name]) for t in rule.targets)
+    assert all(abs(r - 1) <= rule.config.band + 1e-6 for r in report["norm_ratio"].values())
 
 
 def test_layers_that_do_not_think_and_unknown_saved_fields_raise():

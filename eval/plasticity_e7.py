@@ -100,11 +100,11 @@ class Settings:
     block_size: int = 64
     train_learning_rate: float = 3e-3
     # plasticity
-    learning_rate: float = 30.0  # the max_step cap binds: every edit has norm max_step x anchor norm
+    learning_rate: float = 1000.0  # the max_step cap binds: every edit has norm max_step x anchor norm
     synapse_learning_rate: float = 0.05
     band: float = 0.1
     max_drift: float = 0.3
-    max_step: float = 0.05
+    max_step: float = 0.1
     novelty_quantile: float = 0.5
     presynaptic: str = "raw"
     # E7
@@ -134,7 +134,7 @@ class Settings:
 
 
 QUICK = dict(
-    train_steps=20, batch_size=4, passages=2, stability_edits=30, stability_eval_every=10, cost_repeats=2, vocab_size=300
+    train_steps=10, batch_size=4, passages=1, stability_edits=20, stability_eval_every=10, cost_repeats=2, vocab_size=300
 )
 
 
@@ -202,18 +202,23 @@ def token_ce(model, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
 
 
-def code_scores(model, tokenizer, name: str) -> torch.Tensor:
-    """log P(code | "The code of NAME is") for each of CODES, summed over the code's tokens (one batch; the rows are
-    right-padded, which a causal model cannot see)."""
-    prefix = tokenizer(f"The code of {name} is", add_special_tokens=False)["input_ids"]
-    codes = [tokenizer(f" {code}", add_special_tokens=False)["input_ids"] for code in CODES]
-    width = len(prefix) + max(len(c) for c in codes)
-    ids = torch.tensor([prefix + c + [tokenizer.eos_token_id] * (width - len(prefix) - len(c)) for c in codes])
-    ce = token_ce(model, ids)  # (n_codes, width - 1)
-    lengths = torch.tensor([len(c) for c in codes])
-    positions = torch.arange(width - 1) - (len(prefix) - 1)
-    mask = (positions[None] >= 0) & (positions[None] < lengths[:, None])
-    return -(ce * mask).sum(-1)
+def code_scores(model, tokenizer) -> torch.Tensor:
+    """(n_names, n_codes): log P(code | "The code of NAME is"), summed over the code's tokens, for every name and code
+    in one batch (rows right-padded, which a causal model cannot see)."""
+    rows, spans = [], []
+    for name in NAMES:
+        prefix = tokenizer(f"The code of {name} is", add_special_tokens=False)["input_ids"]
+        for code in CODES:
+            code_ids = tokenizer(f" {code}", add_special_tokens=False)["input_ids"]
+            rows.append(prefix + code_ids)
+            spans.append((len(prefix) - 1, len(prefix) - 1 + len(code_ids)))
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tokenizer.eos_token_id] * (width - len(r)) for r in rows])
+    ce = token_ce(model, ids)  # (rows, width - 1): position p predicts token p + 1
+    positions = torch.arange(width - 1)[None]
+    start, end = torch.tensor(spans).T
+    mask = (positions >= start[:, None]) & (positions < end[:, None])
+    return -(ce * mask).sum(-1).view(len(NAMES), len(CODES))
 
 
 def target_deltas(rule: HebbianPlasticity) -> dict[str, torch.Tensor]:
@@ -299,12 +304,19 @@ def run_e7(model, tokenizer, settings: Settings, passages: list, seed: int) -> d
     # facts: a random one-to-one assignment of codes to names
     order = torch.randperm(len(CODES), generator=generator).tolist()
     per_fact = []
-    for name, code_index in zip(NAMES, order):
+    for row, (name, code_index) in enumerate(zip(NAMES, order)):
         statement = torch.tensor([tokenizer(f"The code of {name} is {CODES[code_index]}.")["input_ids"]])
 
         def measure():
-            scores = code_scores(model, tokenizer, name)
-            return {"recall": float(scores.argmax() == code_index), "margin": float(scores[code_index] - scores.mean())}
+            scores = code_scores(model, tokenizer)
+            top = scores.argmax(-1)
+            others = [r for r in range(len(NAMES)) if r != row]
+            return {
+                "recall": float(top[row] == code_index),
+                "margin": float(scores[row, code_index] - scores[row].mean()),
+                # neighbourhood: how often a name that was never stated now answers the stored code
+                "bleed": float((top[others] == code_index).float().mean()),
+            }
 
         per_fact.append(edit_arms(model, rules, statement, measure, generator))
 
@@ -316,6 +328,7 @@ def run_e7(model, tokenizer, settings: Settings, passages: list, seed: int) -> d
             row[metric] = statistics.fmean(values) if values else math.nan
         row["fact_recall"] = statistics.fmean(f[arm]["recall"] for f in per_fact)
         row["fact_margin"] = statistics.fmean(f[arm]["margin"] for f in per_fact)
+        row["fact_bleed"] = statistics.fmean(f[arm]["bleed"] for f in per_fact)
         summary[arm] = row
     norms = [p["edit_norm"] for p in per_passage]
     summary["edit_norm"] = {n: statistics.fmean(x[n] for x in norms) for n in norms[0]}
@@ -486,7 +499,7 @@ def run(settings: Settings, out_dir: Path, log=print) -> dict:
     arms = {}
     for arm, description in ARMS.items():
         row = {"description": description}
-        for metric in ("delta_ce_p", "delta_ce_p2", "delta_ce_u", "surprising_share", "fact_recall", "fact_margin"):
+        for metric in ("delta_ce_p", "delta_ce_p2", "delta_ce_u", "surprising_share", "fact_recall", "fact_margin", "fact_bleed"):
             m, s = mean_sd([r[arm][metric] for r in per_seed])
             row[f"{metric}_mean"], row[f"{metric}_sd"] = m, s
         arms[arm] = row
@@ -541,6 +554,8 @@ def format_markdown(result: dict) -> str:
         cells.append(f"{row['surprising_share_mean']:.2f} ± {row['surprising_share_sd']:.2f}")
         cells.append(f"{row['fact_recall_mean']:.3f} ± {row['fact_recall_sd']:.3f}")
         cells.append(f"{row['fact_margin_mean']:+.3f}")
+        cells.append(f"{row['fact_bleed_mean']:.3f} ± {row['fact_bleed_sd']:.3f}")
+        cells.append(f"{row['delta_ce_p_mean'] - row['delta_ce_u_mean']:+.4f}")
         rows.append(f"| {arm} | {row['description']} | " + " | ".join(cells) + " |")
     st, cost = result["stability"], result["cost"]
     frac = result["gated_fraction_of_sgd_delta_ce_p"]
@@ -549,11 +564,13 @@ def format_markdown(result: dict) -> str:
 
 One edit after reading P once; CE measured with the context cleared. ΔCE < 0 is better. Same-norm controls: `random`,
 `sgd`. Fact recall: chance {result['fact_chance']:.3f}. Surprising share: the fraction of the CE drop on P that falls on
-the 25% most surprising tokens of P (0.25 if spread evenly). Training: {result['settings']['train_steps']} steps,
+the 25% most surprising tokens of P (0.25 if spread evenly). Fact margin: log P(true code) minus the mean over the
+codes. Fact bleed: how often one of the 7 names never stated answers the stored code (the edit is not specific to
+the stated name). ΔP − ΔU: the part of the CE drop on P that is specific to P. Training: {result['settings']['train_steps']} steps,
 {result['train_seconds']:.0f} s, last logged loss {result['train_log'][-1]['loss'] if result['train_log'] else 'n/a'}.
 
-| arm | what | ΔCE P | ΔCE P′ | ΔCE U | surprising share | fact recall | fact margin |
-|---|---|---|---|---|---|---|---|
+| arm | what | ΔCE P | ΔCE P′ | ΔCE U | surprising share | fact recall | fact margin | fact bleed | ΔP − ΔU |
+|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 Gated ΔCE_P minus random ΔCE_P: {diff['mean']:+.4f} ± {diff['sd']:.4f} (negative: the rule beats the random control).

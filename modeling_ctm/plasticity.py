@@ -177,19 +177,20 @@ class HebbianPlasticityObserver(CTMTickObserver):
 
     def __init__(self, rule: "HebbianPlasticity"):
         self.rule = rule
-        self.pending_synapse_input: dict[int, torch.Tensor] = {}
+        self.pending_synapse_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
         self.sync: dict[int, torch.Tensor] = {}  # (B, T, K, S) per out_proj layer
         self.synapse_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (B, T, K, in), (B, T, K, D)
         self.residual: dict[int, torch.Tensor] = {}
-        self.pending_synapse_input.clear()
+        self.pending_synapse_io.clear()
 
-    # the synapse's hidden input is not part of the tick event: a forward hook on that one layer hands it over
+    # the synapse's hidden input and linear output are not part of the tick event: a forward hook on that one layer
+    # hands them over (the tick's `on_tick` follows its synapse call immediately)
     def synapse_hook(self, layer_idx: int):
         def hook(module, inputs, output):
-            self.pending_synapse_input[layer_idx] = inputs[0].detach()
+            self.pending_synapse_io[layer_idx] = (inputs[0].detach(), output.detach())
 
         return hook
 
@@ -208,11 +209,10 @@ class HebbianPlasticityObserver(CTMTickObserver):
                 buffer = self.sync[layer] = sync.new_zeros(B, T, K, sync.shape[-1])
             buffer[rows, columns, event.tick] = sync[rows, slots]
         if rule.edits_synapse:
-            x = self.pending_synapse_input.pop(layer, None)
-            if x is None or x.shape[:2] != event.valid.shape:
+            pending = self.pending_synapse_io.pop(layer, None)
+            if pending is None or pending[0].shape[:2] != event.valid.shape:
                 return
-            x = x.float()
-            y = x @ event.block.synapse.up[-1].weight.detach().float().T
+            x, y = pending[0].float(), pending[1].float()
             io = self.synapse_io.get(layer)
             if io is None:
                 io = self.synapse_io[layer] = (x.new_zeros(B, T, K, x.shape[-1]), y.new_zeros(B, T, K, y.shape[-1]))

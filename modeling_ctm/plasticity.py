@@ -1,0 +1,593 @@
+# Copyright 2026 The modeling-ctm authors. Licensed under the Apache License, Version 2.0.
+"""Hebbian plasticity: what an edit is (statistics in, a bounded weight edit out).
+
+The seed asks "why do you remember some things and not others?" and answers: surprise gates what is written, only the
+pairs whose synchronisation moved away from the blank start change, and homeostasis keeps the weights near where they
+were. The reference's `compact_memory` (reference section 1.5) had that shape but could not store content: its readout
+edit added a context-dependent scalar times the all-ones vector to the residual stream, its synapse edit used the mean
+weight row as the "pre-synaptic activity", and its 1% norm clamp was re-based every call, so it compounded (1.01^n).
+
+This rule keeps the shape (local, correlation-driven, no optimizer) and stores content:
+
+* **Readout projection `out_proj` (delta rule, Widrow-Hoff).** pre = the readout synchronisation S_out of each token
+  (at the tick the logits were read from); post = what the readout *should have added* to the residual stream: the
+  prediction error at the logits, ``onehot(next token) - softmax(logits)``, brought back into the residual stream
+  through the (fixed) head, ``e = diag(g_norm / rms(h)) W_head^T (onehot - p)``. The edit is the gated sum of the
+  per-token outer products ``e_t S_t^T``. A delta rule and not a plain Hebbian/Oja rule because the post-synaptic
+  term must carry the *target*: a Hebbian product with the actual output only re-amplifies what the model already
+  predicts, whereas the delta rule moves the readout of a pattern towards the token that followed it, so re-exposure
+  to the pattern (the same synchronisation) predicts that token more; and it is self-limiting (the error vanishes
+  once the pattern is learned). For a linear readout this is the local LMS gradient, needing nothing but the
+  readout's own input and the error at its output (no backpropagation through the network).
+* **Last synapse layer `synapse.up[-1]` (Oja's rule).** There is no target for the synapse's output, so its edit is
+  Oja's: ``dW = sum_t g_t (y_t x_t^T - diag(y_t^2) W)`` with x the layer's real input and y = W x its output at every
+  tick. It strengthens the layer's response to the (surprising) inputs it saw, and Oja's decay term keeps each row's
+  norm from running away on its own.
+
+Gates. Surprise, per token: the cross-entropy of the token that followed (prediction error, from `labels` when given,
+else from the next input token, i.e. text already read), or the normalised entropy of the prediction (no target needed
+for the gate), or none; each token's weight is ``clamp(s_t / mean(s), 0, gate_max)``. Novelty, per pair: only the
+readout pairs whose gated mean synchronisation moved further from the blank start's synchronisation than the
+`novelty_quantile` of all pairs (the median by default) change.
+
+Homeostasis, against the ANCHOR (the weights when plasticity was enabled), never against the previous edit, so nothing
+compounds: each edit is capped at ``max_step * ||W_anchor||``, the distance to the anchor at ``max_drift *
+||W_anchor||``, and the norm is held inside ``[(1 - band), (1 + band)] * ||W_anchor||``. An optional `decay` pulls the
+weights back towards the anchor at every edit (Titans' forgetting gate). Non-finite statistics never reach the
+weights: a forward pass whose statistics are not finite contributes nothing (counted), and an edit whose reduced
+statistics or result are not finite is skipped (counted). `reset_plasticity()` restores the anchors.
+
+The statistics are one flat float64 tensor (`statistics()`), a sum over tokens: all-reduce it across ranks and every
+rank computes the same edit. They are gathered by a `CTMTickObserver` (and, for the synapse input the tick event does
+not expose, a forward hook on that one layer), registered only between `enable()` and `disable()`: with plasticity
+off nothing is registered and the model's forward is untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from .modeling_ctm import CTMForCausalLM, CTMLayerEvent, CTMOutputEvent, CTMTickEvent, CTMTickObserver
+
+
+GATE_CHOICES = ("prediction_error", "entropy", "none")
+TARGET_CHOICES = ("out_proj", "synapse")
+PRESYNAPTIC_CHOICES = ("raw", "centered", "whitened")
+
+
+@dataclass
+class PlasticityConfig:
+    """What a Hebbian edit is allowed to do. Every field is checked; a bad value raises `ValueError` naming it.
+
+    Args:
+        learning_rate: step of the readout delta rule, per unit of gated mean outer product.
+        synapse_learning_rate: step of the synapse's Oja rule.
+        targets: which matrices are edited: any of "out_proj" (the readout projection) and "synapse" (the last
+            layer of the U-Net synapse).
+        layers: which thinking layers are edited: "last", "all", or a list of decoder-layer indices.
+        gate: the per-token surprise: "prediction_error" (CE of the next token), "entropy" (normalised entropy of the
+            prediction), or "none" (every token weighs 1).
+        gate_max: the largest weight one token can get (its surprise over the mean surprise, clamped).
+        novelty_quantile: readout pairs whose synchronisation moved more than this quantile of all pairs change
+            (0.5: the median); 0 lets every pair change.
+        band: each edited matrix's norm stays within (1 +- band) x its anchor norm.
+        max_drift: the distance to the anchor stays below max_drift x the anchor norm.
+        max_step: one edit is at most max_step x the anchor norm.
+        decay: fraction of the distance to the anchor forgotten at each edit (0: none).
+        presynaptic: the readout's pre-synaptic term: "raw" (S_t: the plain delta rule), "centered" (S_t minus its
+            gated mean over the text read, Sejnowski's covariance rule: drops the part every pattern shares, a bias
+            towards the text's average next token) or "whitened" (centered and divided per pair by its gated
+            variance: what distinguishes the patterns read is stored at full strength).
+    """
+
+    learning_rate: float = 1.0
+    synapse_learning_rate: float = 0.01
+    targets: tuple[str, ...] = ("out_proj", "synapse")
+    layers: str | list[int] = "last"
+    gate: str = "prediction_error"
+    gate_max: float = 4.0
+    novelty_quantile: float = 0.5
+    band: float = 0.1
+    max_drift: float = 0.3
+    max_step: float = 0.1
+    decay: float = 0.0
+    presynaptic: str = "raw"
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets) if isinstance(self.targets, (list, tuple)) else self.targets
+        if isinstance(self.layers, tuple):
+            self.layers = list(self.layers)
+        self.validate()
+
+    def validate(self) -> None:
+        def positive(name, allow_zero=False):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or value < 0 or (value == 0 and not allow_zero):
+                bound = ">= 0" if allow_zero else "> 0"
+                raise ValueError(f"PlasticityConfig.{name} must be a finite number {bound}, got {value!r}.")
+
+        positive("learning_rate", allow_zero=True)
+        positive("synapse_learning_rate", allow_zero=True)
+        positive("gate_max")
+        positive("band")
+        positive("max_drift")
+        positive("max_step")
+        for name, high in (("novelty_quantile", 1.0), ("decay", 1.0), ("band", 1.0)):
+            value = getattr(self, name)
+            if not (0.0 <= value < high):
+                raise ValueError(f"PlasticityConfig.{name} must be in [0, {high}), got {value!r}.")
+        if (
+            not isinstance(self.targets, tuple)
+            or not self.targets
+            or any(t not in TARGET_CHOICES for t in self.targets)
+            or len(set(self.targets)) != len(self.targets)
+        ):
+            raise ValueError(
+                f"PlasticityConfig.targets must be a non-empty list of distinct values from {TARGET_CHOICES}, "
+                f"got {self.targets!r}."
+            )
+        if self.presynaptic not in PRESYNAPTIC_CHOICES:
+            raise ValueError(
+                f"PlasticityConfig.presynaptic must be one of {PRESYNAPTIC_CHOICES}, got {self.presynaptic!r}."
+            )
+        if self.gate not in GATE_CHOICES:
+            raise ValueError(f"PlasticityConfig.gate must be one of {GATE_CHOICES}, got {self.gate!r}.")
+        layers_ok = self.layers in ("last", "all") or (
+            isinstance(self.layers, list)
+            and self.layers
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)
+        )
+        if not layers_ok:
+            raise ValueError(
+                f"PlasticityConfig.layers must be 'last', 'all' or a non-empty list of layer indices, got {self.layers!r}."
+            )
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["targets"] = list(self.targets)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PlasticityConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"PlasticityConfig got unknown fields {sorted(unknown)}; allowed: {sorted(known)}.")
+        return cls(**data)
+
+
+@dataclass
+class _Target:
+    """One edited matrix: its parameter name, the parameter, the kind of rule, and its thinking layer."""
+
+    name: str
+    param: torch.nn.Parameter
+    kind: str  # "out_proj" or "synapse"
+    layer_idx: int
+
+
+class HebbianPlasticityObserver(CTMTickObserver):
+    """Gathers the per-token activity of the target layers during the ticks and turns it, at `on_output`, into the
+    gated sums the rule needs. Owned by `HebbianPlasticity`; registered only while plasticity is enabled."""
+
+    def __init__(self, rule: "HebbianPlasticity"):
+        self.rule = rule
+        self.pending_synapse_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        self.sync: dict[int, torch.Tensor] = {}  # (B, T, K, S) per out_proj layer
+        self.synapse_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (B, T, K, in), (B, T, K, D)
+        self.residual: dict[int, torch.Tensor] = {}
+        self.pending_synapse_io.clear()
+
+    # the synapse's hidden input and linear output are not part of the tick event: a forward hook on that one layer
+    # hands them over (the tick's `on_tick` follows its synapse call immediately)
+    def synapse_hook(self, layer_idx: int):
+        def hook(module, inputs, output):
+            self.pending_synapse_io[layer_idx] = (inputs[0].detach(), output.detach())
+
+        return hook
+
+    def on_tick(self, event: CTMTickEvent) -> None:
+        layer = event.layer_idx
+        rule = self.rule
+        if layer not in rule.layer_indices:
+            return
+        rows, slots = event.valid.nonzero(as_tuple=True)
+        columns = event.columns[rows, slots]
+        B, T, K = event.valid.shape[0], event.sequence_length, event.block.ticks
+        if rule.edits_out_proj:
+            sync = event.sync_out.detach()
+            buffer = self.sync.get(layer)
+            if buffer is None:
+                buffer = self.sync[layer] = sync.new_zeros(B, T, K, sync.shape[-1])
+            buffer[rows, columns, event.tick] = sync[rows, slots]
+        if rule.edits_synapse:
+            pending = self.pending_synapse_io.pop(layer, None)
+            if pending is None or pending[0].shape[:2] != event.valid.shape:
+                return
+            x, y = pending[0].float(), pending[1].float()
+            io = self.synapse_io.get(layer)
+            if io is None:
+                io = self.synapse_io[layer] = (x.new_zeros(B, T, K, x.shape[-1]), y.new_zeros(B, T, K, y.shape[-1]))
+            io[0][rows, columns, event.tick] = x[rows, slots]
+            io[1][rows, columns, event.tick] = y[rows, slots]
+
+    def on_layer(self, event: CTMLayerEvent) -> None:
+        if event.layer_idx in self.rule.layer_indices:
+            self.residual[event.layer_idx] = event.residual.detach()
+
+    def on_output(self, event: CTMOutputEvent) -> None:
+        try:
+            self.rule._accumulate(event, self)
+        finally:
+            self.reset_buffers()
+
+
+class HebbianPlasticity:
+    """The rule, bound to one model. `enable()` anchors the target weights and starts gathering statistics in every
+    forward pass; `apply()` turns them into one bounded edit; `reset_plasticity()` restores the anchors.
+
+        rule = HebbianPlasticity(model, PlasticityConfig()).enable()
+        model(input_ids)            # reading: statistics gathered, weights unchanged
+        rule.apply()                # one edit from everything read since the last edit
+        rule.reset_plasticity()     # undo every edit
+        rule.disable()              # nothing registered any more
+    """
+
+    def __init__(self, model: CTMForCausalLM, config: PlasticityConfig | None = None):
+        if not isinstance(model, CTMForCausalLM):
+            raise TypeError(f"model must be a CTMForCausalLM, got {type(model).__name__}.")
+        self.model = model
+        self.config = config if config is not None else PlasticityConfig()
+        if not isinstance(self.config, PlasticityConfig):
+            raise TypeError(f"config must be a PlasticityConfig, got {type(self.config).__name__}.")
+        self.config.validate()
+        thinking = [layer.layer_idx for layer in model.model.layers if layer.is_thinking]
+        if not thinking:
+            raise ValueError("HebbianPlasticity needs a model with at least one thinking layer (ctm_layers='none').")
+        n_layers = model.config.num_hidden_layers
+        if self.config.layers == "last":
+            self.layer_indices = [thinking[-1]]
+        elif self.config.layers == "all":
+            self.layer_indices = thinking
+        else:
+            self.layer_indices = sorted({i % n_layers for i in self.config.layers})
+            missing = [i for i in self.layer_indices if i not in thinking]
+            if missing:
+                raise ValueError(
+                    f"PlasticityConfig.layers names layers {missing} that do not think; thinking layers: {thinking}."
+                )
+        self.edits_out_proj = "out_proj" in self.config.targets
+        self.edits_synapse = "synapse" in self.config.targets
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.targets: list[_Target] = []
+        for idx in self.layer_indices:
+            block = model.model.layers[idx].thinking
+            if self.edits_out_proj:
+                self.targets.append(_Target(names[id(block.out_proj.weight)], block.out_proj.weight, "out_proj", idx))
+            if self.edits_synapse:
+                weight = block.synapse.up[-1].weight
+                self.targets.append(_Target(names[id(weight)], weight, "synapse", idx))
+        self.anchors: dict[str, torch.Tensor] = {}
+        self.edits_applied = 0
+        self.edits_skipped = 0  # reduced statistics or result not finite
+        self.batches_skipped = 0  # forward passes whose statistics were not finite (this process)
+        self.observer: HebbianPlasticityObserver | None = None
+        self._handles: list = []
+        # a Trainer's evaluation passes must not write into the weights: the callback gathers in training mode only
+        self.gather_in_eval_mode = True
+        self._layout = self._statistics_layout()
+        self._stats = torch.zeros(sum(math.prod(shape) for _, shape in self._layout), dtype=torch.float64)
+
+    # -- the switch ----------------------------------------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return self.observer is not None
+
+    def enable(self) -> "HebbianPlasticity":
+        """Start gathering statistics in every forward pass. The first call anchors the target weights."""
+        if self.enabled:
+            return self
+        if not self.anchors:
+            self.set_anchors()
+        self.observer = HebbianPlasticityObserver(self)
+        self._handles = [self.model.add_tick_observer(self.observer)]
+        if self.edits_synapse:
+            for idx in self.layer_indices:
+                up_last = self.model.model.layers[idx].thinking.synapse.up[-1]
+                self._handles.append(up_last.register_forward_hook(self.observer.synapse_hook(idx)))
+        return self
+
+    def disable(self) -> None:
+        """Stop gathering: nothing stays registered on the model. Anchors and statistics are kept."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.observer = None
+
+    def __enter__(self) -> "HebbianPlasticity":
+        return self.enable()
+
+    def __exit__(self, *exc) -> None:
+        self.disable()
+
+    def set_anchors(self) -> None:
+        """Anchor every target at its current weights (the band, the drift bound and `reset_plasticity` refer to it)."""
+        self.anchors = {t.name: t.param.detach().clone() for t in self.targets}
+        for name, anchor in self.anchors.items():
+            if not torch.isfinite(anchor).all() or float(anchor.float().norm()) == 0.0:
+                raise ValueError(
+                    f"{name} has a zero or non-finite norm; a band around it allows no edit (train the model first)."
+                )
+
+    @torch.no_grad()
+    def reset_plasticity(self) -> None:
+        """Undo every edit: the targets return to their anchors, and gathered statistics are dropped."""
+        for target in self.targets:
+            if target.name in self.anchors:
+                target.param.copy_(self.anchors[target.name])
+        self.reset_statistics()
+
+    # -- statistics ----------------------------------------------------------------------------------------------------
+
+    def _statistics_layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        layout = []
+        for target in self.targets:
+            out_features, in_features = target.param.shape
+            layout.append((f"{target.name}:corr", (out_features, in_features)))
+            # out_proj: gated sum of the readout sync (for novelty); synapse: gated sum of y^2 (Oja's decay)
+            layout.append((f"{target.name}:aux", (in_features if target.kind == "out_proj" else out_features,)))
+            if target.kind == "out_proj":  # gated sums of the error and of S^2 (the covariance forms need them)
+                layout.append((f"{target.name}:post", (out_features,)))
+                layout.append((f"{target.name}:pre_sq", (in_features,)))
+        layout += [("gate_sum", (1,)), ("tokens", (1,)), ("batches_skipped", (1,))]
+        return layout
+
+    def statistics(self) -> torch.Tensor:
+        """The gathered statistics as one flat float64 tensor (sums over tokens): all-reduce (sum) it across ranks,
+        then `apply(reduced)`."""
+        return self._stats.clone()
+
+    def reset_statistics(self) -> None:
+        self._stats.zero_()
+
+    def _unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        if flat.shape != self._stats.shape:
+            raise ValueError(f"statistics must be a flat tensor of {self._stats.numel()} values, got {tuple(flat.shape)}.")
+        parts, offset = {}, 0
+        for name, shape in self._layout:
+            size = math.prod(shape)
+            parts[name] = flat[offset : offset + size].view(shape)
+            offset += size
+        return parts
+
+    @torch.no_grad()
+    def _accumulate(self, event: CTMOutputEvent, observer: HebbianPlasticityObserver) -> None:
+        model, config = self.model, self.config
+        if not model.training and not self.gather_in_eval_mode:
+            return
+        logits = event.logits.detach().float()
+        B, T, V = logits.shape
+        if T < 2 or (self.edits_out_proj and any(i not in observer.sync for i in self.layer_indices)):
+            return
+        # targets: the next token (labels when given, else the text that was read), never padding
+        source = event.labels if event.labels is not None else event.input_ids
+        if source is None:
+            return
+        target = source[:, 1:].to(logits.device)
+        real = target != -100
+        if event.attention_mask is not None and event.attention_mask.dim() == 2:
+            mask = event.attention_mask[:, -T:].bool().to(logits.device)
+            real &= mask[:, 1:] & mask[:, :-1]
+        if not real.any():
+            return
+        target = torch.where(real, target, 0)
+        log_probs = F.log_softmax(logits[:, :-1], dim=-1)  # positions 0..T-2 predict tokens 1..T-1
+        ce = -log_probs.gather(-1, target[..., None])[..., 0]
+        if config.gate == "prediction_error":
+            surprise = ce
+        elif config.gate == "entropy":
+            surprise = -(log_probs.exp() * log_probs).sum(-1) / math.log(V)
+        else:
+            surprise = torch.ones_like(ce)
+        surprise = torch.where(real, surprise, 0.0)
+        mean_surprise = surprise.sum() / real.sum()
+        gate = (surprise / mean_surprise.clamp_min(1e-12)).clamp(0.0, config.gate_max) * real
+
+        contribution = torch.zeros_like(self._stats)
+        parts = self._unflatten(contribution)
+        selected = event.selected_tick
+        last_layer = model.config.num_hidden_layers - 1
+        norm = model.model.norm
+        head = model.lm_head.weight.detach().float()
+        error = None
+        for target_entry in self.targets:
+            idx = target_entry.layer_idx
+            if target_entry.kind == "out_proj":
+                sync = observer.sync[idx]  # (B, T, K, S)
+                K = sync.shape[2]
+                if idx == last_layer and selected is not None:
+                    tick = selected.to(sync.device)
+                else:
+                    tick = torch.full((B, T), K - 1, device=sync.device)
+                pre = sync.gather(2, tick[..., None, None].expand(B, T, 1, sync.shape[-1]))[:, :, 0]  # (B, T, S)
+                if error is None:
+                    # what the readout should have added: the logit error through the head and the final norm's
+                    # per-token scale (exact for the last layer up to the norm's projection term)
+                    probs = log_probs.exp()
+                    logit_error = -probs
+                    logit_error.scatter_add_(-1, target[..., None], torch.ones_like(ce)[..., None])
+                    scale = norm.weight.detach().float()
+                    if idx == last_layer and idx in observer.residual:
+                        h = observer.residual[idx].float() + target_entry.param.detach().float().matmul(
+                            pre.transpose(-1, -2)
+                        ).transpose(-1, -2)
+                        inv_rms = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)[:, :-1]
+                    else:
+                        inv_rms = 1.0
+                    error = (logit_error @ head) * scale * inv_rms  # (B, T-1, D)
+                weighted = error * gate[..., None]
+                pre = pre[:, :-1]
+                parts[f"{target_entry.name}:corr"].copy_(torch.einsum("btd,bts->ds", weighted, pre))
+                parts[f"{target_entry.name}:aux"].copy_(torch.einsum("bt,bts->s", gate, pre))
+                parts[f"{target_entry.name}:post"].copy_(weighted.sum((0, 1)))
+                parts[f"{target_entry.name}:pre_sq"].copy_(torch.einsum("bt,bts->s", gate, pre * pre))
+            else:
+                io = observer.synapse_io.get(idx)
+                if io is None:
+                    continue
+                x, y = io[0][:, :-1], io[1][:, :-1]  # (B, T-1, K, in), (B, T-1, K, D)
+                gy = y * gate[..., None, None]
+                parts[f"{target_entry.name}:corr"].copy_(torch.einsum("btkd,btki->di", gy, x))
+                parts[f"{target_entry.name}:aux"].copy_(torch.einsum("btkd,btkd->d", gy, y))
+        parts["gate_sum"][0] = gate.sum()
+        parts["tokens"][0] = real.sum()
+        if torch.isfinite(contribution).all():
+            self._stats += contribution
+        else:  # never let a non-finite forward reach the weights
+            self._stats[-1] += 1
+            self.batches_skipped += 1
+
+    # -- the edit ------------------------------------------------------------------------------------------------------
+
+    def compute_deltas(self, statistics: torch.Tensor | None = None) -> dict[str, torch.Tensor] | None:
+        """The raw edit of every target from (reduced) statistics, before homeostasis; None if there is nothing to
+        apply or the statistics are not finite."""
+        flat = self._stats if statistics is None else statistics.to(torch.float64)
+        if not torch.isfinite(flat).all():
+            return None
+        parts = self._unflatten(flat)
+        gate_sum = float(parts["gate_sum"][0])
+        if gate_sum <= 0:
+            return {}
+        config = self.config
+        deltas = {}
+        for target in self.targets:
+            weight = target.param.detach().to(torch.float64)
+            corr = parts[f"{target.name}:corr"] / gate_sum
+            aux = parts[f"{target.name}:aux"] / gate_sum
+            if target.kind == "out_proj":
+                if config.presynaptic != "raw":  # sum_t g_t e_t (S_t - mean S)^T = sum g e S^T - (sum g e) mean S^T
+                    corr = corr - torch.outer(parts[f"{target.name}:post"] / gate_sum, aux)
+                if config.presynaptic == "whitened":
+                    variance = (parts[f"{target.name}:pre_sq"] / gate_sum - aux * aux).clamp_min(0.0)
+                    corr = corr / (variance + 1e-6 * variance.mean() + 1e-12)[None, :]
+                delta = config.learning_rate * corr
+                if config.novelty_quantile > 0:
+                    block = self.model.model.layers[target.layer_idx].thinking
+                    start = block.start(torch.float32)
+                    blank = block.sync_out.read(start.alpha_out, start.beta_out)[0].to(torch.float64)
+                    novelty = (aux - blank).abs()
+                    novel = novelty > torch.quantile(novelty, config.novelty_quantile)
+                    delta = delta * novel[None, :]
+            else:
+                # Oja: y x^T - diag(y^2) W; the ticks per token are part of the sum
+                delta = config.synapse_learning_rate * (corr - aux[:, None] * weight)
+            deltas[target.name] = delta
+        return deltas
+
+    @torch.no_grad()
+    def apply(self, statistics: torch.Tensor | None = None) -> dict:
+        """One edit from `statistics` (default: what this process gathered since the last edit), then the gathered
+        statistics are reset. Returns a small report: applied, skipped, and each target's norm over its anchor."""
+        deltas = self.compute_deltas(statistics)
+        self.reset_statistics()
+        if deltas is None:
+            self.edits_skipped += 1
+            return {"applied": False, "skipped": True}
+        if not deltas:
+            return {"applied": False, "skipped": False}
+        return self.apply_deltas(deltas)
+
+    @torch.no_grad()
+    def apply_deltas(self, deltas: dict[str, torch.Tensor]) -> dict:
+        """Apply raw edits (from this rule, or a control: a random or a gradient edit) under the homeostasis: step cap,
+        decay and drift bound towards the anchor, norm band around the anchor's norm. All or nothing: if any result is
+        not finite no target changes."""
+        if not self.anchors:
+            self.set_anchors()
+        config = self.config
+        new_weights = {}
+        for target in self.targets:
+            if target.name not in deltas:
+                continue
+            anchor = self.anchors[target.name].to(torch.float64)
+            anchor_norm = anchor.norm()
+            weight = target.param.detach().to(torch.float64)
+            delta = deltas[target.name].to(torch.float64)
+            step = delta.norm()
+            if step > config.max_step * anchor_norm:
+                delta = delta * (config.max_step * anchor_norm / step)
+            offset = (1.0 - config.decay) * (weight - anchor) + delta
+            drift = offset.norm()
+            if drift > config.max_drift * anchor_norm:
+                offset = offset * (config.max_drift * anchor_norm / drift)
+            new = anchor + offset
+            norm = new.norm()
+            low, high = (1.0 - config.band) * anchor_norm, (1.0 + config.band) * anchor_norm
+            if norm > high:
+                new = new * (high / norm)
+            elif norm < low:
+                new = new * (low / norm)
+            new_weights[target.name] = new
+        if not all(torch.isfinite(w).all() for w in new_weights.values()):
+            self.edits_skipped += 1
+            return {"applied": False, "skipped": True}
+        for target in self.targets:
+            if target.name in new_weights:
+                target.param.copy_(new_weights[target.name].to(target.param.dtype))
+        self.edits_applied += 1
+        return {"applied": True, "skipped": False, "norm_ratio": self.norm_ratios()}
+
+    def norm_ratios(self) -> dict[str, float]:
+        """Each target's norm over its anchor's norm (homeostasis keeps it inside 1 +- band)."""
+        return {
+            t.name: float(t.param.detach().float().norm() / self.anchors[t.name].float().norm()) for t in self.targets
+        }
+
+    # -- persistence (safetensors + JSON, written by the callback) -----------------------------------------------------
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, json-able metadata): the anchors and pending statistics, the counters and the config."""
+        tensors = {f"anchor.{name}": anchor.contiguous() for name, anchor in self.anchors.items()}
+        tensors["statistics"] = self._stats.clone()
+        meta = {
+            "config": self.config.to_dict(),
+            "edits_applied": self.edits_applied,
+            "edits_skipped": self.edits_skipped,
+            "batches_skipped": self.batches_skipped,
+        }
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        anchors = {k[len("anchor.") :]: v for k, v in tensors.items() if k.startswith("anchor.")}
+        expected = {t.name for t in self.targets}
+        if set(anchors) != expected:
+            raise ValueError(f"saved plasticity anchors {sorted(anchors)} do not match the targets {sorted(expected)}.")
+        self.anchors = {name: anchors[name].to(self.targets[0].param.device) for name in anchors}
+        stats = tensors.get("statistics")
+        if stats is not None:
+            self._stats.copy_(stats.to(torch.float64))
+        else:
+            self._stats.zero_()
+        self.edits_applied = int(meta.get("edits_applied", 0))
+        self.edits_skipped = int(meta.get("edits_skipped", 0))
+        self.batches_skipped = int(meta.get("batches_skipped", 0))
+
+
+def memory_held_bytes(rule: HebbianPlasticity) -> int:
+    """Bytes the rule keeps between forward passes: the anchors and the statistics."""
+    anchors = sum(a.numel() * a.element_size() for a in rule.anchors.values())
+    return anchors + rule._stats.numel() * rule._stats.element_size()
+
+
+__all__ = ["HebbianPlasticity", "HebbianPlasticityObserver", "PlasticityConfig", "memory_held_bytes"]
+

@@ -1,0 +1,46 @@
+"""Run by tests/test_plasticity.py under `torchrun --nproc_per_node 2`: a few training steps with the Hebbian callback
+on 2 CPU processes with different data shards; every rank writes its weights and counters."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from conftest import tiny_model
+from datasets import Dataset
+from safetensors.torch import save_file
+from transformers import TrainingArguments
+
+from modeling_ctm.callbacks import HebbianPlasticityCallback
+from modeling_ctm.plasticity import PlasticityConfig
+from modeling_ctm.training import CTMTrainer
+
+
+def main(out: Path) -> None:
+    torch.manual_seed(0)
+    model = tiny_model(ctm_layers="last").train()
+    ids = torch.randint(1, 97, (32, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 16] * 32, "labels": ids})
+    args = TrainingArguments(
+        output_dir=str(out / "run"),
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-3,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    callback = HebbianPlasticityCallback(PlasticityConfig(learning_rate=50.0, synapse_learning_rate=0.5), 1)
+    trainer = CTMTrainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()
+    rank = args.process_index
+    weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    save_file(weights, str(out / f"rank{rank}.safetensors"))
+    report = {"edits_applied": callback.rule.edits_applied, "world_size": args.world_size}
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

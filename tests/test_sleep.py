@@ -258,3 +258,28 @@ def test_two_cpu_processes_sleep_on_the_same_sequences_and_stay_identical(tmp_pa
     assert heaps[0]["entered"] == 8 * 4  # both ranks' batches reached the heap: 4 steps x 2 ranks x 4 sequences
     start = load_file(str(tmp_path / "initial.safetensors"))
     assert any(not torch.equal(start[n], rank0[n]) for n in rank0 if ".thinking." in n)
+
+
+def test_a_preset_sleep_section_reaches_every_phase_trainer(tmp_path):
+    sys.path.insert(0, str(TESTS.parent / "recipes"))
+    from common import train_phase
+
+    class Captured(Exception):
+        pass
+
+    def trainer_class(**kwargs):
+        raise Captured(kwargs)
+
+    preset = {"training": {"report_to": []}, "phase2": {"training": {}}, "sleep": {"every": 7}}
+    with pytest.raises(Captured) as caught:
+        train_phase(2, preset, tmp_path, data=type("D", (), {"train": None, "eval": None, "tokenizer": None,
+                                                              "bytes_per_token": 1.0})(), model=None,
+                    trainer_class=trainer_class)  # fmt: skip
+    (callback,) = caught.value.args[0]["callbacks"]
+    assert isinstance(callback, SleepCallback) and callback.every == 7
+    del preset["sleep"]
+    with pytest.raises(Captured) as caught:
+        train_phase(2, preset, tmp_path, data=type("D", (), {"train": None, "eval": None, "tokenizer": None,
+                                                              "bytes_per_token": 1.0})(), model=None,
+                    trainer_class=trainer_class)  # fmt: skip
+    assert "callbacks" not in caught.value.args[0]  # off by default

@@ -283,3 +283,12 @@ def test_a_preset_sleep_section_reaches_every_phase_trainer(tmp_path):
                                                               "bytes_per_token": 1.0})(), model=None,
                     trainer_class=trainer_class)  # fmt: skip
     assert "callbacks" not in caught.value.args[0]  # off by default
+
+
+def test_a_phase1_language_model_sleeps_without_a_dream():
+    model = tiny_model(ctm_layers="none", awake=False).train()
+    heap = ReplayHeap(capacity=4)
+    ids = torch.randint(1, 97, (4, 8))
+    heap.offer(ids, ids, torch.ones(4))
+    report = sleep(model, heap, Consolidator(model), step=1, n_dreams=2, n_random=1)
+    assert report.dream == {} and len(report.consolidation_losses) == 2

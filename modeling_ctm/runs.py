@@ -202,7 +202,12 @@ def finish_phase(
 def train_phase(
     phase: int, preset: dict, run_dir: Path, data: Data, model, trainer_class, base_model=None, resume=False, **extra
 ) -> PhaseResult:
-    """Train `model` with `trainer_class` on the preset's phase settings, then evaluate, sample and save it."""
+    """Train `model` with `trainer_class` on the preset's phase settings, then evaluate, sample and save it. A preset
+    `sleep:` section (the `SleepCallback` arguments, e.g. `{every: 10}`; off when absent) adds sleep to every phase."""
+    if preset.get("sleep"):
+        from modeling_ctm.callbacks import SleepCallback
+
+        extra["callbacks"] = [*extra.get("callbacks", []), SleepCallback.from_preset(preset["sleep"])]
     trainer = trainer_class(
         model=model,
         args=training_arguments(preset, phase, run_dir / get_phase(phase).folder),

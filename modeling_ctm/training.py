@@ -19,6 +19,19 @@ from .data import bits_per_byte
 from .modeling_ctm import READOUT_LOSSES, CTMCache, next_token_labels
 
 
+def sequence_loss_sums(logits: torch.Tensor, labels=None, shift_labels=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the summed CE of the readout `logits` (B, T, V) over labelled tokens, and their count; (B,) each,
+    float32, without gradient. What a sequence's difficulty means everywhere (the sleep heap's key)."""
+    with torch.no_grad():
+        if shift_labels is None:
+            shift_labels = next_token_labels(labels)
+        shift_labels = shift_labels.to(logits.device)
+        labelled = shift_labels != -100
+        targets = torch.where(labelled, shift_labels, 0)
+        token_ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none") * labelled
+        return token_ce.sum(-1), labelled.sum(-1).float()
+
+
 class TickStatistics:
     """Token-weighted running sums of the CTM extras of `CTMCausalLMOutputWithPast`."""
 
@@ -96,10 +109,41 @@ class CTMTrainer(Trainer):
     def _record(self, model, outputs, inputs):
         stats = self._train_ticks if model.training else self._eval_ticks
         stats.add(outputs, inputs.get("labels"), inputs.get("shift_labels"))
+        if model.training and self._sequence_loss_sums is not None:
+            sums, counts = sequence_loss_sums(outputs.logits, inputs.get("labels"), inputs.get("shift_labels"))
+            self._sequence_loss_sums[0] += sums
+            self._sequence_loss_sums[1] += counts
+
+    def _sequence_loss_consumers(self) -> list:
+        """Callbacks that asked for the per-sequence losses of every training batch (e.g. the sleep heap)."""
+        return [cb for cb in self.callback_handler.callbacks if hasattr(cb, "on_sequence_losses")]
+
+    def _start_sequence_losses(self, inputs) -> None:
+        self._sequence_loss_sums = None
+        if self._sequence_loss_consumers():
+            rows = inputs["input_ids"].shape[0]
+            device = inputs["input_ids"].device
+            self._sequence_loss_sums = [torch.zeros(rows, device=device), torch.zeros(rows, device=device)]
+
+    def _hand_over_sequence_losses(self, inputs) -> None:
+        """Give the consumers the batch just trained on with each sequence's mean readout CE: no second forward."""
+        if self._sequence_loss_sums is None:
+            return
+        sums, counts = self._sequence_loss_sums
+        self._sequence_loss_sums = None
+        losses = sums / counts.clamp(min=1)
+        for consumer in self._sequence_loss_consumers():
+            consumer.on_sequence_losses(inputs["input_ids"], inputs["labels"], losses, inputs.get("attention_mask"))
+
+    _sequence_loss_sums = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self._start_sequence_losses(inputs)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         self._record(model, outputs, inputs)
+        if model.training:
+            self._hand_over_sequence_losses(inputs)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -264,7 +308,9 @@ class ContinuityTrainer(CTMTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         inputs = self._prepare_inputs(inputs)
+        self._start_sequence_losses(inputs)
         loss, _ = self.chunked_forward(model, inputs, num_items_in_batch, backward=True)
+        self._hand_over_sequence_losses(inputs)
         return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -1,0 +1,523 @@
+"""Sleep: what a sleep is. A bounded replay heap of hard training sequences, the dream (per layer and tick: state
+change, certainty, synchronisation change, seen through the tick observer), and consolidation (a few optimizer steps
+on the replayed sequences). `callbacks.SleepCallback` decides *when* a sleep happens inside a Trainer.
+
+Fixes over the reference (nanoctm 71ec70f, reference §1.5-1.6):
+
+- One key. Every heap score is the same quantity, the mean readout CE of one sequence (`training.sequence_loss_sums`),
+  both when the trainer hands a batch over and when the heap is re-scored; the reference mixed batch-mean multi-tick
+  losses with first-sequence losses.
+- No nightmare. Keys are re-scored at every sleep (a learned sequence sinks), dreams are drawn with
+  softmax(score / max(sd, floor)) rather than always the maximum, and `max_replays` retires an entry after that many
+  replays, so no single sequence owns the heap. `rotation()` measures it: max replays of one sequence, Gini of replays.
+- Optionally ranked by *reducible* loss (RHO-LOSS): score = loss - the loss of a frozen reference model, so a
+  sequence that is hard for every model (noise) is not replayed for ever.
+- Consolidation that can learn a hard sequence. The reference weighted each token by certainty x [argmax correct],
+  which is exactly zero on a sequence the model gets all wrong. Here the default weighting is "hard": token t of a
+  replayed sequence is weighted w_t = min(CE_t / mean CE, max_weight), renormalised to mean 1 (detached): the tokens
+  the model gets most wrong weigh most, and the loss is > 0 whenever any token is wrong. "uniform" (w_t = 1),
+  "training_loss" (the model's own training objective, i.e. ordinary extra training steps) and "certainty_correct"
+  (the reference's, kept only to show its defect) are the alternatives.
+- The consolidation optimizer is persistent (one AdamW for the whole run, checkpointed): a fresh Adam per sleep makes
+  its first steps sign-SGD kicks of +-lr on every weight whatever the gradient.
+- Never changes K: sleep reads the ticks, it does not prune them (cutting K during sleep destroyed quality).
+- Deterministic: sampling uses a generator seeded by (seed, step), so every process of a distributed run, fed the
+  same heap, replays the same sequences and applies the same update.
+
+Compaction (the dream's accumulated synchronisation written into the weights by the Hebbian rule) is not here yet:
+it needs `plasticity.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .fmri import summarize_probe
+from .modeling_ctm import CTMSynchronisation, CTMTickObserver, atomic_write, next_token_labels
+from .training import sequence_loss_sums
+
+
+WEIGHTINGS = ("hard", "uniform", "training_loss", "certainty_correct")
+SAMPLINGS = ("softmax", "greedy", "uniform")
+RANKINGS = ("loss", "reducible")
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is invalid: allowed values are {list(allowed)}")
+
+
+def gini(values) -> float:
+    """Gini coefficient of non-negative counts: 0 when all are equal, (n-1)/n when one holds everything."""
+    x = np.sort(np.asarray(values, dtype=np.float64))
+    if x.size == 0 or x.sum() == 0:
+        return 0.0
+    n = x.size
+    return float((2 * np.arange(1, n + 1) - n - 1).dot(x) / (n * x.sum()))
+
+
+def pad_rows(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+    """Right-pad 1-D tensors to one (len(rows), max_len) tensor."""
+    length = max(row.numel() for row in rows)
+    return torch.stack([F.pad(row, (0, length - row.numel()), value=value) for row in rows])
+
+
+@torch.no_grad()
+def score_sequences(model, input_ids, labels, attention_mask=None, batch_size: int = 8) -> torch.Tensor:
+    """Mean readout CE of each sequence (the heap's key), in eval mode and without gradient; (N,) float32 on CPU."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, input_ids.shape[0], batch_size):
+        rows = slice(start, start + batch_size)
+        ids, lab, mask = input_ids[rows].to(device), labels[rows].to(device), attention_mask[rows].to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        sums, counts = sequence_loss_sums(logits, labels=lab)
+        scores.append((sums / counts.clamp(min=1)).float().cpu())
+    model.train(was_training)
+    return torch.cat(scores)
+
+
+def _batch(input_ids: list[torch.Tensor], labels: list[torch.Tensor], masks: list[torch.Tensor]):
+    """Right-padded input_ids (pad 0), labels (pad -100) and attention_mask (pad 0) of a list of sequences."""
+    return pad_rows(input_ids, 0), pad_rows(labels, -100), pad_rows(masks, 0)
+
+
+class ReplayHeap:
+    """A bounded store of the hardest training sequences seen so far.
+
+    Args:
+        capacity (`int`, defaults to 16): sequences held at most.
+        sampling (`str`, defaults to "softmax"): how dreams are drawn. "softmax": without replacement with probability
+            softmax(score / max(sd(score), temperature_floor)); "greedy": always the top scores (the reference's
+            nightmare, kept for E11); "uniform".
+        temperature_floor (`float`, defaults to 0.1): the smallest softmax temperature.
+        max_replays (`int`, *optional*): retire an entry after this many replays (None: never).
+        ranking (`str`, defaults to "loss"): "loss" or "reducible" (loss minus a reference model's loss, RHO-LOSS).
+
+    An entry is (input_ids, labels, score, reference loss, id). A sequence already held (same tokens) is not added
+    twice: its score is refreshed instead. When full, a new sequence replaces the lowest score if it scores higher.
+    """
+
+    def __init__(
+        self,
+        capacity: int = 16,
+        sampling: str = "softmax",
+        temperature_floor: float = 0.1,
+        max_replays: int | None = None,
+        ranking: str = "loss",
+    ):
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity={capacity!r} is invalid: allowed values are integers >= 1")
+        _check_choice("sampling", sampling, SAMPLINGS)
+        _check_choice("ranking", ranking, RANKINGS)
+        if max_replays is not None and (not isinstance(max_replays, int) or max_replays < 1):
+            raise ValueError(f"max_replays={max_replays!r} is invalid: allowed values are None or integers >= 1")
+        self.capacity = capacity
+        self.sampling = sampling
+        self.temperature_floor = float(temperature_floor)
+        self.max_replays = max_replays
+        self.ranking = ranking
+        self.input_ids: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.attention_masks: list[torch.Tensor] = []
+        self.losses: list[float] = []  # the latest mean readout CE of each entry
+        self.reference_losses: list[float] = []  # NaN until a reference model has scored the entry
+        self.ids: list[int] = []
+        self.fingerprints: list[str] = []
+        self.replays: dict[int, int] = {}  # every sequence that ever entered -> times replayed (for rotation)
+        self.next_id = 0
+        self.retired = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def scores(self) -> list[float]:
+        if self.ranking == "reducible":
+            return [
+                loss - ref if not math.isnan(ref) else loss for loss, ref in zip(self.losses, self.reference_losses)
+            ]
+        return list(self.losses)
+
+    @staticmethod
+    def fingerprint(input_ids: torch.Tensor) -> str:
+        return hashlib.sha1(input_ids.detach().to(torch.int64).cpu().numpy().tobytes()).hexdigest()
+
+    def offer(self, input_ids: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor, attention_mask=None) -> int:
+        """Offer a batch (B, T) with its per-sequence losses (B,); returns how many entered. Rows are kept with their
+        padding and attention mask: a sequence is replayed exactly as it was trained."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        entered = 0
+        rows = zip(input_ids.detach().cpu(), labels.detach().cpu(), attention_mask.detach().cpu(), losses.detach().float().cpu())
+        for ids, lab, mask, loss in rows:
+            loss = float(loss)
+            if not math.isfinite(loss):
+                continue
+            print_ = self.fingerprint(ids)
+            if print_ in self.fingerprints:
+                self.losses[self.fingerprints.index(print_)] = loss
+                continue
+            if len(self) >= self.capacity:
+                scores = self.scores
+                lowest = int(np.argmin(scores))
+                # compare like with like: a new sequence has no reference loss yet, so compare raw losses
+                if loss <= self.losses[lowest]:
+                    continue
+                self._remove(lowest)
+            self.input_ids.append(ids.clone())
+            self.labels.append(lab.clone())
+            self.attention_masks.append(mask.to(torch.int64).clone())
+            self.losses.append(loss)
+            self.reference_losses.append(float("nan"))
+            self.ids.append(self.next_id)
+            self.fingerprints.append(print_)
+            self.replays[self.next_id] = 0
+            self.next_id += 1
+            entered += 1
+        return entered
+
+    def _remove(self, index: int) -> None:
+        for store in (self.input_ids, self.labels, self.attention_masks, self.losses, self.reference_losses, self.ids, self.fingerprints):
+            del store[index]
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids, labels, attention_mask of the given entries, right-padded."""
+        indices = list(indices)
+        return _batch(*([store[i] for i in indices] for store in (self.input_ids, self.labels, self.attention_masks)))
+
+    def rescore(self, model, reference_model=None, batch_size: int = 8) -> None:
+        """Re-score every entry with the current model (and, for entries lacking one, the reference model)."""
+        if not len(self):
+            return
+        ids, labels, mask = self.batch(range(len(self)))
+        self.losses = score_sequences(model, ids, labels, mask, batch_size).tolist()
+        if reference_model is not None:
+            missing = [i for i, ref in enumerate(self.reference_losses) if math.isnan(ref)]
+            if missing:
+                ids, labels, mask = self.batch(missing)
+                for i, ref in zip(missing, score_sequences(reference_model, ids, labels, mask, batch_size).tolist()):
+                    self.reference_losses[i] = ref
+
+    def sample(self, n: int, generator: torch.Generator) -> list[int]:
+        """Indices of up to `n` entries to dream on, drawn without replacement."""
+        n = min(n, len(self))
+        if n == 0:
+            return []
+        scores = torch.tensor(self.scores, dtype=torch.float64)
+        if self.sampling == "greedy":
+            return torch.argsort(scores, descending=True, stable=True)[:n].tolist()
+        if self.sampling == "uniform" or len(self) == 1:
+            weights = torch.ones_like(scores)
+        else:
+            temperature = max(float(scores.std()), self.temperature_floor)
+            weights = torch.softmax(scores / temperature, 0)
+        return torch.multinomial(weights, n, replacement=False, generator=generator).tolist()
+
+    def sample_others(self, n: int, exclude: list[int], generator: torch.Generator) -> list[int]:
+        """Up to `n` uniformly drawn entries not in `exclude` (the reference's "random others")."""
+        rest = [i for i in range(len(self)) if i not in exclude]
+        if not rest or n <= 0:
+            return []
+        order = torch.randperm(len(rest), generator=generator)[:n].tolist()
+        return [rest[i] for i in order]
+
+    def mark_replayed(self, indices: list[int]) -> None:
+        """Count the replays; retire entries that reached `max_replays`."""
+        for i in indices:
+            self.replays[self.ids[i]] += 1
+        if self.max_replays is not None:
+            for i in sorted(indices, reverse=True):
+                if self.replays[self.ids[i]] >= self.max_replays:
+                    self._remove(i)
+                    self.retired += 1
+
+    def rotation(self) -> dict[str, float]:
+        """How well the heap rotates: the most replays of one sequence, the Gini of replays over every sequence that
+        entered, and how many distinct sequences were replayed."""
+        counts = list(self.replays.values())
+        total = sum(counts)
+        return {
+            "max_replays": float(max(counts, default=0)),
+            "max_replay_share": float(max(counts, default=0) / total) if total else 0.0,
+            "gini_replays": gini(counts),
+            "distinct_replayed": float(sum(1 for c in counts if c > 0)),
+            "entered": float(len(counts)),
+            "retired": float(self.retired),
+        }
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.input_ids + self.labels + self.attention_masks)
+
+    # -- persistence: safetensors (tensors) + JSON (the rest) -------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {}
+        for i, (ids, lab, mask) in enumerate(zip(self.input_ids, self.labels, self.attention_masks)):
+            tensors[f"heap.{i}.input_ids"] = ids.contiguous()
+            tensors[f"heap.{i}.labels"] = lab.contiguous()
+            tensors[f"heap.{i}.attention_mask"] = mask.contiguous()
+        meta = {
+            "capacity": self.capacity,
+            "sampling": self.sampling,
+            "temperature_floor": self.temperature_floor,
+            "max_replays": self.max_replays,
+            "ranking": self.ranking,
+            "losses": self.losses,
+            "reference_losses": [None if math.isnan(r) else r for r in self.reference_losses],
+            "ids": self.ids,
+            "fingerprints": self.fingerprints,
+            "replays": {str(k): v for k, v in self.replays.items()},
+            "next_id": self.next_id,
+            "retired": self.retired,
+        }
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        n = len(meta["ids"])
+        self.input_ids = [tensors[f"heap.{i}.input_ids"].clone() for i in range(n)]
+        self.labels = [tensors[f"heap.{i}.labels"].clone() for i in range(n)]
+        self.attention_masks = [tensors[f"heap.{i}.attention_mask"].clone() for i in range(n)]
+        self.losses = [float(x) for x in meta["losses"]]
+        self.reference_losses = [float("nan") if r is None else float(r) for r in meta["reference_losses"]]
+        self.ids = [int(x) for x in meta["ids"]]
+        self.fingerprints = list(meta["fingerprints"])
+        self.replays = {int(k): int(v) for k, v in meta["replays"].items()}
+        self.next_id = int(meta["next_id"])
+        self.retired = int(meta["retired"])
+
+
+class _EntrySync(CTMTickObserver):
+    """Records, per thinking layer, the readout synchronisation each token entered tick 0 with (for sync_change)."""
+
+    def __init__(self):
+        self.entry: dict[int, torch.Tensor] = {}
+
+    def on_tick(self, event) -> None:
+        if event.tick != 0:
+            return
+        rows, slots = event.valid.nonzero(as_tuple=True)
+        columns = event.columns[rows, slots]
+        sync = CTMSynchronisation.read(event.before.alpha_out, event.before.beta_out)
+        if event.layer_idx not in self.entry:
+            self.entry[event.layer_idx] = sync.new_zeros(event.valid.shape[0], event.sequence_length, sync.shape[-1])
+        self.entry[event.layer_idx][rows, columns] = sync[rows, slots].detach().float()
+
+
+@torch.no_grad()
+def dream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+    """The dream diagnostics of one forward pass: `fmri.summarize_probe` of `model.probe` (per layer and tick: mean
+    state change, logit-lens certainty and readout-synchronisation change over the real tokens). Empty for a model
+    without thinking layers."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device) if attention_mask is not None else None
+    with model.observing(_EntrySync()) as entry:
+        _, layers = model.probe(input_ids, attention_mask=attention_mask)
+    model.train(was_training)
+    if not layers:
+        return {}
+    for layer_idx, probe in layers.items():
+        probe.sync_entry = entry.entry.get(layer_idx)
+    return summarize_probe(layers, token_mask=attention_mask)
+
+
+@dataclass
+class ConsolidationConfig:
+    """How a sleep consolidates. `weighting` (see the module docstring), `steps` optimizer steps per sleep on the one
+    replay batch, AdamW with `lr`, `betas`, no weight decay, gradient norm clipped at `max_grad_norm`; token weights
+    capped at `max_weight` times the mean ("hard")."""
+
+    weighting: str = "hard"
+    steps: int = 2
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    max_weight: float = 4.0
+
+    def __post_init__(self):
+        _check_choice("weighting", self.weighting, WEIGHTINGS)
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps={self.steps!r} is invalid: allowed values are integers >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} is invalid: allowed values are floats > 0")
+        self.betas = tuple(self.betas)
+
+
+def token_weights(token_ce: torch.Tensor, labelled: torch.Tensor, weighting: str, max_weight: float = 4.0, logits=None,
+                  targets=None) -> torch.Tensor:  # fmt: skip
+    """Detached per-token weights (B, T) of a consolidation loss; 0 on unlabelled positions."""
+    labelled = labelled.float()
+    with torch.no_grad():
+        if weighting == "uniform" or weighting == "training_loss":
+            weights = labelled
+        elif weighting == "hard":
+            mean = (token_ce * labelled).sum() / labelled.sum().clamp(min=1)
+            weights = (token_ce / mean.clamp(min=1e-8)).clamp(max=max_weight) * labelled
+            weights = weights * labelled.sum() / weights.sum().clamp(min=1e-8)
+        else:  # "certainty_correct": the reference's c_t * [argmax_t == y_t], normalised to sum N
+            log_probs = F.log_softmax(logits.float(), -1)
+            certainty = 1 - (-(log_probs.exp() * log_probs).sum(-1)) / math.log(logits.shape[-1])
+            correct = (logits.argmax(-1) == targets).float()
+            weights = certainty.clamp(0, 1) * correct * labelled
+            weights = weights / (weights.sum() + 1e-8) * labelled.sum()
+    return weights
+
+
+class Consolidator:
+    """Consolidation with its own persistent AdamW over the parameters that require a gradient when it is built (the
+    ones the trainer trains). `state_dict()` gives (tensors, JSON) for a checkpoint."""
+
+    def __init__(self, model, config: ConsolidationConfig | None = None):
+        self.config = config or ConsolidationConfig()
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        if not self.names:
+            raise ValueError("Consolidator needs a model with at least one parameter that requires a gradient")
+        params = dict(model.named_parameters())
+        self.params = [params[name] for name in self.names]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, betas=self.config.betas, weight_decay=0.0)
+
+    def loss(self, model, input_ids, labels, attention_mask) -> torch.Tensor:
+        """The consolidation loss of one batch (with gradient)."""
+        if self.config.weighting == "training_loss":
+            return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        targets = next_token_labels(labels)
+        labelled = targets != -100
+        safe = torch.where(labelled, targets, 0)
+        token_ce = F.cross_entropy(logits.float().transpose(1, 2), safe, reduction="none") * labelled
+        weights = token_weights(token_ce.detach(), labelled, self.config.weighting, self.config.max_weight,
+                                logits.detach(), safe)  # fmt: skip
+        return (token_ce * weights).sum() / labelled.sum().clamp(min=1)
+
+    def consolidate(self, model, input_ids, labels, attention_mask) -> list[float]:
+        """`config.steps` optimizer steps on one replay batch; returns the loss before each step."""
+        was_training = model.training
+        model.train()
+        device = next(model.parameters()).device
+        input_ids, labels, attention_mask = input_ids.to(device), labels.to(device), attention_mask.to(device)
+        losses = []
+        for _ in range(self.config.steps):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss(model, input_ids, labels, attention_mask)
+            loss.backward()
+            if self.config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+        self.optimizer.zero_grad(set_to_none=True)  # the trainer's next step must start from clean gradients
+        model.train(was_training)
+        return losses
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        state = self.optimizer.state_dict()
+        tensors, per_param = {}, {}
+        for index, slots in state["state"].items():
+            per_param[str(index)] = {}
+            for key, value in slots.items():
+                if torch.is_tensor(value):
+                    tensors[f"optimizer.{index}.{key}"] = value.detach().clone().contiguous()
+                else:
+                    per_param[str(index)][key] = value
+        meta = {"config": asdict(self.config), "names": self.names, "param_groups": state["param_groups"],
+                "scalars": per_param}  # fmt: skip
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if meta["names"] != self.names:
+            raise ValueError("the checkpointed consolidation optimizer covers other parameters than this model's")
+        state = {}
+        for name, value in tensors.items():
+            if name.startswith("optimizer."):
+                _, index, key = name.split(".", 2)
+                state.setdefault(int(index), {})[key] = value.clone()
+        for index, scalars in meta["scalars"].items():
+            state.setdefault(int(index), {}).update(scalars)
+        groups = [{**group, "betas": tuple(group["betas"])} for group in meta["param_groups"]]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+@dataclass
+class SleepReport:
+    """What one sleep did."""
+
+    step: int
+    dream_ids: list[int]  # heap entry ids dreamt on (also consolidated)
+    replay_ids: list[int]  # every entry id consolidated on (dreams + random others)
+    dream_scores: list[float]
+    heap_loss_min: float
+    heap_loss_max: float
+    consolidation_losses: list[float]
+    dream: dict = field(default_factory=dict)  # summarize_probe numbers (arrays as lists)
+    rotation: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["dream"] = {k: np.asarray(v).tolist() for k, v in self.dream.items()}
+        return out
+
+
+def sleep(
+    model,
+    heap: ReplayHeap,
+    consolidator: Consolidator | None,
+    step: int,
+    seed: int = 0,
+    n_dreams: int = 4,
+    n_random: int = 4,
+    rescore: bool = True,
+    reference_model=None,
+) -> SleepReport:
+    """One sleep: re-score the heap, draw `n_dreams` dreams (plus `n_random` uniformly drawn others), measure the
+    dream, consolidate on all of them, count the replays. Deterministic given (heap, model, seed, step)."""
+    import time
+
+    started = time.perf_counter()
+    if not len(heap):
+        return SleepReport(step, [], [], [], float("nan"), float("nan"), [], rotation=heap.rotation())
+    if rescore:
+        heap.rescore(model, reference_model)
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+    dreams = heap.sample(n_dreams, generator)
+    others = heap.sample_others(n_random, dreams, generator)
+    replayed = dreams + others
+    scores = heap.scores
+    ids, labels, mask = heap.batch(dreams)
+    summary = dream(model, ids, mask)
+    losses = []
+    if consolidator is not None:
+        ids, labels, mask = heap.batch(replayed)
+        losses = consolidator.consolidate(model, ids, labels, mask)
+    report = SleepReport(
+        step=step,
+        dream_ids=[heap.ids[i] for i in dreams],
+        replay_ids=[heap.ids[i] for i in replayed],
+        dream_scores=[scores[i] for i in dreams],
+        heap_loss_min=float(min(heap.losses)),
+        heap_loss_max=float(max(heap.losses)),
+        consolidation_losses=losses,
+        dream=summary,
+    )
+    heap.mark_replayed(replayed)
+    report.rotation = heap.rotation()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def write_json_atomically(path: Path, payload) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))

@@ -791,6 +791,7 @@ class CTMLayerProbe:
     tick_outputs: torch.Tensor  # y_k, what tick k would add to the residual stream (B, T, K, D)
     residual: torch.Tensor | None = None  # the residual stream entering the block (B, T, D)
     certainty: torch.Tensor | None = None  # certainty of the logit lens on residual + y_k (B, T, K)
+    entry_sync_out: torch.Tensor | None = None  # S_out of the state each token entered with (B, T, S_out)
 
 
 class CTMProbeRecorder(CTMTickObserver):
@@ -825,6 +826,11 @@ class CTMProbeRecorder(CTMTickObserver):
             self.layers[event.layer_idx] = probe
         for name, tensor in recorded.items():
             getattr(probe, name)[rows, columns, event.tick] = tensor[rows, slots].detach()
+        if event.tick == 0:  # the entry's S_out, so a picture can show how far tick 0 moved the readout
+            entry = CTMSynchronisation.read(event.before.alpha_out, event.before.beta_out)
+            if probe.entry_sync_out is None:
+                probe.entry_sync_out = entry.new_zeros(probe.sync_out.shape[:2] + entry.shape[2:])
+            probe.entry_sync_out[rows, columns] = entry[rows, slots].detach()
 
     def on_layer(self, event: CTMLayerEvent) -> None:
         self.layers[event.layer_idx].residual = event.residual.detach()

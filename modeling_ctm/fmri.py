@@ -1,0 +1,118 @@
+"""fMRI pictures of a probe: per thinking layer and tick, how much the state moved, how certain the logit lens is and
+how far the readout synchronisation travelled.
+
+`summarize_probe` reduces `model.probe(...)`'s per-token records to (n_layers, K) means over the real tokens;
+`draw_thinking_map` draws those means as one heatmap panel per metric (layers x ticks) into a PNG. Probe users,
+evaluation (`eval/introspection.py`) and the sleep dream diagnostics share this one picture.
+"""
+
+import os
+import pathlib
+import tempfile
+
+import numpy
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .modeling_ctm import CTMLayerProbe
+
+
+METRICS = ("state_delta", "certainty", "sync_change")
+_TITLES = {
+    "state_delta": "state change ||z_k - z_(k-1)||",
+    "certainty": "certainty (logit lens)",
+    "sync_change": "sync change ||S_k - S_(k-1)||",
+}
+
+
+def sync_change(probe: CTMLayerProbe) -> torch.Tensor:
+    """||S_out,k - S_out,k-1|| per token and tick (B, T, K), tick 0 against the S_out the token entered with (NaN
+    for tick 0 when the probe did not record the entry)."""
+    sync = probe.sync_out.float()
+    steps = (sync[:, :, 1:] - sync[:, :, :-1]).norm(dim=-1)
+    if probe.entry_sync_out is None:
+        first = torch.full_like(steps[:, :, :1], float("nan"))
+    else:
+        first = (sync[:, :, 0] - probe.entry_sync_out.float()).norm(dim=-1, keepdim=True)
+    return torch.cat([first, steps], dim=2)
+
+
+def summarize_probe(
+    layers: dict[int, CTMLayerProbe], token_mask: torch.Tensor | None = None
+) -> dict[str, numpy.ndarray]:
+    """Means over real tokens, per layer and tick: {"state_delta", "certainty", "sync_change"} each (n_layers, K)
+    float arrays (NaN where the probe has no value), and "layers": the layer indices in row order.
+
+    `token_mask` (B, T), bool or 0/1, marks the tokens to average (e.g. the attention mask, or easy/hard tokens);
+    None averages every position."""
+    if not layers:
+        raise ValueError("layers is empty: probe a model with at least one thinking layer")
+    order = sorted(layers)
+    B, T, K = layers[order[0]].state_delta.shape
+    if token_mask is None:
+        weights = torch.ones(B, T)
+    else:
+        if tuple(token_mask.shape) != (B, T):
+            raise ValueError(f"token_mask must have shape (batch, sequence) = {(B, T)}, got {tuple(token_mask.shape)}")
+        weights = token_mask.detach().float().cpu()
+    if float(weights.sum()) <= 0:
+        raise ValueError("token_mask selects no token")
+
+    def mean(values: torch.Tensor | None) -> numpy.ndarray:
+        if values is None:
+            return numpy.full(K, numpy.nan)
+        values = values.detach().float().cpu()
+        return ((values * weights[..., None]).sum((0, 1)) / weights.sum()).numpy()
+
+    summary = {name: [] for name in METRICS}
+    for idx in order:
+        probe = layers[idx]
+        summary["state_delta"].append(mean(probe.state_delta))
+        summary["certainty"].append(mean(probe.certainty))
+        summary["sync_change"].append(mean(sync_change(probe)))
+    result = {name: numpy.stack(rows).astype(numpy.float64) for name, rows in summary.items()}
+    result["layers"] = list(order)
+    return result
+
+
+def draw_thinking_map(summary: dict, path: str | os.PathLike, title: str | None = None) -> pathlib.Path:
+    """One heatmap panel per metric (rows: layers, columns: ticks) with the value written in each cell, saved as a
+    PNG at `path` (written to a temporary file and renamed into place). Returns the path."""
+    missing = [name for name in (*METRICS, "layers") if name not in summary]
+    if missing:
+        raise ValueError(f"summary is missing {missing}; build it with summarize_probe")
+    path = pathlib.Path(path)
+    layer_names = [str(i) for i in summary["layers"]]
+    n_layers, K = numpy.asarray(summary["state_delta"]).shape
+    figure = Figure(figsize=(3.2 * len(METRICS) + 0.6, 0.5 * n_layers + 1.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(METRICS))
+    for ax, name in zip(axes, METRICS):
+        values = numpy.asarray(summary[name], dtype=float)
+        image = ax.imshow(values, aspect="auto", cmap="magma" if name != "certainty" else "viridis")
+        ax.set_title(_TITLES[name], fontsize=9)
+        ax.set_xlabel("tick")
+        ax.set_xticks(range(K))
+        ax.set_yticks(range(n_layers), layer_names)
+        ax.set_ylabel("layer")
+        for layer in range(n_layers):
+            for tick in range(K):
+                if numpy.isfinite(values[layer, tick]):
+                    ax.text(tick, layer, f"{values[layer, tick]:.3g}", ha="center", va="center", fontsize=7, color="w")
+        figure.colorbar(image, ax=ax, shrink=0.8)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
+    try:
+        figure.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+__all__ = ["METRICS", "draw_thinking_map", "summarize_probe", "sync_change"]

@@ -836,6 +836,56 @@ class CTMProbeRecorder(CTMTickObserver):
         self.layers[event.layer_idx].residual = event.residual.detach()
 
 
+class CTMGenerationCertainty(CTMTickObserver):
+    """The observer behind `generate(..., output_certainty=True)`. Per forward call (one generation step) it keeps,
+    for the last position of every row (the one whose logits pick the next token): the certainty of the readout tick,
+    the readout tick, and per thinking layer and tick the sync divergence ||S_out,k - S_out,k-1|| (tick 0 against the
+    state the token entered with). Rows are the rows of that step (beams before reordering)."""
+
+    def __init__(self, layer_indices: list[int], ticks: int):
+        self.layer_position = {idx: i for i, idx in enumerate(layer_indices)}
+        self.ticks = ticks
+        self.certainty, self.selected_tick, self.sync_divergence = [], [], []
+        self._step_sync: torch.Tensor | None = None
+
+    def on_tick(self, event: CTMTickEvent) -> None:
+        last = event.valid & (event.columns == event.sequence_length - 1)
+        rows, slots = last.nonzero(as_tuple=True)
+        before = CTMSynchronisation.read(event.before.alpha_out[rows, slots], event.before.beta_out[rows, slots])
+        after = CTMSynchronisation.read(event.after.alpha_out[rows, slots], event.after.beta_out[rows, slots])
+        if self._step_sync is None:
+            B = event.valid.shape[0]
+            self._step_sync = before.new_full((B, len(self.layer_position), self.ticks), float("nan"))
+        self._step_sync[rows, self.layer_position[event.layer_idx], event.tick] = (after - before).norm(dim=-1)
+
+    def on_output(self, event: CTMOutputEvent) -> None:
+        selected = event.selected_tick[:, -1]
+        self.certainty.append(event.certainty[:, -1].gather(-1, selected[:, None])[:, 0])
+        self.selected_tick.append(selected)
+        self.sync_divergence.append(self._step_sync)
+        self._step_sync = None
+
+    def aligned(self, beam_indices: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Stack the steps: (rows, steps, ...). With `beam_indices` (rows, steps; -1 past a beam's end) each final
+        sequence's value at step i is read from the beam row that produced its token i (NaN / -1 past its end)."""
+        values = {
+            "certainty": torch.stack(self.certainty, 1),
+            "selected_tick": torch.stack(self.selected_tick, 1),
+            "sync_divergence": torch.stack(self.sync_divergence, 1),
+        }
+        if beam_indices is None:
+            return values
+        beam_indices = beam_indices.to(values["certainty"].device).long()
+        steps = torch.arange(beam_indices.shape[1], device=beam_indices.device)
+        source = beam_indices.clamp(min=0)
+        result = {}
+        for name, tensor in values.items():
+            picked = tensor[source, steps[None, :]]
+            ended = (beam_indices < 0).view(*beam_indices.shape, *([1] * (picked.dim() - 2)))
+            result[name] = picked.masked_fill(ended, -1 if name == "selected_tick" else float("nan"))
+        return result
+
+
 class CTMObserverHandle:
     """Returned by `add_tick_observer`: `.remove()` unregisters; also a context manager."""
 
@@ -1552,6 +1602,32 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
             result.loss_argmin_tick = terms.loss_argmin_tick
         return result
 
+    def generate(self, *args, output_certainty: bool = False, **kwargs):
+        r"""`GenerationMixin.generate`, plus `output_certainty=True` (with `return_dict_in_generate=True`): the output
+        then also holds, for every generated token (aligned with the last columns of `sequences`, and traced
+        through the beams under beam search):
+
+        - `certainty` (batch, new_tokens): the certainty of the tick the token was read from,
+        - `selected_tick` (batch, new_tokens): that tick,
+        - `sync_divergence` (batch, new_tokens, n_thinking_layers, K): per thinking layer and tick,
+          ||S_out,k - S_out,k-1|| of the position that predicted the token (tick 0 against its entry state).
+
+        Gathered by a tick observer for the duration of the call; without `output_certainty` nothing is observed.
+        """
+        if not output_certainty:
+            return super().generate(*args, **kwargs)
+        if not self.model.last_layer_thinks:
+            raise ValueError("output_certainty=True needs a model whose last layer thinks (CTMConfig.ctm_layers)")
+        config = kwargs.get("generation_config") or self.generation_config
+        if not kwargs.get("return_dict_in_generate", config.return_dict_in_generate):
+            raise ValueError("output_certainty=True needs return_dict_in_generate=True (the values ride on the output)")
+        recorder = CTMGenerationCertainty(self.config.ctm_layer_indices, self.config.ctm_ticks)
+        with self.observing(recorder):
+            outputs = super().generate(*args, **kwargs)
+        for name, value in recorder.aligned(getattr(outputs, "beam_indices", None)).items():
+            outputs[name] = value
+        return outputs
+
     def compile_ticks(self, **compile_kwargs) -> "CTMForCausalLM":
         """Compile the tick function of every CTM block with `torch.compile(**compile_kwargs)` (the tick is where
         the time goes; the schedule around it stays eager so any carry plan works)."""
@@ -1588,6 +1664,7 @@ __all__ = [
     "CTMCacheLayer",
     "CTMCausalLMOutputWithPast",
     "CTMForCausalLM",
+    "CTMGenerationCertainty",
     "CTMLayerEvent",
     "CTMLayerProbe",
     "CTMModel",

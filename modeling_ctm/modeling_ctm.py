@@ -78,10 +78,10 @@ class ThinkingState:
 
     @staticmethod
     def where(condition: torch.Tensor, if_true: "ThinkingState", if_false: "ThinkingState") -> "ThinkingState":
-        """Pick per batch row (`condition` has shape (B,))."""
+        """Pick per batch row (`condition` (B,)) or per token (`condition` (B, n) for states (B, n, ...))."""
 
         def pick(a, b):
-            mask = condition.view(-1, *([1] * (max(a.dim(), b.dim()) - 1)))
+            mask = condition.view(*condition.shape, *([1] * (max(a.dim(), b.dim()) - condition.dim())))
             return torch.where(mask, a, b)
 
         return ThinkingState(
@@ -732,6 +732,7 @@ class CTMTickEvent:
     valid: torch.Tensor  # (B, n) bool
     sequence_length: int  # T of the current call
     block: "CTMBlock"
+    halted: torch.Tensor | None = None  # (B, n) bool: tokens that had stopped thinking, so this tick left them as is
 
     @property
     def state_delta(self) -> torch.Tensor:
@@ -921,6 +922,7 @@ class CTMBlock(nn.Module):
         self.carry = config.ctm_carry
         self.ticks = config.ctm_ticks
         self.checkpoint_ticks = config.ctm_tick_checkpointing
+        self.halt_threshold = config.ctm_halt_threshold
         D, M = config.hidden_size, config.ctm_memory_length
         self.num_heads = config.ctm_attention_heads
         self.head_dim = D // self.num_heads
@@ -998,10 +1000,23 @@ class CTMBlock(nn.Module):
         )
         return ThinkingState(z, trace, alpha_out, beta_out, alpha_action, beta_action)
 
+    @staticmethod
+    def sync_convergence(before: ThinkingState, after: ThinkingState) -> torch.Tensor:
+        """1 - ||S_out,k - S_out,k-1|| / ||S_out,k||, clamped to [0, 1], per token: how settled the readout
+        synchronisation is. The block's own certainty: every thinking layer has it, and it costs O(S_out) per token
+        where the logit lens would cost a vocabulary projection per tick."""
+        new = CTMSynchronisation.read(after.alpha_out, after.beta_out)
+        old = CTMSynchronisation.read(before.alpha_out, before.beta_out)
+        return (1 - (new - old).norm(dim=-1) / new.norm(dim=-1).clamp_min(1e-12)).clamp(0, 1)
+
     def think(self, thinking, keys, values, step, rates, surprise_weight, record_ticks, sequence_length):
         """Run the K ticks of one step. Returns the final state, the final output y_{K-1} (B, n, D) and, when
-        `record_ticks`, the stacked per-tick outputs (B, n, K, D)."""
+        `record_ticks`, the stacked per-tick outputs (B, n, K, D).
+
+        With a `halt_threshold`, a token whose sync convergence reaches it after tick k skips ticks k+1..K-1: its
+        state stays exactly as tick k left it (so later outputs repeat y_k and the carried state is that state)."""
         per_tick_outputs = []
+        halted = None
         for k in range(self.ticks):
             before = thinking
             args = (k, thinking, keys, values, step.attention_mask, step.is_causal, *rates, surprise_weight)
@@ -1009,11 +1024,22 @@ class CTMBlock(nn.Module):
                 thinking = checkpoint(self.tick, *args, use_reentrant=False)
             else:
                 thinking = self.tick(*args)
+            if halted is not None:
+                thinking = ThinkingState.where(halted, before, thinking)
             if self.observers:
-                event = CTMTickEvent(self.layer_idx, k, before, thinking, step.columns, step.valid, sequence_length, self)
+                event = CTMTickEvent(
+                    self.layer_idx, k, before, thinking, step.columns, step.valid, sequence_length, self, halted
+                )
                 thinking = self.notify_tick(event, rates, surprise_weight)
             if record_ticks or k == self.ticks - 1:
                 per_tick_outputs.append(self.readout(thinking))
+            if self.halt_threshold is not None and k < self.ticks - 1:
+                settled = self.sync_convergence(before, thinking) >= self.halt_threshold
+                halted = settled if halted is None else halted | settled
+                if not self.observers and bool(halted.all()):  # nobody thinks on: skip the remaining ticks
+                    output = per_tick_outputs[-1] if record_ticks else self.readout(thinking)
+                    per_tick_outputs += [output] * (self.ticks - len(per_tick_outputs))
+                    break
         ticks = torch.stack(per_tick_outputs, dim=2) if record_ticks else None
         return thinking, per_tick_outputs[-1], ticks
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from modeling_ctm import CTMTickObserver
 from modeling_ctm.fmri import sync_change
 
 
@@ -68,3 +69,74 @@ def test_generate_without_certainty_is_untouched_and_bad_requests_are_refused():
         tiny_model(ctm_layers=[0]).generate(
             prompt, max_new_tokens=2, return_dict_in_generate=True, output_certainty=True
         )
+
+
+def set_halt_threshold(model, threshold):
+    model.config.ctm_halt_threshold = threshold
+    for layer in model.model.layers:
+        if layer.is_thinking:
+            layer.thinking.halt_threshold = threshold
+
+
+class HaltCounter(CTMTickObserver):
+    def __init__(self):
+        self.ran = self.skipped = 0
+
+    def on_tick(self, event):
+        halted = event.halted if event.halted is not None else torch.zeros_like(event.valid)
+        self.ran += int((event.valid & ~halted).sum())
+        self.skipped += int((event.valid & halted).sum())
+
+
+def test_halting_off_and_halting_that_never_fires_are_bit_identical_to_today():
+    ids = torch.randint(1, 97, (2, 8))
+    with torch.no_grad():
+        today = tiny_model()(ids)
+        never = tiny_model(ctm_halt_threshold=1.0)(ids)
+    torch.testing.assert_close(never.logits, today.logits, rtol=0, atol=0)
+    torch.testing.assert_close(never.certainty, today.certainty, rtol=0, atol=0)
+
+
+def test_halting_at_zero_is_thinking_for_one_tick():
+    ids = torch.randint(1, 97, (2, 8))
+    one_tick = tiny_model(ctm_ticks=1)
+    halted = tiny_model(ctm_halt_threshold=0.0, ctm_readout="last")
+    # same weights: the one-tick model is the three-tick model without ticks 1 and 2
+    state = {k: v for k, v in halted.state_dict().items() if "tick_embed" not in k}
+    one_tick.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        one_tick.model.layers[0].thinking.tick_embed.copy_(halted.model.layers[0].thinking.tick_embed[:1])
+        one_tick.model.layers[1].thinking.tick_embed.copy_(halted.model.layers[1].thinking.tick_embed[:1])
+        torch.testing.assert_close(halted(ids).logits, one_tick(ids).logits)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_halted_cached_decode_equals_the_halted_full_forward(chunk_size):
+    model = tiny_model(ctm_carry="chunk", ctm_chunk_size=chunk_size)
+    ids = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        _, layers = model.probe(ids)
+        # a threshold in the middle of the tokens' convergence after tick 0: some halt, some think on
+        convergence = []
+        for probe in layers.values():
+            sync = probe.sync_out
+            convergence.append(1 - (sync[:, :, 1] - sync[:, :, 0]).norm(dim=-1) / sync[:, :, 1].norm(dim=-1))
+        values = torch.cat(convergence).flatten().sort().values
+        middle = len(values) // 2  # halfway between two tokens' values: no token sits on the threshold
+        set_halt_threshold(model, float(values[middle - 1 : middle + 1].mean()))
+        with model.observing(HaltCounter()) as counter:
+            full = model(ids)
+        assert counter.skipped > 0 and counter.ran > 0
+        cache, pieces = None, []
+        for start, stop in [(0, 4), (4, 5), (5, 6), (6, 9)]:
+            out = model(ids[:, start:stop], cache=cache, use_cache=True)
+            cache = out.cache
+            pieces.append(out.logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full.logits, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(full.logits, tiny_model(ctm_carry="chunk", ctm_chunk_size=chunk_size)(ids).logits)
+
+
+def test_halt_threshold_is_validated():
+    for bad in (-0.1, 1.5, "0.5", True):
+        with pytest.raises(ValueError, match="ctm_halt_threshold"):
+            tiny_model(ctm_halt_threshold=bad)

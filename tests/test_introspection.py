@@ -34,6 +34,27 @@ def test_generate_certainty_equals_the_full_forward_greedy(carry):
     torch.testing.assert_close(out.sync_divergence, sync, rtol=1e-4, atol=1e-5)
 
 
+def test_generate_certainty_of_a_left_padded_batch_equals_its_full_forward():
+    model = tiny_model(ctm_carry="chunk", ctm_chunk_size=2)
+    prompt = torch.randint(1, 97, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    prompt = prompt * mask
+    out = model.generate(
+        prompt, attention_mask=mask, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+        output_certainty=True,
+    )  # fmt: skip
+    full_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        outputs, layers = model.probe(out.sequences, attention_mask=full_mask)
+    positions = torch.arange(5, 9)
+    selected = outputs.selected_tick[:, positions]
+    torch.testing.assert_close(out.selected_tick, selected)
+    certainty = outputs.certainty[:, positions].gather(-1, selected[..., None])[..., 0]
+    torch.testing.assert_close(out.certainty, certainty, rtol=1e-4, atol=1e-5)
+    sync = torch.stack([sync_change(layers[idx])[:, positions] for idx in sorted(layers)], dim=2)
+    torch.testing.assert_close(out.sync_divergence, sync, rtol=1e-4, atol=1e-5)
+
+
 def test_generate_certainty_follows_the_beams():
     model = tiny_model(ctm_carry="chunk", ctm_chunk_size=3)
     prompt = torch.randint(1, 97, (2, 4))

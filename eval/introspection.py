@@ -74,7 +74,7 @@ class Settings:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    ctm_layers: str = "all"
+    ctm_layers: str = "last"  # one MLP replaced: a short phase 2 recovers the phase-1 quality
     ctm_ticks: int = 3
     ctm_memory_length: int = 8
     ctm_n_synch_out: int = 32
@@ -84,11 +84,11 @@ class Settings:
     ctm_attention_heads: int = 2
     ctm_loss_tick_aux_weight: float = 0.1
     batch_size: int = 16
-    phase1_steps: int = 300
+    phase1_steps: int = 500
     phase1_lr: float = 3e-3
-    phase2_steps: int = 150
+    phase2_steps: int = 300
     phase2_lr: float = 2e-3
-    eval_blocks: int = 48
+    eval_blocks: int = 64
     bins: int = 10
     threshold_quantiles: tuple = (0.98, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
     gallery_tokens: int = 3

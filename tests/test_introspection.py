@@ -161,3 +161,22 @@ def test_halt_threshold_is_validated():
     for bad in (-0.1, 1.5, "0.5", True):
         with pytest.raises(ValueError, match="ctm_halt_threshold"):
             tiny_model(ctm_halt_threshold=bad)
+
+
+def test_the_text_generation_pipeline_surfaces_the_certainty():
+    from transformers import pipeline
+
+    from modeling_ctm.tokenization import train_tokenizer
+
+    tokenizer = train_tokenizer(["the cat sat on the mat. " * 20, "a dog ran in the park. " * 20], vocab_size=300)
+    model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    record = generator(
+        "the cat", max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_certainty=True
+    )[0]
+    direct = model.generate(
+        tokenizer("the cat", return_tensors="pt").input_ids, max_new_tokens=4, do_sample=False,
+        return_dict_in_generate=True, output_certainty=True,
+    )  # fmt: skip
+    assert record["certainty"] == pytest.approx(direct.certainty[0].tolist())
+    assert record["selected_tick"] == direct.selected_tick[0].tolist()

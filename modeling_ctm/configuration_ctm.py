@@ -72,6 +72,11 @@ class CTMConfig(PreTrainedConfig):
             Chunk size C of the `"chunk"` carry; C = 1 is token-to-token streaming. Required with `"chunk"`.
         ctm_tick_checkpointing (`bool`, defaults to `False`):
             Recompute each tick in the backward pass instead of storing its activations (trades compute for memory).
+        ctm_halt_threshold (`float`, *optional*):
+            Adaptive ticks: a token stops thinking in a CTM layer once its sync convergence
+            1 - ||S_out,k - S_out,k-1|| / ||S_out,k|| (clamped to [0, 1]) reaches this value; its whole thinking state
+            then stays as that tick left it, which is what it outputs and what it carries. `None` (default): every
+            token runs all K ticks. 0 stops every token after one tick.
     """
 
     model_type = "ctm"
@@ -119,6 +124,7 @@ class CTMConfig(PreTrainedConfig):
     ctm_carry: str = "none"
     ctm_chunk_size: int | None = None
     ctm_tick_checkpointing: bool = False
+    ctm_halt_threshold: float | None = None
 
     def __post_init__(self, **kwargs):
         self.refuse_unknown_ctm_fields(kwargs)
@@ -240,6 +246,9 @@ class CTMConfig(PreTrainedConfig):
             fail("ctm_mlp", self.ctm_mlp, f"allowed values are {CTM_MLP_CHOICES}")
         if self.ctm_carry not in CTM_CARRY_CHOICES:
             fail("ctm_carry", self.ctm_carry, f"allowed values are {CTM_CARRY_CHOICES}")
+        halt = self.ctm_halt_threshold
+        if halt is not None and (not isinstance(halt, (int, float)) or isinstance(halt, bool) or not 0 <= halt <= 1):
+            fail("ctm_halt_threshold", halt, "allowed values are None (no halting) or a number in [0, 1]")
         if self.ctm_carry == "chunk" or self.ctm_chunk_size is not None:
             positive_int("ctm_chunk_size", self.ctm_chunk_size, " (required when ctm_carry='chunk')")
 

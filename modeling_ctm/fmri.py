@@ -1,96 +1,118 @@
-"""The "fMRI" of the thinking: per layer and tick summaries of `model.probe` and their heatmap picture.
+"""fMRI pictures of a probe: per thinking layer and tick, how much the state moved, how certain the logit lens is and
+how far the readout synchronisation travelled.
 
-The shared contract: `summarize_probe(layers, token_mask)` -> {"state_delta", "certainty", "sync_change": arrays
-(n_layers, K) of means over real tokens, "layers": [layer indices]}; `draw_thinking_map(summary, path, title)` draws
-one heatmap panel per metric (layers x ticks) into a PNG, written atomically.
+`summarize_probe` reduces `model.probe(...)`'s per-token records to (n_layers, K) means over the real tokens;
+`draw_thinking_map` draws those means as one heatmap panel per metric (layers x ticks) into a PNG. Probe users,
+evaluation (`eval/introspection.py`) and the sleep dream diagnostics share this one picture.
 """
 
-from __future__ import annotations
-
 import os
+import pathlib
 import tempfile
-from pathlib import Path
 
-import numpy as np
+import numpy
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .modeling_ctm import CTMLayerProbe
 
 
 METRICS = ("state_delta", "certainty", "sync_change")
+_TITLES = {
+    "state_delta": "state change ||z_k - z_(k-1)||",
+    "certainty": "certainty (logit lens)",
+    "sync_change": "sync change ||S_k - S_(k-1)||",
+}
 
 
-def _token_mean(values: torch.Tensor, mask: torch.Tensor | None) -> np.ndarray:
-    """(B, T, K) -> (K,) mean over the real tokens."""
-    values = values.float()
-    if mask is None:
-        return values.mean((0, 1)).cpu().numpy()
-    weights = mask.to(values.device).float()[..., None]
-    return ((values * weights).sum((0, 1)) / weights.sum((0, 1)).clamp(min=1)).cpu().numpy()
+def sync_change(probe: CTMLayerProbe) -> torch.Tensor:
+    """||S_out,k - S_out,k-1|| per token and tick (B, T, K), tick 0 against the S_out the token entered with (NaN
+    for tick 0 when the probe did not record the entry)."""
+    sync = probe.sync_out.float()
+    steps = (sync[:, :, 1:] - sync[:, :, :-1]).norm(dim=-1)
+    if probe.entry_sync_out is None:
+        first = torch.full_like(steps[:, :, :1], float("nan"))
+    else:
+        first = (sync[:, :, 0] - probe.entry_sync_out.float()).norm(dim=-1, keepdim=True)
+    return torch.cat([first, steps], dim=2)
 
 
-def summarize_probe(layers: dict, token_mask: torch.Tensor | None = None) -> dict[str, np.ndarray]:
-    """Means over real tokens (`token_mask` (B, T), 1 = real) of each probed layer's per-tick state change, logit-lens
-    certainty and readout-synchronisation change ||S_out,k - S_out,k-1|| (k = 0 against the synchronisation the token
-    entered with, when the probe carries it as `sync_entry` (B, T, S); NaN otherwise)."""
+def summarize_probe(
+    layers: dict[int, CTMLayerProbe], token_mask: torch.Tensor | None = None
+) -> dict[str, numpy.ndarray]:
+    """Means over real tokens, per layer and tick: {"state_delta", "certainty", "sync_change"} each (n_layers, K)
+    float arrays (NaN where the probe has no value), and "layers": the layer indices in row order.
+
+    `token_mask` (B, T), bool or 0/1, marks the tokens to average (e.g. the attention mask, or easy/hard tokens);
+    None averages every position."""
     if not layers:
-        raise ValueError("summarize_probe needs at least one probed layer (the model has no thinking layers?)")
-    indices = sorted(layers)
-    rows = {name: [] for name in METRICS}
-    for index in indices:
-        probe = layers[index]
-        rows["state_delta"].append(_token_mean(probe.state_delta, token_mask))
-        if probe.certainty is not None:
-            rows["certainty"].append(_token_mean(probe.certainty, token_mask))
-        else:
-            rows["certainty"].append(np.full(probe.state_delta.shape[-1], np.nan))
-        sync = probe.sync_out.float()  # (B, T, K, S)
-        change = torch.zeros(sync.shape[:3], device=sync.device)
-        change[..., 1:] = (sync[:, :, 1:] - sync[:, :, :-1]).norm(dim=-1)
-        entry = getattr(probe, "sync_entry", None)
-        if entry is not None:
-            change[..., 0] = (sync[:, :, 0] - entry.to(sync.device).float()).norm(dim=-1)
-        else:
-            change[..., 0] = float("nan")
-        rows["sync_change"].append(_token_mean(change, token_mask))
-    summary = {name: np.stack(values).astype(np.float64) for name, values in rows.items()}
-    summary["layers"] = indices
-    return summary
+        raise ValueError("layers is empty: probe a model with at least one thinking layer")
+    order = sorted(layers)
+    B, T, K = layers[order[0]].state_delta.shape
+    if token_mask is None:
+        weights = torch.ones(B, T)
+    else:
+        if tuple(token_mask.shape) != (B, T):
+            raise ValueError(f"token_mask must have shape (batch, sequence) = {(B, T)}, got {tuple(token_mask.shape)}")
+        weights = token_mask.detach().float().cpu()
+    if float(weights.sum()) <= 0:
+        raise ValueError("token_mask selects no token")
+
+    def mean(values: torch.Tensor | None) -> numpy.ndarray:
+        if values is None:
+            return numpy.full(K, numpy.nan)
+        values = values.detach().float().cpu()
+        return ((values * weights[..., None]).sum((0, 1)) / weights.sum()).numpy()
+
+    summary = {name: [] for name in METRICS}
+    for idx in order:
+        probe = layers[idx]
+        summary["state_delta"].append(mean(probe.state_delta))
+        summary["certainty"].append(mean(probe.certainty))
+        summary["sync_change"].append(mean(sync_change(probe)))
+    result = {name: numpy.stack(rows).astype(numpy.float64) for name, rows in summary.items()}
+    result["layers"] = list(order)
+    return result
 
 
-def draw_thinking_map(summary: dict, path, title: str | None = None) -> Path:
-    """One heatmap panel per metric (rows: layers, columns: ticks), annotated with the values; PNG written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    metrics = [name for name in METRICS if name in summary]
-    if not metrics:
-        raise ValueError(f"summary has none of the metrics {list(METRICS)}: keys {sorted(summary)}")
-    layers = summary.get("layers", list(range(np.asarray(summary[metrics[0]]).shape[0])))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 0.7 * len(layers) + 1.8), squeeze=False)
-    for ax, name in zip(axes[0], metrics):
-        values = np.asarray(summary[name], dtype=np.float64)
-        image = ax.imshow(values, aspect="auto", cmap="magma", interpolation="nearest")
-        ax.set_title(name)
+def draw_thinking_map(summary: dict, path: str | os.PathLike, title: str | None = None) -> pathlib.Path:
+    """One heatmap panel per metric (rows: layers, columns: ticks) with the value written in each cell, saved as a
+    PNG at `path` (written to a temporary file and renamed into place). Returns the path."""
+    missing = [name for name in (*METRICS, "layers") if name not in summary]
+    if missing:
+        raise ValueError(f"summary is missing {missing}; build it with summarize_probe")
+    path = pathlib.Path(path)
+    layer_names = [str(i) for i in summary["layers"]]
+    n_layers, K = numpy.asarray(summary["state_delta"]).shape
+    figure = Figure(figsize=(3.2 * len(METRICS) + 0.6, 0.5 * n_layers + 1.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(METRICS))
+    for ax, name in zip(axes, METRICS):
+        values = numpy.asarray(summary[name], dtype=float)
+        image = ax.imshow(values, aspect="auto", cmap="magma" if name != "certainty" else "viridis")
+        ax.set_title(_TITLES[name], fontsize=9)
         ax.set_xlabel("tick")
+        ax.set_xticks(range(K))
+        ax.set_yticks(range(n_layers), layer_names)
         ax.set_ylabel("layer")
-        ax.set_xticks(range(values.shape[1]))
-        ax.set_yticks(range(values.shape[0]), [str(layer) for layer in layers])
-        for (i, j), value in np.ndenumerate(values):
-            ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7, color="cyan")
-        fig.colorbar(image, ax=ax, fraction=0.046)
+        for layer in range(n_layers):
+            for tick in range(K):
+                if numpy.isfinite(values[layer, tick]):
+                    ax.text(tick, layer, f"{values[layer, tick]:.3g}", ha="center", va="center", fontsize=7, color="w")
+        figure.colorbar(image, ax=ax, shrink=0.8)
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        figure.suptitle(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(handle)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
+        figure.savefig(tmp, format="png", dpi=110)
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+__all__ = ["METRICS", "draw_thinking_map", "summarize_probe", "sync_change"]

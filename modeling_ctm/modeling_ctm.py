@@ -129,10 +129,10 @@ class ThinkingState:
 
     @staticmethod
     def where(condition: torch.Tensor, if_true: "ThinkingState", if_false: "ThinkingState") -> "ThinkingState":
-        """Pick per batch row (`condition` has shape (B,))."""
+        """Pick per batch row (`condition` (B,)) or per token (`condition` (B, n) for states (B, n, ...))."""
 
         def pick(a, b):
-            mask = condition.view(-1, *([1] * (max(a.dim(), b.dim()) - 1)))
+            mask = condition.view(*condition.shape, *([1] * (max(a.dim(), b.dim()) - condition.dim())))
             return torch.where(mask, a, b)
 
         return ThinkingState(
@@ -816,6 +816,7 @@ class CTMTickEvent:
     valid: torch.Tensor  # (B, n) bool
     sequence_length: int  # T of the current call
     block: "CTMBlock"
+    halted: torch.Tensor | None = None  # (B, n) bool: tokens that had stopped thinking, so this tick left them as is
 
     @property
     def state_delta(self) -> torch.Tensor:
@@ -875,6 +876,7 @@ class CTMLayerProbe:
     tick_outputs: torch.Tensor  # y_k, what tick k would add to the residual stream (B, T, K, D)
     residual: torch.Tensor | None = None  # the residual stream entering the block (B, T, D)
     certainty: torch.Tensor | None = None  # certainty of the logit lens on residual + y_k (B, T, K)
+    entry_sync_out: torch.Tensor | None = None  # S_out of the state each token entered with (B, T, S_out)
 
 
 class CTMProbeRecorder(CTMTickObserver):
@@ -909,9 +911,64 @@ class CTMProbeRecorder(CTMTickObserver):
             self.layers[event.layer_idx] = probe
         for name, tensor in recorded.items():
             getattr(probe, name)[rows, columns, event.tick] = tensor[rows, slots].detach()
+        if event.tick == 0:  # the entry's S_out, so a picture can show how far tick 0 moved the readout
+            entry = CTMSynchronisation.read(event.before.alpha_out, event.before.beta_out)
+            if probe.entry_sync_out is None:
+                probe.entry_sync_out = entry.new_zeros(probe.sync_out.shape[:2] + entry.shape[2:])
+            probe.entry_sync_out[rows, columns] = entry[rows, slots].detach()
 
     def on_layer(self, event: CTMLayerEvent) -> None:
         self.layers[event.layer_idx].residual = event.residual.detach()
+
+
+class CTMGenerationCertainty(CTMTickObserver):
+    """The observer behind `generate(..., output_certainty=True)`. Per forward call (one generation step) it keeps,
+    for the last position of every row (the one whose logits pick the next token): the certainty of the readout tick,
+    the readout tick, and per thinking layer and tick the sync divergence ||S_out,k - S_out,k-1|| (tick 0 against the
+    state the token entered with). Rows are the rows of that step (beams before reordering)."""
+
+    def __init__(self, layer_indices: list[int], ticks: int):
+        self.layer_position = {idx: i for i, idx in enumerate(layer_indices)}
+        self.ticks = ticks
+        self.certainty, self.selected_tick, self.sync_divergence = [], [], []
+        self._step_sync: torch.Tensor | None = None
+
+    def on_tick(self, event: CTMTickEvent) -> None:
+        last = event.valid & (event.columns == event.sequence_length - 1)
+        rows, slots = last.nonzero(as_tuple=True)
+        before = CTMSynchronisation.read(event.before.alpha_out[rows, slots], event.before.beta_out[rows, slots])
+        after = CTMSynchronisation.read(event.after.alpha_out[rows, slots], event.after.beta_out[rows, slots])
+        if self._step_sync is None:
+            B = event.valid.shape[0]
+            self._step_sync = before.new_full((B, len(self.layer_position), self.ticks), float("nan"))
+        self._step_sync[rows, self.layer_position[event.layer_idx], event.tick] = (after - before).norm(dim=-1)
+
+    def on_output(self, event: CTMOutputEvent) -> None:
+        selected = event.selected_tick[:, -1]
+        self.certainty.append(event.certainty[:, -1].gather(-1, selected[:, None])[:, 0])
+        self.selected_tick.append(selected)
+        self.sync_divergence.append(self._step_sync)
+        self._step_sync = None
+
+    def aligned(self, beam_indices: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Stack the steps: (rows, steps, ...). With `beam_indices` (rows, steps; -1 past a beam's end) each final
+        sequence's value at step i is read from the beam row that produced its token i (NaN / -1 past its end)."""
+        values = {
+            "certainty": torch.stack(self.certainty, 1),
+            "selected_tick": torch.stack(self.selected_tick, 1),
+            "sync_divergence": torch.stack(self.sync_divergence, 1),
+        }
+        if beam_indices is None:
+            return values
+        beam_indices = beam_indices.to(values["certainty"].device).long()
+        steps = torch.arange(beam_indices.shape[1], device=beam_indices.device)
+        source = beam_indices.clamp(min=0)
+        result = {}
+        for name, tensor in values.items():
+            picked = tensor[source, steps[None, :]]
+            ended = (beam_indices < 0).view(*beam_indices.shape, *([1] * (picked.dim() - 2)))
+            result[name] = picked.masked_fill(ended, -1 if name == "selected_tick" else float("nan"))
+        return result
 
 
 class CTMObserverHandle:
@@ -949,6 +1006,7 @@ class CTMBlock(nn.Module):
         self.carry = config.ctm_carry
         self.ticks = config.ctm_ticks
         self.checkpoint_ticks = config.ctm_tick_checkpointing
+        self.halt_threshold = config.ctm_halt_threshold
         D, M = config.hidden_size, config.ctm_memory_length
         self.num_heads = config.ctm_attention_heads
         self.head_dim = D // self.num_heads
@@ -1027,10 +1085,23 @@ class CTMBlock(nn.Module):
         )
         return ThinkingState(z, trace, alpha_out, beta_out, alpha_action, beta_action)
 
+    @staticmethod
+    def sync_convergence(before: ThinkingState, after: ThinkingState) -> torch.Tensor:
+        """1 - ||S_out,k - S_out,k-1|| / ||S_out,k||, clamped to [0, 1], per token: how settled the readout
+        synchronisation is. The block's own certainty: every thinking layer has it, and it costs O(S_out) per token
+        where the logit lens would cost a vocabulary projection per tick."""
+        new = CTMSynchronisation.read(after.alpha_out, after.beta_out)
+        old = CTMSynchronisation.read(before.alpha_out, before.beta_out)
+        return (1 - (new - old).norm(dim=-1) / new.norm(dim=-1).clamp_min(1e-12)).clamp(0, 1)
+
     def think(self, thinking, keys, values, step, rates, surprise_weight, record_ticks, sequence_length):
         """Run the K ticks of one step. Returns the final state, the final output y_{K-1} (B, n, D) and, when
-        `record_ticks`, the stacked per-tick outputs (B, n, K, D)."""
+        `record_ticks`, the stacked per-tick outputs (B, n, K, D).
+
+        With a `halt_threshold`, a token whose sync convergence reaches it after tick k skips ticks k+1..K-1: its
+        state stays exactly as tick k left it (so later outputs repeat y_k and the carried state is that state)."""
         per_tick_outputs = []
+        halted = None
         for k in range(self.ticks):
             before = thinking
             args = (k, thinking, keys, values, step.attention_mask, step.is_causal, *rates, surprise_weight)
@@ -1038,11 +1109,22 @@ class CTMBlock(nn.Module):
                 thinking = checkpoint(self.tick, *args, use_reentrant=False)
             else:
                 thinking = self.tick(*args)
+            if halted is not None:
+                thinking = ThinkingState.where(halted, before, thinking)
             if self.observers:
-                event = CTMTickEvent(self.layer_idx, k, before, thinking, step.columns, step.valid, sequence_length, self)
+                event = CTMTickEvent(
+                    self.layer_idx, k, before, thinking, step.columns, step.valid, sequence_length, self, halted
+                )
                 thinking = self.notify_tick(event, rates, surprise_weight)
             if record_ticks or k == self.ticks - 1:
                 per_tick_outputs.append(self.readout(thinking))
+            if self.halt_threshold is not None and k < self.ticks - 1:
+                settled = self.sync_convergence(before, thinking) >= self.halt_threshold
+                halted = settled if halted is None else halted | settled
+                if not self.observers and bool(halted.all()):  # nobody thinks on: skip the remaining ticks
+                    output = per_tick_outputs[-1] if record_ticks else self.readout(thinking)
+                    per_tick_outputs += [output] * (self.ticks - len(per_tick_outputs))
+                    break
         ticks = torch.stack(per_tick_outputs, dim=2) if record_ticks else None
         return thinking, per_tick_outputs[-1], ticks
 
@@ -1778,6 +1860,32 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
                     f"or {ignore_index} (ignored)"
                 )
 
+    def generate(self, *args, output_certainty: bool = False, **kwargs):
+        r"""`GenerationMixin.generate`, plus `output_certainty=True` (with `return_dict_in_generate=True`): the output
+        then also holds, for every generated token (aligned with the last columns of `sequences`, and traced
+        through the beams under beam search):
+
+        - `certainty` (batch, new_tokens): the certainty of the tick the token was read from,
+        - `selected_tick` (batch, new_tokens): that tick,
+        - `sync_divergence` (batch, new_tokens, n_thinking_layers, K): per thinking layer and tick,
+          ||S_out,k - S_out,k-1|| of the position that predicted the token (tick 0 against its entry state).
+
+        Gathered by a tick observer for the duration of the call; without `output_certainty` nothing is observed.
+        """
+        if not output_certainty:
+            return super().generate(*args, **kwargs)
+        if not self.model.last_layer_thinks:
+            raise ValueError("output_certainty=True needs a model whose last layer thinks (CTMConfig.ctm_layers)")
+        config = kwargs.get("generation_config") or self.generation_config
+        if not kwargs.get("return_dict_in_generate", config.return_dict_in_generate):
+            raise ValueError("output_certainty=True needs return_dict_in_generate=True (the values ride on the output)")
+        recorder = CTMGenerationCertainty(self.config.ctm_layer_indices, self.config.ctm_ticks)
+        with self.observing(recorder):
+            outputs = super().generate(*args, **kwargs)
+        for name, value in recorder.aligned(getattr(outputs, "beam_indices", None)).items():
+            outputs[name] = value
+        return outputs
+
     def compile_ticks(self, **compile_kwargs) -> "CTMForCausalLM":
         """Compile the tick function of every CTM block with `torch.compile(**compile_kwargs)` (the tick is where
         the time goes; the schedule around it stays eager so any carry plan works)."""
@@ -1814,6 +1922,7 @@ __all__ = [
     "CTMCacheLayer",
     "CTMCausalLMOutputWithPast",
     "CTMForCausalLM",
+    "CTMGenerationCertainty",
     "CTMLayerEvent",
     "CTMLayerProbe",
     "CTMModel",

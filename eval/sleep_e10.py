@@ -87,7 +87,7 @@ def settings(quick: bool) -> dict:
         n_dreams=4,
         n_random=4,
         consolidation_steps=2,
-        max_replays=8,
+        max_replays=3,  # at most 3 of the 6 sleeps of setting 1: rescoring alone does not displace unlearnable noise
         model=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, ctm_layers="last", ctm_ticks=2, ctm_memory_length=4, ctm_n_synch_out=16,
                    ctm_n_synch_action=8, ctm_nlm_hidden_size=4, ctm_synapse_depth=2,

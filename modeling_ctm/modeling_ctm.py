@@ -1796,10 +1796,12 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
             )
 
         tick_logits = self.lm_head(slice_logits_to_keep(outputs.tick_hidden_states, logits_to_keep))  # (B, T, K, V)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and labels is not None):
+        # the log-softmax needs a graph for the loss, and for the tick-mixture readout, whose logits are made of it
+        mixture = self.config.ctm_readout == "tick_mixture"
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (labels is not None or mixture)):
             tick_log_probs = F.log_softmax(tick_logits.float(), dim=-1)
         certainty = tick_certainty(log_probs=tick_log_probs)
-        if self.config.ctm_readout == "tick_mixture":
+        if mixture:
             # no single tick is read: the mean of the K distributions (log-probs), which never loses more than log K
             # nats to the best tick and does not bet on one tick's certainty off the training distribution
             selected_tick = None

@@ -9,6 +9,7 @@ import json
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,9 +20,14 @@ from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 from .cards import write_model_card
 from .configuration_ctm import CTMConfig
 from .data import count_tokens_and_bytes, load_text_dataset, pack_dataset, unigram_baseline
-from .phases import get_phase, language_config
+from .memory import CTMEpisodicMemory
+from .modeling_ctm import CTMForCausalLM
+from .online import CTMOnlineSession, OnlineConfig
+from .phases import freeze_for_thinking, get_phase, language_config
+from .plasticity import HebbianPlasticity, PlasticityConfig, memory_held_bytes
+from .sleep import ConsolidationConfig, Consolidator, ReplayHeap
 from .tokenization import get_tokenizer
-from .training import evaluate_documents, readout_loss_name
+from .training import CTMTrainer, evaluate_documents, readout_loss_name
 
 
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -155,9 +161,18 @@ class PhaseResult:
 
 
 def finish_phase(
-    trainer, phase: int, run_dir: Path, data: Data, preset: dict, train_seconds: float, base_model: Path | None
+    trainer,
+    phase: int,
+    run_dir: Path,
+    data: Data,
+    preset: dict,
+    train_seconds: float,
+    base_model: Path | None,
+    extra_metrics: dict | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> PhaseResult:
-    """Evaluate on held-out text, write greedy samples, save the final checkpoint with its model card."""
+    """Evaluate on held-out text, write greedy samples, save the final checkpoint with its model card. `extra_metrics`
+    join the evaluation (card, eval_results.json, summary); `write_extra(folder)` adds files to the checkpoint."""
     model = trainer.model
     metrics = trainer.evaluate()
     # timings and the epoch fraction are progress, not evaluation (a resumed run recounts the epoch differently)
@@ -166,6 +181,7 @@ def finish_phase(
     if data.paragraphs:
         metrics.update(evaluate_documents(model, data.tokenizer, data.paragraphs, prefix="paragraphs"))
     metrics["unigram_baseline_loss"] = data.unigram_nats
+    metrics.update(extra_metrics or {})
     samples = greedy_samples(model, data.tokenizer, **preset["samples"])
     phase_info, previous = get_phase(phase), get_phase(phase - 1) if phase > 1 else None
     folder = run_dir / phase_info.folder / "model"
@@ -193,6 +209,8 @@ def finish_phase(
             model_id=f"ctm-{preset['name']}-{phase_info.folder}",
         )
         (target / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+        if write_extra is not None:
+            write_extra(target)
 
     save_atomically(model, data.tokenizer, folder, write_card_and_samples)
     n_trainable = model.num_parameters(only_trainable=True)
@@ -250,3 +268,108 @@ def phase_cli(phase: int, run, doc: str, argv=None) -> None:
     else:
         result = run(preset, args.output, data, resume=args.resume)
     print(f"phase {phase} saved to {result.folder}:\n{json.dumps(result.metrics, indent=2)}")
+
+
+def conversation_script(preset: dict, data: Data) -> list[list[str]]:
+    """Phase 4's scripted conversations: consecutive held-out paragraphs after the ones the evaluation scores, `turns`
+    paragraphs (messages) per conversation, each cut to `max_message_words` words."""
+    spec = preset["phase4"]
+    validation = load_text_dataset(preset["data"]["source"])["validation"]["text"]
+    start = len(data.paragraphs)
+    words = spec.get("max_message_words", 48)
+    messages = [" ".join(text.split()[:words]) for text in validation[start:] if text.strip()]
+    n, turns = spec["conversations"], spec.get("turns", 2)
+    if len(messages) < n * turns:
+        raise ValueError(f"phase4.conversations={n} x turns={turns} needs {n * turns} held-out paragraphs; "
+                         f"{len(messages)} remain after the scored ones")  # fmt: skip
+    return [messages[i * turns : (i + 1) * turns] for i in range(n)]
+
+
+def online_session(model, tokenizer, preset: dict) -> CTMOnlineSession:
+    """The phase-4 session the preset describes: episodic memory, Hebbian plasticity and sleep, each optional."""
+    spec = preset["phase4"]
+    memory = plasticity = heap = consolidator = None
+    if spec.get("memory"):
+        memory = CTMEpisodicMemory.for_model(model.config, **spec["memory"])
+    if spec.get("plasticity") is not None:
+        plasticity = HebbianPlasticity(model, PlasticityConfig(**spec["plasticity"]))
+    if spec.get("sleep"):
+        sleep_spec = dict(spec["sleep"])
+        heap = ReplayHeap(capacity=sleep_spec.pop("capacity", 16))
+        consolidator = Consolidator(model, ConsolidationConfig(**sleep_spec))
+    config = OnlineConfig(**spec.get("session", {}))
+    return CTMOnlineSession(model, tokenizer, memory, plasticity, heap, consolidator, config)
+
+
+def live_through(session: CTMOnlineSession, script: list[list[str]]) -> dict:
+    """Run the conversations; returns the counts and the wall time per processed token."""
+    started, reports = time.perf_counter(), []
+    for conversation in script:
+        for message in conversation:
+            session.say(message)
+        reports.append(session.end())
+    seconds = time.perf_counter() - started
+    tokens = sum(r["tokens"] for r in reports)
+    return {"seconds": seconds, "tokens": tokens, "reports": reports}
+
+
+def online_phase(preset: dict, run_dir: Path, data: Data, source: Path) -> PhaseResult:
+    """Phase 4: the phase-3 model lives through the preset's scripted conversations with its memory stack on; then it
+    is evaluated, sampled and saved like the other phases, its brain (`session.save`) beside the checkpoint. The same
+    script is also run once with the memory stack off, on a fresh copy, to state what the stack costs per token."""
+    seed_everything(preset)
+    phase = get_phase(4)
+    spec = preset["phase4"]
+    script = conversation_script(preset, data)
+
+    def fresh_model():
+        model = CTMForCausalLM.from_pretrained(source)
+        freeze_for_thinking(model, spec.get("freeze", "non_ctm"))  # sleep consolidates what phases 2-3 trained
+        return model
+
+    bare_config = OnlineConfig(**{**spec.get("session", {}), "sleep_every": None})  # the same script, no memory stack
+    bare = CTMOnlineSession(fresh_model(), data.tokenizer, config=bare_config)
+    off = live_through(bare, script)
+    session = online_session(fresh_model(), data.tokenizer, preset)
+    on = live_through(session, script)
+    reports = on["reports"]
+    brain_bytes = 0
+    if session.memory is not None:
+        brain_bytes += session.memory.bytes_per_episode * session.memory.capacity
+    if session.plasticity is not None:
+        brain_bytes += memory_held_bytes(session.plasticity)
+    if session.heap is not None:
+        brain_bytes += session.heap.memory_bytes()
+    edits = [r["plasticity"] for r in reports if "plasticity" in r]
+    ratios = [abs(v - 1) for e in edits if e.get("applied") for v in e["norm_ratio"].values()]
+    memory_figures = {
+        "online_conversations": len(reports),
+        "online_tokens": on["tokens"],
+        "online_recall_rate": sum(r["recalled"] for r in reports) / len(reports),
+        "online_episodes": reports[-1].get("episodes", 0),
+        "online_edits_applied": sum(bool(e.get("applied")) for e in edits),
+        "online_edits_skipped": sum(bool(e.get("skipped")) for e in edits),
+        "online_max_norm_drift": max(ratios, default=0.0),
+        "online_sleeps": sum("sleep" in r for r in reports),
+        "online_brain_bytes": brain_bytes,
+        "online_ms_per_token_on": 1000 * on["seconds"] / on["tokens"],
+        "online_ms_per_token_off": 1000 * off["seconds"] / off["tokens"],
+    }
+    folder = run_dir / phase.folder
+    session.save(folder / "brain")
+    trainer = CTMTrainer(
+        model=session.model,
+        args=training_arguments(preset, 4, folder),
+        eval_dataset=data.eval,
+        processing_class=data.tokenizer,
+        bytes_per_token=data.bytes_per_token,
+    )
+
+    def save_memory(target: Path):  # the episodic memory travels (and is pushed) with the checkpoint
+        if session.memory is not None:
+            session.memory.save_pretrained(target / "episodic_memory")
+
+    return finish_phase(
+        trainer, 4, run_dir, data, preset, on["seconds"], base_model=source, extra_metrics=memory_figures,
+        write_extra=save_memory,
+    )  # fmt: skip

@@ -1,5 +1,5 @@
-"""The main job: train the phases 1 -> 2 -> 3 on a preset, evaluate each on held-out text, write samples, model cards
-and a summary table into one run folder.
+"""The main job: train the phases 1 -> 2 -> 3, then live phase 4 (online learning, when the preset has a `phase4`
+section), evaluate each on held-out text, write samples, model cards and a summary table into one run folder.
 
     python recipes/run_all.py --preset tiny --output runs/tiny [--push-to-hub NAMESPACE/NAME]
 """
@@ -12,6 +12,7 @@ from pathlib import Path
 import phase1_language
 import phase2_thinking
 import phase3_continuity
+import phase4_online
 
 from modeling_ctm.hub import push_run
 from modeling_ctm.modeling_ctm import atomic_write
@@ -73,6 +74,18 @@ def bpb_of_readout(m: dict) -> str:
     return "-"
 
 
+def online_summary(m: dict) -> str:
+    """Phase 4's memory figures, next to its losses."""
+    return (
+        f"Phase 4 lived {m['online_conversations']} conversations ({m['online_tokens']:,} tokens): recall rate "
+        f"{m['online_recall_rate']:.2f}, {m['online_episodes']} episodes stored, {m['online_edits_applied']} Hebbian "
+        f"edits applied ({m['online_edits_skipped']} skipped; largest weight-norm drift from the anchors "
+        f"{m['online_max_norm_drift']:.3f}), {m['online_sleeps']} sleeps; memory held "
+        f"{m['online_brain_bytes'] / 2**20:.2f} MiB; {m['online_ms_per_token_on']:.1f} ms/token with the memory "
+        f"stack on vs {m['online_ms_per_token_off']:.1f} off (generate, batch 1)."
+    )
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |" for row in rows]
@@ -96,10 +109,15 @@ def main(argv=None):
     results = [phase1_language.run(preset, run_dir, data, resume=args.resume)]
     results.append(phase2_thinking.run(preset, run_dir, data, results[-1].folder, resume=args.resume))
     results.append(phase3_continuity.run(preset, run_dir, data, results[-1].folder, resume=args.resume))
+    if preset.get("phase4"):
+        results.append(phase4_online.run(preset, run_dir, data, results[-1].folder, resume=args.resume))
     total = time.perf_counter() - started
 
     rows = [summary_row(result) for result in results]
     table = markdown_table(rows)
+    online = results[-1].metrics if results[-1].phase == 4 else None
+    if online:
+        table += "\n\n" + online_summary(online)
     samples = "\n".join(f"- phase {result.phase}: {sample!r}" for result in results for sample in result.samples)
     report = (
         f"# Run `{run_dir}` (preset `{preset['name']}`)\n\n{table}\n\n"

@@ -147,3 +147,13 @@ def test_non_thinking_ffn_freeze_trains_the_block_and_the_mlp_beside_it():
     assert trainable == expected and any(".layers.1.mlp." in n for n in trainable)
     assert counts["trainable"] == sum(p.numel() for p in [*last.thinking.parameters(), *last.mlp.parameters()])
     assert not model.model.layers[0].mlp.gate_proj.weight.requires_grad
+
+
+def test_the_tick_mixture_readout_keeps_its_graph_without_labels():
+    """Logits of the mixture readout are made of the log-softmax: without labels they must still carry a gradient
+    (sleep's consolidation and any custom loss read `logits` and call backward)."""
+    model = tiny_model(ctm_readout="tick_mixture").train()
+    logits = model(torch.randint(1, 97, (1, 5))).logits
+    assert logits.requires_grad
+    logits.logsumexp(-1).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "thinking" in n)

@@ -18,6 +18,7 @@ sys.path.insert(0, str(RECIPES))
 
 import run_all  # noqa: E402
 
+from modeling_ctm.online import CTMOnlineSession  # noqa: E402
 from modeling_ctm.runs import load_preset, training_arguments  # noqa: E402
 
 
@@ -32,6 +33,8 @@ def _micro_preset(tmp_path) -> Path:
     for phase in ("phase1", "phase2", "phase3"):
         preset[phase]["training"]["max_steps"] = 2
     preset["phase3"].update(chunk_size=8, chunk_length=16)
+    preset["phase4"].update(conversations=2, turns=2, max_message_words=8, session={"max_new_tokens": 2, "sleep_every": 2},
+                            memory={"capacity": 4}, sleep={"capacity": 4, "steps": 1})  # fmt: skip
     preset["samples"] = {"prompts": ["Emma was"], "max_new_tokens": 4}
     path = tmp_path / "micro.yaml"
     path.write_text(yaml.safe_dump(preset))
@@ -39,13 +42,14 @@ def _micro_preset(tmp_path) -> Path:
 
 
 @pytest.mark.slow
-def test_main_job_runs_the_three_phases_and_writes_cards(tmp_path):
+def test_main_job_runs_the_four_phases_and_writes_cards(tmp_path):
     run_dir = tmp_path / "run"
     run_all.main(["--preset", str(_micro_preset(tmp_path)), "--output", str(run_dir)])
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert [p["phase"] for p in summary["phases"]] == [1, 2, 3]
-    assert "| 3 continuity |" in (run_dir / "summary.md").read_text()
+    assert [p["phase"] for p in summary["phases"]] == [1, 2, 3, 4]
+    report = (run_dir / "summary.md").read_text()
+    assert "| 3 continuity |" in report and "| 4 online |" in report and "Phase 4 lived 2 conversations" in report
     for entry in summary["phases"]:
         folder = Path(entry["folder"])
         card = ModelCard.load(folder / "README.md")
@@ -68,6 +72,12 @@ def test_main_job_runs_the_three_phases_and_writes_cards(tmp_path):
                 assert key in entry["metrics"], key
             assert "| eval_loss_most_certain_tick |" in card.text
     assert AutoModelForCausalLM.from_pretrained(summary["phases"][2]["folder"]).config.ctm_carry == "chunk"
+    online = summary["phases"][3]["metrics"]
+    assert online["online_conversations"] == 2 and online["online_episodes"] >= 1 and online["online_sleeps"] == 1
+    assert online["online_edits_applied"] + online["online_edits_skipped"] == 2
+    brain = CTMOnlineSession.load(run_dir / "phase4-online" / "brain")  # the brain beside the checkpoint
+    assert brain.conversations == 2 and len(brain.memory) == online["online_episodes"]
+    assert (Path(summary["phases"][3]["folder"]) / "episodic_memory" / "model.safetensors").is_file()
     assert list((run_dir / "phase1-language").glob("runs/*"))  # TensorBoard logs
 
 

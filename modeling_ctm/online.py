@@ -1,0 +1,315 @@
+"""Phase 4, online learning: a conversation over `generate` with the memory stack live.
+
+A `CTMOnlineSession` holds one model and its memories across conversations:
+
+- at the start of a conversation it **recalls** an episode (`CTMEpisodicMemory.recall`) by the first message and, if
+  one is close enough, starts from that thinking state instead of the learned start state;
+- during it the thinking state and the attention KV are carried turn to turn through one `CTMCache` (`generate` with
+  `cache=`), and the plasticity statistics, if plasticity is on, are gathered by its tick observer;
+- at its end the **Hebbian edit** is applied and the episode **stored** (keyed by the user's messages, valued by the
+  final thinking state); every `sleep_every` conversations the
+  session **sleeps** on the hardest conversations it has had;
+- `learn_from` (a separate, stated mode, off by default) takes one small gradient step per message, pulled towards the
+  weights the session started with.
+
+The whole "brain" (weights, episodic memory, plasticity anchors, counters) saves and loads as safetensors + JSON,
+atomically (`save` / `CTMOnlineSession.load`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
+
+from .memory import CTMEpisodicMemory
+from .modeling_ctm import CTMCache, CTMForCausalLM, atomic_write, load_safetensors_file
+from .plasticity import HebbianPlasticity, PlasticityConfig
+from .sleep import ConsolidationConfig, Consolidator, ReplayHeap, score_sequences, sleep
+
+
+SESSION_FILE = "session.json"
+
+
+@dataclass
+class OnlineConfig:
+    """What the session does with each conversation.
+
+    recall_threshold: cosine similarity an episode's key needs to be recalled (see `CTMEpisodicMemory.recall`).
+    store: store every finished conversation as an episode.
+    sleep_every: sleep after this many conversations (None: never).
+    learn_rate: `learn_from` step size per message (0: off; plain SGD on the trainable parameters).
+    learn_anchor: weight of the L2 pull towards the weights the session started with, in the `learn_from` loss.
+    max_new_tokens: reply length.
+    """
+
+    recall_threshold: float = 0.5
+    store: bool = True
+    sleep_every: int | None = None
+    learn_rate: float = 0.0
+    learn_anchor: float = 1.0
+    max_new_tokens: int = 32
+
+    def __post_init__(self):
+        checks = {
+            "recall_threshold": (-1.0 <= self.recall_threshold <= 1.0, "a cosine similarity in [-1, 1]"),
+            "sleep_every": (self.sleep_every is None or self.sleep_every >= 1, "None or an integer >= 1"),
+            "learn_rate": (self.learn_rate >= 0, "a number >= 0"),
+            "learn_anchor": (self.learn_anchor >= 0, "a number >= 0"),
+            "max_new_tokens": (self.max_new_tokens >= 1, "an integer >= 1"),
+        }
+        for name, (ok, allowed) in checks.items():
+            if not ok:
+                raise ValueError(f"OnlineConfig.{name}={getattr(self, name)!r} is invalid: allowed values are {allowed}")
+
+
+class CTMOnlineSession:
+    """Conversations with one model whose memories persist between them. See the module docstring.
+
+    Args:
+        model: a `CTMForCausalLM` with `ctm_carry="chunk"` (the carried thinking state is what memory is made of).
+        tokenizer: its tokenizer.
+        memory: a `CTMEpisodicMemory` for this model's shape, or None (no recall, no store).
+        plasticity: a `HebbianPlasticity` bound to `model`, or None (no Hebbian edits).
+        heap, consolidator: a `ReplayHeap` of past conversations and a `Consolidator`, both or neither (no sleep).
+        config: an `OnlineConfig`.
+    """
+
+    def __init__(
+        self,
+        model: CTMForCausalLM,
+        tokenizer,
+        memory: CTMEpisodicMemory | None = None,
+        plasticity: HebbianPlasticity | None = None,
+        heap: ReplayHeap | None = None,
+        consolidator: Consolidator | None = None,
+        config: OnlineConfig | None = None,
+    ):
+        if model.config.ctm_carry != "chunk":
+            raise ValueError(
+                f"CTMOnlineSession needs a model with ctm_carry='chunk' (got ctm_carry={model.config.ctm_carry!r}): "
+                "without a carried thinking state there is nothing to remember between turns"
+            )
+        if memory is not None:
+            memory.check_model(model.config)
+        if plasticity is not None and plasticity.model is not model:
+            raise ValueError("plasticity is bound to another model: build it with HebbianPlasticity(session_model)")
+        if (heap is None) != (consolidator is None):
+            raise ValueError("sleep needs both a ReplayHeap (what to replay) and a Consolidator (how): pass both or neither")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.memory = memory
+        self.plasticity = plasticity
+        self.heap = heap
+        self.consolidator = consolidator
+        self.config = config or OnlineConfig()
+        if self.config.sleep_every and heap is None:
+            raise ValueError(f"OnlineConfig.sleep_every={self.config.sleep_every} needs a heap and a consolidator")
+        self.conversations = 0
+        self.messages = 0
+        self.recalls = 0
+        self._anchor: dict[str, torch.Tensor] | None = None  # learn_from's pull-back target, taken at first use
+        self._end_conversation_state()
+
+    def _end_conversation_state(self):
+        self.ids: torch.Tensor | None = None
+        self.cache: CTMCache | None = None
+        self.user_ids: list[torch.Tensor] = []  # the user's messages: what the episode is filed under
+        self.recalled = False
+
+    # -- a conversation ------------------------------------------------------------------------------------------------
+
+    def encode(self, message: str) -> torch.Tensor:
+        if not isinstance(message, str) or not message.strip():
+            raise ValueError(f"message={message!r} is invalid: a conversation turn needs non-empty text")
+        ids = self.tokenizer(message, return_tensors="pt", add_special_tokens=False).input_ids.to(self.model.device)
+        used = 0 if self.ids is None else self.ids.shape[1]
+        room = self.model.config.max_position_embeddings - used - self.config.max_new_tokens
+        if ids.shape[1] > room:
+            raise ValueError(
+                f"message is {ids.shape[1]} tokens; this conversation has room for {max(room, 0)} more "
+                f"(max_position_embeddings={self.model.config.max_position_embeddings}, {used} used, "
+                f"max_new_tokens={self.config.max_new_tokens}): call end() and start a new conversation"
+            )
+        return ids
+
+    def say(self, message: str, **generate_kwargs) -> str:
+        """One turn: the message goes in, the model's greedy reply (unless `generate_kwargs` say otherwise) comes back.
+        The first turn of a conversation recalls an episode; every turn carries the cache forward."""
+        ids = self.encode(message)
+        if self.ids is None:
+            self._begin(ids)
+        self.user_ids.append(ids)
+        if self.config.learn_rate:
+            self.learn_from(ids)
+        context = ids if self.ids is None else torch.cat([self.ids, ids], dim=1)
+        kwargs = {"max_new_tokens": self.config.max_new_tokens, "do_sample": False, **generate_kwargs}
+        with torch.no_grad():
+            if self.plasticity is not None:
+                self._read(context)
+            out = self.model.generate(
+                context,
+                attention_mask=torch.ones_like(context),
+                cache=self.cache,
+                return_dict_in_generate=True,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **kwargs,
+            )
+        self.ids, self.cache = out.sequences, out.cache
+        self.messages += 1
+        return self.tokenizer.decode(out.sequences[0, context.shape[1] :], skip_special_tokens=True)
+
+    def _read(self, context: torch.Tensor) -> None:
+        """Run the not-yet-seen tokens of `context` but the last through the model into the cache, with full logits,
+        so the plasticity statistics see every token of the message (`generate`'s own prefill keeps only the last
+        position's logits). The same function as letting `generate` prefill: incremental equals the full forward."""
+        seen = self.cache.get_seq_length() if self.cache is not None else 0
+        if context.shape[1] - 1 - seen < 1:
+            return
+        unseen = context[:, seen:-1]
+        out = self.model(unseen, attention_mask=torch.ones_like(context[:, :-1]), cache=self.cache, use_cache=True)
+        self.cache = out.cache
+
+    def _begin(self, first_ids: torch.Tensor) -> None:
+        if self.memory is not None and len(self.memory):
+            self.cache = self.memory.recall(self.model, first_ids, threshold=self.config.recall_threshold)
+        self.recalled = self.cache is not None
+        self.recalls += int(self.recalled)
+        if self.plasticity is not None:
+            self.plasticity.enable()  # statistics from every forward of this conversation, generate's included
+
+    def end(self) -> dict:
+        """End the conversation: apply the Hebbian edit, store the episode, sleep if it is time. Returns what
+        happened."""
+        if self.ids is None:
+            raise ValueError("end() called with no conversation under way: say() something first")
+        report = {"tokens": int(self.ids.shape[1]), "recalled": self.recalled}
+        if self.plasticity is not None:
+            self.plasticity.disable()
+            report["plasticity"] = self.plasticity.apply()
+        if self.memory is not None and self.config.store:
+            # filed under the user's words, not the model's replies: the next conversation asks with its first message
+            self.memory.store(self.model, torch.cat(self.user_ids, dim=1), self.cache)
+            report["episodes"] = len(self.memory)
+        if self.heap is not None:
+            losses = score_sequences(self.model, self.ids, self.ids)
+            self.heap.offer(self.ids.cpu(), self.ids.cpu(), losses.cpu())
+        self.conversations += 1
+        if self.config.sleep_every and self.conversations % self.config.sleep_every == 0:
+            report["sleep"] = sleep(self.model, self.heap, self.consolidator, step=self.conversations).to_json()
+            self.model.eval()
+        self._end_conversation_state()
+        return report
+
+    # -- learn_from: the gradient mode ---------------------------------------------------------------------------------
+
+    def learn_from(self, ids: torch.Tensor) -> float:
+        """One SGD step of the language-model loss on `ids`, plus `learn_anchor` x the squared distance of the
+        trainable weights from where the session started (so a long life does not drift without bound)."""
+        params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        if self._anchor is None:
+            self._anchor = {name: p.detach().clone() for name, p in params.items()}
+        self.model.train()
+        try:
+            loss = self.model(ids, labels=ids).loss
+            pull = sum(((p - self._anchor[name]) ** 2).sum() for name, p in params.items())
+            grads = torch.autograd.grad(loss + self.config.learn_anchor * pull, list(params.values()), allow_unused=True)
+            with torch.no_grad():
+                for p, grad in zip(params.values(), grads):
+                    if grad is not None and torch.isfinite(grad).all():
+                        p.sub_(self.config.learn_rate * grad)
+        finally:
+            self.model.eval()
+        return float(loss.detach())
+
+    # -- the brain on disk ---------------------------------------------------------------------------------------------
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the brain into `folder`, atomically as a whole (a sibling temp folder renamed into place): `model/`
+        (weights, config, tokenizer), `memory/`, `plasticity.safetensors` + `.json` (anchors, pending statistics,
+        counters), `sleep.safetensors` + `.json` (heap and consolidation optimizer), `session.json` (config,
+        counters). A conversation under way is not part of the brain: end() it first."""
+        if self.ids is not None:
+            raise ValueError("save() during a conversation: call end() first (the brain is saved between conversations)")
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp / "model")
+        self.tokenizer.save_pretrained(tmp / "model")
+        parts = {}
+        if self.memory is not None:
+            self.memory.save_pretrained(tmp / "memory")
+        if self.plasticity is not None:
+            parts["plasticity"] = self.plasticity.state()
+        if self.heap is not None:
+            heap_tensors, heap_meta = self.heap.state_dict()
+            opt_tensors, opt_meta = self.consolidator.state_dict()
+            parts["sleep"] = ({**heap_tensors, **opt_tensors}, {"heap": heap_meta, "consolidator": opt_meta})
+        for name, (tensors, meta) in parts.items():
+            atomic_write(tmp / f"{name}.safetensors", lambda path, t=tensors: save_file(t, path))
+            atomic_write(tmp / f"{name}.json", lambda path, m=meta: Path(path).write_text(json.dumps(m)))
+        state = {
+            "config": asdict(self.config),
+            "conversations": self.conversations,
+            "messages": self.messages,
+            "recalls": self.recalls,
+        }
+        atomic_write(tmp / SESSION_FILE, lambda path: Path(path).write_text(json.dumps(state, indent=2)))
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)  # a kill between these two renames leaves the previous brain in `.old`, intact
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "CTMOnlineSession":
+        """The session `save` wrote, with every part it had (memory, plasticity, sleep)."""
+        folder = Path(folder)
+        state_file = folder / SESSION_FILE
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{state_file}: no such file ({folder} is not a saved CTMOnlineSession)")
+        state = _read_json(state_file)
+        model = CTMForCausalLM.from_pretrained(folder / "model")
+        tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+        memory = None
+        if (folder / "memory").is_dir():
+            memory = CTMEpisodicMemory.from_pretrained(folder / "memory", model_config=model.config)
+        plasticity = heap = consolidator = None
+        if (folder / "plasticity.json").is_file():
+            meta = _read_json(folder / "plasticity.json")
+            plasticity = HebbianPlasticity(model, PlasticityConfig.from_dict(meta["config"]))
+            plasticity.load_state(load_safetensors_file(folder / "plasticity.safetensors"), meta)
+        if (folder / "sleep.json").is_file():
+            meta = _read_json(folder / "sleep.json")
+            tensors = load_safetensors_file(folder / "sleep.safetensors")
+            heap_meta = meta["heap"]
+            heap = ReplayHeap(**{k: heap_meta[k] for k in ("capacity", "sampling", "temperature_floor", "max_replays",
+                                                            "ranking")})  # fmt: skip
+            heap.load_state_dict(tensors, heap_meta)
+            trained = set(meta["consolidator"]["names"])  # the parameters sleep may change, as when it was saved
+            for name, param in model.named_parameters():
+                param.requires_grad_(name in trained)
+            consolidator = Consolidator(model, ConsolidationConfig(**meta["consolidator"]["config"]))
+            consolidator.load_state_dict(tensors, meta["consolidator"])
+        known = {f.name for f in fields(OnlineConfig)}
+        config = OnlineConfig(**{k: v for k, v in state["config"].items() if k in known})
+        session = cls(model, tokenizer, memory, plasticity, heap, consolidator, config)
+        session.conversations = state["conversations"]
+        session.messages = state["messages"]
+        session.recalls = state["recalls"]
+        return session
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON (truncated or corrupted?): {error}") from None

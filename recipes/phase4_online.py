@@ -1,0 +1,23 @@
+"""Phase 4 - online learning: the phase-3 model lives through scripted conversations over held-out text with its
+memory stack on (episodic recall and store, Hebbian edits, sleep), then is evaluated and saved like phases 1-3, with
+its brain (episodic memory, plasticity anchors, replay heap) beside the checkpoint.
+
+python recipes/phase4_online.py --preset tiny --output runs/tiny [--from runs/tiny/phase3-continuity/model]
+"""
+
+from pathlib import Path
+
+from modeling_ctm.runs import online_phase, phase_cli
+
+
+def run(preset: dict, run_dir: Path, data, source: Path, resume: bool = False):
+    # a phase of conversations has no Trainer checkpoints to resume from: a rerun replays the same script exactly
+    return online_phase(preset, run_dir, data, source)
+
+
+def main(argv=None):
+    phase_cli(4, run, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -23,11 +23,11 @@ from .data import count_tokens_and_bytes, load_text_dataset, pack_dataset, unigr
 from .memory import CTMEpisodicMemory
 from .modeling_ctm import CTMForCausalLM
 from .online import CTMOnlineSession, OnlineConfig
-from .phases import freeze_for_thinking, get_phase, language_config
+from .phases import freeze_for_thinking, get_phase, language_config, start_continuity, start_thinking
 from .plasticity import HebbianPlasticity, PlasticityConfig, memory_held_bytes
 from .sleep import ConsolidationConfig, Consolidator, ReplayHeap
 from .tokenization import get_tokenizer
-from .training import CTMTrainer, evaluate_documents, readout_loss_name
+from .training import ContinuityTrainer, CTMTrainer, evaluate_documents, readout_loss_name
 
 
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -249,8 +249,35 @@ def seed_everything(preset: dict) -> None:
         torch.set_num_threads(preset["torch_threads"])
 
 
-def phase_cli(phase: int, run, doc: str, argv=None) -> None:
-    """The command line shared by the phase scripts; phases 2-3 start from the previous phase's model folder."""
+def run_phase(phase: int, preset: dict, run_dir: Path, data: Data, source: Path | None = None, resume: bool = False):
+    """Build phase `phase`'s starting model the way the registry says (1 from the preset, 2-4 from `source`, the
+    previous phase's model folder), train or live it, evaluate, sample and save it."""
+    seed_everything(preset)
+    if phase == 1:
+        model = CTMForCausalLM(language_model_config(preset, data.tokenizer))
+        return train_phase(1, preset, run_dir, data, model, CTMTrainer, resume=resume)
+    if source is None:
+        raise ValueError(f"phase {phase} starts from the previous phase's model folder: source=None is invalid")
+    if phase == 4:
+        # a phase of conversations has no Trainer checkpoints: a rerun replays the same script exactly
+        return online_phase(preset, run_dir, data, source)
+    spec = preset[f"phase{phase}"]
+    if phase == 2:
+        model = start_thinking(source, **preset["thinking"])
+    else:
+        model = start_continuity(source, chunk_size=spec["chunk_size"])
+    counts = freeze_for_thinking(model, spec.get("freeze", "non_ctm"))
+    print(f"phase {phase}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters")
+    if phase == 2:
+        return train_phase(2, preset, run_dir, data, model, CTMTrainer, base_model=source, resume=resume)
+    return train_phase(
+        3, preset, run_dir, data, model, ContinuityTrainer, base_model=source, resume=resume,
+        chunk_length=spec["chunk_length"], gradient_window=spec["gradient_window"], cut_attention=spec["cut_attention"],
+    )  # fmt: skip
+
+
+def phase_cli(phase: int, doc: str, argv=None) -> None:
+    """The command line shared by the phase scripts; phases 2-4 start from the previous phase's model folder."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -262,11 +289,10 @@ def phase_cli(phase: int, run, doc: str, argv=None) -> None:
     args = parser.parse_args(argv)
     preset = load_preset(args.preset)
     data = prepare_data(preset, args.output)
+    source = None
     if phase > 1:
         source = args.source or args.output / get_phase(phase - 1).folder / "model"
-        result = run(preset, args.output, data, source, resume=args.resume)
-    else:
-        result = run(preset, args.output, data, resume=args.resume)
+    result = run_phase(phase, preset, args.output, data, source, resume=args.resume)
     print(f"phase {phase} saved to {result.folder}:\n{json.dumps(result.metrics, indent=2)}")
 
 

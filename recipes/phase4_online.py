@@ -5,18 +5,11 @@ its brain (episodic memory, plasticity anchors, replay heap) beside the checkpoi
 python recipes/phase4_online.py --preset tiny --output runs/tiny [--from runs/tiny/phase3-continuity/model]
 """
 
-from pathlib import Path
-
-from modeling_ctm.runs import online_phase, phase_cli
-
-
-def run(preset: dict, run_dir: Path, data, source: Path, resume: bool = False):
-    # a phase of conversations has no Trainer checkpoints to resume from: a rerun replays the same script exactly
-    return online_phase(preset, run_dir, data, source)
+from modeling_ctm.runs import phase_cli
 
 
 def main(argv=None):
-    phase_cli(4, run, __doc__, argv)
+    phase_cli(4, __doc__, argv)
 
 
 if __name__ == "__main__":

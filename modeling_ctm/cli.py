@@ -1,0 +1,109 @@
+"""The `ctm` command: train the phases, evaluate a checkpoint, chat with a model that remembers.
+
+    ctm train --preset tiny --output runs/tiny           # the main job (phases 1 -> 4), as recipes/run_all.py
+    ctm eval runs/tiny/phase3-continuity/model           # held-out blocks and paragraphs, every readout
+    ctm chat runs/tiny/phase3-continuity/model --brain my-brain
+                                                         # a conversation per run; the brain persists between runs
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _train(args) -> None:
+    from .main_job import main_job_from_args
+
+    main_job_from_args(args)
+
+
+def _load_checkpoint(path: Path):
+    from transformers import AutoTokenizer
+
+    from .modeling_ctm import CTMForCausalLM
+
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
+    return CTMForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _eval(args) -> None:
+    from .data import load_text_dataset, pack_dataset
+    from .runs import load_preset, training_arguments
+    from .training import CTMTrainer, evaluate_documents
+
+    model, tokenizer = _load_checkpoint(args.checkpoint)
+    preset = load_preset(args.preset)
+    spec = preset["data"]
+    validation = load_text_dataset(spec["source"])["validation"]
+    blocks = pack_dataset(validation, tokenizer, spec["block_size"])
+    blocks = blocks.select(range(min(spec.get("eval_blocks", len(blocks)), len(blocks))))
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = CTMTrainer(model=model, args=training_arguments(preset, 1, Path(scratch)), eval_dataset=blocks)
+        metrics = {k: v for k, v in trainer.evaluate().items() if not k.endswith(("_runtime", "_per_second"))}
+    paragraphs = list(validation["text"][: spec.get("eval_paragraphs", 40)])
+    metrics.update(evaluate_documents(model, tokenizer, paragraphs, prefix="paragraphs"))
+    print(json.dumps(metrics, indent=2))
+
+
+def _chat(args) -> None:
+    from .online import CTMOnlineSession
+    from .runs import load_preset, online_session
+
+    brain = args.brain
+    if brain is not None and (brain / "session.json").is_file():
+        session = CTMOnlineSession.load(brain)
+        print(f"[brain {brain}: {session.conversations} conversations, {len(session.memory or [])} episodes]")
+    else:
+        model, tokenizer = _load_checkpoint(args.checkpoint)
+        session = online_session(model, tokenizer, load_preset(args.preset))
+    messages = args.message or iter(lambda: input("you> "), None)
+    try:
+        for message in messages:
+            if message.strip() in ("/quit", "/end"):
+                break
+            print(f"ctm> {session.say(message)}")
+    except EOFError:
+        pass
+    if session.ids is not None:
+        report = session.end()
+        print(f"[recalled an episode: {report['recalled']}; episodes: {report.get('episodes', 0)}]")
+    if brain is not None:
+        session.save(brain)
+        print(f"[brain saved to {brain}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .main_job import main_job_parser
+
+    parser = argparse.ArgumentParser(prog="ctm", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = main_job_parser(commands.add_parser("train", help="the main job: phases 1 -> 4 on a preset"))
+    train.set_defaults(run=_train)
+    evaluate = commands.add_parser("eval", help="held-out evaluation of a checkpoint (every readout)")
+    evaluate.add_argument("checkpoint", type=Path, help="a model folder (e.g. runs/tiny/phase3-continuity/model)")
+    evaluate.add_argument("--preset", default="tiny", help="the preset whose held-out data to score")
+    evaluate.set_defaults(run=_eval)
+    chat = commands.add_parser("chat", help="talk to a model with its memory stack on")
+    chat.add_argument("checkpoint", type=Path, help="a model folder with ctm_carry='chunk' (phase 3 or 4)")
+    chat.add_argument("--brain", type=Path, help="folder the brain is loaded from (if it exists) and saved to")
+    chat.add_argument("--message", action="append", help="say this instead of reading stdin (repeatable)")
+    chat.add_argument("--preset", default="tiny", help="the preset whose phase4 section sets up the memory stack")
+    chat.set_defaults(run=_chat)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        print(f"ctm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

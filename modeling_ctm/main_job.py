@@ -1,0 +1,144 @@
+"""The main job: phases 1 -> 2 -> 3 -> 4 of a preset into one run folder, and its summary table.
+
+`ctm train` and `recipes/run_all.py` both call `main_job`; each phase is `runs.run_phase`.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .hub import push_run
+from .modeling_ctm import atomic_write
+from .phases import get_phase
+from .runs import load_preset, prepare_data, run_phase
+
+
+COLUMNS = [
+    ("phase", "phase"),
+    ("trainable", "trainable params"),
+    ("steps", "steps"),
+    ("train_s", "train s"),
+    ("objective", "held-out objective"),
+    ("readout", "readout loss (deployed)"),
+    ("final", "final-tick loss"),
+    ("most_certain", "most-certain loss"),
+    ("mixture", "tick-mixture loss"),
+    ("argmin", "argmin-tick loss"),
+    ("bpb_readout", "bpb (deployed)"),
+    ("para_readout", "paragraphs: deployed"),
+    ("para_final", "paragraphs: final"),
+    ("para_certain", "paragraphs: most-certain"),
+    ("para_mixture", "paragraphs: mixture"),
+]
+
+
+def summary_row(result) -> dict:
+    m = result.metrics
+    thinks = "eval_loss_final_tick" in m
+
+    def value(key, fallback=None):
+        key = key if key in m else fallback
+        return f"{m[key]:.3f}" if key in m else "-"
+
+    return {
+        "phase": f"{result.phase} {get_phase(result.phase).name}",
+        "trainable": f"{result.n_trainable:,}",
+        "steps": result.steps,
+        "train_s": f"{result.train_seconds:.0f}",
+        "objective": value("eval_loss"),
+        "readout": value("eval_loss_readout"),
+        "final": value("eval_loss_final_tick", "eval_loss"),
+        "most_certain": value("eval_loss_most_certain_tick") if thinks else "-",
+        "mixture": value("eval_loss_tick_mixture") if thinks else "-",
+        "argmin": value("eval_loss_argmin_tick") if thinks else "-",
+        "bpb_readout": bpb_of_readout(m) if thinks else value("eval_bpb"),
+        "para_readout": value("paragraphs_loss_readout"),
+        "para_final": value("paragraphs_loss_final_tick", "paragraphs_loss"),
+        "para_certain": value("paragraphs_loss_most_certain_tick") if thinks else "-",
+        "para_mixture": value("paragraphs_loss_tick_mixture") if thinks else "-",
+    }
+
+
+def bpb_of_readout(m: dict) -> str:
+    """bits per byte of the deployed readout: the bpb metric whose loss equals `eval_loss_readout`."""
+    for name in ("final_tick", "most_certain_tick", "tick_mixture"):
+        if m.get(f"eval_loss_{name}") == m["eval_loss_readout"] and f"eval_bpb_{name}" in m:
+            return f"{m[f'eval_bpb_{name}']:.3f}"
+    return "-"
+
+
+def online_summary(m: dict) -> str:
+    """Phase 4's memory figures, next to its losses."""
+    return (
+        f"Phase 4 lived {m['online_conversations']} conversations ({m['online_tokens']:,} tokens): recall rate "
+        f"{m['online_recall_rate']:.2f}, {m['online_episodes']} episodes stored, {m['online_edits_applied']} Hebbian "
+        f"edits applied ({m['online_edits_skipped']} skipped; largest weight-norm drift from the anchors "
+        f"{m['online_max_norm_drift']:.3f}), {m['online_sleeps']} sleeps; memory held "
+        f"{m['online_brain_bytes'] / 2**20:.2f} MiB; {m['online_ms_per_token_on']:.1f} ms/token with the memory "
+        f"stack on vs {m['online_ms_per_token_off']:.1f} off (generate, batch 1)."
+    )
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main_job(preset: dict, run_dir: Path, resume: bool = False, push_to_hub: str | None = None) -> dict:
+    """Run every phase the preset has (4 only with a `phase4` section), write `summary.md` and `summary.json`
+    atomically, optionally push every phase. Returns the summary."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    data = prepare_data(preset, run_dir)
+    print(f"data: {data.description}; held-out unigram baseline {data.unigram_nats:.3f} nats/token")
+    phases = [1, 2, 3] + ([4] if preset.get("phase4") else [])
+    results = []
+    for phase in phases:
+        source = results[-1].folder if results else None
+        results.append(run_phase(phase, preset, run_dir, data, source, resume=resume))
+    total = time.perf_counter() - started
+
+    rows = [summary_row(result) for result in results]
+    table = markdown_table(rows)
+    online = results[-1].metrics if results[-1].phase == 4 else None
+    if online:
+        table += "\n\n" + online_summary(online)
+    samples = "\n".join(f"- phase {result.phase}: {sample!r}" for result in results for sample in result.samples)
+    report = (
+        f"# Run `{run_dir}` (preset `{preset['name']}`)\n\n{table}\n\n"
+        f"Held-out unigram baseline: {data.unigram_nats:.3f} nats/token. Total wall time {total:.0f} s.\n"
+        f"Losses in nats/token on {data.eval_description}; bpb = bits per UTF-8 byte. The deployed readout is the "
+        f"tick `ctm_readout` selects (what `logits` and `generate` use); argmin is the optimistic oracle.\n\n"
+        f"## Greedy samples\n\n{samples}\n"
+    )
+    atomic_write(run_dir / "summary.md", lambda tmp: Path(tmp).write_text(report))
+    summary = {
+        "preset": preset["name"],
+        "total_seconds": total,
+        "unigram_baseline": data.unigram_nats,
+        "phases": [
+            {"phase": r.phase, "folder": str(r.folder), "metrics": r.metrics, "samples": r.samples} for r in results
+        ],
+    }
+    atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    print(report)
+    if push_to_hub:
+        for repo, commit in push_run(run_dir, push_to_hub).items():
+            print(f"pushed {repo} @ {commit}")
+    return summary
+
+
+def main_job_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--preset", default="tiny", help="a preset name (modeling_ctm/presets) or a YAML path")
+    parser.add_argument("--output", type=Path, default=None, help="run folder (default runs/<preset>)")
+    parser.add_argument("--resume", action="store_true", help="continue interrupted phases from their checkpoints")
+    parser.add_argument("--push-to-hub", metavar="NAMESPACE/NAME", help="publish every phase (modeling_ctm.hub)")
+    return parser
+
+
+def main_job_from_args(args: argparse.Namespace) -> dict:
+    preset = load_preset(args.preset)
+    return main_job(preset, args.output or Path("runs") / preset["name"], args.resume, args.push_to_hub)

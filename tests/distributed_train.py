@@ -41,6 +41,8 @@ def main(out: Path, phase: str) -> None:
         save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, str(out / "initial.safetensors"))
         (out / "world_size.txt").write_text(str(args.world_size))
     trainer.train()
+    if rank == 0:  # how the processes were joined (DDP via torchrun or an accelerate config, or FSDP)
+        (out / "distributed_type.txt").write_text(str(trainer.accelerator.distributed_type.value))
     weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}  # clone: tied weights
     save_file(weights, str(out / f"rank{rank}.safetensors"))
 

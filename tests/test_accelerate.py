@@ -1,0 +1,39 @@
+"""The shipped accelerate config starts real data parallelism: 2 CPU processes over gloo, identical weights after
+training (tests/distributed_train.py is the training script, as for the torchrun test)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    # a fixed port collides with other test runs on the same machine
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_accelerate_ddp_config_runs_two_cpu_processes_with_identical_weights(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate/ddp.yaml"),
+        "--main_process_port", str(_free_port()), str(ROOT / "tests/distributed_train.py"), str(tmp_path), "thinking",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "world_size.txt").read_text() == "2"
+    assert (tmp_path / "distributed_type.txt").read_text() == "MULTI_CPU"
+    rank0, rank1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    start = load_file(str(tmp_path / "initial.safetensors"))
+    assert any(not torch.equal(start[n], rank0[n]) for n in rank0 if ".thinking." in n)

@@ -398,7 +398,9 @@ def draw_gallery(model, ids, tokenizer, settings: Settings, out: Path) -> list[s
             target = tokenizer.decode(block[row, col + 1 : col + 2]).replace("\n", " ")
             title = f"{kind} token: ...{context!r} -> {target!r} (CE {flat[index]:.2f} nats)"
             path = out / f"fmri_{kind}_{rank}.png"
-            paths.append(str(draw_thinking_map(summarize_probe(layers, token_mask(torch.tensor([index]))), path, title)))
+            paths.append(
+                str(draw_thinking_map(summarize_probe(layers, token_mask(torch.tensor([index]))), path, title))
+            )
         decile = max(1, len(flat) // 10)
         group = order[:decile] if kind == "easy" else order.flip(0)[:decile]
         title = f"{kind}est 10% of {len(flat)} held-out tokens (mean CE {flat[group].mean():.2f} nats)"
@@ -470,7 +472,10 @@ def summarise(per_seed: list[dict]) -> dict:
     if "auroc" in per_seed[0]:
         for name in per_seed[0]["auroc"]:
             arms.setdefault(name, {})["auroc_wrong"] = mean_sd([r["auroc"][name] for r in per_seed])
-    arms["ctm_readout"] = {"accuracy": mean_sd([r["accuracy"] for r in per_seed]), "ce": mean_sd([r["ce"] for r in per_seed])}
+    arms["ctm_readout"] = {
+        "accuracy": mean_sd([r["accuracy"] for r in per_seed]),
+        "ce": mean_sd([r["ce"] for r in per_seed]),
+    }
     if "phase1_ce" in per_seed[0]:
         arms["phase1_readout"] = {"accuracy": mean_sd([r["phase1_accuracy"] for r in per_seed]),
                                   "ce": mean_sd([r["phase1_ce"] for r in per_seed])}  # fmt: skip
@@ -492,7 +497,8 @@ def summarise(per_seed: list[dict]) -> dict:
         "halting_curve": curve("halting_curve", "quantile"),
         "fixed_ticks_curve": curve("fixed_ticks_curve", "ticks"),
         "best_saved_within_0.02_nats": {
-            kind: mean_sd([r["best_saved_within_0.02_nats"][kind] for r in per_seed]) for kind in ("halting", "fixed_ticks")
+            kind: mean_sd([r["best_saved_within_0.02_nats"][kind] for r in per_seed])
+            for kind in ("halting", "fixed_ticks")
         },
         "cost": {k: mean_sd([r["cost"][k] for r in per_seed]) for k in per_seed[0]["cost"]},
     }

@@ -96,10 +96,15 @@ def draw_thinking_map(summary: dict, path: str | os.PathLike, title: str | None 
         ax.set_xticks(range(K))
         ax.set_yticks(range(n_layers), layer_names)
         ax.set_ylabel("layer")
+        low, high = image.get_clim()
         for layer in range(n_layers):
             for tick in range(K):
-                if numpy.isfinite(values[layer, tick]):
-                    ax.text(tick, layer, f"{values[layer, tick]:.3g}", ha="center", va="center", fontsize=7, color="w")
+                value = values[layer, tick]
+                if numpy.isfinite(value):
+                    bright = high > low and (value - low) / (high - low) > 0.6  # dark text on the bright end
+                    ax.text(
+                        tick, layer, f"{value:.3g}", ha="center", va="center", fontsize=7, color="k" if bright else "w"
+                    )
         figure.colorbar(image, ax=ax, shrink=0.8)
     if title:
         figure.suptitle(title, fontsize=10)

@@ -1880,7 +1880,9 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
             raise ValueError("output_certainty=True needs a model whose last layer thinks (CTMConfig.ctm_layers)")
         config = kwargs.get("generation_config") or self.generation_config
         if not kwargs.get("return_dict_in_generate", config.return_dict_in_generate):
-            raise ValueError("output_certainty=True needs return_dict_in_generate=True (the values ride on the output)")
+            raise ValueError(
+                "output_certainty=True needs return_dict_in_generate=True (the values ride on the output)"
+            )
         recorder = CTMGenerationCertainty(self.config.ctm_layer_indices, self.config.ctm_ticks)
         with self.observing(recorder):
             outputs = super().generate(*args, **kwargs)

@@ -186,7 +186,9 @@ def build_arm(arm: str, phase1: CTMForCausalLM, settings: Settings) -> CTMForCau
             param.requires_grad_(name.startswith(f"model.layers.{last}.mlp."))
         return model
     ticks = 1 if arm == "exact_start_k1" else settings.ticks
-    model = start_thinking(phase1, ctm_mlp="replace" if arm == "replace" else "keep", **settings.thinking_fields(ticks))
+    model = start_thinking(
+        phase1, ctm_mlp="replace" if arm == "replace" else "keep", **settings.thinking_fields(ticks)
+    )
     freeze_for_thinking(model, "non_thinking_ffn")
     return model
 
@@ -203,7 +205,11 @@ def token_scores(model: CTMForCausalLM, sequences: list[torch.Tensor]) -> dict[s
     for ids in sequences:
         ids = ids.view(1, -1)
         outputs = model.model(input_ids=ids, use_cache=False)
-        hidden = outputs.tick_hidden_states if outputs.tick_hidden_states is not None else outputs.last_hidden_state[:, :, None]
+        hidden = (
+            outputs.tick_hidden_states
+            if outputs.tick_hidden_states is not None
+            else outputs.last_hidden_state[:, :, None]
+        )
         log_probs = F.log_softmax(model.lm_head(hidden[:, :-1]).float(), dim=-1)  # (1, T-1, K, V)
         targets = ids[:, 1:, None, None].expand(-1, -1, log_probs.shape[2], 1)
         ces.append(-log_probs.gather(-1, targets)[0, ..., 0])
@@ -238,9 +244,13 @@ def tick_specialisation(scores: dict[str, torch.Tensor], difficulty: torch.Tenso
     K = scores["tick_ce"].shape[1]
     selected = scores["certainty"].argmax(1)
     histogram = torch.bincount(selected, minlength=K).float() / len(selected)
-    rho, p_value = spearmanr(selected.numpy(), difficulty.numpy()) if K > 1 and selected.unique().numel() > 1 else (
-        float("nan"),
-        float("nan"),
+    rho, p_value = (
+        spearmanr(selected.numpy(), difficulty.numpy())
+        if K > 1 and selected.unique().numel() > 1
+        else (
+            float("nan"),
+            float("nan"),
+        )
     )
     ablation = {
         str(k): {name: float(readout_ce(scores, name, k).mean()) for name in ("final", "most_certain", "tick_mixture")}
@@ -249,7 +259,9 @@ def tick_specialisation(scores: dict[str, torch.Tensor], difficulty: torch.Tenso
     return {
         "selection_histogram": histogram.tolist(),
         "per_tick_ce": scores["tick_ce"].mean(0).tolist(),
-        "argmin_histogram": (torch.bincount(scores["tick_ce"].argmin(1), minlength=K).float() / len(selected)).tolist(),
+        "argmin_histogram": (
+            torch.bincount(scores["tick_ce"].argmin(1), minlength=K).float() / len(selected)
+        ).tolist(),
         "spearman_selected_tick_vs_difficulty": float(rho),
         "spearman_p_value": float(p_value),
         "k_prime_ablation": ablation,
@@ -353,7 +365,11 @@ def run(settings: Settings, seeds: int, out_dir: Path | None, phase1_folder: Pat
     }
     result = {
         "experiment": "thinking_pays",
-        "settings": {**asdict(settings), "seeds": seeds, "phase1_folder": str(phase1_folder) if phase1_folder else None},
+        "settings": {
+            **asdict(settings),
+            "seeds": seeds,
+            "phase1_folder": str(phase1_folder) if phase1_folder else None,
+        },
         "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
         "phase1": phase1_row,
         "arms": arms,
@@ -384,7 +400,8 @@ def answer(arms: dict, phase1_row: dict) -> str:
     per_flop = ce("exact_start") < ce("continued_iso_flops") - sd("continued_iso_flops") - sd("exact_start")
     # beyond one sd of the seeds, on both kinds of text
     vs_phase1 = all(
-        ce("exact_start", kind) + sd("exact_start", kind) < phase1_row[kind]["final"] for kind in ("blocks", "paragraphs")
+        ce("exact_start", kind) + sd("exact_start", kind) < phase1_row[kind]["final"]
+        for kind in ("blocks", "paragraphs")
     )
     verdict = lambda yes: "yes" if yes else "no"  # noqa: E731
     return (

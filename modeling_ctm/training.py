@@ -166,7 +166,11 @@ class CTMTrainer(Trainer):
         return output
 
 
-READOUT_SCALARS = {"last": "loss_final_tick", "most_certain": "loss_most_certain_tick", "tick_mixture": "loss_tick_mixture"}
+READOUT_SCALARS = {
+    "last": "loss_final_tick",
+    "most_certain": "loss_most_certain_tick",
+    "tick_mixture": "loss_tick_mixture",
+}
 
 
 def readout_loss_name(config) -> str:

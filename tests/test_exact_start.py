@@ -130,7 +130,9 @@ def test_mixture_loss_trains_what_the_mixture_readout_serves():
     out = model(ids, labels=ids)
     assert out.loss.item() == pytest.approx(out.loss_tick_mixture.item(), rel=1e-6)
     # ... which is the served logits' own next-token CE
-    served = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, TINY["vocab_size"]), ids[:, 1:].reshape(-1))
+    served = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, TINY["vocab_size"]), ids[:, 1:].reshape(-1)
+    )
     assert out.loss.item() == pytest.approx(served.item(), rel=1e-5)
     out.loss.backward()
     assert model.model.layers[-1].thinking.out_proj.weight.grad.abs().sum() > 0
@@ -143,7 +145,9 @@ def test_non_thinking_ffn_freeze_trains_the_block_and_the_mlp_beside_it():
     counts = freeze_for_thinking(model, "non_thinking_ffn")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     last = model.model.layers[-1]
-    expected = {n for n, _ in model.named_parameters() if n.startswith(("model.layers.1.thinking.", "model.layers.1.mlp."))}
+    expected = {
+        n for n, _ in model.named_parameters() if n.startswith(("model.layers.1.thinking.", "model.layers.1.mlp."))
+    }
     assert trainable == expected and any(".layers.1.mlp." in n for n in trainable)
     assert counts["trainable"] == sum(p.numel() for p in [*last.thinking.parameters(), *last.mlp.parameters()])
     assert not model.model.layers[0].mlp.gate_proj.weight.requires_grad

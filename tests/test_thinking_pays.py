@@ -13,7 +13,9 @@ from conftest import TINY, tiny_model
 from modeling_ctm.phases import language_config, start_thinking
 
 
-_spec = importlib.util.spec_from_file_location("ctm_eval_thinking_pays", Path(__file__).parents[1] / "eval" / "thinking_pays.py")
+_spec = importlib.util.spec_from_file_location(
+    "ctm_eval_thinking_pays", Path(__file__).parents[1] / "eval" / "thinking_pays.py"
+)
 tp = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = tp  # dataclasses resolve their module by name
 _spec.loader.exec_module(tp)
@@ -64,9 +66,17 @@ def test_quick_run_writes_every_arm(tmp_path):
         assert arm["flops_per_token_training"]["mean"] > 0
     arms = saved["arms"]
     # thinking costs FLOPs: K ticks > 1 tick > no block; the kept MLP adds its own cost on top of the block
-    assert arms["exact_start"]["flops_per_token_training"]["mean"] > arms["exact_start_k1"]["flops_per_token_training"]["mean"]
-    assert arms["exact_start_k1"]["flops_per_token_training"]["mean"] > arms["continued"]["flops_per_token_training"]["mean"]
-    assert arms["exact_start"]["flops_per_token_training"]["mean"] > arms["replace"]["flops_per_token_training"]["mean"]
+    assert (
+        arms["exact_start"]["flops_per_token_training"]["mean"]
+        > arms["exact_start_k1"]["flops_per_token_training"]["mean"]
+    )
+    assert (
+        arms["exact_start_k1"]["flops_per_token_training"]["mean"]
+        > arms["continued"]["flops_per_token_training"]["mean"]
+    )
+    assert (
+        arms["exact_start"]["flops_per_token_training"]["mean"] > arms["replace"]["flops_per_token_training"]["mean"]
+    )
     assert arms["continued_iso_flops"]["steps"]["mean"] > arms["continued"]["steps"]["mean"]
     assert len(saved["e2_exact_start"]["selection_histogram"]) == 3
     assert saved["answer"].startswith("Per step:") and result["answer"] == saved["answer"]

@@ -107,3 +107,18 @@ def test_learn_from_takes_one_anchored_step_per_message(tokenizer):
     with torch.no_grad():
         after = session.model(ids, labels=ids).loss.item()
     assert after < before
+
+
+def test_the_readme_phase4_example_runs(tokenizer, tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Phase 4: a model that remembers", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model(vocab_size=len(tokenizer), ctm_carry="chunk", ctm_chunk_size=4, max_position_embeddings=256)
+    namespace = {"model": model, "tokenizer": tokenizer}
+    exec(compile(code, "README phase 4", "exec"), namespace)
+    assert namespace["report"]["episodes"] == 1 and (tmp_path / "my-brain" / "session.json").is_file()
+    assert namespace["session"].conversations == 1

@@ -144,6 +144,8 @@ class SleepCallback(TrainerCallback):
         n_dreams (`int`, defaults to 4): sequences dreamt on per sleep; n_random (`int`, defaults to 4): uniformly
             drawn other heap entries consolidated on with them.
         weighting, steps, lr, max_grad_norm, max_weight: the `ConsolidationConfig` (steps=0: dream only).
+        compaction (`dict`, *optional*): `PlasticityConfig` fields; when given, every sleep also compacts the dream
+            into the weights with its own Hebbian rule (anchored when training starts, checkpointed).
         rescore (`bool`, defaults to True): re-score the heap at every sleep (False keeps insertion-time keys, the
             reference's stale heap).
         reference_model (*optional*): a frozen model for ranking="reducible".
@@ -172,6 +174,7 @@ class SleepCallback(TrainerCallback):
         reference_model=None,
         draw: bool = True,
         seed: int | None = None,
+        compaction: dict | None = None,
     ):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r} is invalid: allowed values are integers >= 1")
@@ -187,6 +190,8 @@ class SleepCallback(TrainerCallback):
         self.draw = draw
         self.seed = seed
         self.consolidator: Consolidator | None = None
+        self.compaction = PlasticityConfig(**compaction) if compaction is not None else None
+        self.compactor: HebbianPlasticity | None = None
         self.sleeps = 0
         self.seconds_asleep = 0.0
         self.reports: list[dict] = []
@@ -219,6 +224,9 @@ class SleepCallback(TrainerCallback):
             self.seed = args.seed
         if self.consolidator is None and self.consolidation.steps > 0:
             self.consolidator = Consolidator(model, self.consolidation)
+        if self.compactor is None and self.compaction is not None:
+            self.compactor = HebbianPlasticity(model, self.compaction)
+            self.compactor.set_anchors()
         if state.global_step > 0:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if (folder / f"{SLEEP_STATE}.json").is_file():
@@ -234,7 +242,8 @@ class SleepCallback(TrainerCallback):
         if state.global_step % self.every:
             return
         report = sleep(model, self.heap, self.consolidator, state.global_step, self.seed, self.n_dreams, self.n_random,
-                       rescore=self.rescore, reference_model=self.reference_model)  # fmt: skip
+                       rescore=self.rescore, reference_model=self.reference_model,
+                       compactor=self.compactor)  # fmt: skip
         self.sleeps += 1
         self.seconds_asleep += report.seconds
         payload = report.to_json()
@@ -293,6 +302,9 @@ class SleepCallback(TrainerCallback):
         if self.consolidator is not None:
             optimizer_tensors, meta["consolidator"] = self.consolidator.state_dict()
             tensors.update(optimizer_tensors)
+        if self.compactor is not None:
+            compactor_tensors, meta["compactor"] = self.compactor.state()
+            tensors.update({f"compactor.{name}": tensor for name, tensor in compactor_tensors.items()})
         tmp = folder / f"{SLEEP_STATE}.safetensors.tmp"
         save_file(tensors, str(tmp))
         tmp.replace(folder / f"{SLEEP_STATE}.safetensors")
@@ -310,6 +322,12 @@ class SleepCallback(TrainerCallback):
             if self.consolidator is None:
                 raise ValueError(f"{folder} holds a consolidation optimizer but this SleepCallback has steps=0")
             self.consolidator.load_state_dict(tensors, meta["consolidator"])
+        if "compactor" in meta:
+            if self.compactor is None:
+                raise ValueError(f"{folder} holds a compaction rule but this SleepCallback has compaction=None")
+            prefix = "compactor."
+            own = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
+            self.compactor.load_state(own, meta["compactor"])
 
 
 __all__ = ["HebbianPlasticityCallback", "SleepCallback"]

@@ -202,7 +202,9 @@ class CTMOnlineSession:
             self.heap.offer(self.ids.cpu(), self.ids.cpu(), losses.cpu())
         self.conversations += 1
         if self.config.sleep_every and self.conversations % self.config.sleep_every == 0:
-            report["sleep"] = sleep(self.model, self.heap, self.consolidator, step=self.conversations).to_json()
+            # compaction through the session's own Hebbian rule (its statistics were just applied and reset)
+            slept = sleep(self.model, self.heap, self.consolidator, step=self.conversations, compactor=self.plasticity)
+            report["sleep"] = slept.to_json()
             self.model.eval()
         self._end_conversation_state()
         return report

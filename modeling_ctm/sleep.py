@@ -24,8 +24,9 @@ Fixes over the reference (nanoctm 71ec70f, reference §1.5-1.6):
 - Deterministic: sampling uses a generator seeded by (seed, step), so every process of a distributed run, fed the
   same heap, replays the same sequences and applies the same update.
 
-Compaction (the dream's accumulated synchronisation written into the weights by the Hebbian rule) is not here yet:
-it needs `plasticity.py`.
+- Compaction (`compact`): the dream's synchronisation written into the weights by the Hebbian rule of
+  `plasticity.py` (surprise- and novelty-gated statistics from one read of the dreamt sequences, one edit inside the
+  rule's homeostatic band around its own anchors).
 """
 
 from __future__ import annotations
@@ -463,6 +464,7 @@ class SleepReport:
     heap_loss_max: float
     consolidation_losses: list[float]
     dream: dict = field(default_factory=dict)  # summarize_probe numbers (arrays as lists)
+    compaction: dict = field(default_factory=dict)  # the Hebbian edit's report (applied, skipped, norm ratios)
     rotation: dict = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -470,6 +472,19 @@ class SleepReport:
         out = asdict(self)
         out["dream"] = {k: np.asarray(v).tolist() for k, v in self.dream.items()}
         return out
+
+
+def compact(rule, model, input_ids, labels, attention_mask) -> dict:
+    """Compaction: one read of the dreamt sequences with the Hebbian `rule` gathering, then its one bounded edit.
+    `rule` is a `HebbianPlasticity` bound to `model` and used for nothing else (its anchors and statistics are its
+    own). Every rank dreams the same sequences, so every rank makes the same edit."""
+    rule.enable()
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+    finally:
+        rule.disable()
+    return rule.apply()
 
 
 def sleep(
@@ -482,9 +497,11 @@ def sleep(
     n_random: int = 4,
     rescore: bool = True,
     reference_model=None,
+    compactor=None,
 ) -> SleepReport:
     """One sleep: re-score the heap, draw `n_dreams` dreams (plus `n_random` uniformly drawn others), measure the
-    dream, consolidate on all of them, count the replays. Deterministic given (heap, model, seed, step)."""
+    dream, compact it into the weights (with a `compactor`, a `HebbianPlasticity`), consolidate on all of them, count
+    the replays. Deterministic given (heap, model, seed, step)."""
     import time
 
     started = time.perf_counter()
@@ -499,6 +516,7 @@ def sleep(
     scores = heap.scores
     ids, labels, mask = heap.batch(dreams)
     summary = dream(model, ids, mask)
+    compaction = compact(compactor, model, ids, labels, mask) if compactor is not None else {}
     losses = []
     if consolidator is not None:
         ids, labels, mask = heap.batch(replayed)
@@ -512,6 +530,7 @@ def sleep(
         heap_loss_max=float(max(heap.losses)),
         consolidation_losses=losses,
         dream=summary,
+        compaction=compaction,
     )
     heap.mark_replayed(replayed)
     report.rotation = heap.rotation()

@@ -292,3 +292,23 @@ def test_a_phase1_language_model_sleeps_without_a_dream():
     heap.offer(ids, ids, torch.ones(4))
     report = sleep(model, heap, Consolidator(model), step=1, n_dreams=2, n_random=1)
     assert report.dream == {} and len(report.consolidation_losses) == 2
+
+
+def test_compaction_writes_the_dream_into_the_weights_inside_the_band_and_resumes(tmp_path):
+    compaction = {"targets": ["out_proj"], "band": 0.05}
+    full_losses, full_model, full_callback = _train(tmp_path / "full", steps=0, compaction=compaction)
+    reports = [r["compaction"] for r in full_callback.reports]
+    assert len(reports) == 3 and all(r["applied"] for r in reports), reports
+    for ratio in full_callback.compactor.norm_ratios().values():
+        assert 0.95 - 1e-6 <= ratio <= 1.05 + 1e-6  # the rule's band around its own anchors
+    anchor = full_callback.compactor.anchors
+    name = next(iter(anchor))
+    assert not torch.equal(dict(full_model.named_parameters())[name].detach(), anchor[name])
+    assert full_model.config.ctm_ticks == 3  # sleep reads the ticks, never prunes them
+    _train(tmp_path / "cut", stop_at=3, steps=0, compaction=compaction)
+    _, resumed_model, resumed_callback = _train(
+        tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-3"), steps=0, compaction=compaction
+    )
+    for (key, a), (_, b) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+    assert resumed_callback.compactor.edits_applied == full_callback.compactor.edits_applied == 3

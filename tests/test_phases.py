@@ -199,6 +199,15 @@ def test_resume_from_checkpoint_continues_with_the_same_loss(tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def _free_port() -> int:
+    # a fixed port collides with other runs on the machine (and with the previous parameter's socket in TIME_WAIT)
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["thinking", "continuity"])
 def test_two_cpu_processes_hold_identical_weights(tmp_path, phase):
@@ -206,7 +215,7 @@ def test_two_cpu_processes_hold_identical_weights(tmp_path, phase):
     script = TESTS / "distributed_train.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
         str(script), str(tmp_path), phase,
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -53,11 +53,12 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+
+from .modeling_ctm import atomic_write
 
 
 QUIET = 0.25  # a measurement is "quiet" when other processes used less than this fraction of the CPUs meanwhile
@@ -142,17 +143,9 @@ def arms_table(arms: Mapping[str, Mapping], metrics: Sequence[str], digits: int 
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through a temp file in the same folder renamed into place."""
+    """Write `text` to `path` through the package's one atomic write (temp file in the same folder, renamed)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import platform
@@ -61,22 +60,12 @@ from datasets import Dataset  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMEpisodicMemory, CTMForCausalLM  # noqa: E402
+from modeling_ctm.experiments import load_script, write_results  # noqa: E402
 from modeling_ctm.modeling_ctm import CTMCache  # noqa: E402
 
 
-def _import_e5():
-    """eval/ is not a package: load E5's module (task pieces, model config, trainer) from its file."""
-    name = "ctm_eval_continuity_e5"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("continuity_e5.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-e5 = _import_e5()
+# eval/ is not a package: E5's module (task pieces, model config, trainer) is loaded from its file, once
+e5 = sys.modules.get("ctm_script_continuity_e5") or load_script(Path(__file__).with_name("continuity_e5.py"))
 PAD, STORE, RECALL, FIRST_VALUE = e5.PAD, e5.STORE, e5.RECALL, e5.FIRST_VALUE
 REPO = Path(__file__).resolve().parents[1]
 
@@ -425,8 +414,7 @@ def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
     log(table)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(result, indent=2))
-        (out_dir / "results.md").write_text(format_markdown(result, table))
+        write_results(out_dir, result, format_markdown(result, table))
         log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
     return result
 

@@ -55,7 +55,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMForCausalLM, CTMTickObserver  # noqa: E402
 from modeling_ctm.data import austen_splits, austen_training_texts, pack_dataset  # noqa: E402
-from modeling_ctm.fmri import draw_thinking_map, summarize_probe, sync_change  # noqa: E402
+from modeling_ctm.fmri import draw_thinking_map, save_figure, summarize_probe, sync_change  # noqa: E402
 from modeling_ctm.phases import freeze_for_thinking, language_config, start_thinking  # noqa: E402
 from modeling_ctm.tokenization import load_tokenizer, train_tokenizer  # noqa: E402
 from modeling_ctm.training import CTMTrainer  # noqa: E402
@@ -329,17 +329,6 @@ def halting_curve(model, ids, settings: Settings) -> tuple[list[dict], list[dict
 # Pictures
 # ----------------------------------------------------------------------------------------------------------------------
 
-
-def save_figure(figure: Figure, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
-        figure.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def draw_reliability(tables: dict[str, tuple[float, list[dict]]], path: Path) -> Path:

@@ -8,14 +8,13 @@ evaluation (`eval/introspection.py`) and the sleep dream diagnostics share this 
 
 import os
 import pathlib
-import tempfile
 
 import numpy
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .modeling_ctm import CTMLayerProbe
+from .modeling_ctm import CTMLayerProbe, atomic_write
 
 
 METRICS = ("state_delta", "certainty", "sync_change")
@@ -108,15 +107,13 @@ def draw_thinking_map(summary: dict, path: str | os.PathLike, title: str | None 
         figure.colorbar(image, ax=ax, shrink=0.8)
     if title:
         figure.suptitle(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
-        figure.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return save_figure(figure, path)
+
+
+def save_figure(figure, path: str | os.PathLike) -> pathlib.Path:
+    """Write a matplotlib `Figure` as a PNG through the package's one atomic write."""
+    path = pathlib.Path(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
     return path
 
 

@@ -1,22 +1,17 @@
 """Mechanics of the E9 episodic warm-start experiment (eval/episodic_e9.py), on its --quick smoke run. The headline
 numbers need the full run (`python eval/episodic_e9.py`)."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from modeling_ctm.experiments import load_script
 
-_spec = importlib.util.spec_from_file_location(
-    "ctm_eval_episodic_e9", Path(__file__).parents[1] / "eval" / "episodic_e9.py"
-)
-e9 = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = e9  # dataclasses resolve their module by name
-_spec.loader.exec_module(e9)
+
+e9 = load_script(Path(__file__).parents[1] / "eval" / "episodic_e9.py")
 
 
 def test_conversations_stay_on_topic_and_carry_the_value():

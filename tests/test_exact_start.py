@@ -107,12 +107,11 @@ def test_documents_are_scored_from_their_first_token():
 
 
 def test_kept_mlp_costs_one_mlp_more_in_flops():
-    import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("ctm_eval_flops", Path(__file__).parents[1] / "eval" / "flops.py")
-    flops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(flops)
+    from modeling_ctm.experiments import load_script
+
+    flops = load_script(Path(__file__).parents[1] / "eval" / "flops.py")
     keep = flops.ctm_flops(CTMConfig(**{**TINY, "ctm_layers": "last", "ctm_mlp": "keep"}), 16)
     replace = flops.ctm_flops(CTMConfig(**{**TINY, "ctm_layers": "last", "ctm_mlp": "replace"}), 16)
     assert keep["forward"] - replace["forward"] == flops.mlp_flops(CTMConfig(**TINY))

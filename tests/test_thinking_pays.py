@@ -1,24 +1,18 @@
 """eval/thinking_pays.py: its per-token readouts agree with the model's own, and the --quick run writes every arm."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY, tiny_model
 
+from modeling_ctm.experiments import load_script
 from modeling_ctm.phases import language_config, start_thinking
 
 
-_spec = importlib.util.spec_from_file_location(
-    "ctm_eval_thinking_pays", Path(__file__).parents[1] / "eval" / "thinking_pays.py"
-)
-tp = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = tp  # dataclasses resolve their module by name
-_spec.loader.exec_module(tp)
+tp = load_script(Path(__file__).parents[1] / "eval" / "thinking_pays.py")
 
 
 def test_per_token_readouts_match_the_model_losses():

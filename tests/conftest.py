@@ -1,5 +1,7 @@
 import pytest
 import torch
+from datasets import Dataset
+from transformers import TrainingArguments
 
 from modeling_ctm import CTMConfig, CTMForCausalLM
 
@@ -43,6 +45,32 @@ def tiny_model(seed: int = 0, awake: bool = True, **overrides) -> CTMForCausalLM
                 if name.endswith("out_proj.weight"):
                     param.normal_(0.0, 0.3)
     return model
+
+
+def tiny_blocks(n: int = 16, length: int = 16, seed: int = 0) -> Dataset:
+    """Random token blocks (ids 1..96) with labels = inputs, for the trainer tests and their worker processes."""
+    ids = torch.randint(1, 97, (n, length), generator=torch.Generator().manual_seed(seed))
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * n, "labels": ids.tolist()})
+
+
+def tiny_training_args(output_dir, **overrides) -> TrainingArguments:
+    """Deterministic CPU TrainingArguments for tiny trainer runs: batch 4, lr 1e-2, 3 steps, no saving or reporting."""
+    return TrainingArguments(
+        **{
+            "output_dir": str(output_dir),
+            "use_cpu": True,
+            "per_device_train_batch_size": 4,
+            "max_steps": 3,
+            "learning_rate": 1e-2,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "report_to": [],
+            "seed": 0,
+            "data_seed": 0,
+            "dataloader_num_workers": 0,
+            **overrides,
+        }
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -6,10 +6,8 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import tiny_model
-from datasets import Dataset
+from conftest import tiny_blocks, tiny_model, tiny_training_args
 from safetensors.torch import save_file
-from transformers import TrainingArguments
 
 from modeling_ctm.callbacks import SleepCallback
 from modeling_ctm.phases import freeze_for_thinking
@@ -20,19 +18,8 @@ def main(out: Path) -> None:
     torch.manual_seed(0)
     model = tiny_model(ctm_layers="last").train()
     freeze_for_thinking(model)
-    ids = torch.randint(1, 97, (32, 16), generator=torch.Generator().manual_seed(0)).tolist()
-    data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 16] * 32, "labels": ids})
-    args = TrainingArguments(
-        output_dir=str(out / "run"),
-        use_cpu=True,
-        per_device_train_batch_size=4,
-        max_steps=4,
-        learning_rate=1e-2,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        dataloader_num_workers=0,
-    )
+    data = tiny_blocks(32, 16, seed=0)
+    args = tiny_training_args(out / "run", max_steps=4)
     callback = SleepCallback(every=2, capacity=64, n_dreams=3, n_random=3, lr=1e-3, draw=False)
     trainer = CTMTrainer(model=model, args=args, train_dataset=data, callbacks=[callback])
     rank = args.process_index

@@ -5,10 +5,8 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import tiny_model
-from datasets import Dataset
+from conftest import tiny_blocks, tiny_model, tiny_training_args
 from safetensors.torch import save_file
-from transformers import TrainingArguments
 
 from modeling_ctm.phases import freeze_for_thinking
 from modeling_ctm.training import ContinuityTrainer, CTMTrainer
@@ -19,19 +17,8 @@ def main(out: Path, phase: str) -> None:
     carry = dict(ctm_carry="chunk", ctm_chunk_size=4) if phase == "continuity" else {}
     model = tiny_model(ctm_layers="last", **carry).train()
     freeze_for_thinking(model)
-    ids = torch.randint(1, 97, (32, 16), generator=torch.Generator().manual_seed(0)).tolist()
-    data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 16] * 32, "labels": ids})
-    args = TrainingArguments(
-        output_dir=str(out / "run"),
-        use_cpu=True,
-        per_device_train_batch_size=4,
-        max_steps=4,
-        learning_rate=1e-2,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        dataloader_num_workers=0,
-    )
+    data = tiny_blocks(32, 16, seed=0)
+    args = tiny_training_args(out / "run", max_steps=4)
     if phase == "continuity":
         trainer = ContinuityTrainer(model=model, args=args, train_dataset=data, chunk_length=8, gradient_window=1)
     else:

@@ -83,13 +83,15 @@ def test_push_run_then_load_every_phase_back_without_the_package(micro_run, hub,
     commits = dict(line.split(" @ ") for line in pushed.stdout.strip().splitlines())
     assert set(hub.commit_authorizations) == {"Bearer env-token"}
     phases = {1: "ctm-test/micro-phase1-language", 2: "ctm-test/micro-phase2-thinking",
-              3: "ctm-test/micro-phase3-continuity"}  # fmt: skip
+              3: "ctm-test/micro-phase3-continuity", 4: "ctm-test/micro-phase4-online"}  # fmt: skip
     assert list(commits) == [*phases.values(), "ctm-test/micro"]
     for phase, repo in phases.items():
         files = hub.files(repo)
         assert {"model.safetensors", "config.json", "modeling_ctm.py", "configuration_ctm.py", "README.md",
                 "tokenizer.json", "eval_results.json"} <= set(files), repo  # fmt: skip
-    assert hub.files("ctm-test/micro")["model.safetensors"] == hub.files(phases[3])["model.safetensors"]
+    assert hub.files("ctm-test/micro")["model.safetensors"] == hub.files(phases[4])["model.safetensors"]
+    # phase 4 carries its episodic memory with the checkpoint
+    assert {"episodic_memory/config.json", "episodic_memory/model.safetensors"} <= set(hub.files(phases[4]))
 
     # a clean process: the package is hidden (cwd elsewhere, no PYTHONPATH), the endpoint is the local hub
     env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
@@ -104,8 +106,8 @@ def test_push_run_then_load_every_phase_back_without_the_package(micro_run, hub,
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads((tmp_path / "loaded.json").read_text())
 
-    folders = {1: "phase1-language", 2: "phase2-thinking", 3: "phase3-continuity"}
-    for phase, repo in [*phases.items(), (3, "ctm-test/micro")]:
+    folders = {1: "phase1-language", 2: "phase2-thinking", 3: "phase3-continuity", 4: "phase4-online"}
+    for phase, repo in [*phases.items(), (4, "ctm-test/micro")]:
         entry = loaded[repo]
         assert entry["class"].startswith("transformers_modules."), entry["class"]  # the remote code, not the package
         local = _local_logits(micro_run / folders[phase] / "model")

@@ -15,7 +15,14 @@ def full_forward_view(model, sequences, positions):
     selected = outputs.selected_tick[:, positions]
     certainty = outputs.certainty[:, positions].gather(-1, selected[..., None])[..., 0]
     sync = torch.stack([sync_change(layers[idx])[:, positions] for idx in sorted(layers)], dim=2)
-    return certainty, selected, sync
+    return certainty, selected, sync, outputs.certainty[:, positions]
+
+
+def assert_same_tick_up_to_ties(generated, all_ticks, atol=1e-5):
+    """The tick `generate` read is the full forward's most certain one, except where two ticks' certainties tie within
+    float noise (cached and full forwards round differently, and argmax of a near-tie may flip)."""
+    chosen = all_ticks.gather(-1, generated[..., None])[..., 0]
+    assert bool((chosen >= all_ticks.max(-1).values - atol).all()), (generated, all_ticks)
 
 
 @pytest.mark.parametrize("carry", [dict(), dict(ctm_carry="chunk", ctm_chunk_size=2)])
@@ -28,9 +35,9 @@ def test_generate_certainty_equals_the_full_forward_greedy(carry):
     assert out.certainty.shape == (2, 6) and out.selected_tick.shape == (2, 6)
     assert out.sync_divergence.shape == (2, 6, 2, 3)
     positions = torch.arange(5 - 1, 5 - 1 + 6)  # the position whose logits chose each new token
-    certainty, selected, sync = full_forward_view(model, out.sequences, positions)
+    certainty, selected, sync, all_ticks = full_forward_view(model, out.sequences, positions)
     torch.testing.assert_close(out.certainty, certainty, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out.selected_tick, selected)
+    assert_same_tick_up_to_ties(out.selected_tick, all_ticks)
     torch.testing.assert_close(out.sync_divergence, sync, rtol=1e-4, atol=1e-5)
 
 
@@ -70,11 +77,11 @@ def test_generate_certainty_follows_the_beams():
     n_new = out.sequences.shape[1] - 4
     assert out.certainty.shape == (4, n_new)
     positions = torch.arange(3, 3 + n_new)
-    certainty, selected, sync = full_forward_view(model, out.sequences, positions)
+    certainty, selected, sync, all_ticks = full_forward_view(model, out.sequences, positions)
     produced = out.beam_indices >= 0
     assert produced.any() and not torch.equal(out.beam_indices[:, 1:], out.beam_indices[:, :1].expand(-1, n_new - 1))
     torch.testing.assert_close(out.certainty[produced], certainty[produced], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out.selected_tick[produced], selected[produced])
+    assert_same_tick_up_to_ties(out.selected_tick[produced], all_ticks[produced])
     torch.testing.assert_close(out.sync_divergence[produced], sync[produced], rtol=1e-4, atol=1e-5)
 
 

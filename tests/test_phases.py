@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, tiny_model
-from datasets import Dataset
-from transformers import TrainerCallback, TrainingArguments
+from conftest import TINY, tiny_blocks, tiny_model, tiny_training_args
+from transformers import TrainerCallback
 
 from modeling_ctm import CTMForCausalLM
 from modeling_ctm.phases import PHASES, freeze_for_thinking, get_phase, language_config, start_thinking
@@ -20,27 +19,11 @@ TESTS = Path(__file__).resolve().parent
 
 
 def _blocks(n=16, length=16, seed=0):
-    ids = torch.randint(1, 97, (n, length), generator=torch.Generator().manual_seed(seed))
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * n, "labels": ids.tolist()})
+    return tiny_blocks(n, length, seed)
 
 
 def _args(tmp_path, **overrides):
-    return TrainingArguments(
-        **{
-            "output_dir": str(tmp_path),
-            "use_cpu": True,
-            "per_device_train_batch_size": 4,
-            "max_steps": 3,
-            "learning_rate": 1e-2,
-            "logging_steps": 1,
-            "save_strategy": "no",
-            "report_to": [],
-            "seed": 0,
-            "data_seed": 0,
-            "dataloader_num_workers": 0,
-            **overrides,
-        }
-    )
+    return tiny_training_args(tmp_path, **{"max_steps": 3, **overrides})
 
 
 def _phase1(tmp_path) -> Path:

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
-from datasets import Dataset
-from transformers import TrainingArguments
+from conftest import tiny_blocks, tiny_model, tiny_training_args
 
 from modeling_ctm.callbacks import SleepCallback
 from modeling_ctm.fmri import draw_thinking_map
@@ -24,27 +22,11 @@ TESTS = Path(__file__).parent
 
 
 def _blocks(n=16, length=16, seed=0):
-    ids = torch.randint(1, 97, (n, length), generator=torch.Generator().manual_seed(seed))
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * n, "labels": ids.tolist()})
+    return tiny_blocks(n, length, seed)
 
 
 def _args(tmp_path, **overrides):
-    return TrainingArguments(
-        **{
-            "output_dir": str(tmp_path),
-            "use_cpu": True,
-            "per_device_train_batch_size": 4,
-            "max_steps": 4,
-            "learning_rate": 1e-2,
-            "logging_steps": 1,
-            "save_strategy": "no",
-            "report_to": [],
-            "seed": 0,
-            "data_seed": 0,
-            "dataloader_num_workers": 0,
-            **overrides,
-        }
-    )
+    return tiny_training_args(tmp_path, **{"max_steps": 4, **overrides})
 
 
 def _stream_with_outlier(heap, sleeps, generator_seed=0, n_replay=2):
@@ -261,8 +243,7 @@ def test_two_cpu_processes_sleep_on_the_same_sequences_and_stay_identical(tmp_pa
 
 
 def test_a_preset_sleep_section_reaches_every_phase_trainer(tmp_path):
-    sys.path.insert(0, str(TESTS.parent / "recipes"))
-    from common import train_phase
+    from modeling_ctm.runs import train_phase
 
     class Captured(Exception):
         pass

@@ -1,10 +1,12 @@
 """The model watching itself think: certainty through `generate` and adaptive halting."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_model
 
-from modeling_ctm import CTMTickObserver
+from modeling_ctm.experiments import load_script
 from modeling_ctm.fmri import sync_change
 
 
@@ -106,14 +108,7 @@ def set_halt_threshold(model, threshold):
             layer.thinking.halt_threshold = threshold
 
 
-class HaltCounter(CTMTickObserver):
-    def __init__(self):
-        self.ran = self.skipped = 0
-
-    def on_tick(self, event):
-        halted = event.halted if event.halted is not None else torch.zeros_like(event.valid)
-        self.ran += int((event.valid & ~halted).sum())
-        self.skipped += int((event.valid & halted).sum())
+HaltCounter = load_script(Path(__file__).parents[1] / "eval" / "introspection.py").HaltCounter  # one home: the eval
 
 
 def test_halting_off_and_halting_that_never_fires_are_bit_identical_to_today():

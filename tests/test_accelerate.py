@@ -37,3 +37,29 @@ def test_accelerate_ddp_config_runs_two_cpu_processes_with_identical_weights(tmp
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
     start = load_file(str(tmp_path / "initial.safetensors"))
     assert any(not torch.equal(start[n], rank0[n]) for n in rank0 if ".thinking." in n)
+
+
+def test_the_fsdp_config_parses_and_wraps_the_decoder_layers(monkeypatch):
+    """FSDP needs GPUs (on CPU accelerate falls back to data parallelism), so the shipped config is checked the way
+    `accelerate launch` reads it: accelerate's own parser, the FSDP_* environment the launcher derives from it, the FSDP
+    plugin built from that environment, and its auto-wrap policy resolved against a real model."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from conftest import tiny_model
+
+    config = ClusterConfig.from_yaml_file(str(ROOT / "recipes/accelerate/fsdp.yaml"))  # unknown keys raise
+    assert config.distributed_type.value == "FSDP"
+    fsdp = config.fsdp_config
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for key, value in fsdp.items():  # as accelerate.utils.launch.prepare_multi_gpu_env does
+        name = {"fsdp_transformer_layer_cls_to_wrap": "FSDP_TRANSFORMER_CLS_TO_WRAP"}.get(key, key.upper())
+        monkeypatch.setenv(name, str(value).lower() if isinstance(value, bool) else str(value))
+    # sync_module_states asks for the current GPU's index; this machine has none, so a stand-in answers 0
+    import accelerate.utils.dataclasses as accelerate_dataclasses
+
+    monkeypatch.setattr(accelerate_dataclasses, "is_cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.transformer_cls_names_to_wrap == ["CTMDecoderLayer"] and plugin.use_orig_params
+    plugin.set_auto_wrap_policy(tiny_model())  # raises if no module of that class exists in the model
+    assert plugin.auto_wrap_policy is not None

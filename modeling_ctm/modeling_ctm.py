@@ -1776,25 +1776,32 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
             surprise_weight=surprise_weight,
             **kwargs,
         )
-        observers = list(self.model.tick_observers.values())
         if outputs.tick_hidden_states is None:
             hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
             logits = self.lm_head(hidden_states)
             loss = None
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            if observers:
-                event = CTMOutputEvent(input_ids, attention_mask, labels, logits)
-                for observer in observers:
-                    observer.on_output(event)
-            return CTMCausalLMOutputWithPast(
+            result = CTMCausalLMOutputWithPast(
                 loss=loss,
                 logits=logits,
                 cache=outputs.cache,
                 hidden_states=outputs.hidden_states,
                 attentions=outputs.attentions,
             )
+        else:
+            result = self._read_ticks(outputs, labels, logits_to_keep, **kwargs)
+        if self.model.tick_observers:
+            event = CTMOutputEvent(
+                input_ids, attention_mask, labels, result.logits, result.certainty, result.selected_tick
+            )
+            for observer in list(self.model.tick_observers.values()):
+                observer.on_output(event)
+        return result
 
+    def _read_ticks(self, outputs, labels, logits_to_keep, **kwargs) -> CTMCausalLMOutputWithPast:
+        """The head of a model whose last layer thinks: every tick's logits, their certainty, the readout
+        `config.ctm_readout` serves, and with labels the multi-tick loss and every readout's loss side by side."""
         tick_logits = self.lm_head(slice_logits_to_keep(outputs.tick_hidden_states, logits_to_keep))  # (B, T, K, V)
         # the log-softmax needs a graph for the loss, and for the tick-mixture readout, whose logits are made of it
         mixture = self.config.ctm_readout == "tick_mixture"
@@ -1814,10 +1821,6 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
             logits = tick_logits.gather(2, selected_tick[..., None, None].expand(-1, -1, 1, tick_logits.shape[-1]))
             logits = logits[:, :, 0]
 
-        if observers:
-            event = CTMOutputEvent(input_ids, attention_mask, labels, logits, certainty, selected_tick)
-            for observer in observers:
-                observer.on_output(event)
         result = CTMCausalLMOutputWithPast(
             logits=logits,
             cache=outputs.cache,

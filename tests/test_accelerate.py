@@ -2,24 +2,17 @@
 training (tests/distributed_train.py is the training script, as for the torchrun test)."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    # a fixed port collides with other test runs on the same machine
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -27,7 +20,7 @@ def test_accelerate_ddp_config_runs_two_cpu_processes_with_identical_weights(tmp
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate/ddp.yaml"),
-        "--main_process_port", str(_free_port()), str(ROOT / "tests/distributed_train.py"), str(tmp_path), "thinking",
+        "--main_process_port", str(free_port()), str(ROOT / "tests/distributed_train.py"), str(tmp_path), "thinking",
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

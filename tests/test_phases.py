@@ -1,13 +1,10 @@
 """The developmental phases on the HF Trainer: conversion, freezing, gradients through the carry, resume, processes."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, tiny_blocks, tiny_model, tiny_training_args
+from conftest import TINY, run_on_two_processes, tiny_blocks, tiny_model, tiny_training_args
 from transformers import TrainerCallback
 
 from modeling_ctm import CTMForCausalLM
@@ -182,30 +179,13 @@ def test_resume_from_checkpoint_continues_with_the_same_loss(tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
-def _free_port() -> int:
-    # a fixed port collides with other runs on the machine (and with the previous parameter's socket in TIME_WAIT)
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["thinking", "continuity"])
 def test_two_cpu_processes_hold_identical_weights(tmp_path, phase):
     """torchrun with 2 processes (gloo): both ranks train on different data shards and end with the same weights."""
-    script = TESTS / "distributed_train.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        str(script), str(tmp_path), phase,
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = run_on_two_processes(TESTS / "distributed_train.py", tmp_path, phase)
     from safetensors.torch import load_file
 
-    rank0, rank1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     assert rank0.keys() == rank1.keys()
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name

@@ -2,15 +2,12 @@
 never lets non-finite statistics reach the weights, costs nothing when off, keeps ranks identical, and resumes."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import run_on_two_processes, tiny_model
 from datasets import Dataset
 from transformers import TrainingArguments
 
@@ -165,16 +162,7 @@ def test_non_finite_statistics_never_reach_the_weights(bad):
 
 def test_two_cpu_processes_apply_the_same_edit(tmp_path):
     """torchrun with 2 processes (gloo): different shards, statistics summed across ranks, identical weights."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-        str(TESTS / "distributed_plasticity.py"), str(tmp_path),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    from safetensors.torch import load_file
-
-    rank0, rank1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    rank0, rank1 = run_on_two_processes(TESTS / "distributed_plasticity.py", tmp_path)
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -2,14 +2,11 @@
 identical, resume reproduces the uninterrupted run, and K never changes."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_blocks, tiny_model, tiny_training_args
+from conftest import run_on_two_processes, tiny_blocks, tiny_model, tiny_training_args
 
 from modeling_ctm.callbacks import SleepCallback
 from modeling_ctm.fmri import draw_thinking_map
@@ -222,17 +219,9 @@ def test_preset_section_builds_the_callback_and_refuses_unknown_keys():
 
 @pytest.mark.slow
 def test_two_cpu_processes_sleep_on_the_same_sequences_and_stay_identical(tmp_path):
-    script = TESTS / "distributed_sleep.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-        str(script), str(tmp_path),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = run_on_two_processes(TESTS / "distributed_sleep.py", tmp_path)
     from safetensors.torch import load_file
 
-    rank0, rank1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     heaps = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

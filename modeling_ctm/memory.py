@@ -352,17 +352,20 @@ class CTMEpisodicMemory(
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         threshold: float = 0.3,
+        mark_used: bool = True,
     ) -> CTMCache | None:
         """A fresh `CTMCache` (no KV) whose rows start from the best-matching stored thinking state, or `None` when
         no row reaches `threshold` (cosine). Rows below the threshold start from the learned start state, as in a
-        fresh cache. The recalled episodes count as used (least-recently-used eviction)."""
+        fresh cache. The recalled episodes count as used (least-recently-used eviction) unless `mark_used=False`
+        (a probe that must leave the memory exactly as it was)."""
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not -1.0 <= threshold <= 1.0:
             raise ValueError(f"threshold={threshold!r} is invalid: allowed values are numbers in [-1, 1]")
         scores, slots = self.search(model, input_ids, attention_mask)
         hit = scores >= threshold
         if not bool(hit.any()):
             return None
-        self.last_used[slots[hit]] = self._tick()
+        if mark_used:
+            self.last_used[slots[hit]] = self._tick()
         dtype = model.get_input_embeddings().weight.dtype
         device = model.get_input_embeddings().weight.device
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model

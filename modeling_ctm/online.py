@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -164,6 +165,46 @@ class CTMOnlineSession:
         self.ids, self.cache = out.sequences, out.cache
         self.messages += 1
         return self.tokenizer.decode(out.sequences[0, context.shape[1] :], skip_special_tokens=True)
+
+    @torch.no_grad()
+    def score(self, message: str, candidates: Sequence[str]) -> dict:
+        """How the brain as it is now would continue `message` if it opened a new conversation: the summed
+        log-probability of each candidate continuation, and whether greedy decoding would produce it token for token.
+        The episode recall happens as at the start of a conversation; nothing else does, so the brain is left exactly
+        as it was (no episode stored, no statistics, no counter or recency moved). How a sceptic asks "does it
+        remember?" without the question itself becoming a memory.
+
+        Returns `{"log_probs": (C,) float, "greedy": (C,) bool, "recalled": bool}` for the C candidates."""
+        if self.ids is not None:
+            raise ValueError("score() opens a conversation of its own: end() the one under way first")
+        if isinstance(candidates, str) or not candidates or not all(isinstance(c, str) and c for c in candidates):
+            raise ValueError(f"candidates={candidates!r} is invalid: allowed values are a non-empty list of non-empty strings")
+        ids = self.encode(message)
+        cache = None
+        if self.memory is not None and len(self.memory):
+            cache = self.memory.recall(self.model, ids, threshold=self.config.recall_threshold, mark_used=False)
+        recalled = cache is not None
+        prefix = self.model(ids, cache=cache if recalled else CTMCache(self.model.config), use_cache=True)
+        rows = [self.tokenizer(c, add_special_tokens=False).input_ids for c in candidates]
+        if not all(rows):
+            raise ValueError(f"candidates={candidates!r} is invalid: every candidate must encode to at least one token")
+        length = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # right padding: causal attention keeps the pad slots from reaching the real tokens before them
+        targets = torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=ids.device)
+        real = torch.tensor([[i < len(r) for i in range(length)] for r in rows], device=ids.device)
+        logits = prefix.logits[:, -1:].float().expand(len(rows), 1, -1)
+        if length > 1:
+            prefix.cache.batch_repeat_interleave(len(rows))
+            rest = self.model(targets[:, :-1], cache=prefix.cache, use_cache=True).logits.float()
+            logits = torch.cat([logits, rest], dim=1)
+        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
+        greedy = (logits.argmax(-1) == targets) | ~real
+        return {
+            "log_probs": (log_probs * real).sum(1).cpu(),
+            "greedy": greedy.all(1).cpu(),
+            "recalled": recalled,
+        }
 
     def _read(self, context: torch.Tensor) -> None:
         """Run the not-yet-seen tokens of `context` but the last through the model into the cache, with full logits,

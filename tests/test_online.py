@@ -75,6 +75,48 @@ def test_the_brain_round_trips_exactly(tokenizer, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
+def _brain(session):
+    """Everything score() must leave untouched: weights, memory buffers (recency included), counters."""
+    tensors = {f"model.{k}": v.clone() for k, v in session.model.state_dict().items()}
+    tensors.update({f"memory.{k}": v.clone() for k, v in session.memory.state_dict().items()})
+    return tensors, (session.conversations, session.messages, session.recalls, len(session.heap))
+
+
+def test_score_is_the_recalled_conversations_log_prob_and_changes_nothing(tokenizer):
+    session = _session(tokenizer, sleep_every=None)
+    session.say("the code of Velmora is Quenth")
+    session.end()
+    before, counters = _brain(session)
+    prompt, candidates = "the code of Velmora is", [" Quenth", " the cat", " park"]
+    scored = session.score(prompt, candidates)
+    assert scored["recalled"]
+    after, counters_after = _brain(session)
+    assert counters_after == counters and all(torch.equal(before[k], after[k]) for k in before)
+    # the same numbers from one uncached forward of prompt + candidate, started from the recalled state
+    model = session.model
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    for candidate, log_prob, greedy in zip(candidates, scored["log_probs"], scored["greedy"]):
+        target = tokenizer(candidate, return_tensors="pt", add_special_tokens=False).input_ids
+        cache = session.memory.recall(model, ids, threshold=session.config.recall_threshold, mark_used=False)
+        with torch.no_grad():
+            logits = model(torch.cat([ids, target], 1), cache=cache, use_cache=True).logits[0, ids.shape[1] - 1 : -1]
+        expected = torch.log_softmax(logits.float(), -1).gather(-1, target[0, :, None]).sum()
+        torch.testing.assert_close(log_prob, expected, rtol=0, atol=1e-5)
+        assert bool(greedy) == bool((logits.argmax(-1) == target[0]).all())
+    fresh = _session(tokenizer)  # empty memory: nothing to recall, the learned start state
+    assert not fresh.score(prompt, candidates)["recalled"]
+
+
+@pytest.mark.parametrize("candidates", [[], "Quenth", [""], [" ok", 3]])
+def test_score_refuses_bad_candidates_and_a_conversation_under_way(tokenizer, candidates):
+    session = _session(tokenizer)
+    with pytest.raises(ValueError, match="candidates="):
+        session.score("the code of", candidates)
+    session.say("the cat")
+    with pytest.raises(ValueError, match="end\\(\\) the one under way"):
+        session.score("the code of", [" Quenth"])
+
+
 def test_two_sessions_do_not_leak_into_each_other(tokenizer):
     one, two = _session(tokenizer), _session(tokenizer)
     one.say("the code of Velmora is Quenth")

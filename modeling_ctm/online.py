@@ -67,7 +67,9 @@ class OnlineConfig:
         }
         for name, (ok, allowed) in checks.items():
             if not ok:
-                raise ValueError(f"OnlineConfig.{name}={getattr(self, name)!r} is invalid: allowed values are {allowed}")
+                raise ValueError(
+                    f"OnlineConfig.{name}={getattr(self, name)!r} is invalid: allowed values are {allowed}"
+                )
 
 
 class CTMOnlineSession:
@@ -102,7 +104,9 @@ class CTMOnlineSession:
         if plasticity is not None and plasticity.model is not model:
             raise ValueError("plasticity is bound to another model: build it with HebbianPlasticity(session_model)")
         if (heap is None) != (consolidator is None):
-            raise ValueError("sleep needs both a ReplayHeap (what to replay) and a Consolidator (how): pass both or neither")
+            raise ValueError(
+                "sleep needs both a ReplayHeap (what to replay) and a Consolidator (how): pass both or neither"
+            )
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.memory = memory
@@ -178,7 +182,9 @@ class CTMOnlineSession:
         if self.ids is not None:
             raise ValueError("score() opens a conversation of its own: end() the one under way first")
         if isinstance(candidates, str) or not candidates or not all(isinstance(c, str) and c for c in candidates):
-            raise ValueError(f"candidates={candidates!r} is invalid: allowed values are a non-empty list of non-empty strings")
+            raise ValueError(
+                f"candidates={candidates!r} is invalid: allowed values are a non-empty list of non-empty strings"
+            )
         ids = self.encode(message)
         cache = None
         if self.memory is not None and len(self.memory):
@@ -187,7 +193,9 @@ class CTMOnlineSession:
         prefix = self.model(ids, cache=cache if recalled else CTMCache(self.model.config), use_cache=True)
         rows = [self.tokenizer(c, add_special_tokens=False).input_ids for c in candidates]
         if not all(rows):
-            raise ValueError(f"candidates={candidates!r} is invalid: every candidate must encode to at least one token")
+            raise ValueError(
+                f"candidates={candidates!r} is invalid: every candidate must encode to at least one token"
+            )
         length = max(map(len, rows))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # right padding: causal attention keeps the pad slots from reaching the real tokens before them
@@ -262,7 +270,9 @@ class CTMOnlineSession:
         try:
             loss = self.model(ids, labels=ids).loss
             pull = sum(((p - self._anchor[name]) ** 2).sum() for name, p in params.items())
-            grads = torch.autograd.grad(loss + self.config.learn_anchor * pull, list(params.values()), allow_unused=True)
+            grads = torch.autograd.grad(
+                loss + self.config.learn_anchor * pull, list(params.values()), allow_unused=True
+            )
             with torch.no_grad():
                 for p, grad in zip(params.values(), grads):
                     if grad is not None and torch.isfinite(grad).all():
@@ -279,7 +289,9 @@ class CTMOnlineSession:
         counters), `sleep.safetensors` + `.json` (heap and consolidation optimizer), `session.json` (config,
         counters). A conversation under way is not part of the brain: end() it first."""
         if self.ids is not None:
-            raise ValueError("save() during a conversation: call end() first (the brain is saved between conversations)")
+            raise ValueError(
+                "save() during a conversation: call end() first (the brain is saved between conversations)"
+            )
         folder = Path(folder)
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,669 @@
+"""E16, phase 4 online learning: ten facts told in one conversation, N other conversations, then a new conversation
+(empty context) asks for each fact. Which part of the memory stack remembers, and what does it cost?
+
+The protocol is MemoryLLM's knowledge retention test (inject, N distractor contexts, query) scored like ROME/MEMIT
+(efficacy, paraphrase, neighbourhood; reference memory_anchors.md section 4), run through `CTMOnlineSession`, the
+phase-4 session users get (`say`/`end` over `generate`, the brain between conversations).
+
+Facts. "The code of NAME is CODE." NAME is a character or place of the Austen novels (one token each), CODE one of
+`n_codes` = 10 common nouns; a fact set is `facts` = 10 names with a random one-to-one assignment of codes, drawn per
+trial from names the model never saw in a fact during training. Chance is 1/10 for every recall metric but `exact`.
+
+Model (per seed, trained in this script): a tiny `CTMForCausalLM` (2 layers, the last thinks, `ctm_carry="chunk"`),
+trained by `ContinuityTrainer` (attention cut between 2 chunks, so only the thinking state crosses) on a mix of held-in
+Austen text and fact documents over the *training* names: "carry" rows tell 10 facts in chunk 1 and ask for them in
+chunk 2 (the state must carry them), "context" rows tell and ask inside one chunk (in-context recall, which the oracle
+needs). Queries in training use the plain template and the paraphrase ("So NAME's code is CODE.") half each. Phase 4's
+session rule is kept: everything but the thinking blocks is frozen (what sleep and `learn_from` may change).
+
+Per trial: conversation 1 tells the 10 facts, one user message each (the model replies `reply_tokens` tokens). Then N
+distractor conversations of held-out Persuasion paragraphs (`distractor_turns` messages each) follow, N = 0, 4, 16
+measured along one life. At each N every fact is asked with `CTMOnlineSession.score` (a new conversation: recall by
+the question, then the log-probability of each code; the brain is not changed by asking):
+
+    off         the session with no memory stack (the same checkpoint: what it knew without being told)
+    episodic    episodic memory only: recall of a stored thinking state by the question
+    hebbian     Hebbian plasticity only: an edit at the end of every conversation
+    learn_from  the gradient mode only: one anchored SGD step per user message
+    all         episodic + Hebbian + learn_from + sleep every `sleep_every` conversations (phase 4's stack)
+    placebo     `all`, but conversation 1 tells the same names with other codes (a derangement): the recall of the
+                true codes must fall to chance or below if the stack stores what it was told
+    rag         no stack; the user messages of the stored conversation whose key (the episodic memory's own key, mean
+                input embedding) best matches the question are put in front of it (retrieval among the distractors)
+    oracle      no stack; conversation 1's messages are put in front of the question (the upper bound of reading)
+
+`off`, `rag` and `oracle` change no weights and carry nothing across conversations, so their conversations are not
+run (they could not change a score); `rag` retrieves among the texts the other arms lived through.
+
+Metrics (mean over the facts of all trials of a seed; mean ± sd over seeds in the table):
+
+    recall        the true code has the highest log-probability among the 10 codes (efficacy; chance 0.1)
+    exact         greedy decoding over the whole vocabulary gives the true code
+    answer_logp   log-probability of the true code (nats)
+    paraphrase    recall asked as "So NAME's code is"
+    neighbourhood the share of 10 names never told whose top code is the same as before the session (1 = undisturbed)
+    ce_cost       held-out CE (20 Persuasion paragraphs, fresh context) after the session minus before
+    recalled      the share of questions that recalled an episode (episodic arms) or retrieved conversation 1 (rag)
+
+Cost: ms per processed token of the conversations with the arm's stack against `off_timed` (the same conversations,
+stack off), and the bytes the stack holds at the end (episodes, plasticity anchors and statistics, replay heap,
+learn_from's anchor copy).
+
+    python eval/online_e16.py [--seeds 3] [--out eval/results/online_e16] [--quick] [--set FIELD=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+torch.set_num_threads(1)  # tiny tensors; a busy shared CPU makes extra threads a loss
+
+from datasets import Dataset  # noqa: E402
+from transformers import PrinterCallback, TrainingArguments, set_seed  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
+from modeling_ctm.data import austen_splits  # noqa: E402
+from modeling_ctm.experiments import (  # noqa: E402
+    MachineLoad,
+    experiment_parser,
+    format_mean_sd,
+    summarize_arms,
+    write_results,
+)
+from modeling_ctm.memory import CTMEpisodicMemory, mean_input_embedding  # noqa: E402
+from modeling_ctm.online import CTMOnlineSession, OnlineConfig  # noqa: E402
+from modeling_ctm.phases import freeze_for_thinking  # noqa: E402
+from modeling_ctm.plasticity import HebbianPlasticity, PlasticityConfig, memory_held_bytes  # noqa: E402
+from modeling_ctm.sleep import ConsolidationConfig, Consolidator, ReplayHeap  # noqa: E402
+from modeling_ctm.tokenization import train_austen_tokenizer  # noqa: E402
+from modeling_ctm.training import ContinuityTrainer  # noqa: E402
+
+
+ARMS = {
+    "off": "no memory stack (the control)",
+    "episodic": "episodic memory only",
+    "hebbian": "Hebbian plasticity only",
+    "learn_from": "gradient learn_from only",
+    "all": "episodic + Hebbian + learn_from + sleep",
+    "placebo": "all, told other codes for the same names",
+    "rag": "no stack; best-matching stored messages in the prompt",
+    "oracle": "no stack; the facts in the prompt (upper bound)",
+}
+LIVED = ("episodic", "hebbian", "learn_from", "all", "placebo")  # arms whose conversations can change a score
+METRICS = ("recall", "exact", "answer_logp", "paraphrase", "neighbourhood", "ce_cost", "recalled")
+NAMES = [
+    "Emma", "Harriet", "Elinor", "Marianne", "Fanny", "Edmund", "Darcy", "Bingley", "Elizabeth", "Jane", "Catherine",
+    "Lydia", "Kitty", "Collins", "Wickham", "Weston", "Elton", "Knightley", "Frank", "Isabella", "Henry", "Julia",
+    "Maria", "Edward", "Lucy", "Brandon", "Willoughby", "Thomas", "William", "Susan", "Robert", "Martin", "Charlotte",
+    "Lucas", "Crawford", "Bertram", "Norris", "Rushworth", "Yates", "Price", "Tilney", "Thorpe", "Morland", "Allen",
+    "Palmer", "Jennings", "Middleton", "Ferrars", "Dashwood", "Fairfax", "Churchill", "Bates", "Perry", "Goddard",
+    "Smith", "Campbell", "Dixon", "Cole", "Gardiner", "Bennet",
+]  # fmt: skip
+CODES = ["house", "letter", "garden", "father", "sister", "room", "friend", "family", "heart", "walk"]
+TEMPLATE = "The code of {name} is"
+PARAPHRASE = "So {name}'s code is"
+
+
+@dataclass
+class Settings:
+    seeds: int = 3
+    # model (CTMConfig fields) and tokenizer
+    vocab_size: int = 4096
+    hidden_size: int = 64
+    intermediate_size: int = 192
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    ctm_ticks: int = 3
+    ctm_memory_length: int = 4
+    ctm_n_synch_out: int = 64
+    ctm_n_synch_action: int = 32
+    ctm_nlm_hidden_size: int = 8
+    ctm_synapse_depth: int = 4
+    ctm_chunk_size: int = 32
+    # training
+    chunk_length: int = 96  # two chunks per training row; a fact set (~70 tokens) fits in one
+    train_steps: int = 600
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    carry_share: float = 0.25
+    context_share: float = 0.25
+    train_names: int = 30  # NAMES[:train_names] appear in training facts; the rest are the evaluation's
+    # protocol
+    facts: int = 10
+    trials: int = 3
+    distractors: list[int] = field(default_factory=lambda: [0, 4, 16])
+    distractor_turns: int = 2
+    distractor_words: int = 40
+    reply_tokens: int = 2
+    neighbours: int = 10
+    ce_paragraphs: int = 20
+    # the memory stack (phase 4's tiny preset unless stated)
+    recall_threshold: float = 0.5
+    memory_capacity: int = 64
+    learn_rate: float = 0.05
+    learn_anchor: float = 1.0
+    sleep_every: int = 4
+    sleep_capacity: int = 16
+    sleep_steps: int = 1
+    sleep_lr: float = 1e-4
+
+    def validate(self) -> None:
+        if not 1 <= self.facts <= len(CODES):
+            raise ValueError(f"facts={self.facts} is invalid: allowed values are 1..{len(CODES)} (one code per fact)")
+        held_out = len(NAMES) - self.train_names
+        if not 10 <= self.train_names or held_out < self.facts + self.neighbours:
+            raise ValueError(
+                f"train_names={self.train_names} is invalid: allowed values are 10..{len(NAMES) - self.facts - self.neighbours}"
+                f" (the evaluation needs facts + neighbours = {self.facts + self.neighbours} names never trained on)"
+            )
+        if sorted(set(self.distractors)) != list(self.distractors) or self.distractors[0] < 0:
+            raise ValueError(f"distractors={self.distractors} is invalid: allowed values are increasing integers >= 0")
+        if self.chunk_length % self.ctm_chunk_size:
+            raise ValueError(f"chunk_length={self.chunk_length} is invalid: a multiple of ctm_chunk_size")
+        if self.carry_share + self.context_share > 1 or min(self.carry_share, self.context_share) < 0:
+            raise ValueError("carry_share and context_share are invalid: two shares >= 0 summing to at most 1")
+        for name in ("trials", "train_steps", "batch_size", "reply_tokens", "ce_paragraphs", "sleep_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: allowed values are integers >= 1")
+
+
+QUICK = dict(train_steps=4, batch_size=4, trials=1, facts=3, distractors=[0, 2], neighbours=3, ce_paragraphs=2,
+             sleep_every=2, vocab_size=1024)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Text: facts, fillers, distractors
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def statement(name: str, code: str) -> str:
+    return f"{TEMPLATE.format(name=name)} {code}."
+
+
+def fact_ids(tokenizer, name: str, code: str, template: str = TEMPLATE) -> list[int]:
+    """One sentence tokenized on its own, as a session tokenizes each user message."""
+    return tokenizer(f"{template.format(name=name)} {code}.", add_special_tokens=False).input_ids
+
+
+class Corpus:
+    """The token streams the script draws from: held-in text (training filler) and held-out paragraphs
+    (distractors, the CE-cost set), all from the embedded novels."""
+
+    def __init__(self, tokenizer, settings: Settings):
+        splits = austen_splits()
+        train_text = "\n".join(splits["train"]["text"][:3000])
+        self.stream = torch.tensor(tokenizer(train_text, add_special_tokens=False).input_ids)
+        held_out = [p for p in splits["validation"]["text"] if len(p.split()) >= settings.distractor_words]
+        self.cost_paragraphs = held_out[: settings.ce_paragraphs]
+        self.distractor_paragraphs = held_out[settings.ce_paragraphs :]
+        self.cost_ids = [
+            torch.tensor([tokenizer(p, add_special_tokens=False).input_ids[:128]]) for p in self.cost_paragraphs
+        ]
+
+    def window(self, length: int, rng: random.Random) -> list[int]:
+        start = rng.randrange(len(self.stream) - length)
+        return self.stream[start : start + length].tolist()
+
+    def distractor(self, index: int, settings: Settings) -> list[str]:
+        """Conversation `index`: `distractor_turns` messages of `distractor_words` words of a held-out paragraph."""
+        words = self.distractor_paragraphs[index % len(self.distractor_paragraphs)].split()
+        n = settings.distractor_words // settings.distractor_turns
+        return [" ".join(words[i * n : (i + 1) * n]) for i in range(settings.distractor_turns)]
+
+
+def training_rows(settings: Settings, tokenizer, corpus: Corpus, n: int, seed: int) -> Dataset:
+    """Rows of two chunks: held-in text, "carry" facts (told in chunk 1, asked in chunk 2) or "context" facts (told
+    and asked in chunk 1). Each sentence is tokenized alone, as session messages are; text fills each chunk up."""
+    rng = random.Random(seed)
+    L = settings.chunk_length
+    names = NAMES[: settings.train_names]
+
+    def fill(ids: list[int]) -> list[int]:
+        if len(ids) > L:
+            raise ValueError(f"a fact chunk has {len(ids)} tokens: chunk_length={L} is too small for it")
+        return ids + corpus.window(L - len(ids), rng) if len(ids) < L else ids
+
+    def asked(pairs) -> list[int]:
+        ids = []
+        for name, code in rng.sample(pairs, len(pairs)):
+            ids += fact_ids(tokenizer, name, code, rng.choice((TEMPLATE, PARAPHRASE)))
+        return ids
+
+    rows = []
+    for _ in range(n):
+        draw = rng.random()
+        pairs = list(zip(rng.sample(names, settings.facts), rng.sample(CODES, settings.facts)))
+        told = [t for name, code in pairs for t in fact_ids(tokenizer, name, code)]
+        if draw < settings.carry_share:
+            ids = fill(told) + fill(asked(pairs))
+        elif draw < settings.carry_share + settings.context_share:
+            half = pairs[: max(1, len(pairs) // 2)]
+            ids = fill([t for name, code in half for t in fact_ids(tokenizer, name, code)] + asked(half))
+            ids += corpus.window(L, rng)
+        else:
+            ids = corpus.window(2 * L, rng)
+        rows.append(ids)
+    return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": rows})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def model_config(settings: Settings, tokenizer) -> CTMConfig:
+    return CTMConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=settings.hidden_size,
+        intermediate_size=settings.intermediate_size,
+        num_hidden_layers=settings.num_hidden_layers,
+        num_attention_heads=settings.num_attention_heads,
+        num_key_value_heads=settings.num_attention_heads,
+        max_position_embeddings=512,
+        ctm_layers="last",
+        ctm_ticks=settings.ctm_ticks,
+        ctm_memory_length=settings.ctm_memory_length,
+        ctm_n_synch_out=settings.ctm_n_synch_out,
+        ctm_n_synch_action=settings.ctm_n_synch_action,
+        ctm_nlm_hidden_size=settings.ctm_nlm_hidden_size,
+        ctm_synapse_depth=settings.ctm_synapse_depth,
+        ctm_readout="last",
+        ctm_loss_tick_aux_weight=0.5,
+        ctm_loss_certain_weight=0.0,
+        ctm_carry="chunk",
+        ctm_chunk_size=settings.ctm_chunk_size,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def train_model(settings: Settings, tokenizer, corpus: Corpus, seed: int) -> tuple[CTMForCausalLM, list[dict]]:
+    set_seed(seed)
+    model = CTMForCausalLM(model_config(settings, tokenizer))
+    rows = training_rows(settings, tokenizer, corpus, settings.train_steps * settings.batch_size, seed=1_000 + seed)
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments(
+            output_dir=output_dir,
+            use_cpu=True,
+            report_to=[],
+            seed=seed,
+            max_steps=settings.train_steps,
+            per_device_train_batch_size=settings.batch_size,
+            learning_rate=settings.learning_rate,
+            warmup_steps=max(1, settings.train_steps // 20),
+            lr_scheduler_type="cosine",
+            logging_steps=max(1, settings.train_steps // 8),
+            save_strategy="no",
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = ContinuityTrainer(
+            model=model,
+            args=args,
+            train_dataset=rows,
+            chunk_length=settings.chunk_length,
+            gradient_window=1,
+            cut_attention=True,
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    log = [{"step": e["step"], "loss": round(e["loss"], 4)} for e in trainer.state.log_history if "loss" in e]
+    return model.eval(), log
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sessions and the questions
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def make_session(arm: str, base: CTMForCausalLM, tokenizer, settings: Settings) -> CTMOnlineSession:
+    """A fresh brain on a copy of the trained model, with the arm's part of the memory stack."""
+    model = copy.deepcopy(base)
+    freeze_for_thinking(model, "non_ctm")  # phase 4's rule: sleep and learn_from change the thinking blocks only
+    stack = {"episodic", "hebbian", "learn_from"} if arm in ("all", "placebo") else {arm}
+    memory = (
+        CTMEpisodicMemory.for_model(model.config, capacity=settings.memory_capacity) if "episodic" in stack else None
+    )
+    plasticity = HebbianPlasticity(model, PlasticityConfig()) if "hebbian" in stack else None
+    heap = consolidator = None
+    if arm in ("all", "placebo"):
+        heap = ReplayHeap(capacity=settings.sleep_capacity)
+        consolidator = Consolidator(model, ConsolidationConfig(steps=settings.sleep_steps, lr=settings.sleep_lr))
+    config = OnlineConfig(
+        recall_threshold=settings.recall_threshold,
+        sleep_every=settings.sleep_every if heap is not None else None,
+        learn_rate=settings.learn_rate if "learn_from" in stack else 0.0,
+        learn_anchor=settings.learn_anchor,
+        max_new_tokens=settings.reply_tokens,
+    )
+    return CTMOnlineSession(model, tokenizer, memory, plasticity, heap, consolidator, config)
+
+
+def converse(session: CTMOnlineSession, messages: list[str]) -> tuple[float, int]:
+    """One conversation; returns its wall time and the tokens it processed."""
+    started = time.perf_counter()
+    for message in messages:
+        session.say(message)
+    report = session.end()
+    return time.perf_counter() - started, report["tokens"]
+
+
+def prompt_with(texts: list[str], question: str) -> str:
+    return " ".join(texts + [question])
+
+
+def ask(session: CTMOnlineSession, question: str, true_code: str, context: list[str] | None = None) -> dict:
+    """Score the 10 codes after `question` (with `context` messages in front for rag/oracle)."""
+    scored = session.score(prompt_with(context or [], question), [f" {c}" for c in CODES])
+    log_probs = scored["log_probs"]
+    truth = CODES.index(true_code)
+    return {
+        "top": CODES[int(log_probs.argmax())],
+        "recall": float(int(log_probs.argmax()) == truth),
+        "exact": float(scored["greedy"][truth]),
+        "answer_logp": float(log_probs[truth]),
+        "recalled": float(scored["recalled"]),
+    }
+
+
+@torch.no_grad()
+def held_out_ce(model: CTMForCausalLM, corpus: Corpus) -> float:
+    losses = [float(model(ids, labels=ids).loss) for ids in corpus.cost_ids]
+    return sum(losses) / len(losses)
+
+
+def brain_bytes(session: CTMOnlineSession) -> int:
+    total = 0
+    if session.memory is not None:
+        total += session.memory.bytes_per_episode * len(session.memory)
+    if session.plasticity is not None:
+        total += memory_held_bytes(session.plasticity)
+    if session.heap is not None:
+        total += session.heap.memory_bytes()
+    if session._anchor is not None:
+        total += sum(t.numel() * t.element_size() for t in session._anchor.values())
+    return total
+
+
+def measure(session, facts, neighbours, before_top, ce_before, corpus, context_for=None, retrieved_right=None) -> dict:
+    """All metrics of one arm at one N. `context_for(question)` gives rag/oracle their prompt texts."""
+    rows, para = [], []
+    for name, code in facts:
+        question = TEMPLATE.format(name=name)
+        rows.append(ask(session, question, code, context_for(question) if context_for else None))
+        paraphrase = PARAPHRASE.format(name=name)
+        para.append(ask(session, paraphrase, code, context_for(paraphrase) if context_for else None)["recall"])
+    unchanged = []
+    for name in neighbours:
+        question = TEMPLATE.format(name=name)
+        top = ask(session, question, CODES[0], context_for(question) if context_for else None)["top"]
+        unchanged.append(float(top == before_top[name]))
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    recalled = mean("recalled") if retrieved_right is None else retrieved_right(facts)
+    return {
+        "recall": mean("recall"),
+        "exact": mean("exact"),
+        "answer_logp": mean("answer_logp"),
+        "paraphrase": sum(para) / len(para),
+        "neighbourhood": sum(unchanged) / len(unchanged),
+        "ce_cost": held_out_ce(session.model, corpus) - ce_before,
+        "recalled": recalled,
+    }
+
+
+def run_trial(base, tokenizer, corpus: Corpus, settings: Settings, rng: random.Random, trial: int, log=print) -> dict:
+    """One fact set through every arm. Returns {arm: {N: metrics}} and the cost figures."""
+    evaluation_names = NAMES[settings.train_names :]
+    picked = rng.sample(evaluation_names, settings.facts + settings.neighbours)
+    names, neighbours = picked[: settings.facts], picked[settings.facts :]
+    codes = rng.sample(CODES, settings.facts)
+    facts = list(zip(names, codes))
+    shift = 1 + rng.randrange(settings.facts - 1) if settings.facts > 1 else 0
+    placebo_facts = [(name, codes[(i + shift) % settings.facts]) for i, name in enumerate(names)]
+    if settings.facts == 1:  # a one-fact derangement: another code than the true one
+        placebo_facts = [(names[0], next(c for c in CODES if c != codes[0]))]
+    told = [statement(name, code) for name, code in facts]
+    distractors = [corpus.distractor(trial * 1000 + i, settings) for i in range(max(settings.distractors))]
+
+    off = make_session("off", base, tokenizer, settings)
+    before_top = {name: ask(off, TEMPLATE.format(name=name), CODES[0])["top"] for name in neighbours}
+    ce_before = held_out_ce(off.model, corpus)
+    results, cost = {arm: {} for arm in ARMS}, {}
+
+    # off_timed: the lived arms' conversations with the stack off (the cost baseline; it changes nothing)
+    timing = {"off_timed": [0.0, 0]}
+    for messages in [told] + distractors:
+        seconds, tokens = converse(off, messages)
+        timing["off_timed"][0] += seconds
+        timing["off_timed"][1] += tokens
+
+    for arm in LIVED:
+        session = make_session(arm, base, tokenizer, settings)
+        seconds, tokens = converse(
+            session, [statement(n, c) for n, c in (placebo_facts if arm == "placebo" else facts)]
+        )
+        lived = 0
+        for n in settings.distractors:
+            for messages in distractors[lived:n]:
+                s, t = converse(session, messages)
+                seconds, tokens = seconds + s, tokens + t
+            lived = n
+            results[arm][n] = measure(session, facts, neighbours, before_top, ce_before, corpus)
+        timing[arm] = [seconds, tokens]
+        cost[arm] = {"bytes_held": brain_bytes(session)}
+        log(
+            f"  trial {trial} {arm}: recall by N {[round(results[arm][n]['recall'], 2) for n in settings.distractors]}"
+        )
+    for arm, (seconds, tokens) in timing.items():
+        cost.setdefault(arm, {})["ms_per_token"] = 1000 * seconds / max(tokens, 1)
+
+    # the arms without a stack: the trained model asked, with nothing / the retrieved / the true messages in front
+    keys = lambda texts: mean_input_embedding(  # noqa: E731
+        off.model, tokenizer(" ".join(texts), return_tensors="pt", add_special_tokens=False).input_ids, None
+    )
+    for n in settings.distractors:
+        library = [told] + distractors[:n]  # the user messages of every conversation lived so far
+        library_keys = torch.cat([keys(texts) for texts in library])
+
+        def retrieve(question, library=library, library_keys=library_keys):
+            return library[int((library_keys @ keys([question])[0]).argmax())]
+
+        def right(fact_set, library_keys=library_keys):
+            hits = [int((library_keys @ keys([TEMPLATE.format(name=name)])[0]).argmax()) == 0 for name, _ in fact_set]
+            return sum(hits) / len(hits)
+
+        results["off"][n] = measure(off, facts, neighbours, before_top, ce_before, corpus)
+        results["rag"][n] = measure(off, facts, neighbours, before_top, ce_before, corpus, retrieve, right)
+        results["oracle"][n] = measure(off, facts, neighbours, before_top, ce_before, corpus, lambda q: told)
+    return {"results": results, "cost": cost, "facts": facts, "placebo_facts": placebo_facts}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The experiment
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
+    settings.validate()
+    hf_logging.set_verbosity_error()
+    load = MachineLoad()
+    started, load_before = time.perf_counter(), load.sample()
+    tokenizer = train_austen_tokenizer(settings.vocab_size)
+    corpus = Corpus(tokenizer, settings)
+    per_seed = []
+    for seed in range(settings.seeds):
+        t0 = time.perf_counter()
+        base, train_log = train_model(settings, tokenizer, corpus, seed)
+        log(
+            f"seed {seed}: trained in {time.perf_counter() - t0:.0f} s, loss {train_log[-1]['loss'] if train_log else '-'}"
+        )
+        rng = random.Random(7_000 + seed)
+        trials = [run_trial(base, tokenizer, corpus, settings, rng, t, log) for t in range(settings.trials)]
+        record = {"seed": seed, "train_log": train_log, "trials": trials}
+        for arm in ARMS:  # the seed's number for an arm: the mean over its trials, at every N and at the largest N
+            for n in settings.distractors:
+                record[f"{arm}@{n}"] = {
+                    metric: sum(t["results"][arm][n][metric] for t in trials) / len(trials) for metric in METRICS
+                }
+            record[arm] = record[f"{arm}@{settings.distractors[-1]}"]
+        cost_arms = trials[0]["cost"].keys()
+        record["cost"] = {
+            arm: {k: sum(t["cost"][arm][k] for t in trials) / len(trials) for k in trials[0]["cost"][arm]}
+            for arm in cost_arms
+        }
+        per_seed.append(record)
+
+    arms = summarize_arms(per_seed, ARMS, METRICS)
+    retention = {
+        arm: {
+            str(n): summarize_arms(per_seed, {f"{arm}@{n}": ARMS[arm]}, METRICS)[f"{arm}@{n}"]
+            for n in settings.distractors
+        }
+        for arm in ARMS
+    }
+    cost = {}
+    for arm in per_seed[0]["cost"]:
+        for key in per_seed[0]["cost"][arm]:
+            values = [r["cost"][arm][key] for r in per_seed]
+            cost.setdefault(arm, {})[key] = sum(values) / len(values)
+    machine = {
+        "seconds": round(time.perf_counter() - started, 1),
+        "foreign_load": load.foreign(load_before, load.sample()),
+    }
+    result = {
+        "settings": asdict(settings),
+        "per_seed": per_seed,
+        "arms": arms,
+        "retention": retention,
+        "cost": cost,
+        "machine": machine,
+        "chance": 1 / len(CODES),
+    }
+    if out_dir is not None:
+        draw_retention(result, out_dir / "retention.png")
+        write_results(out_dir, result, format_markdown(result))
+    return result
+
+
+def draw_retention(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from modeling_ctm.fmri import save_figure
+
+    ns = result["settings"]["distractors"]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, metric, title in ((axes[0], "recall", "recall (10 codes)"), (axes[1], "answer_logp", "log p(answer)")):
+        for arm in ARMS:
+            means = [result["retention"][arm][str(n)][f"{metric}_mean"] for n in ns]
+            sds = [result["retention"][arm][str(n)][f"{metric}_sd"] for n in ns]
+            axis.errorbar(ns, means, yerr=sds, marker="o", capsize=3, label=arm)
+        if metric == "recall":
+            axis.axhline(result["chance"], color="grey", linestyle=":", label="chance")
+        axis.set_xlabel("distractor conversations N")
+        axis.set_title(title)
+    axes[0].legend(fontsize=7)
+    figure.suptitle("E16: retention of 10 told facts in a new conversation, mean ± sd over seeds")
+    figure.tight_layout()
+    save_figure(figure, path)
+    plt.close(figure)
+
+
+def format_markdown(result: dict) -> str:
+    settings, arms = result["settings"], result["arms"]
+    ns = settings["distractors"]
+    lines = [
+        "# E16: online learning, facts told once, asked in a new conversation after N other conversations",
+        "",
+        f"{settings['seeds']} seeds x {settings['trials']} fact sets of {settings['facts']} facts; chance "
+        f"{result['chance']:.2f}. Run took {result['machine']['seconds']:.0f} s, foreign CPU load "
+        f"{result['machine']['foreign_load']} (share of the machine other processes used).",
+        "",
+        f"## Every metric at N = {ns[-1]} (mean ± sd over seeds)",
+        "",
+        "| arm | " + " | ".join(METRICS) + " |",
+        "|---|" + "---|" * len(METRICS),
+    ]
+    for arm in ARMS:
+        cells = [format_mean_sd(arms[arm][f"{m}_mean"], arms[arm][f"{m}_sd"]) for m in METRICS]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "## Retention: recall by N", "", "| arm | " + " | ".join(f"N={n}" for n in ns) + " |",
+              "|---|" + "---|" * len(ns)]  # fmt: skip
+    for arm in ARMS:
+        row = result["retention"][arm]
+        lines.append(
+            f"| {arm} | "
+            + " | ".join(format_mean_sd(row[str(n)]["recall_mean"], row[str(n)]["recall_sd"]) for n in ns)
+            + " |"
+        )
+    lines += ["", "## Cost (mean over seeds)", "", "| arm | ms/token | bytes held |", "|---|---|---|"]
+    for arm, figures in result["cost"].items():
+        lines.append(f"| {arm} | {figures['ms_per_token']:.2f} | {int(figures.get('bytes_held', 0)):,} |")
+    lines += ["", "![retention](retention.png)", "", answer(result)]
+    return "\n".join(lines) + "\n"
+
+
+def answer(result: dict) -> str:
+    """One sentence per question, from the numbers: does an arm beat `off` by more than both sds, at the largest N?"""
+    arms, last = result["arms"], result["settings"]["distractors"][-1]
+    off_mean, off_sd = arms["off"]["recall_mean"], arms["off"]["recall_sd"]
+    beating = [
+        arm for arm in ("episodic", "hebbian", "learn_from", "all")
+        if arms[arm]["recall_mean"] - off_mean > arms[arm]["recall_sd"] + off_sd
+    ]  # fmt: skip
+    placebo_ok = arms["placebo"]["recall_mean"] <= off_mean + off_sd + arms["placebo"]["recall_sd"]
+    said = ", ".join(beating) if beating else "none of the mechanisms"
+    return (
+        f"**Answer.** After N={last} distractor conversations, {said} recall(s) the told facts better than the "
+        f"stack off (by more than one sd of each); the oracle reaches {arms['oracle']['recall_mean']:.2f} and rag "
+        f"{arms['rag']['recall_mean']:.2f} against off {off_mean:.2f} (chance {result['chance']:.2f}); the placebo "
+        f"{'stays at or below' if placebo_ok else 'rises above'} off ({arms['placebo']['recall_mean']:.2f})."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def settings_from_args(args) -> Settings:
+    settings = Settings(seeds=args.seeds)
+    if args.quick:
+        settings = dataclasses.replace(settings, **QUICK)
+    known = {f.name: f for f in dataclasses.fields(Settings)}
+    for item in args.set or []:
+        name, _, value = item.partition("=")
+        if name not in known:
+            raise SystemExit(f"--set {item}: {name!r} is not a field; allowed fields are {sorted(known)}")
+        setattr(settings, name, json.loads(value) if value[:1] in "[{0123456789-.tf" else value)
+    settings.seeds = args.seeds
+    return settings
+
+
+def main(argv=None) -> int:
+    parser = experiment_parser(__doc__, default_out="eval/results/online_e16")
+    parser.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a Settings field (JSON value)")
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args)
+    result = run(settings, args.out)
+    print(format_markdown(result))
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'} and {args.out / 'retention.png'}")
+    return 0 if all(math.isfinite(result["arms"][arm]["recall_mean"]) for arm in ARMS) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,19 +5,21 @@ The protocol is MemoryLLM's knowledge retention test (inject, N distractor conte
 (efficacy, paraphrase, neighbourhood; reference memory_anchors.md section 4), run through `CTMOnlineSession`, the
 phase-4 session users get (`say`/`end` over `generate`, the brain between conversations).
 
-Facts. "The code of NAME is CODE." NAME is a character or place of the Austen novels (one token each), CODE one of
-`n_codes` = 10 common nouns; a fact set is `facts` = 10 names with a random one-to-one assignment of codes, drawn per
-trial from names the model never saw in a fact during training. Chance is 1/10 for every recall metric but `exact`.
+Facts. "The code of NAME is CODE." NAME is one of 60 invented names (one token each), CODE one of `n_codes` = 10
+common nouns; a fact set is `facts` = 10 names with a random one-to-one assignment of codes, drawn per trial. Training
+rows assign codes at random too, so no name has a code the model could know: only what it was told can explain a hit.
+Chance is 1/10 for every recall metric but `exact`.
 
-Model (per seed, trained in this script): a tiny `CTMForCausalLM` (2 layers, the last thinks, `ctm_carry="chunk"`),
+Model (trained in this script, once and shared by the seeds as in E7, or per seed with `--set shared_model=false`):
+a tiny `CTMForCausalLM` (2 layers, the last thinks, `ctm_carry="chunk"`),
 trained by `ContinuityTrainer` (attention cut between 2 chunks, so only the thinking state crosses) on a mix of held-in
-Austen text and fact documents over the *training* names: "carry" rows tell 10 facts in chunk 1 and ask for them in
+filler text (a small grammar) and fact documents: "carry" rows tell 10 facts in chunk 1 and ask for them in
 chunk 2 (the state must carry them), "context" rows tell and ask inside one chunk (in-context recall, which the oracle
 needs). Queries in training use the plain template and the paraphrase ("So NAME's code is CODE.") half each. Phase 4's
 session rule is kept: everything but the thinking blocks is frozen (what sleep and `learn_from` may change).
 
 Per trial: conversation 1 tells the 10 facts, one user message each (the model replies `reply_tokens` tokens). Then N
-distractor conversations of held-out Persuasion paragraphs (`distractor_turns` messages each) follow, N = 0, 4, 16
+distractor conversations of held-out filler text (`distractor_turns` messages each) follow, N = 0, 4, 16
 measured along one life. At each N every fact is asked with `CTMOnlineSession.score` (a new conversation: recall by
 the question, then the log-probability of each code; the brain is not changed by asking):
 
@@ -42,7 +44,7 @@ Metrics (mean over the facts of all trials of a seed; mean ± sd over seeds in t
     answer_logp   log-probability of the true code (nats)
     paraphrase    recall asked as "So NAME's code is"
     neighbourhood the share of 10 names never told whose top code is the same as before the session (1 = undisturbed)
-    ce_cost       held-out CE (20 Persuasion paragraphs, fresh context) after the session minus before
+    ce_cost       held-out CE (20 rows of 128 held-out filler tokens, fresh context) after the session minus before
     recalled      the share of questions that recalled an episode (episodic arms) or retrieved conversation 1 (rag)
 
 Cost: ms per processed token of the conversations with the arm's stack against `off_timed` (the same conversations,
@@ -74,7 +76,6 @@ from transformers import PrinterCallback, TrainingArguments, set_seed  # noqa: E
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
-from modeling_ctm.data import austen_splits  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     MachineLoad,
     experiment_parser,
@@ -87,7 +88,7 @@ from modeling_ctm.online import CTMOnlineSession, OnlineConfig  # noqa: E402
 from modeling_ctm.phases import freeze_for_thinking  # noqa: E402
 from modeling_ctm.plasticity import HebbianPlasticity, PlasticityConfig, memory_held_bytes  # noqa: E402
 from modeling_ctm.sleep import ConsolidationConfig, Consolidator, ReplayHeap  # noqa: E402
-from modeling_ctm.tokenization import train_austen_tokenizer  # noqa: E402
+from modeling_ctm.tokenization import train_tokenizer  # noqa: E402
 from modeling_ctm.training import ContinuityTrainer  # noqa: E402
 
 
@@ -103,15 +104,17 @@ ARMS = {
 }
 LIVED = ("episodic", "hebbian", "learn_from", "all", "placebo")  # arms whose conversations can change a score
 METRICS = ("recall", "exact", "answer_logp", "paraphrase", "neighbourhood", "ce_cost", "recalled")
-NAMES = [
-    "Emma", "Harriet", "Elinor", "Marianne", "Fanny", "Edmund", "Darcy", "Bingley", "Elizabeth", "Jane", "Catherine",
-    "Lydia", "Kitty", "Collins", "Wickham", "Weston", "Elton", "Knightley", "Frank", "Isabella", "Henry", "Julia",
-    "Maria", "Edward", "Lucy", "Brandon", "Willoughby", "Thomas", "William", "Susan", "Robert", "Martin", "Charlotte",
-    "Lucas", "Crawford", "Bertram", "Norris", "Rushworth", "Yates", "Price", "Tilney", "Thorpe", "Morland", "Allen",
-    "Palmer", "Jennings", "Middleton", "Ferrars", "Dashwood", "Fairfax", "Churchill", "Bates", "Perry", "Goddard",
-    "Smith", "Campbell", "Dixon", "Cole", "Gardiner", "Bennet",
-]  # fmt: skip
+# Invented one-token names (no prior can explain a hit), ten code words, and a small grammar of filler text for the
+# distractor conversations; the tokenizer is fitted on this language so each word is one token.
+NAMES = [f"{a}{b}" for a in ("Ba", "Ce", "Di", "Fo", "Gu", "Ha", "Je", "Ki", "Lo", "Mu") for b in ("ran", "vel", "tor", "mis", "dun", "lek")]
 CODES = ["house", "letter", "garden", "father", "sister", "room", "friend", "family", "heart", "walk"]
+FILLER = {
+    "det": ["the", "a", "every", "no", "that"],
+    "adj": ["old", "young", "quiet", "bright", "cold", "small", "kind", "late", "wet", "tall"],
+    "noun": ["man", "woman", "child", "river", "road", "bird", "tree", "boat", "town", "hill", "dog", "lamp"],
+    "verb": ["saw", "found", "left", "passed", "watched", "followed", "heard", "crossed", "painted", "kept"],
+    "prep": ["near", "under", "behind", "beyond", "beside"],
+}
 TEMPLATE = "The code of {name} is"
 PARAPHRASE = "So {name}'s code is"
 
@@ -120,7 +123,7 @@ PARAPHRASE = "So {name}'s code is"
 class Settings:
     seeds: int = 3
     # model (CTMConfig fields) and tokenizer
-    vocab_size: int = 4096
+    vocab_size: int = 640
     hidden_size: int = 64
     intermediate_size: int = 192
     num_hidden_layers: int = 2
@@ -131,21 +134,21 @@ class Settings:
     ctm_n_synch_action: int = 32
     ctm_nlm_hidden_size: int = 8
     ctm_synapse_depth: int = 4
-    ctm_chunk_size: int = 32
+    ctm_chunk_size: int = 16
     # training
-    chunk_length: int = 96  # two chunks per training row; a fact set (~70 tokens) fits in one
+    chunk_length: int = 80  # two chunks per training row; a fact set (70 tokens) fits in one
     train_steps: int = 600
     batch_size: int = 16
     learning_rate: float = 3e-3
-    carry_share: float = 0.25
-    context_share: float = 0.25
-    train_names: int = 30  # NAMES[:train_names] appear in training facts; the rest are the evaluation's
+    carry_share: float = 0.2
+    context_share: float = 0.6
+    shared_model: bool = True  # one model for all seeds (seeds vary the facts, the distractors and the arms' draws)
     # protocol
     facts: int = 10
     trials: int = 3
     distractors: list[int] = field(default_factory=lambda: [0, 4, 16])
     distractor_turns: int = 2
-    distractor_words: int = 40
+    distractor_words: int = 30
     reply_tokens: int = 2
     neighbours: int = 10
     ce_paragraphs: int = 20
@@ -162,11 +165,9 @@ class Settings:
     def validate(self) -> None:
         if not 1 <= self.facts <= len(CODES):
             raise ValueError(f"facts={self.facts} is invalid: allowed values are 1..{len(CODES)} (one code per fact)")
-        held_out = len(NAMES) - self.train_names
-        if not 10 <= self.train_names or held_out < self.facts + self.neighbours:
+        if self.facts + self.neighbours > len(NAMES):
             raise ValueError(
-                f"train_names={self.train_names} is invalid: allowed values are 10..{len(NAMES) - self.facts - self.neighbours}"
-                f" (the evaluation needs facts + neighbours = {self.facts + self.neighbours} names never trained on)"
+                f"neighbours={self.neighbours} is invalid: facts + neighbours must be at most {len(NAMES)} names"
             )
         if sorted(set(self.distractors)) != list(self.distractors) or self.distractors[0] < 0:
             raise ValueError(f"distractors={self.distractors} is invalid: allowed values are increasing integers >= 0")
@@ -180,7 +181,7 @@ class Settings:
 
 
 QUICK = dict(train_steps=4, batch_size=4, trials=1, facts=3, distractors=[0, 2], neighbours=3, ce_paragraphs=2,
-             sleep_every=2, vocab_size=1024)  # fmt: skip
+             sleep_every=2)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -197,65 +198,107 @@ def fact_ids(tokenizer, name: str, code: str, template: str = TEMPLATE) -> list[
     return tokenizer(f"{template.format(name=name)} {code}.", add_special_tokens=False).input_ids
 
 
+def filler_sentence(rng: random.Random) -> str:
+    """One sentence of the filler grammar: det adj noun verb det noun [prep det adj noun] ."""
+    pick = lambda kind: rng.choice(FILLER[kind])  # noqa: E731
+    words = [pick("det"), pick("adj"), pick("noun"), pick("verb"), pick("det"), pick("noun")]
+    if rng.random() < 0.5:
+        words += [pick("prep"), pick("det"), pick("adj"), pick("noun")]
+    return " ".join(words).capitalize() + "."
+
+
+def fit_tokenizer(settings: Settings):
+    """A byte-level BPE fitted on the experiment's language (facts over every name and code, filler), large enough
+    that every word is one token; checked, since a split name would make recall a different task."""
+    rng = random.Random(0)
+    texts = [statement(name, code) for name in NAMES for code in CODES]
+    texts += [PARAPHRASE.format(name=name) + f" {code}." for name in NAMES for code in CODES]
+    texts += [filler_sentence(rng) for _ in range(3000)]
+    tokenizer = train_tokenizer(texts * 2, vocab_size=settings.vocab_size)
+    split = [w for w in NAMES + CODES if len(tokenizer(f" {w}", add_special_tokens=False).input_ids) != 1]
+    if split:
+        raise ValueError(f"vocab_size={settings.vocab_size} is too small: {split[:5]} are not single tokens")
+    return tokenizer
+
+
 class Corpus:
-    """The token streams the script draws from: held-in text (training filler) and held-out paragraphs
-    (distractors, the CE-cost set), all from the embedded novels."""
+    """The filler text the script draws from, as token streams: a training stream (filler in training rows) and a
+    held-out one (the distractor conversations and the CE-cost rows), from different seeds."""
 
     def __init__(self, tokenizer, settings: Settings):
-        splits = austen_splits()
-        train_text = "\n".join(splits["train"]["text"][:3000])
-        self.stream = torch.tensor(tokenizer(train_text, add_special_tokens=False).input_ids)
-        held_out = [p for p in splits["validation"]["text"] if len(p.split()) >= settings.distractor_words]
-        self.cost_paragraphs = held_out[: settings.ce_paragraphs]
-        self.distractor_paragraphs = held_out[settings.ce_paragraphs :]
-        self.cost_ids = [
-            torch.tensor([tokenizer(p, add_special_tokens=False).input_ids[:128]]) for p in self.cost_paragraphs
-        ]
+        self.tokenizer = tokenizer
+        train_rng, held_out_rng = random.Random(1), random.Random(2)
+        self.stream = torch.tensor(self.encode([filler_sentence(train_rng) for _ in range(20_000)]))
+        held_out = torch.tensor(self.encode([filler_sentence(held_out_rng) for _ in range(40 * settings.ce_paragraphs)]))
+        self.cost_ids = [held_out[None, i * 128 : (i + 1) * 128] for i in range(settings.ce_paragraphs)]
+        self.held_out_rng = held_out_rng
+
+    def encode(self, sentences: list[str]) -> list[int]:
+        return [t for sentence in sentences for t in self.tokenizer(sentence, add_special_tokens=False).input_ids]
 
     def window(self, length: int, rng: random.Random) -> list[int]:
         start = rng.randrange(len(self.stream) - length)
         return self.stream[start : start + length].tolist()
 
     def distractor(self, index: int, settings: Settings) -> list[str]:
-        """Conversation `index`: `distractor_turns` messages of `distractor_words` words of a held-out paragraph."""
-        words = self.distractor_paragraphs[index % len(self.distractor_paragraphs)].split()
-        n = settings.distractor_words // settings.distractor_turns
-        return [" ".join(words[i * n : (i + 1) * n]) for i in range(settings.distractor_turns)]
+        """Conversation `index`: `distractor_turns` messages of about `distractor_words` words each (held-out filler)."""
+        rng = random.Random(10_000 + index)
+        messages = []
+        for _ in range(settings.distractor_turns):
+            sentences = []
+            while sum(len(x.split()) for x in sentences) < settings.distractor_words:
+                sentences.append(filler_sentence(rng))
+            messages.append(" ".join(sentences))
+        return messages
 
 
 def training_rows(settings: Settings, tokenizer, corpus: Corpus, n: int, seed: int) -> Dataset:
-    """Rows of two chunks: held-in text, "carry" facts (told in chunk 1, asked in chunk 2) or "context" facts (told
-    and asked in chunk 1). Each sentence is tokenized alone, as session messages are; text fills each chunk up."""
+    """Rows of two chunks: held-in filler text (every token a target), "carry" facts (10 told in chunk 1, asked in
+    chunk 2: only the carried state can answer) or "context" facts (4-9 told and some asked inside chunk 1). In fact
+    rows only the asked codes are targets: the names and codes told are random, nothing else there can be learned.
+    Each sentence is tokenized alone, as session messages are; filler text fills each chunk up."""
     rng = random.Random(seed)
     L = settings.chunk_length
-    names = NAMES[: settings.train_names]
+    names = NAMES
 
-    def fill(ids: list[int]) -> list[int]:
+    def fill(ids: list[int], targets: list[int]) -> tuple[list[int], list[int]]:
         if len(ids) > L:
             raise ValueError(f"a fact chunk has {len(ids)} tokens: chunk_length={L} is too small for it")
-        return ids + corpus.window(L - len(ids), rng) if len(ids) < L else ids
+        return ids + corpus.window(L - len(ids), rng), targets + [-100] * (L - len(ids))
 
-    def asked(pairs) -> list[int]:
-        ids = []
-        for name, code in rng.sample(pairs, len(pairs)):
-            ids += fact_ids(tokenizer, name, code, rng.choice((TEMPLATE, PARAPHRASE)))
-        return ids
+    def told(pairs) -> tuple[list[int], list[int]]:
+        ids = [t for name, code in pairs for t in fact_ids(tokenizer, name, code)]
+        return ids, [-100] * len(ids)
 
-    rows = []
+    def asked(pairs) -> tuple[list[int], list[int]]:
+        ids, targets = [], []
+        for name, code in pairs:
+            sentence = fact_ids(tokenizer, name, code, rng.choice((TEMPLATE, PARAPHRASE)))
+            ids += sentence
+            targets += [-100] * (len(sentence) - 2) + sentence[-2:-1] + [-100]  # the code, before the full stop
+        return ids, targets
+
+    sentence_length = len(fact_ids(tokenizer, names[0], CODES[0]))
+    rows, labels = [], []
     for _ in range(n):
         draw = rng.random()
         pairs = list(zip(rng.sample(names, settings.facts), rng.sample(CODES, settings.facts)))
-        told = [t for name, code in pairs for t in fact_ids(tokenizer, name, code)]
         if draw < settings.carry_share:
-            ids = fill(told) + fill(asked(pairs))
+            first, second = fill(*told(pairs)), fill(*asked(rng.sample(pairs, len(pairs))))
+            ids, targets = first[0] + second[0], first[1] + second[1]
         elif draw < settings.carry_share + settings.context_share:
-            half = pairs[: max(1, len(pairs) // 2)]
-            ids = fill([t for name, code in half for t in fact_ids(tokenizer, name, code)] + asked(half))
-            ids += corpus.window(L, rng)
+            room = L // sentence_length
+            k = rng.randint(min(4, room - 1), min(settings.facts, room - 1))
+            questions = rng.sample(pairs[:k], min(k, room - k))
+            (a, b), (c, d) = told(pairs[:k]), asked(questions)
+            ids, targets = fill(a + c, b + d)
+            ids, targets = ids + corpus.window(L, rng), targets + [-100] * L
         else:
             ids = corpus.window(2 * L, rng)
+            targets = list(ids)
         rows.append(ids)
-    return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": rows})
+        labels.append(targets)
+    return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": labels})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -425,8 +468,7 @@ def measure(session, facts, neighbours, before_top, ce_before, corpus, context_f
 
 def run_trial(base, tokenizer, corpus: Corpus, settings: Settings, rng: random.Random, trial: int, log=print) -> dict:
     """One fact set through every arm. Returns {arm: {N: metrics}} and the cost figures."""
-    evaluation_names = NAMES[settings.train_names :]
-    picked = rng.sample(evaluation_names, settings.facts + settings.neighbours)
+    picked = rng.sample(NAMES, settings.facts + settings.neighbours)
     names, neighbours = picked[: settings.facts], picked[settings.facts :]
     codes = rng.sample(CODES, settings.facts)
     facts = list(zip(names, codes))
@@ -500,15 +542,18 @@ def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
     hf_logging.set_verbosity_error()
     load = MachineLoad()
     started, load_before = time.perf_counter(), load.sample()
-    tokenizer = train_austen_tokenizer(settings.vocab_size)
+    tokenizer = fit_tokenizer(settings)
     corpus = Corpus(tokenizer, settings)
     per_seed = []
+    trained = {}
     for seed in range(settings.seeds):
-        t0 = time.perf_counter()
-        base, train_log = train_model(settings, tokenizer, corpus, seed)
-        log(
-            f"seed {seed}: trained in {time.perf_counter() - t0:.0f} s, loss {train_log[-1]['loss'] if train_log else '-'}"
-        )
+        model_seed = 0 if settings.shared_model else seed
+        if model_seed not in trained:
+            t0 = time.perf_counter()
+            trained[model_seed] = train_model(settings, tokenizer, corpus, model_seed)
+            last = trained[model_seed][1][-1]["loss"] if trained[model_seed][1] else "-"
+            log(f"model {model_seed}: trained in {time.perf_counter() - t0:.0f} s, loss {last}")
+        base, train_log = trained[model_seed]
         rng = random.Random(7_000 + seed)
         trials = [run_trial(base, tokenizer, corpus, settings, rng, t, log) for t in range(settings.trials)]
         record = {"seed": seed, "train_log": train_log, "trials": trials}

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from modeling_ctm.experiments import load_script
-from modeling_ctm.tokenization import train_tokenizer
 
 
 e16 = load_script(Path(__file__).parents[1] / "eval" / "online_e16.py")
@@ -15,30 +14,34 @@ e16 = load_script(Path(__file__).parents[1] / "eval" / "online_e16.py")
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    sentences = [e16.statement(name, code) for name in e16.NAMES for code in e16.CODES[:3]] + ["So Emma's code is"]
-    return train_tokenizer(sentences * 3, vocab_size=400)
+    return e16.fit_tokenizer(e16.Settings())  # every name and code one token (it checks)
 
 
-def test_training_rows_tell_the_facts_of_training_names_only(tokenizer):
-    settings = e16.Settings(facts=4, carry_share=0.5, context_share=0.5, chunk_length=96)
+def test_training_rows_target_only_the_asked_codes(tokenizer):
+    settings = e16.Settings(facts=10, carry_share=0.4, context_share=0.4, chunk_length=80)
 
-    class Text:  # the corpus' filler: a recognisable token
-        stream = None
-
+    class Filler:  # the corpus' filler: a recognisable token
         @staticmethod
         def window(length, rng):
             return [tokenizer.pad_token_id] * length
 
-    rows = e16.training_rows(settings, tokenizer, Text, 40, seed=0)
-    evaluation = {tokenizer.convert_tokens_to_ids("Ġ" + n) for n in e16.NAMES[settings.train_names :]}
-    for ids in rows["input_ids"]:
-        assert len(ids) == 2 * settings.chunk_length
-        assert not evaluation & set(ids)  # names the evaluation asks about never appear in training
-    # a carry row tells its facts in chunk 1 and asks them in chunk 2; a context row does both in chunk 1
-    carry = [ids for ids in rows["input_ids"] if ids[settings.chunk_length] != tokenizer.pad_token_id]
-    assert carry and all(
-        ids[: settings.chunk_length].count(tokenizer.pad_token_id) < settings.chunk_length for ids in carry
-    )
+    rows = e16.training_rows(settings, tokenizer, Filler, 60, seed=0)
+    pad, L = tokenizer.pad_token_id, settings.chunk_length
+    codes = {tokenizer.convert_tokens_to_ids("Ġ" + c) for c in e16.CODES}
+    kinds = set()
+    for ids, labels in zip(rows["input_ids"], rows["labels"]):
+        assert len(ids) == len(labels) == 2 * L
+        if set(ids) == {pad}:  # filler text: every token is a target
+            kinds.add("text")
+            assert labels == ids
+            continue
+        # fact rows: only asked codes are targets, each the code the row told for that name
+        targets = [(i, t) for i, t in enumerate(labels) if t != -100]
+        assert targets and all(t in codes and ids[i] == t for i, t in targets)
+        kinds.add("carry" if ids[L] != pad else "context")
+        if ids[L] != pad:  # carry: chunk 2 asks every fact told in chunk 1
+            assert len(targets) == settings.facts and all(i >= L for i, _ in targets)
+    assert kinds == {"text", "carry", "context"}
 
 
 def test_bad_settings_name_the_field():
@@ -46,8 +49,8 @@ def test_bad_settings_name_the_field():
         e16.Settings(facts=11).validate()
     with pytest.raises(ValueError, match="distractors="):
         e16.Settings(distractors=[4, 0]).validate()
-    with pytest.raises(ValueError, match="train_names="):
-        e16.Settings(train_names=55).validate()
+    with pytest.raises(ValueError, match="neighbours="):
+        e16.Settings(neighbours=55).validate()
 
 
 @pytest.mark.slow

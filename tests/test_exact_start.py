@@ -217,3 +217,16 @@ def test_ctm_readout_norm_is_validated_and_defaults_to_the_reference():
     assert block.out_norm is None and block.out_gate is None  # the reference: no new parameters, same state dict
     with pytest.raises(ValueError, match=r"ctm_readout_norm='layer'.*\('none', 'rms', 'rms_gate'\)"):
         CTMConfig(**{**TINY, "ctm_readout_norm": "layer"})
+
+
+def test_readout_norm_parameters_come_out_of_init_weights():
+    """Built on the meta device with nothing loaded: the gate, the norm gain and the random out_proj are all filled."""
+    from conftest import tiny_config
+
+    model = CTMForCausalLM.from_pretrained(None, config=tiny_config(ctm_readout_norm="rms_gate"), state_dict={})
+    for layer in model.model.layers:
+        block = layer.thinking
+        assert block.out_gate.device.type == "cpu" and block.out_gate.item() == 0.0
+        assert torch.equal(block.out_norm.weight, torch.ones_like(block.out_norm.weight))
+        bound = 3**0.5 * TINY["ctm_n_synch_out"] ** -0.5 * 0.68
+        assert 0 < block.out_proj.weight.abs().max() <= bound

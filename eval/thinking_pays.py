@@ -11,6 +11,11 @@ phase-1 language model; the seed varies the new weights and the batch order):
                          1's function; block and MLP train together (`freeze="non_thinking_ffn"`), so the only
                          difference from `continued` is the block
     exact_start_k1       exact_start with K = 1 tick (the block without thinking time)
+    exact_start_rms      exact_start whose readout reads RMS-normalised S_out (`ctm_readout_norm="rms"`; out_proj
+                         still zero-initialised): raw S_out is ~1e-2 and nearly the same for every token
+    exact_start_gated    exact_start with the gated readout (`ctm_readout_norm="rms_gate"`): RMS-normalised S_out, a
+                         random out_proj and a scalar gate at 0 (ReZero), so the start is still exact but the gate has
+                         a gradient at step 0 and the whole block from step 1 on
 
 Every CTM arm trains its thinking layer's feed-forward part (`freeze_for_thinking("non_thinking_ffn")`: the block,
 plus the kept MLP where there is one) on the tiny preset's objective: the CE of the tick mixture (the served readout)
@@ -20,14 +25,16 @@ paragraphs each scored whole from its first token (`modeling_ctm.training.evalua
 tick, the deployable readout (`tick_mixture`, the tiny preset's), the most-certain tick, the argmin tick (an oracle),
 the training wall time and the analytic FLOPs/token (eval/flops.py).
 
-E2 (tick specialisation) on the exact_start model, held-out blocks: which tick the certainty selects (histogram),
+E2 (tick specialisation) on the exact_start and exact_start_gated models, held-out blocks: which tick the certainty selects (histogram),
 per-tick CE, Spearman(selected tick, token difficulty) with its p-value, where the difficulty is the phase-1 model's
 CE on that token (independent of the arm), and the K' < K ablation at inference. With no carried state (phase 2),
 tick k of a K-tick run equals tick k of a K'-tick run for k < K', so the K' readouts are read off the first K' ticks.
 
     python eval/thinking_pays.py [--seeds 3] [--out eval/results/thinking_pays] [--quick] [--phase1 FOLDER]
+                                 [--arms continued,exact_start,exact_start_gated]
 
-Writes results.json and results.md to --out and prints the table. Skipped (not in this script): E14 at iso-FLOPs.
+Writes results.json and results.md to --out and prints the table. E14 (depth vs thinking time at iso-FLOPs) is
+eval/iso_flops_e14.py.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from transformers import TrainingArguments, set_seed  # noqa: E402
 
 from modeling_ctm import CTMForCausalLM  # noqa: E402
 from modeling_ctm.data import load_text_dataset, pack_dataset  # noqa: E402
+from modeling_ctm.experiments import MachineLoad  # noqa: E402
 from modeling_ctm.phases import freeze_for_thinking, language_config, start_thinking  # noqa: E402
 from modeling_ctm.tokenization import get_tokenizer, load_tokenizer  # noqa: E402
 from modeling_ctm.training import CTMTrainer  # noqa: E402
@@ -69,7 +77,11 @@ ARMS = {
     "replace": "seed: fresh CTM block replaces the last MLP",
     "exact_start": "CTM block beside the kept MLP (zero readout), both train",
     "exact_start_k1": "exact_start with K=1",
+    "exact_start_rms": "exact_start, readout of RMS-normed S_out",
+    "exact_start_gated": "exact_start, gated readout (RMS-normed S_out, random out_proj, gate at 0)",
 }
+E2_ARMS = ("exact_start", "exact_start_gated")  # tick specialisation is measured on these models
+READOUT_NORMS = {"exact_start_rms": "rms", "exact_start_gated": "rms_gate"}
 READOUTS = ("final", "readout", "most_certain", "argmin")
 
 
@@ -187,7 +199,10 @@ def build_arm(arm: str, phase1: CTMForCausalLM, settings: Settings) -> CTMForCau
         return model
     ticks = 1 if arm == "exact_start_k1" else settings.ticks
     model = start_thinking(
-        phase1, ctm_mlp="replace" if arm == "replace" else "keep", **settings.thinking_fields(ticks)
+        phase1,
+        ctm_mlp="replace" if arm == "replace" else "keep",
+        ctm_readout_norm=READOUT_NORMS.get(arm, "none"),
+        **settings.thinking_fields(ticks),
     )
     freeze_for_thinking(model, "non_thinking_ffn")
     return model
@@ -283,8 +298,19 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run(settings: Settings, seeds: int, out_dir: Path | None, phase1_folder: Path | None = None, log=print) -> dict:
+def run(
+    settings: Settings,
+    seeds: int,
+    out_dir: Path | None,
+    phase1_folder: Path | None = None,
+    log=print,
+    arm_names: tuple[str, ...] = tuple(ARMS),
+) -> dict:
+    required = {"continued", "continued_iso_flops", "exact_start"}  # the controls every answer compares against
+    if set(arm_names) - set(ARMS) or not required <= set(arm_names):
+        raise ValueError(f"arms={list(arm_names)} is invalid: choose from {list(ARMS)}, including {sorted(required)}")
     started = time.perf_counter()
+    load = MachineLoad()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = load_tokenizer(phase1_folder) if phase1_folder else None
         tokenizer, train_set, held_out, paragraphs = load_data(settings, Path(tmp), tokenizer)
@@ -315,11 +341,13 @@ def run(settings: Settings, seeds: int, out_dir: Path | None, phase1_folder: Pat
     per_seed = []
     for seed in range(seeds):
         row = {"seed": seed, "arms": {}}
-        for arm in ARMS:
+        for arm in arm_names:
             set_seed(1000 + seed)
             model = build_arm(arm, phase1, settings)
             steps = iso_steps if arm == "continued_iso_flops" else settings.steps
+            before = load.sample()
             seconds = train(model, settings, train_set, steps, settings.learning_rate, seed)
+            foreign = load.foreign(before, load.sample())
             per_token = flops_per_token(model, settings)
             scores = {kind: token_scores(model, seqs) for kind, seqs in texts.items()}
             deployed = model.config.ctm_readout if model.config.ctm_layer_indices else "final"
@@ -327,13 +355,15 @@ def run(settings: Settings, seeds: int, out_dir: Path | None, phase1_folder: Pat
                 "steps": steps,
                 "train_seconds": seconds,
                 "seconds_per_step": seconds / steps,
+                # fraction of the machine's CPUs other processes used while this arm trained (shared machine)
+                "foreign_load": float("nan") if foreign is None else foreign,
                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "flops_per_token_forward": per_token["forward"],
                 "flops_per_token_training": per_token["training"],
                 "training_flops": per_token["training"] * steps * settings.batch_size * settings.block_size,
                 **{f"{kind}_{k}_ce": v for kind, s in scores.items() for k, v in summarize(s, deployed).items()},
             }
-            if arm == "exact_start":
+            if arm in E2_ARMS:
                 entry["e2"] = tick_specialisation(scores["blocks"], difficulty)
             row["arms"][arm] = entry
             log(
@@ -345,35 +375,26 @@ def run(settings: Settings, seeds: int, out_dir: Path | None, phase1_folder: Pat
 
     metrics = [key for key in per_seed[0]["arms"]["exact_start"] if key != "e2"]
     arms = {}
-    for arm, description in ARMS.items():
-        summary = {"description": description}
+    for arm in arm_names:
+        summary = {"description": ARMS[arm]}
         for key in metrics:
             mean, sd = mean_sd([row["arms"][arm][key] for row in per_seed])
             summary[key] = {"mean": mean, "sd": sd}
         summary["readout_ce"] = summary["blocks_readout_ce"]  # the headline: deployable readout on held-out blocks
         arms[arm] = summary
-    e2_rows = [row["arms"]["exact_start"]["e2"] for row in per_seed]
-    e2 = {
-        key: [mean_sd([r[key][i] for r in e2_rows]) for i in range(len(e2_rows[0][key]))]
-        for key in ("selection_histogram", "per_tick_ce", "argmin_histogram")
-    }
-    for key in ("spearman_selected_tick_vs_difficulty", "spearman_p_value"):
-        e2[key] = mean_sd([r[key] for r in e2_rows])
-    e2["k_prime_ablation"] = {
-        k: {name: mean_sd([r["k_prime_ablation"][k][name] for r in e2_rows]) for name in ablation}
-        for k, ablation in e2_rows[0]["k_prime_ablation"].items()
-    }
+    e2s = {f"e2_{arm}": summarize_e2([row["arms"][arm]["e2"] for row in per_seed]) for arm in E2_ARMS if arm in arms}
     result = {
         "experiment": "thinking_pays",
         "settings": {
             **asdict(settings),
             "seeds": seeds,
+            "arms": list(arm_names),
             "phase1_folder": str(phase1_folder) if phase1_folder else None,
         },
         "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
         "phase1": phase1_row,
         "arms": arms,
-        "e2_exact_start": e2,
+        **e2s,
         "per_seed": per_seed,
         "answer": answer(arms, phase1_row),
         "total_seconds": time.perf_counter() - started,
@@ -387,6 +408,21 @@ def run(settings: Settings, seeds: int, out_dir: Path | None, phase1_folder: Pat
         (out_dir / "results.md").write_text(format_markdown(result, table))
         log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
     return result
+
+
+def summarize_e2(e2_rows: list[dict]) -> dict:
+    """Mean and sd over seeds of every E2 number."""
+    e2 = {
+        key: [mean_sd([r[key][i] for r in e2_rows]) for i in range(len(e2_rows[0][key]))]
+        for key in ("selection_histogram", "per_tick_ce", "argmin_histogram")
+    }
+    for key in ("spearman_selected_tick_vs_difficulty", "spearman_p_value"):
+        e2[key] = mean_sd([r[key] for r in e2_rows])
+    e2["k_prime_ablation"] = {
+        k: {name: mean_sd([r["k_prime_ablation"][k][name] for r in e2_rows]) for name in ablation}
+        for k, ablation in e2_rows[0]["k_prime_ablation"].items()
+    }
+    return e2
 
 
 def answer(arms: dict, phase1_row: dict) -> str:
@@ -404,12 +440,23 @@ def answer(arms: dict, phase1_row: dict) -> str:
         for kind in ("blocks", "paragraphs")
     )
     verdict = lambda yes: "yes" if yes else "no"  # noqa: E731
+    readouts = ""
+    for arm in ("exact_start_rms", "exact_start_gated"):
+        if arm in arms:  # beyond one sd of each, as above
+            pays = ce(arm) < ce("continued") - sd("continued") - sd(arm)
+            readouts += (
+                f" {arm}: {ce(arm):.3f} ± {sd(arm):.3f}, "
+                f"{'beats' if pays else 'does not beat'} continued ({ce('continued'):.3f} ± {sd('continued'):.3f}) "
+                "by more than one sd."
+            )
     return (
         f"Per step: {verdict(per_step)}, per FLOP: {verdict(per_flop)} - exact_start reaches "
         f"{ce('exact_start'):.3f} nats/token on held-out blocks (deployable readout) vs {ce('continued'):.3f} for "
         f"training the MLP longer at the same steps and {ce('continued_iso_flops'):.3f} at the same FLOPs "
         f"(phase 1 {phase1_row['blocks']['final']:.3f}; exact_start {'beats' if vs_phase1 else 'does not clearly beat'} "
-        f"phase 1 on both blocks and paragraphs (by more than one sd); the replace arm ends at {ce('replace'):.3f})."
+        f"phase 1 on both blocks and paragraphs (by more than one sd)"
+        + (f"; the replace arm ends at {ce('replace'):.3f})." if "replace" in arms else ").")
+        + readouts
     )
 
 
@@ -419,12 +466,12 @@ def _pm(value: dict) -> str:
 
 def format_table(result: dict) -> str:
     head = ["arm", "steps", "blocks: final", "blocks: readout", "blocks: most-certain", "blocks: argmin",
-            "paragraphs: final", "paragraphs: readout", "paragraphs: most-certain", "train s", "MFLOP/token (train)"]  # fmt: skip
+            "paragraphs: final", "paragraphs: readout", "paragraphs: most-certain", "train s", "foreign load", "MFLOP/token (train)"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     p1 = result["phase1"]
     lines.append(
         f"| phase 1 (start, control) | 0 | {p1['blocks']['final']:.3f} | {p1['blocks']['final']:.3f} | - | - "
-        f"| {p1['paragraphs']['final']:.3f} | {p1['paragraphs']['final']:.3f} | - | - | - |"
+        f"| {p1['paragraphs']['final']:.3f} | {p1['paragraphs']['final']:.3f} | - | - | - | - |"
     )
     for arm, row in result["arms"].items():
         cells = [
@@ -433,34 +480,41 @@ def format_table(result: dict) -> str:
             *(_pm(row[f"blocks_{k}_ce"]) for k in READOUTS),
             *(_pm(row[f"paragraphs_{k}_ce"]) for k in ("final", "readout", "most_certain")),
             _pm(row["train_seconds"]).replace(".000", ""),
+            f"{row['foreign_load']['mean']:.2f}",
             f"{row['flops_per_token_training']['mean'] / 1e6:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def format_markdown(result: dict, table: str) -> str:
-    s = result["settings"]
-    e2 = result["e2_exact_start"]
+def format_e2(arm: str, e2: dict) -> str:
     fmt = lambda pairs: ", ".join(f"{m:.3f} ± {d:.3f}" for m, d in pairs)  # noqa: E731
     ablation = "\n".join(
         f"| {k} | " + " | ".join(f"{v[0]:.3f} ± {v[1]:.3f}" for v in row.values()) + " |"
         for k, row in e2["k_prime_ablation"].items()
     )
     return (
-        f"# Thinking pays? ({s['seeds']} seeds, {s['steps']} steps per arm)\n\n"
-        f"Held-out cross-entropy in nats/token, mean ± sd over seeds (new weights and batch order vary; the phase-1 "
-        f"checkpoint is shared). Readout = the deployable `{s['readout']}`; argmin is an oracle. "
-        f"Machine: {result['machine']} (shared CPU; wall times are indicative).\n\n{table}\n\n"
-        f"**Answer.** {result['answer']}\n\n"
-        f"## E2: tick specialisation of exact_start (held-out blocks)\n\n"
+        f"## E2: tick specialisation of {arm} (held-out blocks)\n\n"
         f"- most-certain tick selected (fraction per tick): {fmt(e2['selection_histogram'])}\n"
         f"- lowest-loss tick (fraction per tick): {fmt(e2['argmin_histogram'])}\n"
         f"- per-tick CE: {fmt(e2['per_tick_ce'])}\n"
         f"- Spearman(selected tick, phase-1 CE of the token): rho {e2['spearman_selected_tick_vs_difficulty'][0]:.3f}"
         f" ± {e2['spearman_selected_tick_vs_difficulty'][1]:.3f}, p {e2['spearman_p_value'][0]:.2g}\n\n"
         f"K' < K at inference (the first K' ticks of the same model):\n\n| K' | final | most-certain | mixture |\n"
-        f"|---|---|---|---|\n{ablation}\n\nSkipped: E14 (iso-FLOPs depth vs ticks) - not run here.\n"
+        f"|---|---|---|---|\n{ablation}\n\n"
+    )
+
+
+def format_markdown(result: dict, table: str) -> str:
+    s = result["settings"]
+    e2 = "".join(format_e2(arm, result[f"e2_{arm}"]) for arm in E2_ARMS if f"e2_{arm}" in result)
+    return (
+        f"# Thinking pays? ({s['seeds']} seeds, {s['steps']} steps per arm)\n\n"
+        f"Held-out cross-entropy in nats/token, mean ± sd over seeds (new weights and batch order vary; the phase-1 "
+        f"checkpoint is shared). Readout = the deployable `{s['readout']}`; argmin is an oracle. "
+        f"Machine: {result['machine']} (shared CPU; wall times are indicative).\n\n{table}\n\n"
+        f"**Answer.** {result['answer']}\n\n{e2}"
+        "E14 (depth vs thinking time at iso-FLOPs): eval/iso_flops_e14.py.\n"
     )
 
 
@@ -471,6 +525,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="a smoke run in seconds (tiny model, few steps)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per arm")
     parser.add_argument("--phase1", type=Path, default=None, help="a phase-1 model folder (with its tokenizer)")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     return parser.parse_args(argv)
 
 
@@ -481,7 +536,7 @@ def main(argv=None):
     settings = Settings(**QUICK) if args.quick else Settings()
     if args.steps is not None:
         settings.steps = args.steps
-    return run(settings, args.seeds, args.out, args.phase1)
+    return run(settings, args.seeds, args.out, args.phase1, arm_names=tuple(args.arms.split(",")))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from transformers.configuration_utils import PreTrainedConfig
 CTM_LAYER_CHOICES = ("none", "all", "last")
 CTM_READOUT_CHOICES = ("last", "most_certain", "tick_mixture")
 CTM_MLP_CHOICES = ("replace", "keep")
+CTM_READOUT_NORM_CHOICES = ("none", "rms", "rms_gate")
 CTM_CARRY_CHOICES = ("none", "chunk")
 MAX_DECAY = 15.0  # r = exp(-15) ~ 3e-7: a pair with this decay forgets everything between ticks
 
@@ -55,6 +56,13 @@ class CTMConfig(PreTrainedConfig):
             What happens to the MLP of a thinking layer: `"replace"` (the seed: the CTM block takes its place) or
             `"keep"` (the MLP stays beside the block and both add to the residual stream; with the zero-initialised
             readout, a phase-1 model converted this way computes exactly the same function at step 0).
+        ctm_readout_norm (`str`, defaults to `"none"`):
+            What the block's readout `out_proj` reads: `"none"` (the reference: raw S_out, `out_proj` zero-initialised),
+            `"rms"` (S_out RMS-normalised over its pairs with a learned gain, `out_proj` zero-initialised) or
+            `"rms_gate"` (RMS-normalised, `out_proj` randomly initialised, and a learned scalar gate initialised at 0
+            multiplies the output, ReZero-style). All three add exactly nothing at initialisation, so the `ctm_mlp="keep"`
+            exact start holds; the normalised ones give the readout an input of unit size (raw S_out is ~1e-2 and
+            nearly the same for every token) and the gated one sends the block a gradient from the first step on.
         ctm_loss_argmin_weight (`float`, defaults to 0.5):
             Weight of the per-token cross-entropy at the lowest-loss tick.
         ctm_loss_certain_weight (`float`, defaults to 0.5):
@@ -117,6 +125,7 @@ class CTMConfig(PreTrainedConfig):
     ctm_decay_init_range: tuple[float, float] | list[float] = (0.0, 0.0)
     ctm_readout: str = "most_certain"
     ctm_mlp: str = "replace"
+    ctm_readout_norm: str = "none"
     ctm_loss_argmin_weight: float = 0.5
     ctm_loss_certain_weight: float = 0.5
     ctm_loss_tick_aux_weight: float = 0.0
@@ -244,6 +253,8 @@ class CTMConfig(PreTrainedConfig):
             fail("ctm_loss_argmin_weight", self.ctm_loss_argmin_weight, "the four ctm_loss_*_weight must not all be 0")
         if self.ctm_mlp not in CTM_MLP_CHOICES:
             fail("ctm_mlp", self.ctm_mlp, f"allowed values are {CTM_MLP_CHOICES}")
+        if self.ctm_readout_norm not in CTM_READOUT_NORM_CHOICES:
+            fail("ctm_readout_norm", self.ctm_readout_norm, f"allowed values are {CTM_READOUT_NORM_CHOICES}")
         if self.ctm_carry not in CTM_CARRY_CHOICES:
             fail("ctm_carry", self.ctm_carry, f"allowed values are {CTM_CARRY_CHOICES}")
         halt = self.ctm_halt_threshold

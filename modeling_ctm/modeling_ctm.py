@@ -1020,6 +1020,11 @@ class CTMBlock(nn.Module):
         self.sync_out = CTMSynchronisation(D, config.ctm_n_synch_out, pair_seed=2 * layer_idx)
         self.sync_action = CTMSynchronisation(D, config.ctm_n_synch_action, pair_seed=2 * layer_idx + 1)
         self.out_proj = nn.Linear(config.ctm_n_synch_out, D, bias=False)
+        # raw S_out is small and nearly token-invariant, so a zero out_proj learns slowly and the block gets no gradient:
+        # optionally normalise it, and gate a random out_proj with a scalar at 0 (ReZero) so the start stays exact
+        norm = config.ctm_readout_norm
+        self.out_norm = CTMRMSNorm(config.ctm_n_synch_out, eps=config.rms_norm_eps) if norm != "none" else None
+        self.out_gate = nn.Parameter(torch.empty(1)) if norm == "rms_gate" else None
         self.start_state = nn.Parameter(torch.empty(D))
         self.start_trace = nn.Parameter(torch.empty(D, M))
         self.tick_embed = nn.Parameter(torch.empty(config.ctm_ticks, D)) if config.ctm_tick_embeddings else None
@@ -1045,9 +1050,13 @@ class CTMBlock(nn.Module):
         return ThinkingState(state, trace, alpha_out, beta_out, alpha_action, beta_action)
 
     def readout(self, thinking: ThinkingState) -> torch.Tensor:
-        """y = out_proj(S_out): what this tick would add to the residual stream."""
+        """y = out_proj(S_out) (`ctm_readout_norm`: of RMS-normed S_out, times a gate): what this tick would add to the
+        residual stream."""
         sync = CTMSynchronisation.read(thinking.alpha_out, thinking.beta_out)
-        return self.out_proj(sync.to(self.out_proj.weight.dtype))
+        if self.out_norm is not None:
+            sync = self.out_norm(sync)  # in fp32, like the accumulators
+        output = self.out_proj(sync.to(self.out_proj.weight.dtype))
+        return output if self.out_gate is None else self.out_gate.to(output.dtype) * output
 
     def tick(
         self,
@@ -1377,7 +1386,12 @@ class CTMPreTrainedModel(PreTrainedModel):
             D, M = module.start_trace.shape
             for linear in (module.q_proj, module.k_proj, module.v_proj):
                 init.uniform_(linear.weight, -ctm_scale, ctm_scale)
-            init.zeros_(module.out_proj.weight)  # a fresh block adds nothing to the residual stream
+            if module.out_gate is None:
+                init.zeros_(module.out_proj.weight)  # a fresh block adds nothing to the residual stream
+            else:  # the gate at 0 keeps the fresh block silent; a random out_proj lets the gate's gradient flow
+                scale = math.sqrt(3) * module.out_proj.in_features**-0.5 * 0.68  # the ctm scale, fan-in S_out
+                init.uniform_(module.out_proj.weight, -scale, scale)
+                init.zeros_(module.out_gate)
             init.uniform_(module.start_state, -(D**-0.5), D**-0.5)
             init.uniform_(module.start_trace, -((D + M) ** -0.5), (D + M) ** -0.5)
             if module.tick_embed is not None:

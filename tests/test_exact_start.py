@@ -17,16 +17,22 @@ def _phase1(seed: int = 0) -> CTMForCausalLM:
     return CTMForCausalLM(language_config(**{k: v for k, v in TINY.items() if k != "ctm_layers"})).eval()
 
 
-@pytest.mark.parametrize("readout", ["last", "most_certain", "tick_mixture"])
+@pytest.mark.parametrize(
+    "readout, readout_norm",
+    [("last", "none"), ("most_certain", "none"), ("tick_mixture", "none"), ("most_certain", "rms"),
+     ("tick_mixture", "rms_gate"), ("last", "rms_gate")],
+)  # fmt: skip
 @pytest.mark.parametrize("layers", ["last", "all"])
-def test_kept_mlp_conversion_computes_phase_one_exactly(readout, layers, tmp_path):
+def test_kept_mlp_conversion_computes_phase_one_exactly(readout, readout_norm, layers, tmp_path):
     language = _phase1()
     ids = torch.randint(1, TINY["vocab_size"], (2, 11))
     expected = language(ids).logits
     folder = tmp_path / "phase1"
     language.save_pretrained(folder)
     for source in (language, folder):
-        model = start_thinking(source, ctm_layers=layers, ctm_readout=readout).eval()
+        model = start_thinking(source, ctm_layers=layers, ctm_readout=readout, ctm_readout_norm=readout_norm).eval()
+        if readout_norm == "rms_gate":  # the block computes a real output; only the gate at 0 silences it
+            assert torch.count_nonzero(model.model.layers[-1].thinking.out_proj.weight) > 0
         assert model.config.ctm_mlp == "keep"
         out = model(ids)
         if readout == "tick_mixture":  # log-probs of the mixture: equal to phase 1's log-softmax
@@ -160,3 +166,67 @@ def test_the_tick_mixture_readout_keeps_its_graph_without_labels():
     assert logits.requires_grad
     logits.logsumexp(-1).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "thinking" in n)
+
+
+def test_gated_readout_wakes_the_block_from_the_first_step():
+    """`ctm_readout_norm="rms_gate"`: at step 0 only the gate has a gradient (the exact start), after one step every
+    parameter of the block does; with the reference readout the block's own weights get none at step 0."""
+    model = start_thinking(_phase1(), ctm_ticks=2, ctm_readout_norm="rms_gate")
+    freeze_for_thinking(model)
+    block = model.model.layers[-1].thinking
+    assert block.out_gate.item() == 0 and block.out_norm is not None
+    ids = torch.randint(1, TINY["vocab_size"], (2, 9))
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert block.out_gate.grad.abs().item() > 0
+    assert block.synapse.up[-1].weight.grad.abs().sum() == 0  # gate 0: nothing reaches the block yet
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    for name, param in block.named_parameters():
+        if name not in ("sync_out.decay", "sync_action.decay", "start_trace") and param.requires_grad:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_normalised_readout_reads_unit_size_sync_and_saves(tmp_path):
+    model = tiny_model(ctm_layers="last", ctm_readout_norm="rms")
+    block = model.model.layers[-1].thinking
+    assert block.out_gate is None and torch.equal(block.out_norm.weight, torch.ones(TINY["ctm_n_synch_out"]))
+    captured = {}
+
+    def capture(module, args, output):
+        captured.setdefault("x", args[0])
+
+    handle = block.out_proj.register_forward_hook(capture)
+    model(torch.randint(1, 97, (1, 6)))
+    handle.remove()
+    rms = captured["x"].pow(2).mean(-1).sqrt()
+    assert ((rms > 0.9) & (rms <= 1.0)).all()  # unit size (the eps, rms_norm_eps, shaves a little off); raw is ~1e-2
+    gated = tiny_model(ctm_layers="last", ctm_readout_norm="rms_gate")
+    with torch.no_grad():
+        gated.model.layers[-1].thinking.out_gate.fill_(0.5)
+    gated.save_pretrained(tmp_path)
+    loaded = CTMForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(1, 97, (1, 6))
+    torch.testing.assert_close(loaded(ids).logits, gated(ids).logits, atol=0, rtol=0)
+
+
+def test_ctm_readout_norm_is_validated_and_defaults_to_the_reference():
+    assert CTMConfig(**TINY).ctm_readout_norm == "none"
+    block = tiny_model(awake=False).model.layers[0].thinking
+    assert block.out_norm is None and block.out_gate is None  # the reference: no new parameters, same state dict
+    with pytest.raises(ValueError, match=r"ctm_readout_norm='layer'.*\('none', 'rms', 'rms_gate'\)"):
+        CTMConfig(**{**TINY, "ctm_readout_norm": "layer"})
+
+
+def test_readout_norm_parameters_come_out_of_init_weights():
+    """Built on the meta device with nothing loaded: the gate, the norm gain and the random out_proj are all filled."""
+    from conftest import tiny_config
+
+    model = CTMForCausalLM.from_pretrained(None, config=tiny_config(ctm_readout_norm="rms_gate"), state_dict={})
+    for layer in model.model.layers:
+        block = layer.thinking
+        assert block.out_gate.device.type == "cpu" and block.out_gate.item() == 0.0
+        assert torch.equal(block.out_norm.weight, torch.ones_like(block.out_norm.weight))
+        bound = 3**0.5 * TINY["ctm_n_synch_out"] ** -0.5 * 0.68
+        assert 0 < block.out_proj.weight.abs().max() <= bound

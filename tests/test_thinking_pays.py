@@ -54,7 +54,7 @@ def test_first_ticks_of_a_longer_run_equal_a_shorter_run():
 def test_quick_run_writes_every_arm(tmp_path):
     result = tp.main(["--quick", "--seeds", "2", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert set(saved["arms"]) >= {"continued", "replace", "exact_start", "exact_start_k1"}
+    assert set(saved["arms"]) >= {"continued", "replace", "exact_start", "exact_start_k1", "exact_start_gated"}
     for arm in saved["arms"].values():
         assert math.isfinite(arm["readout_ce"]["mean"]) and arm["readout_ce"]["sd"] >= 0
         assert arm["flops_per_token_training"]["mean"] > 0
@@ -73,6 +73,28 @@ def test_quick_run_writes_every_arm(tmp_path):
     )
     assert arms["continued_iso_flops"]["steps"]["mean"] > arms["continued"]["steps"]["mean"]
     assert len(saved["e2_exact_start"]["selection_histogram"]) == 3
+    assert len(saved["e2_exact_start_gated"]["per_tick_ce"]) == 3
+    # the readout variants cost what exact_start costs (a norm and a scalar gate are not counted)
+    for arm in ("exact_start_rms", "exact_start_gated"):
+        assert arms[arm]["flops_per_token_training"]["mean"] == arms["exact_start"]["flops_per_token_training"]["mean"]
+    assert "exact_start_gated:" in saved["answer"]
     assert saved["answer"].startswith("Per step:") and result["answer"] == saved["answer"]
     text = (tmp_path / "results.md").read_text()
     assert "±" in text and "exact_start_k1" in text and "K' < K" in text
+
+
+def test_arm_subsets_keep_the_controls():
+    with pytest.raises(ValueError, match="including"):
+        tp.run(tp.Settings(**tp.QUICK), 1, None, arm_names=("exact_start", "exact_start_gated"))
+    with pytest.raises(ValueError, match="choose from"):
+        tp.run(tp.Settings(**tp.QUICK), 1, None, arm_names=("continued", "continued_iso_flops", "exact_start", "x"))
+
+
+def test_gated_arm_starts_exactly_at_phase_one():
+    torch.manual_seed(0)
+    language = type(tiny_model())(language_config(**{k: v for k, v in TINY.items() if k != "ctm_layers"})).eval()
+    settings = tp.Settings(**tp.QUICK)
+    model = tp.build_arm("exact_start_gated", language, settings).eval()
+    assert model.config.ctm_readout_norm == "rms_gate" and model.config.ctm_mlp == "keep"
+    ids = torch.randint(1, TINY["vocab_size"], (2, 9))
+    torch.testing.assert_close(model(ids).logits, language(ids).logits.log_softmax(-1), atol=1e-6, rtol=0)

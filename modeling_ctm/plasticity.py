@@ -252,6 +252,12 @@ class HebbianPlasticity:
         thinking = [layer.layer_idx for layer in model.model.layers if layer.is_thinking]
         if not thinking:
             raise ValueError("HebbianPlasticity needs a model with at least one thinking layer (ctm_layers='none').")
+        if getattr(model.config, "ctm_readout_norm", "none") != "none":
+            # the delta rule's pre-synaptic term is the raw S_out; a normalised (or gated) readout reads another input
+            raise ValueError(
+                f"HebbianPlasticity supports ctm_readout_norm='none' only (got {model.config.ctm_readout_norm!r}): "
+                "its readout edit is computed from the raw output synchronisation"
+            )
         n_layers = model.config.num_hidden_layers
         if self.config.layers == "last":
             self.layer_indices = [thinking[-1]]

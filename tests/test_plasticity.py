@@ -210,3 +210,9 @@ def test_callback_state_survives_resume(tmp_path):
         torch.testing.assert_close(resumed_state[name], straight_state[name], rtol=0, atol=1e-6, msg=name)
     with pytest.raises(ValueError, match="every_n_steps"):
         HebbianPlasticityCallback(every_n_steps=0)
+
+
+def test_a_normalised_readout_is_refused_by_name():
+    model = tiny_model(ctm_readout_norm="rms")
+    with pytest.raises(ValueError, match="ctm_readout_norm='none' only"):
+        HebbianPlasticity(model)

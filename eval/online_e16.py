@@ -288,7 +288,8 @@ def training_rows(settings: Settings, tokenizer, corpus: Corpus, n: int, seed: i
             ids, targets = first[0] + second[0], first[1] + second[1]
         elif draw < settings.carry_share + settings.context_share:
             room = L // sentence_length
-            k = rng.randint(min(4, room - 1), min(settings.facts, room - 1))
+            most = min(settings.facts, room - 1)
+            k = rng.randint(min(4, most), most)
             questions = rng.sample(pairs[:k], min(k, room - k))
             (a, b), (c, d) = told(pairs[:k]), asked(questions)
             ids, targets = fill(a + c, b + d)

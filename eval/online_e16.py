@@ -106,7 +106,11 @@ LIVED = ("episodic", "hebbian", "learn_from", "all", "placebo")  # arms whose co
 METRICS = ("recall", "exact", "answer_logp", "paraphrase", "neighbourhood", "ce_cost", "recalled")
 # Invented one-token names (no prior can explain a hit), ten code words, and a small grammar of filler text for the
 # distractor conversations; the tokenizer is fitted on this language so each word is one token.
-NAMES = [f"{a}{b}" for a in ("Ba", "Ce", "Di", "Fo", "Gu", "Ha", "Je", "Ki", "Lo", "Mu") for b in ("ran", "vel", "tor", "mis", "dun", "lek")]
+NAMES = [
+    f"{a}{b}"
+    for a in ("Ba", "Ce", "Di", "Fo", "Gu", "Ha", "Je", "Ki", "Lo", "Mu")
+    for b in ("ran", "vel", "tor", "mis", "dun", "lek")
+]
 CODES = ["house", "letter", "garden", "father", "sister", "room", "friend", "family", "heart", "walk"]
 FILLER = {
     "det": ["the", "a", "every", "no", "that"],
@@ -229,7 +233,9 @@ class Corpus:
         self.tokenizer = tokenizer
         train_rng, held_out_rng = random.Random(1), random.Random(2)
         self.stream = torch.tensor(self.encode([filler_sentence(train_rng) for _ in range(20_000)]))
-        held_out = torch.tensor(self.encode([filler_sentence(held_out_rng) for _ in range(40 * settings.ce_paragraphs)]))
+        held_out = torch.tensor(
+            self.encode([filler_sentence(held_out_rng) for _ in range(40 * settings.ce_paragraphs)])
+        )
         self.cost_ids = [held_out[None, i * 128 : (i + 1) * 128] for i in range(settings.ce_paragraphs)]
         self.held_out_rng = held_out_rng
 

@@ -673,6 +673,10 @@ class CTMSynapse(nn.Module):
         self.up_norms = nn.ModuleList(nn.LayerNorm(o) for o in up_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # 2-D from here on: a Linear on a 3-D input adds two reshapes around its matmul, 64 of them per tick at the
+        # default depth, which is most of a decode step's ops (the matmuls are the same, so are the values)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
         skips = []
         for layer in self.down:
             x = F.silu(layer(x))
@@ -681,7 +685,7 @@ class CTMSynapse(nn.Module):
         u = self.up_norms[0](F.silu(self.up[0](skips[-1])))
         for j in range(1, len(self.up)):
             u = self.up_norms[j](F.silu(self.up[j](torch.cat([u, skips[-1 - j]], dim=-1))))
-        return u
+        return u.view(*lead, u.shape[-1])
 
 
 def _autocast_dtype(tensor: torch.Tensor) -> torch.dtype:

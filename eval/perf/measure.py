@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import gc
@@ -10,6 +11,7 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling_ctm.experiments import QUIET, PeakRSS
 
@@ -77,6 +79,36 @@ def measure_step_memory(model, optimizer, input_ids, device, dtype) -> dict:
         "peak_mib": (static + transient) / 2**20,
         "method": method,
     }
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops that reach the kernels (below autograd, views included), by name: what an eager step
+    pays in dispatch overhead, which at decode shapes is most of its time."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@torch.no_grad()
+def decode_step_ops(model, ids, device: str = "cpu", dtype: str = "float32") -> OpCounter:
+    """The ATen ops of one cached single-token step after prefilling `ids` (and one step, so the cache is warm)."""
+    with autocast(device, dtype):
+        out = model(input_ids=ids, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        with OpCounter() as counter:
+            model(input_ids=token, cache=cache, use_cache=True)
+    return counter
 
 
 @torch.no_grad()

@@ -50,16 +50,22 @@ def train_step(model, optimizer, input_ids, device, dtype):
     return loss
 
 
-def measure_step_memory(model, optimizer, input_ids, device, dtype) -> dict:
+def measure_step_memory(model, optimizer, input_ids, device, dtype, step=None) -> dict:
     """Peak memory of one training step: transient (what the step allocated at its peak) + static (params + AdamW
-    state, resident before the step; AdamW state exists after the warm-up steps)."""
+    state, resident before the step; AdamW state exists after the warm-up steps). `step()` runs the step (default:
+    `train_step` on `input_ids`)."""
+    if step is None:
+
+        def step():
+            train_step(model, optimizer, input_ids, device, dtype)
+
     static = static_bytes(model, optimizer)
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        train_step(model, optimizer, input_ids, device, dtype)
+        step()
         torch.cuda.synchronize()
         transient = torch.cuda.max_memory_allocated() - before
         method = "torch.cuda.max_memory_allocated() - memory_allocated() before the step"
@@ -70,7 +76,7 @@ def measure_step_memory(model, optimizer, input_ids, device, dtype) -> dict:
         if not os.path.exists("/proc/self/statm"):
             return {"static_mib": static / 2**20, "transient_mib": None, "peak_mib": None, "method": "unavailable"}
         with PeakRSS() as rss:
-            train_step(model, optimizer, input_ids, device, dtype)
+            step()
         transient = rss.peak - rss.start
         method = "peak RSS growth during the step (1 ms sampling, after malloc_trim) + params/AdamW bytes"
     return {

@@ -98,7 +98,7 @@ PRESETS = {
             "shapes": ["d768-L12"],
             "ctm_layers": "last",
             "ticks": 3,
-            "chunk_size": 8,
+            "chunk_size": 32,
             "chunks": 4,
             "gradient_window": 1,
             "steps": 5,

@@ -673,8 +673,9 @@ class CTMSynapse(nn.Module):
         self.up_norms = nn.ModuleList(nn.LayerNorm(o) for o in up_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # 2-D from here on: a Linear on a 3-D input adds two reshapes around its matmul, 64 of them per tick at the
-        # default depth, which is most of a decode step's ops (the matmuls are the same, so are the values)
+        # 2-D inside: a Linear on a 3-D input adds two reshapes around its matmul, ~60 per tick at the default depth,
+        # which was a fifth of a decode step's ops (the matmuls are the same, so are the values). The last layer gets
+        # its input in the caller's shape again: plasticity hooks it and reads its input and output per token.
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         skips = []
@@ -682,10 +683,14 @@ class CTMSynapse(nn.Module):
             x = F.silu(layer(x))
             skips.append(x)
         # skips[-1] is the bottleneck; the up path re-uses the down activations in reverse, the input itself never
-        u = self.up_norms[0](F.silu(self.up[0](skips[-1])))
-        for j in range(1, len(self.up)):
-            u = self.up_norms[j](F.silu(self.up[j](torch.cat([u, skips[-1 - j]], dim=-1))))
-        return u.view(*lead, u.shape[-1])
+        u = skips[-1]
+        for j, (layer, norm) in enumerate(zip(self.up, self.up_norms)):
+            if j > 0:
+                u = torch.cat([u, skips[-1 - j]], dim=-1)
+            if j == len(self.up) - 1:
+                u = u.view(*lead, u.shape[-1])
+            u = norm(F.silu(layer(u)))
+        return u
 
 
 def _autocast_dtype(tensor: torch.Tensor) -> torch.dtype:

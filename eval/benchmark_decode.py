@@ -7,6 +7,8 @@ Tiny CPU models (d=64, L=2, 4 heads, K=3, ctm_layers="all"): `ctm_carry="chunk"`
 
 * cached ms/token: prefill the context with `use_cache=True`, then the median time of single-token steps
   `model(next_token, cache=out.cache, use_cache=True)`: what `generate` does per new token;
+* ops/step: the ATen ops one cached single-token step dispatches (`perf.measure.OpCounter`, views included): at
+  these shapes an eager step's time is mostly per-op overhead, so this is the count to bring down;
 * recompute ms/token: one `model(whole_prefix_plus_one, use_cache=False, logits_to_keep=1)`: what
   `generate(..., use_cache=False)` does per new token (it re-runs the whole prefix; with the chunk carry that is
   prefix/C sequential thinking steps);
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from perf.measure import cached_decode
+from perf.measure import cached_decode, decode_step_ops
 from perf.shapes import same_shape_fields
 
 from modeling_ctm.experiments import QUIET, MachineLoad
@@ -131,6 +133,10 @@ def measure_contexts(model, kind, tokens, args, load: MachineLoad) -> dict:
             f"{1e3 * value2:8.2f} ms/token",
             flush=True,
         )
+    counter = decode_step_ops(model, tokens[:, : min(args.contexts)])
+    row["ops_per_step"] = counter.total
+    row["top_ops"] = dict(counter.counts.most_common(12))
+    print(f"  {kind:<10} ops per cached step: {counter.total}  {row['top_ops']}", flush=True)
     c = row["contexts"]
     lo, hi = str(min(args.contexts)), "512" if "512" in c else str(max(args.contexts))
     row["flatness"] = c[hi]["cached_ms"] / c[lo]["cached_ms"]
@@ -191,16 +197,17 @@ def decode_markdown(results: dict, env: dict, elapsed: float, args) -> str:
         f"Config: {json.dumps(env['config'])}, ctm_layers='all', threads {env['threads']}, torch {env['torch']}, "
         f"transformers {env['transformers']}. Wall time {elapsed:.0f} s.",
         "",
+        "ops/step = ATen ops of one cached single-token step; "
         "cached = ms per single-token step with the cache (after prefilling the context); recompute = ms for one "
         "`use_cache=False` forward over the context + 1 token (what uncached generate pays per token).",
         "",
-        "| model | "
+        "| model | ops/step | "
         + " | ".join(f"cached @{c}" for c in contexts)
         + " | "
         + " | ".join(f"recompute @{c}" for c in contexts)
         + f" | cached @{flat_hi} / @{contexts[0]} | goal <= {GOAL_FLATNESS} | generate {args.new_tokens} cached s | "
         f"uncached s | speedup | goal >= {GOAL_SPEEDUP:.0f}x | greedy match |",
-        "|---|" + "---:|" * (2 * len(contexts) + 7),
+        "|---|" + "---:|" * (2 * len(contexts) + 8),
     ]
     for kind, row in results.items():
         c = row["contexts"]
@@ -209,7 +216,7 @@ def decode_markdown(results: dict, env: dict, elapsed: float, args) -> str:
             f" (extrapolated from {g['uncached']['probe_tokens']})" if g["uncached"]["extrapolated"] else ""
         )
         lines.append(
-            f"| {kind} | "
+            f"| {kind} | {row['ops_per_step']} | "
             + " | ".join(f"{c[k]['cached_ms']:.2f}" for k in contexts)
             + " | "
             + " | ".join(f"{c[k]['recompute_ms']:.1f}" for k in contexts)

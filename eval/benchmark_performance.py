@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from perf.attribute import run_profile
 from perf.measure import decode_latency, measure_step_memory, synchronize, train_step
+from perf.phase3 import GOAL_CHUNKED_RATIO, phase3_entries
 from perf.report import GOAL_EFFICIENCY, plot, results_markdown
 from perf.shapes import analytic_flops, build_model, llama_intermediate_size, model_specs
 
@@ -65,6 +66,17 @@ PRESETS = {
         "decode_contexts": [32, 128, 512],
         "decode_steps": 8,
         "max_wait_s": 240,
+        # phase 3 (ContinuityTrainer's chunk loop vs unchunked) on the first two shapes, C=16 (T/16 sequential
+        # thinking steps per sequence either way), 4 training chunks: a few minutes on a quiet 2-core machine
+        "phase3": {
+            "shapes": ["tiny-d64", "small-d128"],
+            "ctm_layers": "last",
+            "ticks": 3,
+            "chunk_size": 16,
+            "chunks": 4,
+            "gradient_window": 1,
+            "steps": 3,
+        },
     },
     "gpu": {
         "device": "cuda",
@@ -82,6 +94,15 @@ PRESETS = {
         "decode_contexts": [32, 128, 512, 1024],
         "decode_steps": 20,
         "max_wait_s": 60,
+        "phase3": {
+            "shapes": ["d768-L12"],
+            "ctm_layers": "last",
+            "ticks": 3,
+            "chunk_size": 32,
+            "chunks": 4,
+            "gradient_window": 1,
+            "steps": 5,
+        },
     },
 }
 
@@ -92,7 +113,8 @@ PRESETS = {
 
 
 def build_entries(preset, shape, ctm_overrides, ids, log) -> list[tuple]:
-    """(entry, model, optimizer) per model spec of the shape, each warmed up and its step memory measured."""
+    """(entry, model, optimizer, step) per model spec of the shape, each warmed up and its step memory measured;
+    `step()` runs one training step."""
     device, dtype, vocab = preset["device"], preset["dtype"], preset["vocab"]
     entries = []
     for spec in model_specs(preset, shape, ctm_overrides):
@@ -115,57 +137,71 @@ def build_entries(preset, shape, ctm_overrides, ids, log) -> list[tuple]:
             "foreign_load": [],
             "status": "ok",
         }
-        try:
-            t0 = time.perf_counter()
-            for _ in range(preset["warmup"]):
-                train_step(model, optimizer, ids, device, dtype)
-            synchronize(device)
-            entry["warmup_s"] = time.perf_counter() - t0
-            entry["memory"] = measure_step_memory(model, optimizer, ids, device, dtype)
-        except torch.OutOfMemoryError as error:  # the GPU preset may not fit every CTM
-            entry["status"] = f"OOM: {str(error).splitlines()[0][:120]}"
-            model = optimizer = None
-            torch.cuda.empty_cache()
-        entries.append((entry, model, optimizer))
-        log(
-            f"  built {spec['name']:<14} {entry['params_m']:.2f}M params  warm-up {entry.get('warmup_s', 0):.1f}s  {entry['status']}"
-        )
+
+        def step(model=model, optimizer=optimizer):
+            train_step(model, optimizer, ids, device, dtype)
+
+        entries.append(warm_up(preset, entry, model, optimizer, step, log))
     return entries
 
 
-def timed_rounds(preset, entries, ids, load: MachineLoad, budget: dict) -> None:
+def warm_up(preset, entry, model, optimizer, step, log) -> tuple:
+    """Warm-up steps, then one step's peak memory; a model that does not fit is dropped (status OOM)."""
+    device, dtype = preset["device"], preset["dtype"]
+    try:
+        t0 = time.perf_counter()
+        for _ in range(preset["warmup"]):
+            step()
+        synchronize(device)
+        entry["warmup_s"] = time.perf_counter() - t0
+        entry["memory"] = measure_step_memory(model, optimizer, None, device, dtype, step=step)
+    except torch.OutOfMemoryError as error:  # the GPU preset may not fit every CTM
+        entry["status"] = f"OOM: {str(error).splitlines()[0][:120]}"
+        model = optimizer = step = None
+        torch.cuda.empty_cache()
+    log(f"  built {entry['model']:<24} warm-up {entry.get('warmup_s', 0):.1f}s  {entry['status']}")
+    return entry, model, optimizer, step
+
+
+def timed_rounds(preset, entries, load: MachineLoad, budget: dict, steps: int | None = None) -> None:
     """Timed steps, round-robin over the models of a shape, until every model has `steps` steps measured on a quiet
     machine (other processes < QUIET of the CPUs) or 3 x `steps` rounds have run."""
-    device, dtype = preset["device"], preset["dtype"]
+    device = preset["device"]
+    steps = steps or preset["steps"]
 
     def quiet_count(entry):
         return sum(f is None or f < QUIET for f in entry["foreign_load"])
 
-    for _ in range(3 * preset["steps"]):
-        pending = [e for e in entries if e[1] is not None and quiet_count(e[0]) < preset["steps"]]
+    for _ in range(3 * steps):
+        pending = [e for e in entries if e[1] is not None and quiet_count(e[0]) < steps]
         if not pending:
             break
-        for entry, model, optimizer in pending:
+        for entry, _, _, step in pending:
             last = entry["foreign_load"][-1] if entry["foreign_load"] else 1.0
             if last is not None and last >= QUIET and budget["wait_s"] < preset["max_wait_s"]:
                 budget["wait_s"] += load.wait_quiet(QUIET, max_wait=min(30.0, preset["max_wait_s"] - budget["wait_s"]))
             synchronize(device)
             before = load.sample()
             t0 = time.perf_counter()
-            train_step(model, optimizer, ids, device, dtype)
+            step()
             synchronize(device)
             entry["times"].append(time.perf_counter() - t0)
             entry["foreign_load"].append(load.foreign(before, load.sample()))
 
 
-def finish_entry(preset, entry, model, tokens: int, load: MachineLoad, log) -> None:
-    """Median quiet step time -> tokens/s and achieved FLOP/s; cached decode latency."""
+def step_rate(entry, tokens: int) -> None:
+    """Median step time over the quiet steps (all steps when fewer than 2 were quiet) -> tokens/s."""
     quiet = [t for t, f in zip(entry["times"], entry["foreign_load"]) if f is None or f < QUIET]
     used = quiet if len(quiet) >= 2 else entry["times"]
     entry["quiet_steps"] = len(quiet)
     entry["step_s"] = statistics.median(used)
     entry["step_s_min"] = min(entry["times"])
     entry["tokens_per_s"] = tokens / entry["step_s"]
+
+
+def finish_entry(preset, entry, model, tokens: int, load: MachineLoad, log) -> None:
+    """Median quiet step time -> tokens/s and achieved FLOP/s; cached decode latency."""
+    step_rate(entry, tokens)
     entry["achieved_flops"] = entry["flops"]["training"] * entry["tokens_per_s"]
     contexts = preset["decode_contexts"]
     entry["decode"] = decode_latency(
@@ -195,12 +231,43 @@ def benchmark_shape(preset, shape, ctm_overrides, load: MachineLoad, budget: dic
     B, T = shape["batch"], shape["seq"]
     ids = torch.randint(2, preset["vocab"], (B, T), generator=torch.Generator().manual_seed(0)).to(preset["device"])
     entries = build_entries(preset, shape, ctm_overrides, ids, log)
-    timed_rounds(preset, entries, ids, load, budget)
-    for entry, model, _ in entries:
+    timed_rounds(preset, entries, load, budget)
+    for entry, model, *_ in entries:
         if model is not None:
             finish_entry(preset, entry, model, B * T, load, log)
-    results = [entry for entry, _, _ in entries]
+    results = [entry for entry, *_ in entries]
     compare_to_llama(results)
+    del entries
+    gc.collect()
+    if preset["device"].startswith("cuda"):
+        torch.cuda.empty_cache()
+    return results
+
+
+def benchmark_phase3(preset, shape, ctm_overrides, load: MachineLoad, budget: dict, log) -> list[dict]:
+    """Phase-3 rows of one shape: ContinuityTrainer's chunk loop (attention kept, attention cut) against unchunked
+    training of the same model (perf/phase3.py), timed round-robin like the main rows."""
+    B, T = shape["batch"], shape["seq"]
+    ids = torch.randint(2, preset["vocab"], (B, T), generator=torch.Generator().manual_seed(0)).to(preset["device"])
+    entries = [
+        warm_up(preset, entry, model, optimizer, step, log)
+        for entry, model, optimizer, step in phase3_entries(preset, shape, ctm_overrides, ids)
+    ]
+    timed_rounds(preset, entries, load, budget, steps=preset["phase3"]["steps"])
+    results = [entry for entry, *_ in entries]
+    for entry in results:
+        if entry["status"] == "ok":
+            step_rate(entry, B * T)
+    base = results[0]
+    for entry in results:
+        if entry["status"] == "ok" and base["status"] == "ok":
+            entry["ratio_vs_unchunked"] = entry["tokens_per_s"] / base["tokens_per_s"]
+            if entry["cut_attention"] is not None:
+                entry["goal_chunked_met"] = entry["ratio_vs_unchunked"] >= GOAL_CHUNKED_RATIO
+            log(
+                f"  {entry['model']:<28} {entry['tokens_per_s']:9.0f} tok/s  x unchunked "
+                f"{entry['ratio_vs_unchunked']:.2f}  quiet {entry['quiet_steps']}/{len(entry['times'])}"
+            )
     del entries
     gc.collect()
     if preset["device"].startswith("cuda"):
@@ -231,6 +298,12 @@ def parse_args(argv=None):
     parser.add_argument(
         "--compile-ticks", action="store_true", help="torch.compile every CTM tick (CTMForCausalLM.compile_ticks)"
     )
+    parser.add_argument(
+        "--phase3",
+        choices=["on", "off", "only"],
+        default="on",
+        help="the phase-3 rows (ContinuityTrainer's chunk loop vs unchunked training): on (default), off, only",
+    )
     parser.add_argument("--profile", action="store_true", help="profile one CTM and one Llama training step")
     parser.add_argument("--profile-only", action="store_true", help="only the profile (implies --profile)")
     parser.add_argument("--profile-shape", help="shape to profile (default: the preset's largest)")
@@ -245,6 +318,7 @@ def preset_from_args(args) -> dict:
     preset = dict(PRESETS[args.preset])
     if args.steps:
         preset["steps"] = args.steps
+        preset["phase3"] = {**preset["phase3"], "steps": args.steps}
     if args.warmup is not None:
         preset["warmup"] = args.warmup
     preset["compile_ticks"] = args.compile_ticks
@@ -305,14 +379,19 @@ def main(argv=None):
     log(f"benchmark_performance: {env}")
     load = MachineLoad()
     budget = {"wait_s": 0.0}
-    results = []
-    if not args.profile_only:
+    results, phase3 = [], []
+    if not args.profile_only and args.phase3 != "only":
         for shape in preset["shapes"]:
             log(
                 f"shape {shape['name']}: d={shape['hidden']} L={shape['layers']} heads={shape['heads']} "
                 f"seq={shape['seq']} batch={shape['batch']} I={llama_intermediate_size(shape['hidden'])}"
             )
             results.extend(benchmark_shape(preset, shape, ctm_overrides, load, budget, log))
+    if not args.profile_only and args.phase3 != "off":
+        for shape in PRESETS[args.preset]["shapes"]:
+            if shape["name"] in preset["phase3"]["shapes"] and (not args.shapes or shape["name"] in args.shapes):
+                log(f"phase 3, shape {shape['name']}: {preset['phase3']}")
+                phase3.extend(benchmark_phase3(preset, shape, ctm_overrides, load, budget, log))
 
     profiles = []
     if args.profile:
@@ -324,12 +403,15 @@ def main(argv=None):
     env["waited_for_quiet_s"] = round(budget["wait_s"], 1)
 
     contexts = preset["decode_contexts"]
-    table = results_markdown(args.preset, preset["device"], env, elapsed, results, profiles, contexts)
+    table = results_markdown(args.preset, preset["device"], env, elapsed, results, profiles, contexts, phase3)
     print()
     print(table)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(
-        json.dumps({"env": env, "elapsed_s": elapsed, "results": results, "profiles": profiles}, indent=1) + "\n"
+        json.dumps(
+            {"env": env, "elapsed_s": elapsed, "results": results, "phase3": phase3, "profiles": profiles}, indent=1
+        )
+        + "\n"
     )
     if results:
         plot(results, contexts, out / "throughput.png")

@@ -15,6 +15,7 @@ CTM_READOUT_CHOICES = ("last", "most_certain", "tick_mixture")
 CTM_MLP_CHOICES = ("replace", "keep")
 CTM_READOUT_NORM_CHOICES = ("none", "rms", "rms_gate")
 CTM_CARRY_CHOICES = ("none", "chunk")
+CTM_NLM_IMPLEMENTATION_CHOICES = ("plain", "fused")
 MAX_DECAY = 15.0  # r = exp(-15) ~ 3e-7: a pair with this decay forgets everything between ticks
 
 
@@ -85,6 +86,12 @@ class CTMConfig(PreTrainedConfig):
             1 - ||S_out,k - S_out,k-1|| / ||S_out,k|| (clamped to [0, 1]) reaches this value; its whole thinking state
             then stays as that tick left it, which is what it outputs and what it carries. `None` (default): every
             token runs all K ticks. 0 stops every token after one tick.
+        ctm_nlm_implementation (`str`, defaults to `"plain"`):
+            How the neuron-level models run. `"plain"`: two batched matmuls under autograd, which stores the (D, N, 2H)
+            and (D, N, H) hidden activations of every tick for the backward pass. `"fused"`: one autograd function
+            whose backward recomputes them from the trace (same forward values; gradients equal to float tolerance),
+            with a fused Triton forward kernel on CUDA when Triton is installed. It trades a little backward compute
+            for memory; see `eval/README.md` for what it does to speed and peak memory.
     """
 
     model_type = "ctm"
@@ -134,6 +141,7 @@ class CTMConfig(PreTrainedConfig):
     ctm_chunk_size: int | None = None
     ctm_tick_checkpointing: bool = False
     ctm_halt_threshold: float | None = None
+    ctm_nlm_implementation: str = "plain"
 
     def __post_init__(self, **kwargs):
         self.refuse_unknown_ctm_fields(kwargs)
@@ -260,6 +268,12 @@ class CTMConfig(PreTrainedConfig):
         halt = self.ctm_halt_threshold
         if halt is not None and (not isinstance(halt, (int, float)) or isinstance(halt, bool) or not 0 <= halt <= 1):
             fail("ctm_halt_threshold", halt, "allowed values are None (no halting) or a number in [0, 1]")
+        if self.ctm_nlm_implementation not in CTM_NLM_IMPLEMENTATION_CHOICES:
+            fail(
+                "ctm_nlm_implementation",
+                self.ctm_nlm_implementation,
+                f"allowed values are {CTM_NLM_IMPLEMENTATION_CHOICES}",
+            )
         if self.ctm_carry == "chunk" or self.ctm_chunk_size is not None:
             positive_int("ctm_chunk_size", self.ctm_chunk_size, " (required when ctm_carry='chunk')")
 

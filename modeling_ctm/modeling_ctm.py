@@ -54,6 +54,13 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_ctm import MAX_DECAY, CTMConfig
 
 
+try:  # optional: the fused neuron-level models' forward kernel on CUDA
+    import triton as triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
+
+
 logger = logging.get_logger(__name__)
 
 
@@ -666,15 +673,126 @@ class CTMSynapse(nn.Module):
         self.up_norms = nn.ModuleList(nn.LayerNorm(o) for o in up_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # 2-D inside: a Linear on a 3-D input adds two reshapes around its matmul, ~60 per tick at the default depth,
+        # which was a fifth of a decode step's ops (the matmuls are the same, so are the values). The last layer gets
+        # its input in the caller's shape again: plasticity hooks it and reads its input and output per token.
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
         skips = []
         for layer in self.down:
             x = F.silu(layer(x))
             skips.append(x)
         # skips[-1] is the bottleneck; the up path re-uses the down activations in reverse, the input itself never
-        u = self.up_norms[0](F.silu(self.up[0](skips[-1])))
-        for j in range(1, len(self.up)):
-            u = self.up_norms[j](F.silu(self.up[j](torch.cat([u, skips[-1 - j]], dim=-1))))
+        u = skips[-1]
+        for j, (layer, norm) in enumerate(zip(self.up, self.up_norms)):
+            if j > 0:
+                u = torch.cat([u, skips[-1 - j]], dim=-1)
+            if j == len(self.up) - 1:
+                u = u.view(*lead, u.shape[-1])
+            u = norm(F.silu(layer(u)))
         return u
+
+
+def _autocast_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `tensor` runs in: the autocast dtype when autocast is on for its device."""
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
+
+
+if triton is not None:
+
+    @triton.jit
+    def _nlm_forward_kernel(
+        x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, N, M, H, stride_xd, stride_xn, stride_xm,
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """One program: neuron d, BLOCK_N rows. trace (M) -> 2H -> GLU -> 2 -> GLU in registers; only the (N,)
+        post-activations reach memory. Weights contiguous (D, M, 2H), (D, 1, 2H), (D, H, 2), (D, 1, 2)."""
+        d = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        rh = tl.arange(0, BLOCK_H)
+        x = tl.load(
+            x_ptr + d * stride_xd + rows[:, None] * stride_xn + rm[None, :] * stride_xm,
+            mask=(rows[:, None] < N) & (rm[None, :] < M),
+            other=0.0,
+        )
+        w_mask = (rm[:, None] < M) & (rh[None, :] < H)
+        w1 = w1_ptr + d * M * 2 * H + rm[:, None] * 2 * H + rh[None, :]
+        value = tl.dot(x, tl.load(w1, mask=w_mask, other=0.0), input_precision=PRECISION)
+        gate = tl.dot(x, tl.load(w1 + H, mask=w_mask, other=0.0), input_precision=PRECISION)
+        value += tl.load(b1_ptr + d * 2 * H + rh, mask=rh < H, other=0.0).to(tl.float32)[None, :]
+        gate += tl.load(b1_ptr + d * 2 * H + H + rh, mask=rh < H, other=0.0).to(tl.float32)[None, :]
+        hidden = value * tl.sigmoid(gate)  # padded columns are 0: their weights loaded as 0
+        w2_value = tl.load(w2_ptr + d * 2 * H + rh * 2, mask=rh < H, other=0.0).to(tl.float32)
+        w2_gate = tl.load(w2_ptr + d * 2 * H + rh * 2 + 1, mask=rh < H, other=0.0).to(tl.float32)
+        out_value = tl.sum(hidden * w2_value[None, :], axis=1) + tl.load(b2_ptr + d * 2).to(tl.float32)
+        out_gate = tl.sum(hidden * w2_gate[None, :], axis=1) + tl.load(b2_ptr + d * 2 + 1).to(tl.float32)
+        post = out_value * tl.sigmoid(out_gate)
+        tl.store(out_ptr + d * N + rows, post.to(out_ptr.dtype.element_ty), mask=rows < N)
+
+
+def nlm_forward_triton(x, w1, b1, w2, b2, block_n: int = 64) -> torch.Tensor:
+    """The neuron-level models' forward as one Triton kernel: x (D, N, M) -> post (D, N). Accumulates in float32
+    (`tf32` is not used for float32 inputs, so it matches `torch.baddbmm` to float tolerance). Runs on CUDA, or on
+    CPU tensors under `TRITON_INTERPRET=1` (how the tests check it without a GPU)."""
+    if triton is None:
+        raise RuntimeError("nlm_forward_triton needs Triton (pip install triton)")
+    D, N, M = x.shape
+    H = w2.shape[1]
+    w1, b1, w2, b2 = (t.contiguous() for t in (w1, b1, w2, b2))
+    out = torch.empty(D, N, dtype=x.dtype, device=x.device)
+    block_m = max(16, triton.next_power_of_2(M))
+    block_h = max(16, triton.next_power_of_2(H))
+    grid = (D, triton.cdiv(N, block_n))
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    _nlm_forward_kernel[grid](
+        x, w1, b1, w2, b2, out, N, M, H, *x.stride(),
+        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_H=block_h, PRECISION=precision,
+    )  # fmt: skip
+    return out
+
+
+def nlm_forward_torch(x, w1, b1, w2, b2) -> torch.Tensor:
+    """The neuron-level models' forward: x (D, N, M) -> post (D, N), one batched matmul per layer over neurons with
+    the bias folded in (`baddbmm`). The reference every other path is checked against."""
+    hidden = F.glu(torch.baddbmm(b1, x, w1), dim=-1)  # (D, N, H)
+    return F.glu(torch.baddbmm(b2, hidden, w2), dim=-1)[..., 0]  # (D, N)
+
+
+class FusedNeuronLevelModels(torch.autograd.Function):
+    """`nlm_forward_torch` as one autograd node that saves only its inputs: the backward recomputes the (D, N, 2H)
+    pre-GLU and (D, N, H) hidden activations from the trace instead of keeping them for every tick and layer (one
+    extra `baddbmm` + GLU per backward). The GLU gradients use ATen's fused `glu_backward`, as plain autograd does.
+    On CUDA with Triton the forward is `nlm_forward_triton`. Arguments in the compute dtype (autocast is resolved by
+    the caller), x (D, N, M), w1 (D, M, 2H), b1 (D, 1, 2H), w2 (D, H, 2), b2 (D, 1, 2)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        ctx.save_for_backward(x, w1, b1, w2, b2)
+        if x.is_cuda and triton is not None:
+            return nlm_forward_triton(x, w1, b1, w2, b2)
+        return nlm_forward_torch(x, w1, b1, w2, b2)
+
+    @staticmethod
+    def backward(ctx, grad_post):
+        x, w1, b1, w2, b2 = ctx.saved_tensors
+        pre_glu = torch.baddbmm(b1, x, w1)  # recomputed (D, N, 2H)
+        hidden = F.glu(pre_glu, dim=-1)
+        out = torch.baddbmm(b2, hidden, w2)  # (D, N, 2)
+        grad_out = torch.ops.aten.glu_backward(grad_post.unsqueeze(-1).to(out.dtype), out, -1)
+        grad_hidden = torch.bmm(grad_out, w2.transpose(1, 2))
+        grad_pre = torch.ops.aten.glu_backward(grad_hidden, pre_glu, -1)
+        del pre_glu, grad_hidden
+        needs = ctx.needs_input_grad
+        grad_x = torch.bmm(grad_pre, w1.transpose(1, 2)) if needs[0] else None
+        grad_w1 = torch.bmm(x.transpose(1, 2), grad_pre) if needs[1] else None
+        grad_b1 = grad_pre.sum(1, keepdim=True) if needs[2] else None
+        grad_w2 = torch.bmm(hidden.transpose(1, 2), grad_out) if needs[3] else None
+        grad_b2 = grad_out.sum(1, keepdim=True) if needs[4] else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
 class CTMNeuronLevelModels(nn.Module):
@@ -682,12 +800,14 @@ class CTMNeuronLevelModels(nn.Module):
 
     Weights are stored neuron-major, (D, M, 2H) and (D, H, 2), so each layer is one batched matmul over neurons with
     the bias folded in (`baddbmm`): the per-neuron models are memory-bound, and this layout avoids a permuted copy of
-    the hidden activations and a separate bias pass.
+    the hidden activations and a separate bias pass. `implementation="fused"` runs them as `FusedNeuronLevelModels`
+    (`CTMConfig.ctm_nlm_implementation`).
     """
 
-    def __init__(self, hidden_size: int, memory_length: int, nlm_hidden_size: int):
+    def __init__(self, hidden_size: int, memory_length: int, nlm_hidden_size: int, implementation: str = "plain"):
         super().__init__()
         D, M, H = hidden_size, memory_length, nlm_hidden_size
+        self.implementation = implementation
         self.w1 = nn.Parameter(torch.empty(D, M, 2 * H))
         self.b1 = nn.Parameter(torch.empty(D, 1, 2 * H))
         self.w2 = nn.Parameter(torch.empty(D, H, 2))
@@ -696,10 +816,16 @@ class CTMNeuronLevelModels(nn.Module):
     def forward(self, trace: torch.Tensor) -> torch.Tensor:
         """trace (..., D, M) -> post-activation (..., D)."""
         *lead, D, M = trace.shape
-        dtype = trace.dtype
         neuron_major = trace.reshape(-1, D, M).transpose(0, 1)  # (D, N, M)
-        hidden = F.glu(torch.baddbmm(self.b1.to(dtype), neuron_major, self.w1.to(dtype)), dim=-1)  # (D, N, H)
-        post = F.glu(torch.baddbmm(self.b2.to(dtype), hidden, self.w2.to(dtype)), dim=-1)[..., 0]  # (D, N)
+        if self.implementation == "fused":
+            # the autograd function runs with autocast off, so the casts autocast would do happen here, once
+            dtype = _autocast_dtype(trace)
+            with torch.autocast(trace.device.type, enabled=False):
+                weights = (p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2))
+                post = FusedNeuronLevelModels.apply(neuron_major.to(dtype), *weights)
+        else:
+            dtype = trace.dtype
+            post = nlm_forward_torch(neuron_major, *(p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2)))
         return post.transpose(0, 1).reshape(*lead, D)
 
 
@@ -1015,7 +1141,7 @@ class CTMBlock(nn.Module):
         self.k_proj = nn.Linear(D, D, bias=False)
         self.v_proj = nn.Linear(D, D, bias=False)
         self.synapse = CTMSynapse(D, config.ctm_synapse_depth)
-        self.neurons = CTMNeuronLevelModels(D, M, config.ctm_nlm_hidden_size)
+        self.neurons = CTMNeuronLevelModels(D, M, config.ctm_nlm_hidden_size, config.ctm_nlm_implementation)
         # one pair seed per (layer, role): the two sets differ, and a model is reproducible from its config alone
         self.sync_out = CTMSynchronisation(D, config.ctm_n_synch_out, pair_seed=2 * layer_idx)
         self.sync_action = CTMSynchronisation(D, config.ctm_n_synch_action, pair_seed=2 * layer_idx + 1)

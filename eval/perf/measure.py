@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import gc
@@ -10,6 +11,7 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling_ctm.experiments import QUIET, PeakRSS
 
@@ -48,16 +50,22 @@ def train_step(model, optimizer, input_ids, device, dtype):
     return loss
 
 
-def measure_step_memory(model, optimizer, input_ids, device, dtype) -> dict:
+def measure_step_memory(model, optimizer, input_ids, device, dtype, step=None) -> dict:
     """Peak memory of one training step: transient (what the step allocated at its peak) + static (params + AdamW
-    state, resident before the step; AdamW state exists after the warm-up steps)."""
+    state, resident before the step; AdamW state exists after the warm-up steps). `step()` runs the step (default:
+    `train_step` on `input_ids`)."""
+    if step is None:
+
+        def step():
+            train_step(model, optimizer, input_ids, device, dtype)
+
     static = static_bytes(model, optimizer)
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        train_step(model, optimizer, input_ids, device, dtype)
+        step()
         torch.cuda.synchronize()
         transient = torch.cuda.max_memory_allocated() - before
         method = "torch.cuda.max_memory_allocated() - memory_allocated() before the step"
@@ -68,7 +76,7 @@ def measure_step_memory(model, optimizer, input_ids, device, dtype) -> dict:
         if not os.path.exists("/proc/self/statm"):
             return {"static_mib": static / 2**20, "transient_mib": None, "peak_mib": None, "method": "unavailable"}
         with PeakRSS() as rss:
-            train_step(model, optimizer, input_ids, device, dtype)
+            step()
         transient = rss.peak - rss.start
         method = "peak RSS growth during the step (1 ms sampling, after malloc_trim) + params/AdamW bytes"
     return {
@@ -77,6 +85,36 @@ def measure_step_memory(model, optimizer, input_ids, device, dtype) -> dict:
         "peak_mib": (static + transient) / 2**20,
         "method": method,
     }
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops that reach the kernels (below autograd, views included), by name: what an eager step
+    pays in dispatch overhead, which at decode shapes is most of its time."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@torch.no_grad()
+def decode_step_ops(model, ids, device: str = "cpu", dtype: str = "float32") -> OpCounter:
+    """The ATen ops of one cached single-token step after prefilling `ids` (and one step, so the cache is warm)."""
+    with autocast(device, dtype):
+        out = model(input_ids=ids, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        with OpCounter() as counter:
+            model(input_ids=token, cache=cache, use_cache=True)
+    return counter
 
 
 @torch.no_grad()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .phase3 import GOAL_CHUNKED_RATIO, phase3_markdown
+
 
 GOAL_EFFICIENCY = 0.8  # CTM achieved FLOP/s >= 0.8 x Llama achieved FLOP/s
 
@@ -111,10 +113,10 @@ def profile_markdown(profile: dict) -> str:
     return "\n".join(lines)
 
 
-
-
-def results_markdown(preset_name: str, device: str, env: dict, elapsed: float, results, profiles, contexts) -> str:
-    """results.md: the conventions, the table with the goal count, and the profiles."""
+def results_markdown(
+    preset_name: str, device: str, env: dict, elapsed: float, results, profiles, contexts, phase3=()
+) -> str:
+    """results.md: the conventions, the table with the goal count, the phase-3 rows and the profiles."""
     lines = [
         f"# CTM vs same-shape Llama: performance ({preset_name} preset)",
         "",
@@ -133,6 +135,21 @@ def results_markdown(preset_name: str, device: str, env: dict, elapsed: float, r
         goals = [r for r in results if r["kind"] == "ctm" and r["status"] == "ok"]
         met = sum(bool(r.get("goal_efficiency_met")) for r in goals)
         lines += ["", f"Goal CTM achieved FLOP/s >= {GOAL_EFFICIENCY} x Llama's: met by {met}/{len(goals)} CTM rows."]
+    if phase3:
+        goals = [r for r in phase3 if r["status"] == "ok" and r["cut_attention"] is not None]
+        met = sum(bool(r.get("goal_chunked_met")) for r in goals)
+        lines += [
+            "",
+            "### Phase 3: ContinuityTrainer's chunk loop against unchunked training of the same model",
+            "",
+            "`ctm_carry='chunk'` with chunk size C; chunked rows run `ContinuityTrainer.training_step` over chunks of "
+            "`chunk length` tokens with gradient window W (attention KV kept through the cache, or cut at every "
+            "boundary), then the same AdamW step. x unchunked = tokens/s / tokens/s of one full-sequence step.",
+            "",
+            phase3_markdown(phase3),
+            "",
+            f"Goal chunked tokens/s >= {GOAL_CHUNKED_RATIO} x unchunked: met by {met}/{len(goals)} chunked rows.",
+        ]
     for profile in profiles:
         lines += ["", profile_markdown(profile)]
     return "\n".join(lines)

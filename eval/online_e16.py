@@ -119,8 +119,14 @@ FILLER = {
     "verb": ["saw", "found", "left", "passed", "watched", "followed", "heard", "crossed", "painted", "kept"],
     "prep": ["near", "under", "behind", "beyond", "beside"],
 }
-TEMPLATE = "The code of {name} is"
-PARAPHRASE = "So {name}'s code is"
+# How a fact is told and asked: (question template, paraphrase template, paraphrase used in training). A statement
+# is the question followed by " CODE.". "pair" is multi-query associative recall (the answer follows its key, what a
+# copying attention head learns first); "sentence" needs a two-token match ("NAME is" -> CODE), which the 2-layer
+# model here did not learn in 2,000 steps (the oracle stayed at chance: eval/README.md).
+FORMS = {
+    "pair": ("{name}", "So {name}", False),
+    "sentence": ("The code of {name} is", "So {name}'s code is", True),
+}
 
 
 @dataclass
@@ -141,11 +147,12 @@ class Settings:
     ctm_chunk_size: int = 16
     # training
     chunk_length: int = 80  # two chunks per training row; a fact set (70 tokens) fits in one
-    train_steps: int = 2000  # in-context reading (the oracle) is not learned by 600 steps here
+    train_steps: int = 1500
     batch_size: int = 16
     learning_rate: float = 3e-3
     carry_share: float = 0.25
     context_share: float = 0.7
+    fact_form: str = "pair"  # a key of FORMS
     shared_model: bool = True  # one model for all seeds (seeds vary the facts, the distractors and the arms' draws)
     # protocol
     facts: int = 10
@@ -157,7 +164,7 @@ class Settings:
     neighbours: int = 10
     ce_paragraphs: int = 20
     # the memory stack (phase 4's tiny preset unless stated)
-    recall_threshold: float = 0.5
+    recall_threshold: float = 0.0  # a pair question is one word: recall the best episode (retrieval is scored)
     memory_capacity: int = 64
     learn_rate: float = 0.05
     learn_anchor: float = 1.0
@@ -169,6 +176,8 @@ class Settings:
     def validate(self) -> None:
         if not 1 <= self.facts <= len(CODES):
             raise ValueError(f"facts={self.facts} is invalid: allowed values are 1..{len(CODES)} (one code per fact)")
+        if self.fact_form not in FORMS:
+            raise ValueError(f"fact_form={self.fact_form!r} is invalid: allowed values are {sorted(FORMS)}")
         if self.facts + self.neighbours > len(NAMES):
             raise ValueError(
                 f"neighbours={self.neighbours} is invalid: facts + neighbours must be at most {len(NAMES)} names"
@@ -193,13 +202,21 @@ QUICK = dict(train_steps=4, batch_size=4, trials=1, facts=3, distractors=[0, 2],
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def statement(name: str, code: str) -> str:
-    return f"{TEMPLATE.format(name=name)} {code}."
+def question(form: str, name: str) -> str:
+    return FORMS[form][0].format(name=name)
 
 
-def fact_ids(tokenizer, name: str, code: str, template: str = TEMPLATE) -> list[int]:
-    """One sentence tokenized on its own, as a session tokenizes each user message."""
-    return tokenizer(f"{template.format(name=name)} {code}.", add_special_tokens=False).input_ids
+def paraphrase(form: str, name: str) -> str:
+    return FORMS[form][1].format(name=name)
+
+
+def statement(form: str, name: str, code: str) -> str:
+    return f"{question(form, name)} {code}."
+
+
+def fact_ids(tokenizer, text: str, code: str) -> list[int]:
+    """A question followed by its code, tokenized on its own, as a session tokenizes each user message."""
+    return tokenizer(f"{text} {code}.", add_special_tokens=False).input_ids
 
 
 def filler_sentence(rng: random.Random) -> str:
@@ -215,11 +232,12 @@ def fit_tokenizer(settings: Settings):
     """A byte-level BPE fitted on the experiment's language (facts over every name and code, filler), large enough
     that every word is one token; checked, since a split name would make recall a different task."""
     rng = random.Random(0)
-    texts = [statement(name, code) for name in NAMES for code in CODES]
-    texts += [PARAPHRASE.format(name=name) + f" {code}." for name in NAMES for code in CODES]
+    texts = [f"{form[i].format(name=name)} {code}." for form in FORMS.values() for i in (0, 1) for name in NAMES
+             for code in CODES]  # fmt: skip
     texts += [filler_sentence(rng) for _ in range(3000)]
     tokenizer = train_tokenizer(texts * 2, vocab_size=settings.vocab_size)
     split = [w for w in NAMES + CODES if len(tokenizer(f" {w}", add_special_tokens=False).input_ids) != 1]
+    split += [w for w in NAMES if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]  # a message's first word
     if split:
         raise ValueError(f"vocab_size={settings.vocab_size} is too small: {split[:5]} are not single tokens")
     return tokenizer
@@ -273,18 +291,20 @@ def training_rows(settings: Settings, tokenizer, corpus: Corpus, n: int, seed: i
         return ids + corpus.window(L - len(ids), rng), targets + [-100] * (L - len(ids))
 
     def told(pairs) -> tuple[list[int], list[int]]:
-        ids = [t for name, code in pairs for t in fact_ids(tokenizer, name, code)]
+        ids = [t for name, code in pairs for t in fact_ids(tokenizer, question(settings.fact_form, name), code)]
         return ids, [-100] * len(ids)
 
     def asked(pairs) -> tuple[list[int], list[int]]:
         ids, targets = [], []
         for name, code in pairs:
-            sentence = fact_ids(tokenizer, name, code, rng.choice((TEMPLATE, PARAPHRASE)))
+            forms = (question, paraphrase) if FORMS[settings.fact_form][2] else (question,)
+            sentence = fact_ids(tokenizer, rng.choice(forms)(settings.fact_form, name), code)
             ids += sentence
             targets += [-100] * (len(sentence) - 2) + sentence[-2:-1] + [-100]  # the code, before the full stop
         return ids, targets
 
-    sentence_length = len(fact_ids(tokenizer, names[0], CODES[0]))
+    sentence_length = max(len(fact_ids(tokenizer, f(settings.fact_form, n), c)) for f in (question, paraphrase)
+                          for n in names for c in CODES)  # fmt: skip
     rows, labels = [], []
     for _ in range(n):
         draw = rng.random()
@@ -447,19 +467,17 @@ def brain_bytes(session: CTMOnlineSession) -> int:
     return total
 
 
-def measure(session, facts, neighbours, before_top, ce_before, corpus, context_for=None, retrieved_right=None) -> dict:
+def measure(session, form, facts, neighbours, before_top, ce_before, corpus, context_for=None, retrieved_right=None):
     """All metrics of one arm at one N. `context_for(question)` gives rag/oracle their prompt texts."""
     rows, para = [], []
+
+    def asked(text, code):
+        return ask(session, text, code, context_for(text) if context_for else None)
+
     for name, code in facts:
-        question = TEMPLATE.format(name=name)
-        rows.append(ask(session, question, code, context_for(question) if context_for else None))
-        paraphrase = PARAPHRASE.format(name=name)
-        para.append(ask(session, paraphrase, code, context_for(paraphrase) if context_for else None)["recall"])
-    unchanged = []
-    for name in neighbours:
-        question = TEMPLATE.format(name=name)
-        top = ask(session, question, CODES[0], context_for(question) if context_for else None)["top"]
-        unchanged.append(float(top == before_top[name]))
+        rows.append(asked(question(form, name), code))
+        para.append(asked(paraphrase(form, name), code)["recall"])
+    unchanged = [float(asked(question(form, name), CODES[0])["top"] == before_top[name]) for name in neighbours]
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     recalled = mean("recalled") if retrieved_right is None else retrieved_right(facts)
     return {
@@ -483,11 +501,12 @@ def run_trial(base, tokenizer, corpus: Corpus, settings: Settings, rng: random.R
     placebo_facts = [(name, codes[(i + shift) % settings.facts]) for i, name in enumerate(names)]
     if settings.facts == 1:  # a one-fact derangement: another code than the true one
         placebo_facts = [(names[0], next(c for c in CODES if c != codes[0]))]
-    told = [statement(name, code) for name, code in facts]
+    form = settings.fact_form
+    told = [statement(form, name, code) for name, code in facts]
     distractors = [corpus.distractor(trial * 1000 + i, settings) for i in range(max(settings.distractors))]
 
     off = make_session("off", base, tokenizer, settings)
-    before_top = {name: ask(off, TEMPLATE.format(name=name), CODES[0])["top"] for name in neighbours}
+    before_top = {name: ask(off, question(form, name), CODES[0])["top"] for name in neighbours}
     ce_before = held_out_ce(off.model, corpus)
     results, cost = {arm: {} for arm in ARMS}, {}
 
@@ -501,7 +520,7 @@ def run_trial(base, tokenizer, corpus: Corpus, settings: Settings, rng: random.R
     for arm in LIVED:
         session = make_session(arm, base, tokenizer, settings)
         seconds, tokens = converse(
-            session, [statement(n, c) for n, c in (placebo_facts if arm == "placebo" else facts)]
+            session, [statement(form, n, c) for n, c in (placebo_facts if arm == "placebo" else facts)]
         )
         lived = 0
         for n in settings.distractors:
@@ -509,7 +528,7 @@ def run_trial(base, tokenizer, corpus: Corpus, settings: Settings, rng: random.R
                 s, t = converse(session, messages)
                 seconds, tokens = seconds + s, tokens + t
             lived = n
-            results[arm][n] = measure(session, facts, neighbours, before_top, ce_before, corpus)
+            results[arm][n] = measure(session, form, facts, neighbours, before_top, ce_before, corpus)
         timing[arm] = [seconds, tokens]
         cost[arm] = {"bytes_held": brain_bytes(session)}
         log(
@@ -530,12 +549,12 @@ def run_trial(base, tokenizer, corpus: Corpus, settings: Settings, rng: random.R
             return library[int((library_keys @ keys([question])[0]).argmax())]
 
         def right(fact_set, library_keys=library_keys):
-            hits = [int((library_keys @ keys([TEMPLATE.format(name=name)])[0]).argmax()) == 0 for name, _ in fact_set]
+            hits = [int((library_keys @ keys([question(form, name)])[0]).argmax()) == 0 for name, _ in fact_set]
             return sum(hits) / len(hits)
 
-        results["off"][n] = measure(off, facts, neighbours, before_top, ce_before, corpus)
-        results["rag"][n] = measure(off, facts, neighbours, before_top, ce_before, corpus, retrieve, right)
-        results["oracle"][n] = measure(off, facts, neighbours, before_top, ce_before, corpus, lambda q: told)
+        results["off"][n] = measure(off, form, facts, neighbours, before_top, ce_before, corpus)
+        results["rag"][n] = measure(off, form, facts, neighbours, before_top, ce_before, corpus, retrieve, right)
+        results["oracle"][n] = measure(off, form, facts, neighbours, before_top, ce_before, corpus, lambda q: told)
     return {"results": results, "cost": cost, "facts": facts, "placebo_facts": placebo_facts}
 
 

@@ -17,8 +17,9 @@ def tokenizer():
     return e16.fit_tokenizer(e16.Settings())  # every name and code one token (it checks)
 
 
-def test_training_rows_target_only_the_asked_codes(tokenizer):
-    settings = e16.Settings(facts=10, carry_share=0.4, context_share=0.4, chunk_length=80)
+@pytest.mark.parametrize("form", sorted(e16.FORMS))
+def test_training_rows_target_only_the_asked_codes(tokenizer, form):
+    settings = e16.Settings(facts=10, carry_share=0.4, context_share=0.4, chunk_length=80, fact_form=form)
 
     class Filler:  # the corpus' filler: a recognisable token
         @staticmethod
@@ -49,6 +50,8 @@ def test_bad_settings_name_the_field():
         e16.Settings(facts=11).validate()
     with pytest.raises(ValueError, match="distractors="):
         e16.Settings(distractors=[4, 0]).validate()
+    with pytest.raises(ValueError, match="fact_form='prose'"):
+        e16.Settings(fact_form="prose").validate()
     with pytest.raises(ValueError, match="neighbours="):
         e16.Settings(neighbours=55).validate()
 

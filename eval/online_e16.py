@@ -5,7 +5,8 @@ The protocol is MemoryLLM's knowledge retention test (inject, N distractor conte
 (efficacy, paraphrase, neighbourhood; reference memory_anchors.md section 4), run through `CTMOnlineSession`, the
 phase-4 session users get (`say`/`end` over `generate`, the brain between conversations).
 
-Facts. "The code of NAME is CODE." NAME is one of 60 invented names (one token each), CODE one of `n_codes` = 10
+Facts (`fact_form`, see FORMS): "NAME CODE." by default (multi-query associative recall: asked "NAME", the answer
+follows its key), or "The code of NAME is CODE." (`sentence`). NAME is one of 60 invented names (one token each), CODE one of `n_codes` = 10
 common nouns; a fact set is `facts` = 10 names with a random one-to-one assignment of codes, drawn per trial. Training
 rows assign codes at random too, so no name has a code the model could know: only what it was told can explain a hit.
 Chance is 1/10 for every recall metric but `exact`.
@@ -15,7 +16,8 @@ a tiny `CTMForCausalLM` (2 layers, the last thinks, `ctm_carry="chunk"`),
 trained by `ContinuityTrainer` (attention cut between 2 chunks, so only the thinking state crosses) on a mix of held-in
 filler text (a small grammar) and fact documents: "carry" rows tell 10 facts in chunk 1 and ask for them in
 chunk 2 (the state must carry them), "context" rows tell and ask inside one chunk (in-context recall, which the oracle
-needs). Queries in training use the plain template and the paraphrase ("So NAME's code is CODE.") half each. Phase 4's
+needs). In the sentence form training asks with the question and its paraphrase half each; in the pair form the
+paraphrase ("So NAME") is never trained (an unseen paraphrase, as the anchor protocol asks). Phase 4's
 session rule is kept: everything but the thinking blocks is frozen (what sleep and `learn_from` may change).
 
 Per trial: conversation 1 tells the 10 facts, one user message each (the model replies `reply_tokens` tokens). Then N
@@ -42,7 +44,7 @@ Metrics (mean over the facts of all trials of a seed; mean ± sd over seeds in t
     recall        the true code has the highest log-probability among the 10 codes (efficacy; chance 0.1)
     exact         greedy decoding over the whole vocabulary gives the true code
     answer_logp   log-probability of the true code (nats)
-    paraphrase    recall asked as "So NAME's code is"
+    paraphrase    recall asked with the form's paraphrase ("So NAME" / "So NAME's code is")
     neighbourhood the share of 10 names never told whose top code is the same as before the session (1 = undisturbed)
     ce_cost       held-out CE (20 rows of 128 held-out filler tokens, fresh context) after the session minus before
     recalled      the share of questions that recalled an episode (episodic arms) or retrieved conversation 1 (rag)

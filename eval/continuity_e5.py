@@ -59,11 +59,17 @@ import torch
 torch.set_num_threads(1)
 
 from datasets import Dataset  # noqa: E402
-from transformers import PrinterCallback, TrainingArguments, set_seed  # noqa: E402
+from transformers import PrinterCallback, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
-from modeling_ctm.experiments import experiment_parser, format_mean_sd, summarize_arms, write_results  # noqa: E402
+from modeling_ctm.experiments import (  # noqa: E402
+    experiment_parser,
+    experiment_training_arguments,
+    format_mean_sd,
+    summarize_arms,
+    write_results,
+)
 from modeling_ctm.modeling_ctm import CTMCache  # noqa: E402
 from modeling_ctm.training import ContinuityTrainer  # noqa: E402
 
@@ -193,10 +199,8 @@ def make_trainer(settings: Settings, seed: int, gradient_window: int, output_dir
     model = CTMForCausalLM(make_config(settings))
     if train_dataset is None:
         train_dataset = make_dataset(settings, settings.steps * settings.batch_size, seed=10_000 + seed)
-    args = TrainingArguments(
+    args = experiment_training_arguments(
         output_dir=output_dir,
-        use_cpu=True,
-        report_to=[],
         seed=seed,
         data_seed=seed,
         max_steps=settings.steps,
@@ -207,9 +211,6 @@ def make_trainer(settings: Settings, seed: int, gradient_window: int, output_dir
         weight_decay=settings.weight_decay,
         max_grad_norm=settings.max_grad_norm,
         logging_steps=max(1, settings.steps // 10),
-        save_strategy="no",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
     trainer = ContinuityTrainer(
         model=model,

@@ -50,11 +50,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
-from transformers import TrainingArguments, set_seed  # noqa: E402
+from transformers import set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMForCausalLM, CTMTickObserver  # noqa: E402
 from modeling_ctm.data import austen_splits, austen_training_texts, pack_dataset  # noqa: E402
+from modeling_ctm.experiments import experiment_training_arguments  # noqa: E402
 from modeling_ctm.fmri import draw_thinking_map, save_figure, summarize_probe, sync_change  # noqa: E402
 from modeling_ctm.phases import freeze_for_thinking, language_config, start_thinking  # noqa: E402
 from modeling_ctm.tokenization import load_tokenizer, train_tokenizer  # noqa: E402
@@ -123,11 +124,10 @@ def prepare_data(settings: Settings):
 
 def train(model, dataset, steps: int, lr: float, settings: Settings, seed: int, tokenizer):
     with tempfile.TemporaryDirectory() as folder:
-        args = TrainingArguments(
-            output_dir=folder, max_steps=steps, learning_rate=lr, per_device_train_batch_size=settings.batch_size,
-            lr_scheduler_type="cosine", warmup_steps=max(1, steps // 15), weight_decay=0.01, use_cpu=True,
-            report_to=[], save_strategy="no", logging_steps=max(steps, 1), disable_tqdm=True, seed=seed,
-            dataloader_num_workers=0,
+        args = experiment_training_arguments(
+            folder, max_steps=steps, learning_rate=lr, per_device_train_batch_size=settings.batch_size,
+            lr_scheduler_type="cosine", warmup_steps=max(1, steps // 15), weight_decay=0.01,
+            logging_steps=max(steps, 1), seed=seed,
         )  # fmt: skip
         trainer = CTMTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
         trainer.train()

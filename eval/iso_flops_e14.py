@@ -60,6 +60,7 @@ from modeling_ctm.experiments import (  # noqa: E402
     MachineLoad,
     arms_table,
     experiment_parser,
+    experiment_training_arguments,
     format_mean_sd,
     load_script,
     mean_sd,
@@ -266,9 +267,8 @@ class HeldOutCurve(TrainerCallback):
 
 
 def arguments(settings: Settings, seed: int, output_dir: str) -> TrainingArguments:
-    return TrainingArguments(
+    return experiment_training_arguments(
         output_dir=output_dir,
-        use_cpu=True,
         max_steps=settings.steps,
         per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
@@ -277,13 +277,9 @@ def arguments(settings: Settings, seed: int, output_dir: str) -> TrainingArgumen
         weight_decay=0.01,
         seed=seed,
         data_seed=seed,  # the same batches in the same order for every arm of a seed
-        save_strategy="no",
         eval_strategy="no",
-        report_to=[],
         logging_strategy="no",
-        disable_tqdm=True,
         remove_unused_columns=False,
-        dataloader_num_workers=0,
     )
 
 

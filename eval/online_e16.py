@@ -74,13 +74,14 @@ import torch
 torch.set_num_threads(1)  # tiny tensors; a busy shared CPU makes extra threads a loss
 
 from datasets import Dataset  # noqa: E402
-from transformers import PrinterCallback, TrainingArguments, set_seed  # noqa: E402
+from transformers import PrinterCallback, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     MachineLoad,
     experiment_parser,
+    experiment_training_arguments,
     format_mean_sd,
     summarize_arms,
     write_results,
@@ -366,10 +367,8 @@ def train_model(settings: Settings, tokenizer, corpus: Corpus, seed: int) -> tup
     model = CTMForCausalLM(model_config(settings, tokenizer))
     rows = training_rows(settings, tokenizer, corpus, settings.train_steps * settings.batch_size, seed=1_000 + seed)
     with tempfile.TemporaryDirectory() as output_dir:
-        args = TrainingArguments(
-            output_dir=output_dir,
-            use_cpu=True,
-            report_to=[],
+        args = experiment_training_arguments(
+            output_dir,
             seed=seed,
             max_steps=settings.train_steps,
             per_device_train_batch_size=settings.batch_size,
@@ -377,9 +376,6 @@ def train_model(settings: Settings, tokenizer, corpus: Corpus, seed: int) -> tup
             warmup_steps=max(1, settings.train_steps // 20),
             lr_scheduler_type="cosine",
             logging_steps=max(1, settings.train_steps // 8),
-            save_strategy="no",
-            dataloader_num_workers=0,
-            disable_tqdm=True,
         )
         trainer = ContinuityTrainer(
             model=model,

@@ -58,11 +58,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import datasets  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import PrinterCallback, TrainingArguments, set_seed  # noqa: E402
+from transformers import PrinterCallback, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
 from modeling_ctm.data import austen_splits, pack_dataset  # noqa: E402
+from modeling_ctm.experiments import experiment_training_arguments  # noqa: E402
 from modeling_ctm.plasticity import HebbianPlasticity, PlasticityConfig, memory_held_bytes  # noqa: E402
 from modeling_ctm.tokenization import train_austen_tokenizer  # noqa: E402
 from modeling_ctm.training import CTMTrainer  # noqa: E402
@@ -168,10 +169,8 @@ def train_model(settings: Settings, tokenizer, blocks: Dataset) -> tuple[CTMForC
     )
     model = CTMForCausalLM(config)
     with tempfile.TemporaryDirectory() as output_dir:
-        args = TrainingArguments(
+        args = experiment_training_arguments(
             output_dir=output_dir,
-            use_cpu=True,
-            report_to=[],
             seed=0,
             max_steps=settings.train_steps,
             per_device_train_batch_size=settings.batch_size,
@@ -179,9 +178,6 @@ def train_model(settings: Settings, tokenizer, blocks: Dataset) -> tuple[CTMForC
             warmup_steps=max(1, settings.train_steps // 20),
             lr_scheduler_type="cosine",
             logging_steps=max(1, settings.train_steps // 8),
-            save_strategy="no",
-            dataloader_num_workers=0,
-            disable_tqdm=True,
         )
         trainer = CTMTrainer(model=model, args=args, train_dataset=blocks)
         trainer.remove_callback(PrinterCallback)

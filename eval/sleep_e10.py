@@ -52,12 +52,13 @@ torch.set_num_threads(1)  # tiny tensors; spinning threads on a shared 2-core bo
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datasets import Dataset  # noqa: E402
-from transformers import PrinterCallback, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import PrinterCallback, TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
 from modeling_ctm.callbacks import SleepCallback  # noqa: E402
 from modeling_ctm.data import load_austen_novels, split_paragraphs  # noqa: E402
+from modeling_ctm.experiments import experiment_training_arguments  # noqa: E402
 from modeling_ctm.sleep import ReplayHeap  # noqa: E402
 from modeling_ctm.tokenization import train_tokenizer  # noqa: E402
 from modeling_ctm.training import CTMTrainer  # noqa: E402
@@ -123,10 +124,9 @@ def as_dataset(chunks: torch.Tensor) -> Dataset:
 
 
 def train(model, data: Dataset, steps: int, lr: float, seed: int, out: Path, batch: int, callbacks=()) -> float:
-    args = TrainingArguments(
-        output_dir=str(out), use_cpu=True, per_device_train_batch_size=batch, max_steps=steps, learning_rate=lr,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=10**6, save_strategy="no",
-        report_to=[], seed=seed, data_seed=seed, dataloader_num_workers=0, disable_tqdm=True,
+    args = experiment_training_arguments(
+        out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant",
+        warmup_steps=0, weight_decay=0.0, logging_steps=10**6, seed=seed, data_seed=seed,
     )  # fmt: skip
     trainer = CTMTrainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)  # the per-run summary line is noise here

@@ -61,7 +61,7 @@ from transformers import TrainingArguments, set_seed  # noqa: E402
 
 from modeling_ctm import CTMForCausalLM  # noqa: E402
 from modeling_ctm.data import load_text_dataset, pack_dataset  # noqa: E402
-from modeling_ctm.experiments import MachineLoad  # noqa: E402
+from modeling_ctm.experiments import MachineLoad, experiment_training_arguments  # noqa: E402
 from modeling_ctm.phases import freeze_for_thinking, language_config, start_thinking  # noqa: E402
 from modeling_ctm.tokenization import get_tokenizer, load_tokenizer  # noqa: E402
 from modeling_ctm.training import CTMTrainer  # noqa: E402
@@ -138,9 +138,8 @@ def load_data(settings: Settings, cache_dir: Path, tokenizer=None):
 
 
 def arguments(settings: Settings, steps: int, learning_rate: float, seed: int, output_dir: str) -> TrainingArguments:
-    return TrainingArguments(
+    return experiment_training_arguments(
         output_dir=output_dir,
-        use_cpu=True,
         max_steps=steps,
         per_device_train_batch_size=settings.batch_size,
         learning_rate=learning_rate,
@@ -149,13 +148,9 @@ def arguments(settings: Settings, steps: int, learning_rate: float, seed: int, o
         weight_decay=0.01,
         seed=seed,
         data_seed=seed,
-        save_strategy="no",
         eval_strategy="no",
-        report_to=[],
         logging_strategy="no",
-        disable_tqdm=True,
         remove_unused_columns=False,
-        dataloader_num_workers=0,
     )
 
 

@@ -31,6 +31,9 @@ API:
 * `write_results(out_dir, result, markdown) -> (json_path, md_path)`: `result` must hold `settings`, `per_seed` and
   `arms`; both files are written atomically (`write_text_atomic`: a temp file in the same folder renamed into place),
   so a killed run never leaves half a results file.
+* `experiment_training_arguments(output_dir, **fields) -> TrainingArguments`: the arguments of a training run inside an
+  experiment (`EXPERIMENT_TRAINING`: on the CPU, no reports, no checkpoints, no progress bar, data loaded in the main
+  process); `fields` are the run's own (steps, batch, learning rate, seed ...) and may override those.
 * `load_script(path, name=None) -> module`: imports an experiment script by its file path (how tests import
   `eval/*.py`; a script's own imports must come from installed packages, which is why shared code lives here).
 
@@ -58,15 +61,25 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from transformers import TrainingArguments
+
 from .modeling_ctm import atomic_write
 
 
+# what every training run inside an experiment shares: the script keeps its results, the Trainer keeps nothing
+EXPERIMENT_TRAINING = {"use_cpu": True, "report_to": [], "save_strategy": "no", "dataloader_num_workers": 0,
+                       "disable_tqdm": True}  # fmt: skip
 QUIET = 0.25  # a measurement is "quiet" when other processes used less than this fraction of the CPUs meanwhile
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The experiment shape
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def experiment_training_arguments(output_dir: str | Path, **fields) -> TrainingArguments:
+    """TrainingArguments for a training run inside an experiment: `EXPERIMENT_TRAINING` overlaid with `fields`."""
+    return TrainingArguments(output_dir=str(output_dir), **{**EXPERIMENT_TRAINING, **fields})
 
 
 def experiment_parser(

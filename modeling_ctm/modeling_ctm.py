@@ -1506,8 +1506,11 @@ class CTMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        # the reference scale for every matrix inside a CTM block: U(-s, s), s = sqrt(3) * D^-1/2 * 0.68
-        ctm_scale = math.sqrt(3) * self.config.hidden_size**-0.5 * 0.68
+        # the reference scale for every matrix inside a CTM block: U(-s, s), s = sqrt(3) * fan_in^-1/2 * 0.68 (fan-in D)
+        def ctm_scale_for(fan_in: int) -> float:
+            return math.sqrt(3) * fan_in**-0.5 * 0.68
+
+        ctm_scale = ctm_scale_for(self.config.hidden_size)
         if isinstance(module, CTMBlock):
             D, M = module.start_trace.shape
             for linear in (module.q_proj, module.k_proj, module.v_proj):
@@ -1515,7 +1518,7 @@ class CTMPreTrainedModel(PreTrainedModel):
             if module.out_gate is None:
                 init.zeros_(module.out_proj.weight)  # a fresh block adds nothing to the residual stream
             else:  # the gate at 0 keeps the fresh block silent; a random out_proj lets the gate's gradient flow
-                scale = math.sqrt(3) * module.out_proj.in_features**-0.5 * 0.68  # the ctm scale, fan-in S_out
+                scale = ctm_scale_for(module.out_proj.in_features)
                 init.uniform_(module.out_proj.weight, -scale, scale)
                 init.zeros_(module.out_gate)
             init.uniform_(module.start_state, -(D**-0.5), D**-0.5)

@@ -23,6 +23,7 @@ This file travels with checkpoints as remote code: it imports `transformers`, `t
 """
 
 import contextlib
+import copy
 import math
 import os
 import shutil
@@ -40,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -2020,6 +2021,7 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
 
         Gathered by a tick observer for the duration of the call; without `output_certainty` nothing is observed.
         """
+        self.check_decoding_mode(args[1] if len(args) > 1 else kwargs.get("generation_config"), kwargs)
         if not output_certainty:
             return super().generate(*args, **kwargs)
         if not self.model.last_layer_thinks:
@@ -2035,6 +2037,27 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
         for name, value in recorder.aligned(getattr(outputs, "beam_indices", None)).items():
             outputs[name] = value
         return outputs
+
+    SUPPORTED_DECODING = ("greedy_search", "sample", "beam_search", "beam_sample")
+
+    def check_decoding_mode(self, generation_config: GenerationConfig | None, kwargs: dict) -> None:
+        """Refuse, before transformers' own checks, the decoding modes a stateful model cannot run: assisted decoding
+        (an assistant model, prompt lookup, early exit, multi-token prediction) verifies drafted tokens and then rolls
+        the cache back, and the carried thinking state cannot be rolled back; the remaining modes are not tested."""
+        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
+        mode = config.get_generation_mode(kwargs.get("assistant_model"))
+        if mode == "assisted_generation":
+            raise ValueError(
+                "assisted decoding (assistant_model, prompt_lookup_num_tokens, assistant_early_exit, use_mtp) is "
+                "not supported: it rolls the cache back after verifying drafted tokens, and a CTM's carried "
+                "thinking state is stateful and cannot be rolled back. Decode without it"
+            )
+        if mode not in self.SUPPORTED_DECODING:
+            raise ValueError(
+                f"decoding mode {mode.value!r} is not supported by a CTM (its carried thinking state must follow every "
+                f"step): allowed are {', '.join(self.SUPPORTED_DECODING)}"
+            )
 
     def compile_ticks(self, **compile_kwargs) -> "CTMForCausalLM":
         """Compile the tick function of every CTM block with `torch.compile(**compile_kwargs)` (the tick is where

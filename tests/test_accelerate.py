@@ -35,7 +35,9 @@ def test_accelerate_ddp_config_runs_two_cpu_processes_with_identical_weights(tmp
 def test_the_fsdp_config_parses_and_wraps_the_decoder_layers(monkeypatch):
     """FSDP needs GPUs (on CPU accelerate falls back to data parallelism), so the shipped config is checked the way
     `accelerate launch` reads it: accelerate's own parser, the FSDP_* environment the launcher derives from it, the FSDP
-    plugin built from that environment, and its auto-wrap policy resolved against a real model."""
+    plugin built from that environment, and its auto-wrap policy resolved against a real model. Only public API: the
+    two GPU-only settings (parameters synchronised from rank 0 onto a device) are asserted as the launcher passes them,
+    accelerate's own refusal of them on this CPU-only machine is checked, and the plugin is then built with them off."""
     from accelerate.commands.config.config_args import ClusterConfig
     from accelerate.utils import FullyShardedDataParallelPlugin
     from conftest import tiny_model
@@ -47,12 +49,14 @@ def test_the_fsdp_config_parses_and_wraps_the_decoder_layers(monkeypatch):
     for key, value in fsdp.items():  # as accelerate.utils.launch.prepare_multi_gpu_env does
         name = {"fsdp_transformer_layer_cls_to_wrap": "FSDP_TRANSFORMER_CLS_TO_WRAP"}.get(key, key.upper())
         monkeypatch.setenv(name, str(value).lower() if isinstance(value, bool) else str(value))
-    # sync_module_states asks for the current GPU's index; this machine has none, so a stand-in answers 0
-    import accelerate.utils.dataclasses as accelerate_dataclasses
-
-    monkeypatch.setattr(accelerate_dataclasses, "is_cuda_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    plugin = FullyShardedDataParallelPlugin()
+    assert os.environ["FSDP_SYNC_MODULE_STATES"] == os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sync_module_states=True"):
+            FullyShardedDataParallelPlugin()  # what a launch of this config on a CPU-only machine would meet
+        plugin = FullyShardedDataParallelPlugin(sync_module_states=False, cpu_ram_efficient_loading=False)
+    else:
+        plugin = FullyShardedDataParallelPlugin()
     assert plugin.transformer_cls_names_to_wrap == ["CTMDecoderLayer"] and plugin.use_orig_params
+    assert plugin.fsdp_version == 1 and plugin.state_dict_type.name == "FULL_STATE_DICT"
     plugin.set_auto_wrap_policy(tiny_model())  # raises if no module of that class exists in the model
     assert plugin.auto_wrap_policy is not None

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY, tiny_config, tiny_model
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from modeling_ctm import CTMConfig, CTMForCausalLM, CTMModel
 from modeling_ctm.modeling_ctm import CTMSynchronisation
@@ -427,8 +427,15 @@ def test_generate_runs_and_assisted_decoding_is_refused():
     ids = _ids(batch=1)
     generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert generated.shape == (1, 12)
-    with pytest.raises(ValueError, match="stateful"):
+    # refused by the model itself, before transformers' own checks, with the reason
+    with pytest.raises(ValueError, match="assisted decoding .* stateful"):
         model.generate(ids, max_new_tokens=3, assistant_model=tiny_model(seed=1), pad_token_id=0)
+    with pytest.raises(ValueError, match="assisted decoding"):
+        model.generate(ids, max_new_tokens=3, prompt_lookup_num_tokens=2, pad_token_id=0)
+    with pytest.raises(ValueError, match="assisted decoding"):  # a generation config given positionally
+        model.generate(ids, GenerationConfig(max_new_tokens=3, prompt_lookup_num_tokens=2, pad_token_id=0))
+    with pytest.raises(ValueError, match="'group_beam_search' is not supported"):
+        model.generate(ids, max_new_tokens=3, num_beams=4, num_beam_groups=2, diversity_penalty=1.0, pad_token_id=0)
 
 
 def test_eager_and_sdpa_attention_agree_and_eager_returns_attentions():

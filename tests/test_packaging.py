@@ -27,7 +27,9 @@ def test_a_wheel_writes_a_model_card_and_loads_a_preset_outside_the_source_tree(
     zipfile.ZipFile(wheel).extractall(site)  # a pure-Python wheel installs by unpacking
     script = f"""
 import sys
-sys.path = [p for p in sys.path if not p.startswith({str(REPO)!r}) and "__editable__" not in p]
+# hide the source tree, not the interpreter: a virtualenv may live inside the repository (the README puts it there)
+sys.path = [p for p in sys.path
+            if not (p.startswith({str(REPO)!r}) and not p.startswith(sys.prefix)) and "__editable__" not in p]
 sys.path.insert(0, {str(site)!r})
 sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
 import modeling_ctm

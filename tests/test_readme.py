@@ -1,6 +1,8 @@
 """The README's quick start runs as written."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -18,9 +20,34 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
     assert (tmp_path / "episode.safetensors").is_file() and (tmp_path / "tiny-ctm" / "modeling_ctm.py").is_file()
 
 
-def test_readme_shows_the_ci_test_command():
+def test_ci_runs_the_readme_test_command_read_from_the_readme():
+    """The two cannot drift: .ci/run holds no test command of its own, it runs the README's marked line."""
     ci = (README.parent / ".ci" / "run").read_text()
-    command = "python -m pytest -q"
-    assert command in ci and command in README.read_text()
-    assert '-e ".[dev]"' in ci and 'pip install -e ".[dev]"' in README.read_text()
-    assert "torch==2.13.0" in ci and "venv" in ci
+    command = subprocess.run(
+        [sys.executable, str(README.parent / ".ci" / "readme_command.py"), "tests"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert 'readme_command.py" tests' in ci and 'bash -euo pipefail -c "$command"' in ci
+    assert command.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && ")
+    assert command.endswith('pip install -e ".[dev]" && python -m pytest -q')
+    main_job = subprocess.run(
+        [sys.executable, str(README.parent / ".ci" / "readme_command.py"), "main-job"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert "recipes/run_all.py --preset tiny" in main_job
+
+
+def test_every_dependency_has_a_tested_lower_bound():
+    """CI's second leg pins each dependency to its lower bound: every requirement must have one."""
+    import tomllib
+
+    project = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["dev"]
+    pins = subprocess.run(
+        [sys.executable, str(README.parent / ".ci" / "lower_bounds.py")], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert len(pins) == len(requirements) and all("==" in pin for pin in pins)
+    for pin in pins:  # the README names the version it was last tested with
+        name, version = pin.split("==")
+        if name not in ("tensorboard", "matplotlib", "pyyaml", "pytest"):
+            assert f"{name} {version}" in README.read_text(), pin

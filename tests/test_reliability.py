@@ -116,6 +116,14 @@ def _truncated_weights(tmp_path):
     CTMForCausalLM.from_pretrained(tmp_path / "model")
 
 
+def _assisted_decoding(tmp_path):
+    tiny_model().generate(_ids(1, 4), max_new_tokens=2, assistant_model=tiny_model(seed=1))
+
+
+def _contrastive_search(tmp_path):
+    tiny_model().generate(_ids(1, 4), max_new_tokens=2, penalty_alpha=0.6, top_k=4)
+
+
 # (input as a user writes it, the call, the error type, what the message must name)
 TABLE = [
     ("`CTMConfig(ctm_tiks=5)`", _misspelled_field, TypeError, ["ctm_tiks=5", "did you mean 'ctm_ticks'"]),
@@ -136,6 +144,10 @@ TABLE = [
      ["cache", "batch of 1", "batch of 2"]),
     ("truncated thinking-state file", _truncated_snapshot, ValueError, ["state.safetensors", "truncated"]),
     ("missing thinking-state file", _missing_snapshot, FileNotFoundError, ["nowhere.safetensors"]),
+    ("`model.generate(..., assistant_model=draft)`", _assisted_decoding, ValueError,
+     ["assisted decoding", "assistant_model", "stateful", "cannot be rolled back"]),
+    ("`model.generate(..., penalty_alpha=0.6, top_k=4)`", _contrastive_search, ValueError,
+     ["'contrastive_search'", "allowed are greedy_search, sample, beam_search, beam_sample"]),
     ("truncated `model.safetensors`", _truncated_weights, OSError, ["model.safetensors", "truncated"]),
 ]  # fmt: skip
 

@@ -1,0 +1,13 @@
+"""Print pip constraints that pin every dependency of pyproject.toml (and the `dev` extra) to its lower bound, for
+CI's second leg: the ranges must admit only versions the project has run."""
+
+import re
+import tomllib
+from pathlib import Path
+
+
+project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+for requirement in project["dependencies"] + project["optional-dependencies"]["dev"]:
+    match = re.match(r"^([A-Za-z0-9_.\-]+)(\[[^\]]*\])?\s*.*?>=\s*([0-9][^,;\s]*)", requirement)
+    if match:
+        print(f"{match.group(1)}=={match.group(3)}")

@@ -63,6 +63,7 @@ from transformers import PrinterCallback, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
+from modeling_ctm.cache_ctm import CTMCache  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     experiment_parser,
     experiment_training_arguments,
@@ -70,8 +71,7 @@ from modeling_ctm.experiments import (  # noqa: E402
     summarize_arms,
     write_results,
 )
-from modeling_ctm.modeling_ctm import CTMCache  # noqa: E402
-from modeling_ctm.training import ContinuityTrainer  # noqa: E402
+from modeling_ctm.training.trainers import ContinuityTrainer  # noqa: E402
 
 
 PAD, STORE, RECALL, FIRST_VALUE = 0, 1, 2, 3

@@ -60,8 +60,8 @@ from datasets import Dataset  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMEpisodicMemory, CTMForCausalLM  # noqa: E402
+from modeling_ctm.cache_ctm import CTMCache  # noqa: E402
 from modeling_ctm.experiments import load_script, write_results  # noqa: E402
-from modeling_ctm.modeling_ctm import CTMCache  # noqa: E402
 
 
 # eval/ is not a package: E5's module (task pieces, model config, trainer) is loaded from its file, once

@@ -54,12 +54,12 @@ from transformers import set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMForCausalLM, CTMTickObserver  # noqa: E402
-from modeling_ctm.data import austen_splits, austen_training_texts, pack_dataset  # noqa: E402
 from modeling_ctm.experiments import experiment_training_arguments  # noqa: E402
 from modeling_ctm.fmri import draw_thinking_map, save_figure, summarize_probe, sync_change  # noqa: E402
-from modeling_ctm.phases import freeze_for_thinking, language_config, start_thinking  # noqa: E402
-from modeling_ctm.tokenization import load_tokenizer, train_tokenizer  # noqa: E402
-from modeling_ctm.training import CTMTrainer  # noqa: E402
+from modeling_ctm.training.data import austen_splits, austen_training_texts, pack_dataset  # noqa: E402
+from modeling_ctm.training.phases import freeze_for_thinking, language_config, start_thinking  # noqa: E402
+from modeling_ctm.training.tokenization import load_tokenizer, train_tokenizer  # noqa: E402
+from modeling_ctm.training.trainers import CTMTrainer  # noqa: E402
 
 
 @dataclass

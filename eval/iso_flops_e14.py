@@ -55,7 +55,6 @@ torch.set_num_threads(1)  # tiny tensors gain nothing from a second thread on a 
 from transformers import TrainerCallback, TrainingArguments, set_seed  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
-from modeling_ctm.data import load_text_dataset, pack_dataset  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     MachineLoad,
     arms_table,
@@ -67,9 +66,10 @@ from modeling_ctm.experiments import (  # noqa: E402
     summarize_arms,
     write_results,
 )
-from modeling_ctm.modeling_ctm import atomic_write  # noqa: E402
-from modeling_ctm.tokenization import get_tokenizer  # noqa: E402
-from modeling_ctm.training import CTMTrainer  # noqa: E402
+from modeling_ctm.io_ctm import atomic_write  # noqa: E402
+from modeling_ctm.training.data import load_text_dataset, pack_dataset  # noqa: E402
+from modeling_ctm.training.tokenization import get_tokenizer  # noqa: E402
+from modeling_ctm.training.trainers import CTMTrainer  # noqa: E402
 
 
 flops = load_script(Path(__file__).parent / "flops.py", "ctm_eval_flops")  # eval/ is no package

@@ -48,7 +48,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import modeling_ctm  # noqa: F401  (registers the model with the Auto classes)
-    from modeling_ctm.hub import find_phase_checkpoints
+    from modeling_ctm.hub.publishing import find_phase_checkpoints
 
     torch.set_num_threads(1)
     phases = {}

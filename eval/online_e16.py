@@ -86,13 +86,13 @@ from modeling_ctm.experiments import (  # noqa: E402
     summarize_arms,
     write_results,
 )
-from modeling_ctm.memory import CTMEpisodicMemory, mean_input_embedding  # noqa: E402
-from modeling_ctm.online import CTMOnlineSession, OnlineConfig  # noqa: E402
-from modeling_ctm.phases import freeze_for_thinking  # noqa: E402
-from modeling_ctm.plasticity import HebbianPlasticity, PlasticityConfig, memory_held_bytes  # noqa: E402
-from modeling_ctm.sleep import ConsolidationConfig, Consolidator, ReplayHeap  # noqa: E402
-from modeling_ctm.tokenization import train_tokenizer  # noqa: E402
-from modeling_ctm.training import ContinuityTrainer  # noqa: E402
+from modeling_ctm.memory.episodic import CTMEpisodicMemory, mean_input_embedding  # noqa: E402
+from modeling_ctm.memory.plasticity import HebbianPlasticity, PlasticityConfig, memory_held_bytes  # noqa: E402
+from modeling_ctm.memory.session import CTMOnlineSession, OnlineConfig  # noqa: E402
+from modeling_ctm.memory.sleep import ConsolidationConfig, Consolidator, ReplayHeap  # noqa: E402
+from modeling_ctm.training.phases import freeze_for_thinking  # noqa: E402
+from modeling_ctm.training.tokenization import train_tokenizer  # noqa: E402
+from modeling_ctm.training.trainers import ContinuityTrainer  # noqa: E402
 
 
 ARMS = {

@@ -62,11 +62,11 @@ from transformers import PrinterCallback, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
-from modeling_ctm.data import austen_splits, pack_dataset  # noqa: E402
 from modeling_ctm.experiments import experiment_training_arguments  # noqa: E402
-from modeling_ctm.plasticity import HebbianPlasticity, PlasticityConfig, memory_held_bytes  # noqa: E402
-from modeling_ctm.tokenization import train_austen_tokenizer  # noqa: E402
-from modeling_ctm.training import CTMTrainer  # noqa: E402
+from modeling_ctm.memory.plasticity import HebbianPlasticity, PlasticityConfig, memory_held_bytes  # noqa: E402
+from modeling_ctm.training.data import austen_splits, pack_dataset  # noqa: E402
+from modeling_ctm.training.tokenization import train_austen_tokenizer  # noqa: E402
+from modeling_ctm.training.trainers import CTMTrainer  # noqa: E402
 
 
 ARMS = {

@@ -56,12 +56,14 @@ from transformers import PrinterCallback, TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
-from modeling_ctm.callbacks import SleepCallback  # noqa: E402
-from modeling_ctm.data import load_austen_novels, split_paragraphs  # noqa: E402
 from modeling_ctm.experiments import experiment_training_arguments  # noqa: E402
-from modeling_ctm.sleep import ReplayHeap  # noqa: E402
-from modeling_ctm.tokenization import train_tokenizer  # noqa: E402
-from modeling_ctm.training import CTMTrainer  # noqa: E402
+from modeling_ctm.memory.sleep import (  # noqa: E402
+    ReplayHeap,  # noqa: E402
+    SleepCallback,  # noqa: E402
+)
+from modeling_ctm.training.data import load_austen_novels, split_paragraphs  # noqa: E402
+from modeling_ctm.training.tokenization import train_tokenizer  # noqa: E402
+from modeling_ctm.training.trainers import CTMTrainer  # noqa: E402
 
 
 ARMS = {"plain": None, "sleep": "hard", "extra_steps": "training_loss", "uniform": "uniform"}
@@ -359,7 +361,11 @@ def write_markdown(results: dict, path: Path) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for arm, e in arms.items():
-        delta = (lambda m: _fmt(e[f"s1_{m}_vs_plain"]) if f"s1_{m}_vs_plain" in e else "(control)")
+
+        def delta(metric, e=e):
+            key = f"s1_{metric}_vs_plain"
+            return _fmt(e[key]) if key in e else "(control)"
+
         lines.append(f"| {arm} | {_fmt(e['s1_held_out_ce'])} | {delta('held_out_ce')} | {_fmt(e['s1_hard_ce'])} | "
                      f"{delta('hard_ce')} | {_fmt(e['s1_ece'])} | {delta('ece')} |")  # fmt: skip
     base = results["per_seed"]["setting1"]
@@ -378,7 +384,11 @@ def write_markdown(results: dict, path: Path) -> None:
         "|---|---|---|---|---|---|",
     ]
     for arm, e in arms.items():
-        delta = (lambda m: _fmt(e[f"s2_{m}_vs_plain"]) if f"s2_{m}_vs_plain" in e else "(control)")
+
+        def delta(metric, e=e):
+            key = f"s2_{metric}_vs_plain"
+            return _fmt(e[key]) if key in e else "(control)"
+
         lines.append(f"| {arm} | {_fmt(e['s2_final_mean_ce'])} | {delta('final_mean_ce')} | {_fmt(e['s2_forgetting'])} | "
                      f"{delta('forgetting')} | {_fmt(e['s2_learned_ce'])} |")  # fmt: skip
     lines += [

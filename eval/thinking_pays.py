@@ -21,7 +21,7 @@ Every CTM arm trains its thinking layer's feed-forward part (`freeze_for_thinkin
 plus the kept MLP where there is one) on the tiny preset's objective: the CE of the tick mixture (the served readout)
 plus 0.1 x the mean per-tick CE.
 Held-out cross-entropy (nats/token) on two kinds of text: packed blocks of the held-out novel, and its first
-paragraphs each scored whole from its first token (`modeling_ctm.training.evaluate_documents`). Per arm: the final
+paragraphs each scored whole from its first token (`modeling_ctm.training.trainers.evaluate_documents`). Per arm: the final
 tick, the deployable readout (`tick_mixture`, the tiny preset's), the most-certain tick, the argmin tick (an oracle),
 the training wall time and the analytic FLOPs/token (eval/flops.py).
 
@@ -60,11 +60,11 @@ from scipy.stats import spearmanr  # noqa: E402
 from transformers import TrainingArguments, set_seed  # noqa: E402
 
 from modeling_ctm import CTMForCausalLM  # noqa: E402
-from modeling_ctm.data import load_text_dataset, pack_dataset  # noqa: E402
 from modeling_ctm.experiments import MachineLoad, experiment_training_arguments  # noqa: E402
-from modeling_ctm.phases import freeze_for_thinking, language_config, start_thinking  # noqa: E402
-from modeling_ctm.tokenization import get_tokenizer, load_tokenizer  # noqa: E402
-from modeling_ctm.training import CTMTrainer  # noqa: E402
+from modeling_ctm.training.data import load_text_dataset, pack_dataset  # noqa: E402
+from modeling_ctm.training.phases import freeze_for_thinking, language_config, start_thinking  # noqa: E402
+from modeling_ctm.training.tokenization import get_tokenizer, load_tokenizer  # noqa: E402
+from modeling_ctm.training.trainers import CTMTrainer  # noqa: E402
 
 
 _spec = importlib.util.spec_from_file_location("ctm_eval_flops", Path(__file__).parent / "flops.py")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def _train(args) -> None:
-    from .main_job import main_job_from_args
+    from .training.main_job import main_job_from_args
 
     main_job_from_args(args)
 
@@ -30,9 +30,9 @@ def _load_checkpoint(path: Path):
 
 
 def _eval(args) -> None:
-    from .data import load_text_dataset, pack_dataset
-    from .runs import load_preset, training_arguments
-    from .training import CTMTrainer, evaluate_documents
+    from .training.data import load_text_dataset, pack_dataset
+    from .training.runs import load_preset, training_arguments
+    from .training.trainers import CTMTrainer, evaluate_documents
 
     model, tokenizer = _load_checkpoint(args.checkpoint)
     preset = load_preset(args.preset)
@@ -49,8 +49,8 @@ def _eval(args) -> None:
 
 
 def _chat(args) -> None:
-    from .online import CTMOnlineSession
-    from .runs import load_preset, online_session
+    from .memory.session import CTMOnlineSession, session_from_spec
+    from .training.runs import load_preset
 
     brain = args.brain
     if brain is not None and (brain / "session.json").is_file():
@@ -58,7 +58,7 @@ def _chat(args) -> None:
         print(f"[brain {brain}: {session.conversations} conversations, {len(session.memory or [])} episodes]")
     else:
         model, tokenizer = _load_checkpoint(args.checkpoint)
-        session = online_session(model, tokenizer, load_preset(args.preset))
+        session = session_from_spec(model, tokenizer, load_preset(args.preset)["phase4"])
     messages = args.message or iter(lambda: input("you> "), None)
     try:
         for message in messages:
@@ -76,7 +76,7 @@ def _chat(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .main_job import main_job_parser
+    from .training.main_job import main_job_parser
 
     parser = argparse.ArgumentParser(prog="ctm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)

@@ -63,7 +63,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-from .modeling_ctm import atomic_write
+from .io_ctm import atomic_write
 
 
 # what every training run inside an experiment shares: the script keeps its results, the Trainer keeps nothing

@@ -10,69 +10,18 @@ import os
 import pathlib
 
 import numpy
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .modeling_ctm import CTMLayerProbe, atomic_write
+from .io_ctm import atomic_write
+from .observers_ctm import METRICS, summarize_probe, sync_change
 
 
-METRICS = ("state_delta", "certainty", "sync_change")
 _TITLES = {
     "state_delta": "state change ||z_k - z_(k-1)||",
     "certainty": "certainty (logit lens)",
     "sync_change": "sync change ||S_k - S_(k-1)||",
 }
-
-
-def sync_change(probe: CTMLayerProbe) -> torch.Tensor:
-    """||S_out,k - S_out,k-1|| per token and tick (B, T, K), tick 0 against the S_out the token entered with (NaN
-    for tick 0 when the probe did not record the entry)."""
-    sync = probe.sync_out.float()
-    steps = (sync[:, :, 1:] - sync[:, :, :-1]).norm(dim=-1)
-    if probe.entry_sync_out is None:
-        first = torch.full_like(steps[:, :, :1], float("nan"))
-    else:
-        first = (sync[:, :, 0] - probe.entry_sync_out.float()).norm(dim=-1, keepdim=True)
-    return torch.cat([first, steps], dim=2)
-
-
-def summarize_probe(
-    layers: dict[int, CTMLayerProbe], token_mask: torch.Tensor | None = None
-) -> dict[str, numpy.ndarray]:
-    """Means over real tokens, per layer and tick: {"state_delta", "certainty", "sync_change"} each (n_layers, K)
-    float arrays (NaN where the probe has no value), and "layers": the layer indices in row order.
-
-    `token_mask` (B, T), bool or 0/1, marks the tokens to average (e.g. the attention mask, or easy/hard tokens);
-    None averages every position."""
-    if not layers:
-        raise ValueError("layers is empty: probe a model with at least one thinking layer")
-    order = sorted(layers)
-    B, T, K = layers[order[0]].state_delta.shape
-    if token_mask is None:
-        weights = torch.ones(B, T)
-    else:
-        if tuple(token_mask.shape) != (B, T):
-            raise ValueError(f"token_mask must have shape (batch, sequence) = {(B, T)}, got {tuple(token_mask.shape)}")
-        weights = token_mask.detach().float().cpu()
-    if float(weights.sum()) <= 0:
-        raise ValueError("token_mask selects no token")
-
-    def mean(values: torch.Tensor | None) -> numpy.ndarray:
-        if values is None:
-            return numpy.full(K, numpy.nan)
-        values = values.detach().float().cpu()
-        return ((values * weights[..., None]).sum((0, 1)) / weights.sum()).numpy()
-
-    summary = {name: [] for name in METRICS}
-    for idx in order:
-        probe = layers[idx]
-        summary["state_delta"].append(mean(probe.state_delta))
-        summary["certainty"].append(mean(probe.certainty))
-        summary["sync_change"].append(mean(sync_change(probe)))
-    result = {name: numpy.stack(rows).astype(numpy.float64) for name, rows in summary.items()}
-    result["layers"] = list(order)
-    return result
 
 
 def draw_thinking_map(summary: dict, path: str | os.PathLike, title: str | None = None) -> pathlib.Path:

@@ -3,7 +3,7 @@
 python recipes/phase1_language.py --preset tiny --output runs/tiny
 """
 
-from modeling_ctm.runs import phase_cli
+from modeling_ctm.training.runs import phase_cli
 
 
 def main(argv=None):

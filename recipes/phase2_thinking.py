@@ -3,7 +3,7 @@
 python recipes/phase2_thinking.py --preset tiny --output runs/tiny [--from runs/tiny/phase1-language/model]
 """
 
-from modeling_ctm.runs import phase_cli
+from modeling_ctm.training.runs import phase_cli
 
 
 def main(argv=None):

@@ -5,7 +5,7 @@ its brain (episodic memory, plasticity anchors, replay heap) beside the checkpoi
 python recipes/phase4_online.py --preset tiny --output runs/tiny [--from runs/tiny/phase3-continuity/model]
 """
 
-from modeling_ctm.runs import phase_cli
+from modeling_ctm.training.runs import phase_cli
 
 
 def main(argv=None):

@@ -3,12 +3,12 @@ section), evaluate each on held-out text, write samples, model cards and a summa
 
     python recipes/run_all.py --preset tiny --output runs/tiny [--push-to-hub NAMESPACE/NAME]
 
-The same as `ctm train`: the work lives in `modeling_ctm.main_job` (summary) and `modeling_ctm.runs` (the phases).
+The same as `ctm train`: the work lives in `modeling_ctm.training.main_job` (summary) and `modeling_ctm.training.runs` (the phases).
 """
 
 import argparse
 
-from modeling_ctm.main_job import main_job_from_args, main_job_parser
+from modeling_ctm.training.main_job import main_job_from_args, main_job_parser
 
 
 def main(argv=None):

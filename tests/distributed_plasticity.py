@@ -9,9 +9,8 @@ import torch
 from conftest import tiny_blocks, tiny_model, tiny_training_args
 from safetensors.torch import save_file
 
-from modeling_ctm.callbacks import HebbianPlasticityCallback
-from modeling_ctm.plasticity import PlasticityConfig
-from modeling_ctm.training import CTMTrainer
+from modeling_ctm.memory.plasticity import HebbianPlasticityCallback, PlasticityConfig
+from modeling_ctm.training.trainers import CTMTrainer
 
 
 def main(out: Path) -> None:

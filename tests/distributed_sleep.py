@@ -9,9 +9,9 @@ import torch
 from conftest import tiny_blocks, tiny_model, tiny_training_args
 from safetensors.torch import save_file
 
-from modeling_ctm.callbacks import SleepCallback
-from modeling_ctm.phases import freeze_for_thinking
-from modeling_ctm.training import CTMTrainer
+from modeling_ctm.memory.sleep import SleepCallback
+from modeling_ctm.training.phases import freeze_for_thinking
+from modeling_ctm.training.trainers import CTMTrainer
 
 
 def main(out: Path) -> None:

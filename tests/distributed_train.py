@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_blocks, tiny_model, tiny_training_args
 from safetensors.torch import save_file
 
-from modeling_ctm.phases import freeze_for_thinking
-from modeling_ctm.training import ContinuityTrainer, CTMTrainer
+from modeling_ctm.training.phases import freeze_for_thinking
+from modeling_ctm.training.trainers import ContinuityTrainer, CTMTrainer
 
 
 def main(out: Path, phase: str) -> None:

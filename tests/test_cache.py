@@ -6,7 +6,7 @@ from conftest import tiny_model
 from transformers import PreTrainedTokenizerFast, pipeline
 
 from modeling_ctm import CTMCache
-from modeling_ctm.tokenization import train_tokenizer
+from modeling_ctm.training.tokenization import train_tokenizer
 
 
 CARRIES = [

@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_model
 
 from modeling_ctm.cli import main
-from modeling_ctm.tokenization import train_tokenizer
+from modeling_ctm.training.tokenization import train_tokenizer
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["chat", "--help"]])

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from modeling_ctm.cache_ctm import CTMCache
 from modeling_ctm.experiments import load_script
-from modeling_ctm.modeling_ctm import CTMCache
 
 
 e5 = load_script(Path(__file__).parents[1] / "eval" / "continuity_e5.py")

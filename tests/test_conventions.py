@@ -60,7 +60,7 @@ def test_peft_lora_default_targets_self_attention_only():
 def test_phase_conversion_is_quiet_but_still_strict(tmp_path, capsys, caplog):
     from safetensors.torch import load_file, save_file
 
-    from modeling_ctm.phases import start_thinking
+    from modeling_ctm.training.phases import start_thinking
 
     tiny_model(ctm_layers="none").save_pretrained(tmp_path / "phase-1")
     capsys.readouterr()

@@ -11,7 +11,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
-from modeling_ctm.data import (
+from modeling_ctm.training.data import (
     AUSTEN_NOVEL_TITLES,
     HELD_OUT_NOVEL,
     TRAINING_NOVELS,
@@ -26,7 +26,7 @@ from modeling_ctm.data import (
     read_austen_corpus,
     unigram_baseline,
 )
-from modeling_ctm.tokenization import (
+from modeling_ctm.training.tokenization import (
     add_tokenizer_arguments,
     get_tokenizer,
     main_train_tokenizer,

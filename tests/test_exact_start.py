@@ -8,8 +8,8 @@ import torch
 from conftest import TINY, tiny_model
 
 from modeling_ctm import CTMConfig, CTMForCausalLM
-from modeling_ctm.phases import freeze_for_thinking, language_config, start_thinking
-from modeling_ctm.training import evaluate_documents
+from modeling_ctm.training.phases import freeze_for_thinking, language_config, start_thinking
+from modeling_ctm.training.trainers import evaluate_documents
 
 
 def _phase1(seed: int = 0) -> CTMForCausalLM:

@@ -8,8 +8,9 @@ import torch
 from conftest import tiny_config, tiny_model
 
 from modeling_ctm import CTMConfig
-from modeling_ctm import modeling_ctm as modeling
-from modeling_ctm.modeling_ctm import CTMNeuronLevelModels, FusedNeuronLevelModels, nlm_forward_torch
+from modeling_ctm import kernels_ctm as kernels
+from modeling_ctm.kernels_ctm import FusedNeuronLevelModels, nlm_forward_torch
+from modeling_ctm.modeling_ctm import CTMNeuronLevelModels
 
 
 def nlm_inputs(D=3, N=5, M=4, H=3, dtype=torch.float64, seed=0):
@@ -106,18 +107,18 @@ triton_device = "cuda" if torch.cuda.is_available() else "cpu" if os.environ.get
 
 
 @pytest.mark.skipif(
-    modeling.triton is None or triton_device is None, reason="needs Triton and CUDA or TRITON_INTERPRET=1"
+    kernels.triton is None or triton_device is None, reason="needs Triton and CUDA or TRITON_INTERPRET=1"
 )
 @pytest.mark.parametrize("shape", [(4, 70, 16, 32), (3, 9, 3, 5)])
 def test_triton_forward_matches_torch(shape):
     D, N, M, H = shape
     x, *weights = (t.detach().float().to(triton_device) for t in nlm_inputs(D, N, M, H, seed=3))
     torch.testing.assert_close(
-        modeling.nlm_forward_triton(x, *weights), nlm_forward_torch(x, *weights), rtol=1e-5, atol=1e-5
+        kernels.nlm_forward_triton(x, *weights), nlm_forward_torch(x, *weights), rtol=1e-5, atol=1e-5
     )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or modeling.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="needs CUDA and Triton")
 def test_fused_model_matches_plain_on_cuda_bf16():
     """What the CPU interpreter cannot check (its bf16 `tl.dot` is not faithful): the kernel in bf16 autocast."""
     torch.manual_seed(0)

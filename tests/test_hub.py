@@ -13,7 +13,7 @@ import torch
 from hub_server import LocalHub
 
 from modeling_ctm import CTMForCausalLM
-from modeling_ctm.hub import phase_repo_id, prepare_run, push_run
+from modeling_ctm.hub.publishing import phase_repo_id, prepare_run, push_run
 
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -76,7 +76,7 @@ def test_push_run_then_load_every_phase_back_without_the_package(micro_run, hub,
     # the command line, in its own process: HF_ENDPOINT and HF_TOKEN from the environment, as for the real Hub
     env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "env-token", "HF_HOME": str(tmp_path / "hf_home")}
     pushed = subprocess.run(
-        [sys.executable, "-m", "modeling_ctm.hub", str(micro_run), "ctm-test/micro", "--dataset", "ctm-test/austen"],
+        [sys.executable, "-m", "modeling_ctm.hub.publishing", str(micro_run), "ctm-test/micro", "--dataset", "ctm-test/austen"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert pushed.returncode == 0, pushed.stderr[-3000:]

@@ -168,7 +168,7 @@ def test_halt_threshold_is_validated():
 def test_the_text_generation_pipeline_surfaces_the_certainty():
     from transformers import pipeline
 
-    from modeling_ctm.tokenization import train_tokenizer
+    from modeling_ctm.training.tokenization import train_tokenizer
 
     tokenizer = train_tokenizer(["the cat sat on the mat. " * 20, "a dog ran in the park. " * 20], vocab_size=300)
     model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)

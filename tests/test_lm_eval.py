@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from modeling_ctm.tokenization import train_tokenizer
+from modeling_ctm.training.tokenization import train_tokenizer
 
 
 lm_eval = pytest.importorskip("lm_eval")

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from modeling_ctm import CTMEpisodicMemory
-from modeling_ctm.memory import mean_input_embedding
+from modeling_ctm.memory.episodic import mean_input_embedding
 
 
 CHUNK = dict(ctm_carry="chunk", ctm_chunk_size=4)
@@ -319,15 +319,15 @@ def test_recall_is_vectorised_over_episodes():
     assert cache is not None and per_call < 0.25  # generous on a shared CPU; a Python loop takes seconds
 
 
-def test_readme_episodic_memory_example_runs(tmp_path, monkeypatch):
-    """The README's example runs as written; the pushes are intercepted (no network): the memory's at the HfApi calls,
+def test_the_guide_episodic_memory_example_runs(tmp_path, monkeypatch):
+    """The guide's example runs as written; the pushes are intercepted (no network): the memory's at the HfApi calls,
     so its uploaded files are checked, the checkpoint's (transformers' own push, tested with the Hub work) whole."""
     import re
     from pathlib import Path
 
     from transformers import PreTrainedModel
 
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = (Path(__file__).resolve().parent.parent / "docs" / "guide.md").read_text()
     code = re.search(r"```python\n(.*?)```", text.split("## Episodic memory", 1)[1], re.S).group(1)
     monkeypatch.chdir(tmp_path)
     pushed = {}
@@ -341,7 +341,7 @@ def test_readme_episodic_memory_example_runs(tmp_path, monkeypatch):
         mock.patch.object(PreTrainedModel, "push_to_hub", autospec=True) as model_push,
     ):
         namespace = {}
-        exec(compile(code, "README episodic memory", "exec"), namespace)
+        exec(compile(code, "docs/guide.md episodic memory", "exec"), namespace)
     assert namespace["warm"] is not None and namespace["reply"].shape == (1, 16 + 8)
     assert len(namespace["memory"]) == 1 and namespace["memory"].episode_metadata == {0: {"topic": "the garden"}}
     assert pushed["you/ctm-phase3-memory"] == ["config.json", "model.safetensors"]

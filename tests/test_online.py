@@ -4,11 +4,11 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from modeling_ctm.memory import CTMEpisodicMemory
-from modeling_ctm.online import CTMOnlineSession, OnlineConfig
-from modeling_ctm.plasticity import HebbianPlasticity, PlasticityConfig
-from modeling_ctm.sleep import ConsolidationConfig, Consolidator, ReplayHeap
-from modeling_ctm.tokenization import train_tokenizer
+from modeling_ctm.memory.episodic import CTMEpisodicMemory
+from modeling_ctm.memory.plasticity import HebbianPlasticity, PlasticityConfig
+from modeling_ctm.memory.session import CTMOnlineSession, OnlineConfig
+from modeling_ctm.memory.sleep import ConsolidationConfig, Consolidator, ReplayHeap
+from modeling_ctm.training.tokenization import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -155,16 +155,16 @@ def test_learn_from_takes_one_anchored_step_per_message(tokenizer):
     assert after < before
 
 
-def test_the_readme_phase4_example_runs(tokenizer, tmp_path, monkeypatch):
+def test_the_guide_phase4_example_runs(tokenizer, tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = (Path(__file__).resolve().parent.parent / "docs" / "guide.md").read_text()
     section = text.split("## Phase 4: a model that remembers", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     model = tiny_model(vocab_size=len(tokenizer), ctm_carry="chunk", ctm_chunk_size=4, max_position_embeddings=256)
     namespace = {"model": model, "tokenizer": tokenizer}
-    exec(compile(code, "README phase 4", "exec"), namespace)
+    exec(compile(code, "docs/guide.md phase 4", "exec"), namespace)
     assert namespace["report"]["episodes"] == 1 and (tmp_path / "my-brain" / "session.json").is_file()
     assert namespace["session"].conversations == 1

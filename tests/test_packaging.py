@@ -36,9 +36,9 @@ import modeling_ctm
 assert modeling_ctm.__file__.startswith({str(site)!r}), modeling_ctm.__file__
 from huggingface_hub import ModelCard
 from modeling_ctm import CTMForCausalLM
-from modeling_ctm.cards import write_model_card
-from modeling_ctm.phases import language_config
-from modeling_ctm.runs import load_preset
+from modeling_ctm.hub.cards import write_model_card
+from modeling_ctm.training.phases import language_config
+from modeling_ctm.training.runs import load_preset
 assert load_preset("tiny")["name"] == "tiny"
 model = CTMForCausalLM(language_config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                        num_attention_heads=2))

@@ -8,8 +8,8 @@ from conftest import TINY, run_on_two_processes, tiny_blocks, tiny_model, tiny_t
 from transformers import TrainerCallback
 
 from modeling_ctm import CTMForCausalLM
-from modeling_ctm.phases import PHASES, freeze_for_thinking, get_phase, language_config, start_thinking
-from modeling_ctm.training import ContinuityTrainer, CTMTrainer
+from modeling_ctm.training.phases import PHASES, freeze_for_thinking, get_phase, language_config, start_thinking
+from modeling_ctm.training.trainers import ContinuityTrainer, CTMTrainer
 
 
 TESTS = Path(__file__).resolve().parent

@@ -11,9 +11,13 @@ from conftest import run_on_two_processes, tiny_model
 from datasets import Dataset
 from transformers import TrainingArguments
 
-from modeling_ctm.callbacks import HebbianPlasticityCallback
-from modeling_ctm.plasticity import HebbianPlasticity, PlasticityConfig, memory_held_bytes
-from modeling_ctm.training import CTMTrainer
+from modeling_ctm.memory.plasticity import (
+    HebbianPlasticity,
+    HebbianPlasticityCallback,
+    PlasticityConfig,
+    memory_held_bytes,
+)
+from modeling_ctm.training.trainers import CTMTrainer
 
 
 TESTS = Path(__file__).parent

@@ -18,8 +18,8 @@ sys.path.insert(0, str(RECIPES))
 
 import run_all  # noqa: E402
 
-from modeling_ctm.online import CTMOnlineSession  # noqa: E402
-from modeling_ctm.runs import load_preset, training_arguments  # noqa: E402
+from modeling_ctm.memory.session import CTMOnlineSession  # noqa: E402
+from modeling_ctm.training.runs import load_preset, training_arguments  # noqa: E402
 
 
 def _micro_preset(tmp_path) -> Path:

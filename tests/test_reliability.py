@@ -1,8 +1,8 @@
 """The reliability table: every bad input gets a clear error naming the argument, raised before any work; files are
 written atomically with the usual permissions; a kill during a save or a phase loses nothing.
 
-`python tests/test_reliability.py` prints the table (input -> message) that the README's "Errors and their rules"
-section shows.
+`python tests/test_reliability.py` prints the table (input -> message) that `docs/errors.md` shows; a test checks
+that the two agree, so the page stays generated from the live messages.
 """
 
 import json
@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from modeling_ctm import CTMCache, CTMConfig, CTMForCausalLM
-from modeling_ctm.modeling_ctm import atomic_write
+from modeling_ctm.io_ctm import atomic_write
 
 
 TESTS = Path(__file__).resolve().parent
@@ -221,7 +221,7 @@ def test_written_files_respect_the_umask(tmp_path, umask):
 
 
 def test_a_card_is_written_through_the_same_atomic_helper(tmp_path):
-    import modeling_ctm.cards as cards
+    import modeling_ctm.hub.cards as cards
 
     assert cards.atomic_write is atomic_write
 
@@ -231,8 +231,8 @@ def test_the_model_cards_usage_snippet_runs_as_written_non_interactively(tmp_pat
     """In a fresh process without the package imported, stdin closed: no "[y/N]" prompt, no model-type warning."""
     import re
 
-    from modeling_ctm.cards import write_model_card
-    from modeling_ctm.tokenization import train_tokenizer
+    from modeling_ctm.hub.cards import write_model_card
+    from modeling_ctm.training.tokenization import train_tokenizer
 
     tokenizer = train_tokenizer(["It is a truth universally acknowledged, that a single man"] * 50, vocab_size=300)
     model = tiny_model(vocab_size=len(tokenizer))
@@ -257,7 +257,7 @@ _SLOW_SAVE = textwrap.dedent(
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
     from conftest import tiny_model
-    import modeling_ctm.modeling_ctm as modeling
+    import modeling_ctm.cache_ctm as cache_module
     import transformers.modeling_utils as modeling_utils
 
     def half_then_hang(real):
@@ -274,7 +274,7 @@ _SLOW_SAVE = textwrap.dedent(
         modeling_utils.safe_save_file = half_then_hang(modeling_utils.safe_save_file)
         model.save_pretrained(sys.argv[2])
     else:
-        modeling.save_file = half_then_hang(modeling.save_file)
+        cache_module.save_file = half_then_hang(cache_module.save_file)
         model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True).cache.save_thinking_state(sys.argv[2])
     """
 )
@@ -325,8 +325,8 @@ def test_a_kill_in_the_middle_of_a_save_leaves_the_previous_version(tmp_path):
 
 
 def _resume_preset(tmp_path) -> Path:
-    from modeling_ctm.data import load_austen_novels
-    from modeling_ctm.tokenization import get_tokenizer
+    from modeling_ctm.training.data import load_austen_novels
+    from modeling_ctm.training.tokenization import get_tokenizer
 
     text = tmp_path / "text.txt"
     novel = next(iter(load_austen_novels().values()))
@@ -334,7 +334,7 @@ def _resume_preset(tmp_path) -> Path:
     tokenizer_dir = tmp_path / "tokenizer"
     get_tokenizer(vocab_size=300, cache_dir=tmp_path / "tok-cache").save_pretrained(tokenizer_dir)
 
-    from modeling_ctm.runs import load_preset
+    from modeling_ctm.training.runs import load_preset
 
     preset = load_preset("tiny")
     preset["name"] = "micro"
@@ -415,14 +415,28 @@ def test_the_main_job_killed_mid_phase_resumes_to_the_same_result(tmp_path):
     assert _summary_numbers(tmp_path / "straight") == _summary_numbers(killed)
 
 
-if __name__ == "__main__":  # the README table
+def error_table_rows() -> list[str]:
+    """The rows of the error table in `docs/errors.md`, from the live messages (temporary paths shown as …)."""
     import tempfile
 
-    print("| input | error |\n|---|---|")
+    rows = []
     for description, call, error_type, _ in TABLE:
         with tempfile.TemporaryDirectory() as folder:
             try:
                 call(Path(folder))
             except error_type as error:
                 message = str(error).replace(folder, "…").replace("|", "\\|")
-                print(f"| {description} | `{error_type.__name__}`: {message} |")
+                rows.append(f"| {description} | `{error_type.__name__}`: {message} |")
+    return rows
+
+
+def test_the_error_table_in_the_docs_is_the_live_one():
+    page = (REPO / "docs" / "errors.md").read_text().splitlines()
+    assert [line for line in page if line.startswith("| ") and "`" in line.split("|")[2]][: len(TABLE)] == (
+        error_table_rows()
+    ), "docs/errors.md is stale: regenerate it with `python tests/test_reliability.py`"
+
+
+if __name__ == "__main__":  # the table of docs/errors.md
+    print("| input | error |\n|---|---|")
+    print("\n".join(error_table_rows()))

@@ -8,11 +8,10 @@ import pytest
 import torch
 from conftest import run_on_two_processes, tiny_blocks, tiny_model, tiny_training_args
 
-from modeling_ctm.callbacks import SleepCallback
 from modeling_ctm.fmri import draw_thinking_map
-from modeling_ctm.phases import freeze_for_thinking
-from modeling_ctm.sleep import ConsolidationConfig, Consolidator, ReplayHeap, dream, gini, sleep
-from modeling_ctm.training import ContinuityTrainer, CTMTrainer
+from modeling_ctm.memory.sleep import ConsolidationConfig, Consolidator, ReplayHeap, SleepCallback, dream, gini, sleep
+from modeling_ctm.training.phases import freeze_for_thinking
+from modeling_ctm.training.trainers import ContinuityTrainer, CTMTrainer
 
 
 TESTS = Path(__file__).parent
@@ -129,7 +128,7 @@ def test_reducible_ranking_subtracts_the_reference_loss():
     ids = torch.randint(1, 97, (3, 8))
     heap.offer(ids, ids, torch.ones(3))
     heap.rescore(model, reference)
-    from modeling_ctm.sleep import score_sequences
+    from modeling_ctm.memory.sleep import score_sequences
 
     expected = score_sequences(model, ids, ids) - score_sequences(reference, ids, ids)
     torch.testing.assert_close(torch.tensor(heap.scores), expected)
@@ -140,7 +139,8 @@ def _train(tmp_path, trainer_class=CTMTrainer, resume=None, stop_at=None, **slee
     carry = dict(ctm_carry="chunk", ctm_chunk_size=4) if trainer_class is ContinuityTrainer else {}
     model = tiny_model(ctm_layers="last", **carry).train()
     freeze_for_thinking(model)
-    callback = SleepCallback(**{"every": 2, "capacity": 8, "n_dreams": 2, "n_random": 2, "lr": 1e-3, **sleep_kwargs})
+    settings = {"every": 2, "capacity": 8, "n_dreams": 2, "n_random": 2, "lr": 1e-3, "draw": draw_thinking_map}
+    callback = SleepCallback(**{**settings, **sleep_kwargs})
 
     class StopAt(SleepCallback.__mro__[1]):  # TrainerCallback
         def on_step_end(self, args, state, control, **kwargs):
@@ -232,7 +232,7 @@ def test_two_cpu_processes_sleep_on_the_same_sequences_and_stay_identical(tmp_pa
 
 
 def test_a_preset_sleep_section_reaches_every_phase_trainer(tmp_path):
-    from modeling_ctm.runs import train_phase
+    from modeling_ctm.training.runs import train_phase
 
     class Captured(Exception):
         pass

@@ -8,7 +8,7 @@ from datasets import load_dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from modeling_ctm.tokenization import train_tokenizer
+from modeling_ctm.training.tokenization import train_tokenizer
 
 
 LINES = [

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY, tiny_model
 
 from modeling_ctm.experiments import load_script
-from modeling_ctm.phases import language_config, start_thinking
+from modeling_ctm.training.phases import language_config, start_thinking
 
 
 tp = load_script(Path(__file__).parents[1] / "eval" / "thinking_pays.py")

@@ -13,7 +13,7 @@ from collections import Counter
 
 from datasets import Dataset, DatasetDict
 
-from modeling_ctm.data import HELD_OUT_NOVEL, load_austen_novels, split_paragraphs
+from modeling_ctm.training.data import HELD_OUT_NOVEL, load_austen_novels, split_paragraphs
 
 
 SEED = 0

@@ -35,7 +35,7 @@ def phase3_variants(settings: dict) -> list[dict]:
 def continuity_trainer(model, chunk_length: int, gradient_window: int, cut_attention: bool, device: str, out: str):
     from transformers import TrainingArguments
 
-    from modeling_ctm.training import ContinuityTrainer
+    from modeling_ctm.training.trainers import ContinuityTrainer
 
     args = TrainingArguments(output_dir=out, report_to=[], use_cpu=device == "cpu", disable_tqdm=True)
     return ContinuityTrainer(

@@ -17,20 +17,18 @@ import torch
 import yaml
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
-from .cards import write_model_card
-from .configuration_ctm import CTMConfig
+from ..configuration_ctm import CTMConfig
+from ..hub.cards import write_model_card
+from ..memory.plasticity import memory_held_bytes
+from ..memory.session import CTMOnlineSession, OnlineConfig, session_from_spec
+from ..modeling_ctm import CTMForCausalLM
 from .data import count_tokens_and_bytes, load_text_dataset, pack_dataset, unigram_baseline
-from .memory import CTMEpisodicMemory
-from .modeling_ctm import CTMForCausalLM
-from .online import CTMOnlineSession, OnlineConfig
 from .phases import freeze_for_thinking, get_phase, language_config, start_continuity, start_thinking
-from .plasticity import HebbianPlasticity, PlasticityConfig, memory_held_bytes
-from .sleep import ConsolidationConfig, Consolidator, ReplayHeap
 from .tokenization import get_tokenizer
-from .training import ContinuityTrainer, CTMTrainer, evaluate_documents, readout_loss_name
+from .trainers import ContinuityTrainer, CTMTrainer, evaluate_documents, readout_loss_name
 
 
-PRESETS = Path(__file__).resolve().parent / "presets"
+PRESETS = Path(__file__).resolve().parent.parent / "presets"
 PRESET_SECTIONS = ("data", "model", "thinking", "training", "phase1", "phase2", "phase3", "samples")
 
 
@@ -223,9 +221,11 @@ def train_phase(
     """Train `model` with `trainer_class` on the preset's phase settings, then evaluate, sample and save it. A preset
     `sleep:` section (the `SleepCallback` arguments, e.g. `{every: 10}`; off when absent) adds sleep to every phase."""
     if preset.get("sleep"):
-        from modeling_ctm.callbacks import SleepCallback
+        from ..fmri import draw_thinking_map
+        from ..memory.sleep import SleepCallback
 
-        extra["callbacks"] = [*extra.get("callbacks", []), SleepCallback.from_preset(preset["sleep"])]
+        sleeper = SleepCallback.from_preset(preset["sleep"], draw=draw_thinking_map)
+        extra["callbacks"] = [*extra.get("callbacks", []), sleeper]
     trainer = trainer_class(
         model=model,
         args=training_arguments(preset, phase, run_dir / get_phase(phase).folder),
@@ -311,22 +311,6 @@ def conversation_script(preset: dict, data: Data) -> list[list[str]]:
     return [messages[i * turns : (i + 1) * turns] for i in range(n)]
 
 
-def online_session(model, tokenizer, preset: dict) -> CTMOnlineSession:
-    """The phase-4 session the preset describes: episodic memory, Hebbian plasticity and sleep, each optional."""
-    spec = preset["phase4"]
-    memory = plasticity = heap = consolidator = None
-    if spec.get("memory"):
-        memory = CTMEpisodicMemory.for_model(model.config, **spec["memory"])
-    if spec.get("plasticity") is not None:
-        plasticity = HebbianPlasticity(model, PlasticityConfig(**spec["plasticity"]))
-    if spec.get("sleep"):
-        sleep_spec = dict(spec["sleep"])
-        heap = ReplayHeap(capacity=sleep_spec.pop("capacity", 16))
-        consolidator = Consolidator(model, ConsolidationConfig(**sleep_spec))
-    config = OnlineConfig(**spec.get("session", {}))
-    return CTMOnlineSession(model, tokenizer, memory, plasticity, heap, consolidator, config)
-
-
 def live_through(session: CTMOnlineSession, script: list[list[str]]) -> dict:
     """Run the conversations; returns the counts and the wall time per processed token."""
     started, reports = time.perf_counter(), []
@@ -356,7 +340,7 @@ def online_phase(preset: dict, run_dir: Path, data: Data, source: Path) -> Phase
     bare_config = OnlineConfig(**{**spec.get("session", {}), "sleep_every": None})  # the same script, no memory stack
     bare = CTMOnlineSession(fresh_model(), data.tokenizer, config=bare_config)
     off = live_through(bare, script)
-    session = online_session(fresh_model(), data.tokenizer, preset)
+    session = session_from_spec(fresh_model(), data.tokenizer, preset["phase4"])
     on = live_through(session, script)
     reports = on["reports"]
     brain_bytes = 0

@@ -29,8 +29,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
-from .memory import CTMEpisodicMemory
-from .modeling_ctm import CTMCache, CTMForCausalLM, atomic_write, load_safetensors_file
+from ..cache_ctm import CTMCache
+from ..io_ctm import atomic_write, load_safetensors_file
+from ..modeling_ctm import CTMForCausalLM
+from .episodic import CTMEpisodicMemory
 from .plasticity import HebbianPlasticity, PlasticityConfig
 from .sleep import ConsolidationConfig, Consolidator, ReplayHeap, score_sequences, sleep
 
@@ -368,3 +370,19 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON (truncated or corrupted?): {error}") from None
+
+
+def session_from_spec(model, tokenizer, spec: dict) -> CTMOnlineSession:
+    """The session a preset's `phase4` section describes (`memory`, `plasticity`, `sleep`, `session` keys): episodic
+    memory, Hebbian plasticity and sleep, each optional."""
+    memory = plasticity = heap = consolidator = None
+    if spec.get("memory"):
+        memory = CTMEpisodicMemory.for_model(model.config, **spec["memory"])
+    if spec.get("plasticity") is not None:
+        plasticity = HebbianPlasticity(model, PlasticityConfig(**spec["plasticity"]))
+    if spec.get("sleep"):
+        sleep_spec = dict(spec["sleep"])
+        heap = ReplayHeap(capacity=sleep_spec.pop("capacity", 16))
+        consolidator = Consolidator(model, ConsolidationConfig(**sleep_spec))
+    config = OnlineConfig(**spec.get("session", {}))
+    return CTMOnlineSession(model, tokenizer, memory, plasticity, heap, consolidator, config)

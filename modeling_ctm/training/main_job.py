@@ -8,8 +8,8 @@ import json
 import time
 from pathlib import Path
 
-from .hub import push_run
-from .modeling_ctm import atomic_write
+from ..hub.publishing import push_run
+from ..io_ctm import atomic_write
 from .phases import get_phase
 from .runs import load_preset, prepare_data, run_phase
 
@@ -135,7 +135,7 @@ def main_job_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="tiny", help="a preset name (modeling_ctm/presets) or a YAML path")
     parser.add_argument("--output", type=Path, default=None, help="run folder (default runs/<preset>)")
     parser.add_argument("--resume", action="store_true", help="continue interrupted phases from their checkpoints")
-    parser.add_argument("--push-to-hub", metavar="NAMESPACE/NAME", help="publish every phase (modeling_ctm.hub)")
+    parser.add_argument("--push-to-hub", metavar="NAMESPACE/NAME", help="publish every phase (modeling_ctm.hub.publishing)")
     return parser
 
 

@@ -41,8 +41,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .configuration_ctm import CTMConfig
-from .modeling_ctm import CTMCache, ThinkingState, atomic_write
+from ..cache_ctm import CTMCache, ThinkingState
+from ..configuration_ctm import CTMConfig
+from ..io_ctm import atomic_write
 
 
 def mean_input_embedding(

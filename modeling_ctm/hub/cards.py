@@ -1,13 +1,13 @@
 """Model cards for phase checkpoints, written with `huggingface_hub.ModelCard` from a Jinja template that ships with the
-package (`modeling_ctm/model_cards/`), so an installed wheel writes cards too."""
+package (`modeling_ctm/hub/model_cards/`), so an installed wheel writes cards too."""
 
 import os
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .modeling_ctm import atomic_write
-from .phases import get_phase
+from ..io_ctm import atomic_write
+from ..training.phases import get_phase
 
 
 PHASE_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "phase_checkpoint.md"

@@ -18,8 +18,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .configuration_ctm import CTMConfig
-from .modeling_ctm import CTMForCausalLM
+from ..configuration_ctm import CTMConfig
+from ..modeling_ctm import CTMForCausalLM
 
 
 FREEZE_CHOICES = ("non_ctm", "non_thinking_ffn", "none")

@@ -23,7 +23,7 @@ Everything is read and checked before the first request, so a bad run folder pub
 pushing leaves the repos already committed at the new run and the others at their previous state, never a mix inside
 one repo. `HF_TOKEN` and `HF_ENDPOINT` are honoured as everywhere in huggingface_hub (or pass `token=`/`endpoint=`).
 
-    python -m modeling_ctm.hub RUN_DIR NAMESPACE/NAME [--private] [--dataset ID]
+    python -m modeling_ctm.hub.publishing RUN_DIR NAMESPACE/NAME [--private] [--dataset ID]
 """
 
 import argparse
@@ -33,11 +33,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, HfApi, ModelCard, ModelCardData
+from transformers.dynamic_module_utils import get_relative_imports
 
-from .phases import PHASES
+from ..training.phases import PHASES
 
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "modeling_ctm.py", "configuration_ctm.py", "README.md")
+
+
+def missing_files(folder: Path) -> list[str]:
+    """The required files a checkpoint folder lacks, with every sibling its own `modeling_ctm.py` imports as remote
+    code (so a checkpoint saved before or after a change of the model files is checked against its own files)."""
+    missing = [name for name in REQUIRED_FILES if not (folder / name).exists()]
+    queue = [] if "modeling_ctm.py" in missing else ["modeling_ctm.py"]
+    seen = set(queue)
+    while queue:  # transformers' own import scan, followed through the siblings that are there
+        for module in get_relative_imports(str(folder / queue.pop())):
+            name = f"{module}.py"
+            if name in seen:
+                continue
+            seen.add(name)
+            if (folder / name).exists():
+                queue.append(name)
+            else:
+                missing.append(name)
+    return missing
 KEEP_REMOTE = (".gitattributes",)  # files the Hub creates itself
 MODEL_INDEX_METRICS = ("eval_loss", "eval_bpb")  # held-out losses and bits per byte (all readouts); not diagnostics
 
@@ -121,7 +141,7 @@ def prepare_run(run_dir: str | Path, repo_id: str, datasets: list[str] | None = 
     targets.append((list(phases)[-1], repo_id))
     for phase, target in targets:
         folder = phases[phase]
-        missing = [name for name in REQUIRED_FILES if not (folder / name).exists()]
+        missing = missing_files(folder)
         if missing:
             raise ValueError(f"{folder} cannot be published: it lacks {missing}")
         base_model = previous if target != repo_id else uploads[-1].card.data.base_model

@@ -15,21 +15,9 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from ..cache_ctm import CTMCache
+from ..loss_ctm import READOUT_LOSSES, next_token_labels, sequence_loss_sums
 from .data import bits_per_byte
-from .modeling_ctm import READOUT_LOSSES, CTMCache, next_token_labels
-
-
-def sequence_loss_sums(logits: torch.Tensor, labels=None, shift_labels=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: the summed CE of the readout `logits` (B, T, V) over labelled tokens, and their count; (B,) each,
-    float32, without gradient. What a sequence's difficulty means everywhere (the sleep heap's key)."""
-    with torch.no_grad():
-        if shift_labels is None:
-            shift_labels = next_token_labels(labels)
-        shift_labels = shift_labels.to(logits.device)
-        labelled = shift_labels != -100
-        targets = torch.where(labelled, shift_labels, 0)
-        token_ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none") * labelled
-        return token_ce.sum(-1), labelled.sum(-1).float()
 
 
 class TickStatistics:

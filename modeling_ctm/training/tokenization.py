@@ -192,7 +192,7 @@ def run_tokenizer_command(args: argparse.Namespace) -> int:
 
 
 def main_train_tokenizer(argv: list[str] | None = None) -> int:
-    """Entry point: `python -m modeling_ctm.tokenization --output DIR [--vocab-size N] [--source austen|PATH]`."""
+    """Entry point: `python -m modeling_ctm.training.tokenization --output DIR [--vocab-size N] [--source austen|PATH]`."""
     parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer and save it with save_pretrained.")
     add_tokenizer_arguments(parser)
     return run_tokenizer_command(parser.parse_args(argv))

@@ -1,0 +1,389 @@
+# Copyright 2026 The modeling-ctm authors. Licensed under the Apache License, Version 2.0.
+"""The thinking state and the cache: what one tick reads and writes, what the cache carries between positions
+(self-attention KV, the CTM cross-attention K/V, the carried thinking state), and the carry schedule that decides
+which tokens think together, in which order, from which state.
+
+Travels with checkpoints as remote code (imported by `modeling_ctm.py`)."""
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+from safetensors.torch import save_file
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .configuration_ctm import CTMConfig
+from .io_ctm import atomic_write, load_safetensors_file
+
+
+def read_synchronisation(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """S = alpha / sqrt(beta): what a pair of accumulators of a `ThinkingState` reads as (the synchronisation)."""
+    return alpha * torch.rsqrt(beta)
+
+
+@dataclass
+class ThinkingState:
+    """The recurrent state of one CTM layer. Leading dims are any batch shape, e.g. (B,) or (B, T).
+
+    `state` is the post-activation z (…, D); `trace` holds the last M pre-activations (…, D, M); the four
+    synchronisation accumulators (…, S) are always float32 so long carries neither saturate nor lose increments.
+    """
+
+    state: torch.Tensor
+    trace: torch.Tensor
+    alpha_out: torch.Tensor
+    beta_out: torch.Tensor
+    alpha_action: torch.Tensor
+    beta_action: torch.Tensor
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "ThinkingState":
+        return ThinkingState(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+    @staticmethod
+    def where(condition: torch.Tensor, if_true: "ThinkingState", if_false: "ThinkingState") -> "ThinkingState":
+        """Pick per batch row (`condition` (B,)) or per token (`condition` (B, n) for states (B, n, ...))."""
+
+        def pick(a, b):
+            mask = condition.view(*condition.shape, *([1] * (max(a.dim(), b.dim()) - condition.dim())))
+            return torch.where(mask, a, b)
+
+        return ThinkingState(
+            **{f.name: pick(getattr(if_true, f.name), getattr(if_false, f.name)) for f in fields(ThinkingState)}
+        )
+
+    def expand_tokens(self, n: int) -> "ThinkingState":
+        """(B, ...) -> (B, n, ...): every token of a chunk starts from the same state."""
+        return self.map(lambda t: t.unsqueeze(1).expand(t.shape[0], n, *t.shape[1:]))
+
+    def select_tokens(self, index: torch.Tensor) -> "ThinkingState":
+        """(B, n, ...) -> (B, ...): the state of token `index[b]` of each row."""
+        rows = torch.arange(index.shape[0], device=index.device)
+        return self.map(lambda t: t[rows, index])
+
+    def to_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        return {prefix + f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, tensors: dict[str, torch.Tensor], prefix: str = "") -> "ThinkingState":
+        missing = [prefix + f.name for f in fields(cls) if prefix + f.name not in tensors]
+        if missing:
+            raise ValueError(f"thinking-state tensors are missing the keys {missing}")
+        return cls(**{f.name: tensors[prefix + f.name] for f in fields(cls)})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Cache: self-attention KV + CTM cross-attention K/V + the carried thinking state.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class CTMCacheLayer(DynamicLayer):
+    """One decoder layer's cache. The self-attention KV lives in `keys`/`values` (inherited); a CTM layer also keeps
+    the K/V of its cross-attention over all earlier positions (`observed_keys`/`observed_values`), the final thinking
+    state of the last real token (`last`) and the state the current chunk entered with (`entry`)."""
+
+    is_croppable = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.observed_keys: torch.Tensor | None = None
+        self.observed_values: torch.Tensor | None = None
+        self.last: ThinkingState | None = None
+        self.entry: ThinkingState | None = None
+
+    def update_observations(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.observed_keys is not None:
+            keys = torch.cat([self.observed_keys, keys], dim=-2)
+            values = torch.cat([self.observed_values, values], dim=-2)
+        self.observed_keys, self.observed_values = keys, values
+        return keys, values
+
+    def _map_extra(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.observed_keys is not None:
+            self.observed_keys, self.observed_values = fn(self.observed_keys), fn(self.observed_values)
+        if self.last is not None:
+            self.last = self.last.map(fn)
+        if self.entry is not None:
+            self.entry = self.entry.map(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_extra(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_extra(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_extra(lambda t: t[indices])
+
+    def reset(self) -> None:
+        super().reset()
+        self.observed_keys = self.observed_values = None
+        self.last = self.entry = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise ValueError("A CTM cache cannot be cropped: the carried thinking state cannot be rolled back.")
+
+    def offload(self) -> None:
+        super().offload()
+        self._map_extra(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        super().prefetch()
+        if self.is_initialized:
+            self._map_extra(lambda t: t.to(self.device, non_blocking=True))
+
+    def drop_attention(self) -> None:
+        """Forget every earlier position's keys and values; keep the thinking state."""
+        DynamicLayer.reset(self)
+        self.observed_keys = self.observed_values = None
+
+    def detach_(self) -> None:
+        if self.is_initialized and self.keys is not None:
+            self.keys, self.values = self.keys.detach(), self.values.detach()
+        self._map_extra(lambda t: t.detach())
+
+
+class CTMCache(Cache):
+    """Everything a decode step needs: per layer the self-attention KV; per CTM layer the cross-attention K/V of all
+    earlier positions and the recurrent thinking state; and per row the number of real (non-padding) tokens seen,
+    which places chunk boundaries. Not croppable: assisted decoding is refused (the model is stateful).
+
+    A new conversation can start from a thinking-state snapshot with no KV (`from_thinking_state`): that is how
+    memory crosses conversations.
+    """
+
+    def __init__(self, config: CTMConfig | None = None, num_hidden_layers: int | None = None):
+        n = num_hidden_layers if num_hidden_layers is not None else config.num_hidden_layers
+        super().__init__(layers=[CTMCacheLayer() for _ in range(n)])
+        self.seen_tokens: torch.Tensor | None = None  # (B,) real tokens consumed per row
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def record_new_tokens(self, new_tokens: torch.Tensor) -> None:
+        self.seen_tokens = new_tokens if self.seen_tokens is None else self.seen_tokens + new_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.seen_tokens is not None:
+            self.seen_tokens = self.seen_tokens.index_select(0, beam_idx.to(self.seen_tokens.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.seen_tokens is not None:
+            self.seen_tokens = self.seen_tokens.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.seen_tokens is not None:
+            self.seen_tokens = self.seen_tokens[indices]
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = None
+
+    def detach_(self) -> "CTMCache":
+        """Cut the autograd graph at this point (truncated backpropagation through the carried state)."""
+        for layer in self.layers:
+            layer.detach_()
+        return self
+
+    def drop_attention_(self) -> "CTMCache":
+        """Forget the keys/values of every earlier position but keep the thinking state and the token count. After
+        this, the only path from the past to the future is the carried thinking state (phase-3 'attention cut')."""
+        for layer in self.layers:
+            layer.drop_attention()
+        return self
+
+    # -- snapshots -----------------------------------------------------------------------------------------------------
+
+    def thinking_state_dict(self) -> dict[str, torch.Tensor]:
+        """The final thinking state of every CTM layer as a flat dict `{"layers.{i}.{field}": tensor}` (batch-first),
+        ready for `safetensors.torch.save_file`. A new sequence started from it (`from_thinking_state`) begins a new
+        chunk from exactly this state."""
+        tensors = {}
+        for idx, layer in enumerate(self.layers):
+            if layer.last is not None:
+                tensors.update(layer.last.map(lambda t: t.detach().contiguous()).to_dict(f"layers.{idx}."))
+        if not tensors:
+            raise ValueError("This cache holds no thinking state yet: run the model on at least one token first.")
+        return tensors
+
+    @classmethod
+    def from_thinking_state(
+        cls, config: CTMConfig, tensors: dict[str, torch.Tensor], batch_size: int | None = None
+    ) -> "CTMCache":
+        """A fresh cache (no KV, no tokens seen) whose CTM layers start from `tensors` (see `thinking_state_dict`).
+        A snapshot of batch 1 is repeated to `batch_size` rows."""
+        if config.ctm_carry != "chunk":
+            raise ValueError(
+                "Starting from a thinking-state snapshot needs CTMConfig.ctm_carry='chunk'; with ctm_carry="
+                f"{config.ctm_carry!r} every token starts from the learned start state."
+            )
+        cache = cls(config)
+        D, M = config.hidden_size, config.ctm_memory_length
+        expected = {
+            "state": (D,),
+            "trace": (D, M),
+            "alpha_out": (config.ctm_n_synch_out,),
+            "beta_out": (config.ctm_n_synch_out,),
+            "alpha_action": (config.ctm_n_synch_action,),
+            "beta_action": (config.ctm_n_synch_action,),
+        }
+        for idx in config.ctm_layer_indices:
+            state = ThinkingState.from_dict(tensors, f"layers.{idx}.")
+            rows = state.state.shape[0]
+            for name, shape in expected.items():
+                got = tuple(getattr(state, name).shape)
+                if got != (rows, *shape):
+                    raise ValueError(
+                        f"thinking-state tensor layers.{idx}.{name} has shape {got}; this model (hidden_size={D}, "
+                        f"ctm_memory_length={M}, ctm_n_synch_out={config.ctm_n_synch_out}, ctm_n_synch_action="
+                        f"{config.ctm_n_synch_action}) needs (batch, {', '.join(map(str, shape))}): the snapshot "
+                        "comes from a model of another shape."
+                    )
+            if batch_size is not None and rows != batch_size:
+                if rows != 1:
+                    raise ValueError(f"a snapshot of batch {rows} cannot start a batch of {batch_size}")
+                state = state.map(lambda t: t.expand(batch_size, *t.shape[1:]).contiguous())
+            cache.layers[idx].last = cache.layers[idx].entry = state
+        extra = {k for k in tensors if int(k.split(".")[1]) not in config.ctm_layer_indices}
+        if extra:
+            raise ValueError(f"the snapshot has layers this model does not think in: {sorted(extra)[:4]}")
+        return cache
+
+    def save_thinking_state(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+        """Write `thinking_state_dict()` to a safetensors file atomically (see `atomic_write`)."""
+        tensors = self.thinking_state_dict()
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    @classmethod
+    def load_thinking_state(
+        cls, path: str | os.PathLike, config: CTMConfig, batch_size: int | None = None, device=None
+    ) -> "CTMCache":
+        tensors = load_safetensors_file(path, device=str(device or "cpu"))
+        try:
+            return cls.from_thinking_state(config, tensors, batch_size)
+        except ValueError as error:
+            raise ValueError(f"{os.fspath(path)}: {error}") from error
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows this cache holds state for (None while empty): read from shapes, so no device sync."""
+        if self.seen_tokens is not None:
+            return self.seen_tokens.shape[0]
+        for layer in self.layers:
+            if layer.last is not None:
+                return layer.last.state.shape[0]
+            keys = getattr(layer, "keys", None)
+            if keys is not None and keys.numel():
+                return keys.shape[0]
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The carry schedule: which tokens think together, in which order, from which state.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ThinkingStep:
+    """Tokens that think in parallel from one entry state per row: slot j of row b is column `columns[b, j]`."""
+
+    columns: torch.Tensor  # (B, n) long
+    valid: torch.Tensor  # (B, n) bool: slot holds a real token
+    last_slot: torch.Tensor  # (B,) long: the row's last real token in this step
+    has_tokens: torch.Tensor  # (B,) bool
+    attention_mask: torch.Tensor | None  # (B, 1, n, past + T) bool, or None when `is_causal` suffices
+    is_causal: bool
+    column_slice: slice | None  # the same contiguous columns in every row: outputs are concatenated, not scattered
+    every_row: bool  # every row has a real token in this step: no per-row selection of the carried state
+
+
+@dataclass
+class ThinkingSchedule:
+    steps: list[ThinkingStep]
+    begins_new_chunk: torch.Tensor  # (B,) bool: the first new token starts a chunk (enters from `last`)
+    new_tokens: torch.Tensor  # (B,) long: real tokens in this call
+
+
+def plan_thinking(
+    config: CTMConfig,
+    batch_size: int,
+    length: int,
+    device: torch.device,
+    token_mask: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+    past_length: int,
+    seen_tokens: torch.Tensor | None,
+) -> ThinkingSchedule:
+    """Split the T new tokens of every row into sequential steps following the carry rule.
+
+    `token_mask` (B, T) marks the real new tokens and `key_mask` (B, past + T) the real keys; both are None when
+    nothing is padding. `seen_tokens` (B,) counts the real tokens of earlier calls.
+
+    Chunk boundaries are counted in real tokens from the first real token of the sequence, so left padding and the
+    split of a sequence across calls do not move them. With `ctm_carry="none"` all tokens think in one parallel step.
+    """
+    B, T = batch_size, length
+    mask = token_mask if token_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+    seen = seen_tokens if seen_tokens is not None else torch.zeros(B, dtype=torch.long, device=device)
+    new_tokens = mask.sum(1)
+    arange = torch.arange(T, device=device)
+
+    if config.ctm_carry == "none":
+        begins_new_chunk = torch.ones(B, dtype=torch.bool, device=device)
+        slots = [(arange.expand(B, T), mask, slice(0, T))]
+    else:
+        C = config.ctm_chunk_size
+        begins_new_chunk = seen % C == 0
+        if token_mask is None and bool((seen == seen[0]).all()):
+            # every row at the same position, no padding (training, plain decoding): contiguous column ranges
+            first = int(seen[0])
+            bounds = [0, *range(C - first % C if first % C else C, T, C), T]
+            slots = [(arange[a:b].expand(B, b - a), mask[:, a:b], slice(a, b)) for a, b in zip(bounds, bounds[1:])]
+        else:
+            positions = seen[:, None] + mask.cumsum(1) - 1  # real position of each new token
+            chunk = positions // C
+            step = chunk - (seen // C)[:, None]
+            slot = positions - torch.maximum(seen[:, None], chunk * C)
+            n_steps = int(step[mask].max()) + 1 if bool(mask.any()) else 0
+            width = int(slot[mask].max()) + 1 if n_steps else 1
+            rows, cols = mask.nonzero(as_tuple=True)
+            columns = torch.zeros(n_steps, B, width, dtype=torch.long, device=device)
+            valid = torch.zeros(n_steps, B, width, dtype=torch.bool, device=device)
+            columns[step[rows, cols], rows, slot[rows, cols]] = cols
+            valid[step[rows, cols], rows, slot[rows, cols]] = True
+            slots = [(columns[s], valid[s], None) for s in range(n_steps)]
+
+    no_padding = key_mask is None  # `key_mask` is None unless some key is padding
+    steps = []
+    every_row = token_mask is None  # the aligned fast path and unpadded `none` steps hold tokens in every row
+    for columns, valid, column_slice in slots:
+        covers_all = column_slice == slice(0, T)
+        if covers_all and past_length == 0 and no_padding:
+            attention_mask, is_causal = None, T > 1
+        elif covers_all and T == 1 and no_padding:
+            attention_mask, is_causal = None, False
+        else:
+            key_columns = arange.new_tensor(range(-past_length, T))  # < 0 for cached keys
+            attention_mask = key_columns[None, None, :] <= columns[:, :, None]  # (B, n, past + T)
+            if key_mask is not None:
+                attention_mask = attention_mask & key_mask[:, None, :]
+            # Slots without a real token still run (their outputs are dropped); give them a key so softmax is finite.
+            attention_mask = (attention_mask | ~valid[:, :, None]).unsqueeze(1)
+            is_causal = False
+        last_slot = (valid.long().cumsum(1) * valid).argmax(1)
+        has_tokens = valid.any(1)
+        steps.append(
+            ThinkingStep(
+                columns, valid, last_slot, has_tokens, attention_mask, is_causal, column_slice,
+                every_row=every_row or bool(has_tokens.all()),
+            )
+        )  # fmt: skip
+    return ThinkingSchedule(steps=steps, begins_new_chunk=begins_new_chunk, new_tokens=new_tokens)

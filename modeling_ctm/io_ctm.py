@@ -1,0 +1,55 @@
+# Copyright 2026 The modeling-ctm authors. Licensed under the Apache License, Version 2.0.
+"""Atomic files: every file the project writes goes through here, so a reader (or a process killed at any moment)
+sees the previous version or the new one, never a part; and safetensors loads whose errors name the file.
+
+Travels with checkpoints as remote code (imported by `modeling_ctm.py`)."""
+
+import os
+import tempfile
+from collections.abc import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
+def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Flush `tmp` to disk, give it the mode a plain `open()` would (0o666 & ~umask: temp files from `mkstemp` and
+    safetensors are private, 0600) and rename it over `path` (atomic on POSIX and Windows)."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.chmod(tmp, 0o666 & ~current_umask())
+    os.replace(tmp, path)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Write `path` so that a reader (or a process killed at any moment) sees the previous version or the new one,
+    never a part: `write(tmp)` fills a temp file in the same folder, which `publish_file` then renames into place."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        publish_file(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_safetensors_file(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file` whose errors name the file (safetensors' own do not)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return load_file(path, device=device)
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error

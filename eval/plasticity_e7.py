@@ -218,13 +218,11 @@ def code_scores(model, tokenizer) -> torch.Tensor:
 
 
 def target_deltas(rule: HebbianPlasticity) -> dict[str, torch.Tensor]:
-    return {t.name: (t.param.detach() - rule.anchors[t.name]).clone() for t in rule.targets}
+    return {name: edit.float() for name, edit in rule.edits().items()}
 
 
-@torch.no_grad()
 def set_offsets(rule: HebbianPlasticity, offsets: dict[str, torch.Tensor]) -> None:
-    for t in rule.targets:
-        t.param.copy_(rule.anchors[t.name] + offsets[t.name].to(t.param.dtype))
+    rule.set_edits(offsets)
 
 
 def same_norm(direction: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -355,7 +353,7 @@ def run_stability(model, settings: Settings, stream: torch.Tensor, unrelated: to
         if edit % settings.stability_eval_every == 0 or edit == settings.stability_edits:
             ce_curve.append((edit, float(token_ce(model, unrelated).mean())))
     seconds = time.time() - start
-    drift = {t.name: float((t.param.detach() - rule.anchors[t.name]).norm() / rule.anchors[t.name].norm()) for t in rule.targets}
+    drift = {name: float(edit.norm() / rule.anchors[name].double().norm()) for name, edit in rule.edits().items()}
     rule.reset_plasticity()
     rule.disable()
     ce_values = [c for _, c in ce_curve]

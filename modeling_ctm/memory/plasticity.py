@@ -30,10 +30,13 @@ for the gate), or none; each token's weight is ``clamp(s_t / mean(s), 0, gate_ma
 readout pairs whose gated mean synchronisation moved further from the blank start's synchronisation than the
 `novelty_quantile` of all pairs (the median by default) change.
 
-Homeostasis, against the ANCHOR (the weights when plasticity was enabled), never against the previous edit, so nothing
-compounds: each edit is capped at ``max_step * ||W_anchor||``, the distance to the anchor at ``max_drift *
-||W_anchor||``, and the norm is held inside ``[(1 - band), (1 + band)] * ||W_anchor||``. An optional `decay` pulls the
-weights back towards the anchor at every edit (Titans' forgetting gate). Non-finite statistics never reach the
+Homeostasis bounds what THE RULE adds, never what anything else did. The rule keeps its own accumulated edit E; the
+ANCHOR is the weights without it (the weights when plasticity was enabled, plus every change made since by anything
+else: the optimiser, sleep's consolidation, `learn_from`, which the rule follows and never undoes). Against the anchor,
+never against the previous edit, so nothing compounds: each edit is capped at ``max_step * ||W_anchor||``, E at
+``max_drift * ||W_anchor||``, and E is shortened until the norm of ``W_anchor + E``, as stored (bf16 included), is
+inside ``[(1 - band), (1 + band)] * ||W_anchor||``. An optional `decay` shrinks E at every edit (Titans' forgetting
+gate). Non-finite statistics never reach the
 weights: a forward pass whose statistics are not finite contributes nothing (counted), and an edit whose reduced
 statistics or result are not finite is skipped (counted). `reset_plasticity()` restores the anchors.
 
@@ -82,10 +85,11 @@ class PlasticityConfig:
         gate_max: the largest weight one token can get (its surprise over the mean surprise, clamped).
         novelty_quantile: readout pairs whose synchronisation moved more than this quantile of all pairs change
             (0.5: the median); 0 lets every pair change.
-        band: each edited matrix's norm stays within (1 +- band) x its anchor norm.
-        max_drift: the distance to the anchor stays below max_drift x the anchor norm.
+        band: the rule's edit keeps each edited matrix's norm within (1 +- band) x the norm of the same matrix without
+            the rule's edit (its anchor), in the stored dtype.
+        max_drift: the rule's accumulated edit stays below max_drift x the anchor norm.
         max_step: one edit is at most max_step x the anchor norm.
-        decay: fraction of the distance to the anchor forgotten at each edit (0: none).
+        decay: fraction of the rule's accumulated edit forgotten at each edit (0: none).
         presynaptic: the readout's pre-synaptic term: "raw" (S_t: the plain delta rule), "centered" (S_t minus its
             gated mean over the text read, Sejnowski's covariance rule: drops the part every pattern shares, a bias
             towards the text's average next token) or "whitened" (centered and divided per pair by its gated
@@ -240,7 +244,8 @@ class HebbianPlasticityObserver(CTMTickObserver):
 
 class HebbianPlasticity:
     """The rule, bound to one model. `enable()` anchors the target weights and starts gathering statistics in every
-    forward pass; `apply()` turns them into one bounded edit; `reset_plasticity()` restores the anchors.
+    forward pass; `apply()` turns them into one bounded edit; `reset_plasticity()` takes the rule's edits out again
+    (and only them: what the optimiser or sleep changed meanwhile stays).
 
         rule = HebbianPlasticity(model, PlasticityConfig()).enable()
         model(input_ids)            # reading: statistics gathered, weights unchanged
@@ -289,7 +294,8 @@ class HebbianPlasticity:
             if self.edits_synapse:
                 weight = block.synapse.up[-1].weight
                 self.targets.append(_Target(names[id(weight)], weight, "synapse", idx))
-        self.anchors: dict[str, torch.Tensor] = {}
+        self.anchors: dict[str, torch.Tensor] = {}  # the targets without the rule's edit
+        self._written: dict[str, torch.Tensor] = {}  # the targets as the rule last left them: anchor + its edit
         self.edits_applied = 0
         self.edits_skipped = 0  # reduced statistics or result not finite
         self.batches_skipped = 0  # forward passes whose statistics were not finite (this process)
@@ -334,8 +340,10 @@ class HebbianPlasticity:
         self.disable()
 
     def set_anchors(self) -> None:
-        """Anchor every target at its current weights (the band, the drift bound and `reset_plasticity` refer to it)."""
+        """Anchor every target at its current weights, with no edit of the rule's yet (the band, the drift bound and
+        `reset_plasticity` refer to it)."""
         self.anchors = {t.name: t.param.detach().clone() for t in self.targets}
+        self._written = {name: anchor.clone() for name, anchor in self.anchors.items()}
         for name, anchor in self.anchors.items():
             if not torch.isfinite(anchor).all() or float(anchor.float().norm()) == 0.0:
                 raise ValueError(
@@ -343,11 +351,48 @@ class HebbianPlasticity:
                 )
 
     @torch.no_grad()
+    def follow_other_changes(self) -> None:
+        """Move each anchor by whatever changed the target since the rule last wrote it (an optimiser step, sleep,
+        `learn_from`): the rule's own edit stays what it was, and nothing the others did is undone. Every method that
+        reads the anchors calls this first."""
+        for target in self.targets:
+            written = self._written.get(target.name)
+            if written is None or torch.equal(target.param, written):
+                continue
+            edit = written.to(torch.float64) - self.anchors[target.name].to(torch.float64)
+            self.anchors[target.name] = (target.param.detach().to(torch.float64) - edit).to(target.param.dtype)
+            self._written[target.name] = target.param.detach().clone()
+
+    def edits(self) -> dict[str, torch.Tensor]:
+        """The rule's accumulated edit of each target (float64): the weights minus their anchors."""
+        self.follow_other_changes()
+        return {
+            name: self._written[name].to(torch.float64) - anchor.to(torch.float64)
+            for name, anchor in self.anchors.items()
+        }
+
+    @torch.no_grad()
+    def set_edits(self, edits: dict[str, torch.Tensor]) -> None:
+        """Make `edits` the rule's accumulated edit of the named targets exactly, with no homeostasis (a control arm's
+        edit: a random or a gradient direction of a given norm)."""
+        if not self.anchors:
+            self.set_anchors()
+        self.follow_other_changes()
+        for target in self.targets:
+            if target.name in edits:
+                new = self.anchors[target.name].to(torch.float64) + edits[target.name].to(torch.float64)
+                target.param.copy_(new.to(target.param.dtype))
+                self._written[target.name] = target.param.detach().clone()
+
+    @torch.no_grad()
     def reset_plasticity(self) -> None:
-        """Undo every edit: the targets return to their anchors, and gathered statistics are dropped."""
+        """Undo every edit of the rule's: the targets return to their anchors (which include what anything else
+        changed meanwhile), and gathered statistics are dropped."""
+        self.follow_other_changes()
         for target in self.targets:
             if target.name in self.anchors:
                 target.param.copy_(self.anchors[target.name])
+                self._written[target.name] = self.anchors[target.name].clone()
         self.reset_statistics()
 
     # -- statistics ----------------------------------------------------------------------------------------------------
@@ -523,55 +568,53 @@ class HebbianPlasticity:
 
     @torch.no_grad()
     def apply_deltas(self, deltas: dict[str, torch.Tensor]) -> dict:
-        """Apply raw edits (from this rule, or a control: a random or a gradient edit) under the homeostasis: step cap,
-        decay and drift bound towards the anchor, norm band around the anchor's norm. All or nothing: if any result is
-        not finite no target changes."""
+        """Add raw edits (from this rule, or a control: a random or a gradient edit) to the rule's accumulated edit
+        under the homeostasis: step cap, decay and drift bound of the accumulated edit, norm band around the anchor's
+        norm. All or nothing: if any result is not finite no target changes."""
         if not self.anchors:
             self.set_anchors()
         config = self.config
+        edits = self.edits()
         new_weights = {}
         for target in self.targets:
             if target.name not in deltas:
                 continue
             anchor = self.anchors[target.name].to(torch.float64)
             anchor_norm = anchor.norm()
-            weight = target.param.detach().to(torch.float64)
             delta = deltas[target.name].to(torch.float64)
             step = delta.norm()
             if step > config.max_step * anchor_norm:
                 delta = delta * (config.max_step * anchor_norm / step)
-            offset = (1.0 - config.decay) * (weight - anchor) + delta
-            drift = offset.norm()
+            edit = (1.0 - config.decay) * edits[target.name] + delta
+            drift = edit.norm()
             if drift > config.max_drift * anchor_norm:
-                offset = offset * (config.max_drift * anchor_norm / drift)
-            new = anchor + offset
-            norm = new.norm()
-            low, high = (1.0 - config.band) * anchor_norm, (1.0 + config.band) * anchor_norm
-            if norm > high:
-                new = new * (high / norm)
-            elif norm < low:
-                new = new * (low / norm)
-            new_weights[target.name] = new
+                edit = edit * (config.max_drift * anchor_norm / drift)
+            new_weights[target.name] = _inside_band(anchor, edit, config.band, target.param.dtype)
         if not all(torch.isfinite(w).all() for w in new_weights.values()):
             self.edits_skipped += 1
             return {"applied": False, "skipped": True}
         for target in self.targets:
             if target.name in new_weights:
-                target.param.copy_(new_weights[target.name].to(target.param.dtype))
+                target.param.copy_(new_weights[target.name])
+                self._written[target.name] = target.param.detach().clone()
         self.edits_applied += 1
         return {"applied": True, "skipped": False, "norm_ratio": self.norm_ratios()}
 
     def norm_ratios(self) -> dict[str, float]:
         """Each target's norm over its anchor's norm (homeostasis keeps it inside 1 +- band)."""
+        self.follow_other_changes()
         return {
-            t.name: float(t.param.detach().float().norm() / self.anchors[t.name].float().norm()) for t in self.targets
+            t.name: float(t.param.detach().double().norm() / self.anchors[t.name].double().norm()) for t in self.targets
         }
 
     # -- persistence (safetensors + JSON, written by the callback) -----------------------------------------------------
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, json-able metadata): the anchors and pending statistics, the counters and the config."""
+        """(tensors, json-able metadata): the anchors, the weights as the rule left them (so its edit is known exactly
+        after a load), the pending statistics, the counters and the config."""
+        self.follow_other_changes()
         tensors = {f"anchor.{name}": anchor.contiguous() for name, anchor in self.anchors.items()}
+        tensors.update({f"written.{name}": w.contiguous() for name, w in self._written.items()})
         tensors["statistics"] = self._stats.clone()
         meta = {
             "config": self.config.to_dict(),
@@ -586,7 +629,11 @@ class HebbianPlasticity:
         expected = {t.name for t in self.targets}
         if set(anchors) != expected:
             raise ValueError(f"saved plasticity anchors {sorted(anchors)} do not match the targets {sorted(expected)}.")
-        self.anchors = {name: anchors[name].to(self.targets[0].param.device) for name in anchors}
+        device = self.targets[0].param.device
+        self.anchors = {name: anchors[name].to(device) for name in anchors}
+        written = {k[len("written.") :]: v.to(device) for k, v in tensors.items() if k.startswith("written.")}
+        # a state written before the rule kept its own edit: the whole distance to the anchor counts as the rule's
+        self._written = written if set(written) == expected else {t.name: t.param.detach().clone() for t in self.targets}
         stats = tensors.get("statistics")
         if stats is not None:
             self._stats.copy_(stats.to(torch.float64))
@@ -597,10 +644,35 @@ class HebbianPlasticity:
         self.batches_skipped = int(meta.get("batches_skipped", 0))
 
 
+def _inside_band(anchor: torch.Tensor, edit: torch.Tensor, band: float, dtype: torch.dtype) -> torch.Tensor:
+    """`anchor + s * edit` in `dtype` for the largest s in [0, 1] (found by bisection, on the stored values) whose
+    norm lies within (1 +- band) x ||anchor||. s = 0 always does: the anchor is stored in `dtype` already."""
+    anchor_norm = anchor.norm()
+    low, high = (1.0 - band) * anchor_norm, (1.0 + band) * anchor_norm
+
+    def stored(scale: float) -> tuple[bool, torch.Tensor]:
+        weight = (anchor + scale * edit).to(dtype)
+        norm = weight.to(torch.float64).norm()
+        return bool(low <= norm <= high), weight
+
+    fits, weight = stored(1.0)
+    if fits or not torch.isfinite(edit).all():
+        return weight
+    inside, outside, best = 0.0, 1.0, anchor.to(dtype)
+    for _ in range(40):
+        middle = 0.5 * (inside + outside)
+        fits, candidate = stored(middle)
+        if fits:
+            inside, best = middle, candidate
+        else:
+            outside = middle
+    return best
+
+
 def memory_held_bytes(rule: HebbianPlasticity) -> int:
-    """Bytes the rule keeps between forward passes: the anchors and the statistics."""
-    anchors = sum(a.numel() * a.element_size() for a in rule.anchors.values())
-    return anchors + rule._stats.numel() * rule._stats.element_size()
+    """Bytes the rule keeps between forward passes: the anchors, the weights as it left them, and the statistics."""
+    held = sum(a.numel() * a.element_size() for a in [*rule.anchors.values(), *rule._written.values()])
+    return held + rule._stats.numel() * rule._stats.element_size()
 
 
 __all__ = ["HebbianPlasticity", "HebbianPlasticityObserver", "PlasticityConfig", "memory_held_bytes"]

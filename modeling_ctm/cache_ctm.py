@@ -266,7 +266,7 @@ class CTMCache(Cache):
     def load_thinking_state(
         cls, path: str | os.PathLike, config: CTMConfig, batch_size: int | None = None, device=None
     ) -> "CTMCache":
-        tensors = load_safetensors_file(path, device=str(device or "cpu"))
+        tensors = load_safetensors_file(path, device=str(device or "cpu"), require_finite=True)
         try:
             return cls.from_thinking_state(config, tensors, batch_size)
         except ValueError as error:

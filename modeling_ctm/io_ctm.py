@@ -44,12 +44,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
             os.remove(tmp)
 
 
-def load_safetensors_file(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """`safetensors.torch.load_file` whose errors name the file (safetensors' own do not)."""
+def load_safetensors_file(
+    path: str | os.PathLike, device: str = "cpu", require_finite: bool = False
+) -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file` whose errors name the file (safetensors' own do not). With `require_finite`, a
+    file holding an inf or NaN is refused (a memory or state that would turn every later forward non-finite)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        return load_file(path, device=device)
+        tensors = load_file(path, device=device)
     except SafetensorError as error:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
+    if require_finite:
+        refuse_non_finite(tensors, path)
+    return tensors
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Raise naming the file and the first tensor that holds an inf or NaN."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"{os.fspath(path)}: tensor {name} holds non-finite values (inf or NaN); refusing to load it "
+                "(it would make every forward that reads it non-finite)"
+            )

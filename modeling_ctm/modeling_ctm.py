@@ -983,6 +983,9 @@ class CTMModel(CTMPreTrainedModel):
                     f"input_ids holds the token id {bad}: allowed ids are 0 .. vocab_size - 1 = "
                     f"{self.config.vocab_size - 1} (was the tokenizer made for this model?)"
                 )
+        if inputs_embeds is not None and input_ids is None and check_values:
+            if not bool(torch.isfinite(inputs_embeds).all()):
+                raise ValueError("inputs_embeds holds NaN or infinite values: allowed are finite numbers")
         if cache is not None:
             rows = cache.batch_size
             if rows is not None and rows != B:
@@ -1001,8 +1004,11 @@ class CTMModel(CTMPreTrainedModel):
                 raise ValueError(
                     f"surprise_weight must have shape (batch, sequence) = {(B, T)}, got {tuple(surprise_weight.shape)}"
                 )
-            if surprise_weight.device.type == "cpu" and not bool(torch.isfinite(surprise_weight).all()):
-                raise ValueError("surprise_weight holds NaN or infinite values: allowed are finite numbers")
+            # a negative weight can drive the accumulators' beta to 0 and the synchronisation to inf
+            if check_values and not bool((torch.isfinite(surprise_weight) & (surprise_weight >= 0)).all()):
+                raise ValueError(
+                    "surprise_weight holds a negative, NaN or infinite value: allowed are finite numbers >= 0"
+                )
         length = past_length + T
         if length > self.config.max_position_embeddings and not getattr(self, "_warned_too_long", False):
             self._warned_too_long = True  # one warning per model, not one per decode step
@@ -1217,6 +1223,18 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
         for name, value in recorder.aligned(getattr(outputs, "beam_indices", None)).items():
             outputs[name] = value
         return outputs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # beams and num_return_sequences repeat the prompt's rows; a carried cache must repeat its rows with them
+        # (transformers expands tensors only), or the second turn of a beam search meets a one-row state
+        cache = model_kwargs.get("cache")
+        rows = input_ids.shape[0] if input_ids is not None else None
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        if expand_size > 1 and isinstance(cache, CTMCache) and rows is not None and cache.batch_size == rows:
+            cache.batch_repeat_interleave(expand_size)
+        return input_ids, model_kwargs
 
     SUPPORTED_DECODING = ("greedy_search", "sample", "beam_search", "beam_sample")
 

@@ -80,6 +80,49 @@ def _surprise_weight_not_finite(tmp_path):
     tiny_model()(input_ids=_ids(1, 4), surprise_weight=weight)
 
 
+def _surprise_weight_negative(tmp_path):
+    tiny_model()(input_ids=_ids(1, 4), surprise_weight=torch.full((1, 4), -0.5))
+
+
+def _inputs_embeds_not_finite(tmp_path):
+    embeds = torch.zeros(1, 4, 32)
+    embeds[0, 1, 3] = float("nan")
+    tiny_model()(inputs_embeds=embeds)
+
+
+def _episodic_memory_not_finite(tmp_path):
+    from safetensors.torch import save_file
+
+    from modeling_ctm.memory.episodic import CTMEpisodicMemory
+
+    model = _carrying_model()
+    memory = CTMEpisodicMemory.for_model(model.config, capacity=2)
+    memory.store(model, _ids(1, 3), model(input_ids=_ids(1, 3), use_cache=True).cache)
+    memory.save_pretrained(tmp_path / "memory")
+    weights = tmp_path / "memory" / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k, v in tensors.items() if v.is_floating_point() and "state" in k)
+    tensors[name] = torch.full_like(tensors[name], float("inf"))
+    save_file(tensors, weights, metadata={k: v for k, v in _metadata(weights).items()})
+    CTMEpisodicMemory.from_pretrained(tmp_path / "memory")
+
+
+def _metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
+def _session_generate_argument(tmp_path):
+    from modeling_ctm.memory.session import CTMOnlineSession
+    from modeling_ctm.training.tokenization import train_tokenizer
+
+    tokenizer = train_tokenizer(["the cat sat on the mat"] * 4, vocab_size=300)
+    model = tiny_model(vocab_size=len(tokenizer), ctm_carry="chunk", ctm_chunk_size=2)
+    CTMOnlineSession(model, tokenizer).say("the cat", use_cache=False)
+
+
 def _surprise_weight_of_another_shape(tmp_path):
     tiny_model()(input_ids=_ids(1, 4), surprise_weight=torch.ones(1, 3))
 
@@ -136,6 +179,12 @@ TABLE = [
     ("`labels` of another shape", _labels_of_another_shape, ValueError, ["labels", "(2, 5)", "(2, 4)"]),
     ("`attention_mask` of another shape", _attention_mask_of_another_shape, ValueError, ["attention_mask", "(2, 3)"]),
     ("`surprise_weight` with NaN", _surprise_weight_not_finite, ValueError, ["surprise_weight", "NaN"]),
+    ("`surprise_weight` < 0", _surprise_weight_negative, ValueError, ["surprise_weight", "negative", ">= 0"]),
+    ("`inputs_embeds` with NaN", _inputs_embeds_not_finite, ValueError, ["inputs_embeds", "NaN"]),
+    ("episodic-memory file holding inf", _episodic_memory_not_finite, ValueError,
+     ["memory/model.safetensors", "non-finite"]),
+    ("`session.say(..., use_cache=False)`", _session_generate_argument, ValueError,
+     ["use_cache", "the session passes"]),
     ("`surprise_weight` of another shape", _surprise_weight_of_another_shape, ValueError,
      ["surprise_weight", "(1, 3)"]),
     ("thinking-state snapshot of another model shape", _snapshot_of_another_model, ValueError,

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..cache_ctm import CTMCache, ThinkingState
 from ..configuration_ctm import CTMConfig
-from ..io_ctm import atomic_write
+from ..io_ctm import atomic_write, refuse_non_finite
 
 
 def mean_input_embedding(
@@ -521,6 +521,7 @@ class CTMEpisodicMemory(
                     f"{model_file}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, config.json implies "
                     f"{expected[name].dtype} {tuple(expected[name].shape)}"
                 )
+        refuse_non_finite(tensors, model_file)  # an inf state would give non-finite logits on every recall
         try:
             metadata = json.loads(header.get(METADATA_KEY, "{}"))
             if not isinstance(metadata, dict):

@@ -18,6 +18,7 @@ atomically (`save` / `CTMOnlineSession.load`).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -38,6 +39,10 @@ from .sleep import ConsolidationConfig, Consolidator, ReplayHeap, score_sequence
 
 
 SESSION_FILE = "session.json"
+LEARN_FROM_FILE = "learn_from.safetensors"  # learn_from's pull-back anchor, once it has been taken
+# `say` passes these to `generate` itself: the conversation is the context, and its cache is the session's
+SESSION_GENERATE_ARGUMENTS = ("inputs", "input_ids", "attention_mask", "cache", "past_key_values", "use_cache",
+                              "return_dict_in_generate", "pad_token_id", "assistant_model")  # fmt: skip
 
 
 @dataclass
@@ -148,7 +153,19 @@ class CTMOnlineSession:
 
     def say(self, message: str, **generate_kwargs) -> str:
         """One turn: the message goes in, the model's greedy reply (unless `generate_kwargs` say otherwise) comes back.
-        The first turn of a conversation recalls an episode; every turn carries the cache forward."""
+        The first turn of a conversation recalls an episode; every turn carries the cache forward.
+
+        Any decoding `generate` runs for a CTM works (greedy, sampling, beam search, `num_return_sequences`); when it
+        produces several rows, the conversation continues with the first (beam search: the best beam), and its
+        thinking state and KV are those of that row alone, as if it had been the only one. The arguments the session
+        passes itself (`SESSION_GENERATE_ARGUMENTS`) are refused by name."""
+        taken = sorted(set(generate_kwargs) & set(SESSION_GENERATE_ARGUMENTS))
+        if taken:
+            raise ValueError(
+                f"say() got {', '.join(taken)}: the session passes {', '.join(SESSION_GENERATE_ARGUMENTS)} to generate "
+                "itself (the conversation is the context and carries its own cache); allowed are the other generate "
+                "arguments (max_new_tokens, do_sample, temperature, num_beams, num_return_sequences, ...)"
+            )
         ids = self.encode(message)
         if self.ids is None:
             self._begin(ids)
@@ -157,20 +174,43 @@ class CTMOnlineSession:
             self.learn_from(ids)
         context = ids if self.ids is None else torch.cat([self.ids, ids], dim=1)
         kwargs = {"max_new_tokens": self.config.max_new_tokens, "do_sample": False, **generate_kwargs}
+        one_row = self._rows_generated(kwargs) == 1
         with torch.no_grad():
-            if self.plasticity is not None:
-                self._read(context)
-            out = self.model.generate(
-                context,
-                attention_mask=torch.ones_like(context),
-                cache=self.cache,
-                return_dict_in_generate=True,
-                pad_token_id=self.tokenizer.pad_token_id,
-                **kwargs,
-            )
-        self.ids, self.cache = out.sequences, out.cache
+            if one_row:
+                if self.plasticity is not None:
+                    self._read(context)
+                out = self._generate(context, self.cache, kwargs)
+                self.ids, self.cache = out.sequences, out.cache
+            else:
+                # beams and extra samples run on a copy, and the chosen row is then read into the session's own
+                # cache: every row's state would otherwise be carried (and the statistics gathered from all of them)
+                gathering = self.plasticity is not None and self.plasticity.enabled
+                if gathering:
+                    self.plasticity.disable()
+                try:
+                    out = self._generate(context, copy.deepcopy(self.cache), kwargs)
+                finally:
+                    if gathering:
+                        self.plasticity.enable()
+                self.ids = out.sequences[:1]
+                self._read(self.ids)
         self.messages += 1
-        return self.tokenizer.decode(out.sequences[0, context.shape[1] :], skip_special_tokens=True)
+        return self.tokenizer.decode(self.ids[0, context.shape[1] :], skip_special_tokens=True)
+
+    def _rows_generated(self, kwargs: dict) -> int:
+        config = copy.deepcopy(kwargs.get("generation_config") or self.model.generation_config)
+        config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
+        return max(config.num_beams or 1, config.num_return_sequences or 1)
+
+    def _generate(self, context: torch.Tensor, cache: CTMCache | None, kwargs: dict):
+        return self.model.generate(
+            context,
+            attention_mask=torch.ones_like(context),
+            cache=cache,
+            return_dict_in_generate=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **kwargs,
+        )
 
     @torch.no_grad()
     def score(self, message: str, candidates: Sequence[str]) -> dict:
@@ -288,8 +328,9 @@ class CTMOnlineSession:
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the brain into `folder`, atomically as a whole (a sibling temp folder renamed into place): `model/`
         (weights, config, tokenizer), `memory/`, `plasticity.safetensors` + `.json` (anchors, pending statistics,
-        counters), `sleep.safetensors` + `.json` (heap and consolidation optimizer), `session.json` (config,
-        counters). A conversation under way is not part of the brain: end() it first."""
+        counters), `sleep.safetensors` + `.json` (heap and consolidation optimizer), `learn_from.safetensors`
+        (learn_from's pull-back anchor, once taken), `session.json` (config, counters, which parameters train). A
+        loaded brain continues exactly as this one would. A conversation under way is not part of the brain: end() it first."""
         if self.ids is not None:
             raise ValueError(
                 "save() during a conversation: call end() first (the brain is saved between conversations)"
@@ -311,11 +352,16 @@ class CTMOnlineSession:
         for name, (tensors, meta) in parts.items():
             atomic_write(tmp / f"{name}.safetensors", lambda path, t=tensors: save_file(t, path))
             atomic_write(tmp / f"{name}.json", lambda path, m=meta: Path(path).write_text(json.dumps(m)))
+        if self._anchor is not None:
+            anchor = {name: t.contiguous() for name, t in self._anchor.items()}
+            atomic_write(tmp / LEARN_FROM_FILE, lambda path: save_file(anchor, path))
         state = {
             "config": asdict(self.config),
             "conversations": self.conversations,
             "messages": self.messages,
             "recalls": self.recalls,
+            # which parameters learn_from and sleep may change (freeze_for_thinking, a peft adapter, ...)
+            "trainable": [name for name, p in self.model.named_parameters() if p.requires_grad],
         }
         atomic_write(tmp / SESSION_FILE, lambda path: Path(path).write_text(json.dumps(state, indent=2)))
         old = folder.with_name(folder.name + ".old")
@@ -343,7 +389,7 @@ class CTMOnlineSession:
         if (folder / "plasticity.json").is_file():
             meta = _read_json(folder / "plasticity.json")
             plasticity = HebbianPlasticity(model, PlasticityConfig.from_dict(meta["config"]))
-            plasticity.load_state(load_safetensors_file(folder / "plasticity.safetensors"), meta)
+            plasticity.load_state(load_safetensors_file(folder / "plasticity.safetensors", require_finite=True), meta)
         if (folder / "sleep.json").is_file():
             meta = _read_json(folder / "sleep.json")
             tensors = load_safetensors_file(folder / "sleep.safetensors")
@@ -356,9 +402,15 @@ class CTMOnlineSession:
                 param.requires_grad_(name in trained)
             consolidator = Consolidator(model, ConsolidationConfig(**meta["consolidator"]["config"]))
             consolidator.load_state_dict(tensors, meta["consolidator"])
+        if "trainable" in state:  # brains saved before it was recorded keep what their sleep state implied
+            trainable = set(state["trainable"])
+            for name, param in model.named_parameters():
+                param.requires_grad_(name in trainable)
         known = {f.name for f in fields(OnlineConfig)}
         config = OnlineConfig(**{k: v for k, v in state["config"].items() if k in known})
         session = cls(model, tokenizer, memory, plasticity, heap, consolidator, config)
+        if (folder / LEARN_FROM_FILE).is_file():
+            session._anchor = load_safetensors_file(folder / LEARN_FROM_FILE, require_finite=True)
         session.conversations = state["conversations"]
         session.messages = state["messages"]
         session.recalls = state["recalls"]

@@ -92,7 +92,9 @@ def block_health(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
 
     class _Outputs(CTMTickObserver):
         def on_layer(self, event):
-            norms[event.layer_idx].setdefault("block", []).append(event.output.float().norm(dim=-1)[real].mean().item())
+            norms[event.layer_idx].setdefault("block", []).append(
+                event.output.float().norm(dim=-1)[real].mean().item()
+            )
 
     gauge = _GaugeObserver()
     labels = input_ids.masked_fill(~real, -100)

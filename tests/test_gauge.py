@@ -44,3 +44,17 @@ def test_block_ratio_scales_with_the_readout():
         model.model.layers[first].thinking.out_proj.weight.mul_(2.0)
     after = block_health(model, _ids())["layers"][first]["block_to_residual"]
     assert before > 0 and math.isclose(after, 2 * before, rel_tol=1e-4)
+
+
+def test_inspect_prints_the_gauge_of_a_saved_checkpoint(tmp_path, capsys):
+    from modeling_ctm.cli import main
+    from modeling_ctm.training.tokenization import train_tokenizer
+
+    tokenizer = train_tokenizer(["the code of Velmora is Quenth", "a dog ran in the park"] * 30, vocab_size=300)
+    model = tiny_model(vocab_size=len(tokenizer), max_position_embeddings=64)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    assert main(["inspect", str(tmp_path / "model"), "--blocks", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "block_to_residual" in out and "tick CE:" in out
+    assert sum(line.split()[0].isdigit() for line in out.splitlines()) == len(model.config.ctm_layer_indices)

@@ -2,6 +2,7 @@
 
     ctm train --preset tiny --output runs/tiny           # the main job (phases 1 -> 4), as recipes/run_all.py
     ctm eval runs/tiny/phase3-continuity/model           # held-out blocks and paragraphs, every readout
+    ctm inspect runs/tiny/phase2-thinking/model --blocks 4   # is each thinking block awake? (the block-health gauge)
     ctm chat runs/tiny/phase3-continuity/model --brain my-brain
                                                          # a conversation per run; the brain persists between runs
 """
@@ -75,6 +76,28 @@ def _chat(args) -> None:
         print(f"[brain saved to {brain}]")
 
 
+def _inspect(args) -> None:
+    import torch
+
+    from .gauge import block_health
+    from .training.data import load_text_dataset, pack_dataset
+    from .training.runs import load_preset
+
+    model, tokenizer = _load_checkpoint(args.checkpoint)
+    spec = load_preset(args.preset)["data"]
+    # the same held-out blocks `ctm eval` scores, cut to what the model's positions allow
+    blocks = pack_dataset(load_text_dataset(spec["source"])["validation"], tokenizer, spec["block_size"])
+    blocks = blocks.select(range(min(args.blocks, len(blocks))))
+    input_ids = torch.tensor(blocks["input_ids"])[:, : model.config.max_position_embeddings]
+    health = block_health(model, input_ids)
+    columns = ["block_to_residual", "block_to_mlp", "sync_variation", "entry_share"]
+    print(f"{'layer':>5} " + " ".join(f"{c:>17}" for c in columns) + "  tick_change")
+    for idx, layer in health["layers"].items():
+        cells = " ".join(f"{'-' if layer[c] is None else format(layer[c], '.4g'):>17}" for c in columns)
+        print(f"{idx:>5} {cells}  " + " ".join(format(x, ".3g") for x in layer["tick_change"]))
+    print("tick CE: " + " ".join(format(x, ".4f") for x in health["tick_ce"]) + f"   served CE: {health['ce']:.4f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .training.main_job import main_job_parser
 
@@ -86,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", type=Path, help="a model folder (e.g. runs/tiny/phase3-continuity/model)")
     evaluate.add_argument("--preset", default="tiny", help="the preset whose held-out data to score")
     evaluate.set_defaults(run=_eval)
+    inspect = commands.add_parser("inspect", help="block-health gauge of each thinking layer on held-out text")
+    inspect.add_argument("checkpoint", type=Path, help="a model folder")
+    inspect.add_argument("--blocks", type=int, default=4, help="how many held-out blocks to measure on")
+    inspect.add_argument("--preset", default="tiny", help="the preset whose held-out data to use")
+    inspect.set_defaults(run=_inspect)
     chat = commands.add_parser("chat", help="talk to a model with its memory stack on")
     chat.add_argument("checkpoint", type=Path, help="a model folder with ctm_carry='chunk' (phase 3 or 4)")
     chat.add_argument("--brain", type=Path, help="folder the brain is loaded from (if it exists) and saved to")

@@ -14,6 +14,7 @@ CTM_LAYER_CHOICES = ("none", "all", "last")
 CTM_READOUT_CHOICES = ("last", "most_certain", "tick_mixture")
 CTM_MLP_CHOICES = ("replace", "keep")
 CTM_READOUT_NORM_CHOICES = ("none", "rms", "rms_gate")
+CTM_SYNC_SEED_CHOICES = ("start_state", "zero")
 CTM_CARRY_CHOICES = ("none", "chunk")
 CTM_NLM_IMPLEMENTATION_CHOICES = ("plain", "fused")
 MAX_DECAY = 15.0  # r = exp(-15) ~ 3e-7: a pair with this decay forgets everything between ticks
@@ -57,6 +58,10 @@ class CTMConfig(PreTrainedConfig):
             What happens to the MLP of a thinking layer: `"replace"` (the seed: the CTM block takes its place) or
             `"keep"` (the MLP stays beside the block and both add to the residual stream; with the zero-initialised
             readout, a phase-1 model converted this way computes exactly the same function at step 0).
+        ctm_sync_seed (`str`, defaults to `"start_state"`):
+            What the sync accumulators start from: `"start_state"` (the reference: alpha = the start state's pair
+            products, beta = 1) or `"zero"` (alpha = 0, beta = 1: one zero-valued pseudo-observation, so S_out is
+            made of what the ticks computed and not dominated by the start state's constant products; issue 26).
         ctm_readout_norm (`str`, defaults to `"none"`):
             What the block's readout `out_proj` reads: `"none"` (the reference: raw S_out, `out_proj` zero-initialised),
             `"rms"` (S_out RMS-normalised over its pairs with a learned gain, `out_proj` zero-initialised) or
@@ -133,6 +138,7 @@ class CTMConfig(PreTrainedConfig):
     ctm_readout: str = "most_certain"
     ctm_mlp: str = "replace"
     ctm_readout_norm: str = "none"
+    ctm_sync_seed: str = "start_state"
     ctm_loss_argmin_weight: float = 0.5
     ctm_loss_certain_weight: float = 0.5
     ctm_loss_tick_aux_weight: float = 0.0
@@ -261,6 +267,8 @@ class CTMConfig(PreTrainedConfig):
             fail("ctm_loss_argmin_weight", self.ctm_loss_argmin_weight, "the four ctm_loss_*_weight must not all be 0")
         if self.ctm_mlp not in CTM_MLP_CHOICES:
             fail("ctm_mlp", self.ctm_mlp, f"allowed values are {CTM_MLP_CHOICES}")
+        if self.ctm_sync_seed not in CTM_SYNC_SEED_CHOICES:
+            fail("ctm_sync_seed", self.ctm_sync_seed, f"allowed values are {CTM_SYNC_SEED_CHOICES}")
         if self.ctm_readout_norm not in CTM_READOUT_NORM_CHOICES:
             fail("ctm_readout_norm", self.ctm_readout_norm, f"allowed values are {CTM_READOUT_NORM_CHOICES}")
         if self.ctm_carry not in CTM_CARRY_CHOICES:

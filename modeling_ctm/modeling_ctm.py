@@ -416,6 +416,7 @@ class CTMBlock(nn.Module):
         self.sync_out = CTMSynchronisation(D, config.ctm_n_synch_out, pair_seed=2 * layer_idx)
         self.sync_action = CTMSynchronisation(D, config.ctm_n_synch_action, pair_seed=2 * layer_idx + 1)
         self.out_proj = nn.Linear(config.ctm_n_synch_out, D, bias=False)
+        self.sync_seed = config.ctm_sync_seed
         # raw S_out is small and nearly token-invariant, so a zero out_proj learns slowly and the block gets no gradient:
         # optionally normalise it, and gate a random out_proj with a scalar at 0 (ReZero) so the start stays exact
         norm = config.ctm_readout_norm
@@ -443,6 +444,8 @@ class CTMBlock(nn.Module):
         trace = self.start_trace.to(dtype)[None]
         alpha_out, beta_out = self.sync_out.seed(state)
         alpha_action, beta_action = self.sync_action.seed(state)
+        if self.sync_seed == "zero":  # the start state's constant products would otherwise dominate S (issue 26)
+            alpha_out, alpha_action = torch.zeros_like(alpha_out), torch.zeros_like(alpha_action)
         return ThinkingState(state, trace, alpha_out, beta_out, alpha_action, beta_action)
 
     def readout(self, thinking: ThinkingState) -> torch.Tensor:

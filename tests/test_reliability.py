@@ -42,6 +42,10 @@ def _misspelled_field(tmp_path):
     CTMConfig(ctm_tiks=5)
 
 
+def _bad_sync_seed(tmp_path):
+    CTMConfig(ctm_sync_seed="nope")
+
+
 def _empty_prompt(tmp_path):
     tiny_model()(input_ids=torch.zeros(1, 0, dtype=torch.long))
 
@@ -170,6 +174,7 @@ def _contrastive_search(tmp_path):
 # (input as a user writes it, the call, the error type, what the message must name)
 TABLE = [
     ("`CTMConfig(ctm_tiks=5)`", _misspelled_field, TypeError, ["ctm_tiks=5", "did you mean 'ctm_ticks'"]),
+    ("`CTMConfig(ctm_sync_seed=\"nope\")`", _bad_sync_seed, ValueError, ["ctm_sync_seed", "start_state", "zero"]),
     ("empty prompt, `model(input_ids=<1x0>)`", _empty_prompt, ValueError, ["input_ids", "(1, 0)"]),
     ("empty prompt, `model.generate(<1x0>)`", _empty_prompt_generate, ValueError, ["input_ids", "(1, 0)"]),
     ("token id >= vocab_size", _token_id_too_large, ValueError, ["input_ids", "97", "96"]),

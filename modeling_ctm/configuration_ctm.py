@@ -15,6 +15,7 @@ CTM_READOUT_CHOICES = ("last", "most_certain", "tick_mixture")
 CTM_MLP_CHOICES = ("replace", "keep")
 CTM_READOUT_NORM_CHOICES = ("none", "rms", "rms_gate")
 CTM_SYNC_SEED_CHOICES = ("start_state", "zero")
+CTM_INPUT_INJECTION_CHOICES = ("none", "every_tick")
 CTM_CARRY_CHOICES = ("none", "chunk")
 CTM_NLM_IMPLEMENTATION_CHOICES = ("plain", "fused")
 MAX_DECAY = 15.0  # r = exp(-15) ~ 3e-7: a pair with this decay forgets everything between ticks
@@ -62,6 +63,11 @@ class CTMConfig(PreTrainedConfig):
             What the sync accumulators start from: `"start_state"` (the reference: alpha = the start state's pair
             products, beta = 1) or `"zero"` (alpha = 0, beta = 1: one zero-valued pseudo-observation, so S_out is
             made of what the ticks computed and not dominated by the start state's constant products; issue 26).
+        ctm_input_injection (`str`, defaults to `"none"`):
+            How a token's own input reaches its ticks: `"none"` (the reference: only through the cross-attention over
+            the sequence, whose query is the same for every token at tick 0) or `"every_tick"` (a learned projection
+            of the token's block input is added to every tick's attention query and synapse input, so the state
+            depends on the token from the first tick on and each tick can look up something new).
         ctm_readout_norm (`str`, defaults to `"none"`):
             What the block's readout `out_proj` reads: `"none"` (the reference: raw S_out, `out_proj` zero-initialised),
             `"rms"` (S_out RMS-normalised over its pairs with a learned gain, `out_proj` zero-initialised) or
@@ -139,6 +145,7 @@ class CTMConfig(PreTrainedConfig):
     ctm_mlp: str = "replace"
     ctm_readout_norm: str = "none"
     ctm_sync_seed: str = "start_state"
+    ctm_input_injection: str = "none"
     ctm_loss_argmin_weight: float = 0.5
     ctm_loss_certain_weight: float = 0.5
     ctm_loss_tick_aux_weight: float = 0.0
@@ -269,6 +276,8 @@ class CTMConfig(PreTrainedConfig):
             fail("ctm_mlp", self.ctm_mlp, f"allowed values are {CTM_MLP_CHOICES}")
         if self.ctm_sync_seed not in CTM_SYNC_SEED_CHOICES:
             fail("ctm_sync_seed", self.ctm_sync_seed, f"allowed values are {CTM_SYNC_SEED_CHOICES}")
+        if self.ctm_input_injection not in CTM_INPUT_INJECTION_CHOICES:
+            fail("ctm_input_injection", self.ctm_input_injection, f"allowed values are {CTM_INPUT_INJECTION_CHOICES}")
         if self.ctm_readout_norm not in CTM_READOUT_NORM_CHOICES:
             fail("ctm_readout_norm", self.ctm_readout_norm, f"allowed values are {CTM_READOUT_NORM_CHOICES}")
         if self.ctm_carry not in CTM_CARRY_CHOICES:

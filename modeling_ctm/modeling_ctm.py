@@ -417,6 +417,8 @@ class CTMBlock(nn.Module):
         self.sync_action = CTMSynchronisation(D, config.ctm_n_synch_action, pair_seed=2 * layer_idx + 1)
         self.out_proj = nn.Linear(config.ctm_n_synch_out, D, bias=False)
         self.sync_seed = config.ctm_sync_seed
+        # the reference's tick-0 query is the same for every token: re-inject the token's own input at every tick
+        self.input_proj = nn.Linear(D, D, bias=False) if config.ctm_input_injection == "every_tick" else None
         # raw S_out is small and nearly token-invariant, so a zero out_proj learns slowly and the block gets no gradient:
         # optionally normalise it, and gate a random out_proj with a scalar at 0 (ReZero) so the start stays exact
         norm = config.ctm_readout_norm
@@ -468,18 +470,25 @@ class CTMBlock(nn.Module):
         rate_out: torch.Tensor,
         rate_action: torch.Tensor,
         surprise_weight: torch.Tensor | None = None,
+        injected: torch.Tensor | None = None,
     ) -> ThinkingState:
-        """One internal tick for tokens of shape (B, n): observe, synapse, trace, neuron models, synchronise."""
+        """One internal tick for tokens of shape (B, n): observe, synapse, trace, neuron models, synchronise.
+        `injected` (B, n, D): the tokens' own projected inputs (`ctm_input_injection`), added to query and synapse."""
         z = thinking.state
         B, n, D = z.shape
         sync_action = CTMSynchronisation.read(thinking.alpha_action, thinking.beta_action)
-        query = self.q_proj(sync_action.to(z.dtype)).view(B, n, self.num_heads, self.head_dim)
+        query = self.q_proj(sync_action.to(z.dtype))
+        if injected is not None:
+            query = query + injected
+        query = query.view(B, n, self.num_heads, self.head_dim)
         query = F.rms_norm(query, (self.head_dim,)).transpose(1, 2)
         observation = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=attention_mask, is_causal=is_causal
         )
         observation = observation.transpose(1, 2).reshape(B, n, D)
         state_in = z if self.tick_embed is None else z + self.tick_embed[tick].to(z.dtype)
+        if injected is not None:
+            state_in = state_in + injected
         pre_activation = z + self.synapse(torch.cat([observation, state_in], dim=-1))
         trace = torch.cat([thinking.trace[..., 1:], pre_activation.unsqueeze(-1)], dim=-1)
         z = self.neurons(trace)
@@ -502,7 +511,7 @@ class CTMBlock(nn.Module):
         old = CTMSynchronisation.read(before.alpha_out, before.beta_out)
         return (1 - (new - old).norm(dim=-1) / new.norm(dim=-1).clamp_min(1e-12)).clamp(0, 1)
 
-    def think(self, thinking, keys, values, step, rates, surprise_weight, record_ticks, sequence_length):
+    def think(self, thinking, keys, values, step, rates, surprise_weight, record_ticks, sequence_length, injected=None):
         """Run the K ticks of one step. Returns the final state, the final output y_{K-1} (B, n, D) and, when
         `record_ticks`, the stacked per-tick outputs (B, n, K, D).
 
@@ -512,7 +521,7 @@ class CTMBlock(nn.Module):
         halted = None
         for k in range(self.ticks):
             before = thinking
-            args = (k, thinking, keys, values, step.attention_mask, step.is_causal, *rates, surprise_weight)
+            args = (k, thinking, keys, values, step.attention_mask, step.is_causal, *rates, surprise_weight, injected)
             if self.checkpoint_ticks and self.training and torch.is_grad_enabled():
                 thinking = checkpoint(self.tick, *args, use_reentrant=False)
             else:
@@ -582,8 +591,12 @@ class CTMBlock(nn.Module):
             weight = None
             if surprise_weight is not None:
                 weight = surprise_weight.to(torch.float32).gather(1, step.columns).unsqueeze(-1)
+            injected = None
+            if self.input_proj is not None:  # once per step, not per tick
+                inputs = hidden_states.gather(1, step.columns[..., None].expand(-1, -1, D))
+                injected = self.input_proj(inputs)
             thinking, final_output, step_ticks = self.think(
-                entry.expand_tokens(step.columns.shape[1]), keys, values, step, rates, weight, record_ticks, T
+                entry.expand_tokens(step.columns.shape[1]), keys, values, step, rates, weight, record_ticks, T, injected
             )
             if step.column_slice is not None:
                 concatenated.append((final_output * step.valid[..., None].to(dtype), step_ticks))
@@ -786,8 +799,9 @@ class CTMPreTrainedModel(PreTrainedModel):
         ctm_scale = ctm_scale_for(self.config.hidden_size)
         if isinstance(module, CTMBlock):
             D, M = module.start_trace.shape
-            for linear in (module.q_proj, module.k_proj, module.v_proj):
-                init.uniform_(linear.weight, -ctm_scale, ctm_scale)
+            for linear in (module.q_proj, module.k_proj, module.v_proj, module.input_proj):
+                if linear is not None:
+                    init.uniform_(linear.weight, -ctm_scale, ctm_scale)
             if module.out_gate is None:
                 init.zeros_(module.out_proj.weight)  # a fresh block adds nothing to the residual stream
             else:  # the gate at 0 keeps the fresh block silent; a random out_proj lets the gate's gradient flow

@@ -15,7 +15,7 @@ Conventions (the numbers are only comparable if these are the same for both mode
 * Training FLOPs = 3 x forward (backward = 2 x forward: gradients w.r.t. activations and weights). This ignores
   activation recomputation (`ctm_tick_checkpointing`, gradient checkpointing) and the optimizer step.
 
-The CTM count follows `modeling_ctm.modeling_ctm.CTMBlock`: per call the block's k/v projections (D -> D each, once);
+The CTM count follows `modeling_ctm.modeling_ctm.CTMBlock`: per call the block's k/v projections (D -> D each, once; with `ctm_input_injection` also the input projection);
 per tick q_proj (S_action -> D), causal cross-attention over the block input (`ctm_attention_heads` heads, head dim
 D/heads), the U-Net synapse (widths read from an instantiated `CTMSynapse` on the meta device, so they follow the
 code), the neuron-level models (per neuron M -> 2H, GLU, H -> 2, GLU), and both synchronisation updates plus the
@@ -83,6 +83,8 @@ def ctm_block_flops(config, seq_len: int, readout_every_tick: bool) -> dict[str,
     readouts = K if readout_every_tick else 1
     out = {key: K * value for key, value in per_tick.items()}
     out["ctm_kv_proj"] = 2 * 2 * D * D
+    if getattr(config, "ctm_input_injection", "none") == "every_tick":  # projected once per token, added every tick
+        out["ctm_input_proj"] = 2 * D * D
     out["ctm_sync"] += readouts * 2 * s_out  # S_out reads
     out["ctm_out_proj"] = readouts * 2 * s_out * D
     return out

@@ -1,0 +1,547 @@
+"""The thinking suite: tiny synthetic tasks on which iterative computation must pay, and more ticks must win.
+
+Tasks (generated in code; every item is one token; each has a difficulty knob):
+
+    khop    k-hop lookup in context. A random successor function f over `nodes` nodes (one cycle, so the k-th
+            successor differs for every k < nodes) is written as one pair token per node, P(a, f(a)), in random order;
+            then SEP and `queries` questions "HOP_k Q_x A_y": start at x, follow k hops, answer y = f^k(x). The loss
+            and the accuracy are on the answer tokens only; chance is 1 / nodes. A pair is one token so that a hop
+            is one content lookup (no previous-token circuit needed first): one attention layer can do one hop, so a
+            plain transformer needs about k layers for k hops, and a CTM layer can do one hop per tick. Difficulty: k.
+    parity  running parity (the S2 word problem): a string of bits, and at every position the parity of the bits
+            so far. With `ctm_carry="chunk", ctm_chunk_size=1` the CTM's carried state makes the block a recurrence.
+            Difficulty: the position (accuracy per position bucket).
+
+Arms (the CTM: one decoder layer whose MLP is a CTM block, `ctm_input_injection="every_tick"`, `ctm_sync_seed="zero"`,
+no tick embeddings so that K can change at inference):
+
+    k1, k2, k4, k8           the CTM trained and run at K = 1, 2, 4, 8 ticks (equal parameters: K adds no weights)
+    k4_test_k8               the k4 model run at K = 8 (extrapolation: more thinking time than it trained with)
+    transformer_iso_params   a plain transformer (`ctm_layers="none"`) with the layer count whose parameters are
+                             closest to the CTM's
+    transformer_iso_flops    a plain transformer with the layer count whose forward FLOPs per token are closest to
+                             the k4 CTM's (eval/flops.py conventions)
+    halting                  the k8 model run with `ctm_halt_threshold`: accuracy, and mean ticks used per difficulty
+
+khop trains every arm on k <= `--train-hops` (uniform) and tests on k = 1 .. `--test-hops`. E2 on the suite:
+Spearman(selected tick, difficulty) of the k8 model, with its p-value.
+
+    python eval/thinking_tasks.py [--seeds 3] [--out eval/results/thinking_tasks] [--quick] [--tasks khop,parity]
+
+Writes results.json (`arms`: per task, per arm, `accuracy` per difficulty as {"mean", "sd"} over seeds),
+results.md and accuracy.png to --out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+torch.set_num_threads(1)  # tiny tensors gain nothing from a second thread on a shared 2-core box
+
+from datasets import Dataset  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+from transformers import PrinterCallback, set_seed  # noqa: E402
+
+from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
+from modeling_ctm.experiments import (  # noqa: E402
+    MachineLoad,
+    experiment_parser,
+    experiment_training_arguments,
+    format_mean_sd,
+    load_script,
+    mean_sd,
+    write_results,
+)
+from modeling_ctm.observers_ctm import CTMTickObserver  # noqa: E402
+from modeling_ctm.training.trainers import CTMTrainer  # noqa: E402
+
+
+flops = load_script(Path(__file__).parent / "flops.py", "ctm_eval_flops")
+
+CTM_TICKS = {"k1": 1, "k2": 2, "k4": 4, "k8": 8}
+ARMS = {
+    "k1": "CTM, K = 1 tick (the block without thinking time)",
+    "k2": "CTM, K = 2",
+    "k4": "CTM, K = 4",
+    "k8": "CTM, K = 8",
+    "k4_test_k8": "the k4 model run at K = 8",
+    "transformer_iso_params": "plain transformer, parameters closest to the CTM's",
+    "transformer_iso_flops": "plain transformer, forward FLOPs/token closest to the k4 CTM's",
+    "halting": "the k8 model with ctm_halt_threshold",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tasks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KHopTask:
+    """k-hop lookup in context. Token ids: 0 PAD, 1 SEP, 2 .. 1+max_hops HOP_k, then Q_x (x < nodes), A_y, and the
+    pair tokens P(a, b) = pair_base + a * nodes + b."""
+
+    nodes: int = 12
+    queries: int = 8
+    max_hops: int = 8
+
+    name = "khop"
+
+    def __post_init__(self):
+        if not 1 <= self.max_hops < self.nodes:
+            raise ValueError(f"max_hops={self.max_hops} is invalid: allowed values are 1 .. nodes - 1 = {self.nodes - 1}")
+
+    @property
+    def hop_base(self) -> int:
+        return 2
+
+    @property
+    def query_base(self) -> int:
+        return self.hop_base + self.max_hops
+
+    @property
+    def answer_base(self) -> int:
+        return self.query_base + self.nodes
+
+    @property
+    def pair_base(self) -> int:
+        return self.answer_base + self.nodes
+
+    @property
+    def vocab_size(self) -> int:
+        return self.pair_base + self.nodes * self.nodes
+
+    @property
+    def length(self) -> int:
+        return self.nodes + 1 + 3 * self.queries
+
+    def sample(self, rows: int, hops: list[int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """`rows` items; each query's hop count drawn uniformly from `hops`. Returns input_ids and labels (T each),
+        and `hops` (rows, queries)."""
+        n, m = self.nodes, self.queries
+        order = np.argsort(rng.random((rows, n)), axis=1)  # a random cycle: order[i] -> order[i + 1]
+        successor = np.empty((rows, n), dtype=np.int64)
+        np.put_along_axis(successor, order, np.roll(order, -1, axis=1), axis=1)
+        listed = np.argsort(rng.random((rows, n)), axis=1)  # the order the pairs are written in
+        pairs = self.pair_base + listed * n + np.take_along_axis(successor, listed, axis=1)
+        start = rng.integers(0, n, (rows, m))
+        k = np.asarray(hops)[rng.integers(0, len(hops), (rows, m))]
+        target = start.copy()
+        for step in range(1, max(hops) + 1):
+            moved = np.take_along_axis(successor, target, axis=1)
+            target = np.where(k >= step, moved, target)
+        questions = np.stack([self.hop_base + k - 1, self.query_base + start, self.answer_base + target], axis=2)
+        input_ids = np.concatenate([pairs, np.ones((rows, 1), dtype=np.int64), questions.reshape(rows, 3 * m)], 1)
+        labels = np.full_like(input_ids, -100)
+        answer_columns = n + 1 + 3 * np.arange(m) + 2
+        labels[:, answer_columns] = input_ids[:, answer_columns]
+        return {"input_ids": input_ids, "labels": labels, "hops": k}
+
+    def answers_by_following(self, input_ids: np.ndarray) -> np.ndarray:
+        """The answer to every question of each row, found by reading the row's own pair tokens and following them:
+        a check on `sample` that does not reuse its arithmetic. Returns (rows, queries) answer token ids."""
+        out = np.empty((len(input_ids), self.queries), dtype=np.int64)
+        for r, row in enumerate(input_ids.tolist()):
+            table = dict(divmod(token - self.pair_base, self.nodes) for token in row[: self.nodes])
+            for q in range(self.queries):
+                hop, query = row[self.nodes + 1 + 3 * q : self.nodes + 3 + 3 * q]
+                node = query - self.query_base
+                for _ in range(hop - self.hop_base + 1):
+                    node = table[node]
+                out[r, q] = self.answer_base + node
+        return out
+
+    def difficulty(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """The difficulty of each labelled position, in the order `labels != -100` lists them: its k."""
+        return batch["hops"].reshape(-1)
+
+
+@dataclass(frozen=True)
+class ParityTask:
+    """Running parity. Token ids: 0 and 1 are the bits, 2 and 3 the parities even and odd. The label at position t
+    is the parity of bits 0 .. t, put where a causal LM's loss reads the prediction made at t (labels[t + 1])."""
+
+    length: int = 32
+
+    name = "parity"
+    vocab_size = 4
+
+    @property
+    def buckets(self) -> list[int]:
+        """Position buckets 1-8, 9-16, 17-32, ... up to `length`."""
+        edges = [8]
+        while edges[-1] < self.length:
+            edges.append(2 * edges[-1])
+        return edges
+
+    def sample(self, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        # one extra bit: labels[t + 1] holds the parity through bit t, so the last bit is input only
+        bits = rng.integers(0, 2, (rows, self.length + 1))
+        parity = np.cumsum(bits, axis=1) % 2
+        labels = np.full_like(bits, -100)
+        labels[:, 1:] = 2 + parity[:, :-1]
+        return {"input_ids": bits, "labels": labels}
+
+    def difficulty(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Per labelled position: the number of bits its parity covers, as the bucket (upper bound) it falls in."""
+        rows = batch["labels"].shape[0]
+        covered = np.arange(1, self.length + 1)
+        bucket = np.asarray(self.buckets)[np.searchsorted(self.buckets, covered)]
+        return np.tile(bucket, rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    hidden_size: int = 64
+    heads: int = 4
+    layers: int = 1
+    steps: int = 1500
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    train_hops: int = 4
+    test_hops: int = 8
+    eval_rows: int = 256
+    halt_threshold: float = 0.9
+    parity_length: int = 32
+    parity_steps: int = 600
+
+
+def base_fields(task, settings: Settings) -> dict:
+    return dict(
+        vocab_size=task.vocab_size,
+        hidden_size=settings.hidden_size,
+        intermediate_size=2 * settings.hidden_size,
+        num_hidden_layers=settings.layers,
+        num_attention_heads=settings.heads,
+        num_key_value_heads=settings.heads,
+        max_position_embeddings=128,
+    )
+
+
+def ctm_config(task, settings: Settings, ticks: int) -> CTMConfig:
+    carry = {"ctm_carry": "chunk", "ctm_chunk_size": 1} if task.name == "parity" else {}
+    return CTMConfig(
+        **base_fields(task, settings),
+        ctm_layers="last",
+        ctm_ticks=ticks,
+        ctm_memory_length=4,
+        ctm_n_synch_out=settings.hidden_size // 2,
+        ctm_n_synch_action=settings.hidden_size // 2,
+        ctm_nlm_hidden_size=8,
+        ctm_synapse_depth=2,
+        ctm_tick_embeddings=False,
+        ctm_input_injection="every_tick",
+        ctm_sync_seed="zero",
+        ctm_readout_norm="rms",
+        **carry,
+    )
+
+
+def transformer_config(task, settings: Settings, layers: int) -> CTMConfig:
+    return CTMConfig(**{**base_fields(task, settings), "num_hidden_layers": layers}, ctm_layers="none")
+
+
+def parameter_count(config: CTMConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in CTMForCausalLM(config).parameters())
+
+
+def matched_layers(task, settings: Settings, target: float, measure) -> int:
+    """The plain transformer's layer count (1..12) whose `measure(config)` is closest to `target`."""
+    return min(range(1, 13), key=lambda n: abs(measure(transformer_config(task, settings, n)) - target))
+
+
+@contextlib.contextmanager
+def thinking_time(model: CTMForCausalLM, ticks: int | None = None, halt_threshold: float | None = None):
+    """Run `model`'s thinking blocks at another tick count (tick embeddings off, so any K is defined) and/or with a
+    halting threshold, then restore them."""
+    blocks = [layer.thinking for layer in model.model.layers if layer.is_thinking]
+    saved = [(block.ticks, block.halt_threshold) for block in blocks]
+    try:
+        for block in blocks:
+            block.ticks = ticks if ticks is not None else block.ticks
+            block.halt_threshold = halt_threshold
+        yield
+    finally:
+        for block, (k, halt) in zip(blocks, saved):
+            block.ticks, block.halt_threshold = k, halt
+
+
+class TicksUsed(CTMTickObserver):
+    """Counts, per position of the last call, the ticks that changed the token (1 + the later ticks it had not halted
+    before)."""
+
+    def __init__(self):
+        self.used = None
+
+    def on_tick(self, event):
+        B, n = event.columns.shape
+        if self.used is None:
+            self.used = torch.zeros(B, event.sequence_length)
+        active = torch.ones(B, n) if event.halted is None else (~event.halted).float()
+        self.used.scatter_add_(1, event.columns, active * event.valid.float())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training and scoring
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def training_rows(task, settings: Settings, rows: int, seed: int) -> Dataset:
+    rng = np.random.default_rng(10_000 + seed)
+    if task.name == "khop":
+        batch = task.sample(rows, list(range(1, settings.train_hops + 1)), rng)
+    else:
+        batch = task.sample(rows, rng)
+    return Dataset.from_dict({"input_ids": batch["input_ids"].tolist(), "labels": batch["labels"].tolist()})
+
+
+def train(model: CTMForCausalLM, task, settings: Settings, steps: int, seed: int) -> dict:
+    """CTMTrainer on fresh items; returns the wall seconds and the training-loss curve."""
+    data = training_rows(task, settings, steps * settings.batch_size, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = experiment_training_arguments(
+            tmp,
+            max_steps=steps,
+            per_device_train_batch_size=settings.batch_size,
+            learning_rate=settings.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, steps // 20),
+            weight_decay=0.01,
+            seed=seed,
+            data_seed=seed,
+            logging_steps=max(1, steps // 20),
+            remove_unused_columns=False,
+        )
+        trainer = CTMTrainer(model=model, args=args, train_dataset=data)
+        trainer.remove_callback(PrinterCallback)  # the curve is kept in results.json, not printed per log step
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+    curve = [(row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row]
+    return {"train_seconds": seconds, "curve": curve}
+
+
+def evaluation_sets(task, settings: Settings) -> dict[int, dict[str, np.ndarray]]:
+    """Held-out items (a seed no training run uses): per difficulty for khop, one set for parity."""
+    rng = np.random.default_rng(999)
+    if task.name == "khop":
+        return {k: task.sample(settings.eval_rows, [k], rng) for k in range(1, settings.test_hops + 1)}
+    return {0: task.sample(settings.eval_rows, rng)}
+
+
+@torch.no_grad()
+def score(model: CTMForCausalLM, task, sets, ticks_used: bool = False) -> dict:
+    """Accuracy per difficulty; with `ticks_used`, the mean ticks the thinking layer used per difficulty; and the
+    selected tick with its difficulty (for E2)."""
+    model.eval()
+    correct, used, selected, difficulty = {}, {}, [], []
+    for batch in sets.values():
+        ids = torch.as_tensor(batch["input_ids"])
+        labels = torch.as_tensor(batch["labels"])
+        counter = TicksUsed()
+        with model.observing(counter) if ticks_used else contextlib.nullcontext():
+            out = model(ids)
+        where = labels[:, 1:] != -100  # the prediction for labels[t + 1] is made at t
+        hits = (out.logits[:, :-1].argmax(-1) == labels[:, 1:])[where].numpy()
+        level = task.difficulty(batch)
+        for value in np.unique(level):
+            correct.setdefault(int(value), []).extend(hits[level == value].tolist())
+            if ticks_used:
+                used.setdefault(int(value), []).extend(counter.used[:, :-1][where].numpy()[level == value].tolist())
+        if out.selected_tick is not None:
+            selected.extend(out.selected_tick[:, :-1][where].tolist())
+            difficulty.extend(level.tolist())
+    result = {"accuracy": {str(k): float(np.mean(v)) for k, v in sorted(correct.items())}}
+    if ticks_used:
+        result["mean_ticks"] = {str(k): float(np.mean(v)) for k, v in sorted(used.items())}
+    result["_selected"] = (selected, difficulty)
+    return result
+
+
+def e2(selected_and_difficulty) -> dict:
+    selected, difficulty = selected_and_difficulty
+    if len(set(selected)) < 2:
+        return {"spearman": None, "p_value": None, "note": "the readout selected one tick for every item"}
+    rho, p = spearmanr(selected, difficulty)
+    return {"spearman": float(rho), "p_value": float(p)}
+
+
+def run_seed(task, settings: Settings, seed: int, arms: list[str]) -> dict:
+    sets = evaluation_sets(task, settings)
+    steps = settings.steps if task.name == "khop" else settings.parity_steps
+    length = task.length
+    ctm_params = parameter_count(ctm_config(task, settings, 1))
+    k4_flops = flops.model_flops(ctm_config(task, settings, 4), length)["forward"]
+    sizes = {
+        "transformer_iso_params": matched_layers(task, settings, ctm_params, parameter_count),
+        "transformer_iso_flops": matched_layers(
+            task, settings, k4_flops, lambda c: flops.model_flops(c, length)["forward"]
+        ),
+    }
+    record, models = {"seed": seed}, {}
+    for arm in arms:
+        if arm in ("k4_test_k8", "halting"):
+            continue
+        set_seed(seed)
+        if arm in CTM_TICKS:
+            config = ctm_config(task, settings, CTM_TICKS[arm])
+        else:
+            config = transformer_config(task, settings, sizes[arm])
+        model = CTMForCausalLM(config)
+        trained = train(model, task, settings, steps, seed)
+        scored = score(model, task, sets)
+        models[arm] = model
+        record[arm] = {
+            "accuracy": scored["accuracy"],
+            "parameters": parameter_count(config),
+            "layers": config.num_hidden_layers,
+            "forward_flops_per_token": flops.model_flops(config, length)["forward"],
+            **trained,
+        }
+        if arm == "k8":
+            record["e2"] = e2(scored["_selected"])
+    if "k4_test_k8" in arms and "k4" in models:
+        with thinking_time(models["k4"], ticks=8):
+            record["k4_test_k8"] = {"accuracy": score(models["k4"], task, sets)["accuracy"]}
+    if "halting" in arms and "k8" in models:
+        with thinking_time(models["k8"], halt_threshold=settings.halt_threshold):
+            scored = score(models["k8"], task, sets, ticks_used=True)
+        record["halting"] = {"accuracy": scored["accuracy"], "mean_ticks": scored["mean_ticks"]}
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Summary
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def summarize(per_seed: list[dict], arms: list[str]) -> dict:
+    """Per arm: each per-difficulty metric as {difficulty: {"mean", "sd"}} over seeds."""
+    out = {}
+    for arm in arms:
+        rows = [record[arm] for record in per_seed if arm in record]
+        if not rows:
+            continue
+        entry = {"description": ARMS[arm]}
+        for metric in ("accuracy", "mean_ticks"):
+            if metric in rows[0]:
+                entry[metric] = {}
+                for level in rows[0][metric]:
+                    mean, sd = mean_sd(row[metric][level] for row in rows)
+                    entry[metric][level] = {"mean": mean, "sd": sd}
+        for field in ("parameters", "layers", "forward_flops_per_token"):
+            if field in rows[0]:
+                entry[field] = rows[0][field]
+        if "train_seconds" in rows[0]:
+            entry["train_seconds"] = mean_sd(row["train_seconds"] for row in rows)[0]
+        out[arm] = entry
+    return out
+
+
+def task_table(name: str, arms: dict, difficulty_label: str) -> str:
+    levels = list(next(iter(arms.values()))["accuracy"])
+    head = "| arm | layers | params | FLOPs/token | " + " | ".join(f"{difficulty_label}={k}" for k in levels) + " |"
+    lines = [f"### {name}: accuracy (mean ± sd over seeds)", "", head, "|" + "---|" * (4 + len(levels))]
+    for arm, entry in arms.items():
+        cells = [format_mean_sd(entry["accuracy"][k]["mean"], entry["accuracy"][k]["sd"], 2) for k in levels]
+        flops_cell = f"{entry['forward_flops_per_token'] / 1e6:.2f} M" if "forward_flops_per_token" in entry else ""
+        lines.append(
+            f"| {arm} | {entry.get('layers', '')} | {entry.get('parameters', '')} | {flops_cell} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    if "halting" in arms and "mean_ticks" in arms["halting"]:
+        ticks = arms["halting"]["mean_ticks"]
+        lines += ["", "halting, mean ticks used: " + ", ".join(f"{k}: {v['mean']:.2f}" for k, v in ticks.items())]
+    return "\n".join(lines)
+
+
+def draw(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(result["arms"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, name in zip(axes[0], tasks):
+        for arm, entry in result["arms"][name].items():
+            levels = list(entry["accuracy"])
+            means = [entry["accuracy"][k]["mean"] for k in levels]
+            sds = [entry["accuracy"][k]["sd"] for k in levels]
+            ax.errorbar([int(k) for k in levels], means, yerr=sds, label=arm, marker="o", capsize=2)
+        ax.set_title(name)
+        ax.set_xlabel("hops k" if name == "khop" else "bits covered (bucket)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = experiment_parser(__doc__, default_out="eval/results/thinking_tasks")
+    parser.add_argument("--tasks", default="khop,parity")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--steps", type=int, default=None, help="khop training steps per arm")
+    parser.add_argument("--parity-steps", type=int, default=None)
+    args = parser.parse_args(argv)
+    settings = Settings()
+    if args.quick:
+        settings = Settings(steps=30, parity_steps=10, eval_rows=32, batch_size=16, parity_length=16)
+    if args.steps is not None:
+        settings.steps = args.steps
+    if args.parity_steps is not None:
+        settings.parity_steps = args.parity_steps
+    arms = args.arms.split(",")
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        parser.error(f"--arms got {unknown}: allowed arms are {list(ARMS)}")
+    for arm, needs in {"k4_test_k8": "k4", "halting": "k8"}.items():  # these re-run another arm's model
+        if arm in arms and needs not in arms:
+            parser.error(f"--arms: {arm} runs the {needs} model, so it needs {needs} in --arms too")
+    tasks = {"khop": KHopTask(max_hops=settings.test_hops), "parity": ParityTask(length=settings.parity_length)}
+    chosen = args.tasks.split(",")
+    if not set(chosen) <= set(tasks):
+        parser.error(f"--tasks got {chosen}: allowed tasks are {list(tasks)}")
+
+    load = MachineLoad()
+    before = load.sample()
+    result = {"settings": {**asdict(settings), "seeds": args.seeds, "arms": arms}, "per_seed": {}, "arms": {}, "e2": {}}
+    for name in chosen:
+        task = tasks[name]
+        per_seed = [run_seed(task, settings, seed, arms) for seed in range(args.seeds)]
+        result["per_seed"][name] = per_seed
+        result["arms"][name] = summarize(per_seed, arms)
+        result["e2"][name] = [record.get("e2") for record in per_seed]
+        print(task_table(name, result["arms"][name], "k" if name == "khop" else "bits"), flush=True)
+    result["machine_load"] = load.foreign(before, load.sample())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    draw(result, out / "accuracy.png")
+    markdown = ["# The thinking suite", "", f"{args.seeds} seed(s); settings: `{asdict(settings)}`", ""]
+    for name, arms_of_task in result["arms"].items():
+        label = "k" if name == "khop" else "bits"
+        markdown += [task_table(name, arms_of_task, label), "", f"E2 (k8) per seed: {result['e2'][name]}", ""]
+    markdown += ["![accuracy per difficulty](accuracy.png)", ""]
+    write_results(out, result, "\n".join(markdown))
+    return result
+
+
+if __name__ == "__main__":
+    main()

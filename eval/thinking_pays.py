@@ -61,6 +61,7 @@ from transformers import TrainingArguments, set_seed  # noqa: E402
 
 from modeling_ctm import CTMForCausalLM  # noqa: E402
 from modeling_ctm.experiments import MachineLoad, experiment_training_arguments  # noqa: E402
+from modeling_ctm.gauge import block_health  # noqa: E402
 from modeling_ctm.training.data import load_text_dataset, pack_dataset  # noqa: E402
 from modeling_ctm.training.phases import freeze_for_thinking, language_config, start_thinking  # noqa: E402
 from modeling_ctm.training.tokenization import get_tokenizer, load_tokenizer  # noqa: E402
@@ -79,9 +80,13 @@ ARMS = {
     "exact_start_k1": "exact_start with K=1",
     "exact_start_rms": "exact_start, readout of RMS-normed S_out",
     "exact_start_gated": "exact_start, gated readout (RMS-normed S_out, random out_proj, gate at 0)",
+    "exact_start_awake": "exact_start_gated + sync accumulators seeded from zero + the token's input at every tick",
 }
 E2_ARMS = ("exact_start", "exact_start_gated")  # tick specialisation is measured on these models
-READOUT_NORMS = {"exact_start_rms": "rms", "exact_start_gated": "rms_gate"}
+READOUT_NORMS = {"exact_start_rms": "rms", "exact_start_gated": "rms_gate", "exact_start_awake": "rms_gate"}
+# the awake block (issue 26): what keeps the block's state a function of the token
+AWAKE = {"exact_start_awake": {"ctm_sync_seed": "zero", "ctm_input_injection": "every_tick"}}
+GAUGE = ("block_to_residual", "block_to_mlp", "sync_variation", "entry_share")  # block_health, per CTM arm
 READOUTS = ("final", "readout", "most_certain", "argmin")
 
 
@@ -198,6 +203,7 @@ def build_arm(arm: str, phase1: CTMForCausalLM, settings: Settings) -> CTMForCau
         ctm_mlp="replace" if arm == "replace" else "keep",
         ctm_readout_norm=READOUT_NORMS.get(arm, "none"),
         **settings.thinking_fields(ticks),
+        **AWAKE.get(arm, {}),
     )
     freeze_for_thinking(model, "non_thinking_ffn")
     return model
@@ -360,6 +366,10 @@ def run(
             }
             if arm in E2_ARMS:
                 entry["e2"] = tick_specialisation(scores["blocks"], difficulty)
+            if model.config.ctm_layer_indices:  # is the block awake? the gauge on the first held-out blocks
+                health = block_health(model, torch.stack(texts["blocks"][:8]))["layers"]
+                (layer,) = health.values()
+                entry.update({f"gauge_{key}": layer[key] for key in GAUGE if layer[key] is not None})
             row["arms"][arm] = entry
             log(
                 f"seed {seed} {arm:<20} blocks readout {entry['blocks_readout_ce']:.4f} final "
@@ -373,6 +383,8 @@ def run(
     for arm in arm_names:
         summary = {"description": ARMS[arm]}
         for key in metrics:
+            if key not in per_seed[0]["arms"][arm]:  # the gauge exists for CTM arms only
+                continue
             mean, sd = mean_sd([row["arms"][arm][key] for row in per_seed])
             summary[key] = {"mean": mean, "sd": sd}
         summary["readout_ce"] = summary["blocks_readout_ce"]  # the headline: deployable readout on held-out blocks
@@ -482,6 +494,18 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_gauge(result: dict) -> str:
+    """The block-health gauge of every CTM arm (is the block awake?)."""
+    rows = {arm: row for arm, row in result["arms"].items() if "gauge_sync_variation" in row}
+    if not rows:
+        return ""
+    lines = ["| arm | " + " | ".join(GAUGE) + " |", "|" + "---|" * (len(GAUGE) + 1)]
+    for arm, row in rows.items():
+        cells = [_pm(row[f"gauge_{key}"]) if f"gauge_{key}" in row else "-" for key in GAUGE]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "Block-health gauge of the thinking layer (8 held-out blocks):\n\n" + "\n".join(lines) + "\n\n"
+
+
 def format_e2(arm: str, e2: dict) -> str:
     fmt = lambda pairs: ", ".join(f"{m:.3f} ± {d:.3f}" for m, d in pairs)  # noqa: E731
     ablation = "\n".join(
@@ -508,7 +532,7 @@ def format_markdown(result: dict, table: str) -> str:
         f"Held-out cross-entropy in nats/token, mean ± sd over seeds (new weights and batch order vary; the phase-1 "
         f"checkpoint is shared). Readout = the deployable `{s['readout']}`; argmin is an oracle. "
         f"Machine: {result['machine']} (shared CPU; wall times are indicative).\n\n{table}\n\n"
-        f"**Answer.** {result['answer']}\n\n{e2}"
+        f"**Answer.** {result['answer']}\n\n{format_gauge(result)}{e2}"
         "E14 (depth vs thinking time at iso-FLOPs): eval/iso_flops_e14.py.\n"
     )
 

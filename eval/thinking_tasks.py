@@ -4,10 +4,12 @@ Tasks (generated in code; every item is one token; each has a difficulty knob):
 
     khop    k-hop lookup in context. A random successor function f over `nodes` nodes (one cycle, so the k-th
             successor differs for every k < nodes) is written as one pair token per node, P(a, f(a)), in random order;
-            then SEP and `queries` questions "HOP_k Q_x A_y": start at x, follow k hops, answer y = f^k(x). The loss
-            and the accuracy are on the answer tokens only; chance is 1 / nodes. A pair is one token so that a hop
-            is one content lookup (no previous-token circuit needed first): one attention layer can do one hop, so a
-            plain transformer needs about k layers for k hops, and a CTM layer can do one hop per tick. Difficulty: k.
+            then SEP and `queries` questions "Q(k, x) A_y": start at x, follow k hops, answer y = f^k(x). The loss
+            and the accuracy are on the answer tokens only; chance is 1 / nodes. A pair is one token, and so is a
+            question, so that a hop is one content lookup with no previous-token circuit needed first (a tiny model
+            does not form one within the CPU budget: with the hop count as its own token before Q_x, no arm left
+            chance in 600 steps): one attention layer can do one hop, so a plain transformer needs about k layers
+            for k hops, and a CTM layer can do one hop per tick. Difficulty: k.
     parity  running parity (the S2 word problem): a string of bits, and at every position the parity of the bits
             so far. With `ctm_carry="chunk", ctm_chunk_size=1` the CTM's carried state makes the block a recurrence.
             Difficulty: the position (accuracy per position bucket).
@@ -86,8 +88,8 @@ ARMS = {
 
 @dataclass(frozen=True)
 class KHopTask:
-    """k-hop lookup in context. Token ids: 0 PAD, 1 SEP, 2 .. 1+max_hops HOP_k, then Q_x (x < nodes), A_y, and the
-    pair tokens P(a, b) = pair_base + a * nodes + b."""
+    """k-hop lookup in context. Token ids: 0 PAD, 1 SEP, the questions Q(k, x) = query_base + (k - 1) * nodes + x,
+    the answers A_y = answer_base + y, and the pair tokens P(a, b) = pair_base + a * nodes + b."""
 
     nodes: int = 12
     queries: int = 8
@@ -99,17 +101,11 @@ class KHopTask:
         if not 1 <= self.max_hops < self.nodes:
             raise ValueError(f"max_hops={self.max_hops} is invalid: allowed values are 1 .. nodes - 1 = {self.nodes - 1}")
 
-    @property
-    def hop_base(self) -> int:
-        return 2
-
-    @property
-    def query_base(self) -> int:
-        return self.hop_base + self.max_hops
+    query_base = 2
 
     @property
     def answer_base(self) -> int:
-        return self.query_base + self.nodes
+        return self.query_base + self.max_hops * self.nodes
 
     @property
     def pair_base(self) -> int:
@@ -121,7 +117,7 @@ class KHopTask:
 
     @property
     def length(self) -> int:
-        return self.nodes + 1 + 3 * self.queries
+        return self.nodes + 1 + 2 * self.queries
 
     def sample(self, rows: int, hops: list[int], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """`rows` items; each query's hop count drawn uniformly from `hops`. Returns input_ids and labels (T each),
@@ -138,10 +134,10 @@ class KHopTask:
         for step in range(1, max(hops) + 1):
             moved = np.take_along_axis(successor, target, axis=1)
             target = np.where(k >= step, moved, target)
-        questions = np.stack([self.hop_base + k - 1, self.query_base + start, self.answer_base + target], axis=2)
-        input_ids = np.concatenate([pairs, np.ones((rows, 1), dtype=np.int64), questions.reshape(rows, 3 * m)], 1)
+        questions = np.stack([self.query_base + (k - 1) * n + start, self.answer_base + target], axis=2)
+        input_ids = np.concatenate([pairs, np.ones((rows, 1), dtype=np.int64), questions.reshape(rows, 2 * m)], 1)
         labels = np.full_like(input_ids, -100)
-        answer_columns = n + 1 + 3 * np.arange(m) + 2
+        answer_columns = n + 1 + 2 * np.arange(m) + 1
         labels[:, answer_columns] = input_ids[:, answer_columns]
         return {"input_ids": input_ids, "labels": labels, "hops": k}
 
@@ -152,9 +148,8 @@ class KHopTask:
         for r, row in enumerate(input_ids.tolist()):
             table = dict(divmod(token - self.pair_base, self.nodes) for token in row[: self.nodes])
             for q in range(self.queries):
-                hop, query = row[self.nodes + 1 + 3 * q : self.nodes + 3 + 3 * q]
-                node = query - self.query_base
-                for _ in range(hop - self.hop_base + 1):
+                hops, node = divmod(row[self.nodes + 1 + 2 * q] - self.query_base, self.nodes)
+                for _ in range(hops + 1):
                     node = table[node]
                 out[r, q] = self.answer_base + node
         return out
@@ -500,6 +495,9 @@ def main(argv=None):
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--steps", type=int, default=None, help="khop training steps per arm")
     parser.add_argument("--parity-steps", type=int, default=None)
+    parser.add_argument("--train-hops", type=int, default=None, help="khop: train on k = 1 .. this")
+    parser.add_argument("--nodes", type=int, default=12, help="khop: nodes of the successor cycle (chance 1/nodes)")
+    parser.add_argument("--learning-rate", type=float, default=None)
     args = parser.parse_args(argv)
     settings = Settings()
     if args.quick:
@@ -508,6 +506,10 @@ def main(argv=None):
         settings.steps = args.steps
     if args.parity_steps is not None:
         settings.parity_steps = args.parity_steps
+    if args.train_hops is not None:
+        settings.train_hops = args.train_hops
+    if args.learning_rate is not None:
+        settings.learning_rate = args.learning_rate
     arms = args.arms.split(",")
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
@@ -515,7 +517,7 @@ def main(argv=None):
     for arm, needs in {"k4_test_k8": "k4", "halting": "k8"}.items():  # these re-run another arm's model
         if arm in arms and needs not in arms:
             parser.error(f"--arms: {arm} runs the {needs} model, so it needs {needs} in --arms too")
-    tasks = {"khop": KHopTask(max_hops=settings.test_hops), "parity": ParityTask(length=settings.parity_length)}
+    tasks = {"khop": KHopTask(nodes=args.nodes, max_hops=settings.test_hops), "parity": ParityTask(length=settings.parity_length)}
     chosen = args.tasks.split(",")
     if not set(chosen) <= set(tasks):
         parser.error(f"--tasks got {chosen}: allowed tasks are {list(tasks)}")

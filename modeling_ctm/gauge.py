@@ -8,6 +8,9 @@ from .cache_ctm import read_synchronisation
 from .observers_ctm import CTMTickObserver
 
 
+GAUGE_FIELDS = ("block_to_residual", "block_to_mlp", "sync_variation", "entry_share")  # the per-layer scalars
+
+
 def _ratio(numerator: float, denominator: float) -> float | None:
     return None if denominator == 0.0 else numerator / denominator
 

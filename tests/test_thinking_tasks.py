@@ -28,10 +28,12 @@ def test_khop_difficulty_is_the_number_of_hops_and_no_fewer_hops_give_the_answer
     for k in (1, 3, 8):
         batch = task.sample(30, [k], np.random.default_rng(k))
         assert (batch["hops"] == k).all() and (task.difficulty(batch) == k).all()
-        # the HOP token says k; rewriting it to j < k must change every answer (one cycle: f^j(x) != f^k(x))
+        # the question token says k; rewriting it to j < k must change every answer (one cycle: f^j(x) != f^k(x))
+        questions = batch["input_ids"][:, task.nodes + 1 :: 2]
+        assert ((questions - task.query_base) // task.nodes == k - 1).all()
         for j in range(1, k):
             fewer = batch["input_ids"].copy()
-            fewer[:, task.nodes + 1 :: 3] = task.hop_base + j - 1
+            fewer[:, task.nodes + 1 :: 2] = questions - (k - j) * task.nodes
             assert (task.answers_by_following(fewer) != task.answers_by_following(batch["input_ids"])).all()
 
 

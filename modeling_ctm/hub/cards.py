@@ -49,11 +49,13 @@ def write_model_card(
     model_id: str | None = None,
     repo_url: str | None = None,
     sample_prompt: str = "It is a truth universally acknowledged",
+    thinking_map: str | None = None,
 ) -> ModelCard:
     """Render the phase card into `folder/README.md` (written atomically) and return it.
 
     `repo_url` links the project's source when it has a public home; None (the default) names the package without a
-    link, so that a card never points at a repository that does not exist."""
+    link, so that a card never points at a repository that does not exist. `thinking_map`: a picture in `folder` of
+    the phase's thinking per layer and tick, shown in the card."""
     phase_info = get_phase(phase)
     config = model.config
     folder = Path(folder)
@@ -87,9 +89,15 @@ def write_model_card(
         train_seconds=f"{train_seconds:.0f}",
         hardware=hardware,
         base_model=base_model,
-        metrics={key: (f"{value:.4f}" if isinstance(value, float) else value) for key, value in metrics.items()},
+        metrics={
+            key: (f"{value:.4f}" if isinstance(value, float) else value)
+            for key, value in metrics.items()
+            if not key.startswith("gauge_")  # the gauge has its own section
+        },
         readout=config.ctm_readout if config.ctm_layer_indices else "final layer (no thinking layers)",
         samples=[sample.replace("\n", " ") for sample in samples],
+        thinking_map=thinking_map,
+        gauge={key: value for key, value in metrics.items() if key.startswith("gauge_")},
     )
     atomic_write(folder / "README.md", card.save)
     return card

@@ -18,6 +18,7 @@ import yaml
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
 from ..configuration_ctm import CTMConfig
+from ..gauge import GAUGE_FIELDS, block_health
 from ..hub.cards import write_model_card
 from ..memory.plasticity import memory_held_bytes
 from ..memory.session import CTMOnlineSession, OnlineConfig, session_from_spec
@@ -158,6 +159,10 @@ class PhaseResult:
     extra: dict = field(default_factory=dict)
 
 
+GAUGE_BLOCKS = 8  # held-out blocks the gauge and the thinking map read after every phase
+THINKING_MAP = "thinking.png"
+
+
 def finish_phase(
     trainer,
     phase: int,
@@ -180,6 +185,10 @@ def finish_phase(
         metrics.update(evaluate_documents(model, data.tokenizer, data.paragraphs, prefix="paragraphs"))
     metrics["unigram_baseline_loss"] = data.unigram_nats
     metrics.update(extra_metrics or {})
+    gauge_blocks = torch.tensor(data.eval["input_ids"][:GAUGE_BLOCKS]) if model.config.ctm_layer_indices else None
+    if gauge_blocks is not None:  # is each thinking block awake? (card, eval_results.json, summary)
+        for idx, layer in block_health(model, gauge_blocks)["layers"].items():
+            metrics.update({f"gauge_layer{idx}_{key}": layer[key] for key in GAUGE_FIELDS if layer[key] is not None})
     samples = greedy_samples(model, data.tokenizer, **preset["samples"])
     phase_info, previous = get_phase(phase), get_phase(phase - 1) if phase > 1 else None
     folder = run_dir / phase_info.folder / "model"
@@ -205,8 +214,15 @@ def finish_phase(
             hardware=hardware,
             base_model=f"ctm-{preset['name']}-{previous.folder}" if base_model and previous else None,
             model_id=f"ctm-{preset['name']}-{phase_info.folder}",
+            thinking_map=THINKING_MAP if gauge_blocks is not None else None,
         )
         (target / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+        if gauge_blocks is not None:  # the phase's thinking (per layer and tick), shown in the card
+            from ..fmri import draw_thinking_map
+            from ..observers_ctm import summarize_probe
+
+            _, probed = model.probe(gauge_blocks)
+            draw_thinking_map(summarize_probe(probed), target / THINKING_MAP, title=f"phase {phase}: held-out blocks")
         if write_extra is not None:
             write_extra(target)
 

@@ -50,6 +50,7 @@ def test_main_job_runs_the_four_phases_and_writes_cards(tmp_path):
     assert [p["phase"] for p in summary["phases"]] == [1, 2, 3, 4]
     report = (run_dir / "summary.md").read_text()
     assert "| 3 continuity |" in report and "| 4 online |" in report and "Phase 4 lived 2 conversations" in report
+    assert "block / residual" in report and "S_out variation" in report
     for entry in summary["phases"]:
         folder = Path(entry["folder"])
         card = ModelCard.load(folder / "README.md")
@@ -64,7 +65,13 @@ def test_main_job_runs_the_four_phases_and_writes_cards(tmp_path):
         assert not folder.with_name("model.tmp").exists()
         if entry["phase"] == 1:
             assert model.config.ctm_layer_indices == []
+            assert not (folder / "thinking.png").exists() and not any(k.startswith("gauge_") for k in entry["metrics"])
         else:
+            # the block-health gauge in the metrics and the card, and the phase's thinking map shown in the card
+            last = model.config.num_hidden_layers - 1
+            assert 0 <= entry["metrics"][f"gauge_layer{last}_entry_share"] <= 1
+            assert "Is the thinking block awake?" in card.text and f"gauge_layer{last}_sync_variation" in card.text
+            assert (folder / "thinking.png").stat().st_size > 1000 and "](thinking.png)" in card.text
             assert model.config.ctm_mlp == "keep" and model.config.ctm_readout == "tick_mixture"
             assert entry["metrics"]["eval_loss_readout"] == entry["metrics"]["eval_loss_tick_mixture"]
             for key in ("eval_loss_final_tick", "eval_loss_most_certain_tick", "eval_bpb_final_tick",

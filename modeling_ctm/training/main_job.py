@@ -30,6 +30,8 @@ COLUMNS = [
     ("para_final", "paragraphs: final"),
     ("para_certain", "paragraphs: most-certain"),
     ("para_mixture", "paragraphs: mixture"),
+    ("gauge_residual", "block / residual"),
+    ("gauge_variation", "S_out variation"),
 ]
 
 
@@ -57,7 +59,15 @@ def summary_row(result) -> dict:
         "para_final": value("paragraphs_loss_final_tick", "paragraphs_loss"),
         "para_certain": value("paragraphs_loss_most_certain_tick") if thinks else "-",
         "para_mixture": value("paragraphs_loss_tick_mixture") if thinks else "-",
+        "gauge_residual": gauge_cell(m, "block_to_residual"),
+        "gauge_variation": gauge_cell(m, "sync_variation"),
     }
+
+
+def gauge_cell(m: dict, field: str) -> str:
+    """One block-health gauge field for every thinking layer (`a / b` with several), "-" without thinking layers."""
+    values = [value for key, value in sorted(m.items()) if key.startswith("gauge_layer") and key.endswith(field)]
+    return " / ".join(f"{value:.3g}" for value in values) or "-"
 
 
 def bpb_of_readout(m: dict) -> str:
@@ -111,7 +121,9 @@ def main_job(preset: dict, run_dir: Path, resume: bool = False, push_to_hub: str
         f"# Run `{run_dir}` (preset `{preset['name']}`)\n\n{table}\n\n"
         f"Held-out unigram baseline: {data.unigram_nats:.3f} nats/token. Total wall time {total:.0f} s.\n"
         f"Losses in nats/token on {data.eval_description}; bpb = bits per UTF-8 byte. The deployed readout is the "
-        f"tick `ctm_readout` selects (what `logits` and `generate` use); argmin is the optimistic oracle.\n\n"
+        f"tick `ctm_readout` selects (what `logits` and `generate` use); argmin is the optimistic oracle. "
+        f"block / residual and S_out variation are the block-health gauge of each thinking layer (`ctm inspect`): "
+        f"near 0, the block adds nothing or a constant.\n\n"
         f"## Greedy samples\n\n{samples}\n"
     )
     atomic_write(run_dir / "summary.md", lambda tmp: Path(tmp).write_text(report))

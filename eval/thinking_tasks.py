@@ -496,6 +496,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="khop training steps per arm")
     parser.add_argument("--parity-steps", type=int, default=None)
     parser.add_argument("--train-hops", type=int, default=None, help="khop: train on k = 1 .. this")
+    parser.add_argument("--test-hops", type=int, default=None, help="khop: test on k = 1 .. this (< nodes)")
     parser.add_argument("--nodes", type=int, default=12, help="khop: nodes of the successor cycle (chance 1/nodes)")
     parser.add_argument("--learning-rate", type=float, default=None)
     args = parser.parse_args(argv)
@@ -508,6 +509,8 @@ def main(argv=None):
         settings.parity_steps = args.parity_steps
     if args.train_hops is not None:
         settings.train_hops = args.train_hops
+    if args.test_hops is not None:
+        settings.test_hops = args.test_hops
     if args.learning_rate is not None:
         settings.learning_rate = args.learning_rate
     arms = args.arms.split(",")

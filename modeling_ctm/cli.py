@@ -96,6 +96,25 @@ def _inspect(args) -> None:
         cells = " ".join(f"{'-' if layer[c] is None else format(layer[c], '.4g'):>17}" for c in columns)
         print(f"{idx:>5} {cells}  " + " ".join(format(x, ".3g") for x in layer["tick_change"]))
     print("tick CE: " + " ".join(format(x, ".4f") for x in health["tick_ce"]) + f"   served CE: {health['ce']:.4f}")
+    if args.carry:
+        _print_carry(model, tokenizer, spec, args.carry)
+
+
+def _print_carry(model, tokenizer, spec: dict, tokens: int) -> None:
+    """The long-carry profile (`gauge.carry_profile`) at a few positions of one stream of held-out text."""
+    import torch
+
+    from .gauge import carry_profile
+    from .training.data import load_text_dataset
+
+    text = "\n\n".join(load_text_dataset(spec["source"])["validation"]["text"])
+    stream = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:tokens])[None]
+    positions = sorted({p for p in (0, 48, 128, 384, 1000, stream.shape[1] - 1) if p < stream.shape[1]})
+    print(f"carried along {stream.shape[1]} tokens (ctm_carry={model.config.ctm_carry!r}):")
+    for idx, profile in carry_profile(model, stream).items():
+        for name in ("beta_out", "sync_norm", "tick0_convergence"):
+            cells = "  ".join(f"@{p}: {profile[name][p].item():.4g}" for p in positions)
+            print(f"  layer {idx} {name:>17}  {cells}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("checkpoint", type=Path, help="a model folder")
     inspect.add_argument("--blocks", type=int, default=4, help="how many held-out blocks to measure on")
     inspect.add_argument("--preset", default="tiny", help="the preset whose held-out data to use")
+    inspect.add_argument(
+        "--carry", type=int, default=0, metavar="TOKENS",
+        help="also follow the carried state along this many held-out tokens read as one stream (beta, tick-0 sync)",
+    )  # fmt: skip
     inspect.set_defaults(run=_inspect)
     chat = commands.add_parser("chat", help="talk to a model with its memory stack on")
     chat.add_argument("checkpoint", type=Path, help="a model folder with ctm_carry='chunk' (phase 3 or 4)")

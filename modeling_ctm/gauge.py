@@ -133,3 +133,54 @@ def block_health(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         "tick_ce": [] if tick_losses is None else [float(x) for x in tick_losses],
         "ce": float(output.loss),
     }
+
+
+class _CarryObserver(CTMTickObserver):
+    """Per thinking layer and real token: the tick-0 sync convergence, and beta_out and ||S_out|| after its last
+    tick. `offset` is the position of the current call's first column in the whole stream."""
+
+    def __init__(self):
+        self.offset = 0
+        self.records = {}  # layer -> {"position", "tick0_convergence", "beta_out", "sync_norm"} lists of tensors
+
+    def on_tick(self, event) -> None:
+        layer = self.records.setdefault(
+            event.layer_idx, {"position": [], "tick0_convergence": [], "beta_out": [], "sync_norm": []}
+        )
+        valid = event.valid
+        if event.tick == 0:
+            layer["position"].append(event.columns[valid] + self.offset)
+            layer["tick0_convergence"].append(event.block.sync_convergence(event.before, event.after)[valid])
+        if event.tick == event.block.ticks - 1:
+            layer["beta_out"].append(event.after.beta_out.float().mean(dim=-1)[valid])
+            sync = read_synchronisation(event.after.alpha_out, event.after.beta_out)
+            layer["sync_norm"].append(sync.norm(dim=-1)[valid])
+
+
+@torch.no_grad()
+def carry_profile(model, input_ids: torch.Tensor, segment: int = 128) -> dict:
+    """The carried thinking state along one long stream `input_ids` (1, T), fed in cached segments of `segment`
+    tokens the way a long conversation is decoded. Returns `{layer_idx: {"position", "tick0_convergence",
+    "beta_out", "sync_norm"}}`, each a (T,) float tensor in stream order: the tick-0 sync convergence of each token
+    (how settled S_out already is when the token starts thinking; near 1 = the history decides), the mean beta_out
+    and ||S_out|| after its last tick. With decay 0 (rate 1) beta grows by K per carried token without bound; a
+    decay range above 0 bounds it by K / (1 - r)."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: allowed is one stream, (1, T)")
+    observer = _CarryObserver()
+    was_training = model.training
+    model.eval()
+    cache = None
+    try:
+        with model.observing(observer):
+            for start in range(0, input_ids.shape[1], segment):
+                observer.offset = start
+                out = model(input_ids=input_ids[:, start : start + segment], cache=cache, use_cache=True)
+                cache = out.cache
+    finally:
+        model.train(was_training)
+    profile = {}
+    for idx, layer in observer.records.items():
+        order = torch.cat(layer["position"]).argsort()
+        profile[idx] = {key: torch.cat(values).float()[order] for key, values in layer.items()}
+    return profile

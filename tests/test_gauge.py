@@ -58,3 +58,22 @@ def test_inspect_prints_the_gauge_of_a_saved_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "block_to_residual" in out and "tick CE:" in out
     assert sum(line.split()[0].isdigit() for line in out.splitlines()) == len(model.config.ctm_layer_indices)
+
+
+def test_the_carry_profile_shows_beta_growing_without_decay_and_bounded_with_it():
+    import pytest
+
+    from modeling_ctm.gauge import carry_profile
+
+    ids = torch.randint(0, 97, (1, 90), generator=torch.Generator().manual_seed(3))
+    fields = dict(ctm_layers="last", ctm_carry="chunk", ctm_chunk_size=4, max_position_embeddings=256)
+    forever = carry_profile(tiny_model(**fields, ctm_decay_init_range=[0.0, 0.0]), ids, segment=32)[1]
+    assert forever["position"].tolist() == list(range(90))
+    # rate 1: every chunk adds K=3 updates to the entry's beta (4 at chunk 0: the seed's 1 plus 3 ticks)
+    assert forever["beta_out"][0].item() == 4.0 and forever["beta_out"][89].item() == 4.0 + 3 * (89 // 4)
+    forgetting = carry_profile(tiny_model(**fields, ctm_decay_init_range=[0.5, 1.0]), ids, segment=32)[1]
+    bound = 1 / (1 - math.exp(-0.5))  # beta <- r beta + 1 with r <= exp(-0.5)
+    assert forgetting["beta_out"].max().item() <= bound + 1e-5
+    assert torch.isfinite(forgetting["tick0_convergence"]).all() and (forgetting["sync_norm"] > 0).all()
+    with pytest.raises(ValueError, match=r"input_ids has shape \(2, 5\): allowed is one stream, \(1, T\)"):
+        carry_profile(tiny_model(**fields), torch.zeros(2, 5, dtype=torch.long))

@@ -46,6 +46,10 @@ def _bad_sync_seed(tmp_path):
     CTMConfig(ctm_sync_seed="nope")
 
 
+def _bad_token_shift(tmp_path):
+    CTMConfig(ctm_token_shift="conv")
+
+
 def _empty_prompt(tmp_path):
     tiny_model()(input_ids=torch.zeros(1, 0, dtype=torch.long))
 
@@ -175,6 +179,7 @@ def _contrastive_search(tmp_path):
 TABLE = [
     ("`CTMConfig(ctm_tiks=5)`", _misspelled_field, TypeError, ["ctm_tiks=5", "did you mean 'ctm_ticks'"]),
     ("`CTMConfig(ctm_sync_seed=\"nope\")`", _bad_sync_seed, ValueError, ["ctm_sync_seed", "start_state", "zero"]),
+    ("`CTMConfig(ctm_token_shift=\"conv\")`", _bad_token_shift, ValueError, ["ctm_token_shift", "none", "embedding"]),
     ("empty prompt, `model(input_ids=<1x0>)`", _empty_prompt, ValueError, ["input_ids", "(1, 0)"]),
     ("empty prompt, `model.generate(<1x0>)`", _empty_prompt_generate, ValueError, ["input_ids", "(1, 0)"]),
     ("token id >= vocab_size", _token_id_too_large, ValueError, ["input_ids", "97", "96"]),

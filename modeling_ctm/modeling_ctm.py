@@ -266,7 +266,8 @@ class CTMTokenShift(nn.Module):
             previous, last = history[:, :-1], embeds[:, -1]
         else:
             columns = torch.arange(1, T + 1, device=embeds.device)
-            last_real = torch.where(token_mask, columns, 0).cummax(dim=1).values  # history column of the last real <= t
+            # the history column of the last real token at or before each position
+            last_real = torch.where(token_mask, columns, 0).cummax(dim=1).values
             previous_column = torch.cat([last_real.new_zeros(B, 1), last_real[:, :-1]], dim=1)
             previous = history.gather(1, previous_column[..., None].expand(B, T, D))
             last = history[torch.arange(B, device=embeds.device), last_real[:, -1]]

@@ -49,7 +49,8 @@ def test_default_is_off_and_a_fresh_shift_adds_nothing():
 
 
 def test_the_previous_token_is_the_last_real_one_and_zero_before_the_first():
-    shift = CTMTokenShift(tiny_config(hidden_size=4, num_attention_heads=2, num_key_value_heads=1, ctm_n_synch_out=4, ctm_n_synch_action=4))
+    four = dict(hidden_size=4, num_attention_heads=2, num_key_value_heads=1, ctm_n_synch_out=4, ctm_n_synch_action=4)
+    shift = CTMTokenShift(tiny_config(**four))
     with torch.no_grad():
         shift.weight.copy_(torch.eye(4))
     embeds = torch.arange(1.0, 7.0)[None, :, None].expand(1, 6, 4)  # position t holds t + 1

@@ -160,6 +160,8 @@ class CTMCache(Cache):
         n = num_hidden_layers if num_hidden_layers is not None else config.num_hidden_layers
         super().__init__(layers=[CTMCacheLayer() for _ in range(n)])
         self.seen_tokens: torch.Tensor | None = None  # (B,) real tokens consumed per row
+        # (B, D) the input embedding of each row's last real token (`ctm_token_shift`): the next token's x_{t-1}
+        self.previous_embeds: torch.Tensor | None = None
 
     @property
     def is_croppable(self) -> bool:
@@ -168,36 +170,44 @@ class CTMCache(Cache):
     def record_new_tokens(self, new_tokens: torch.Tensor) -> None:
         self.seen_tokens = new_tokens if self.seen_tokens is None else self.seen_tokens + new_tokens
 
+    def _map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a per-row operation to the model-level fields (the layers have their own)."""
+        if self.seen_tokens is not None:
+            self.seen_tokens = fn(self.seen_tokens)
+        if self.previous_embeds is not None:
+            self.previous_embeds = fn(self.previous_embeds)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.seen_tokens is not None:
-            self.seen_tokens = self.seen_tokens.index_select(0, beam_idx.to(self.seen_tokens.device))
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.seen_tokens is not None:
-            self.seen_tokens = self.seen_tokens.repeat_interleave(repeats, dim=0)
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.seen_tokens is not None:
-            self.seen_tokens = self.seen_tokens[indices]
+        self._map_rows(lambda t: t[indices])
 
     def reset(self) -> None:
         super().reset()
-        self.seen_tokens = None
+        self.seen_tokens = self.previous_embeds = None
 
     def detach_(self) -> "CTMCache":
         """Cut the autograd graph at this point (truncated backpropagation through the carried state)."""
         for layer in self.layers:
             layer.detach_()
+        if self.previous_embeds is not None:
+            self.previous_embeds = self.previous_embeds.detach()
         return self
 
     def drop_attention_(self) -> "CTMCache":
-        """Forget the keys/values of every earlier position but keep the thinking state and the token count. After
-        this, the only path from the past to the future is the carried thinking state (phase-3 'attention cut')."""
+        """Forget the keys/values of every earlier position (and the token shift's previous embedding, which is an
+        earlier position's input too) but keep the thinking state and the token count. After this, the only path
+        from the past to the future is the carried thinking state (phase-3 'attention cut'), as after a snapshot."""
         for layer in self.layers:
             layer.drop_attention()
+        self.previous_embeds = None
         return self
 
     # -- snapshots -----------------------------------------------------------------------------------------------------
@@ -205,7 +215,8 @@ class CTMCache(Cache):
     def thinking_state_dict(self) -> dict[str, torch.Tensor]:
         """The final thinking state of every CTM layer as a flat dict `{"layers.{i}.{field}": tensor}` (batch-first),
         ready for `safetensors.torch.save_file`. A new sequence started from it (`from_thinking_state`) begins a new
-        chunk from exactly this state."""
+        chunk from exactly this state. Like the KV, the token shift's previous embedding is not in it: a new sequence
+        has no previous token."""
         tensors = {}
         for idx, layer in enumerate(self.layers):
             if layer.last is not None:

@@ -18,6 +18,7 @@ CTM_SYNC_SEED_CHOICES = ("start_state", "zero")
 CTM_INPUT_INJECTION_CHOICES = ("none", "every_tick")
 CTM_CARRY_CHOICES = ("none", "chunk")
 CTM_NLM_IMPLEMENTATION_CHOICES = ("plain", "fused")
+CTM_TOKEN_SHIFT_CHOICES = ("none", "embedding")
 MAX_DECAY = 15.0  # r = exp(-15) ~ 3e-7: a pair with this decay forgets everything between ticks
 
 
@@ -103,6 +104,12 @@ class CTMConfig(PreTrainedConfig):
             whose backward recomputes them from the trace (same forward values; gradients equal to float tolerance),
             with a fused Triton forward kernel on CUDA when Triton is installed. It trades a little backward compute
             for memory; see `eval/README.md` for what it does to speed and peak memory.
+        ctm_token_shift (`str`, defaults to `"none"`):
+            What each position's input embedding is given of the token before it: `"none"` (the reference) or
+            `"embedding"` (RWKV-style token shift: x_t + W x_{t-1}, with x_{t-1} the input embedding of the previous
+            real token, zero for a sequence's first token, and W zero-initialised so a fresh shift adds nothing). A
+            key that carries its previous token makes in-context lookup learnable by a small model (issue 27);
+            the cache carries x_{t-1} through cached decoding, beams and left padding.
     """
 
     model_type = "ctm"
@@ -155,6 +162,7 @@ class CTMConfig(PreTrainedConfig):
     ctm_tick_checkpointing: bool = False
     ctm_halt_threshold: float | None = None
     ctm_nlm_implementation: str = "plain"
+    ctm_token_shift: str = "none"
 
     def __post_init__(self, **kwargs):
         self.refuse_unknown_ctm_fields(kwargs)
@@ -291,6 +299,8 @@ class CTMConfig(PreTrainedConfig):
                 self.ctm_nlm_implementation,
                 f"allowed values are {CTM_NLM_IMPLEMENTATION_CHOICES}",
             )
+        if self.ctm_token_shift not in CTM_TOKEN_SHIFT_CHOICES:
+            fail("ctm_token_shift", self.ctm_token_shift, f"allowed values are {CTM_TOKEN_SHIFT_CHOICES}")
         if self.ctm_carry == "chunk" or self.ctm_chunk_size is not None:
             positive_int("ctm_chunk_size", self.ctm_chunk_size, " (required when ctm_carry='chunk')")
 

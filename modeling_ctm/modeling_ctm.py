@@ -241,6 +241,39 @@ class CTMMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class CTMTokenShift(nn.Module):
+    """`ctm_token_shift="embedding"`: x_t + W x_{t-1}, with x_{t-1} the input embedding of the previous real token.
+
+    Handing each position its previous token lets one attention layer match "the token after the one I am looking
+    at" (an induction head) without first having to form a previous-token head, which a small model on CPU does not
+    in its budget (issue 27). Padding is skipped: a real token's previous token is the last *real* one before it,
+    and a sequence's first real token gets zero. W starts at zero, so a fresh shift adds nothing."""
+
+    def __init__(self, config: CTMConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.hidden_size, config.hidden_size))
+
+    def forward(
+        self, embeds: torch.Tensor, token_mask: torch.Tensor | None, carried: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`embeds` (B, T, D) of the new tokens, `token_mask` (B, T) bool marking the real ones (None: all real),
+        `carried` (B, D) the last real embedding of earlier calls (None: there were none). Returns the shifted
+        embeddings and the last real embedding so far, which the next call carries."""
+        B, T, D = embeds.shape
+        start = carried.to(embeds.dtype) if carried is not None else embeds.new_zeros(B, D)
+        history = torch.cat([start[:, None], embeds], dim=1)  # column 0 is what came before this call
+        if token_mask is None:
+            previous, last = history[:, :-1], embeds[:, -1]
+        else:
+            columns = torch.arange(1, T + 1, device=embeds.device)
+            # the history column of the last real token at or before each position
+            last_real = torch.where(token_mask, columns, 0).cummax(dim=1).values
+            previous_column = torch.cat([last_real.new_zeros(B, 1), last_real[:, :-1]], dim=1)
+            previous = history.gather(1, previous_column[..., None].expand(B, T, D))
+            last = history[torch.arange(B, device=embeds.device), last_real[:, -1]]
+        return embeds + F.linear(previous, self.weight.to(embeds.dtype)), last
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The CTM pieces: synapse, neuron-level models over the trace, synchronisation.
 # ----------------------------------------------------------------------------------------------------------------------
@@ -828,6 +861,8 @@ class CTMPreTrainedModel(PreTrainedModel):
             init.copy_(module.right, right)
             low, high = self.config.ctm_decay_init_range
             init.uniform_(module.decay, low, high) if high > low else init.constant_(module.decay, low)
+        elif isinstance(module, CTMTokenShift):
+            init.zeros_(module.weight)  # adds nothing at step 0; its gradient, sum_t g_t x_{t-1}^T, is not zero
         elif isinstance(module, CTMRotaryEmbedding):
             inv_freq, _ = module.compute_default_rope_parameters(module.config)
             if module.rope_type != "default":
@@ -852,6 +887,7 @@ class CTMModel(CTMPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.token_shift = CTMTokenShift(config) if config.ctm_token_shift == "embedding" else None
         self.layers = nn.ModuleList(
             [CTMDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
@@ -944,6 +980,12 @@ class CTMModel(CTMPreTrainedModel):
         return_tick_states = True if return_tick_states is None else return_tick_states
         record_last_ticks = return_tick_states and self.last_layer_thinks
         hidden_states = inputs_embeds
+        if self.token_shift is not None:
+            carried = cache.previous_embeds if cache is not None else None
+            new_token_mask = self._new_token_mask(attention_mask, T)
+            hidden_states, last_embeds = self.token_shift(hidden_states, new_token_mask, carried)
+            if cache is not None:
+                cache.previous_embeds = last_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         tick_residuals = None
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
@@ -1035,6 +1077,13 @@ class CTMModel(CTMPreTrainedModel):
                 "and the output may degrade",
                 stacklevel=3,
             )
+
+    @staticmethod
+    def _new_token_mask(attention_mask, T) -> torch.Tensor | None:
+        """The real new tokens (B, T) bool from a 2D padding mask over the new or the cached + new positions."""
+        if attention_mask is None or attention_mask.dim() != 2:
+            return None
+        return attention_mask[:, -T:].bool()
 
     @staticmethod
     def _thinking_masks(attention_mask, B, T, past_length):
@@ -1320,6 +1369,7 @@ __all__ = [
     "CTMProbeRecorder",
     "CTMTickEvent",
     "CTMTickObserver",
+    "CTMTokenShift",
     "ThinkingState",
     "multi_tick_loss",
     "next_token_labels",

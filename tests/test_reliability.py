@@ -50,6 +50,10 @@ def _bad_input_injection(tmp_path):
     CTMConfig(ctm_input_injection="always")
 
 
+def _bad_token_shift(tmp_path):
+    CTMConfig(ctm_token_shift="conv")
+
+
 def _empty_prompt(tmp_path):
     tiny_model()(input_ids=torch.zeros(1, 0, dtype=torch.long))
 
@@ -185,6 +189,7 @@ TABLE = [
         ValueError,
         ["ctm_input_injection", "none", "every_tick"],
     ),
+    ("`CTMConfig(ctm_token_shift=\"conv\")`", _bad_token_shift, ValueError, ["ctm_token_shift", "none", "embedding"]),
     ("empty prompt, `model(input_ids=<1x0>)`", _empty_prompt, ValueError, ["input_ids", "(1, 0)"]),
     ("empty prompt, `model.generate(<1x0>)`", _empty_prompt_generate, ValueError, ["input_ids", "(1, 0)"]),
     ("token id >= vocab_size", _token_id_too_large, ValueError, ["input_ids", "97", "96"]),

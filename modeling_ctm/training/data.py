@@ -40,7 +40,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from datasets import Dataset, DatasetDict, Features, Sequence, Value, load_dataset, load_from_disk
+from datasets import (
+    Dataset,
+    DatasetDict,
+    Features,
+    Sequence,
+    Value,
+    concatenate_datasets,
+    load_dataset,
+    load_from_disk,
+)
 
 
 if TYPE_CHECKING:
@@ -417,3 +426,77 @@ def bits_per_byte(mean_nll_nats_per_token: float, n_tokens: int, n_bytes: int) -
     if n_tokens <= 0 or n_bytes <= 0:
         raise ValueError(f"`n_tokens` and `n_bytes` must be positive, got n_tokens={n_tokens}, n_bytes={n_bytes}.")
     return mean_nll_nats_per_token * n_tokens / (n_bytes * math.log(2))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Synthetic in-context recall rows (multi-query associative recall, MQAR; issue 27)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def recall_vocabulary(vocab_size: int, first_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint key and value ids for recall rows: ids `first_id .. vocab_size - 1` split into two halves (keys
+    first). `first_id` skips reserved ids (a tokenizer's special tokens usually come first)."""
+    ids = np.arange(first_id, vocab_size, dtype=np.int64)
+    if len(ids) < 4:
+        raise ValueError(f"recall rows need >= 4 usable ids, got ids {first_id} .. {vocab_size - 1}")
+    return ids[: len(ids) // 2], ids[len(ids) // 2 :]
+
+
+def recall_rows(
+    n_rows: int, length: int, n_pairs: int, key_ids: np.ndarray, value_ids: np.ndarray, seed: int
+) -> Dataset:
+    """Rows of multi-query associative recall (MQAR), the skill an induction head gives: read a fact from context.
+
+    One episode is `2 * n_pairs` tokens of facts, `k_1 v_1 ... k_n v_n` (n distinct keys from `key_ids`, each with a
+    value drawn from `value_ids`), then the same n keys asked in a random order, each followed by its value:
+    `k_p(1) v_p(1) ... k_p(n) v_p(n)`. Episodes follow each other until the row holds `length` tokens (the last one
+    cut there). Chance of naming an answer from the facts alone is 1 / n_pairs.
+
+    Returns a `Dataset` in the packed shape (`input_ids`, `attention_mask` all ones, `labels` = `input_ids`: the loss
+    covers every token, as in a data mixture) plus `answer_mask`, 1 at the value of every query, the positions where
+    recall is scored (the model predicts position t from t - 1, so score the logits of position t - 1 there).
+    """
+    if n_pairs < 1 or n_pairs > len(key_ids):
+        raise ValueError(f"n_pairs={n_pairs} is invalid: allowed are 1 .. {len(key_ids)} (the number of key ids)")
+    if len(np.intersect1d(key_ids, value_ids)):
+        raise ValueError("key_ids and value_ids must be disjoint, or a value could be read as a key")
+    rng = np.random.default_rng(seed)
+    episode = 4 * n_pairs
+    repeats = -(-length // episode)
+    input_ids = np.empty((n_rows, repeats * episode), dtype=np.int64)
+    answer_mask = np.zeros_like(input_ids, dtype=np.int8)
+    for row in range(n_rows):
+        for e in range(repeats):
+            keys = rng.choice(key_ids, size=n_pairs, replace=False)
+            values = rng.choice(value_ids, size=n_pairs)
+            order = rng.permutation(n_pairs)
+            start = e * episode
+            facts = np.stack([keys, values], axis=1).reshape(-1)
+            queries = np.stack([keys[order], values[order]], axis=1).reshape(-1)
+            input_ids[row, start : start + episode] = np.concatenate([facts, queries])
+            answer_mask[row, start + 2 * n_pairs + 1 : start + episode : 2] = 1
+    input_ids, answer_mask = input_ids[:, :length], answer_mask[:, :length]
+    return Dataset.from_dict(
+        {
+            "input_ids": input_ids,
+            "attention_mask": np.ones_like(input_ids, dtype=np.int8),
+            "labels": input_ids.copy(),
+            "answer_mask": answer_mask,
+        },
+        features=Features({**PACKED_FEATURES, "answer_mask": Sequence(Value("int8"))}),
+    )
+
+
+def mix_recall_rows(blocks: Dataset, share: float, n_pairs: int, key_ids, value_ids, seed: int) -> Dataset:
+    """`blocks` (packed LM blocks) with recall rows of the same length mixed in, shuffled with `seed`: recall rows are
+    `share` of the result's rows (rounded; `share=0` returns `blocks` as they are). `answer_mask` is dropped, so the
+    mixture has the packed columns only."""
+    if not 0 <= share < 1:
+        raise ValueError(f"recall share={share!r} is invalid: allowed are numbers in [0, 1)")
+    n_recall = round(share * len(blocks) / (1 - share))
+    if n_recall == 0:
+        return blocks
+    length = len(blocks[0]["input_ids"])
+    recall = recall_rows(n_recall, length, n_pairs, key_ids, value_ids, seed).remove_columns("answer_mask")
+    mixed = concatenate_datasets([blocks.cast(PACKED_FEATURES), recall.cast(PACKED_FEATURES)])
+    return mixed.shuffle(seed=seed).flatten_indices()

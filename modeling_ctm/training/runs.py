@@ -10,7 +10,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,14 @@ from ..hub.cards import write_model_card
 from ..memory.plasticity import memory_held_bytes
 from ..memory.session import CTMOnlineSession, OnlineConfig, session_from_spec
 from ..modeling_ctm import CTMForCausalLM
-from .data import count_tokens_and_bytes, load_text_dataset, pack_dataset, unigram_baseline
+from .data import (
+    count_tokens_and_bytes,
+    load_text_dataset,
+    mix_recall_rows,
+    pack_dataset,
+    recall_vocabulary,
+    unigram_baseline,
+)
 from .phases import freeze_for_thinking, get_phase, language_config, start_continuity, start_thinking
 from .tokenization import get_tokenizer
 from .trainers import ContinuityTrainer, CTMTrainer, evaluate_documents, readout_loss_name
@@ -90,6 +97,22 @@ def prepare_data(preset: dict, run_dir: Path) -> Data:
         + (f" and its first {len(paragraphs)} paragraphs, each from its first token" if paragraphs else ""),
         paragraphs=paragraphs,
     )
+
+
+def phase1_data(preset: dict, data: Data) -> Data:
+    """Phase 1's training data: the packed blocks, with `phase1.recall_share` of the rows (default 0: none) replaced
+    by synthetic in-context recall rows (`recall_rows`: `phase1.recall_pairs` facts, default 10, over single tokens
+    of the tokenizer's vocabulary), so the language model also learns to read a fact from its context (issue 27)."""
+    spec = preset["phase1"]
+    share = spec.get("recall_share", 0.0)
+    if not share:
+        return data
+    first_id = max(data.tokenizer.all_special_ids, default=-1) + 1  # keys and values are ordinary tokens
+    keys, values = recall_vocabulary(len(data.tokenizer), first_id)
+    pairs = spec.get("recall_pairs", 10)
+    train = mix_recall_rows(data.train, share, pairs, keys, values, seed=preset.get("seed", 0))
+    description = f"{data.description}; {share:.0%} of the rows in-context recall ({pairs} facts per episode)"
+    return replace(data, train=train, description=description)
 
 
 def training_arguments(preset: dict, phase: int, output_dir: Path) -> TrainingArguments:
@@ -271,7 +294,7 @@ def run_phase(phase: int, preset: dict, run_dir: Path, data: Data, source: Path 
     seed_everything(preset)
     if phase == 1:
         model = CTMForCausalLM(language_model_config(preset, data.tokenizer))
-        return train_phase(1, preset, run_dir, data, model, CTMTrainer, resume=resume)
+        return train_phase(1, preset, run_dir, phase1_data(preset, data), model, CTMTrainer, resume=resume)
     if source is None:
         raise ValueError(f"phase {phase} starts from the previous phase's model folder: source=None is invalid")
     if phase == 4:

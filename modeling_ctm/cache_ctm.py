@@ -48,8 +48,9 @@ class ThinkingState:
             mask = condition.view(*condition.shape, *([1] * (max(a.dim(), b.dim()) - condition.dim())))
             return torch.where(mask, a, b)
 
+        # fields of the instance, not of the class: dynamo traces the former and breaks the graph on the latter
         return ThinkingState(
-            **{f.name: pick(getattr(if_true, f.name), getattr(if_false, f.name)) for f in fields(ThinkingState)}
+            **{f.name: pick(getattr(if_true, f.name), getattr(if_false, f.name)) for f in fields(if_true)}
         )
 
     def expand_tokens(self, n: int) -> "ThinkingState":
@@ -353,9 +354,11 @@ def plan_thinking(
     else:
         C = config.ctm_chunk_size
         begins_new_chunk = seen % C == 0
-        if token_mask is None and bool((seen == seen[0]).all()):
+        # without earlier calls every row starts at 0: known without reading a tensor, so training compiles unbroken
+        aligned = token_mask is None and (seen_tokens is None or bool((seen == seen[0]).all()))
+        if aligned:
             # every row at the same position, no padding (training, plain decoding): contiguous column ranges
-            first = int(seen[0])
+            first = 0 if seen_tokens is None else int(seen[0])
             bounds = [0, *range(C - first % C if first % C else C, T, C), T]
             slots = [(arange[a:b].expand(B, b - a), mask[:, a:b], slice(a, b)) for a, b in zip(bounds, bounds[1:])]
         else:

@@ -27,6 +27,7 @@ This file and its siblings travel with checkpoints as remote code: they import `
 
 import contextlib
 import copy
+import inspect
 import math
 import os
 import shutil
@@ -571,7 +572,9 @@ class CTMBlock(nn.Module):
             if self.halt_threshold is not None and k < self.ticks - 1:
                 settled = self.sync_convergence(before, thinking) >= self.halt_threshold
                 halted = settled if halted is None else halted | settled
-                if not self.observers and bool(halted.all()):  # nobody thinks on: skip the remaining ticks
+                # nobody thinks on: skip the remaining ticks (a shortcut only, left out of a compiled graph: a
+                # halted token's state stays put either way)
+                if not self.observers and not torch.compiler.is_compiling() and bool(halted.all()):
                     output = per_tick_outputs[-1] if record_ticks else self.readout(thinking)
                     per_tick_outputs += [output] * (self.ticks - len(per_tick_outputs))
                     break
@@ -634,9 +637,7 @@ class CTMBlock(nn.Module):
             if step.column_slice is not None:
                 concatenated.append((final_output * step.valid[..., None].to(dtype), step_ticks))
             else:
-                rows, slots = step.valid.nonzero(as_tuple=True)
-                picked_ticks = step_ticks[rows, slots] if step_ticks is not None else None
-                scattered.append((rows, step.columns[rows, slots], final_output[rows, slots], picked_ticks))
+                scattered.append((step.columns, step.valid, final_output, step_ticks))
             final = thinking.select_tokens(step.last_slot)
             if step.every_row:
                 entry_of_last_chunk, last = entry, final
@@ -653,12 +654,14 @@ class CTMBlock(nn.Module):
         else:  # one scatter for all steps (padding, or rows at different positions)
             output = hidden_states.new_zeros(B, T, D)
             ticks = hidden_states.new_zeros(B, T, self.ticks, D) if record_ticks else None
-            if scattered:
-                rows, cols, picked, picked_ticks = zip(*scattered)
-                index = (torch.cat(rows), torch.cat(cols))
-                output = output.index_put(index, torch.cat(picked))
+            # every real token sits in exactly one step's slot: adding each step's masked outputs at their columns
+            # writes it once and adds exact zeros elsewhere, with static shapes (no nonzero, so it compiles unbroken)
+            for columns, valid, step_output, step_ticks in scattered:
+                keep = valid[..., None].to(dtype)
+                output = output.scatter_add(1, columns[..., None].expand(-1, -1, D), step_output * keep)
                 if record_ticks:
-                    ticks = ticks.index_put(index, torch.cat(picked_ticks))
+                    index = columns[..., None, None].expand(-1, -1, self.ticks, D)
+                    ticks = ticks.scatter_add(1, index, step_ticks * keep[..., None])
         if cache_layer is not None:
             cache_layer.last = last
             cache_layer.entry = entry_of_last_chunk
@@ -1033,7 +1036,10 @@ class CTMModel(CTMPreTrainedModel):
         if T == 0:
             raise ValueError(f"{name} has shape {tuple(tokens.shape)}: an empty prompt; give every row >= 1 token")
         past_length = cache.get_seq_length() if cache is not None else 0
-        check_values = tokens.device.type == "cpu" or (cache is not None and past_length == 0 and not self.training)
+        # a compiled graph reads no values (a read breaks it): `CTMForCausalLM.forward` checks them eagerly first
+        check_values = not torch.compiler.is_compiling() and (
+            tokens.device.type == "cpu" or (cache is not None and past_length == 0 and not self.training)
+        )
         if input_ids is not None and check_values:
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
@@ -1136,6 +1142,45 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # generate() builds nothing; forward builds a CTMCache
+
+    # The eager glue of a compiled model: `torch.compile(model)` and `model.compile()` (what
+    # `TrainingArguments(torch_compile=True)` does) compile what `Module.__call__` runs, so a frame skipped here
+    # refuses a user's bad input with the eager message, and the compiled forward reads no tensor value: no break.
+    @torch.compiler.disable(recursive=False)
+    def __call__(self, *args, **kwargs):
+        args, kwargs = self.check_call(args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+    @torch.compiler.disable  # with what it calls: the frames the glue skips, or it would compile them
+    def check_call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The checks of `forward` that read tensor values, run eagerly; returns the arguments to call it with."""
+        call = inspect.signature(self.forward).bind(*args, **kwargs)
+        arguments = call.arguments
+        input_ids, inputs_embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
+        labels, attention_mask, cache = (
+            arguments.get("labels"),
+            arguments.get("attention_mask"),
+            arguments.get("cache"),
+        )
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if labels is not None and tokens is not None:
+            self.check_labels(labels, tokens, arguments.get("kwargs", {}).get("ignore_index", -100))
+        # the order of `CTMModel.forward`, which repeats the checks (the value checks only when not compiled)
+        if tokens is not None and (input_ids is None or inputs_embeds is None):
+            if cache is None or isinstance(cache, CTMCache):
+                self.model.check_inputs(
+                    input_ids, inputs_embeds, attention_mask, cache, arguments.get("surprise_weight")
+                )
+            # an all-real padding mask means what no mask means (`CTMModel._thinking_masks` decides the same):
+            # dropping it here spares the compiled graph that read
+            if (
+                attention_mask is not None
+                and attention_mask.dim() == 2
+                and not self.model.tick_observers
+                and bool(attention_mask.all())
+            ):
+                arguments["attention_mask"] = None
+        return call.args, call.kwargs
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
@@ -1252,7 +1297,7 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
                 f"labels has shape {tuple(labels.shape)}; allowed is the tokens' (batch, sequence) = "
                 f"{tuple(tokens.shape[:2])}"
             )
-        if labels.device.type == "cpu" and labels.numel():
+        if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
             real = labels[labels != ignore_index]
             if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.config.vocab_size):
                 bad = int(real.min()) if int(real.min()) < 0 else int(real.max())

@@ -1,6 +1,6 @@
 """What experiment and benchmark scripts (`eval/*.py`) share: the experiment shape, and measuring on a shared machine.
 
-The experiment shape (DESIGN.md): `python eval/<name>.py --seeds N --out DIR [--quick]` writes `DIR/results.json`
+The experiment shape: `python eval/<name>.py --seeds N --out DIR [--quick]` writes `DIR/results.json`
 (settings, per-seed numbers, and an `arms` object: one entry per arm with each metric's mean and sd) and
 `DIR/results.md` (a table, mean ± sd, the control next to every effect). A script built on this module::
 

@@ -2,9 +2,11 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset
 
 from modeling_ctm.experiments import load_script
@@ -93,3 +95,61 @@ def test_phase1_recall_share_mixes_recall_rows_into_phase_1_only():
     special = set(tokenizer.all_special_ids)
     recall = [ids for ids in mixed.train["input_ids"] if ids not in block_ids.tolist()]
     assert len(recall) == 10 and not special & {i for ids in recall for i in ids}
+
+
+class _Lookahead(torch.nn.Module):
+    """A stand-in model whose logits at t name token t + 1 (it cheats), or a constant token."""
+
+    def __init__(self, cheat: bool, vocab: int):
+        super().__init__()
+        self.cheat, self.vocab = cheat, vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def forward(self, input_ids, use_cache=False):
+        target = torch.roll(input_ids, -1, dims=1) if self.cheat else torch.zeros_like(input_ids)
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(target, self.vocab).float())
+
+
+def test_recall_accuracy_scores_the_queried_values_only():
+    from modeling_ctm.training.trainers import recall_accuracy
+
+    keys, values = recall_vocabulary(40, first_id=2)
+    rows = recall_rows(6, 32, 4, keys, values, seed=3)
+    assert recall_accuracy(_Lookahead(True, 40), rows, batch=4) == 1.0
+    assert recall_accuracy(_Lookahead(False, 40), rows) == 0.0  # id 0 is never a value
+    with pytest.raises(ValueError, match="answer_mask"):
+        recall_accuracy(_Lookahead(True, 40), rows.map(lambda r: {"answer_mask": [0] * len(r["answer_mask"])}))
+
+
+def test_phase1_recall_tokens_limits_the_ids_of_recall_rows_and_the_held_out_ones():
+    from modeling_ctm.training.runs import held_out_recall_rows, load_preset, recall_vocabulary_of
+    from modeling_ctm.training.tokenization import train_tokenizer
+
+    tokenizer = train_tokenizer(["the cat sat on the mat. " * 20, "a dog ran in the park. " * 20], vocab_size=300)
+    preset = load_preset("tiny")
+    first = max(tokenizer.all_special_ids) + 1
+    keys, values = recall_vocabulary_of(tokenizer, preset)
+    assert keys[0] == first and values[-1] == len(tokenizer) - 1  # default: every ordinary token
+    preset["phase1"]["recall_tokens"] = 40
+    keys, values = recall_vocabulary_of(tokenizer, preset)
+    assert len(keys) == len(values) == 20 and values[-1] == first + 39
+    rows = held_out_recall_rows(preset, tokenizer)
+    assert max(max(ids) for ids in rows["input_ids"]) <= first + 39 and len(rows) == 64
+    for bad in (2, 10**6, "many"):
+        preset["phase1"]["recall_tokens"] = bad
+        with pytest.raises(ValueError, match="phase1.recall_tokens"):
+            recall_vocabulary_of(tokenizer, preset)
+
+
+def test_the_episodes_of_a_row_tell_distinct_keys_so_no_lookup_is_ambiguous():
+    keys, values = recall_vocabulary(200, first_id=2)
+    rows = recall_rows(8, 3 * 4 * 5, 5, keys, values, seed=1)  # three episodes of 5 facts per row
+    for ids in np.asarray(rows["input_ids"]):
+        told = np.concatenate([ids[e * 20 : e * 20 + 10 : 2] for e in range(3)])
+        assert len(set(told.tolist())) == 15
+    few = recall_rows(4, 3 * 4 * 5, 5, keys[:6], values, seed=1)  # 6 key ids cannot give 15 distinct keys
+    assert np.array_equal(few["labels"], few["input_ids"])  # still built, keys may repeat across episodes

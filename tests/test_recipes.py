@@ -50,13 +50,14 @@ def test_main_job_runs_the_four_phases_and_writes_cards(tmp_path):
     assert [p["phase"] for p in summary["phases"]] == [1, 2, 3, 4]
     report = (run_dir / "summary.md").read_text()
     assert "| 3 continuity |" in report and "| 4 online |" in report and "Phase 4 lived 2 conversations" in report
-    assert "block / residual" in report and "S_out variation" in report
+    assert "block / residual" in report and "S_out variation" in report and "in-context recall" in report
     for entry in summary["phases"]:
         folder = Path(entry["folder"])
         card = ModelCard.load(folder / "README.md")
         assert f"phase-{entry['phase']}" in card.data.tags and card.data.library_name == "transformers"
         assert "github.com" not in card.text  # no link to a repository that does not exist
         assert "eval_loss" in entry["metrics"] and "unigram_baseline_loss" in entry["metrics"]
+        assert 0 <= entry["metrics"]["recall_accuracy"] <= 1  # in-context recall on held-out rows, every phase
         # both kinds of held-out text, with the deployed readout named
         assert entry["metrics"]["paragraphs_tokens"] > 3 and "paragraphs_loss_readout" in entry["metrics"]
         model = AutoModelForCausalLM.from_pretrained(folder)

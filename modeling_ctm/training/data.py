@@ -450,7 +450,7 @@ def recall_rows(
     One episode is `2 * n_pairs` tokens of facts, `k_1 v_1 ... k_n v_n` (n distinct keys from `key_ids`, each with a
     value drawn from `value_ids`), then the same n keys asked in a random order, each followed by its value:
     `k_p(1) v_p(1) ... k_p(n) v_p(n)`. Episodes follow each other until the row holds `length` tokens (the last one
-    cut there). Chance of naming an answer from the facts alone is 1 / n_pairs.
+    cut there); the episodes of a row use distinct keys when there are enough key ids. Chance of naming an answer from the facts alone is 1 / n_pairs.
 
     Returns a `Dataset` in the packed shape (`input_ids`, `attention_mask` all ones, `labels` = `input_ids`: the loss
     covers every token, as in a data mixture) plus `answer_mask`, 1 at the value of every query, the positions where
@@ -465,9 +465,13 @@ def recall_rows(
     repeats = -(-length // episode)
     input_ids = np.empty((n_rows, repeats * episode), dtype=np.int64)
     answer_mask = np.zeros_like(input_ids, dtype=np.int8)
+    # a key told twice in one row with two values makes the lookup ambiguous (and, measured, stops a tiny model from
+    # learning it at all), so a row's episodes use distinct keys while the key ids suffice
+    distinct = n_pairs * repeats <= len(key_ids)
     for row in range(n_rows):
+        row_keys = rng.choice(key_ids, size=n_pairs * repeats, replace=False).reshape(repeats, n_pairs) if distinct else None
         for e in range(repeats):
-            keys = rng.choice(key_ids, size=n_pairs, replace=False)
+            keys = row_keys[e] if distinct else rng.choice(key_ids, size=n_pairs, replace=False)
             values = rng.choice(value_ids, size=n_pairs)
             order = rng.permutation(n_pairs)
             start = e * episode

@@ -30,6 +30,7 @@ COLUMNS = [
     ("para_final", "paragraphs: final"),
     ("para_certain", "paragraphs: most-certain"),
     ("para_mixture", "paragraphs: mixture"),
+    ("recall", "in-context recall"),
     ("gauge_residual", "block / residual"),
     ("gauge_variation", "S_out variation"),
 ]
@@ -59,6 +60,7 @@ def summary_row(result) -> dict:
         "para_final": value("paragraphs_loss_final_tick", "paragraphs_loss"),
         "para_certain": value("paragraphs_loss_most_certain_tick") if thinks else "-",
         "para_mixture": value("paragraphs_loss_tick_mixture") if thinks else "-",
+        "recall": value("recall_accuracy"),
         "gauge_residual": gauge_cell(m, "block_to_residual"),
         "gauge_variation": gauge_cell(m, "sync_variation"),
     }

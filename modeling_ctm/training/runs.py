@@ -28,12 +28,13 @@ from .data import (
     load_text_dataset,
     mix_recall_rows,
     pack_dataset,
+    recall_rows,
     recall_vocabulary,
     unigram_baseline,
 )
 from .phases import freeze_for_thinking, get_phase, language_config, start_continuity, start_thinking
 from .tokenization import get_tokenizer
-from .trainers import ContinuityTrainer, CTMTrainer, evaluate_documents, readout_loss_name
+from .trainers import ContinuityTrainer, CTMTrainer, evaluate_documents, readout_loss_name, recall_accuracy
 
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
@@ -99,6 +100,32 @@ def prepare_data(preset: dict, run_dir: Path) -> Data:
     )
 
 
+RECALL_EVAL_ROWS = 64  # held-out recall rows scored after every phase
+RECALL_EVAL_SEED_OFFSET = 1_000_003  # their facts come from another stream than any training rows'
+
+
+def recall_vocabulary_of(tokenizer: PreTrainedTokenizerBase, preset: dict) -> tuple:
+    """Key and value ids of recall rows: the tokenizer's first `phase1.recall_tokens` ordinary tokens (default all;
+    its special tokens come first), half keys, half values."""
+    first = max(tokenizer.all_special_ids, default=-1) + 1
+    limit = preset["phase1"].get("recall_tokens")
+    if limit is not None and not (isinstance(limit, int) and 4 <= limit <= len(tokenizer) - first):
+        raise ValueError(
+            f"phase1.recall_tokens={limit!r} is invalid: allowed values are integers 4 .. {len(tokenizer) - first} "
+            "(the tokenizer's ordinary tokens) or null (all of them)"
+        )
+    return recall_vocabulary(len(tokenizer) if limit is None else first + limit, first)
+
+
+def held_out_recall_rows(preset: dict, tokenizer: PreTrainedTokenizerBase):
+    """In-context recall rows no phase trains on (fresh facts, `phase1.recall_pairs` per episode, default 10), scored
+    after every phase as `recall_accuracy`: can the model read a fact from its own context? Chance is 1 / pairs."""
+    keys, values = recall_vocabulary_of(tokenizer, preset)
+    pairs = preset["phase1"].get("recall_pairs", 10)
+    seed = preset.get("seed", 0) + RECALL_EVAL_SEED_OFFSET
+    return recall_rows(RECALL_EVAL_ROWS, preset["data"]["block_size"], pairs, keys, values, seed=seed)
+
+
 def phase1_data(preset: dict, data: Data) -> Data:
     """Phase 1's training data: the packed blocks, with `phase1.recall_share` of the rows (default 0: none) replaced
     by synthetic in-context recall rows (`recall_rows`: `phase1.recall_pairs` facts, default 10, over single tokens
@@ -107,8 +134,7 @@ def phase1_data(preset: dict, data: Data) -> Data:
     share = spec.get("recall_share", 0.0)
     if not share:
         return data
-    first_id = max(data.tokenizer.all_special_ids, default=-1) + 1  # keys and values are ordinary tokens
-    keys, values = recall_vocabulary(len(data.tokenizer), first_id)
+    keys, values = recall_vocabulary_of(data.tokenizer, preset)
     pairs = spec.get("recall_pairs", 10)
     train = mix_recall_rows(data.train, share, pairs, keys, values, seed=preset.get("seed", 0))
     description = f"{data.description}; {share:.0%} of the rows in-context recall ({pairs} facts per episode)"
@@ -207,6 +233,7 @@ def finish_phase(
     if data.paragraphs:
         metrics.update(evaluate_documents(model, data.tokenizer, data.paragraphs, prefix="paragraphs"))
     metrics["unigram_baseline_loss"] = data.unigram_nats
+    metrics["recall_accuracy"] = recall_accuracy(model, held_out_recall_rows(preset, data.tokenizer))
     metrics.update(extra_metrics or {})
     gauge_blocks = torch.tensor(data.eval["input_ids"][:GAUGE_BLOCKS]) if model.config.ctm_layer_indices else None
     if gauge_blocks is not None:  # is each thinking block awake? (card, eval_results.json, summary)

@@ -210,6 +210,26 @@ def evaluate_documents(
     return metrics
 
 
+@torch.no_grad()
+def recall_accuracy(model, rows, batch: int = 64) -> float:
+    """In-context recall: the share of queried values (`rows["answer_mask"]`, as `recall_rows` builds them) that the
+    model's argmax names, each predicted from the token before it. The readout is the one the model serves."""
+    was_training = model.training
+    model.eval()
+    hits = total = 0
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        ids = torch.tensor(chunk["input_ids"], device=model.device)
+        answers = torch.tensor(chunk["answer_mask"], device=model.device).bool()[:, 1:]
+        predicted = model(input_ids=ids, use_cache=False).logits[:, :-1].argmax(-1)
+        hits += int((predicted == ids[:, 1:])[answers].sum())
+        total += int(answers.sum())
+    model.train(was_training)
+    if not total:
+        raise ValueError("recall_accuracy got rows without a queried value (answer_mask is all zero)")
+    return hits / total
+
+
 class ContinuityTrainer(CTMTrainer):
     """Phase 3: chunked training with the thinking state carried from chunk to chunk.
 

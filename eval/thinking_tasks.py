@@ -212,6 +212,9 @@ class Settings:
     halt_threshold: float = 0.9
     parity_length: int = 32
     parity_steps: int = 600
+    # khop: hops unlock in order (rows of the first 1/train_hops of training ask k = 1, the next k <= 2, ...), seen
+    # in that order (a progressive curriculum: one hop is learned before two are asked)
+    curriculum: bool = False
 
 
 def base_fields(task, settings: Settings) -> dict:
@@ -297,7 +300,11 @@ class TicksUsed(CTMTickObserver):
 
 def training_rows(task, settings: Settings, rows: int, seed: int) -> Dataset:
     rng = np.random.default_rng(10_000 + seed)
-    if task.name == "khop":
+    if task.name == "khop" and settings.curriculum:
+        stages = np.array_split(np.arange(rows), settings.train_hops)
+        parts = [task.sample(len(stage), list(range(1, top + 1)), rng) for top, stage in enumerate(stages, 1)]
+        batch = {key: np.concatenate([part[key] for part in parts]) for key in ("input_ids", "labels")}
+    elif task.name == "khop":
         batch = task.sample(rows, list(range(1, settings.train_hops + 1)), rng)
     else:
         batch = task.sample(rows, rng)
@@ -320,6 +327,7 @@ def train(model: CTMForCausalLM, task, settings: Settings, steps: int, seed: int
             data_seed=seed,
             logging_steps=max(1, steps // 20),
             remove_unused_columns=False,
+            train_sampling_strategy="sequential" if settings.curriculum else "random",
         )
         trainer = CTMTrainer(model=model, args=args, train_dataset=data)
         trainer.remove_callback(PrinterCallback)  # the curve is kept in results.json, not printed per log step

@@ -37,6 +37,18 @@ def test_khop_difficulty_is_the_number_of_hops_and_no_fewer_hops_give_the_answer
             assert (task.answers_by_following(fewer) != task.answers_by_following(batch["input_ids"])).all()
 
 
+def test_the_curriculum_unlocks_hops_in_order_and_keeps_the_rows_in_that_order():
+    task = tt.KHopTask(nodes=8, queries=4, max_hops=4)
+    settings = tt.Settings(train_hops=3, curriculum=True)
+    rows = tt.training_rows(task, settings, 30, seed=0)
+    ids = np.asarray(rows["input_ids"])
+    questions = ids[:, task.nodes + 1 :: 2]
+    hops = (questions - task.query_base) // task.nodes + 1
+    assert (hops[:10] == 1).all() and hops[10:20].max() == 2 and hops[20:].max() == 3 and (hops[20:] == 3).any()
+    flat = tt.training_rows(task, tt.Settings(train_hops=3), 30, seed=0)  # without it: all hops from the start
+    assert (((np.asarray(flat["input_ids"])[:10, task.nodes + 1 :: 2] - task.query_base) // task.nodes) > 0).any()
+
+
 def test_khop_refuses_more_hops_than_the_cycle_allows():
     with pytest.raises(ValueError, match="max_hops=12.*1 .. nodes - 1 = 11"):
         tt.KHopTask(nodes=12, max_hops=12)

@@ -148,6 +148,7 @@ class Settings:
     ctm_nlm_hidden_size: int = 8
     ctm_synapse_depth: int = 4
     ctm_chunk_size: int = 16
+    ctm_token_shift: str = "none"  # "embedding": each position also sees its previous token (issue 27)
     # training
     chunk_length: int = 80  # two chunks per training row; a fact set (70 tokens) fits in one
     train_steps: int = 1500
@@ -357,6 +358,7 @@ def model_config(settings: Settings, tokenizer) -> CTMConfig:
         ctm_loss_certain_weight=0.0,
         ctm_carry="chunk",
         ctm_chunk_size=settings.ctm_chunk_size,
+        ctm_token_shift=settings.ctm_token_shift,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )

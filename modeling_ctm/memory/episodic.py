@@ -3,9 +3,12 @@ conversation ("continuity of self is continuity of state").
 
 An episode is a (key, value) pair:
 
-* **key**: a unit vector computed from the stored text by a named key function. The one key function today is
-  `"mean_input_embedding"`: the L2-normalised mean of the model's input-token embeddings over the real tokens
-  (padding never enters it) - the seed's "no separate encoder". `KEY_FUNCTIONS` is where a better one goes.
+* **key**: a unit vector computed from the stored text by a named key function (`KEY_FUNCTIONS`; padding never
+  enters a key): `"mean_input_embedding"` (the default: the L2-normalised mean of the model's input-token embeddings,
+  the seed's "no separate encoder"), `"centered_input_embedding"` (the same mean with the vocabulary's mean embedding
+  removed: a one-word question finds the conversation that contains the word), `"last_hidden_state"` (the model's own
+  final hidden state at the last real token) or `"mean_hidden_state"` (the mean of its normalised final hidden
+  states). Every key has the hidden size, so the stored shape does not depend on the choice.
 * **value**: the whole thinking state of every thinking layer at the end of the stored text, in exactly the format
   of `CTMCache.thinking_state_dict()` (`layers.{i}.{state,trace,alpha_out,beta_out,alpha_action,beta_action}`).
 
@@ -61,8 +64,68 @@ def mean_input_embedding(
     return F.normalize((embeddings * mask).sum(1) / counts, dim=-1)
 
 
+def _real_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, device) -> torch.Tensor:
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    mask = mask.to(device, torch.float32)[..., None]
+    if (mask.sum(1) == 0).any():
+        empty = (mask.sum(1)[:, 0] == 0).nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask rows {empty} have no real token: an episode key needs at least one")
+    return mask
+
+
+def centered_input_embedding(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """(B, T) -> (B, E) unit keys: the mean over the real tokens of each input embedding minus the vocabulary's mean
+    embedding. What every embedding shares would otherwise dominate every key (a one-word question's key then has a
+    cosine near zero with every conversation); centred, the key of a text is the sum of its words' own directions,
+    and a word's key points at the texts that contain it."""
+    table = model.get_input_embeddings()
+    embeddings = table(input_ids).float() - table.weight.detach().float().mean(0)
+    mask = _real_mask(input_ids, attention_mask, embeddings.device)
+    return F.normalize((embeddings * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def _final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """The model's final-normed hidden states (B, T, D) of the text read alone, from a fresh start (no cache). Tick
+    observers are held back meanwhile: a key is not something the model read (plasticity must not count it)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    registry = getattr(decoder, "tick_observers", None)
+    held = dict(registry) if registry is not None else {}
+    if registry is not None:
+        registry.clear()  # in place: every block holds this same dict
+    try:
+        device = model.get_input_embeddings().weight.device
+        mask = None if attention_mask is None else attention_mask.to(device)
+        out = decoder(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
+    finally:
+        if registry is not None:
+            registry.update(held)
+    return out.last_hidden_state.float()
+
+
+def last_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) -> (B, D) unit keys: the model's own final hidden state at the last real token of each row (what the
+    model made of the whole text, in the space its head reads)."""
+    hidden = _final_hidden_states(model, input_ids, attention_mask)
+    mask = _real_mask(input_ids, attention_mask, hidden.device)[..., 0]
+    last = (mask * torch.arange(mask.shape[1], device=hidden.device)).argmax(1)  # left or right padding alike
+    return F.normalize(hidden[torch.arange(hidden.shape[0], device=hidden.device), last], dim=-1)
+
+
+def mean_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) -> (B, D) unit keys: the mean of the model's own final hidden states over the real tokens, each token's
+    state normalised first (so that no position outweighs the others)."""
+    hidden = F.normalize(_final_hidden_states(model, input_ids, attention_mask), dim=-1)
+    mask = _real_mask(input_ids, attention_mask, hidden.device)
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
 KEY_FUNCTIONS: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
     "mean_input_embedding": mean_input_embedding,
+    "centered_input_embedding": centered_input_embedding,
+    "last_hidden_state": last_hidden_state,
+    "mean_hidden_state": mean_hidden_state,
 }
 EVICTION_CHOICES = ("least_recently_used",)
 MERGE_CHOICES = ("replace",)
@@ -533,4 +596,11 @@ class CTMEpisodicMemory(
         self.episode_metadata = metadata
 
 
-__all__ = ["CTMEpisodicMemory", "KEY_FUNCTIONS", "mean_input_embedding"]
+__all__ = [
+    "CTMEpisodicMemory",
+    "KEY_FUNCTIONS",
+    "centered_input_embedding",
+    "last_hidden_state",
+    "mean_hidden_state",
+    "mean_input_embedding",
+]

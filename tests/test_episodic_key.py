@@ -75,3 +75,16 @@ def test_a_hidden_state_key_does_not_feed_the_plasticity_observers():
     memory.search(model, toy_conversations()[:2])
     assert rule.statistics().abs().sum() == 0 and len(model.model.tick_observers) == 1
     rule.disable()
+
+
+def test_token_set_takes_its_own_key_size_and_other_keys_refuse_one():
+    model = tiny_model(ctm_layers="last")
+    memory = CTMEpisodicMemory.for_model(model.config, capacity=16, key_function="token_set", key_size=512)
+    conversations = toy_conversations()
+    with torch.no_grad():
+        cache = model(conversations, use_cache=True).cache
+    memory.store(model, conversations, cache)
+    _, slots = memory.search(model, torch.tensor(NAMES)[:, None])
+    assert (slots == torch.arange(len(NAMES))).all()  # lexical: found whatever the embeddings are
+    with pytest.raises(ValueError, match="key_size"):
+        CTMEpisodicMemory.for_model(model.config, capacity=2, key_function="mean_input_embedding", key_size=512)

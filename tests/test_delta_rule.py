@@ -124,6 +124,9 @@ def test_on_a_model_a_written_fact_is_returned_and_a_second_write_changes_nothin
     model(torch.randint(1, 97, (2, 24), generator=torch.Generator().manual_seed(0)))  # calibrate the key mean
     rule.reset_statistics()
     ids = torch.tensor([[5, 17]])  # one key (position 0) and its value (token 17)
+    with torch.no_grad():
+        prior = model(ids).logits[0, 0].float().log_softmax(-1)  # the prediction the write is made against
+    rule.reset_statistics()
     model(ids)
     written = rule.last_write["keys"]
     assert written.shape[0] == 1 and rule.last_write["positions"].tolist() == [[0, 0, 0]]
@@ -133,9 +136,10 @@ def test_on_a_model_a_written_fact_is_returned_and_a_second_write_changes_nothin
         after = model(ids).logits[0, 0].log_softmax(-1)[17]
     assert after > before + 0.1  # the value's log-probability went up at its key
     assert report["norm_ratio"][rule.targets[0].name] < 1.9  # inside the band: the edit was not shortened
-    # what the edit returns at the key is the value: along the next token's centred unembedding (through the norm's gain)
+    # what the edit returns at the key is the value: along W^T (onehot - p) of the next token (through the norm's gain)
     head, gain = model.lm_head.weight.detach().double(), model.model.norm.weight.detach().double()
-    direction = torch.nn.functional.normalize((head[17] - head.mean(0)) * gain, dim=0)
+    expected = prior.exp().double() @ head
+    direction = torch.nn.functional.normalize((head[17] - expected) * gain, dim=0)
     stored = readout_of(model, rule, ids)[0, 0]
     assert torch.nn.functional.cosine_similarity(stored, direction, dim=0) > 1 - 1e-6
     first = rule.edits()[rule.targets[0].name].clone()

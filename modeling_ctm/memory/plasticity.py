@@ -102,7 +102,8 @@ class PlasticityConfig:
             memory written by the sequential delta rule (Widrow-Hoff / fast weights / DeltaNet), see
             `delta_write_map`: per token, key k = the readout synchronisation at the position *before* the value
             (the representation that has to predict it), value v = `delta_target_norm` x ||h_t|| x the unit
-            direction of the next token's centred unembedding through the final norm's gain, and
+            direction of the next token's unembedding minus the expected one under the current prediction
+            (``W^T (onehot - p)``, through the final norm's gain), and
             ``E <- E + beta (v - E S) k^T / ||P S||`` with beta = learning_rate x min(gate, 1). It corrects what the
             readout's edit already returns for that key (writing a fact twice does not double it) and leaves the
             output of a key orthogonal to k unchanged. Edits `out_proj` only; `novelty_quantile` is not used (the
@@ -517,7 +518,7 @@ class HebbianPlasticity:
         mean_surprise = surprise.sum() / real.sum()
         gate = (surprise / mean_surprise.clamp_min(1e-12)).clamp(0.0, config.gate_max) * real
         if config.rule == "delta":
-            self._accumulate_delta(event, observer, gate, target, real)
+            self._accumulate_delta(event, observer, gate, target, real, log_probs)
             return
 
         contribution = torch.zeros_like(self._stats)
@@ -581,16 +582,19 @@ class HebbianPlasticity:
         return None if count == 0 else self.key_sums[name] / count
 
     @torch.no_grad()
-    def _accumulate_delta(self, event, observer, gate, target, real) -> None:
+    def _accumulate_delta(self, event, observer, gate, target, real, log_probs) -> None:
         """The delta rule's reading: every real position t < T-1 writes (key S_t at the ticks read, value v_t, step
         beta_t) in order; the writes become one affine map composed after the pending one."""
         model, config = self.model, self.config
         B, T1 = gate.shape
         head = model.lm_head.weight.detach().float()
         gain = model.model.norm.weight.detach().float()
-        # the value: the direction that raises the next token's logit most per unit length, against the average
-        # token (centred unembedding) and through the final norm's gain; no backward pass needed
-        direction = F.normalize((head[target] - head.mean(0)) * gain, dim=-1)  # (B, T-1, D)
+        # the value: the direction that raises the next token's log-probability most per unit length, i.e. its
+        # unembedding against the tokens the model now expects (W^T (onehot - p), through the final norm's gain):
+        # the competitors it must beat, not the vocabulary's average; no backward pass needed
+        probs = log_probs.exp()
+        expected = probs @ head  # (B, T-1, D)
+        direction = F.normalize((head[target] - expected) * gain, dim=-1)
         last_layer = model.config.num_hidden_layers - 1
         selected = event.selected_tick
         contribution = torch.zeros_like(self._stats)

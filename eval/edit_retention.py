@@ -333,12 +333,12 @@ def draw(arms: dict, checkpoints: list[int], path: Path) -> None:
             means = [row[f"{metric.format(n)}_mean"] for n in checkpoints]
             sds = [row[f"{metric.format(n)}_sd"] for n in checkpoints]
             axis.errorbar(checkpoints, means, yerr=sds, marker="o", capsize=3, label=arm)
-    for axis, title in zip(axes, ("first 10 facts", "every fact written so far")):
+    for axis, title in zip(axes, ("the first 10 facts", "every fact written so far")):
         axis.set_xscale("log")
         axis.axhline(0.1, color="grey", linestyle=":", linewidth=1)
         axis.set_xlabel("facts written")
         axis.set_ylabel("recall (chance 0.1)")
-        axis.set_title(f"recall of the {title}")
+        axis.set_title(f"recall of {title}")
         axis.set_ylim(-0.02, 1.05)
     axes[1].legend(fontsize=8)
     figure.tight_layout()

@@ -24,6 +24,12 @@ This rule keeps the shape (local, correlation-driven, no optimizer) and stores c
   tick. It strengthens the layer's response to the (surprising) inputs it saw, and Oja's decay term keeps each row's
   norm from running away on its own.
 
+`PlasticityConfig(rule="delta")` replaces the readout edit by an associative memory written with the sequential delta
+rule (`delta_write_map`): the key is S_out at the position before the value, centred on the running mean key and
+normalised, the value the next token's direction through the head, and each write corrects what the rule's edit
+already returns for that key (see `PlasticityConfig.rule`). Its pending writes are one affine map E -> E Q + R, not a
+sum, so it runs in one process.
+
 Gates. Surprise, per token: the cross-entropy of the token that followed (prediction error, from `labels` when given,
 else from the next input token, i.e. text already read), or the normalised entropy of the prediction (no target needed
 for the gate), or none; each token's weight is ``clamp(s_t / mean(s), 0, gate_max)``. Novelty, per pair: only the

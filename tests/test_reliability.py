@@ -54,6 +54,18 @@ def _bad_token_shift(tmp_path):
     CTMConfig(ctm_token_shift="conv")
 
 
+def _bad_plasticity_rule(tmp_path):
+    from modeling_ctm.memory.plasticity import PlasticityConfig
+
+    PlasticityConfig(rule="oja")
+
+
+def _delta_rule_on_the_synapse(tmp_path):
+    from modeling_ctm.memory.plasticity import PlasticityConfig
+
+    PlasticityConfig(rule="delta", targets=["out_proj", "synapse"])
+
+
 def _empty_prompt(tmp_path):
     tiny_model()(input_ids=torch.zeros(1, 0, dtype=torch.long))
 
@@ -190,6 +202,9 @@ TABLE = [
         ["ctm_input_injection", "none", "every_tick"],
     ),
     ("`CTMConfig(ctm_token_shift=\"conv\")`", _bad_token_shift, ValueError, ["ctm_token_shift", "none", "embedding"]),
+    ("`PlasticityConfig(rule=\"oja\")`", _bad_plasticity_rule, ValueError, ["PlasticityConfig.rule", "delta"]),
+    ("`PlasticityConfig(rule=\"delta\")` with the synapse", _delta_rule_on_the_synapse, ValueError,
+     ["PlasticityConfig.targets", "['out_proj']"]),
     ("empty prompt, `model(input_ids=<1x0>)`", _empty_prompt, ValueError, ["input_ids", "(1, 0)"]),
     ("empty prompt, `model.generate(<1x0>)`", _empty_prompt_generate, ValueError, ["input_ids", "(1, 0)"]),
     ("token id >= vocab_size", _token_id_too_large, ValueError, ["input_ids", "97", "96"]),

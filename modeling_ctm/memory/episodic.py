@@ -3,9 +3,13 @@ conversation ("continuity of self is continuity of state").
 
 An episode is a (key, value) pair:
 
-* **key**: a unit vector computed from the stored text by a named key function. The one key function today is
-  `"mean_input_embedding"`: the L2-normalised mean of the model's input-token embeddings over the real tokens
-  (padding never enters it) - the seed's "no separate encoder". `KEY_FUNCTIONS` is where a better one goes.
+* **key**: a unit vector computed from the stored text by a named key function (`KEY_FUNCTIONS`; padding never
+  enters a key): `"mean_input_embedding"` (the default: the L2-normalised mean of the model's input-token embeddings,
+  the seed's "no separate encoder"), `"centered_input_embedding"` (the same mean with the vocabulary's mean embedding
+  removed: a one-word question finds the conversation that contains the word), `"last_hidden_state"` (the model's own
+  final hidden state at the last real token), `"mean_hidden_state"` (the mean of its normalised final hidden
+  states) or `"token_set"` (a hashed set of the text's token ids: lexical, independent of what the embeddings
+  learned). Every key has the hidden size, so the stored shape does not depend on the choice.
 * **value**: the whole thinking state of every thinking layer at the end of the stored text, in exactly the format
   of `CTMCache.thinking_state_dict()` (`layers.{i}.{state,trace,alpha_out,beta_out,alpha_action,beta_action}`).
 
@@ -61,9 +65,98 @@ def mean_input_embedding(
     return F.normalize((embeddings * mask).sum(1) / counts, dim=-1)
 
 
+def _real_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, device) -> torch.Tensor:
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    mask = mask.to(device, torch.float32)[..., None]
+    if (mask.sum(1) == 0).any():
+        empty = (mask.sum(1)[:, 0] == 0).nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask rows {empty} have no real token: an episode key needs at least one")
+    return mask
+
+
+def centered_input_embedding(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """(B, T) -> (B, E) unit keys: the mean over the real tokens of each input embedding minus the vocabulary's mean
+    embedding. What every embedding shares would otherwise dominate every key (a one-word question's key then has a
+    cosine near zero with every conversation); centred, the key of a text is the sum of its words' own directions,
+    and a word's key points at the texts that contain it."""
+    table = model.get_input_embeddings()
+    embeddings = table(input_ids).float() - table.weight.detach().float().mean(0)
+    mask = _real_mask(input_ids, attention_mask, embeddings.device)
+    return F.normalize((embeddings * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def _final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """The model's final-normed hidden states (B, T, D) of the text read alone, from a fresh start (no cache). Tick
+    observers are held back meanwhile: a key is not something the model read (plasticity must not count it)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    registry = getattr(decoder, "tick_observers", None)
+    held = dict(registry) if registry is not None else {}
+    if registry is not None:
+        registry.clear()  # in place: every block holds this same dict
+    try:
+        device = model.get_input_embeddings().weight.device
+        mask = None if attention_mask is None else attention_mask.to(device)
+        out = decoder(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
+    finally:
+        if registry is not None:
+            registry.update(held)
+    return out.last_hidden_state.float()
+
+
+def last_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) -> (B, D) unit keys: the model's own final hidden state at the last real token of each row (what the
+    model made of the whole text, in the space its head reads)."""
+    hidden = _final_hidden_states(model, input_ids, attention_mask)
+    mask = _real_mask(input_ids, attention_mask, hidden.device)[..., 0]
+    last = (mask * torch.arange(mask.shape[1], device=hidden.device)).argmax(1)  # left or right padding alike
+    return F.normalize(hidden[torch.arange(hidden.shape[0], device=hidden.device), last], dim=-1)
+
+
+def mean_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) -> (B, D) unit keys: the mean of the model's own final hidden states over the real tokens, each token's
+    state normalised first (so that no position outweighs the others)."""
+    hidden = F.normalize(_final_hidden_states(model, input_ids, attention_mask), dim=-1)
+    mask = _real_mask(input_ids, attention_mask, hidden.device)
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def _token_codes(ids: torch.Tensor, size: int) -> torch.Tensor:
+    """(...,) token ids -> (..., size) fixed pseudo-random +-1/sqrt(size) codes, one per id (a hash of the id and the
+    dimension: the same in every process and for every vocabulary size, no table held)."""
+    x = ids.to(torch.int64)[..., None] * 0x9E3779B1 + torch.arange(size, device=ids.device) * 0x85EBCA77 + 0x165667B1
+    for shift, factor in ((15, 0x2C1B3C6D), (12, 0x297A2D39), (15, 0x3C6EF372)):  # integer mixing; int64 wraps
+        x = (x ^ (x >> shift)) * factor
+    sign = ((x >> 17) & 1).to(torch.float32) * 2 - 1
+    return sign / size**0.5
+
+
+def token_set(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, size: int | None = None
+) -> torch.Tensor:
+    """(B, T) -> (B, D) unit keys: the normalised sum of a fixed random code (`_token_codes`, D = `size`, by default
+    the hidden size; the memory passes its `key_size`) of every distinct token id of the text. Lexical, like a hashed bag of words: a word's key has a cosine of about
+    1/sqrt(distinct words) with every text that contains it and about +-1/sqrt(D) with the others, whatever the
+    embeddings learned (names the training language never told apart stay apart)."""
+    size = model.config.hidden_size if size is None else size
+    mask = _real_mask(input_ids, attention_mask, input_ids.device)[..., 0].bool()
+    keys = []
+    for row, real in zip(input_ids, mask):
+        distinct = torch.unique(row[real])
+        keys.append(_token_codes(distinct, size).sum(0))
+    return F.normalize(torch.stack(keys), dim=-1)
+
+
 KEY_FUNCTIONS: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
     "mean_input_embedding": mean_input_embedding,
+    "centered_input_embedding": centered_input_embedding,
+    "last_hidden_state": last_hidden_state,
+    "mean_hidden_state": mean_hidden_state,
+    "token_set": token_set,
 }
+# key functions whose key size is free (not the embedding width): the memory's key_size is passed to them
+SIZED_KEY_FUNCTIONS = ("token_set",)
 EVICTION_CHOICES = ("least_recently_used",)
 MERGE_CHOICES = ("replace",)
 STATE_FIELDS = ("state", "trace", "alpha_out", "beta_out", "alpha_action", "beta_action")
@@ -139,6 +232,11 @@ class CTMEpisodicMemory(
             )
         if key_function not in KEY_FUNCTIONS:
             raise ValueError(f"key_function={key_function!r} is invalid: allowed values are {sorted(KEY_FUNCTIONS)}")
+        if key_size != hidden_size and key_function not in SIZED_KEY_FUNCTIONS:
+            raise ValueError(
+                f"CTMEpisodicMemory key_size={key_size!r} is invalid for key_function={key_function!r}: it must be the "
+                f"hidden size {hidden_size} (only {list(SIZED_KEY_FUNCTIONS)} take another key size)"
+            )
         if not isinstance(merge_threshold, (int, float)) or isinstance(merge_threshold, bool):
             raise ValueError(f"merge_threshold={merge_threshold!r} is invalid: allowed values are numbers in [-1, 1]")
         if not -1.0 <= merge_threshold <= 1.0 and merge_threshold != float("inf"):
@@ -182,9 +280,10 @@ class CTMEpisodicMemory(
     # -- construction --------------------------------------------------------------------------------------------------
 
     @classmethod
-    def for_model(cls, config: CTMConfig, capacity: int, **options) -> "CTMEpisodicMemory":
+    def for_model(cls, config: CTMConfig, capacity: int, key_size: int | None = None, **options) -> "CTMEpisodicMemory":
         """An empty memory for models of `config`'s shape. `options`: key_function, merge_threshold, merge_rule,
-        eviction."""
+        eviction. `key_size`: the hidden size by default; another one only for the key functions of
+        `SIZED_KEY_FUNCTIONS` ("token_set": more dimensions, less crosstalk between texts)."""
         if not config.ctm_layer_indices:
             raise ValueError("CTMConfig.ctm_layers='none': this model has no thinking state to store")
         return cls(
@@ -194,7 +293,7 @@ class CTMEpisodicMemory(
             memory_length=config.ctm_memory_length,
             n_synch_out=config.ctm_n_synch_out,
             n_synch_action=config.ctm_n_synch_action,
-            key_size=config.hidden_size,
+            key_size=config.hidden_size if key_size is None else key_size,
             **options,
         )
 
@@ -216,7 +315,7 @@ class CTMEpisodicMemory(
             theirs = list(config.ctm_layer_indices) if name == "ctm_layer_indices" else getattr(config, name)
             if theirs != mine:
                 mismatches.append(f"{name}: memory {mine!r}, model {theirs!r}")
-        if self.key_size != config.hidden_size:
+        if self.key_size != config.hidden_size and self.key_function not in SIZED_KEY_FUNCTIONS:
             mismatches.append(f"key_size: memory {self.key_size}, model embeddings {config.hidden_size}")
         if mismatches:
             raise ValueError("this episodic memory belongs to a model of another shape: " + "; ".join(mismatches))
@@ -250,7 +349,10 @@ class CTMEpisodicMemory(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}"
             )
         with torch.no_grad():
-            keys = KEY_FUNCTIONS[self.key_function](model, input_ids, attention_mask)
+            if self.key_function in SIZED_KEY_FUNCTIONS:
+                keys = KEY_FUNCTIONS[self.key_function](model, input_ids, attention_mask, size=self.key_size)
+            else:
+                keys = KEY_FUNCTIONS[self.key_function](model, input_ids, attention_mask)
         return keys.to(self.keys.device, torch.float32)
 
     def search(
@@ -533,4 +635,12 @@ class CTMEpisodicMemory(
         self.episode_metadata = metadata
 
 
-__all__ = ["CTMEpisodicMemory", "KEY_FUNCTIONS", "mean_input_embedding"]
+__all__ = [
+    "CTMEpisodicMemory",
+    "KEY_FUNCTIONS",
+    "centered_input_embedding",
+    "last_hidden_state",
+    "mean_hidden_state",
+    "mean_input_embedding",
+    "token_set",
+]

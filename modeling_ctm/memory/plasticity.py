@@ -24,6 +24,12 @@ This rule keeps the shape (local, correlation-driven, no optimizer) and stores c
   tick. It strengthens the layer's response to the (surprising) inputs it saw, and Oja's decay term keeps each row's
   norm from running away on its own.
 
+`PlasticityConfig(rule="delta")` replaces the readout edit by an associative memory written with the sequential delta
+rule (`delta_write_map`): the key is S_out at the position before the value, centred on the running mean key and
+normalised, the value the next token's direction through the head, and each write corrects what the rule's edit
+already returns for that key (see `PlasticityConfig.rule`). Its pending writes are one affine map E -> E Q + R, not a
+sum, so it runs in one process.
+
 Gates. Surprise, per token: the cross-entropy of the token that followed (prediction error, from `labels` when given,
 else from the next input token, i.e. text already read), or the normalised entropy of the prediction (no target needed
 for the gate), or none; each token's weight is ``clamp(s_t / mean(s), 0, gate_max)``. Novelty, per pair: only the
@@ -68,6 +74,8 @@ from ..observers_ctm import CTMLayerEvent, CTMOutputEvent, CTMTickEvent, CTMTick
 GATE_CHOICES = ("prediction_error", "entropy", "none")
 TARGET_CHOICES = ("out_proj", "synapse")
 PRESYNAPTIC_CHOICES = ("raw", "centered", "whitened")
+RULE_CHOICES = ("hebbian", "delta")
+DELTA_PRESYNAPTIC_CHOICES = ("raw", "centered")
 
 
 @dataclass
@@ -93,7 +101,22 @@ class PlasticityConfig:
         presynaptic: the readout's pre-synaptic term: "raw" (S_t: the plain delta rule), "centered" (S_t minus its
             gated mean over the text read, Sejnowski's covariance rule: drops the part every pattern shares, a bias
             towards the text's average next token) or "whitened" (centered and divided per pair by its gated
-            variance: what distinguishes the patterns read is stored at full strength).
+            variance: what distinguishes the patterns read is stored at full strength). Under `rule="delta"` it
+            is the key: "raw" (S_t, normalised) or "centered" (S_t with its component along the running mean key
+            removed, normalised, so that different facts' keys are nearly orthogonal).
+        rule: "hebbian" (the gated batch edits above, the default) or "delta": the readout becomes an associative
+            memory written by the sequential delta rule (Widrow-Hoff / fast weights / DeltaNet), see
+            `delta_write_map`: per token, key k = the readout synchronisation at the position *before* the value
+            (the representation that has to predict it), value v = `delta_target_norm` x ||h_t|| x the unit
+            direction of the next token's unembedding minus the expected one under the current prediction
+            (``W^T (onehot - p)``, through the final norm's gain), and
+            ``E <- E + beta (v - E S) k^T / ||P S||`` with beta = learning_rate x min(gate, 1). It corrects what the
+            readout's edit already returns for that key (writing a fact twice does not double it) and leaves the
+            output of a key orthogonal to k unchanged. Edits `out_proj` only; `novelty_quantile` is not used (the
+            centred key already drops what every pattern shares); the surprise gate and the homeostasis are kept.
+        delta_target_norm: the length of the delta rule's value v relative to the residual stream at that
+            position (the final norm divides by the residual's scale, so a target in those units moves the logits
+            by the same amount at every position).
     """
 
     learning_rate: float = 1.0
@@ -108,6 +131,8 @@ class PlasticityConfig:
     max_step: float = 0.1
     decay: float = 0.0
     presynaptic: str = "raw"
+    rule: str = "hebbian"
+    delta_target_norm: float = 1.0
 
     def __post_init__(self):
         self.targets = tuple(self.targets) if isinstance(self.targets, (list, tuple)) else self.targets
@@ -129,6 +154,7 @@ class PlasticityConfig:
         positive("band")
         positive("max_drift")
         positive("max_step")
+        positive("delta_target_norm")
         for name, high in (("novelty_quantile", 1.0), ("decay", 1.0), ("band", 1.0)):
             value = getattr(self, name)
             if not (0.0 <= value < high):
@@ -149,6 +175,24 @@ class PlasticityConfig:
             )
         if self.gate not in GATE_CHOICES:
             raise ValueError(f"PlasticityConfig.gate must be one of {GATE_CHOICES}, got {self.gate!r}.")
+        if self.rule not in RULE_CHOICES:
+            raise ValueError(f"PlasticityConfig.rule must be one of {RULE_CHOICES}, got {self.rule!r}.")
+        if self.rule == "delta":
+            if self.targets != ("out_proj",):
+                raise ValueError(
+                    f"PlasticityConfig.targets must be ['out_proj'] with rule='delta', got {list(self.targets)!r}: "
+                    "the delta rule corrects the readout towards a target, and the synapse has none."
+                )
+            if self.presynaptic not in DELTA_PRESYNAPTIC_CHOICES:
+                raise ValueError(
+                    f"PlasticityConfig.presynaptic must be one of {DELTA_PRESYNAPTIC_CHOICES} with rule='delta' "
+                    f"(the key), got {self.presynaptic!r}."
+                )
+            if self.learning_rate > 1.0:
+                raise ValueError(
+                    f"PlasticityConfig.learning_rate must be in [0, 1] with rule='delta', got {self.learning_rate!r}: "
+                    "a step of 1 stores the value exactly, a larger one overshoots it."
+                )
         layers_ok = self.layers in ("last", "all") or (
             isinstance(self.layers, list)
             and self.layers
@@ -196,6 +240,7 @@ class HebbianPlasticityObserver(CTMTickObserver):
         self.sync: dict[int, torch.Tensor] = {}  # (B, T, K, S) per out_proj layer
         self.synapse_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (B, T, K, in), (B, T, K, D)
         self.residual: dict[int, torch.Tensor] = {}
+        self.output: dict[int, torch.Tensor] = {}
         self.pending_synapse_io.clear()
 
     # the synapse's hidden input and linear output are not part of the tick event: a forward hook on that one layer
@@ -234,6 +279,7 @@ class HebbianPlasticityObserver(CTMTickObserver):
     def on_layer(self, event: CTMLayerEvent) -> None:
         if event.layer_idx in self.rule.layer_indices:
             self.residual[event.layer_idx] = event.residual.detach()
+            self.output[event.layer_idx] = event.output.detach()
 
     def on_output(self, event: CTMOutputEvent) -> None:
         try:
@@ -305,6 +351,15 @@ class HebbianPlasticity:
         self.gather_in_eval_mode = True
         self._layout = self._statistics_layout()
         self._stats = torch.zeros(sum(math.prod(shape) for _, shape in self._layout), dtype=torch.float64)
+        # the delta rule's running mean key per target (sum and count of every key read): it is about the input
+        # distribution, not an edit, so neither `apply` nor `reset_plasticity` drops it
+        self.key_sums: dict[str, torch.Tensor] = {}
+        self.key_counts: dict[str, float] = {}
+        if self.config.rule == "delta":
+            for target in self.targets:
+                self.key_sums[target.name] = torch.zeros(target.param.shape[1], dtype=torch.float64)
+                self.key_counts[target.name] = 0.0
+        self.last_write: dict[str, torch.Tensor] = {}  # the delta rule's keys of the last forward pass (diagnostics)
 
     # -- the switch ----------------------------------------------------------------------------------------------------
 
@@ -399,6 +454,14 @@ class HebbianPlasticity:
 
     def _statistics_layout(self) -> list[tuple[str, tuple[int, ...]]]:
         layout = []
+        if self.config.rule == "delta":
+            # the pending writes as one affine map E -> E Q + R (`delta_write_map`), stored as Q - I so that zero
+            # statistics are the identity; an ordered composition, not a sum
+            for target in self.targets:
+                out_features, in_features = target.param.shape
+                layout.append((f"{target.name}:Q", (in_features, in_features)))
+                layout.append((f"{target.name}:R", (out_features, in_features)))
+            return layout + [("gate_sum", (1,)), ("tokens", (1,)), ("batches_skipped", (1,))]
         for target in self.targets:
             out_features, in_features = target.param.shape
             layout.append((f"{target.name}:corr", (out_features, in_features)))
@@ -460,6 +523,9 @@ class HebbianPlasticity:
         surprise = torch.where(real, surprise, 0.0)
         mean_surprise = surprise.sum() / real.sum()
         gate = (surprise / mean_surprise.clamp_min(1e-12)).clamp(0.0, config.gate_max) * real
+        if config.rule == "delta":
+            self._accumulate_delta(event, observer, gate, target, real, log_probs)
+            return
 
         contribution = torch.zeros_like(self._stats)
         parts = self._unflatten(contribution)
@@ -515,6 +581,82 @@ class HebbianPlasticity:
             self._stats[-1] += 1
             self.batches_skipped += 1
 
+    def key_mean(self, name: str | None = None) -> torch.Tensor | None:
+        """The delta rule's running mean key of target `name` (default: the first), None before any key was read."""
+        name = self.targets[0].name if name is None else name
+        count = self.key_counts.get(name, 0.0)
+        return None if count == 0 else self.key_sums[name] / count
+
+    @torch.no_grad()
+    def _accumulate_delta(self, event, observer, gate, target, real, log_probs) -> None:
+        """The delta rule's reading: every real position t < T-1 writes (key S_t at the ticks read, value v_t, step
+        beta_t) in order; the writes become one affine map composed after the pending one."""
+        model, config = self.model, self.config
+        B, T1 = gate.shape
+        head = model.lm_head.weight.detach().float()
+        gain = model.model.norm.weight.detach().float()
+        # the value: the direction that raises the next token's log-probability most per unit length, i.e. its
+        # unembedding against the tokens the model now expects (W^T (onehot - p), through the final norm's gain):
+        # the competitors it must beat, not the vocabulary's average; no backward pass needed
+        probs = log_probs.exp()
+        expected = probs @ head  # (B, T-1, D)
+        direction = F.normalize((head[target] - expected) * gain, dim=-1)
+        last_layer = model.config.num_hidden_layers - 1
+        selected = event.selected_tick
+        contribution = torch.zeros_like(self._stats)
+        parts = self._unflatten(contribution)
+        for target_entry in self.targets:
+            idx = target_entry.layer_idx
+            sync = observer.sync[idx].to(torch.float64)  # (B, T, K, S)
+            K = sync.shape[2]
+            if idx == last_layer and selected is None and model.config.ctm_readout == "tick_mixture":
+                keys = sync[:, :-1]  # every tick's logits are read: each must return the value
+            else:
+                tick = selected.to(sync.device) if idx == last_layer and selected is not None else None
+                if tick is None:
+                    tick = torch.full((B, T1 + 1), K - 1, device=sync.device)
+                keys = sync.gather(2, tick[..., None, None].expand(B, T1 + 1, 1, sync.shape[-1]))[:, :-1]
+            ticks = keys.shape[2]
+            residual = observer.residual.get(idx)
+            if residual is None:
+                return
+            stream = residual.float() + observer.output[idx].float()
+            size = stream[:, :-1].norm(dim=-1, keepdim=True)  # (B, T-1, 1)
+            values = (config.delta_target_norm * size * direction).to(torch.float64)
+            betas = config.learning_rate * gate.clamp(max=1.0).to(torch.float64)
+            rows = real[..., None].expand(B, T1, ticks).reshape(-1).to(keys.device)
+            flat_keys = keys.reshape(-1, keys.shape[-1])[rows]
+            flat_values = values[:, :, None].expand(B, T1, ticks, values.shape[-1]).reshape(-1, values.shape[-1])
+            flat_values = flat_values[rows.to(flat_values.device)]
+            flat_betas = betas[..., None].expand(B, T1, ticks).reshape(-1)[rows.to(betas.device)]
+            name = target_entry.name
+            # centred by the mean of the keys read before this pass: a text's own keys would cancel a lone fact
+            mean = self.key_mean(name) if config.presynaptic == "centered" else None
+            if config.presynaptic == "centered":
+                self.key_sums[name] += flat_keys.sum(0).cpu()
+                self.key_counts[name] += float(flat_keys.shape[0])
+            Q, R = delta_write_map(flat_keys, flat_values, flat_betas, mean)
+            written = centred_keys(flat_keys, mean)
+            grid = torch.meshgrid(torch.arange(B), torch.arange(T1), torch.arange(ticks), indexing="ij")
+            self.last_write = {
+                "keys": F.normalize(written, dim=-1).float(),  # unit centred keys, rows in write order
+                "positions": torch.stack(grid, -1).reshape(-1, 3)[rows.cpu()],  # (batch row, position, tick)
+                "betas": flat_betas.float(),
+            }
+            pending = self._unflatten(self._stats)
+            pending_q = pending[f"{name}:Q"] + torch.eye(Q.shape[0], dtype=torch.float64)
+            # composed after what is pending: E -> (E Q1 + R1) Q + R
+            parts[f"{name}:Q"].copy_(pending_q @ Q - torch.eye(Q.shape[0], dtype=torch.float64))
+            parts[f"{name}:R"].copy_(pending[f"{name}:R"] @ Q + R)
+        parts["gate_sum"][0] = self._unflatten(self._stats)["gate_sum"][0] + gate.sum()
+        parts["tokens"][0] = self._unflatten(self._stats)["tokens"][0] + real.sum()
+        parts["batches_skipped"][0] = self._stats[-1]
+        if torch.isfinite(contribution).all():
+            self._stats.copy_(contribution)
+        else:  # never let a non-finite forward reach the weights
+            self._stats[-1] += 1
+            self.batches_skipped += 1
+
     # -- the edit ------------------------------------------------------------------------------------------------------
 
     def compute_deltas(self, statistics: torch.Tensor | None = None) -> dict[str, torch.Tensor] | None:
@@ -529,6 +671,13 @@ class HebbianPlasticity:
             return {}
         config = self.config
         deltas = {}
+        if config.rule == "delta":
+            edits = self.edits()
+            for target in self.targets:
+                edit = edits[target.name]
+                # E Q + R - E: the pending writes applied to the rule's edit as it stands now
+                deltas[target.name] = edit @ parts[f"{target.name}:Q"] + parts[f"{target.name}:R"]
+            return deltas
         for target in self.targets:
             weight = target.param.detach().to(torch.float64)
             corr = parts[f"{target.name}:corr"] / gate_sum
@@ -616,6 +765,9 @@ class HebbianPlasticity:
         tensors = {f"anchor.{name}": anchor.contiguous() for name, anchor in self.anchors.items()}
         tensors.update({f"written.{name}": w.contiguous() for name, w in self._written.items()})
         tensors["statistics"] = self._stats.clone()
+        for name, key_sum in self.key_sums.items():
+            tensors[f"key_sum.{name}"] = key_sum.clone()
+            tensors[f"key_count.{name}"] = torch.tensor([self.key_counts[name]], dtype=torch.float64)
         meta = {
             "config": self.config.to_dict(),
             "edits_applied": self.edits_applied,
@@ -639,6 +791,10 @@ class HebbianPlasticity:
             self._stats.copy_(stats.to(torch.float64))
         else:
             self._stats.zero_()
+        for name in self.key_sums:
+            if f"key_sum.{name}" in tensors:
+                self.key_sums[name] = tensors[f"key_sum.{name}"].to(torch.float64).cpu().clone()
+                self.key_counts[name] = float(tensors[f"key_count.{name}"][0])
         self.edits_applied = int(meta.get("edits_applied", 0))
         self.edits_skipped = int(meta.get("edits_skipped", 0))
         self.batches_skipped = int(meta.get("batches_skipped", 0))
@@ -669,13 +825,72 @@ def _inside_band(anchor: torch.Tensor, edit: torch.Tensor, band: float, dtype: t
     return best
 
 
+def centred_keys(keys: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
+    """`keys` (n, S) with their component along the unit mean key removed (P s, P = I - m m^T); as they are without a
+    mean. A projection and not `s - mean`, so that the edit stays linear in s: the readout matrix applied to the raw
+    synchronisation S sees exactly the centred key (E S = E P S for every E the rule writes)."""
+    keys = keys.to(torch.float64)
+    if mean is None:
+        return keys
+    mean = mean.to(keys)
+    norm = mean.norm()
+    if norm == 0:
+        return keys
+    unit = mean / norm
+    return keys - (keys @ unit)[:, None] * unit
+
+
+def delta_write_map(
+    keys: torch.Tensor, values: torch.Tensor, betas: torch.Tensor, mean: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequential delta-rule writes of rows i = 0..n-1 of `keys` (n, S), `values` (n, D) and `betas` (n,), as one
+    affine map of the memory (the recurrence is affine in it): returns float64 (Q, R) with ``E_after = E Q + R`` for
+    every memory E (D, S).
+
+    Row i writes ``E <- E + b_i (v_i - E s_i) a_i^T`` with ``a_i = P s_i / ||P s_i||^2`` (`centred_keys`: P removes
+    the mean key's direction; P = I without `mean`). After it ``E s_i = (1 - b_i) E s_i + b_i v_i``: with b_i = 1 the
+    memory returns v_i exactly, writing the same pair again changes nothing, and the output of every s with P s
+    orthogonal to P s_i stays as it was. A key with no component left after centring writes nothing."""
+    keys = keys.to(torch.float64)
+    values = values.to(torch.float64)
+    betas = betas.to(torch.float64).flatten()
+    if keys.dim() != 2 or values.dim() != 2 or keys.shape[0] != values.shape[0] or betas.numel() != keys.shape[0]:
+        raise ValueError(
+            f"delta_write_map needs keys (n, S), values (n, D) and betas (n,), got {tuple(keys.shape)}, "
+            f"{tuple(values.shape)}, {tuple(betas.shape)}"
+        )
+    n, size = keys.shape
+    Q = torch.eye(size, dtype=torch.float64, device=keys.device)
+    R = torch.zeros(values.shape[1], size, dtype=torch.float64, device=keys.device)
+    centred = centred_keys(keys, mean)
+    squared = (centred * centred).sum(-1)
+    scale = keys.abs().amax(-1).pow(2).clamp_min(1e-300)
+    for i in range(n):
+        beta = float(betas[i])
+        if beta == 0.0 or not float(squared[i]) > 1e-12 * float(scale[i]):
+            continue
+        a = centred[i] / squared[i]
+        Q -= beta * torch.outer(Q @ keys[i], a)
+        R += beta * torch.outer(values[i] - R @ keys[i], a)
+    return Q, R
+
+
 def memory_held_bytes(rule: HebbianPlasticity) -> int:
-    """Bytes the rule keeps between forward passes: the anchors, the weights as it left them, and the statistics."""
+    """Bytes the rule keeps between forward passes: the anchors, the weights as it left them, the statistics and
+    (delta rule) the running key mean."""
     held = sum(a.numel() * a.element_size() for a in [*rule.anchors.values(), *rule._written.values()])
+    held += sum(k.numel() * k.element_size() for k in rule.key_sums.values())
     return held + rule._stats.numel() * rule._stats.element_size()
 
 
-__all__ = ["HebbianPlasticity", "HebbianPlasticityObserver", "PlasticityConfig", "memory_held_bytes"]
+__all__ = [
+    "HebbianPlasticity",
+    "HebbianPlasticityObserver",
+    "PlasticityConfig",
+    "centred_keys",
+    "delta_write_map",
+    "memory_held_bytes",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -714,6 +929,12 @@ class HebbianPlasticityCallback(TrainerCallback):
         self.last_report: dict = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.config.rule == "delta" and args.world_size > 1:
+            # the delta rule's statistics are an ordered composition of writes, which a sum over ranks is not
+            raise ValueError(
+                f"PlasticityConfig.rule='delta' runs in one process only, got world_size={args.world_size}: "
+                "its pending writes compose in order and cannot be summed across ranks."
+            )
         if self.rule is None:
             self.rule = HebbianPlasticity(model, self.config)
             self.rule.gather_in_eval_mode = False

@@ -119,11 +119,15 @@ def recall_vocabulary_of(tokenizer: PreTrainedTokenizerBase, preset: dict) -> tu
 
 def held_out_recall_rows(preset: dict, tokenizer: PreTrainedTokenizerBase):
     """In-context recall rows no phase trains on (fresh facts, `phase1.recall_pairs` per episode, default 10), scored
-    after every phase as `recall_accuracy`: can the model read a fact from its own context? Chance is 1 / pairs."""
+    after every phase as `recall_accuracy`: can the model read a fact from its own context? Chance is 1 / pairs.
+    Fewer pairs where a block is shorter than one episode (4 tokens a pair); None where not even one fits."""
     keys, values = recall_vocabulary_of(tokenizer, preset)
-    pairs = preset["phase1"].get("recall_pairs", 10)
+    block = preset["data"]["block_size"]
+    pairs = min(preset["phase1"].get("recall_pairs", 10), block // 4, len(keys))  # one whole episode fits a block
+    if pairs < 1:
+        return None
     seed = preset.get("seed", 0) + RECALL_EVAL_SEED_OFFSET
-    return recall_rows(RECALL_EVAL_ROWS, preset["data"]["block_size"], pairs, keys, values, seed=seed)
+    return recall_rows(RECALL_EVAL_ROWS, block, pairs, keys, values, seed=seed)
 
 
 def phase1_data(preset: dict, data: Data) -> Data:
@@ -233,7 +237,9 @@ def finish_phase(
     if data.paragraphs:
         metrics.update(evaluate_documents(model, data.tokenizer, data.paragraphs, prefix="paragraphs"))
     metrics["unigram_baseline_loss"] = data.unigram_nats
-    metrics["recall_accuracy"] = recall_accuracy(model, held_out_recall_rows(preset, data.tokenizer))
+    recall = held_out_recall_rows(preset, data.tokenizer)
+    if recall is not None:
+        metrics["recall_accuracy"] = recall_accuracy(model, recall)
     metrics.update(extra_metrics or {})
     gauge_blocks = torch.tensor(data.eval["input_ids"][:GAUGE_BLOCKS]) if model.config.ctm_layer_indices else None
     if gauge_blocks is not None:  # is each thinking block awake? (card, eval_results.json, summary)

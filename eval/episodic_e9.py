@@ -37,7 +37,6 @@ Cost: bytes per episode for the tiny and gpu presets (recipes/presets/*.yaml), a
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -46,7 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,6 +53,7 @@ import torch
 
 torch.set_num_threads(1)  # tiny tensors; a busy shared CPU makes extra threads a loss
 
+import continuity_e5 as e5  # noqa: E402  (E5's task pieces, model and trainer: a sibling module)
 import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 from datasets import Dataset  # noqa: E402
@@ -61,11 +61,17 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMEpisodicMemory, CTMForCausalLM  # noqa: E402
 from modeling_ctm.cache_ctm import CTMCache  # noqa: E402
-from modeling_ctm.experiments import load_script, write_results  # noqa: E402
+from modeling_ctm.experiments import (  # noqa: E402
+    experiment_parser,
+    experiment_result,
+    experiment_settings,
+    mean_sd,
+    run_seeds,
+    summarize_arms,
+    write_results,
+)
 
 
-# eval/ is not a package: E5's module (task pieces, model config, trainer) is loaded from its file, once
-e5 = sys.modules.get("ctm_script_continuity_e5") or load_script(Path(__file__).with_name("continuity_e5.py"))
 PAD, STORE, RECALL, FIRST_VALUE = e5.PAD, e5.STORE, e5.RECALL, e5.FIRST_VALUE
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,12 +90,7 @@ class Settings(e5.Settings):
     threshold: float = 0.3
     capacity: int = 128
     lm_labels: str = "all"  # conversation 2's LM targets: "all" tokens, or only the "first" ones + the RECALL answer
-    # model / training (E5's defaults otherwise)
-    hidden_size: int = 48
-    intermediate_size: int = 96
-    num_attention_heads: int = 4
-    ctm_n_synch_out: int = 48
-    ctm_n_synch_action: int = 24
+    # training (E5's defaults otherwise); the model is E5's `model` dict (--set hidden_size=48 changes it)
     steps: int = 500
     batch_size: int = 32
     learning_rate: float = 3e-3
@@ -361,21 +362,16 @@ def cost(settings: Settings) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def mean_sd(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
     settings.validate()
     start = time.time()
-    per_seed = []
-    for seed in range(settings.seeds):
+
+    def run_seed(seed: int) -> dict:
         t0 = time.time()
         topics = make_topics(settings, seed)
         model, losses = train(settings, topics, seed)
-        record = {"seed": seed, **evaluate(model, settings, topics, seed), "train_loss": losses}
+        record = {**evaluate(model, settings, topics, seed), "train_loss": losses}
         record["train_seconds"] = round(time.time() - t0, 1)
-        per_seed.append(record)
         arms = record["arms"]
         log(
             f"seed {seed}: retrieval top-1 {record['retrieval_top1']:.3f} ({record['distractors']} distractors); "
@@ -384,36 +380,30 @@ def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
             )
             + f" ({record['train_seconds']:.0f}s)"
         )
-    summary = {}
-    for arm in ARMS:
-        summary[arm] = {"description": ARMS[arm]}
-        for metric in ("first_token_loss", "recall_accuracy", "recall_nll"):
-            values = [r["arms"][arm][metric] for r in per_seed]
-            m, s = mean_sd(values)
-            summary[arm].update({f"{metric}_mean": m, f"{metric}_sd": s, f"{metric}_per_seed": values})
+        return record
+
+    per_seed = run_seeds(settings.seeds, run_seed)
+    summary = summarize_arms([r["arms"] for r in per_seed], ARMS, ("first_token_loss", "recall_accuracy", "recall_nll"))
     retrieval = {}
     for metric in ("retrieval_top1", "retrieval_hit_rate", "retrieval_top1_above_threshold", "mean_best_score"):
         m, s = mean_sd([r[metric] for r in per_seed])
         retrieval[metric] = {"mean": m, "sd": s}
     costs = cost(settings)
-    result = {
-        "experiment": "E9 episodic warm-start: a recalled thinking state starts a new conversation on the same topic",
-        "settings": asdict(settings),
-        "chance_recall_accuracy": 1.0 / settings.n_values,
-        "distractors": per_seed[0]["distractors"],
-        "arms": summary,
-        "retrieval": retrieval,
-        "cost": costs,
-        "per_seed": per_seed,
-        "wall_seconds": round(time.time() - start, 1),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}",
-    }
+    result = experiment_result(
+        settings,
+        per_seed,
+        summary,
+        experiment="E9 episodic warm-start: a recalled thinking state starts a new conversation on the same topic",
+        chance_recall_accuracy=1.0 / settings.n_values,
+        distractors=per_seed[0]["distractors"],
+        retrieval=retrieval,
+        cost=costs,
+        wall_seconds=round(time.time() - start, 1),
+        machine=f"{platform.machine()}, torch threads {torch.get_num_threads()}",
+    )
     table = format_table(result)
     log(table)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
         write_results(out_dir, result, format_markdown(result, table))
         log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
     return result
@@ -486,32 +476,13 @@ Settings: `{json.dumps(s)}`
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seeds", type=int, default=None, help="seeds (default 3; 1 with --quick)")
+    parser = experiment_parser(__doc__, default_out="eval/results/e9", settings=Settings)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per seed")
-    parser.add_argument("--out", type=Path, default=Path("eval/results/e9"), help="folder for results.json/.md")
-    parser.add_argument("--quick", action="store_true", help="a smoke run of a few steps (mechanics only)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a Settings field")
     return parser.parse_args(argv)
 
 
 def settings_from_args(args) -> Settings:
-    overrides = dict(QUICK if args.quick else {})
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if name not in Settings.__dataclass_fields__:
-            raise ValueError(f"--set {name}: unknown field; allowed fields are {sorted(Settings.__dataclass_fields__)}")
-        try:
-            overrides[name] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[name] = value
-    if args.seeds is not None:
-        overrides["seeds"] = args.seeds
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    return Settings(**overrides)
+    return experiment_settings(args, Settings, QUICK, **({} if args.steps is None else {"steps": args.steps}))
 
 
 def main(argv=None):

@@ -5,16 +5,12 @@ claims); the headline accuracies need the full run (`python eval/continuity_e5.p
 
 import json
 import math
-from pathlib import Path
 
+import continuity_e5 as e5  # eval/ is on the path (pyproject.toml: pytest pythonpath)
 import pytest
 import torch
 
 from modeling_ctm.cache_ctm import CTMCache
-from modeling_ctm.experiments import load_script
-
-
-e5 = load_script(Path(__file__).parents[1] / "eval" / "continuity_e5.py")
 
 
 def test_sequences_place_store_value_and_recall():

@@ -3,15 +3,10 @@ numbers need the full run (`python eval/episodic_e9.py`)."""
 
 import json
 import math
-from pathlib import Path
 
+import episodic_e9 as e9  # eval/ is on the path (pyproject.toml: pytest pythonpath)
 import pytest
 import torch
-
-from modeling_ctm.experiments import load_script
-
-
-e9 = load_script(Path(__file__).parents[1] / "eval" / "episodic_e9.py")
 
 
 def test_conversations_stay_on_topic_and_carry_the_value():

@@ -113,11 +113,7 @@ def test_documents_are_scored_from_their_first_token():
 
 
 def test_kept_mlp_costs_one_mlp_more_in_flops():
-    from pathlib import Path
-
-    from modeling_ctm.experiments import load_script
-
-    flops = load_script(Path(__file__).parents[1] / "eval" / "flops.py")
+    import flops  # eval/flops.py: eval/ is on the tests' path
     keep = flops.ctm_flops(CTMConfig(**{**TINY, "ctm_layers": "last", "ctm_mlp": "keep"}), 16)
     replace = flops.ctm_flops(CTMConfig(**{**TINY, "ctm_layers": "last", "ctm_mlp": "replace"}), 16)
     assert keep["forward"] - replace["forward"] == flops.mlp_flops(CTMConfig(**TINY))

@@ -4,6 +4,7 @@ script loading) and the shared-machine measurement helpers."""
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -12,13 +13,18 @@ from modeling_ctm.experiments import (
     QUIET,
     MachineLoad,
     PeakRSS,
+    SetError,
     arms_table,
     experiment_parser,
+    experiment_result,
+    experiment_settings,
     format_mean_sd,
-    load_script,
     mean_sd,
+    parse_set,
     rss_bytes,
+    run_seeds,
     summarize_arms,
+    tiny_config,
     write_results,
     write_text_atomic,
 )
@@ -91,13 +97,72 @@ def test_write_text_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
     assert os.listdir(tmp_path) == ["a.txt"]
 
 
-def test_load_script(tmp_path):
-    script = tmp_path / "my_experiment.py"
-    script.write_text("from dataclasses import dataclass\n\n@dataclass\nclass S:\n    x: int = 2\n")
-    module = load_script(script)
-    assert module.__name__ == "ctm_script_my_experiment" and module.S().x == 2
-    with pytest.raises(ValueError, match="is not a file"):
-        load_script(tmp_path / "missing.py")
+@dataclass
+class _Settings:
+    seeds: int = 3
+    steps: int = 10
+    rate: float = 0.5
+    form: str = "pair"
+    flag: bool = False
+    sizes: list = field(default_factory=lambda: [1, 2])
+    hidden_size: int = 32
+
+
+@dataclass
+class _WithModel:
+    seeds: int = 3
+    model: dict = field(default_factory=lambda: {"hidden_size": 32})
+
+
+def test_parse_set_is_the_one_set_parser():
+    assert parse_set("steps=4", _Settings) == ("steps", 4)
+    assert parse_set("rate=1", _Settings) == ("rate", 1.0) and isinstance(parse_set("rate=1", _Settings)[1], float)
+    assert parse_set("form=sentence", _Settings) == ("form", "sentence")
+    assert parse_set("flag=true", _Settings) == ("flag", True)
+    assert parse_set("sizes=[0, 4]", _Settings) == ("sizes", [0, 4])
+    assert parse_set("ctm_ticks=2", _WithModel) == ("ctm_ticks", 2)  # a CTMConfig field goes to the model dict
+    for item, says in (
+        ("nope=1", "unknown field 'nope'; allowed fields are"),
+        ("steps=0.5", "is invalid for steps: allowed values are an integer"),
+        ("flag=yes", "is invalid for flag: allowed values are true or false"),
+        ("sizes=3", "is invalid for sizes"),
+        ("steps", "the form is FIELD=VALUE"),
+        ("ctm_ticks=2", "unknown field 'ctm_ticks'"),  # no model dict: CTMConfig fields are not settings
+    ):
+        with pytest.raises(SetError, match=says):
+            parse_set(item, _Settings)
+    assert issubclass(SetError, ValueError)
+
+
+def test_experiment_settings_layers_quick_set_seeds_and_flags(capsys):
+    parser = experiment_parser(None, "out", settings=_Settings)
+    args = parser.parse_args(["--quick", "--set", "steps=7", "--set", "rate=0.25"])
+    settings = experiment_settings(args, _Settings, {"steps": 2, "form": "sentence"})
+    assert (settings.steps, settings.rate, settings.form, settings.seeds) == (7, 0.25, "sentence", 1)
+    assert experiment_settings(args, _Settings, {}, steps=9).steps == 9  # the script's own flag wins
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--set", "steps=x"])
+    assert "--set 'steps=x': 'x' is invalid for steps" in capsys.readouterr().err
+    parser = experiment_parser(None, "out", settings=_WithModel)
+    settings = experiment_settings(parser.parse_args(["--set", "ctm_ticks=2"]), _WithModel)
+    assert settings.model == {"hidden_size": 32, "ctm_ticks": 2}
+
+
+def test_tiny_config_takes_the_config_fields_of_the_settings():
+    config = tiny_config(_Settings(hidden_size=48), vocab_size=50, intermediate_size=96)
+    assert (config.hidden_size, config.vocab_size, config.intermediate_size) == (48, 50, 96)
+    config = tiny_config(_WithModel(model={"hidden_size": 16, "num_attention_heads": 2}), vocab_size=40)
+    assert (config.hidden_size, config.num_attention_heads) == (16, 2)
+    with pytest.raises(ValueError, match="ctm_ticks"):
+        tiny_config(ctm_ticks=0)
+
+
+def test_run_seeds_and_experiment_result():
+    per_seed = run_seeds(2, lambda seed: {"A": {"x": float(seed)}})
+    assert per_seed == [{"seed": 0, "A": {"x": 0.0}}, {"seed": 1, "A": {"x": 1.0}}]
+    result = experiment_result(_Settings(), per_seed, summarize_arms(per_seed, {"A": "a"}, ("x",)), chance=0.5)
+    assert result["settings"]["steps"] == 10 and result["arms"]["A"]["x_mean"] == 0.5 and result["chance"] == 0.5
+    assert {"torch", "python"} <= set(result)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="Linux /proc only")

@@ -1,18 +1,15 @@
 """The analytic FLOP counts of eval/flops.py: hand computations, linearity in the ticks, and an independent check
 against torch's FlopCounterMode (which counts every mm/bmm the models actually run, but not SDPA)."""
 
-from pathlib import Path
 
+import flops as flops  # eval/ is on the path (pyproject.toml: pytest pythonpath)
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_ctm import CTMConfig, CTMForCausalLM
-from modeling_ctm.experiments import load_script
 
-
-flops = load_script(Path(__file__).parents[1] / "eval" / "flops.py")
 
 TINY = dict(
     vocab_size=32,

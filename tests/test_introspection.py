@@ -1,12 +1,10 @@
 """The model watching itself think: certainty through `generate` and adaptive halting."""
 
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_model
 
-from modeling_ctm.experiments import load_script
 from modeling_ctm.fmri import sync_change
 
 
@@ -108,7 +106,7 @@ def set_halt_threshold(model, threshold):
             layer.thinking.halt_threshold = threshold
 
 
-HaltCounter = load_script(Path(__file__).parents[1] / "eval" / "introspection.py").HaltCounter  # one home: the eval
+from introspection import HaltCounter  # noqa: E402  # one home: the eval
 
 
 def test_halting_off_and_halting_that_never_fires_are_bit_identical_to_today():

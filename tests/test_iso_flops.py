@@ -3,16 +3,11 @@ run's results."""
 
 import json
 import math
-from pathlib import Path
 
+import iso_flops_e14 as e14  # eval/ is on the path (pyproject.toml: pytest pythonpath)
 import pytest
 import torch
 from conftest import TINY, tiny_model
-
-from modeling_ctm.experiments import load_script
-
-
-e14 = load_script(Path(__file__).parents[1] / "eval" / "iso_flops_e14.py")
 
 
 def test_repeated_ngram_fraction_counts_earlier_occurrences():

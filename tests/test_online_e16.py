@@ -2,14 +2,9 @@
 the full run (`python eval/online_e16.py --seeds 3`)."""
 
 import json
-from pathlib import Path
 
+import online_e16 as e16  # eval/ is on the path (pyproject.toml: pytest pythonpath)
 import pytest
-
-from modeling_ctm.experiments import load_script
-
-
-e16 = load_script(Path(__file__).parents[1] / "eval" / "online_e16.py")
 
 
 @pytest.fixture(scope="module")

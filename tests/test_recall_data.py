@@ -1,13 +1,11 @@
 """MQAR recall rows (issue 27): every query is answered with its own fact's value, and the share knob holds."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from datasets import Dataset
 
-from modeling_ctm.experiments import load_script
 from modeling_ctm.training.data import PACKED_FEATURES, mix_recall_rows, recall_rows, recall_vocabulary
 
 
@@ -65,7 +63,7 @@ def test_the_share_is_the_fraction_of_recall_rows_in_the_mixture(share):
 
 
 def test_recall_base_quick_run_writes_both_arms(tmp_path):
-    script = load_script(Path(__file__).parents[1] / "eval" / "recall_base.py")
+    import recall_base as script
     script.main(["--quick", "--steps", "3", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["arms"]) == {"no_shift", "token_shift"}

@@ -2,17 +2,13 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
+import thinking_pays as tp  # eval/ is on the path (pyproject.toml: pytest pythonpath)
 import torch
 from conftest import TINY, tiny_model
 
-from modeling_ctm.experiments import load_script
 from modeling_ctm.training.phases import language_config, start_thinking
-
-
-tp = load_script(Path(__file__).parents[1] / "eval" / "thinking_pays.py")
 
 
 def test_per_token_readouts_match_the_model_losses():

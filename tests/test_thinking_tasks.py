@@ -2,16 +2,11 @@
 tick-count and halting switches, and a --quick run writing every requested arm per difficulty."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+import thinking_tasks as tt  # eval/ is on the path (pyproject.toml: pytest pythonpath)
 import torch
-
-from modeling_ctm.experiments import load_script
-
-
-tt = load_script(Path(__file__).parents[1] / "eval" / "thinking_tasks.py")
 
 
 def test_khop_answers_are_what_following_the_written_pairs_gives():

@@ -64,6 +64,8 @@ API:
 * `summarize_arms(per_seed, arms, metrics) -> dict`: the `arms` object. `per_seed` is a list of records holding, per
   arm name, a dict of metric -> number; `arms` maps arm name -> description. Each arm becomes `{"description",
   "<metric>_mean", "<metric>_sd", "<metric>_per_seed"}` for every metric.
+* `stat(values) -> {"mean", "sd"}` and `format_stat(stat, digits=3) -> "m ± s"`: the same for a number that
+  results.json holds as a `{"mean", "sd"}` dict (curves, costs, summaries outside the `arms` shape).
 * `format_mean_sd(mean, sd, digits=3) -> "m ± s"` and `arms_table(arms, metrics, digits=3) -> str`: a markdown table,
   one row per arm (in the order given, so put each control next to its effect), one `mean ± sd` column per metric.
 * `write_results(out_dir, result, markdown) -> (json_path, md_path)`: `result` must hold `settings`, `per_seed` and
@@ -176,6 +178,9 @@ def parse_set(item: str, settings) -> tuple[str, object]:
         value = float(value) if ok else value
     elif isinstance(default, str):
         ok, want, value = True, "a string", text  # a string field keeps the text as written
+    elif isinstance(default, (list, tuple)):
+        ok, want = isinstance(value, list), "a JSON list"
+        value = kind(value) if ok else value
     elif default is None:
         ok, want = True, "a JSON value"
     else:
@@ -293,6 +298,17 @@ def mean_sd(values: Iterable[float]) -> tuple[float, float]:
     if not values:
         raise ValueError("mean_sd needs at least one value, got none")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def stat(values: Iterable[float]) -> dict[str, float]:
+    """`{"mean", "sd"}` of `values` (`mean_sd` as a dict: how results.json holds one summarised number)."""
+    mean, sd = mean_sd(values)
+    return {"mean": mean, "sd": sd}
+
+
+def format_stat(value: Mapping, digits: int = 3) -> str:
+    """`"m ± s"` of a `stat` dict."""
+    return format_mean_sd(value["mean"], value["sd"], digits)
 
 
 def summarize_arms(

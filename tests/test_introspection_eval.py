@@ -1,24 +1,15 @@
 """Mechanics of eval/introspection.py: the metric helpers on known inputs, and the --quick smoke run end to end
 (files, keys, finite numbers). The headline numbers need the full run (`python eval/introspection.py`)."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
+import introspection as intro  # eval/ is on the path (pyproject.toml: pytest pythonpath)
 import numpy
 import pytest
 import torch
 from conftest import tiny_model
-
-
-_spec = importlib.util.spec_from_file_location(
-    "ctm_eval_introspection", Path(__file__).parents[1] / "eval" / "introspection.py"
-)
-intro = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = intro
-_spec.loader.exec_module(intro)
 
 
 def test_ece_is_zero_when_confidence_matches_accuracy_and_large_when_overconfident():

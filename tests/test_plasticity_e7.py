@@ -2,17 +2,10 @@
 arm, the controls at the same norm, the off arm exactly zero, the stability run inside its band. The headline numbers
 need the full run (`python eval/plasticity_e7.py`)."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
-
-_spec = importlib.util.spec_from_file_location("ctm_eval_plasticity_e7", Path(__file__).parents[1] / "eval" / "plasticity_e7.py")
-e7 = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = e7  # dataclasses resolve their module by name
-_spec.loader.exec_module(e7)
+import plasticity_e7 as e7  # eval/ is on the path (pyproject.toml: pytest pythonpath)
 
 
 def test_quick_run_writes_every_arm_and_holds_the_band(tmp_path):

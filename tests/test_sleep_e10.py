@@ -2,19 +2,11 @@
 are finite, the sleeping arms really slept and consolidated, and the result files follow the experiment shape. The
 headline numbers need the full run (`python eval/sleep_e10.py`)."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-
-_spec = importlib.util.spec_from_file_location("ctm_eval_sleep_e10", Path(__file__).parents[1] / "eval" / "sleep_e10.py")
-e10 = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = e10
-_spec.loader.exec_module(e10)
+import sleep_e10 as e10  # eval/ is on the path (pyproject.toml: pytest pythonpath)
 
 
 @pytest.mark.slow

@@ -60,7 +60,8 @@ API:
   `range(seeds)` (an int) or the seeds given; each record gets its `"seed"`.
 * `experiment_result(settings, per_seed, arms, **extra) -> dict`: results.json's object: `settings` (a dataclass is
   turned into a dict), `per_seed`, `arms`, then `extra`, then the software versions (`torch`, `python`).
-* `mean_sd(values) -> (mean, sd)`: sample sd (n - 1), 0.0 for one value.
+* `mean_sd(values, skip_nan=False) -> (mean, sd)`: sample sd (n - 1), 0.0 for one value; `skip_nan` leaves NaN
+  values out ((nan, nan) when none is left).
 * `summarize_arms(per_seed, arms, metrics) -> dict`: the `arms` object. `per_seed` is a list of records holding, per
   arm name, a dict of metric -> number; `arms` maps arm name -> description. Each arm becomes `{"description",
   "<metric>_mean", "<metric>_sd", "<metric>_per_seed"}` for every metric.
@@ -97,6 +98,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -292,9 +294,14 @@ def train_experiment_model(trainer_class, model, train_dataset, output_dir=None,
     return run.model.eval(), losses
 
 
-def mean_sd(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0.0 for a single value)."""
+def mean_sd(values: Iterable[float], skip_nan: bool = False) -> tuple[float, float]:
+    """Mean and sample standard deviation (0.0 for a single value). `skip_nan`: NaN values (a number a seed could not
+    measure) are left out, and no value left gives (nan, nan)."""
     values = [float(v) for v in values]
+    if skip_nan:
+        values = [v for v in values if not math.isnan(v)]
+        if not values:
+            return math.nan, math.nan
     if not values:
         raise ValueError("mean_sd needs at least one value, got none")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)

@@ -66,13 +66,12 @@ from modeling_ctm.cache_ctm import CTMCache  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     experiment_parser,
     experiment_result,
-    experiment_settings,
     experiment_training_arguments,
+    finish_experiment,
     format_mean_sd,
     run_seeds,
     summarize_arms,
     tiny_config,
-    write_results,
 )
 from modeling_ctm.training.trainers import ContinuityTrainer  # noqa: E402
 
@@ -397,10 +396,7 @@ def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
         wall_seconds=round(time.time() - start, 1),
     )
     table = format_table(result)
-    log(table)
-    if out_dir is not None:
-        write_results(out_dir, result, format_markdown(result, table))
-        log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+    finish_experiment(out_dir, result, format_markdown(result, table), log, shown=table)
     return result
 
 
@@ -457,19 +453,16 @@ Settings: `{json.dumps(s)}`
 
 
 def parse_args(argv=None):
-    parser = experiment_parser(__doc__, default_out="eval/results/e5", settings=Settings)
+    parser = experiment_parser(__doc__, default_out="eval/results/e5", settings=Settings, quick=QUICK)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per training run (default 1200)")
     return parser.parse_args(argv)  # --set takes a Settings field or a CTMConfig field of the model, e.g. ctm_ticks=2
 
-
-def settings_from_args(args) -> Settings:
-    return experiment_settings(args, Settings, QUICK, **({} if args.steps is None else {"steps": args.steps}))
 
 
 def main(argv=None):
     args = parse_args(argv)
     hf_logging.set_verbosity_error()
-    run(settings_from_args(args), args.out)
+    run(args.settings, args.out)
 
 
 if __name__ == "__main__":

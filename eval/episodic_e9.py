@@ -62,13 +62,13 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from modeling_ctm import CTMConfig, CTMEpisodicMemory, CTMForCausalLM  # noqa: E402
 from modeling_ctm.cache_ctm import CTMCache  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
+    arms_table,
     experiment_parser,
     experiment_result,
-    experiment_settings,
+    finish_experiment,
     mean_sd,
     run_seeds,
     summarize_arms,
-    write_results,
 )
 
 
@@ -191,6 +191,7 @@ def train(settings: Settings, topics: torch.Tensor, seed: int) -> tuple[CTMForCa
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+METRICS = ("first_token_loss", "recall_accuracy", "recall_nll")
 ARMS = {
     "recalled": "memory.recall(opening of B) among the distractors",
     "fresh": "learned start state (no memory)",
@@ -383,7 +384,7 @@ def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
         return record
 
     per_seed = run_seeds(settings.seeds, run_seed)
-    summary = summarize_arms([r["arms"] for r in per_seed], ARMS, ("first_token_loss", "recall_accuracy", "recall_nll"))
+    summary = summarize_arms([r["arms"] for r in per_seed], ARMS, METRICS)
     retrieval = {}
     for metric in ("retrieval_top1", "retrieval_hit_rate", "retrieval_top1_above_threshold", "mean_best_score"):
         m, s = mean_sd([r[metric] for r in per_seed])
@@ -402,28 +403,14 @@ def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
         machine=f"{platform.machine()}, torch threads {torch.get_num_threads()}",
     )
     table = format_table(result)
-    log(table)
-    if out_dir is not None:
-        write_results(out_dir, result, format_markdown(result, table))
-        log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+    finish_experiment(out_dir, result, format_markdown(result, table), log, shown=table)
     return result
 
 
 def format_table(result: dict) -> str:
-    n = len(result["per_seed"])
+    r, c = result["retrieval"], result["cost"]
     lines = [
-        f"{'arm':<10} {'first-token CE (' + str(n) + ' seeds)':>26} {'recall accuracy':>18} {'recall NLL':>16}",
-        "-" * 73,
-    ]
-    for arm, row in result["arms"].items():
-        lines.append(
-            f"{arm:<10} {row['first_token_loss_mean']:>17.3f} ± {row['first_token_loss_sd']:.3f} "
-            f"{row['recall_accuracy_mean']:>10.3f} ± {row['recall_accuracy_sd']:.3f} "
-            f"{row['recall_nll_mean']:>8.3f} ± {row['recall_nll_sd']:.3f}"
-        )
-    r = result["retrieval"]
-    c = result["cost"]
-    lines += [
+        f"{len(result['per_seed'])} seed(s)",
         f"chance recall accuracy {result['chance_recall_accuracy']:.3f}; retrieval top-1 "
         f"{r['retrieval_top1']['mean']:.3f} ± {r['retrieval_top1']['sd']:.3f} among {result['distractors']} "
         f"distractors (above threshold {r['retrieval_hit_rate']['mean']:.3f})",
@@ -436,12 +423,6 @@ def format_table(result: dict) -> str:
 
 def format_markdown(result: dict, table: str) -> str:
     s = result["settings"]
-    rows = "\n".join(
-        f"| {arm} | {row['description']} | {row['first_token_loss_mean']:.3f} ± {row['first_token_loss_sd']:.3f} | "
-        f"{row['recall_accuracy_mean']:.3f} ± {row['recall_accuracy_sd']:.3f} | "
-        f"{row['recall_nll_mean']:.3f} ± {row['recall_nll_sd']:.3f} |"
-        for arm, row in result["arms"].items()
-    )
     r, c = result["retrieval"], result["cost"]
     return f"""# E9 episodic warm-start
 
@@ -452,9 +433,9 @@ first-token CE over B's first {s["first_tokens"]} predictions; recall = the valu
 (chance {result["chance_recall_accuracy"]:.3f}). {len(result["per_seed"])} seeds, {s["steps"]} steps of batch
 {s["batch_size"]}. Wall time {result["wall_seconds"]:.0f} s.
 
-| arm | start state of B | first-token CE | recall accuracy | recall NLL |
-|---|---|---|---|---|
-{rows}
+Arms (the start state of B; first-token CE, recall accuracy, recall NLL):
+
+{arms_table(result["arms"], METRICS)}
 
 Retrieval top-1 {r["retrieval_top1"]["mean"]:.3f} ± {r["retrieval_top1"]["sd"]:.3f} among {result["distractors"]}
 distractors; share above the threshold {r["retrieval_hit_rate"]["mean"]:.3f} ± {r["retrieval_hit_rate"]["sd"]:.3f};
@@ -465,30 +446,20 @@ Cost: {c["bytes_per_episode"]["tiny"]:,} bytes per episode at the tiny preset sh
 shape ({c["memory_bytes_held"] / 2**20:.1f} MiB held): store {c["store_ms_per_call"]:.2f} ms, recall
 {c["recall_ms_per_call"]:.2f} ms (search alone {c["search_ms_per_call"]:.2f} ms; a fresh cache
 {c["fresh_cache_ms_per_call"]:.3f} ms) per call of one row, median of {s["timing_calls"]}. Decoding from a recalled
-state costs the same per token as from a fresh one (the same forward).
+state costs the same per token as from a fresh one (the same forward). Settings: `{json.dumps(s)}`
 
 ```
 {table}
 ```
-
-Settings: `{json.dumps(s)}`
 """
 
 
-def parse_args(argv=None):
-    parser = experiment_parser(__doc__, default_out="eval/results/e9", settings=Settings)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per seed")
-    return parser.parse_args(argv)
-
-
-def settings_from_args(args) -> Settings:
-    return experiment_settings(args, Settings, QUICK, **({} if args.steps is None else {"steps": args.steps}))
-
-
 def main(argv=None):
-    args = parse_args(argv)
     hf_logging.set_verbosity_error()
-    run(settings_from_args(args), args.out)
+    parser = experiment_parser(__doc__, default_out="eval/results/e9", settings=Settings, quick=QUICK)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per seed")
+    args = parser.parse_args(argv)
+    run(args.settings, args.out)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,6 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from modeling_ctm import CTMForCausalLM, CTMTickObserver  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     experiment_parser,
-    experiment_settings,
     experiment_training_arguments,
     format_stat,
     stat,
@@ -448,11 +447,11 @@ def format_markdown(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = experiment_parser(__doc__, default_out="eval/results/introspection", settings=Settings)
+    parser = experiment_parser(__doc__, default_out="eval/results/introspection", settings=Settings, quick=QUICK)
     parser.add_argument("--checkpoint", type=Path, help="a phase-2 model folder (with its tokenizer) to evaluate")
     parser.add_argument("--baseline", type=Path, help="the phase-1 model folder of --checkpoint (the control)")
     args = parser.parse_args(argv)
-    settings = experiment_settings(args, Settings, QUICK)
+    settings = args.settings
     if args.baseline and not args.checkpoint:
         parser.error("--baseline needs --checkpoint")
     hf_logging.set_verbosity_error()

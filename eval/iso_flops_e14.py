@@ -61,7 +61,6 @@ from modeling_ctm.experiments import (  # noqa: E402
     arms_table,
     experiment_parser,
     experiment_result,
-    experiment_settings,
     experiment_training_arguments,
     format_mean_sd,
     mean_sd,
@@ -446,10 +445,10 @@ def run(settings: Settings, seeds: int, out_dir: Path | None, log=print) -> dict
 
 
 def main(argv=None):
-    parser = experiment_parser(__doc__, default_out="eval/results/iso_flops_e14", settings=Settings)
+    parser = experiment_parser(__doc__, default_out="eval/results/iso_flops_e14", settings=Settings, quick=QUICK)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default 200)")
     args = parser.parse_args(argv)
-    settings = experiment_settings(args, Settings, QUICK, **({} if args.steps is None else {"steps": args.steps}))
+    settings = args.settings
     return run(settings, args.seeds, args.out)
 
 

@@ -89,7 +89,6 @@ from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     MachineLoad,
     experiment_parser,
-    experiment_settings,
     summarize_arms,
     tiny_config,
     train_experiment_model,
@@ -463,14 +462,11 @@ def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def settings_from_args(args) -> Settings:
-    return experiment_settings(args, Settings, QUICK)
-
 
 def main(argv=None) -> int:
-    parser = experiment_parser(__doc__, default_out="eval/results/online_e16", settings=Settings)
+    parser = experiment_parser(__doc__, default_out="eval/results/online_e16", settings=Settings, quick=QUICK)
     args = parser.parse_args(argv)
-    settings = settings_from_args(args)
+    settings = args.settings
     result = run(settings, args.out)
     print(format_markdown(result))
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'} and {args.out / 'retention.png'}")

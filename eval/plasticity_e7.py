@@ -60,7 +60,6 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from modeling_ctm import CTMForCausalLM  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     experiment_parser,
-    experiment_settings,
     mean_sd,
     tiny_config,
     train_experiment_model,
@@ -487,9 +486,9 @@ def run(settings: Settings, out_dir: Path, log=print) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = experiment_parser(__doc__, default_out="eval/results/plasticity_e7", quick_seeds=3, settings=Settings)
+    parser = experiment_parser(__doc__, default_out="eval/results/plasticity_e7", quick_seeds=3, settings=Settings, quick=QUICK)
     args = parser.parse_args(argv)
-    run(experiment_settings(args, Settings, QUICK), args.out)
+    run(args.settings, args.out)
     return 0
 
 

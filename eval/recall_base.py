@@ -34,7 +34,6 @@ from modeling_ctm.experiments import (  # noqa: E402
     arms_table,
     experiment_parser,
     experiment_result,
-    experiment_settings,
     run_seeds,
     summarize_arms,
     tiny_config,
@@ -111,13 +110,12 @@ def run_arm(arm: str, seed: int, settings: Settings, work: Path) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = experiment_parser(__doc__, default_out="eval/results/recall_base", settings=Settings)
+    parser = experiment_parser(__doc__, default_out="eval/results/recall_base", settings=Settings, quick=QUICK)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 1000; 20 quick)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-3)")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
-    flags = {name: getattr(args, name) for name in ("steps", "lr") if getattr(args, name)}
-    settings = experiment_settings(args, Settings, QUICK, **flags)
+    settings = args.settings
 
     def run_seed(seed: int) -> dict:
         record = {}

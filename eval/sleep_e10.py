@@ -54,7 +54,6 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from modeling_ctm import CTMForCausalLM  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     experiment_parser,
-    experiment_settings,
     experiment_training_arguments,
     format_stat,
     stat,
@@ -341,6 +340,20 @@ def run(settings: Settings, seeds: int, quick: bool, work: Path) -> dict:
     }
 
 
+def arm_rows(arms: dict, setting: str, with_delta: tuple, without: tuple = ()) -> list[str]:
+    """One table row per arm: each metric of `with_delta` and its paired difference vs plain ("(control)" for plain
+    itself), then the metrics of `without`."""
+    rows = []
+    for arm, entry in arms.items():
+        cells = []
+        for metric in with_delta:
+            key = f"{setting}_{metric}"
+            cells += [format_stat(entry[key]), format_stat(entry[f"{key}_vs_plain"]) if f"{key}_vs_plain" in entry else "(control)"]
+        cells += [format_stat(entry[f"{setting}_{metric}"]) for metric in without]
+        rows.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def format_markdown(results: dict) -> str:
     arms, s = results["arms"], results["settings"]
     lines = [
@@ -356,15 +369,8 @@ def format_markdown(results: dict) -> str:
         "",
         "| arm | held-out CE | Δ vs plain | hard-sequence CE | Δ vs plain | ECE | Δ vs plain |",
         "|---|---|---|---|---|---|---|",
+        *arm_rows(arms, "s1", ("held_out_ce", "hard_ce", "ece")),
     ]
-    for arm, e in arms.items():
-
-        def delta(metric, e=e):
-            key = f"s1_{metric}_vs_plain"
-            return format_stat(e[key]) if key in e else "(control)"
-
-        lines.append(f"| {arm} | {format_stat(e['s1_held_out_ce'])} | {delta('held_out_ce')} | {format_stat(e['s1_hard_ce'])} | "
-                     f"{delta('hard_ce')} | {format_stat(e['s1_ece'])} | {delta('ece')} |")  # fmt: skip
     base = results["per_seed"]["setting1"]
     lines += [
         "",
@@ -379,15 +385,8 @@ def format_markdown(results: dict) -> str:
         "",
         "| arm | final mean CE | Δ vs plain | forgetting | Δ vs plain | CE right after each stage |",
         "|---|---|---|---|---|---|",
+        *arm_rows(arms, "s2", ("final_mean_ce", "forgetting"), ("learned_ce",)),
     ]
-    for arm, e in arms.items():
-
-        def delta(metric, e=e):
-            key = f"s2_{metric}_vs_plain"
-            return format_stat(e[key]) if key in e else "(control)"
-
-        lines.append(f"| {arm} | {format_stat(e['s2_final_mean_ce'])} | {delta('final_mean_ce')} | {format_stat(e['s2_forgetting'])} | "
-                     f"{delta('forgetting')} | {format_stat(e['s2_learned_ce'])} |")  # fmt: skip
     lines += [
         "",
         "sleep − extra_steps: final mean CE "
@@ -423,9 +422,9 @@ def format_markdown(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = experiment_parser(__doc__, default_out="eval/results/sleep_e10", quick_seeds=3, settings=Settings)
+    parser = experiment_parser(__doc__, default_out="eval/results/sleep_e10", quick_seeds=3, settings=Settings, quick=QUICK)
     args = parser.parse_args(argv)
-    settings = experiment_settings(args, Settings, QUICK)
+    settings = args.settings
     hf_logging.set_verbosity_error()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:

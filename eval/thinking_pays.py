@@ -62,9 +62,8 @@ from modeling_ctm import CTMForCausalLM  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     MachineLoad,
     experiment_parser,
-    experiment_settings,
     experiment_training_arguments,
-    write_results,
+    finish_experiment,
 )
 from modeling_ctm.gauge import block_health  # noqa: E402
 from modeling_ctm.training.data import load_text_dataset, pack_dataset  # noqa: E402
@@ -406,11 +405,7 @@ def run(
         "total_seconds": time.perf_counter() - started,
     }
     table = format_table(result)
-    log(table)
-    log(result["answer"])
-    if out_dir is not None:
-        write_results(out_dir, result, format_markdown(result, table))
-        log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+    finish_experiment(out_dir, result, format_markdown(result, table), log, shown=f"{table}\n{result['answer']}")
     return result
 
 
@@ -430,7 +425,7 @@ def summarize_e2(e2_rows: list[dict]) -> dict:
 
 
 def parse_args(argv=None):
-    parser = experiment_parser(__doc__, default_out="eval/results/thinking_pays", quick_seeds=3, settings=Settings)
+    parser = experiment_parser(__doc__, default_out="eval/results/thinking_pays", quick_seeds=3, settings=Settings, quick=QUICK)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per arm")
     parser.add_argument("--phase1", type=Path, default=None, help="a phase-1 model folder (with its tokenizer)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
@@ -439,7 +434,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    settings = experiment_settings(args, Settings, QUICK, **({} if args.steps is None else {"steps": args.steps}))
+    settings = args.settings
     return run(settings, args.seeds, args.out, args.phase1, arm_names=tuple(args.arms.split(",")))
 
 

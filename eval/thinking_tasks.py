@@ -58,7 +58,6 @@ from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     MachineLoad,
     experiment_parser,
-    experiment_settings,
     experiment_training_arguments,
     write_results,
 )
@@ -421,7 +420,7 @@ def run_seed(task, settings: Settings, seed: int, arms: list[str]) -> dict:
 
 
 def main(argv=None):
-    parser = experiment_parser(__doc__, default_out="eval/results/thinking_tasks", settings=Settings)
+    parser = experiment_parser(__doc__, default_out="eval/results/thinking_tasks", settings=Settings, quick=QUICK)
     parser.add_argument("--tasks", default="khop,parity")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--steps", type=int, default=None, help="khop training steps per arm")
@@ -431,10 +430,7 @@ def main(argv=None):
     parser.add_argument("--nodes", type=int, default=12, help="khop: nodes of the successor cycle (chance 1/nodes)")
     parser.add_argument("--learning-rate", type=float, default=None)
     args = parser.parse_args(argv)
-    flags = ("steps", "parity_steps", "train_hops", "test_hops", "learning_rate")  # shorthands of --set
-    settings = experiment_settings(
-        args, Settings, QUICK, **{k: getattr(args, k) for k in flags if getattr(args, k) is not None}
-    )
+    settings = args.settings  # --steps, --parity-steps, --train-hops, --test-hops, --learning-rate: --set shorthands
     arms = args.arms.split(",")
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:

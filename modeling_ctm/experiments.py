@@ -6,8 +6,8 @@ sd) and `DIR/results.md` (a table, mean ± sd, the control next to every effect)
 
     from dataclasses import dataclass
 
-    from modeling_ctm.experiments import (arms_table, experiment_parser, experiment_result, experiment_settings,
-                                          run_seeds, summarize_arms, tiny_config, write_results)
+    from modeling_ctm.experiments import (arms_table, experiment_parser, experiment_result, run_seeds,
+                                          summarize_arms, tiny_config, write_results)
 
     ARMS = {"A": "the effect", "B": "its control"}
 
@@ -26,9 +26,9 @@ sd) and `DIR/results.md` (a table, mean ± sd, the control next to every effect)
         return {"A": {"accuracy": ...}, "B": {"accuracy": ...}}
 
     def main(argv=None):
-        parser = experiment_parser(__doc__, default_out="eval/results/e42", settings=Settings)
-        args = parser.parse_args(argv)                          # args.seeds: 3, or 1 with --quick
-        settings = experiment_settings(args, Settings, QUICK)   # QUICK under --quick, then every --set, then --seeds
+        parser = experiment_parser(__doc__, default_out="eval/results/e42", settings=Settings, quick=QUICK)
+        args = parser.parse_args(argv)    # args.seeds: 3, or 1 with --quick
+        settings = args.settings          # QUICK under --quick, then every --set, then --seeds
         per_seed = run_seeds(settings.seeds, lambda seed: run_seed(settings, seed))
         arms = summarize_arms(per_seed, ARMS, metrics=("accuracy",))
         write_results(args.out, experiment_result(settings, per_seed, arms),
@@ -40,10 +40,12 @@ section. Nothing loads a file by path or edits `sys.path`.
 
 API:
 
-* `experiment_parser(description, default_out, seeds=3, quick_seeds=1, settings=None) -> argparse.ArgumentParser`
-  with `--seeds N` (default `seeds`, or `quick_seeds` with `--quick` when not given), `--out DIR` (a `Path`) and
-  `--quick`; given a `settings` dataclass, also `--set FIELD=VALUE` (repeatable), parsed by `parse_set`. Add the
-  script's own flags to it.
+* `experiment_parser(description, default_out, seeds=3, quick_seeds=1, settings=None, quick=None)
+  -> argparse.ArgumentParser` with `--seeds N` (default `seeds`, or `quick_seeds` with `--quick` when not given),
+  `--out DIR` (a `Path`) and `--quick`; add the script's own flags to it. Given a `settings` dataclass, also
+  `--set FIELD=VALUE` (repeatable, parsed by `parse_set`), and `parse_args` returns the run's settings as
+  `args.settings` (`experiment_settings` with `quick`; a script flag whose dest is a field name, e.g. `--steps`,
+  overrides that field when given, so give such flags `default=None`).
 * `parse_set(item, settings) -> (field, value)`: the one `--set` parser. VALUE is JSON (`3`, `0.5`, `true`,
   `[0, 1]`) or else a plain string; it must name a field of the `settings` dataclass (or, where the dataclass has a
   `model: dict` field, a CTMConfig field, which goes into that dict) and fit the field's default (an int field takes
@@ -75,6 +77,8 @@ API:
 * `experiment_training_arguments(output_dir, **fields) -> TrainingArguments`: the arguments of a training run inside an
   experiment (`EXPERIMENT_TRAINING`: on the CPU, no reports, no checkpoints, no progress bar, data loaded in the main
   process); `fields` are the run's own (steps, batch, learning rate, seed ...) and may override those.
+* `finish_experiment(out_dir, result, markdown, log=print, shown=None)`: the end of a run: `log(shown)` when given,
+  then `write_results` when `out_dir` is not None, and a log line naming both files.
 * `train_experiment_model(trainer_class, model, train_dataset, output_dir, **fields) -> (model, losses)`: one
   training run inside an experiment: `trainer_class(model=..., args=experiment_training_arguments(...),
   train_dataset=..., **trainer_fields)` without its printer callback; `losses` is `[{"step", "loss"}]` from the log
@@ -193,10 +197,16 @@ def parse_set(item: str, settings) -> tuple[str, object]:
 
 
 def experiment_parser(
-    description: str | None, default_out: str | Path, seeds: int = 3, quick_seeds: int = 1, settings=None
+    description: str | None,
+    default_out: str | Path,
+    seeds: int = 3,
+    quick_seeds: int = 1,
+    settings=None,
+    quick: Mapping | None = None,
 ) -> argparse.ArgumentParser:
-    """`--seeds N --out DIR [--quick]` (+ `--set FIELD=VALUE` given a `settings` dataclass); `--seeds` defaults to
-    `seeds`, or `quick_seeds` under `--quick`."""
+    """`--seeds N --out DIR [--quick]`; `--seeds` defaults to `seeds`, or `quick_seeds` under `--quick`. Given a
+    `settings` dataclass, also `--set FIELD=VALUE`, and the parsed namespace carries `.settings`: `quick` under
+    --quick, each --set, --seeds, then the script's own flags named like a field (when given: default them to None)."""
     if seeds < 1 or quick_seeds < 1:
         raise ValueError(f"seeds={seeds}, quick_seeds={quick_seeds} are invalid: allowed values are integers >= 1")
 
@@ -212,6 +222,9 @@ def experiment_parser(
                     parsed.set = [parse_set(item, settings) for item in parsed.set]
                 except SetError as error:
                     self.error(str(error))
+                names = {f.name for f in dataclasses.fields(settings)} - {"seeds", "set", "quick", "out", "settings"}
+                flags = {k: v for k, v in vars(parsed).items() if k in names and v is not None}
+                parsed.settings = experiment_settings(parsed, settings, quick, **flags)
             return parsed, rest
 
     parser = _Parser(
@@ -281,6 +294,16 @@ def experiment_result(settings, per_seed: Sequence[Mapping], arms: Mapping, **ex
         settings = dataclasses.asdict(settings)
     return {"settings": settings, "per_seed": list(per_seed), "arms": arms, **extra,
             "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
+
+
+def finish_experiment(out_dir, result: Mapping, markdown: str, log: Callable = print, shown: str | None = None):
+    """The end of a run: `log(shown)` (a table, an answer) when given, then `write_results` into `out_dir` (when not
+    None) and a log line naming the two files."""
+    if shown is not None:
+        log(shown)
+    if out_dir is not None:
+        json_path, md_path = write_results(out_dir, result, markdown)
+        log(f"wrote {json_path} and {md_path}")
 
 
 def train_experiment_model(trainer_class, model, train_dataset, output_dir=None, trainer=None, **fields):

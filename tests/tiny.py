@@ -1,15 +1,19 @@
 """The tiny configs every test builds on (d <= 64, 2 layers, K = 3): one place for the shared factories.
 
-    from tiny import TINY, tiny_blocks, tiny_config, tiny_model, tiny_training_args
+    from tiny import TINY, micro_preset, tiny_blocks, tiny_config, tiny_model, tiny_training_args
 
 tests/ is on the path of every test (pytest puts conftest.py's folder there) and of the helper scripts run as
 subprocesses (tests/helpers/processes.py sets PYTHONPATH)."""
 
+from pathlib import Path
+
 import torch
+import yaml
 from datasets import Dataset
 from transformers import TrainingArguments
 
 from modeling_ctm import CTMConfig, CTMForCausalLM
+from modeling_ctm.training.runs import load_preset
 
 
 TINY = dict(
@@ -73,3 +77,23 @@ def tiny_training_args(output_dir, **overrides) -> TrainingArguments:
             **overrides,
         }
     )
+
+
+def micro_preset(tmp_path) -> Path:
+    """The tiny preset shrunk to a micro run (2 steps per phase, d = 32): the main job end to end in seconds."""
+    preset = load_preset("tiny")
+    preset["name"] = "micro"
+    preset["data"].update(block_size=32, eval_blocks=4, eval_paragraphs=3, tokenizer_vocab_size=512)
+    preset["model"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    preset["thinking"].update(ctm_n_synch_out=16, ctm_n_synch_action=8, ctm_nlm_hidden_size=4)
+    preset["training"].update(per_device_train_batch_size=4, per_device_eval_batch_size=4, logging_steps=1,
+                              save_steps=2, warmup_steps=0)  # fmt: skip
+    for phase in ("phase1", "phase2", "phase3"):
+        preset[phase]["training"]["max_steps"] = 2
+    preset["phase3"].update(chunk_size=8, chunk_length=16)
+    preset["phase4"].update(conversations=2, turns=2, max_message_words=8, session={"max_new_tokens": 2, "sleep_every": 2},
+                            memory={"capacity": 4}, sleep={"capacity": 4, "steps": 1})  # fmt: skip
+    preset["samples"] = {"prompts": ["Emma was"], "max_new_tokens": 4}
+    path = tmp_path / "micro.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    return path

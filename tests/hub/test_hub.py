@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import REPO
 from helpers.hub_server import LocalHub
+from tiny import micro_preset
 
 from modeling_ctm import CTMForCausalLM
 from modeling_ctm.hub.publishing import phase_repo_id, prepare_run, push_run
@@ -47,10 +48,9 @@ def _micro_run(tmp_path) -> Path:
     """A trained micro run (two steps per phase) from the main job: the real phase folders, cards and metrics."""
     sys.path.insert(0, str(RECIPES))
     import run_all
-    from test_recipes import _micro_preset
 
     run_dir = tmp_path / "run"
-    run_all.main(["--preset", str(_micro_preset(tmp_path)), "--output", str(run_dir)])
+    run_all.main(["--preset", str(micro_preset(tmp_path)), "--output", str(run_dir)])
     return run_dir
 
 

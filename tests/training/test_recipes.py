@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from helpers import REPO
 from huggingface_hub import ModelCard
+from tiny import micro_preset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from modeling_ctm import CTMConfig
@@ -23,29 +23,10 @@ from modeling_ctm.memory.session import CTMOnlineSession  # noqa: E402
 from modeling_ctm.training.runs import load_preset, training_arguments  # noqa: E402
 
 
-def _micro_preset(tmp_path) -> Path:
-    preset = load_preset("tiny")
-    preset["name"] = "micro"
-    preset["data"].update(block_size=32, eval_blocks=4, eval_paragraphs=3, tokenizer_vocab_size=512)
-    preset["model"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    preset["thinking"].update(ctm_n_synch_out=16, ctm_n_synch_action=8, ctm_nlm_hidden_size=4)
-    preset["training"].update(per_device_train_batch_size=4, per_device_eval_batch_size=4, logging_steps=1,
-                              save_steps=2, warmup_steps=0)  # fmt: skip
-    for phase in ("phase1", "phase2", "phase3"):
-        preset[phase]["training"]["max_steps"] = 2
-    preset["phase3"].update(chunk_size=8, chunk_length=16)
-    preset["phase4"].update(conversations=2, turns=2, max_message_words=8, session={"max_new_tokens": 2, "sleep_every": 2},
-                            memory={"capacity": 4}, sleep={"capacity": 4, "steps": 1})  # fmt: skip
-    preset["samples"] = {"prompts": ["Emma was"], "max_new_tokens": 4}
-    path = tmp_path / "micro.yaml"
-    path.write_text(yaml.safe_dump(preset))
-    return path
-
-
 @pytest.mark.slow
 def test_main_job_runs_the_four_phases_and_writes_cards(tmp_path):
     run_dir = tmp_path / "run"
-    run_all.main(["--preset", str(_micro_preset(tmp_path)), "--output", str(run_dir)])
+    run_all.main(["--preset", str(micro_preset(tmp_path)), "--output", str(run_dir)])
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [p["phase"] for p in summary["phases"]] == [1, 2, 3, 4]

@@ -36,7 +36,7 @@ import torch
 from perf.measure import cached_decode, decode_step_ops
 from perf.shapes import same_shape_fields
 
-from modeling_ctm.experiments import QUIET, MachineLoad
+from modeling_ctm.experiments import QUIET, MachineLoad, write_text_atomic
 
 
 GOAL_FLATNESS = 1.5  # cached ms/token at 512 <= 1.5 x at 32
@@ -275,9 +275,9 @@ def main(argv=None):
     table = decode_markdown(results, env, elapsed, args)
     print()
     print(table)
-    (out_dir / "results.md").write_text(table + "\n")
-    (out_dir / "results.json").write_text(
-        json.dumps({"env": env, "elapsed_s": elapsed, "results": results}, indent=1) + "\n"
+    write_text_atomic(out_dir / "results.md", table + "\n")
+    write_text_atomic(
+        out_dir / "results.json", json.dumps({"env": env, "elapsed_s": elapsed, "results": results}, indent=1) + "\n"
     )
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}")
 

@@ -45,7 +45,7 @@ from perf.phase3 import GOAL_CHUNKED_RATIO, phase3_entries
 from perf.report import GOAL_EFFICIENCY, plot, results_markdown
 from perf.shapes import analytic_flops, build_model, llama_intermediate_size, model_specs
 
-from modeling_ctm.experiments import QUIET, MachineLoad
+from modeling_ctm.experiments import QUIET, MachineLoad, write_text_atomic
 
 
 PRESETS = {
@@ -406,12 +406,13 @@ def main(argv=None):
     table = results_markdown(args.preset, preset["device"], env, elapsed, results, profiles, contexts, phase3)
     print()
     print(table)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(
+    write_text_atomic(out / "results.md", table + "\n")
+    write_text_atomic(
+        out / "results.json",
         json.dumps(
             {"env": env, "elapsed_s": elapsed, "results": results, "phase3": phase3, "profiles": profiles}, indent=1
         )
-        + "\n"
+        + "\n",
     )
     if results:
         plot(results, contexts, out / "throughput.png")

@@ -45,11 +45,10 @@ from __future__ import annotations
 import copy
 import json
 import math
-import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,10 +65,13 @@ from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
 from modeling_ctm.cache_ctm import CTMCache  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     experiment_parser,
+    experiment_result,
     experiment_training_arguments,
+    finish_experiment,
     format_mean_sd,
+    run_seeds,
     summarize_arms,
-    write_results,
+    tiny_config,
 )
 from modeling_ctm.training.trainers import ContinuityTrainer  # noqa: E402
 
@@ -184,14 +186,8 @@ def make_dataset(settings: Settings, n: int, seed: int) -> Dataset:
 
 
 def make_config(settings: Settings) -> CTMConfig:
-    return CTMConfig(
-        vocab_size=settings.vocab_size,
-        max_position_embeddings=4 * settings.chunk_length,
-        pad_token_id=PAD,
-        ctm_carry="chunk",
-        ctm_chunk_size=settings.chunk_length,
-        **copy.deepcopy(settings.model),
-    )
+    L = settings.chunk_length
+    return tiny_config(settings, max_position_embeddings=4 * L, pad_token_id=PAD, ctm_carry="chunk", ctm_chunk_size=L)
 
 
 def make_trainer(settings: Settings, seed: int, gradient_window: int, output_dir: str, train_dataset=None):
@@ -364,7 +360,6 @@ def run_seed(settings: Settings, seed: int, eval_batch: dict, log=print) -> dict
     model_w0, losses_w0 = train(settings, seed, gradient_window=0)
     t2 = time.time()
     record = {
-        "seed": seed,
         "A": recall_accuracy(model_w1, eval_batch, carry=True),
         "B": recall_accuracy(model_w1, eval_batch, carry=False),
         "C": recall_accuracy(model_w0, eval_batch, carry=True),
@@ -390,23 +385,18 @@ def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
     settings.validate()
     start = time.time()
     eval_batch = make_sequences(settings, settings.eval_sequences, torch.Generator().manual_seed(99_991))
-    per_seed = [run_seed(settings, seed, eval_batch, log) for seed in range(settings.seeds)]
-    result = {
-        "experiment": "E5 continuity: recall across a chunk boundary through the carried CTM thinking state only",
-        "settings": asdict(settings),
-        "chance": 1.0 / settings.n_values,
-        "chance_nll": math.log(settings.n_values),
-        "arms": summarize_arms(per_seed, ARMS, metrics=("accuracy", "recall_nll")),
-        "per_seed": per_seed,
-        "wall_seconds": round(time.time() - start, 1),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+    per_seed = run_seeds(settings.seeds, lambda seed: run_seed(settings, seed, eval_batch, log))
+    result = experiment_result(
+        settings,
+        per_seed,
+        summarize_arms(per_seed, ARMS, metrics=("accuracy", "recall_nll")),
+        experiment="E5 continuity: recall across a chunk boundary through the carried CTM thinking state only",
+        chance=1.0 / settings.n_values,
+        chance_nll=math.log(settings.n_values),
+        wall_seconds=round(time.time() - start, 1),
+    )
     table = format_table(result)
-    log(table)
-    if out_dir is not None:
-        write_results(out_dir, result, format_markdown(result, table))
-        log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+    finish_experiment(out_dir, result, format_markdown(result, table), log, shown=table)
     return result
 
 
@@ -463,46 +453,16 @@ Settings: `{json.dumps(s)}`
 
 
 def parse_args(argv=None):
-    parser = experiment_parser(__doc__, default_out="eval/results/e5")
+    parser = experiment_parser(__doc__, default_out="eval/results/e5", settings=Settings, quick=QUICK)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per training run (default 1200)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a Settings field or a CTMConfig field of the model (JSON value), e.g. --set ctm_ticks=2 "
-        "--set 'ctm_decay_init_range=[0,1]'",
-    )
-    return parser.parse_args(argv)
+    return parser.parse_args(argv)  # --set takes a Settings field or a CTMConfig field of the model, e.g. ctm_ticks=2
 
-
-def settings_from_args(args) -> Settings:
-    settings = Settings(**(QUICK if args.quick else {}))
-    for item in args.set:
-        name, _, value = item.partition("=")
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
-        if name != "model" and name in asdict(settings):
-            setattr(settings, name, value)
-        elif name in CTMConfig().to_dict() and name not in TASK_FIELDS:
-            settings.model[name] = value
-        else:
-            raise ValueError(
-                f"--set {name}: unknown field; allowed fields are the Settings fields "
-                f"{sorted(set(asdict(settings)) - {'model'})} and the CTMConfig fields except {list(TASK_FIELDS)}"
-            )
-    settings.seeds = args.seeds
-    if args.steps is not None:
-        settings.steps = args.steps
-    return settings
 
 
 def main(argv=None):
     args = parse_args(argv)
     hf_logging.set_verbosity_error()
-    run(settings_from_args(args), args.out)
+    run(args.settings, args.out)
 
 
 if __name__ == "__main__":

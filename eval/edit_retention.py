@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,8 +49,6 @@ import torch
 
 
 torch.set_num_threads(1)  # tiny tensors; spinning threads on a shared 2-core box cost more than they gain
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch.nn.functional as F  # noqa: E402
 from datasets import Dataset  # noqa: E402

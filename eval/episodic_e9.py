@@ -37,7 +37,6 @@ Cost: bytes per episode for the tiny and gpu presets (recipes/presets/*.yaml), a
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -46,7 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,6 +53,7 @@ import torch
 
 torch.set_num_threads(1)  # tiny tensors; a busy shared CPU makes extra threads a loss
 
+import continuity_e5 as e5  # noqa: E402  (E5's task pieces, model and trainer: a sibling module)
 import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 from datasets import Dataset  # noqa: E402
@@ -61,11 +61,17 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMEpisodicMemory, CTMForCausalLM  # noqa: E402
 from modeling_ctm.cache_ctm import CTMCache  # noqa: E402
-from modeling_ctm.experiments import load_script, write_results  # noqa: E402
+from modeling_ctm.experiments import (  # noqa: E402
+    arms_table,
+    experiment_parser,
+    experiment_result,
+    finish_experiment,
+    mean_sd,
+    run_seeds,
+    summarize_arms,
+)
 
 
-# eval/ is not a package: E5's module (task pieces, model config, trainer) is loaded from its file, once
-e5 = sys.modules.get("ctm_script_continuity_e5") or load_script(Path(__file__).with_name("continuity_e5.py"))
 PAD, STORE, RECALL, FIRST_VALUE = e5.PAD, e5.STORE, e5.RECALL, e5.FIRST_VALUE
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,12 +90,7 @@ class Settings(e5.Settings):
     threshold: float = 0.3
     capacity: int = 128
     lm_labels: str = "all"  # conversation 2's LM targets: "all" tokens, or only the "first" ones + the RECALL answer
-    # model / training (E5's defaults otherwise)
-    hidden_size: int = 48
-    intermediate_size: int = 96
-    num_attention_heads: int = 4
-    ctm_n_synch_out: int = 48
-    ctm_n_synch_action: int = 24
+    # training (E5's defaults otherwise); the model is E5's `model` dict (--set hidden_size=48 changes it)
     steps: int = 500
     batch_size: int = 32
     learning_rate: float = 3e-3
@@ -190,6 +191,7 @@ def train(settings: Settings, topics: torch.Tensor, seed: int) -> tuple[CTMForCa
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+METRICS = ("first_token_loss", "recall_accuracy", "recall_nll")
 ARMS = {
     "recalled": "memory.recall(opening of B) among the distractors",
     "fresh": "learned start state (no memory)",
@@ -361,21 +363,16 @@ def cost(settings: Settings) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def mean_sd(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
     settings.validate()
     start = time.time()
-    per_seed = []
-    for seed in range(settings.seeds):
+
+    def run_seed(seed: int) -> dict:
         t0 = time.time()
         topics = make_topics(settings, seed)
         model, losses = train(settings, topics, seed)
-        record = {"seed": seed, **evaluate(model, settings, topics, seed), "train_loss": losses}
+        record = {**evaluate(model, settings, topics, seed), "train_loss": losses}
         record["train_seconds"] = round(time.time() - t0, 1)
-        per_seed.append(record)
         arms = record["arms"]
         log(
             f"seed {seed}: retrieval top-1 {record['retrieval_top1']:.3f} ({record['distractors']} distractors); "
@@ -384,56 +381,36 @@ def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
             )
             + f" ({record['train_seconds']:.0f}s)"
         )
-    summary = {}
-    for arm in ARMS:
-        summary[arm] = {"description": ARMS[arm]}
-        for metric in ("first_token_loss", "recall_accuracy", "recall_nll"):
-            values = [r["arms"][arm][metric] for r in per_seed]
-            m, s = mean_sd(values)
-            summary[arm].update({f"{metric}_mean": m, f"{metric}_sd": s, f"{metric}_per_seed": values})
+        return record
+
+    per_seed = run_seeds(settings.seeds, run_seed)
+    summary = summarize_arms([r["arms"] for r in per_seed], ARMS, METRICS)
     retrieval = {}
     for metric in ("retrieval_top1", "retrieval_hit_rate", "retrieval_top1_above_threshold", "mean_best_score"):
         m, s = mean_sd([r[metric] for r in per_seed])
         retrieval[metric] = {"mean": m, "sd": s}
     costs = cost(settings)
-    result = {
-        "experiment": "E9 episodic warm-start: a recalled thinking state starts a new conversation on the same topic",
-        "settings": asdict(settings),
-        "chance_recall_accuracy": 1.0 / settings.n_values,
-        "distractors": per_seed[0]["distractors"],
-        "arms": summary,
-        "retrieval": retrieval,
-        "cost": costs,
-        "per_seed": per_seed,
-        "wall_seconds": round(time.time() - start, 1),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}",
-    }
+    result = experiment_result(
+        settings,
+        per_seed,
+        summary,
+        experiment="E9 episodic warm-start: a recalled thinking state starts a new conversation on the same topic",
+        chance_recall_accuracy=1.0 / settings.n_values,
+        distractors=per_seed[0]["distractors"],
+        retrieval=retrieval,
+        cost=costs,
+        wall_seconds=round(time.time() - start, 1),
+        machine=f"{platform.machine()}, torch threads {torch.get_num_threads()}",
+    )
     table = format_table(result)
-    log(table)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_results(out_dir, result, format_markdown(result, table))
-        log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+    finish_experiment(out_dir, result, format_markdown(result, table), log, shown=table)
     return result
 
 
 def format_table(result: dict) -> str:
-    n = len(result["per_seed"])
+    r, c = result["retrieval"], result["cost"]
     lines = [
-        f"{'arm':<10} {'first-token CE (' + str(n) + ' seeds)':>26} {'recall accuracy':>18} {'recall NLL':>16}",
-        "-" * 73,
-    ]
-    for arm, row in result["arms"].items():
-        lines.append(
-            f"{arm:<10} {row['first_token_loss_mean']:>17.3f} ± {row['first_token_loss_sd']:.3f} "
-            f"{row['recall_accuracy_mean']:>10.3f} ± {row['recall_accuracy_sd']:.3f} "
-            f"{row['recall_nll_mean']:>8.3f} ± {row['recall_nll_sd']:.3f}"
-        )
-    r = result["retrieval"]
-    c = result["cost"]
-    lines += [
+        f"{len(result['per_seed'])} seed(s)",
         f"chance recall accuracy {result['chance_recall_accuracy']:.3f}; retrieval top-1 "
         f"{r['retrieval_top1']['mean']:.3f} ± {r['retrieval_top1']['sd']:.3f} among {result['distractors']} "
         f"distractors (above threshold {r['retrieval_hit_rate']['mean']:.3f})",
@@ -446,12 +423,6 @@ def format_table(result: dict) -> str:
 
 def format_markdown(result: dict, table: str) -> str:
     s = result["settings"]
-    rows = "\n".join(
-        f"| {arm} | {row['description']} | {row['first_token_loss_mean']:.3f} ± {row['first_token_loss_sd']:.3f} | "
-        f"{row['recall_accuracy_mean']:.3f} ± {row['recall_accuracy_sd']:.3f} | "
-        f"{row['recall_nll_mean']:.3f} ± {row['recall_nll_sd']:.3f} |"
-        for arm, row in result["arms"].items()
-    )
     r, c = result["retrieval"], result["cost"]
     return f"""# E9 episodic warm-start
 
@@ -462,9 +433,9 @@ first-token CE over B's first {s["first_tokens"]} predictions; recall = the valu
 (chance {result["chance_recall_accuracy"]:.3f}). {len(result["per_seed"])} seeds, {s["steps"]} steps of batch
 {s["batch_size"]}. Wall time {result["wall_seconds"]:.0f} s.
 
-| arm | start state of B | first-token CE | recall accuracy | recall NLL |
-|---|---|---|---|---|
-{rows}
+Arms (the start state of B; first-token CE, recall accuracy, recall NLL):
+
+{arms_table(result["arms"], METRICS)}
 
 Retrieval top-1 {r["retrieval_top1"]["mean"]:.3f} ± {r["retrieval_top1"]["sd"]:.3f} among {result["distractors"]}
 distractors; share above the threshold {r["retrieval_hit_rate"]["mean"]:.3f} ± {r["retrieval_hit_rate"]["sd"]:.3f};
@@ -475,49 +446,20 @@ Cost: {c["bytes_per_episode"]["tiny"]:,} bytes per episode at the tiny preset sh
 shape ({c["memory_bytes_held"] / 2**20:.1f} MiB held): store {c["store_ms_per_call"]:.2f} ms, recall
 {c["recall_ms_per_call"]:.2f} ms (search alone {c["search_ms_per_call"]:.2f} ms; a fresh cache
 {c["fresh_cache_ms_per_call"]:.3f} ms) per call of one row, median of {s["timing_calls"]}. Decoding from a recalled
-state costs the same per token as from a fresh one (the same forward).
+state costs the same per token as from a fresh one (the same forward). Settings: `{json.dumps(s)}`
 
 ```
 {table}
 ```
-
-Settings: `{json.dumps(s)}`
 """
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seeds", type=int, default=None, help="seeds (default 3; 1 with --quick)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per seed")
-    parser.add_argument("--out", type=Path, default=Path("eval/results/e9"), help="folder for results.json/.md")
-    parser.add_argument("--quick", action="store_true", help="a smoke run of a few steps (mechanics only)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a Settings field")
-    return parser.parse_args(argv)
-
-
-def settings_from_args(args) -> Settings:
-    overrides = dict(QUICK if args.quick else {})
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if name not in Settings.__dataclass_fields__:
-            raise ValueError(f"--set {name}: unknown field; allowed fields are {sorted(Settings.__dataclass_fields__)}")
-        try:
-            overrides[name] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[name] = value
-    if args.seeds is not None:
-        overrides["seeds"] = args.seeds
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    return Settings(**overrides)
-
-
 def main(argv=None):
-    args = parse_args(argv)
     hf_logging.set_verbosity_error()
-    run(settings_from_args(args), args.out)
+    parser = experiment_parser(__doc__, default_out="eval/results/e9", settings=Settings, quick=QUICK)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per seed")
+    args = parser.parse_args(argv)
+    run(args.settings, args.out)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,7 @@ results.md and PNGs to --out.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -46,16 +42,21 @@ torch.set_num_threads(1)  # tiny tensors on a shared 2-core machine: extra threa
 
 import numpy  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from introspection_pictures import draw_curves, draw_gallery, draw_reliability  # noqa: E402  (a sibling module)
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from transformers import set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMForCausalLM, CTMTickObserver  # noqa: E402
-from modeling_ctm.experiments import experiment_training_arguments  # noqa: E402
-from modeling_ctm.fmri import draw_thinking_map, save_figure, summarize_probe, sync_change  # noqa: E402
+from modeling_ctm.experiments import (  # noqa: E402
+    experiment_parser,
+    experiment_training_arguments,
+    format_stat,
+    stat,
+    write_results,
+)
+from modeling_ctm.fmri import sync_change  # noqa: E402
 from modeling_ctm.training.data import austen_splits, austen_training_texts, pack_dataset  # noqa: E402
 from modeling_ctm.training.phases import freeze_for_thinking, language_config, start_thinking  # noqa: E402
 from modeling_ctm.training.tokenization import load_tokenizer, train_tokenizer  # noqa: E402
@@ -326,85 +327,8 @@ def halting_curve(model, ids, settings: Settings) -> tuple[list[dict], list[dict
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Pictures
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-
-def draw_reliability(tables: dict[str, tuple[float, list[dict]]], path: Path) -> Path:
-    figure = Figure(figsize=(5.2, 4.6), layout="constrained")
-    FigureCanvasAgg(figure)
-    ax = figure.subplots()
-    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
-    for name, (ece, table) in tables.items():
-        ax.plot([row["confidence"] for row in table], [row["accuracy"] for row in table], marker="o",
-                label=f"{name} (ECE {ece:.3f})")  # fmt: skip
-    ax.set_xlabel("confidence (bin mean)")
-    ax.set_ylabel("top-1 accuracy")
-    ax.set_title("Reliability on held-out text (first seed)", fontsize=10)
-    ax.legend(fontsize=8)
-    return save_figure(figure, path)
-
-
-def draw_curves(halting: list[dict], fixed: list[dict], path: Path) -> Path:
-    figure = Figure(figsize=(5.2, 4.2), layout="constrained")
-    FigureCanvasAgg(figure)
-    ax = figure.subplots()
-    ax.plot([p["tick_flops_saved"] for p in halting], [p["delta_ce"] for p in halting], marker="o",
-            label="halting on sync convergence")  # fmt: skip
-    ax.plot([p["tick_flops_saved"] for p in fixed], [p["delta_ce"] for p in fixed], marker="s",
-            label="fixed K' < K (every token)")  # fmt: skip
-    ax.axhline(0.02, color="grey", linestyle="--", linewidth=1, label="0.02 nats/token")
-    ax.axvline(0.30, color="grey", linestyle=":", linewidth=1, label="30 % saved")
-    ax.set_xlabel("tick FLOPs saved (share)")
-    ax.set_ylabel("Δ CE vs all K ticks (nats/token)")
-    ax.legend(fontsize=8)
-    return save_figure(figure, path)
-
-
-@torch.no_grad()
-def draw_gallery(model, ids, tokenizer, settings: Settings, out: Path) -> list[str]:
-    block = ids[: min(len(ids), 8)]
-    outputs, layers = model.probe(block)
-    log_probs = F.log_softmax(outputs.logits.float(), dim=-1)[:, :-1]
-    ce = -log_probs.gather(-1, block[:, 1:, None])[..., 0]
-    flat = ce.flatten()
-    order = flat.argsort()
-    B, T = block.shape
-    paths = []
-
-    def token_mask(indices):
-        mask = torch.zeros(B, T)
-        for index in indices.tolist():
-            mask[index // (T - 1), index % (T - 1)] = 1
-        return mask
-
-    n = settings.gallery_tokens
-    for kind, picked in (("easy", order[:n]), ("hard", order.flip(0)[:n])):
-        for rank, index in enumerate(picked.tolist()):
-            row, col = index // (T - 1), index % (T - 1)
-            context = tokenizer.decode(block[row, max(0, col - 6) : col + 1]).replace("\n", " ")
-            target = tokenizer.decode(block[row, col + 1 : col + 2]).replace("\n", " ")
-            title = f"{kind} token: ...{context!r} -> {target!r} (CE {flat[index]:.2f} nats)"
-            path = out / f"fmri_{kind}_{rank}.png"
-            paths.append(
-                str(draw_thinking_map(summarize_probe(layers, token_mask(torch.tensor([index]))), path, title))
-            )
-        decile = max(1, len(flat) // 10)
-        group = order[:decile] if kind == "easy" else order.flip(0)[:decile]
-        title = f"{kind}est 10% of {len(flat)} held-out tokens (mean CE {flat[group].mean():.2f} nats)"
-        paths.append(str(draw_thinking_map(summarize_probe(layers, token_mask(group)), out / f"fmri_{kind}_group.png",
-                                           title)))  # fmt: skip
-    return paths
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # The experiment
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def mean_sd(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def best_within(points: list[dict], budget: float = 0.02) -> float:
@@ -457,17 +381,17 @@ def run_seed(settings: Settings, seed: int, data, out: Path, checkpoint=None, ba
 def summarise(per_seed: list[dict]) -> dict:
     arms = {}
     for name in per_seed[0]["ece"]:
-        arms[name] = {"ece": mean_sd([r["ece"][name] for r in per_seed])}
+        arms[name] = {"ece": stat([r["ece"][name] for r in per_seed])}
     if "auroc" in per_seed[0]:
         for name in per_seed[0]["auroc"]:
-            arms.setdefault(name, {})["auroc_wrong"] = mean_sd([r["auroc"][name] for r in per_seed])
+            arms.setdefault(name, {})["auroc_wrong"] = stat([r["auroc"][name] for r in per_seed])
     arms["ctm_readout"] = {
-        "accuracy": mean_sd([r["accuracy"] for r in per_seed]),
-        "ce": mean_sd([r["ce"] for r in per_seed]),
+        "accuracy": stat([r["accuracy"] for r in per_seed]),
+        "ce": stat([r["ce"] for r in per_seed]),
     }
     if "phase1_ce" in per_seed[0]:
-        arms["phase1_readout"] = {"accuracy": mean_sd([r["phase1_accuracy"] for r in per_seed]),
-                                  "ce": mean_sd([r["phase1_ce"] for r in per_seed])}  # fmt: skip
+        arms["phase1_readout"] = {"accuracy": stat([r["phase1_accuracy"] for r in per_seed]),
+                                  "ce": stat([r["phase1_ce"] for r in per_seed])}  # fmt: skip
 
     def curve(key, label):
         points = []
@@ -475,7 +399,7 @@ def summarise(per_seed: list[dict]) -> dict:
             entry = {label: point[label]} if label == "ticks" else {"quantile": point["quantile"]}
             for field in ("threshold", "tick_flops_saved", "delta_ce", "ce"):
                 if field in point:
-                    entry[field] = mean_sd([r[key][i][field] for r in per_seed])
+                    entry[field] = stat([r[key][i][field] for r in per_seed])
             points.append(entry)
         return points
 
@@ -486,68 +410,50 @@ def summarise(per_seed: list[dict]) -> dict:
         "halting_curve": curve("halting_curve", "quantile"),
         "fixed_ticks_curve": curve("fixed_ticks_curve", "ticks"),
         "best_saved_within_0.02_nats": {
-            kind: mean_sd([r["best_saved_within_0.02_nats"][kind] for r in per_seed])
+            kind: stat([r["best_saved_within_0.02_nats"][kind] for r in per_seed])
             for kind in ("halting", "fixed_ticks")
         },
-        "cost": {k: mean_sd([r["cost"][k] for r in per_seed]) for k in per_seed[0]["cost"]},
+        "cost": {k: stat([r["cost"][k] for r in per_seed]) for k in per_seed[0]["cost"]},
     }
 
 
-def fmt(stat: dict, digits: int = 3) -> str:
-    return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
-
-
-def write_markdown(results: dict, path: Path) -> None:
+def format_markdown(results: dict) -> str:
     s = results["summary"]
     lines = [f"# Introspection ({results['settings']['seeds']} seeds; {results['machine']})", "",
              "## Calibration (ECE, lower is better) and error detection (AUROC for 'top-1 is wrong')", "",
              "| score | ECE | AUROC wrong |", "|---|---|---|"]  # fmt: skip
     for name, arm in s["arms"].items():
         if "ece" in arm or "auroc_wrong" in arm:
-            ece = fmt(arm["ece"]) if "ece" in arm else "-"
-            auroc = fmt(arm["auroc_wrong"]) if "auroc_wrong" in arm else "-"
+            ece = format_stat(arm["ece"]) if "ece" in arm else "-"
+            auroc = format_stat(arm["auroc_wrong"]) if "auroc_wrong" in arm else "-"
             lines.append(f"| {name} | {ece} | {auroc} |")
-    lines += ["", "Readout: " + ", ".join(f"{k}: CE {fmt(v['ce'])}, acc {fmt(v['accuracy'])}"
+    lines += ["", "Readout: " + ", ".join(f"{k}: CE {format_stat(v['ce'])}, acc {format_stat(v['accuracy'])}"
                                           for k, v in s["arms"].items() if "ce" in v), ""]  # fmt: skip
     lines += ["## Adaptive ticks (halting on sync convergence) vs fixed K' < K", "",
               "| arm | threshold | tick FLOPs saved | Δ CE (nats/token) |", "|---|---|---|---|"]  # fmt: skip
     for p in s["halting_curve"]:
-        lines.append(f"| halt q={p['quantile']} | {fmt(p['threshold'])} | {fmt(p['tick_flops_saved'])} | "
-                     f"{fmt(p['delta_ce'], 4)} |")  # fmt: skip
+        lines.append(f"| halt q={p['quantile']} | {format_stat(p['threshold'])} | {format_stat(p['tick_flops_saved'])} | "
+                     f"{format_stat(p['delta_ce'], 4)} |")  # fmt: skip
     for p in s["fixed_ticks_curve"]:
-        lines.append(f"| fixed K'={p['ticks']} | - | {fmt(p['tick_flops_saved'])} | {fmt(p['delta_ce'], 4)} |")
+        lines.append(f"| fixed K'={p['ticks']} | - | {format_stat(p['tick_flops_saved'])} | {format_stat(p['delta_ce'], 4)} |")
     best = s["best_saved_within_0.02_nats"]
-    lines += ["", f"Most tick FLOPs saved at Δ CE ≤ 0.02: halting {fmt(best['halting'])}, fixed K' "
-              f"{fmt(best['fixed_ticks'])}.", "",
-              "Cost (batch-1 cached greedy decoding, ms/token): " + ", ".join(f"{k}: {fmt(v, 2)}"
+    lines += ["", f"Most tick FLOPs saved at Δ CE ≤ 0.02: halting {format_stat(best['halting'])}, fixed K' "
+              f"{format_stat(best['fixed_ticks'])}.", "",
+              "Cost (batch-1 cached greedy decoding, ms/token): " + ", ".join(f"{k}: {format_stat(v, 2)}"
                                                                               for k, v in s["cost"].items()), ""]  # fmt: skip
     if results.get("pictures"):
         lines += ["Pictures: " + ", ".join(Path(p).name for p in results["pictures"]), ""]
-    path.write_text("\n".join(lines))
-
-
-def atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path("eval/results/introspection"))
-    parser.add_argument("--quick", action="store_true", help="a smoke run in seconds")
+    parser = experiment_parser(__doc__, default_out="eval/results/introspection", settings=Settings, quick=QUICK)
     parser.add_argument("--checkpoint", type=Path, help="a phase-2 model folder (with its tokenizer) to evaluate")
     parser.add_argument("--baseline", type=Path, help="the phase-1 model folder of --checkpoint (the control)")
     args = parser.parse_args(argv)
-    settings = Settings(**(QUICK if args.quick else {}))
-    if args.seeds is not None:
-        if args.seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-        settings.seeds = args.seeds
+    settings = args.settings
     if args.baseline and not args.checkpoint:
-        raise ValueError("--baseline needs --checkpoint")
+        parser.error("--baseline needs --checkpoint")
     hf_logging.set_verbosity_error()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -574,9 +480,8 @@ def main(argv=None) -> dict:
         **{k: summary[k] for k in ("arms", "ece", "auroc", "halting_curve", "fixed_ticks_curve")},
         "pictures": per_seed[0].get("pictures", []),
     }
-    atomic_write(args.out / "results.json", json.dumps(results, indent=2))
-    write_markdown(results, args.out / "results.md")
-    print((args.out / "results.md").read_text())
+    write_results(args.out, results, format_markdown(results))
+    print(format_markdown(results))
     return results
 
 

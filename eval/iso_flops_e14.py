@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 torch.set_num_threads(1)  # tiny tensors gain nothing from a second thread on a shared 2-core box
 
+import flops  # noqa: E402  (eval/flops.py, a sibling module)
 from transformers import TrainerCallback, TrainingArguments, set_seed  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
@@ -59,11 +60,12 @@ from modeling_ctm.experiments import (  # noqa: E402
     MachineLoad,
     arms_table,
     experiment_parser,
+    experiment_result,
     experiment_training_arguments,
     format_mean_sd,
-    load_script,
     mean_sd,
     summarize_arms,
+    tiny_config,
     write_results,
 )
 from modeling_ctm.io_ctm import atomic_write  # noqa: E402
@@ -71,8 +73,6 @@ from modeling_ctm.training.data import load_text_dataset, pack_dataset  # noqa: 
 from modeling_ctm.training.tokenization import get_tokenizer  # noqa: E402
 from modeling_ctm.training.trainers import CTMTrainer  # noqa: E402
 
-
-flops = load_script(Path(__file__).parent / "flops.py", "ctm_eval_flops")  # eval/ is no package
 
 # name -> (decoder layers, ctm_layers, ticks), description
 ARMS = {
@@ -119,13 +119,10 @@ class Settings:
 
     def config(self, arm: str, tokenizer) -> CTMConfig:
         layers, ctm_layers, ticks = SHAPES[arm]
-        return CTMConfig(
+        return tiny_config(
+            self,
             vocab_size=len(tokenizer),
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
             num_hidden_layers=layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
             max_position_embeddings=512,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
@@ -428,17 +425,17 @@ def run(settings: Settings, seeds: int, out_dir: Path | None, log=print) -> dict
         per_seed.append(record)
     budget, walls = compare(per_seed)
     arms = summarize_arms(per_seed, ARMS, METRICS)
-    result = {
-        "experiment": "iso_flops_e14",
-        "settings": {**asdict(settings), "seeds": seeds, "shapes": SHAPES},
-        "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
-        "flop_budget": budget,
-        "wall_budgets": walls,
-        "arms": arms,
-        "per_seed": per_seed,
-        "answer": answer(arms),
-        "total_seconds": time.perf_counter() - started,
-    }
+    result = experiment_result(
+        {**asdict(settings), "seeds": seeds, "shapes": SHAPES},
+        per_seed,
+        arms,
+        experiment="iso_flops_e14",
+        machine=f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
+        flop_budget=budget,
+        wall_budgets=walls,
+        answer=answer(arms),
+        total_seconds=time.perf_counter() - started,
+    )
     log(result["answer"])
     if out_dir is not None:
         write_results(out_dir, result, format_markdown(result))
@@ -448,12 +445,10 @@ def run(settings: Settings, seeds: int, out_dir: Path | None, log=print) -> dict
 
 
 def main(argv=None):
-    parser = experiment_parser(__doc__, default_out="eval/results/iso_flops_e14")
+    parser = experiment_parser(__doc__, default_out="eval/results/iso_flops_e14", settings=Settings, quick=QUICK)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default 200)")
     args = parser.parse_args(argv)
-    settings = Settings(**QUICK) if args.quick else Settings()
-    if args.steps is not None:
-        settings.steps = args.steps
+    settings = args.settings
     return run(settings, args.seeds, args.out)
 
 

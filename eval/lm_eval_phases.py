@@ -48,6 +48,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import modeling_ctm  # noqa: F401  (registers the model with the Auto classes)
+    from modeling_ctm.experiments import write_text_atomic
     from modeling_ctm.hub.publishing import find_phase_checkpoints
 
     torch.set_num_threads(1)
@@ -56,9 +57,8 @@ def main(argv=None):
         started = time.perf_counter()
         phases[phase] = {"folder": str(folder), "results": evaluate_folder(folder, args.limit, args.batch_size)}
         phases[phase]["seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
     settings = {"run": str(args.run), "limit": args.limit, "batch_size": args.batch_size, "tasks": TASKS}
-    (args.out / "results.json").write_text(json.dumps({"settings": settings, "phases": phases}, indent=2))
+    write_text_atomic(args.out / "results.json", json.dumps({"settings": settings, "phases": phases}, indent=2))
     lines = ["| phase | " + " | ".join(title for *_, title in COLUMNS) + " | s |", "|---" * (len(COLUMNS) + 2) + "|"]
     for phase, entry in phases.items():
         cells = []
@@ -68,9 +68,10 @@ def main(argv=None):
             cells.append("-" if value is None else f"{value:.3f}" + (f" ± {stderr:.3f}" if stderr else ""))
         lines.append(f"| {phase} | " + " | ".join(cells) + f" | {entry['seconds']:.0f} |")
     table = "\n".join(lines)
-    (args.out / "results.md").write_text(
+    write_text_atomic(
+        args.out / "results.md",
         f"# lm-eval on the phases of `{args.run}`\n\n{table}\n\nlimit={args.limit} documents per task; "
-        "± is lm-eval's bootstrap standard error.\n"
+        "± is lm-eval's bootstrap standard error.\n",
     )
     print(table)
 

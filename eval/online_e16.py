@@ -59,11 +59,8 @@ learn_from's anchor copy).
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import math
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,17 +70,28 @@ import torch
 
 torch.set_num_threads(1)  # tiny tensors; a busy shared CPU makes extra threads a loss
 
-from datasets import Dataset  # noqa: E402
-from transformers import PrinterCallback, set_seed  # noqa: E402
+from online_e16_report import draw_retention, format_markdown  # noqa: E402  (sibling modules: the report and
+from online_facts import (  # noqa: E402  (the language: names, codes, filler text, training rows)
+    CODES,
+    FORMS,
+    NAMES,
+    Corpus,
+    fit_tokenizer,
+    paraphrase,
+    question,
+    statement,
+    training_rows,
+)
+from transformers import set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     MachineLoad,
     experiment_parser,
-    experiment_training_arguments,
-    format_mean_sd,
     summarize_arms,
+    tiny_config,
+    train_experiment_model,
     write_results,
 )
 from modeling_ctm.memory.episodic import CTMEpisodicMemory, mean_input_embedding  # noqa: E402
@@ -91,7 +99,6 @@ from modeling_ctm.memory.plasticity import HebbianPlasticity, PlasticityConfig, 
 from modeling_ctm.memory.session import CTMOnlineSession, OnlineConfig  # noqa: E402
 from modeling_ctm.memory.sleep import ConsolidationConfig, Consolidator, ReplayHeap  # noqa: E402
 from modeling_ctm.training.phases import freeze_for_thinking  # noqa: E402
-from modeling_ctm.training.tokenization import train_tokenizer  # noqa: E402
 from modeling_ctm.training.trainers import ContinuityTrainer  # noqa: E402
 
 
@@ -107,31 +114,6 @@ ARMS = {
 }
 LIVED = ("episodic", "hebbian", "learn_from", "all", "placebo")  # arms whose conversations can change a score
 METRICS = ("recall", "exact", "answer_logp", "paraphrase", "neighbourhood", "ce_cost", "recalled")
-# Invented one-token names (no prior can explain a hit), ten code words, and a small grammar of filler text for the
-# distractor conversations; the tokenizer is fitted on this language so each word is one token.
-NAMES = [
-    f"{a}{b}"
-    for a in ("Ba", "Ce", "Di", "Fo", "Gu", "Ha", "Je", "Ki", "Lo", "Mu")
-    for b in ("ran", "vel", "tor", "mis", "dun", "lek")
-]
-CODES = ["house", "letter", "garden", "father", "sister", "room", "friend", "family", "heart", "walk"]
-FILLER = {
-    "det": ["the", "a", "every", "no", "that"],
-    "adj": ["old", "young", "quiet", "bright", "cold", "small", "kind", "late", "wet", "tall"],
-    "noun": ["man", "woman", "child", "river", "road", "bird", "tree", "boat", "town", "hill", "dog", "lamp"],
-    "verb": ["saw", "found", "left", "passed", "watched", "followed", "heard", "crossed", "painted", "kept"],
-    "prep": ["near", "under", "behind", "beyond", "beside"],
-}
-# How a fact is told and asked: (question template, paraphrase template, paraphrase used in training). A statement
-# is the question followed by " CODE.". "pair" is multi-query associative recall (the answer follows its key, what a
-# copying attention head learns first); "sentence" needs a two-token match ("NAME is" -> CODE), which the 2-layer
-# model here did not learn in 2,000 steps (the oracle stayed at chance: eval/README.md).
-FORMS = {
-    "pair": ("{name}", "So {name}", False),
-    "sentence": ("The code of {name} is", "So {name}'s code is", True),
-}
-
-
 @dataclass
 class Settings:
     seeds: int = 3
@@ -202,163 +184,21 @@ QUICK = dict(train_steps=4, batch_size=4, trials=1, facts=3, distractors=[0, 2],
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Text: facts, fillers, distractors
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def question(form: str, name: str) -> str:
-    return FORMS[form][0].format(name=name)
-
-
-def paraphrase(form: str, name: str) -> str:
-    return FORMS[form][1].format(name=name)
-
-
-def statement(form: str, name: str, code: str) -> str:
-    return f"{question(form, name)} {code}."
-
-
-def fact_ids(tokenizer, text: str, code: str) -> list[int]:
-    """A question followed by its code, tokenized on its own, as a session tokenizes each user message."""
-    return tokenizer(f"{text} {code}.", add_special_tokens=False).input_ids
-
-
-def filler_sentence(rng: random.Random) -> str:
-    """One sentence of the filler grammar: det adj noun verb det noun [prep det adj noun] ."""
-    pick = lambda kind: rng.choice(FILLER[kind])  # noqa: E731
-    words = [pick("det"), pick("adj"), pick("noun"), pick("verb"), pick("det"), pick("noun")]
-    if rng.random() < 0.5:
-        words += [pick("prep"), pick("det"), pick("adj"), pick("noun")]
-    return " ".join(words).capitalize() + "."
-
-
-def fit_tokenizer(settings: Settings):
-    """A byte-level BPE fitted on the experiment's language (facts over every name and code, filler), large enough
-    that every word is one token; checked, since a split name would make recall a different task."""
-    rng = random.Random(0)
-    texts = [f"{form[i].format(name=name)} {code}." for form in FORMS.values() for i in (0, 1) for name in NAMES
-             for code in CODES]  # fmt: skip
-    texts += [filler_sentence(rng) for _ in range(3000)]
-    tokenizer = train_tokenizer(texts * 2, vocab_size=settings.vocab_size)
-    split = [w for w in NAMES + CODES if len(tokenizer(f" {w}", add_special_tokens=False).input_ids) != 1]
-    split += [w for w in NAMES if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]  # a message's first word
-    if split:
-        raise ValueError(f"vocab_size={settings.vocab_size} is too small: {split[:5]} are not single tokens")
-    return tokenizer
-
-
-class Corpus:
-    """The filler text the script draws from, as token streams: a training stream (filler in training rows) and a
-    held-out one (the distractor conversations and the CE-cost rows), from different seeds."""
-
-    def __init__(self, tokenizer, settings: Settings):
-        self.tokenizer = tokenizer
-        train_rng, held_out_rng = random.Random(1), random.Random(2)
-        self.stream = torch.tensor(self.encode([filler_sentence(train_rng) for _ in range(20_000)]))
-        held_out = torch.tensor(
-            self.encode([filler_sentence(held_out_rng) for _ in range(40 * settings.ce_paragraphs)])
-        )
-        self.cost_ids = [held_out[None, i * 128 : (i + 1) * 128] for i in range(settings.ce_paragraphs)]
-        self.held_out_rng = held_out_rng
-
-    def encode(self, sentences: list[str]) -> list[int]:
-        return [t for sentence in sentences for t in self.tokenizer(sentence, add_special_tokens=False).input_ids]
-
-    def window(self, length: int, rng: random.Random) -> list[int]:
-        start = rng.randrange(len(self.stream) - length)
-        return self.stream[start : start + length].tolist()
-
-    def distractor(self, index: int, settings: Settings) -> list[str]:
-        """Conversation `index`: `distractor_turns` messages of about `distractor_words` words each (held-out filler)."""
-        rng = random.Random(10_000 + index)
-        messages = []
-        for _ in range(settings.distractor_turns):
-            sentences = []
-            while sum(len(x.split()) for x in sentences) < settings.distractor_words:
-                sentences.append(filler_sentence(rng))
-            messages.append(" ".join(sentences))
-        return messages
-
-
-def training_rows(settings: Settings, tokenizer, corpus: Corpus, n: int, seed: int) -> Dataset:
-    """Rows of two chunks: held-in filler text (every token a target), "carry" facts (10 told in chunk 1, asked in
-    chunk 2: only the carried state can answer) or "context" facts (4-9 told and some asked inside chunk 1). In fact
-    rows only the asked codes are targets: the names and codes told are random, nothing else there can be learned.
-    Each sentence is tokenized alone, as session messages are; filler text fills each chunk up."""
-    rng = random.Random(seed)
-    L = settings.chunk_length
-    names = NAMES
-
-    def fill(ids: list[int], targets: list[int]) -> tuple[list[int], list[int]]:
-        if len(ids) > L:
-            raise ValueError(f"a fact chunk has {len(ids)} tokens: chunk_length={L} is too small for it")
-        return ids + corpus.window(L - len(ids), rng), targets + [-100] * (L - len(ids))
-
-    def told(pairs) -> tuple[list[int], list[int]]:
-        ids = [t for name, code in pairs for t in fact_ids(tokenizer, question(settings.fact_form, name), code)]
-        return ids, [-100] * len(ids)
-
-    def asked(pairs) -> tuple[list[int], list[int]]:
-        ids, targets = [], []
-        for name, code in pairs:
-            forms = (question, paraphrase) if FORMS[settings.fact_form][2] else (question,)
-            sentence = fact_ids(tokenizer, rng.choice(forms)(settings.fact_form, name), code)
-            ids += sentence
-            targets += [-100] * (len(sentence) - 2) + sentence[-2:-1] + [-100]  # the code, before the full stop
-        return ids, targets
-
-    sentence_length = max(len(fact_ids(tokenizer, f(settings.fact_form, n), c)) for f in (question, paraphrase)
-                          for n in names for c in CODES)  # fmt: skip
-    rows, labels = [], []
-    for _ in range(n):
-        draw = rng.random()
-        pairs = list(zip(rng.sample(names, settings.facts), rng.sample(CODES, settings.facts)))
-        if draw < settings.carry_share:
-            first, second = fill(*told(pairs)), fill(*asked(rng.sample(pairs, len(pairs))))
-            ids, targets = first[0] + second[0], first[1] + second[1]
-        elif draw < settings.carry_share + settings.context_share:
-            room = L // sentence_length
-            most = min(settings.facts, room - 1)
-            k = rng.randint(min(4, most), most)
-            questions = rng.sample(pairs[:k], min(k, room - k))
-            (a, b), (c, d) = told(pairs[:k]), asked(questions)
-            ids, targets = fill(a + c, b + d)
-            ids, targets = ids + corpus.window(L, rng), targets + [-100] * L
-        else:
-            ids = corpus.window(2 * L, rng)
-            targets = list(ids)
-        rows.append(ids)
-        labels.append(targets)
-    return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": labels})
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 def model_config(settings: Settings, tokenizer) -> CTMConfig:
-    return CTMConfig(
+    return tiny_config(
+        settings,
         vocab_size=len(tokenizer),
-        hidden_size=settings.hidden_size,
-        intermediate_size=settings.intermediate_size,
-        num_hidden_layers=settings.num_hidden_layers,
-        num_attention_heads=settings.num_attention_heads,
         num_key_value_heads=settings.num_attention_heads,
         max_position_embeddings=512,
         ctm_layers="last",
-        ctm_ticks=settings.ctm_ticks,
-        ctm_memory_length=settings.ctm_memory_length,
-        ctm_n_synch_out=settings.ctm_n_synch_out,
-        ctm_n_synch_action=settings.ctm_n_synch_action,
-        ctm_nlm_hidden_size=settings.ctm_nlm_hidden_size,
-        ctm_synapse_depth=settings.ctm_synapse_depth,
         ctm_readout="last",
         ctm_loss_tick_aux_weight=0.5,
         ctm_loss_certain_weight=0.0,
         ctm_carry="chunk",
-        ctm_chunk_size=settings.ctm_chunk_size,
-        ctm_token_shift=settings.ctm_token_shift,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
@@ -368,29 +208,19 @@ def train_model(settings: Settings, tokenizer, corpus: Corpus, seed: int) -> tup
     set_seed(seed)
     model = CTMForCausalLM(model_config(settings, tokenizer))
     rows = training_rows(settings, tokenizer, corpus, settings.train_steps * settings.batch_size, seed=1_000 + seed)
-    with tempfile.TemporaryDirectory() as output_dir:
-        args = experiment_training_arguments(
-            output_dir,
-            seed=seed,
-            max_steps=settings.train_steps,
-            per_device_train_batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate,
-            warmup_steps=max(1, settings.train_steps // 20),
-            lr_scheduler_type="cosine",
-            logging_steps=max(1, settings.train_steps // 8),
-        )
-        trainer = ContinuityTrainer(
-            model=model,
-            args=args,
-            train_dataset=rows,
-            chunk_length=settings.chunk_length,
-            gradient_window=1,
-            cut_attention=True,
-        )
-        trainer.remove_callback(PrinterCallback)
-        trainer.train()
-    log = [{"step": e["step"], "loss": round(e["loss"], 4)} for e in trainer.state.log_history if "loss" in e]
-    return model.eval(), log
+    return train_experiment_model(
+        ContinuityTrainer,
+        model,
+        rows,
+        trainer={"chunk_length": settings.chunk_length, "gradient_window": 1, "cut_attention": True},
+        seed=seed,
+        max_steps=settings.train_steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        warmup_steps=max(1, settings.train_steps // 20),
+        lr_scheduler_type="cosine",
+        logging_steps=max(1, settings.train_steps // 8),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -628,108 +458,16 @@ def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
     return result
 
 
-def draw_retention(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from modeling_ctm.fmri import save_figure
-
-    ns = result["settings"]["distractors"]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, metric, title in ((axes[0], "recall", "recall (10 codes)"), (axes[1], "answer_logp", "log p(answer)")):
-        for arm in ARMS:
-            means = [result["retention"][arm][str(n)][f"{metric}_mean"] for n in ns]
-            sds = [result["retention"][arm][str(n)][f"{metric}_sd"] for n in ns]
-            axis.errorbar(ns, means, yerr=sds, marker="o", capsize=3, label=arm)
-        if metric == "recall":
-            axis.axhline(result["chance"], color="grey", linestyle=":", label="chance")
-        axis.set_xlabel("distractor conversations N")
-        axis.set_title(title)
-    axes[0].legend(fontsize=7)
-    figure.suptitle("E16: retention of 10 told facts in a new conversation, mean ± sd over seeds")
-    figure.tight_layout()
-    save_figure(figure, path)
-    plt.close(figure)
-
-
-def format_markdown(result: dict) -> str:
-    settings, arms = result["settings"], result["arms"]
-    ns = settings["distractors"]
-    lines = [
-        "# E16: online learning, facts told once, asked in a new conversation after N other conversations",
-        "",
-        f"{settings['seeds']} seeds x {settings['trials']} fact sets of {settings['facts']} facts; chance "
-        f"{result['chance']:.2f}. Run took {result['machine']['seconds']:.0f} s, foreign CPU load "
-        f"{result['machine']['foreign_load']} (share of the machine other processes used).",
-        "",
-        f"## Every metric at N = {ns[-1]} (mean ± sd over seeds)",
-        "",
-        "| arm | " + " | ".join(METRICS) + " |",
-        "|---|" + "---|" * len(METRICS),
-    ]
-    for arm in ARMS:
-        cells = [format_mean_sd(arms[arm][f"{m}_mean"], arms[arm][f"{m}_sd"]) for m in METRICS]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += ["", "## Retention: recall by N", "", "| arm | " + " | ".join(f"N={n}" for n in ns) + " |",
-              "|---|" + "---|" * len(ns)]  # fmt: skip
-    for arm in ARMS:
-        row = result["retention"][arm]
-        lines.append(
-            f"| {arm} | "
-            + " | ".join(format_mean_sd(row[str(n)]["recall_mean"], row[str(n)]["recall_sd"]) for n in ns)
-            + " |"
-        )
-    lines += ["", "## Cost (mean over seeds)", "", "| arm | ms/token | bytes held |", "|---|---|---|"]
-    for arm, figures in result["cost"].items():
-        lines.append(f"| {arm} | {figures['ms_per_token']:.2f} | {int(figures.get('bytes_held', 0)):,} |")
-    lines += ["", "![retention](retention.png)", "", answer(result)]
-    return "\n".join(lines) + "\n"
-
-
-def answer(result: dict) -> str:
-    """One sentence per question, from the numbers: does an arm beat `off` by more than both sds, at the largest N?"""
-    arms, last = result["arms"], result["settings"]["distractors"][-1]
-    off_mean, off_sd = arms["off"]["recall_mean"], arms["off"]["recall_sd"]
-    beating = [
-        arm for arm in ("episodic", "hebbian", "learn_from", "all")
-        if arms[arm]["recall_mean"] - off_mean > arms[arm]["recall_sd"] + off_sd
-    ]  # fmt: skip
-    placebo_ok = arms["placebo"]["recall_mean"] <= off_mean + off_sd + arms["placebo"]["recall_sd"]
-    said = ", ".join(beating) if beating else "none of the mechanisms"
-    return (
-        f"**Answer.** After N={last} distractor conversations, {said} recall(s) the told facts better than the "
-        f"stack off (by more than one sd of each); the oracle reaches {arms['oracle']['recall_mean']:.2f} and rag "
-        f"{arms['rag']['recall_mean']:.2f} against off {off_mean:.2f} (chance {result['chance']:.2f}); the placebo "
-        f"{'stays at or below' if placebo_ok else 'rises above'} off ({arms['placebo']['recall_mean']:.2f})."
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def settings_from_args(args) -> Settings:
-    settings = Settings(seeds=args.seeds)
-    if args.quick:
-        settings = dataclasses.replace(settings, **QUICK)
-    known = {f.name: f for f in dataclasses.fields(Settings)}
-    for item in args.set or []:
-        name, _, value = item.partition("=")
-        if name not in known:
-            raise SystemExit(f"--set {item}: {name!r} is not a field; allowed fields are {sorted(known)}")
-        setattr(settings, name, json.loads(value) if value[:1] in "[{0123456789-.tf" else value)
-    settings.seeds = args.seeds
-    return settings
-
 
 def main(argv=None) -> int:
-    parser = experiment_parser(__doc__, default_out="eval/results/online_e16")
-    parser.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a Settings field (JSON value)")
+    parser = experiment_parser(__doc__, default_out="eval/results/online_e16", settings=Settings, quick=QUICK)
     args = parser.parse_args(argv)
-    settings = settings_from_args(args)
+    settings = args.settings
     result = run(settings, args.out)
     print(format_markdown(result))
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'} and {args.out / 'retention.png'}")

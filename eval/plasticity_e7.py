@@ -37,14 +37,10 @@ one edit, and the memory held (anchors + statistics) and the transient per-forwa
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,15 +50,21 @@ import torch.nn.functional as F
 
 
 torch.set_num_threads(1)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import datasets  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import PrinterCallback, set_seed  # noqa: E402
+from plasticity_e7_report import draw_stability, format_markdown  # noqa: E402  (a sibling module)
+from transformers import set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
-from modeling_ctm.experiments import experiment_training_arguments  # noqa: E402
+from modeling_ctm import CTMForCausalLM  # noqa: E402
+from modeling_ctm.experiments import (  # noqa: E402
+    experiment_parser,
+    mean_sd,
+    tiny_config,
+    train_experiment_model,
+    write_results,
+)
 from modeling_ctm.memory.plasticity import HebbianPlasticity, PlasticityConfig, memory_held_bytes  # noqa: E402
 from modeling_ctm.training.data import austen_splits, pack_dataset  # noqa: E402
 from modeling_ctm.training.tokenization import train_austen_tokenizer  # noqa: E402
@@ -122,16 +124,9 @@ class Settings:
     cost_repeats: int = 10
 
     def plasticity(self, gate: str = "prediction_error") -> PlasticityConfig:
-        return PlasticityConfig(
-            learning_rate=self.learning_rate,
-            synapse_learning_rate=self.synapse_learning_rate,
-            band=self.band,
-            max_drift=self.max_drift,
-            max_step=self.max_step,
-            novelty_quantile=self.novelty_quantile,
-            presynaptic=self.presynaptic,
-            gate=gate,
-        )
+        rule = ("learning_rate", "synapse_learning_rate", "band", "max_drift", "max_step", "novelty_quantile",
+                "presynaptic")  # fmt: skip
+        return PlasticityConfig(**{name: getattr(self, name) for name in rule}, gate=gate)
 
 
 QUICK = dict(
@@ -146,44 +141,30 @@ QUICK = dict(
 
 def train_model(settings: Settings, tokenizer, blocks: Dataset) -> tuple[CTMForCausalLM, list[dict]]:
     set_seed(0)
-    config = CTMConfig(
+    config = tiny_config(
+        settings,
         vocab_size=len(tokenizer),
-        hidden_size=settings.hidden_size,
-        intermediate_size=settings.intermediate_size,
-        num_hidden_layers=settings.num_hidden_layers,
-        num_attention_heads=settings.num_attention_heads,
         num_key_value_heads=settings.num_attention_heads,
         max_position_embeddings=256,
         ctm_layers="last",
-        ctm_ticks=settings.ctm_ticks,
-        ctm_memory_length=settings.ctm_memory_length,
-        ctm_n_synch_out=settings.ctm_n_synch_out,
-        ctm_n_synch_action=settings.ctm_n_synch_action,
-        ctm_nlm_hidden_size=settings.ctm_nlm_hidden_size,
-        ctm_synapse_depth=settings.ctm_synapse_depth,
         ctm_readout="last",
         ctm_loss_tick_aux_weight=0.5,
         ctm_loss_certain_weight=0.0,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    model = CTMForCausalLM(config)
-    with tempfile.TemporaryDirectory() as output_dir:
-        args = experiment_training_arguments(
-            output_dir=output_dir,
-            seed=0,
-            max_steps=settings.train_steps,
-            per_device_train_batch_size=settings.batch_size,
-            learning_rate=settings.train_learning_rate,
-            warmup_steps=max(1, settings.train_steps // 20),
-            lr_scheduler_type="cosine",
-            logging_steps=max(1, settings.train_steps // 8),
-        )
-        trainer = CTMTrainer(model=model, args=args, train_dataset=blocks)
-        trainer.remove_callback(PrinterCallback)
-        trainer.train()
-    log = [{"step": e["step"], "loss": round(e["loss"], 4)} for e in trainer.state.log_history if "loss" in e]
-    return model.eval(), log
+    return train_experiment_model(
+        CTMTrainer,
+        CTMForCausalLM(config),
+        blocks,
+        seed=0,
+        max_steps=settings.train_steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.train_learning_rate,
+        warmup_steps=max(1, settings.train_steps // 20),
+        lr_scheduler_type="cosine",
+        logging_steps=max(1, settings.train_steps // 8),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -416,39 +397,6 @@ def run_cost(model, settings: Settings, ids: torch.Tensor) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def draw_stability(stability: dict, path: Path, band: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for name, ratios in stability["_norms"].items():
-        top.plot(range(1, len(ratios) + 1), ratios, label=name.replace("model.layers.", "L"), linewidth=0.8)
-    for edge in (1 - band, 1 + band):
-        top.axhline(edge, color="k", linestyle="--", linewidth=0.7)
-    top.set_ylabel("||W|| / ||W_anchor||")
-    top.legend(fontsize=7)
-    edits, ce = zip(*stability["ce_curve"])
-    bottom.plot(edits, ce, marker="o")
-    bottom.axhline(stability["ce_u_start"] + stability["ce_u_bound"], color="r", linestyle="--", linewidth=0.7)
-    bottom.set_ylabel("CE on unrelated text")
-    bottom.set_xlabel("edit")
-    fig.suptitle(f"{stability['edits']} consecutive Hebbian edits ({stability['tokens_per_edit']} tokens each)")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def run(settings: Settings, out_dir: Path, log=print) -> dict:
     start = time.time()
     hf_logging.set_verbosity_error()
@@ -494,11 +442,11 @@ def run(settings: Settings, out_dir: Path, log=print) -> dict:
     for arm, description in ARMS.items():
         row = {"description": description}
         for metric in ("delta_ce_p", "delta_ce_p2", "delta_ce_u", "surprising_share", "fact_recall", "fact_margin", "fact_bleed"):
-            m, s = mean_sd([r[arm][metric] for r in per_seed])
+            m, s = mean_sd([r[arm][metric] for r in per_seed], skip_nan=True)
             row[f"{metric}_mean"], row[f"{metric}_sd"] = m, s
         arms[arm] = row
     fractions = [r["gated"]["delta_ce_p"] / r["sgd"]["delta_ce_p"] for r in per_seed if r["sgd"]["delta_ce_p"] != 0]
-    fraction_of_sgd = mean_sd(fractions)
+    fraction_of_sgd = mean_sd(fractions, skip_nan=True)
     beyond_random = [r["random"]["delta_ce_p"] - r["gated"]["delta_ce_p"] for r in per_seed]
 
     stream = torch.tensor(
@@ -522,7 +470,7 @@ def run(settings: Settings, out_dir: Path, log=print) -> dict:
         "train_seconds": round(train_seconds, 1),
         "arms": arms,
         "gated_fraction_of_sgd_delta_ce_p": {"mean": fraction_of_sgd[0], "sd": fraction_of_sgd[1]},
-        "gated_minus_random_delta_ce_p": dict(zip(("mean", "sd"), mean_sd([-x for x in beyond_random]))),
+        "gated_minus_random_delta_ce_p": dict(zip(("mean", "sd"), mean_sd([-x for x in beyond_random], skip_nan=True))),
         "fact_chance": 1 / len(CODES),
         "per_seed": per_seed,
         "stability": {**stability, "norm_ratio_last": {n: v[-1] for n, v in norms.items()}},
@@ -532,88 +480,15 @@ def run(settings: Settings, out_dir: Path, log=print) -> dict:
         "python": platform.python_version(),
         "machine_note": "shared 2-core CPU, other agents running; single thread",
     }
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "results.md").write_text(format_markdown(result))
+    write_results(out_dir, result, format_markdown(result))
     log(format_markdown(result))
     return result
 
 
-def format_markdown(result: dict) -> str:
-    n = len(result["per_seed"])
-    rows = []
-    for arm, row in result["arms"].items():
-        cells = [
-            f"{row[f'{m}_mean']:+.4f} ± {row[f'{m}_sd']:.4f}" for m in ("delta_ce_p", "delta_ce_p2", "delta_ce_u")
-        ]
-        cells.append(f"{row['surprising_share_mean']:.2f} ± {row['surprising_share_sd']:.2f}")
-        cells.append(f"{row['fact_recall_mean']:.3f} ± {row['fact_recall_sd']:.3f}")
-        cells.append(f"{row['fact_margin_mean']:+.3f}")
-        cells.append(f"{row['fact_bleed_mean']:.3f} ± {row['fact_bleed_sd']:.3f}")
-        cells.append(f"{row['delta_ce_p_mean'] - row['delta_ce_u_mean']:+.4f}")
-        rows.append(f"| {arm} | {row['description']} | " + " | ".join(cells) + " |")
-    st, cost = result["stability"], result["cost"]
-    frac = result["gated_fraction_of_sgd_delta_ce_p"]
-    diff = result["gated_minus_random_delta_ce_p"]
-    return f"""# E7 + E12: Hebbian plasticity on re-exposure ({n} seeds)
-
-One edit after reading P once; CE measured with the context cleared. ΔCE < 0 is better. Same-norm controls: `random`,
-`sgd`. Fact recall: chance {result['fact_chance']:.3f}. Surprising share: the fraction of the CE drop on P that falls on
-the 25% most surprising tokens of P (0.25 if spread evenly). Fact margin: log P(true code) minus the mean over the
-codes. Fact bleed: how often one of the 7 names never stated answers the stored code (the edit is not specific to
-the stated name). ΔP − ΔU: the part of the CE drop on P that is specific to P. Training: {result['settings']['train_steps']} steps,
-{result['train_seconds']:.0f} s, last logged loss {result['train_log'][-1]['loss'] if result['train_log'] else 'n/a'}.
-
-| arm | what | ΔCE P | ΔCE P′ | ΔCE U | surprising share | fact recall | fact margin | fact bleed | ΔP − ΔU |
-|---|---|---|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
-
-Gated ΔCE_P minus random ΔCE_P: {diff['mean']:+.4f} ± {diff['sd']:.4f} (negative: the rule beats the random control).
-Fraction of the SGD step's ΔCE_P the gated rule reaches: {frac['mean']:.3f} ± {frac['sd']:.3f}.
-
-## Stability
-{st['edits']} consecutive edits ({st['tokens_per_edit']} tokens each, {st['seconds']} s): inside the band every edit:
-{st['inside_band']}; norm ratio min {st['norm_ratio_min']}, max {st['norm_ratio_max']}; NaN or skipped: {st['nan_or_skipped']};
-final distance to the anchor / anchor norm: {st['final_drift_over_anchor_norm']}.
-CE on unrelated text: {st['ce_u_start']:.4f} at the start, max {st['ce_u_max']:.4f}, end {st['ce_u_end']:.4f}
-(bound: rise <= {st['ce_u_bound']}; within: {st['ce_u_within_bound']}). Picture: stability.png.
-
-## Cost
-Forward of {cost['tokens_per_forward']} tokens: {cost['ms_per_token_off']:.4f} ms/token off, {cost['ms_per_token_on']:.4f}
-ms/token on (overhead {100 * cost['overhead_on_vs_off']:.1f} %); one edit incl. its forward {cost['ms_per_edit_including_forward']:.1f} ms.
-Memory held: {cost['memory_held_bytes']} bytes (anchors + statistics); transient buffers per forward:
-{cost['transient_buffer_bytes_per_forward']} bytes. Machine: {result['machine_note']}.
-
-Wall time {result['wall_seconds']:.0f} s. Plasticity config: `{json.dumps(result['plasticity_config'])}`
-"""
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("eval/results/plasticity_e7"))
-    parser.add_argument("--quick", action="store_true", help="a smoke run in seconds")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a setting")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    settings = Settings(seeds=args.seeds, **(QUICK if args.quick else {}))
-    names = {f for f in asdict(settings)}
-    for item in args.set:
-        field, _, value = item.partition("=")
-        if field not in names:
-            raise ValueError(f"--set {item!r}: unknown field {field!r}; allowed: {sorted(names)}")
-        current = getattr(settings, field)
-        if isinstance(current, bool):
-            if value.lower() not in ("true", "false"):
-                raise ValueError(f"--set {item!r}: {field} takes true or false")
-            setattr(settings, field, value.lower() == "true")
-        else:
-            setattr(settings, field, type(current)(value))
-    run(settings, args.out)
+    parser = experiment_parser(__doc__, default_out="eval/results/plasticity_e7", quick_seeds=3, settings=Settings, quick=QUICK)
+    args = parser.parse_args(argv)
+    run(args.settings, args.out)
     return 0
 
 

@@ -33,14 +33,12 @@ Cost: the share of the sleep arm's wall time spent asleep and the heap's memory.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,14 +47,19 @@ import torch.nn.functional as F
 
 torch.set_num_threads(1)  # tiny tensors; spinning threads on a shared 2-core box cost more than they gain
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from datasets import Dataset  # noqa: E402
 from transformers import PrinterCallback, TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
-from modeling_ctm.experiments import experiment_training_arguments  # noqa: E402
+from modeling_ctm import CTMForCausalLM  # noqa: E402
+from modeling_ctm.experiments import (  # noqa: E402
+    experiment_parser,
+    experiment_training_arguments,
+    format_stat,
+    stat,
+    tiny_config,
+    write_results,
+)
 from modeling_ctm.memory.sleep import (  # noqa: E402
     ReplayHeap,  # noqa: E402
     SleepCallback,  # noqa: E402
@@ -73,33 +76,34 @@ SEQUENCE = ("northanger_abbey", "emma", "mansfield_park")
 OUTLIER_KEY = 15.5
 
 
-def settings(quick: bool) -> dict:
-    s = dict(
-        vocab_size=512,
-        block=48,
-        batch=8,
-        chars_per_novel=160_000,
-        held_out_blocks=32,
-        base_steps=200,
-        base_lr=3e-3,
-        lr=1e-3,
-        steps=60,
-        stage_steps=30,
-        every=10,
-        capacity=16,
-        n_dreams=4,
-        n_random=4,
-        consolidation_steps=2,
-        max_replays=3,  # at most 3 of the 6 sleeps of setting 1: rescoring alone does not displace unlearnable noise
-        model=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, ctm_layers="last", ctm_ticks=2, ctm_memory_length=4, ctm_n_synch_out=16,
-                   ctm_n_synch_action=8, ctm_nlm_hidden_size=4, ctm_synapse_depth=2,
-                   ctm_readout="most_certain"),  # fmt: skip
-    )
-    if quick:
-        s.update(chars_per_novel=20_000, held_out_blocks=4, base_steps=4, steps=4, stage_steps=2, every=2, capacity=8,
-                 n_dreams=2, n_random=2, vocab_size=300)  # fmt: skip
-    return s
+@dataclass
+class Settings:
+    vocab_size: int = 512
+    block: int = 48
+    batch: int = 8
+    chars_per_novel: int = 160_000
+    held_out_blocks: int = 32
+    base_steps: int = 200
+    base_lr: float = 3e-3
+    lr: float = 1e-3
+    steps: int = 60
+    stage_steps: int = 30
+    every: int = 10
+    capacity: int = 16
+    n_dreams: int = 4
+    n_random: int = 4
+    consolidation_steps: int = 2
+    max_replays: int = 3  # at most 3 of the 6 sleeps of setting 1: rescoring alone does not displace unlearnable noise
+    # the model: CTMConfig fields (`--set ctm_ticks=3` changes one)
+    model: dict = field(default_factory=lambda: dict(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        ctm_layers="last", ctm_ticks=2, ctm_memory_length=4, ctm_n_synch_out=16, ctm_n_synch_action=8,
+        ctm_nlm_hidden_size=4, ctm_synapse_depth=2, ctm_readout="most_certain",
+    ))  # fmt: skip
+
+
+QUICK = dict(chars_per_novel=20_000, held_out_blocks=4, base_steps=4, steps=4, stage_steps=2, every=2, capacity=8,
+             n_dreams=2, n_random=2, vocab_size=300)  # fmt: skip
 
 
 # -- data and model ----------------------------------------------------------------------------------------------------
@@ -212,16 +216,12 @@ def inject_outlier(heaps, s: dict, seed: int) -> int:
 # -- the experiment --------------------------------------------------------------------------------------------------
 
 
-def mean_sd(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
-def run(seeds: int, quick: bool, work: Path) -> dict:
-    s = settings(quick)
+def run(settings: Settings, seeds: int, quick: bool, work: Path) -> dict:
+    s = asdict(settings)
     tokenizer, blocks = build_data(s)
     torch.manual_seed(0)
-    config = CTMConfig(vocab_size=len(tokenizer), max_position_embeddings=2 * s["block"], pad_token_id=tokenizer.pad_token_id,
-                       **s["model"])  # fmt: skip
+    config = tiny_config(settings, vocab_size=len(tokenizer), max_position_embeddings=2 * s["block"],
+                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     base = CTMForCausalLM(config)
     base_data = as_dataset(torch.cat([blocks[name]["train"] for name in BASE_NOVELS]))
     base_seconds = train(base, base_data, s["base_steps"], s["base_lr"], 0, work / "base", s["batch"])
@@ -305,28 +305,28 @@ def run(seeds: int, quick: bool, work: Path) -> dict:
         entry = {}
         for metric in ("held_out_ce", "hard_ce", "ece", "certainty", "accuracy"):
             values = [row["arms"][arm][metric] for row in per_seed["setting1"]]
-            entry[f"s1_{metric}"] = mean_sd(values)
+            entry[f"s1_{metric}"] = stat(values)
             if arm != "plain":
                 diffs = [row["arms"][arm][metric] - row["arms"]["plain"][metric] for row in per_seed["setting1"]]
-                entry[f"s1_{metric}_vs_plain"] = mean_sd(diffs)
+                entry[f"s1_{metric}_vs_plain"] = stat(diffs)
         for metric in ("final_mean_ce", "forgetting", "learned_ce"):
             values = [row["arms"][arm][metric] for row in per_seed["setting2"]]
-            entry[f"s2_{metric}"] = mean_sd(values)
+            entry[f"s2_{metric}"] = stat(values)
             if arm != "plain":
                 diffs = [row["arms"][arm][metric] - row["arms"]["plain"][metric] for row in per_seed["setting2"]]
-                entry[f"s2_{metric}_vs_plain"] = mean_sd(diffs)
+                entry[f"s2_{metric}_vs_plain"] = stat(diffs)
         arms[arm] = entry
     for metric in ("s1_held_out_ce", "s1_hard_ce", "s1_ece", "s2_final_mean_ce", "s2_forgetting"):
         setting, name = metric.split("_", 1)
         rows_ = per_seed["setting1" if setting == "s1" else "setting2"]
         diffs = [row["arms"]["sleep"][name] - row["arms"]["extra_steps"][name] for row in rows_]
-        arms["sleep"][f"{metric}_vs_extra_steps"] = mean_sd(diffs)
+        arms["sleep"][f"{metric}_vs_extra_steps"] = stat(diffs)
     e11 = {
-        kind: {key: mean_sd([row["e11"][kind][key] for row in per_seed["setting1"]])
+        kind: {key: stat([row["e11"][kind][key] for row in per_seed["setting1"]])
                for key in ("outlier_replays", "max_replays", "max_replay_share", "gini_replays", "distinct_replayed")}
         for kind in ("stale", "rescored")
     }  # fmt: skip
-    cost = {key: mean_sd([row["cost"][key] for row in per_seed["setting1"]])
+    cost = {key: stat([row["cost"][key] for row in per_seed["setting1"]])
             for key in ("share_asleep", "seconds_asleep", "wall_seconds", "heap_memory_bytes")}  # fmt: skip
     return {
         "experiment": "E10 + E11: sleep vs training longer; replay heap rotation",
@@ -340,11 +340,21 @@ def run(seeds: int, quick: bool, work: Path) -> dict:
     }
 
 
-def _fmt(stat: dict, digits: int = 3) -> str:
-    return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
+def arm_rows(arms: dict, setting: str, with_delta: tuple, without: tuple = ()) -> list[str]:
+    """One table row per arm: each metric of `with_delta` and its paired difference vs plain ("(control)" for plain
+    itself), then the metrics of `without`."""
+    rows = []
+    for arm, entry in arms.items():
+        cells = []
+        for metric in with_delta:
+            key = f"{setting}_{metric}"
+            cells += [format_stat(entry[key]), format_stat(entry[f"{key}_vs_plain"]) if f"{key}_vs_plain" in entry else "(control)"]
+        cells += [format_stat(entry[f"{setting}_{metric}"]) for metric in without]
+        rows.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return rows
 
 
-def write_markdown(results: dict, path: Path) -> None:
+def format_markdown(results: dict) -> str:
     arms, s = results["arms"], results["settings"]
     lines = [
         "# E10 + E11: does sleeping beat training longer?",
@@ -359,15 +369,8 @@ def write_markdown(results: dict, path: Path) -> None:
         "",
         "| arm | held-out CE | Δ vs plain | hard-sequence CE | Δ vs plain | ECE | Δ vs plain |",
         "|---|---|---|---|---|---|---|",
+        *arm_rows(arms, "s1", ("held_out_ce", "hard_ce", "ece")),
     ]
-    for arm, e in arms.items():
-
-        def delta(metric, e=e):
-            key = f"s1_{metric}_vs_plain"
-            return _fmt(e[key]) if key in e else "(control)"
-
-        lines.append(f"| {arm} | {_fmt(e['s1_held_out_ce'])} | {delta('held_out_ce')} | {_fmt(e['s1_hard_ce'])} | "
-                     f"{delta('hard_ce')} | {_fmt(e['s1_ece'])} | {delta('ece')} |")  # fmt: skip
     base = results["per_seed"]["setting1"]
     lines += [
         "",
@@ -375,27 +378,20 @@ def write_markdown(results: dict, path: Path) -> None:
         f"hard-sequence CE {statistics.fmean(r['base']['hard_ce'] for r in base):.3f}.",
         "",
         "sleep − extra_steps (the compute-matched control): held-out CE "
-        f"{_fmt(arms['sleep']['s1_held_out_ce_vs_extra_steps'])}, hard CE {_fmt(arms['sleep']['s1_hard_ce_vs_extra_steps'])}"
-        f", ECE {_fmt(arms['sleep']['s1_ece_vs_extra_steps'])}.",
+        f"{format_stat(arms['sleep']['s1_held_out_ce_vs_extra_steps'])}, hard CE {format_stat(arms['sleep']['s1_hard_ce_vs_extra_steps'])}"
+        f", ECE {format_stat(arms['sleep']['s1_ece_vs_extra_steps'])}.",
         "",
         "## Setting 2: a sequence of domains (retention)",
         "",
         "| arm | final mean CE | Δ vs plain | forgetting | Δ vs plain | CE right after each stage |",
         "|---|---|---|---|---|---|",
+        *arm_rows(arms, "s2", ("final_mean_ce", "forgetting"), ("learned_ce",)),
     ]
-    for arm, e in arms.items():
-
-        def delta(metric, e=e):
-            key = f"s2_{metric}_vs_plain"
-            return _fmt(e[key]) if key in e else "(control)"
-
-        lines.append(f"| {arm} | {_fmt(e['s2_final_mean_ce'])} | {delta('final_mean_ce')} | {_fmt(e['s2_forgetting'])} | "
-                     f"{delta('forgetting')} | {_fmt(e['s2_learned_ce'])} |")  # fmt: skip
     lines += [
         "",
         "sleep − extra_steps: final mean CE "
-        f"{_fmt(arms['sleep']['s2_final_mean_ce_vs_extra_steps'])}, forgetting "
-        f"{_fmt(arms['sleep']['s2_forgetting_vs_extra_steps'])}.",
+        f"{format_stat(arms['sleep']['s2_final_mean_ce_vs_extra_steps'])}, forgetting "
+        f"{format_stat(arms['sleep']['s2_forgetting_vs_extra_steps'])}.",
         "",
         "## E11: replay heap rotation (sleep arm of setting 1, noise sequence injected with key 15.5)",
         "",
@@ -404,13 +400,13 @@ def write_markdown(results: dict, path: Path) -> None:
     ]
     for kind, label in (("stale", "stale keys, greedy (reference)"), ("rescored", "re-scored, softmax, cap")):
         e = results["e11"][kind]
-        lines.append(f"| {label} | {_fmt(e['outlier_replays'], 1)} | {_fmt(e['max_replays'], 1)} | "
-                     f"{_fmt(e['max_replay_share'])} | {_fmt(e['gini_replays'])} | {_fmt(e['distinct_replayed'], 1)} |")  # fmt: skip
+        lines.append(f"| {label} | {format_stat(e['outlier_replays'], 1)} | {format_stat(e['max_replays'], 1)} | "
+                     f"{format_stat(e['max_replay_share'])} | {format_stat(e['gini_replays'])} | {format_stat(e['distinct_replayed'], 1)} |")  # fmt: skip
     c = results["cost"]
     lines += [
         "",
-        f"## Cost\n\nShare of the sleep arm's wall time asleep: {_fmt(c['share_asleep'])} "
-        f"({_fmt(c['seconds_asleep'], 2)} s of {_fmt(c['wall_seconds'], 2)} s); heap memory "
+        f"## Cost\n\nShare of the sleep arm's wall time asleep: {format_stat(c['share_asleep'])} "
+        f"({format_stat(c['seconds_asleep'], 2)} s of {format_stat(c['wall_seconds'], 2)} s); heap memory "
         f"{c['heap_memory_bytes']['mean'] / 1024:.1f} KiB ({s['capacity']} sequences of {s['block']} tokens: ids, "
         "labels, mask as int64).",
         "",
@@ -422,26 +418,20 @@ def write_markdown(results: dict, path: Path) -> None:
         + " (shared machine: other jobs ran at the same time).",
         "",
     ]
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("eval/results/sleep_e10"))
-    parser.add_argument("--quick", action="store_true", help="a smoke run in seconds")
+    parser = experiment_parser(__doc__, default_out="eval/results/sleep_e10", quick_seeds=3, settings=Settings, quick=QUICK)
     args = parser.parse_args(argv)
-    if args.seeds < 1:
-        raise ValueError(f"--seeds={args.seeds} is invalid: allowed values are integers >= 1")
+    settings = args.settings
     hf_logging.set_verbosity_error()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
-        results = run(args.seeds, args.quick, Path(work))
+        results = run(settings, args.seeds, args.quick, Path(work))
     results["settings"]["total_seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    write_markdown(results, args.out / "results.md")
-    print((args.out / "results.md").read_text())
+    write_results(args.out, results, format_markdown(results))
+    print(format_markdown(results))
     return results
 
 

@@ -39,9 +39,6 @@ eval/iso_flops_e14.py.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
 import math
 import platform
 import statistics
@@ -56,21 +53,24 @@ import torch.nn.functional as F
 
 torch.set_num_threads(1)  # tiny tensors gain nothing from a second thread on a shared 2-core box
 
+import flops  # noqa: E402  (sibling modules: the FLOPs conventions, the answer and tables)
 from scipy.stats import spearmanr  # noqa: E402
+from thinking_pays_report import GAUGE, answer, format_markdown, format_table  # noqa: E402
 from transformers import TrainingArguments, set_seed  # noqa: E402
 
 from modeling_ctm import CTMForCausalLM  # noqa: E402
-from modeling_ctm.experiments import MachineLoad, experiment_training_arguments  # noqa: E402
+from modeling_ctm.experiments import (  # noqa: E402
+    MachineLoad,
+    experiment_parser,
+    experiment_training_arguments,
+    finish_experiment,
+)
 from modeling_ctm.gauge import block_health  # noqa: E402
 from modeling_ctm.training.data import load_text_dataset, pack_dataset  # noqa: E402
 from modeling_ctm.training.phases import freeze_for_thinking, language_config, start_thinking  # noqa: E402
 from modeling_ctm.training.tokenization import get_tokenizer, load_tokenizer  # noqa: E402
 from modeling_ctm.training.trainers import CTMTrainer  # noqa: E402
 
-
-_spec = importlib.util.spec_from_file_location("ctm_eval_flops", Path(__file__).parent / "flops.py")
-flops = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(flops)
 
 ARMS = {
     "continued": "phase 1 trained longer (last MLP only), same steps",
@@ -86,8 +86,6 @@ E2_ARMS = ("exact_start", "exact_start_gated")  # tick specialisation is measure
 READOUT_NORMS = {"exact_start_rms": "rms", "exact_start_gated": "rms_gate", "exact_start_awake": "rms_gate"}
 # the awake block (issue 26): what keeps the block's state a function of the token
 AWAKE = {"exact_start_awake": {"ctm_sync_seed": "zero", "ctm_input_injection": "every_tick"}}
-GAUGE = ("block_to_residual", "block_to_mlp", "sync_variation", "entry_share")  # block_health, per CTM arm
-READOUTS = ("final", "readout", "most_certain", "argmin")
 
 
 @dataclass
@@ -407,13 +405,7 @@ def run(
         "total_seconds": time.perf_counter() - started,
     }
     table = format_table(result)
-    log(table)
-    log(result["answer"])
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(result, indent=2))
-        (out_dir / "results.md").write_text(format_markdown(result, table))
-        log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+    finish_experiment(out_dir, result, format_markdown(result, table), log, shown=f"{table}\n{result['answer']}")
     return result
 
 
@@ -432,116 +424,8 @@ def summarize_e2(e2_rows: list[dict]) -> dict:
     return e2
 
 
-def answer(arms: dict, phase1_row: dict) -> str:
-    def ce(arm, kind="blocks"):
-        return arms[arm][f"{kind}_readout_ce"]["mean"]
-
-    def sd(arm, kind="blocks"):
-        return arms[arm][f"{kind}_readout_ce"]["sd"]
-
-    per_step = ce("exact_start") < ce("continued") - sd("continued") - sd("exact_start")
-    per_flop = ce("exact_start") < ce("continued_iso_flops") - sd("continued_iso_flops") - sd("exact_start")
-    # beyond one sd of the seeds, on both kinds of text
-    vs_phase1 = all(
-        ce("exact_start", kind) + sd("exact_start", kind) < phase1_row[kind]["final"]
-        for kind in ("blocks", "paragraphs")
-    )
-    verdict = lambda yes: "yes" if yes else "no"  # noqa: E731
-    readouts = ""
-    for arm in ("exact_start_rms", "exact_start_gated"):
-        if arm in arms:  # beyond one sd of each, as above
-            pays = ce(arm) < ce("continued") - sd("continued") - sd(arm)
-            readouts += (
-                f" {arm}: {ce(arm):.3f} ± {sd(arm):.3f}, "
-                f"{'beats' if pays else 'does not beat'} continued ({ce('continued'):.3f} ± {sd('continued'):.3f}) "
-                "by more than one sd."
-            )
-    return (
-        f"Per step: {verdict(per_step)}, per FLOP: {verdict(per_flop)} - exact_start reaches "
-        f"{ce('exact_start'):.3f} nats/token on held-out blocks (deployable readout) vs {ce('continued'):.3f} for "
-        f"training the MLP longer at the same steps and {ce('continued_iso_flops'):.3f} at the same FLOPs "
-        f"(phase 1 {phase1_row['blocks']['final']:.3f}; exact_start {'beats' if vs_phase1 else 'does not clearly beat'} "
-        f"phase 1 on both blocks and paragraphs (by more than one sd)"
-        + (f"; the replace arm ends at {ce('replace'):.3f})." if "replace" in arms else ").")
-        + readouts
-    )
-
-
-def _pm(value: dict) -> str:
-    return f"{value['mean']:.3f} ± {value['sd']:.3f}"
-
-
-def format_table(result: dict) -> str:
-    head = ["arm", "steps", "blocks: final", "blocks: readout", "blocks: most-certain", "blocks: argmin",
-            "paragraphs: final", "paragraphs: readout", "paragraphs: most-certain", "train s", "foreign load", "MFLOP/token (train)"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    p1 = result["phase1"]
-    lines.append(
-        f"| phase 1 (start, control) | 0 | {p1['blocks']['final']:.3f} | {p1['blocks']['final']:.3f} | - | - "
-        f"| {p1['paragraphs']['final']:.3f} | {p1['paragraphs']['final']:.3f} | - | - | - | - |"
-    )
-    for arm, row in result["arms"].items():
-        cells = [
-            arm,
-            f"{row['steps']['mean']:.0f}",
-            *(_pm(row[f"blocks_{k}_ce"]) for k in READOUTS),
-            *(_pm(row[f"paragraphs_{k}_ce"]) for k in ("final", "readout", "most_certain")),
-            _pm(row["train_seconds"]).replace(".000", ""),
-            f"{row['foreign_load']['mean']:.2f}",
-            f"{row['flops_per_token_training']['mean'] / 1e6:.2f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def format_gauge(result: dict) -> str:
-    """The block-health gauge of every CTM arm (is the block awake?)."""
-    rows = {arm: row for arm, row in result["arms"].items() if "gauge_sync_variation" in row}
-    if not rows:
-        return ""
-    lines = ["| arm | " + " | ".join(GAUGE) + " |", "|" + "---|" * (len(GAUGE) + 1)]
-    for arm, row in rows.items():
-        cells = [_pm(row[f"gauge_{key}"]) if f"gauge_{key}" in row else "-" for key in GAUGE]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return "Block-health gauge of the thinking layer (8 held-out blocks):\n\n" + "\n".join(lines) + "\n\n"
-
-
-def format_e2(arm: str, e2: dict) -> str:
-    fmt = lambda pairs: ", ".join(f"{m:.3f} ± {d:.3f}" for m, d in pairs)  # noqa: E731
-    ablation = "\n".join(
-        f"| {k} | " + " | ".join(f"{v[0]:.3f} ± {v[1]:.3f}" for v in row.values()) + " |"
-        for k, row in e2["k_prime_ablation"].items()
-    )
-    return (
-        f"## E2: tick specialisation of {arm} (held-out blocks)\n\n"
-        f"- most-certain tick selected (fraction per tick): {fmt(e2['selection_histogram'])}\n"
-        f"- lowest-loss tick (fraction per tick): {fmt(e2['argmin_histogram'])}\n"
-        f"- per-tick CE: {fmt(e2['per_tick_ce'])}\n"
-        f"- Spearman(selected tick, phase-1 CE of the token): rho {e2['spearman_selected_tick_vs_difficulty'][0]:.3f}"
-        f" ± {e2['spearman_selected_tick_vs_difficulty'][1]:.3f}, p {e2['spearman_p_value'][0]:.2g}\n\n"
-        f"K' < K at inference (the first K' ticks of the same model):\n\n| K' | final | most-certain | mixture |\n"
-        f"|---|---|---|---|\n{ablation}\n\n"
-    )
-
-
-def format_markdown(result: dict, table: str) -> str:
-    s = result["settings"]
-    e2 = "".join(format_e2(arm, result[f"e2_{arm}"]) for arm in E2_ARMS if f"e2_{arm}" in result)
-    return (
-        f"# Thinking pays? ({s['seeds']} seeds, {s['steps']} steps per arm)\n\n"
-        f"Held-out cross-entropy in nats/token, mean ± sd over seeds (new weights and batch order vary; the phase-1 "
-        f"checkpoint is shared). Readout = the deployable `{s['readout']}`; argmin is an oracle. "
-        f"Machine: {result['machine']} (shared CPU; wall times are indicative).\n\n{table}\n\n"
-        f"**Answer.** {result['answer']}\n\n{format_gauge(result)}{e2}"
-        "E14 (depth vs thinking time at iso-FLOPs): eval/iso_flops_e14.py.\n"
-    )
-
-
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("eval/results/thinking_pays"))
-    parser.add_argument("--quick", action="store_true", help="a smoke run in seconds (tiny model, few steps)")
+    parser = experiment_parser(__doc__, default_out="eval/results/thinking_pays", quick_seeds=3, settings=Settings, quick=QUICK)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per arm")
     parser.add_argument("--phase1", type=Path, default=None, help="a phase-1 model folder (with its tokenizer)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
@@ -550,11 +434,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.seeds < 1:
-        raise ValueError(f"--seeds={args.seeds} is invalid: allowed values are integers >= 1")
-    settings = Settings(**QUICK) if args.quick else Settings()
-    if args.steps is not None:
-        settings.steps = args.steps
+    settings = args.settings
     return run(settings, args.seeds, args.out, args.phase1, arm_names=tuple(args.arms.split(",")))
 
 

@@ -48,8 +48,10 @@ import torch
 
 torch.set_num_threads(1)  # tiny tensors gain nothing from a second thread on a shared 2-core box
 
+import flops  # noqa: E402  (sibling modules: the FLOPs conventions, the summary and pictures)
 from datasets import Dataset  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
+from thinking_tasks_report import draw, format_markdown, summarize, task_table  # noqa: E402
 from transformers import PrinterCallback, set_seed  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
@@ -57,16 +59,11 @@ from modeling_ctm.experiments import (  # noqa: E402
     MachineLoad,
     experiment_parser,
     experiment_training_arguments,
-    format_mean_sd,
-    load_script,
-    mean_sd,
     write_results,
 )
 from modeling_ctm.observers_ctm import CTMTickObserver  # noqa: E402
 from modeling_ctm.training.trainers import CTMTrainer  # noqa: E402
 
-
-flops = load_script(Path(__file__).parent / "flops.py", "ctm_eval_flops")
 
 CTM_TICKS = {"k1": 1, "k2": 2, "k4": 4, "k8": 8}
 ARMS = {
@@ -215,6 +212,9 @@ class Settings:
     # khop: hops unlock in order (rows of the first 1/train_hops of training ask k = 1, the next k <= 2, ...), seen
     # in that order (a progressive curriculum: one hop is learned before two are asked)
     curriculum: bool = False
+
+
+QUICK = dict(steps=30, parity_steps=10, eval_rows=32, batch_size=16, parity_length=16)  # what --quick changes
 
 
 def base_fields(task, settings: Settings) -> dict:
@@ -427,78 +427,8 @@ def run_seed(task, settings: Settings, seed: int, arms: list[str]) -> dict:
     return record
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Summary
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def summarize(per_seed: list[dict], arms: list[str]) -> dict:
-    """Per arm: each per-difficulty metric as {difficulty: {"mean", "sd"}} over seeds."""
-    out = {}
-    for arm in arms:
-        rows = [record[arm] for record in per_seed if arm in record]
-        if not rows:
-            continue
-        entry = {"description": ARMS[arm]}
-        for metric in ("accuracy", "mean_ticks"):
-            if metric in rows[0]:
-                entry[metric] = {}
-                for level in rows[0][metric]:
-                    mean, sd = mean_sd(row[metric][level] for row in rows)
-                    entry[metric][level] = {"mean": mean, "sd": sd}
-        for field in ("parameters", "layers", "forward_flops_per_token"):
-            if field in rows[0]:
-                entry[field] = rows[0][field]
-        if "train_seconds" in rows[0]:
-            entry["train_seconds"] = mean_sd(row["train_seconds"] for row in rows)[0]
-        out[arm] = entry
-    return out
-
-
-def task_table(name: str, arms: dict, difficulty_label: str) -> str:
-    levels = list(next(iter(arms.values()))["accuracy"])
-    head = "| arm | layers | params | FLOPs/token | " + " | ".join(f"{difficulty_label}={k}" for k in levels) + " |"
-    lines = [f"### {name}: accuracy (mean ± sd over seeds)", "", head, "|" + "---|" * (4 + len(levels))]
-    for arm, entry in arms.items():
-        cells = [format_mean_sd(entry["accuracy"][k]["mean"], entry["accuracy"][k]["sd"], 2) for k in levels]
-        flops_cell = f"{entry['forward_flops_per_token'] / 1e6:.2f} M" if "forward_flops_per_token" in entry else ""
-        lines.append(
-            f"| {arm} | {entry.get('layers', '')} | {entry.get('parameters', '')} | {flops_cell} | "
-            + " | ".join(cells)
-            + " |"
-        )
-    if "halting" in arms and "mean_ticks" in arms["halting"]:
-        ticks = arms["halting"]["mean_ticks"]
-        lines += ["", "halting, mean ticks used: " + ", ".join(f"{k}: {v['mean']:.2f}" for k, v in ticks.items())]
-    return "\n".join(lines)
-
-
-def draw(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(result["arms"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
-    for ax, name in zip(axes[0], tasks):
-        for arm, entry in result["arms"][name].items():
-            levels = list(entry["accuracy"])
-            means = [entry["accuracy"][k]["mean"] for k in levels]
-            sds = [entry["accuracy"][k]["sd"] for k in levels]
-            ax.errorbar([int(k) for k in levels], means, yerr=sds, label=arm, marker="o", capsize=2)
-        ax.set_title(name)
-        ax.set_xlabel("hops k" if name == "khop" else "bits covered (bucket)")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(0, 1.02)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv=None):
-    parser = experiment_parser(__doc__, default_out="eval/results/thinking_tasks")
+    parser = experiment_parser(__doc__, default_out="eval/results/thinking_tasks", settings=Settings, quick=QUICK)
     parser.add_argument("--tasks", default="khop,parity")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--steps", type=int, default=None, help="khop training steps per arm")
@@ -508,19 +438,7 @@ def main(argv=None):
     parser.add_argument("--nodes", type=int, default=12, help="khop: nodes of the successor cycle (chance 1/nodes)")
     parser.add_argument("--learning-rate", type=float, default=None)
     args = parser.parse_args(argv)
-    settings = Settings()
-    if args.quick:
-        settings = Settings(steps=30, parity_steps=10, eval_rows=32, batch_size=16, parity_length=16)
-    if args.steps is not None:
-        settings.steps = args.steps
-    if args.parity_steps is not None:
-        settings.parity_steps = args.parity_steps
-    if args.train_hops is not None:
-        settings.train_hops = args.train_hops
-    if args.test_hops is not None:
-        settings.test_hops = args.test_hops
-    if args.learning_rate is not None:
-        settings.learning_rate = args.learning_rate
+    settings = args.settings  # --steps, --parity-steps, --train-hops, --test-hops, --learning-rate: --set shorthands
     arms = args.arms.split(",")
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
@@ -540,19 +458,14 @@ def main(argv=None):
         task = tasks[name]
         per_seed = [run_seed(task, settings, seed, arms) for seed in range(args.seeds)]
         result["per_seed"][name] = per_seed
-        result["arms"][name] = summarize(per_seed, arms)
+        result["arms"][name] = summarize(per_seed, arms, ARMS)
         result["e2"][name] = [record.get("e2") for record in per_seed]
         print(task_table(name, result["arms"][name], "k" if name == "khop" else "bits"), flush=True)
     result["machine_load"] = load.foreign(before, load.sample())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     draw(result, out / "accuracy.png")
-    markdown = ["# The thinking suite", "", f"{args.seeds} seed(s); settings: `{asdict(settings)}`", ""]
-    for name, arms_of_task in result["arms"].items():
-        label = "k" if name == "khop" else "bits"
-        markdown += [task_table(name, arms_of_task, label), "", f"E2 (k8) per seed: {result['e2'][name]}", ""]
-    markdown += ["![accuracy per difficulty](accuracy.png)", ""]
-    write_results(out, result, "\n".join(markdown))
+    write_results(out, result, format_markdown(result))
     return result
 
 

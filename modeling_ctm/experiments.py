@@ -1,31 +1,74 @@
-"""What experiment and benchmark scripts (`eval/*.py`) share: the experiment shape, and measuring on a shared machine.
+"""The experiment harness: what every experiment and benchmark script (`eval/*.py`) shares.
 
-The experiment shape: `python eval/<name>.py --seeds N --out DIR [--quick]` writes `DIR/results.json`
-(settings, per-seed numbers, and an `arms` object: one entry per arm with each metric's mean and sd) and
-`DIR/results.md` (a table, mean ± sd, the control next to every effect). A script built on this module::
+The experiment shape: `python eval/<name>.py --seeds N --out DIR [--quick] [--set FIELD=VALUE ...]` writes
+`DIR/results.json` (settings, per-seed numbers, and an `arms` object: one entry per arm with each metric's mean and
+sd) and `DIR/results.md` (a table, mean ± sd, the control next to every effect). A script built on this module::
 
-    from modeling_ctm.experiments import experiment_parser, summarize_arms, arms_table, write_results
+    from dataclasses import dataclass
+
+    from modeling_ctm.experiments import (arms_table, experiment_parser, experiment_result, run_seeds,
+                                          summarize_arms, tiny_config, write_results)
 
     ARMS = {"A": "the effect", "B": "its control"}
 
+    @dataclass
+    class Settings:               # every field can be set from the command line: --set hidden_size=48
+        seeds: int = 3
+        steps: int = 300
+        hidden_size: int = 32     # fields named like CTMConfig fields build the model (tiny_config)
+        ctm_ticks: int = 3
+
+    QUICK = dict(steps=4)         # what --quick changes
+
+    def run_seed(settings, seed):
+        model = CTMForCausalLM(tiny_config(settings, vocab_size=64))
+        ...
+        return {"A": {"accuracy": ...}, "B": {"accuracy": ...}}
+
     def main(argv=None):
-        parser = experiment_parser(__doc__, default_out="eval/results/e42")
-        parser.add_argument("--steps", type=int, default=300)       # the script's own flags
-        args = parser.parse_args(argv)                                # args.seeds: 3, or 1 with --quick
-        per_seed = [{"seed": s, "A": {"accuracy": ...}, "B": {"accuracy": ...}} for s in range(args.seeds)]
+        parser = experiment_parser(__doc__, default_out="eval/results/e42", settings=Settings, quick=QUICK)
+        args = parser.parse_args(argv)    # args.seeds: 3, or 1 with --quick
+        settings = args.settings          # QUICK under --quick, then every --set, then --seeds
+        per_seed = run_seeds(settings.seeds, lambda seed: run_seed(settings, seed))
         arms = summarize_arms(per_seed, ARMS, metrics=("accuracy",))
-        write_results(args.out, {"settings": vars(args), "per_seed": per_seed, "arms": arms},
+        write_results(args.out, experiment_result(settings, per_seed, arms),
                       markdown="# E42\n\n" + arms_table(arms, ("accuracy",)))
+
+Scripts import each other by module name (`import flops`, `import continuity_e5 as e5`): `python eval/<name>.py`
+puts eval/ first on `sys.path`, and the tests get the same root from `pythonpath` in pyproject.toml's pytest
+section. Nothing loads a file by path or edits `sys.path`.
 
 API:
 
-* `experiment_parser(description, default_out, seeds=3, quick_seeds=1) -> argparse.ArgumentParser` with `--seeds N`
-  (default `seeds`, or `quick_seeds` with `--quick` when not given), `--out DIR` (a `Path`) and `--quick`; add the
-  script's own flags to it.
-* `mean_sd(values) -> (mean, sd)`: sample sd (n - 1), 0.0 for one value.
+* `experiment_parser(description, default_out, seeds=3, quick_seeds=1, settings=None, quick=None)
+  -> argparse.ArgumentParser` with `--seeds N` (default `seeds`, or `quick_seeds` with `--quick` when not given),
+  `--out DIR` (a `Path`) and `--quick`; add the script's own flags to it. Given a `settings` dataclass, also
+  `--set FIELD=VALUE` (repeatable, parsed by `parse_set`), and `parse_args` returns the run's settings as
+  `args.settings` (`experiment_settings` with `quick`; a script flag whose dest is a field name, e.g. `--steps`,
+  overrides that field when given, so give such flags `default=None`).
+* `parse_set(item, settings) -> (field, value)`: the one `--set` parser. VALUE is JSON (`3`, `0.5`, `true`,
+  `[0, 1]`) or else a plain string; it must name a field of the `settings` dataclass (or, where the dataclass has a
+  `model: dict` field, a CTMConfig field, which goes into that dict) and fit the field's default (an int field takes
+  an integer, a float field a number, a bool field true/false). Anything else is a `SetError` (a `ValueError`) that
+  names the field and the allowed values; `experiment_parser` reports it as a usage error (exit status 2).
+* `experiment_settings(args, settings_class, quick=None, **fields) -> settings`: the run's settings:
+  `settings_class(**{**quick (under --quick), **each --set, "seeds": args.seeds, **fields})` (a `seeds` field is
+  set when the class has one; `fields` are the script's own flags that override a field, e.g. `steps=args.steps`
+  when not None). `--set` fields of a `model` dict are merged into that dict.
+* `tiny_config(settings=None, **fields) -> CTMConfig`: the tiny model of an experiment: the fields of `settings`
+  (a dataclass or a dict) that are CTMConfig fields, then the entries of its `model` dict if it has one, then
+  `fields` (the task's: vocabulary, positions, special tokens, carry); CTMConfig validates them.
+* `run_seeds(seeds, run_seed, log=None) -> per_seed`: one seed's run `run_seed(seed) -> record` for each seed in
+  `range(seeds)` (an int) or the seeds given; each record gets its `"seed"`.
+* `experiment_result(settings, per_seed, arms, **extra) -> dict`: results.json's object: `settings` (a dataclass is
+  turned into a dict), `per_seed`, `arms`, then `extra`, then the software versions (`torch`, `python`).
+* `mean_sd(values, skip_nan=False) -> (mean, sd)`: sample sd (n - 1), 0.0 for one value; `skip_nan` leaves NaN
+  values out ((nan, nan) when none is left).
 * `summarize_arms(per_seed, arms, metrics) -> dict`: the `arms` object. `per_seed` is a list of records holding, per
   arm name, a dict of metric -> number; `arms` maps arm name -> description. Each arm becomes `{"description",
   "<metric>_mean", "<metric>_sd", "<metric>_per_seed"}` for every metric.
+* `stat(values) -> {"mean", "sd"}` and `format_stat(stat, digits=3) -> "m ± s"`: the same for a number that
+  results.json holds as a `{"mean", "sd"}` dict (curves, costs, summaries outside the `arms` shape).
 * `format_mean_sd(mean, sd, digits=3) -> "m ± s"` and `arms_table(arms, metrics, digits=3) -> str`: a markdown table,
   one row per arm (in the order given, so put each control next to its effect), one `mean ± sd` column per metric.
 * `write_results(out_dir, result, markdown) -> (json_path, md_path)`: `result` must hold `settings`, `per_seed` and
@@ -34,8 +77,13 @@ API:
 * `experiment_training_arguments(output_dir, **fields) -> TrainingArguments`: the arguments of a training run inside an
   experiment (`EXPERIMENT_TRAINING`: on the CPU, no reports, no checkpoints, no progress bar, data loaded in the main
   process); `fields` are the run's own (steps, batch, learning rate, seed ...) and may override those.
-* `load_script(path, name=None) -> module`: imports an experiment script by its file path (how tests import
-  `eval/*.py`; a script's own imports must come from installed packages, which is why shared code lives here).
+* `finish_experiment(out_dir, result, markdown, log=print, shown=None)`: the end of a run: `log(shown)` when given,
+  then `write_results` when `out_dir` is not None, and a log line naming both files.
+* `train_experiment_model(trainer_class, model, train_dataset, output_dir, **fields) -> (model, losses)`: one
+  training run inside an experiment: `trainer_class(model=..., args=experiment_training_arguments(...),
+  train_dataset=..., **trainer_fields)` without its printer callback; `losses` is `[{"step", "loss"}]` from the log
+  history (rounded to 4 digits), the model comes back in eval mode. Trainer keyword arguments are passed as
+  `trainer={...}`.
 
 Measuring on a shared machine (Linux; the helpers degrade to `None` / no waiting elsewhere):
 
@@ -51,17 +99,20 @@ This module is not part of the remote code that travels with checkpoints; the mo
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import copy
+import dataclasses
 import json
+import math
 import os
+import platform
 import statistics
-import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from transformers import TrainingArguments
+from transformers import PrinterCallback, TrainingArguments
 
 from .io_ctm import atomic_write
 
@@ -82,10 +133,80 @@ def experiment_training_arguments(output_dir: str | Path, **fields) -> TrainingA
     return TrainingArguments(output_dir=str(output_dir), **{**EXPERIMENT_TRAINING, **fields})
 
 
+class SetError(ValueError):
+    """A `--set FIELD=VALUE` that names no field of the settings or a value the field does not take."""
+
+
+def _config_fields() -> dict:
+    from .configuration_ctm import CTMConfig  # the harness is no model file: the config is imported where used
+
+    return CTMConfig().to_dict()
+
+
+def _field_defaults(settings) -> dict:
+    """Field name -> default value of a settings dataclass (class or instance)."""
+    defaults = {}
+    for f in dataclasses.fields(settings):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+        else:
+            defaults[f.name] = None
+    return defaults
+
+
+def parse_set(item: str, settings) -> tuple[str, object]:
+    """`FIELD=VALUE` -> (field, value), checked against the `settings` dataclass (see the module docstring)."""
+    name, equals, text = item.partition("=")
+    defaults = _field_defaults(settings)
+    model_fields = isinstance(defaults.get("model"), dict)
+    allowed = sorted(set(defaults) - ({"model"} if model_fields else set()))
+    if not equals or not name:
+        raise SetError(f"--set {item!r} is invalid: the form is FIELD=VALUE with FIELD one of {allowed}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text  # a plain string: --set fact_form=sentence
+    if name not in defaults or (model_fields and name == "model"):
+        if model_fields and name in _config_fields():
+            return name, value  # a CTMConfig field of the model dict; CTMConfig validates the value
+        extra = " and the CTMConfig fields (the model)" if model_fields else ""
+        raise SetError(f"--set {name}: unknown field {name!r}; allowed fields are {allowed}{extra}")
+    default = defaults[name]
+    kind = type(default)
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok, want, value = True, "a string", text  # a string field keeps the text as written
+    elif isinstance(default, (list, tuple)):
+        ok, want = isinstance(value, list), "a JSON list"
+        value = kind(value) if ok else value
+    elif default is None:
+        ok, want = True, "a JSON value"
+    else:
+        ok, want = isinstance(value, kind), f"a JSON {kind.__name__}"
+    if not ok:
+        raise SetError(f"--set {item!r}: {text!r} is invalid for {name}: allowed values are {want}")
+    return name, value
+
+
 def experiment_parser(
-    description: str | None, default_out: str | Path, seeds: int = 3, quick_seeds: int = 1
+    description: str | None,
+    default_out: str | Path,
+    seeds: int = 3,
+    quick_seeds: int = 1,
+    settings=None,
+    quick: Mapping | None = None,
 ) -> argparse.ArgumentParser:
-    """`--seeds N --out DIR [--quick]`; `--seeds` defaults to `seeds`, or `quick_seeds` under `--quick`."""
+    """`--seeds N --out DIR [--quick]`; `--seeds` defaults to `seeds`, or `quick_seeds` under `--quick`. Given a
+    `settings` dataclass, also `--set FIELD=VALUE`, and the parsed namespace carries `.settings`: `quick` under
+    --quick, each --set, --seeds, then the script's own flags named like a field (when given: default them to None)."""
     if seeds < 1 or quick_seeds < 1:
         raise ValueError(f"seeds={seeds}, quick_seeds={quick_seeds} are invalid: allowed values are integers >= 1")
 
@@ -96,6 +217,14 @@ def experiment_parser(
                 parsed.seeds = quick_seeds if parsed.quick else seeds
             elif parsed.seeds < 1:
                 self.error(f"--seeds {parsed.seeds} is invalid: allowed values are integers >= 1")
+            if settings is not None:
+                try:
+                    parsed.set = [parse_set(item, settings) for item in parsed.set]
+                except SetError as error:
+                    self.error(str(error))
+                names = {f.name for f in dataclasses.fields(settings)} - {"seeds", "set", "quick", "out", "settings"}
+                flags = {k: v for k, v in vars(parsed).items() if k in names and v is not None}
+                parsed.settings = experiment_settings(parsed, settings, quick, **flags)
             return parsed, rest
 
     parser = _Parser(
@@ -105,15 +234,111 @@ def experiment_parser(
     parser.add_argument("--seeds", type=int, default=None, help=f"seeds per arm (default {seeds}; {quick_seeds} with --quick)")
     parser.add_argument("--out", type=Path, default=Path(default_out), help="folder for results.json and results.md")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few steps (mechanics only)")
+    if settings is not None:
+        parser.add_argument(
+            "--set", action="append", default=[], metavar="FIELD=VALUE",
+            help="override a setting (JSON value, else a string), e.g. --set steps=100",
+        )  # fmt: skip
     return parser
 
 
-def mean_sd(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0.0 for a single value)."""
+def experiment_settings(args: argparse.Namespace, settings_class, quick: Mapping | None = None, **fields):
+    """The run's settings: `quick` under --quick, then every --set, then `seeds`, then `fields` (see the docstring)."""
+    names = {f.name for f in dataclasses.fields(settings_class)}
+    values = dict(quick or {}) if getattr(args, "quick", False) else {}
+    model = {}
+    for item in getattr(args, "set", None) or []:
+        name, value = parse_set(item, settings_class) if isinstance(item, str) else item
+        if name in names and name != "model":
+            values[name] = value
+        else:
+            model[name] = value
+    if "seeds" in names and getattr(args, "seeds", None) is not None:
+        values["seeds"] = args.seeds
+    values.update(fields)
+    settings = settings_class(**values)
+    if model:
+        settings.model.update(model)
+    return settings
+
+
+def tiny_config(settings=None, **fields):
+    """The experiment's CTMConfig: CTMConfig-named fields of `settings`, its `model` dict, then `fields`."""
+    from .configuration_ctm import CTMConfig
+
+    known = _config_fields()
+    source = {} if settings is None else (settings if isinstance(settings, Mapping) else dataclasses.asdict(settings))
+    chosen = {k: copy.deepcopy(v) for k, v in source.items() if k in known}
+    chosen.update(copy.deepcopy(source.get("model") or {}))
+    chosen.update(fields)
+    return CTMConfig(**chosen)
+
+
+def run_seeds(seeds: int | Iterable[int], run_seed: Callable[[int], dict], log: Callable | None = None) -> list[dict]:
+    """`[run_seed(seed) for seed in range(seeds)]` (or the seeds given), each record starting with its "seed"."""
+    per_seed = []
+    for seed in range(seeds) if isinstance(seeds, int) else seeds:
+        started = time.perf_counter()
+        record = {"seed": seed, **run_seed(seed)}
+        per_seed.append(record)
+        if log is not None:
+            log(f"seed {seed} done in {time.perf_counter() - started:.0f} s")
+    return per_seed
+
+
+def experiment_result(settings, per_seed: Sequence[Mapping], arms: Mapping, **extra) -> dict:
+    """results.json's object: settings, per_seed, arms, `extra`, the software versions."""
+    import torch
+
+    if dataclasses.is_dataclass(settings):
+        settings = dataclasses.asdict(settings)
+    return {"settings": settings, "per_seed": list(per_seed), "arms": arms, **extra,
+            "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
+
+
+def finish_experiment(out_dir, result: Mapping, markdown: str, log: Callable = print, shown: str | None = None):
+    """The end of a run: `log(shown)` (a table, an answer) when given, then `write_results` into `out_dir` (when not
+    None) and a log line naming the two files."""
+    if shown is not None:
+        log(shown)
+    if out_dir is not None:
+        json_path, md_path = write_results(out_dir, result, markdown)
+        log(f"wrote {json_path} and {md_path}")
+
+
+def train_experiment_model(trainer_class, model, train_dataset, output_dir=None, trainer=None, **fields):
+    """One training run inside an experiment; returns (model in eval mode, [{"step", "loss"}])."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = experiment_training_arguments(output_dir or tmp, **fields)
+        run = trainer_class(model=model, args=args, train_dataset=train_dataset, **(trainer or {}))
+        run.remove_callback(PrinterCallback)  # the losses are kept in state.log_history and returned
+        run.train()
+    losses = [{"step": e["step"], "loss": round(e["loss"], 4)} for e in run.state.log_history if "loss" in e]
+    return run.model.eval(), losses
+
+
+def mean_sd(values: Iterable[float], skip_nan: bool = False) -> tuple[float, float]:
+    """Mean and sample standard deviation (0.0 for a single value). `skip_nan`: NaN values (a number a seed could not
+    measure) are left out, and no value left gives (nan, nan)."""
     values = [float(v) for v in values]
+    if skip_nan:
+        values = [v for v in values if not math.isnan(v)]
+        if not values:
+            return math.nan, math.nan
     if not values:
         raise ValueError("mean_sd needs at least one value, got none")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def stat(values: Iterable[float]) -> dict[str, float]:
+    """`{"mean", "sd"}` of `values` (`mean_sd` as a dict: how results.json holds one summarised number)."""
+    mean, sd = mean_sd(values)
+    return {"mean": mean, "sd": sd}
+
+
+def format_stat(value: Mapping, digits: int = 3) -> str:
+    """`"m ± s"` of a `stat` dict."""
+    return format_mean_sd(value["mean"], value["sd"], digits)
 
 
 def summarize_arms(
@@ -171,25 +396,6 @@ def write_results(out_dir: str | Path, result: Mapping, markdown: str, indent: i
     json_path = write_text_atomic(out_dir / "results.json", json.dumps(result, indent=indent))
     md_path = write_text_atomic(out_dir / "results.md", markdown if markdown.endswith("\n") else markdown + "\n")
     return json_path, md_path
-
-
-def load_script(path: str | Path, name: str | None = None):
-    """Import a script by file path as module `name` (default `ctm_script_<stem>`), registered in `sys.modules` so
-    that its dataclasses resolve their module by name. No `sys.path` change: the script's imports must resolve as
-    they are (shared code comes from this package)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"load_script: {str(path)!r} is not a file")
-    name = name or f"ctm_script_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,104 +1,13 @@
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
+"""Shared by every test: one intra-op thread and a fixed seed. The tiny-config factories live in tests/tiny.py, the
+helper scripts and servers in tests/helpers/."""
 
 import pytest
 import torch
-from datasets import Dataset
-from safetensors.torch import load_file
-from transformers import TrainingArguments
-
-from modeling_ctm import CTMConfig, CTMForCausalLM
 
 
 # Tiny tensors gain nothing from intra-op threads, and spinning OpenMP threads on a busy 2-core runner can make a
 # test 50x slower: one thread keeps the suite fast and its timing stable.
 torch.set_num_threads(1)
-
-TINY = dict(
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    ctm_layers="all",
-    ctm_ticks=3,
-    ctm_memory_length=4,
-    ctm_n_synch_out=16,
-    ctm_n_synch_action=8,
-    ctm_nlm_hidden_size=4,
-    ctm_synapse_depth=4,
-    ctm_decay_init_range=[0.0, 1.0],
-    pad_token_id=0,
-)
-
-
-def tiny_config(**overrides) -> CTMConfig:
-    return CTMConfig(**{**TINY, **overrides})
-
-
-def tiny_model(seed: int = 0, awake: bool = True, **overrides) -> CTMForCausalLM:
-    """A tiny model in eval mode. `awake`: give the zero-initialised readouts weight, so the ticks reach the logits
-    (a fresh CTM block adds exactly nothing to the residual stream)."""
-    torch.manual_seed(seed)
-    model = CTMForCausalLM(tiny_config(**overrides)).eval()
-    if awake:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("out_proj.weight"):
-                    param.normal_(0.0, 0.3)
-    return model
-
-
-def tiny_blocks(n: int = 16, length: int = 16, seed: int = 0) -> Dataset:
-    """Random token blocks (ids 1..96) with labels = inputs, for the trainer tests and their worker processes."""
-    ids = torch.randint(1, 97, (n, length), generator=torch.Generator().manual_seed(seed))
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * n, "labels": ids.tolist()})
-
-
-def tiny_training_args(output_dir, **overrides) -> TrainingArguments:
-    """Deterministic CPU TrainingArguments for tiny trainer runs: batch 4, lr 1e-2, 3 steps, no saving or reporting."""
-    return TrainingArguments(
-        **{
-            "output_dir": str(output_dir),
-            "use_cpu": True,
-            "per_device_train_batch_size": 4,
-            "max_steps": 3,
-            "learning_rate": 1e-2,
-            "logging_steps": 1,
-            "save_strategy": "no",
-            "report_to": [],
-            "seed": 0,
-            "data_seed": 0,
-            "dataloader_num_workers": 0,
-            **overrides,
-        }
-    )
-
-
-def free_port() -> int:
-    """A port nobody listens on now: a fixed one collides with other test runs on the same machine."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_on_two_processes(script: Path, out_dir: Path, *args: str) -> tuple[dict, dict]:
-    """torchrun `script out_dir *args` with 2 CPU processes (gloo); each rank writes `rank<r>.safetensors` into
-    `out_dir`. Returns both ranks' tensors."""
-    tests = Path(__file__).resolve().parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(script), str(out_dir), *args,
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return load_file(str(out_dir / "rank0.safetensors")), load_file(str(out_dir / "rank1.safetensors"))
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import tiny_model
+from tiny import tiny_model
 
 from modeling_ctm.cli import main
 from modeling_ctm.training.tokenization import train_tokenizer

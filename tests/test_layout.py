@@ -63,3 +63,17 @@ def test_the_top_level_exports_the_headline_objects_lazily():
         "assert SleepCallback is direct\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_top_level_model_cards_hold_the_packaged_template_and_the_tiny_run():
+    """model_cards/ shows the template the package ships (one copy: a link to it) and the tiny run's cards."""
+    from modeling_ctm.hub.cards import PHASE_CARD_TEMPLATE
+
+    cards = PACKAGE.parent / "model_cards"
+    assert (cards / "phase_checkpoint.md").resolve() == PHASE_CARD_TEMPLATE.resolve()
+    assert (cards / "phase_checkpoint.md").read_text() == PHASE_CARD_TEMPLATE.read_text()
+    tiny = sorted(p.name for p in (cards / "tiny").glob("*.md"))
+    assert tiny == ["phase1-language.md", "phase2-thinking.md", "phase3-continuity.md"]
+    for name in tiny:
+        text = (cards / "tiny" / name).read_text()
+        assert text.startswith("---\n") and "library_name: transformers" in text and "model_name: ctm-tiny-" in text

@@ -27,7 +27,7 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
-from conftest import tiny_model  # noqa: E402
+from tiny import tiny_model  # noqa: E402
 
 
 def _ids(*shape, high=97):
@@ -340,7 +340,7 @@ _SLOW_SAVE = textwrap.dedent(
     import sys, time, torch
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
-    from conftest import tiny_model
+    from tiny import tiny_model
     import modeling_ctm.cache_ctm as cache_module
     import transformers.modeling_utils as modeling_utils
 

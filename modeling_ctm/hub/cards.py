@@ -1,5 +1,6 @@
 """Model cards for phase checkpoints, written with `huggingface_hub.ModelCard` from a Jinja template that ships with the
-package (`modeling_ctm/hub/model_cards/`), so an installed wheel writes cards too."""
+package (`modeling_ctm/hub/model_cards/`), so an installed wheel writes cards too; the repository's top-level
+`model_cards/` links to it and holds the cards of the reference tiny run."""
 
 import os
 from pathlib import Path

@@ -1,0 +1,154 @@
+"""MQAR recall rows (issue 27): every query is answered with its own fact's value, and the share knob holds."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from modeling_ctm.training.data import PACKED_FEATURES, mix_recall_rows, recall_rows, recall_vocabulary
+
+
+def test_every_answer_is_the_value_its_key_was_given_in_the_facts():
+    keys, values = recall_vocabulary(40, first_id=2)
+    assert keys.tolist() == list(range(2, 21)) and values.tolist() == list(range(21, 40))
+    rows = recall_rows(5, 2 * 24 + 10, 6, keys, values, seed=0)  # two whole episodes and a cut third
+    checked = 0
+    for ids, answers in zip(rows["input_ids"], rows["answer_mask"]):
+        assert len(ids) == 58 and set(ids) <= set(range(2, 40))
+        for start in range(0, len(ids), 24):
+            episode, marks = ids[start : start + 24], answers[start : start + 24]
+            facts = dict(zip(episode[0:12:2], episode[1:12:2]))
+            assert len(facts) == min(6, len(episode) // 2)  # the cut episode holds 5 facts
+            assert set(facts) <= set(keys) and set(facts.values()) <= set(values)
+            for position in np.flatnonzero(marks):
+                assert position >= 13 and position % 2 == 1  # the value of a query, never a fact
+                assert episode[position] == facts[episode[position - 1]]
+                checked += 1
+            if len(episode) == 24:
+                assert sorted(episode[12::2]) == sorted(facts)  # every key is asked once
+                assert sum(marks) == 6
+    assert checked == 5 * (6 + 6 + 0)  # the cut episode ends inside its facts: nothing to score there
+    again = recall_rows(5, 58, 6, keys, values, seed=0)
+    assert again["input_ids"] == rows["input_ids"]
+    assert recall_rows(5, 58, 6, keys, values, seed=1)["input_ids"] != rows["input_ids"]
+
+
+def test_recall_rows_refuse_bad_settings():
+    keys, values = recall_vocabulary(20)
+    with pytest.raises(ValueError, match="n_pairs"):
+        recall_rows(1, 8, 11, keys, values, seed=0)
+    with pytest.raises(ValueError, match="disjoint"):
+        recall_rows(1, 8, 2, keys, keys, seed=0)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.25, 0.5])
+def test_the_share_is_the_fraction_of_recall_rows_in_the_mixture(share):
+    keys, values = recall_vocabulary(64, first_id=32)  # ids >= 32 are recall tokens, the blocks use 1..31
+    length = 16
+    block_ids = np.random.default_rng(0).integers(1, 32, (300, length))
+    blocks = Dataset.from_dict(
+        {"input_ids": block_ids, "attention_mask": np.ones_like(block_ids), "labels": block_ids},
+        features=PACKED_FEATURES,
+    )
+    mixed = mix_recall_rows(blocks, share, 4, keys, values, seed=0)
+    assert mixed.column_names == ["input_ids", "attention_mask", "labels"]
+    is_recall = [min(ids) >= 32 for ids in mixed["input_ids"]]
+    assert sum(not r for r in is_recall) == 300  # every block kept
+    assert sum(is_recall) / len(mixed) == pytest.approx(share, abs=1 / len(mixed))
+    if share:
+        assert not all(is_recall[-sum(is_recall) :])  # shuffled in, not appended
+    with pytest.raises(ValueError, match="share"):
+        mix_recall_rows(blocks, 1.0, 4, keys, values, seed=0)
+
+
+@pytest.mark.experiment
+def test_recall_base_quick_run_writes_both_arms(tmp_path):
+    import recall_base as script
+    script.main(["--quick", "--steps", "3", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["arms"]) == {"no_shift", "token_shift"}
+    for arm in saved["arms"].values():
+        assert 0.0 <= arm["recall_accuracy_mean"] <= 1.0 and arm["train_seconds_mean"] > 0
+    assert "token_shift" in (tmp_path / "results.md").read_text()
+
+
+def test_phase1_recall_share_mixes_recall_rows_into_phase_1_only():
+    from modeling_ctm.training.runs import Data, load_preset, phase1_data
+    from modeling_ctm.training.tokenization import train_tokenizer
+
+    tokenizer = train_tokenizer(["the cat sat on the mat. " * 20, "a dog ran in the park. " * 20], vocab_size=300)
+    block_ids = np.random.default_rng(0).integers(5, len(tokenizer), (40, 16))
+    blocks = Dataset.from_dict(
+        {"input_ids": block_ids, "attention_mask": np.ones_like(block_ids), "labels": block_ids},
+        features=PACKED_FEATURES,
+    )
+    data = Data(tokenizer, blocks, blocks, 4.0, 5.0, "blocks", "held out")
+    preset = load_preset("tiny")
+    assert preset["phase1"]["recall_share"] == 0.0 and phase1_data(preset, data) is data  # the shipped default
+    preset["phase1"].update(recall_share=0.2, recall_pairs=3)
+    mixed = phase1_data(preset, data)
+    assert len(mixed.train) == 50 and mixed.eval is blocks and "20% of the rows in-context recall" in mixed.description
+    special = set(tokenizer.all_special_ids)
+    recall = [ids for ids in mixed.train["input_ids"] if ids not in block_ids.tolist()]
+    assert len(recall) == 10 and not special & {i for ids in recall for i in ids}
+
+
+class _Lookahead(torch.nn.Module):
+    """A stand-in model whose logits at t name token t + 1 (it cheats), or a constant token."""
+
+    def __init__(self, cheat: bool, vocab: int):
+        super().__init__()
+        self.cheat, self.vocab = cheat, vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def forward(self, input_ids, use_cache=False):
+        target = torch.roll(input_ids, -1, dims=1) if self.cheat else torch.zeros_like(input_ids)
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(target, self.vocab).float())
+
+
+def test_recall_accuracy_scores_the_queried_values_only():
+    from modeling_ctm.training.trainers import recall_accuracy
+
+    keys, values = recall_vocabulary(40, first_id=2)
+    rows = recall_rows(6, 32, 4, keys, values, seed=3)
+    assert recall_accuracy(_Lookahead(True, 40), rows, batch=4) == 1.0
+    assert recall_accuracy(_Lookahead(False, 40), rows) == 0.0  # id 0 is never a value
+    with pytest.raises(ValueError, match="answer_mask"):
+        recall_accuracy(_Lookahead(True, 40), rows.map(lambda r: {"answer_mask": [0] * len(r["answer_mask"])}))
+
+
+def test_phase1_recall_tokens_limits_the_ids_of_recall_rows_and_the_held_out_ones():
+    from modeling_ctm.training.runs import held_out_recall_rows, load_preset, recall_vocabulary_of
+    from modeling_ctm.training.tokenization import train_tokenizer
+
+    tokenizer = train_tokenizer(["the cat sat on the mat. " * 20, "a dog ran in the park. " * 20], vocab_size=300)
+    preset = load_preset("tiny")
+    first = max(tokenizer.all_special_ids) + 1
+    keys, values = recall_vocabulary_of(tokenizer, preset)
+    assert keys[0] == first and values[-1] == len(tokenizer) - 1  # default: every ordinary token
+    preset["phase1"]["recall_tokens"] = 40
+    keys, values = recall_vocabulary_of(tokenizer, preset)
+    assert len(keys) == len(values) == 20 and values[-1] == first + 39
+    rows = held_out_recall_rows(preset, tokenizer)
+    assert max(max(ids) for ids in rows["input_ids"]) <= first + 39 and len(rows) == 64
+    for bad in (2, 10**6, "many"):
+        preset["phase1"]["recall_tokens"] = bad
+        with pytest.raises(ValueError, match="phase1.recall_tokens"):
+            recall_vocabulary_of(tokenizer, preset)
+
+
+def test_the_episodes_of_a_row_tell_distinct_keys_so_no_lookup_is_ambiguous():
+    keys, values = recall_vocabulary(200, first_id=2)
+    rows = recall_rows(8, 3 * 4 * 5, 5, keys, values, seed=1)  # three episodes of 5 facts per row
+    for ids in np.asarray(rows["input_ids"]):
+        told = np.concatenate([ids[e * 20 : e * 20 + 10 : 2] for e in range(3)])
+        assert len(set(told.tolist())) == 15
+    few = recall_rows(4, 3 * 4 * 5, 5, keys[:6], values, seed=1)  # 6 key ids cannot give 15 distinct keys
+    assert np.array_equal(few["labels"], few["input_ids"])  # still built, keys may repeat across episodes

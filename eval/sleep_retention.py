@@ -21,6 +21,8 @@ Arms, all with the same `steps` trainer steps of `batch` new-stage sequences per
     sleep                  what `SleepCallback` does: the loss-ranked heap, the dream, compaction (the Hebbian rule)
                            and consolidation with the "hard" token weighting
     train_longer           the same extra steps on batches drawn from the current stage
+    sleep_reservoir        (a diagnostic, only with --arms) sleep's operations on uniform_replay's reservoir, the
+                           dreams drawn from it by softmax of the current loss: sleep without the heap's admission
 
 Replay *adds* steps: every arm but no_replay takes steps + steps/every optimiser steps per stage, the extra ones on
 `replay` sequences (n_dreams + n_random), so replayed sequences are replay / (every * batch + replay) of all trained
@@ -91,7 +93,10 @@ ARMS = {
     "sleep": "SleepCallback: heap, dream, compaction, hard-weighted consolidation",
     "train_longer": "+ the same extra steps on the current stage",
 }
-REPLAY_ARMS = ("uniform_replay", "loss_replay", "reducible_loss_replay", "sleep")
+# a diagnostic, run only when asked (--arms): sleep's operations on uniform_replay's store, loss-ranked dreams
+EXTRA_ARMS = {"sleep_reservoir": "sleep on a uniform reservoir (dreams drawn by current loss)"}
+ALL_ARMS = {**ARMS, **EXTRA_ARMS}
+REPLAY_ARMS = ("uniform_replay", "loss_replay", "reducible_loss_replay", "sleep", "sleep_reservoir")
 METRICS = ("final_ce", "forgetting", "learned_ce", "wall_seconds", "memory_held_bytes", "optimizer_steps",
            "new_stage_tokens", "replay_share", "earlier_stage_replay_share")  # fmt: skip
 TABLE_METRICS = ("final_ce", "forgetting", "learned_ce", "wall_seconds")
@@ -222,8 +227,8 @@ class ReservoirHeap(RecordingHeap):
     """uniform_replay's store: a uniform reservoir sample (algorithm R, seeded) of every sequence trained on, drawn
     uniformly; the same capacity as the heap, and nothing ranked."""
 
-    def __init__(self, capacity: int, seed: int):
-        super().__init__(capacity, sampling="uniform", max_replays=None)
+    def __init__(self, capacity: int, seed: int, sampling: str = "uniform"):
+        super().__init__(capacity, sampling=sampling, max_replays=None)
         self.rng = np.random.default_rng(seed)
         self.seen = 0
 
@@ -324,6 +329,10 @@ def make_callback(arm: str, s: dict, seed: int, reference_model=None) -> SleepCa
                                      reference_model=reference_model)  # fmt: skip
         heap = callback.heap
         callback.heap = RecordingHeap(heap.capacity, heap.sampling, heap.temperature_floor, heap.max_replays, heap.ranking)
+        return callback
+    if arm == "sleep_reservoir":
+        callback = FromScratchSleep(**common, weighting="hard", compaction={})
+        callback.heap = ReservoirHeap(s["capacity"], seed, sampling="softmax")
         return callback
     callback = SleepCallback(**common, weighting="training_loss", rescore=False)  # nothing to rank: no re-scoring
     callback.heap = ReservoirHeap(s["capacity"], seed) if arm == "uniform_replay" else StagePool()
@@ -505,6 +514,14 @@ def markdown(results: dict) -> str:
         lines.append(f"Positive control: no_replay's forgetting {format_mean_sd(control['forgetting_mean'], control['forgetting_sd'])} "
                      f"nats (> 0: the protocol forgets).")  # fmt: skip
         lines.append("")
+    paired = [arm for arm, row in arms.items() if "forgetting_vs_no_replay" in row]
+    if paired:
+        lines += ["Paired difference against no_replay (same seed; negative: less forgetting, lower CE):", "",
+                  "| arm | Δ forgetting | Δ final CE |", "|---|---:|---:|"]  # fmt: skip
+        for arm in paired:
+            f, c = arms[arm]["forgetting_vs_no_replay"], arms[arm]["final_ce_vs_no_replay"]
+            lines.append(f"| {arm} | {format_mean_sd(f['mean'], f['sd'])} | {format_mean_sd(c['mean'], c['sd'])} |")
+        lines.append("")
     for key, verdict in results.get("verdict", {}).items():
         lines.append(f"- {key}: {verdict}")
     lines += ["", "## Retention matrices R[i][j] (mean over seeds; row: stage scored, column: after stage)", ""]
@@ -550,14 +567,14 @@ def verdict(arms: dict) -> dict[str, str]:
 
 def main(argv=None) -> dict:
     parser = experiment_parser(__doc__, default_out="eval/results/sleep_retention")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ARMS)}")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ALL_ARMS)}")
     parser.add_argument("--awake", action="store_true", help="the awake block (zero sync seed, input every tick, decay)")
     parser.add_argument("--steps", type=int, default=None, help="trainer steps per stage (default 160; 4 quick)")
     args = parser.parse_args(argv)
     chosen = [arm for arm in args.arms.split(",") if arm]
-    unknown = sorted(set(chosen) - set(ARMS))
+    unknown = sorted(set(chosen) - set(ALL_ARMS))
     if unknown:
-        parser.error(f"--arms {unknown} are invalid: allowed values are {list(ARMS)}")
+        parser.error(f"--arms {unknown} are invalid: allowed values are {list(ALL_ARMS)}")
     hf_logging.set_verbosity_error()
     s = settings(args.quick, args.awake)
     if args.steps:
@@ -581,7 +598,7 @@ def main(argv=None) -> dict:
                 print(f"seed {seed} {arm}: final CE {row['final_ce']:.3f} forgetting {row['forgetting']:.3f} "
                       f"learned {row['learned_ce']:.3f} ({row['wall_seconds']:.0f} s)", flush=True)  # fmt: skip
             per_seed.append(record)
-    arms = summarize_arms(per_seed, {arm: ARMS[arm] for arm in chosen}, METRICS)
+    arms = summarize_arms(per_seed, {arm: ALL_ARMS[arm] for arm in chosen}, METRICS)
     s["total_seconds"] = time.perf_counter() - started
     results = {
         "settings": s,

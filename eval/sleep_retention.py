@@ -1,0 +1,631 @@
+"""Sleep against forgetting (issue 22): a retention matrix across stages, and replay policies compared at equal compute.
+
+Stages: `modeling_ctm.training.data.build_stages` cuts the packed text of Emma (public domain, shipped with the package)
+into three disjoint slices; stage 0 is the text as it is, stages 1 and 2 are their slices under a fixed random
+permutation of the vocabulary each (EOS and padding kept). Every id means something else in every stage, so learning
+a stage overwrites the last: forgetting measurable at tiny scale, with the difficulty of every stage the same.
+
+A tiny CTM (d=64, 2 layers, the last one thinking, K=2) is trained from scratch through the stages in turn with the
+real `CTMTrainer` (a fresh constant-lr AdamW per stage, the Trainer's sampler seeded per seed and stage). After each
+stage it is scored on every stage's held-out tail: R[i][j] = held-out readout CE on stage i after training through
+stage j. Average final CE = mean_i R[i][n-1]; average forgetting = mean_{i<n-1} (R[i][n-1] - R[i][i]).
+
+Arms, all with the same `steps` trainer steps of `batch` new-stage sequences per stage (equal new-stage tokens):
+
+    no_replay              the stages in turn, nothing else: the floor, and the positive control of the protocol
+    uniform_replay         + every `every` steps one extra optimiser step on `replay` sequences drawn uniformly from a
+                           reservoir (same capacity as the heap) of everything trained on so far
+    loss_replay            the same extra steps on sequences drawn from the REM heap (`ReplayHeap`: the hardest by
+                           current loss, re-scored at every sleep, softmax draws, replay cap)
+    reducible_loss_replay  the same, the heap ranked by loss minus a holdout model's loss (RHO-LOSS)
+    sleep                  what `SleepCallback` does: the loss-ranked heap, the dream, compaction (the Hebbian rule)
+                           and consolidation with the "hard" token weighting
+    train_longer           the same extra steps on batches drawn from the current stage
+    sleep_reservoir        (a diagnostic, only with --arms) sleep's operations on uniform_replay's reservoir, the
+                           dreams drawn from it by softmax of the current loss: sleep without the heap's admission
+
+Replay *adds* steps: every arm but no_replay takes steps + steps/every optimiser steps per stage, the extra ones on
+`replay` sequences (n_dreams + n_random), so replayed sequences are replay / (every * batch + replay) of all trained
+(20 % by default: between Ibrahim et al.'s 1-5 % for a weak shift and 25 % for a strong one). The extra steps are
+taken by one persistent AdamW at the main learning rate (`Consolidator`), on the model's own training loss in every
+arm but sleep. The holdout model of RHO-LOSS is trained per seed on rows of every stage held aside from training
+(its cost is counted in that arm's wall time and memory).
+
+Cost: each arm's wall seconds (training and sleeps; the shared machine's load included) and memory held beyond the
+model and its trainer (the replay store, the extra-step optimiser's state, the holdout model, the compaction rule).
+Pictures: the retention matrices, the dream's fMRI per layer and tick across the stages (sleep arm, seed 0), and the
+heap's rotation: which stage the replayed sequences come from, sleep by sleep, for every replaying arm.
+
+    python eval/sleep_retention.py [--seeds 3] [--out eval/results/sleep_retention] [--quick] [--awake]
+        [--arms no_replay,sleep]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+torch.set_num_threads(1)  # tiny tensors; spinning threads on a shared 2-core box cost more than they gain
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from datasets import Dataset, concatenate_datasets  # noqa: E402
+from transformers import PrinterCallback  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
+from modeling_ctm.experiments import (  # noqa: E402
+    arms_table,
+    experiment_parser,
+    experiment_training_arguments,
+    format_mean_sd,
+    mean_sd,
+    summarize_arms,
+    write_results,
+)
+from modeling_ctm.fmri import save_figure  # noqa: E402
+from modeling_ctm.memory.plasticity import HebbianPlasticity  # noqa: E402
+from modeling_ctm.memory.sleep import ReplayHeap, SleepCallback  # noqa: E402
+from modeling_ctm.observers_ctm import METRICS as FMRI_METRICS  # noqa: E402
+from modeling_ctm.training.data import (  # noqa: E402
+    AUSTEN_LICENCE,
+    build_stages,
+    load_austen_novels,
+    pack_dataset,
+    split_paragraphs,
+)
+from modeling_ctm.training.tokenization import train_tokenizer  # noqa: E402
+from modeling_ctm.training.trainers import CTMTrainer  # noqa: E402
+
+
+ARMS = {
+    "no_replay": "the stages in turn (floor; forgetting control)",
+    "uniform_replay": "+ extra steps on uniform draws from a reservoir of all trained",
+    "loss_replay": "+ extra steps on the REM heap, ranked by loss",
+    "reducible_loss_replay": "+ extra steps on the heap ranked by loss - holdout model loss (RHO-LOSS)",
+    "sleep": "SleepCallback: heap, dream, compaction, hard-weighted consolidation",
+    "train_longer": "+ the same extra steps on the current stage",
+}
+# a diagnostic, run only when asked (--arms): sleep's operations on uniform_replay's store, loss-ranked dreams
+EXTRA_ARMS = {"sleep_reservoir": "sleep on a uniform reservoir (dreams drawn by current loss)"}
+ALL_ARMS = {**ARMS, **EXTRA_ARMS}
+REPLAY_ARMS = ("uniform_replay", "loss_replay", "reducible_loss_replay", "sleep", "sleep_reservoir")
+METRICS = ("final_ce", "forgetting", "learned_ce", "wall_seconds", "memory_held_bytes", "optimizer_steps",
+           "new_stage_tokens", "replay_share", "earlier_stage_replay_share")  # fmt: skip
+TABLE_METRICS = ("final_ce", "forgetting", "learned_ce", "wall_seconds")
+AWAKE = {"ctm_sync_seed": "zero", "ctm_input_injection": "every_tick", "ctm_decay_init_range": [0.1, 1.0]}
+
+
+def settings(quick: bool, awake: bool) -> dict:
+    s = dict(
+        novel="emma",
+        chars=600_000,
+        vocab_size=512,
+        block=64,
+        stages=3,
+        held_out_blocks=32,
+        reference_blocks=64,  # per stage, held aside from training for the RHO-LOSS holdout model
+        batch=8,
+        steps=160,  # a multiple of `every`: the replay share is exact
+        lr=2e-3,
+        reference_steps=150,
+        every=4,
+        n_dreams=4,
+        n_random=4,
+        capacity=32,
+        max_replays=16,
+        model=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, ctm_layers="last", ctm_ticks=2, ctm_memory_length=4, ctm_n_synch_out=16,
+                   ctm_n_synch_action=8, ctm_nlm_hidden_size=4, ctm_synapse_depth=2,
+                   ctm_readout="most_certain", **(AWAKE if awake else {})),  # fmt: skip
+    )
+    if quick:
+        s.update(chars=60_000, vocab_size=300, block=32, held_out_blocks=4, reference_blocks=8, steps=4,
+                 reference_steps=2, every=2, n_dreams=2, n_random=2, capacity=8)  # fmt: skip
+    s["replay"] = s["n_dreams"] + s["n_random"]
+    s["replay_share"] = s["replay"] / (s["every"] * s["batch"] + s["replay"])
+    return s
+
+
+# -- bookkeeping -------------------------------------------------------------------------------------------------------
+
+
+def retention_summary(R) -> dict[str, float]:
+    """Average final CE (mean over stages of the CE after the last stage), average forgetting (mean over all stages
+    but the last of final CE minus the CE right after the stage was learned) and the CE right after learning, of a
+    retention matrix R[i][j] (held-out CE on stage i after training through stage j)."""
+    R = np.asarray(R, dtype=np.float64)
+    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] < 2:
+        raise ValueError(f"retention matrix of shape {R.shape} is invalid: allowed are square matrices of >= 2 stages")
+    last = R.shape[0] - 1
+    return {
+        "final_ce": float(R[:, last].mean()),
+        "forgetting": float(np.mean([R[i, last] - R[i, i] for i in range(last)])),
+        "learned_ce": float(np.diag(R).mean()),
+    }
+
+
+# -- data and model ----------------------------------------------------------------------------------------------------
+
+
+def build_data(s: dict) -> tuple:
+    text = load_austen_novels()[s["novel"]][: s["chars"]]
+    paragraphs = split_paragraphs(text)
+    tokenizer = train_tokenizer(paragraphs, s["vocab_size"])
+    packed = pack_dataset(Dataset.from_dict({"text": paragraphs}), tokenizer, s["block"])
+    keep = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    stages = build_stages(packed, s["held_out_blocks"], AUSTEN_LICENCE, n_stages=s["stages"], cipher=True,
+                          vocab_size=len(tokenizer), keep_ids=keep, seed=0)  # fmt: skip
+    data = []
+    for stage in stages:
+        ref = s["reference_blocks"]
+        data.append({
+            "name": stage.name,
+            "licence": stage.licence,
+            "train": stage.train.select(range(ref, len(stage.train))),
+            "reference": stage.train.select(range(ref)),
+            "held_out": torch.tensor(stage.held_out["input_ids"]),
+        })  # fmt: skip
+    return tokenizer, data
+
+
+def provenance(data) -> dict[str, int]:
+    """Fingerprint of every training row -> the stage it belongs to (for the heap's rotation)."""
+    return {ReplayHeap.fingerprint(torch.tensor(row)): i for i, d in enumerate(data) for row in d["train"]["input_ids"]}
+
+
+def train(model, dataset, steps: int, lr: float, seed: int, out: Path, batch: int, callbacks=()) -> CTMTrainer:
+    args = experiment_training_arguments(
+        out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant",
+        warmup_steps=0, weight_decay=0.0, logging_steps=10**6, seed=seed, data_seed=seed,
+    )  # fmt: skip
+    trainer = CTMTrainer(model=model, args=args, train_dataset=dataset, callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)  # the per-run summary line is noise here
+    trainer.train()
+    return trainer
+
+
+@torch.no_grad()
+def held_out_ce(model, chunks: torch.Tensor, batch: int = 16) -> float:
+    """Readout CE (nats/token) of every next-token prediction in the held-out blocks."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, chunks.shape[0], batch):
+        ids = chunks[start : start + batch]
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        total += float(F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="sum"))
+        count += ids[:, 1:].numel()
+    model.train()
+    return total / count
+
+
+# -- the replay stores the extra steps draw from -----------------------------------------------------------------------
+
+
+class RecordingHeap(ReplayHeap):
+    """A ReplayHeap that remembers the fingerprint of everything it replayed: entries leave the heap when evicted or
+    retired, and the rotation names the stage of every replayed sequence."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replayed_fingerprints: dict[int, str] = {}
+
+    def mark_replayed(self, indices):
+        for i in indices:
+            self.replayed_fingerprints[self.ids[i]] = self.fingerprints[i]
+        super().mark_replayed(indices)
+
+
+class ReservoirHeap(RecordingHeap):
+    """uniform_replay's store: a uniform reservoir sample (algorithm R, seeded) of every sequence trained on, drawn
+    uniformly; the same capacity as the heap, and nothing ranked."""
+
+    def __init__(self, capacity: int, seed: int, sampling: str = "uniform"):
+        super().__init__(capacity, sampling=sampling, max_replays=None)
+        self.rng = np.random.default_rng(seed)
+        self.seen = 0
+
+    def offer(self, input_ids, labels, losses, attention_mask=None) -> int:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        entered = 0
+        for ids, lab, mask, loss in zip(input_ids.cpu(), labels.cpu(), attention_mask.cpu(), losses.float().cpu()):
+            self.seen += 1
+            if len(self) >= self.capacity:
+                slot = int(self.rng.integers(self.seen))
+                if slot >= self.capacity:
+                    continue
+                self._remove(slot)
+            self.input_ids.append(ids.clone())
+            self.labels.append(lab.clone())
+            self.attention_masks.append(mask.to(torch.int64).clone())
+            self.losses.append(float(loss))
+            self.reference_losses.append(float("nan"))
+            self.ids.append(self.next_id)
+            self.fingerprints.append(self.fingerprint(ids))
+            self.replays[self.next_id] = 0
+            self.next_id += 1
+            entered += 1
+        return entered
+
+
+class StagePool(RecordingHeap):
+    """train_longer's store: the current stage's training rows (filled at each stage start), drawn uniformly. It
+    takes nothing from the trainer: the extra steps are ordinary training on the current stage."""
+
+    def __init__(self):
+        super().__init__(1, sampling="uniform", max_replays=None)
+
+    def fill(self, dataset) -> None:
+        self._remove_all()
+        for row in dataset["input_ids"]:
+            ids = torch.tensor(row)
+            self.input_ids.append(ids)
+            self.labels.append(ids.clone())
+            self.attention_masks.append(torch.ones_like(ids))
+            self.losses.append(0.0)
+            self.reference_losses.append(float("nan"))
+            self.ids.append(self.next_id)
+            self.fingerprints.append(self.fingerprint(ids))
+            self.replays[self.next_id] = 0
+            self.next_id += 1
+        self.capacity = max(1, len(self))
+
+    def _remove_all(self) -> None:
+        for store in (self.input_ids, self.labels, self.attention_masks, self.losses, self.reference_losses, self.ids,
+                      self.fingerprints):  # fmt: skip
+            store.clear()
+
+    def offer(self, *args, **kwargs) -> int:
+        return 0
+
+    def memory_bytes(self) -> int:
+        return 0  # the stage's own training rows, which every arm holds anyway
+
+
+class FromScratchSleep(SleepCallback):
+    """`SleepCallback` whose compaction rule anchors at the first sleep instead of when training begins: a model
+    trained from scratch starts with a zero readout projection, and a band around a zero norm allows no edit."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        compaction, self.compaction = self.compaction, None
+        try:
+            return super().on_train_begin(args, state, control, model=model, **kwargs)
+        finally:
+            self.compaction = compaction
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.compactor is None and self.compaction is not None and state.global_step % self.every == 0:
+            self.compactor = HebbianPlasticity(model, self.compaction)
+            self.compactor.set_anchors()
+        return super().on_step_end(args, state, control, model=model, **kwargs)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def make_callback(arm: str, s: dict, seed: int, reference_model=None) -> SleepCallback | None:
+    """The arm's extra steps as a `SleepCallback` (every `every` steps, `replay` sequences, one AdamW step at the main
+    learning rate); `None` for no_replay."""
+    if arm == "no_replay":
+        return None
+    common = dict(every=s["every"], capacity=s["capacity"], n_dreams=s["n_dreams"], n_random=s["n_random"], steps=1,
+                  lr=s["lr"], max_replays=s["max_replays"], draw=None, seed=seed)  # fmt: skip
+    if arm in ("sleep", "loss_replay", "reducible_loss_replay"):
+        if arm == "sleep":
+            callback = FromScratchSleep(**common, weighting="hard", compaction={})
+        elif arm == "loss_replay":
+            callback = SleepCallback(**common, weighting="training_loss")
+        else:
+            callback = SleepCallback(**common, weighting="training_loss", ranking="reducible",
+                                     reference_model=reference_model)  # fmt: skip
+        heap = callback.heap
+        callback.heap = RecordingHeap(heap.capacity, heap.sampling, heap.temperature_floor, heap.max_replays, heap.ranking)
+        return callback
+    if arm == "sleep_reservoir":
+        callback = FromScratchSleep(**common, weighting="hard", compaction={})
+        callback.heap = ReservoirHeap(s["capacity"], seed, sampling="softmax")
+        return callback
+    callback = SleepCallback(**common, weighting="training_loss", rescore=False)  # nothing to rank: no re-scoring
+    callback.heap = ReservoirHeap(s["capacity"], seed) if arm == "uniform_replay" else StagePool()
+    return callback
+
+
+def run_arm(arm: str, seed: int, s: dict, data, config, owner: dict, work: Path) -> dict:
+    torch.manual_seed(1000 + seed)
+    model = CTMForCausalLM(config).train()
+    started = time.perf_counter()
+    reference_model, extra_bytes = None, 0
+    if arm == "reducible_loss_replay":  # the holdout model: every stage's held-aside rows, mixed
+        torch.manual_seed(2000 + seed)
+        reference_model = CTMForCausalLM(config).train()
+        mixed = concatenate_datasets([d["reference"] for d in data])
+        train(reference_model, mixed, s["reference_steps"], s["lr"], seed, work / f"{arm}-{seed}-ref", s["batch"])
+        reference_model.eval().requires_grad_(False)
+        extra_bytes += tensor_bytes(reference_model.parameters())
+    callback = make_callback(arm, s, seed, reference_model)
+    R = np.zeros((len(data), len(data)))
+    rotation, fmri, trainer_steps = [], [], 0
+    train_seconds = 0.0
+    for j, stage in enumerate(data):
+        if isinstance(callback.heap if callback else None, StagePool):
+            callback.heap.fill(stage["train"])
+        before = len(callback.reports) if callback else 0
+        t0 = time.perf_counter()
+        trainer = train(model, stage["train"], s["steps"], s["lr"], seed * 100 + j, work / f"{arm}-{seed}-{j}",
+                        s["batch"], [callback] if callback else [])  # fmt: skip
+        train_seconds += time.perf_counter() - t0
+        trainer_steps += trainer.state.global_step
+        for i, other in enumerate(data):
+            R[i, j] = held_out_ce(model, other["held_out"])
+        if callback:
+            for report in callback.reports[before:]:
+                counts = [0] * len(data)
+                for replay_id in report["replay_ids"]:
+                    counts[owner[callback.heap.replayed_fingerprints[replay_id]]] += 1
+                rotation.append({"stage": j, "step": report["step"], "replayed_from": counts})
+                fmri.append({"stage": j, "dream": report["dream"]})
+    summary = retention_summary(R)
+    replayed = sum(len(r["replay_ids"]) for r in callback.reports) if callback else 0
+    new = trainer_steps * s["batch"]
+    extra_steps = sum(len(r["consolidation_losses"]) for r in callback.reports) if callback else 0
+    if callback:
+        extra_bytes += callback.heap.memory_bytes()
+        if callback.consolidator is not None:
+            extra_bytes += tensor_bytes(v for st in callback.consolidator.optimizer.state.values() for v in st.values()
+                                        if torch.is_tensor(v))  # fmt: skip
+        if callback.compactor is not None:
+            extra_bytes += tensor_bytes(callback.compactor.state()[0].values())
+    earlier = [sum(r["replayed_from"][:r["stage"]]) / max(1, sum(r["replayed_from"])) for r in rotation if r["stage"] > 0]
+    return {
+        **summary,
+        "retention": R.tolist(),
+        "wall_seconds": time.perf_counter() - started,
+        "train_seconds": train_seconds,
+        "seconds_asleep": callback.seconds_asleep if callback else 0.0,
+        "memory_held_bytes": float(extra_bytes),
+        "optimizer_steps": float(trainer_steps + extra_steps),
+        "new_stage_tokens": float(new * s["block"]),
+        "replay_share": replayed / (replayed + new),
+        "earlier_stage_replay_share": float(np.mean(earlier)) if earlier else 0.0,
+        "compaction_edits": {
+            "applied": sum(bool(r["compaction"].get("applied")) for r in callback.reports) if callback else 0,
+            "sleeps": len(callback.reports) if callback else 0,
+        },
+        "rotation": rotation,
+        "fmri": fmri,
+    }
+
+
+# -- pictures ----------------------------------------------------------------------------------------------------------
+
+
+def draw_retention(arms: dict, names: list[str], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(3.0 * len(arms), 3.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = np.atleast_1d(figure.subplots(1, len(arms)))
+    matrices = {arm: np.mean([np.asarray(R) for R in entry], axis=0) for arm, entry in arms.items()}
+    low = min(m.min() for m in matrices.values())
+    high = max(m.max() for m in matrices.values())
+    for ax, (arm, R) in zip(axes, matrices.items()):
+        image = ax.imshow(R, cmap="magma_r", vmin=low, vmax=high)
+        for i in range(R.shape[0]):
+            for j in range(R.shape[1]):
+                ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="w" if (R[i, j] - low) / max(high - low, 1e-9) > 0.5 else "k")  # fmt: skip
+        ax.set_title(arm, fontsize=9)
+        ax.set_xlabel("after stage j")
+        ax.set_ylabel("CE on stage i")
+        ax.set_xticks(range(len(names)))
+        ax.set_yticks(range(len(names)))
+    figure.colorbar(image, ax=list(axes), shrink=0.8)
+    figure.suptitle("retention matrix R[i, j] (held-out CE, mean over seeds)", fontsize=10)
+    save_figure(figure, path)
+
+
+def draw_fmri(fmri: list[dict], path: Path, title: str) -> None:
+    """Per metric one heatmap: rows (layer, tick), columns the sleeps in order, stage boundaries marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fmri = [f for f in fmri if f["dream"]]
+    if not fmri:
+        return
+    layers = fmri[0]["dream"]["layers"]
+    figure = Figure(figsize=(10, 1.6 * len(FMRI_METRICS) + 1), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(FMRI_METRICS), 1)
+    boundaries = [k for k in range(1, len(fmri)) if fmri[k]["stage"] != fmri[k - 1]["stage"]]
+    for ax, name in zip(axes, FMRI_METRICS):
+        values = np.stack([np.asarray(f["dream"][name], dtype=float).reshape(-1) for f in fmri], axis=1)
+        K = np.asarray(fmri[0]["dream"][name]).shape[1]
+        image = ax.imshow(values, aspect="auto", cmap="viridis" if name == "certainty" else "magma",
+                          interpolation="nearest")  # fmt: skip
+        ax.set_yticks(range(values.shape[0]), [f"L{layer} t{tick}" for layer in layers for tick in range(K)])
+        for b in boundaries:
+            ax.axvline(b - 0.5, color="w", lw=1.5)
+        ax.set_title(name, fontsize=9)
+        figure.colorbar(image, ax=ax, shrink=0.9)
+    axes[-1].set_xlabel("sleep (white lines: a new stage begins)")
+    figure.suptitle(title, fontsize=10)
+    save_figure(figure, path)
+
+
+def draw_rotation(rotations: dict[str, list[dict]], n_stages: int, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rotations = {arm: r for arm, r in rotations.items() if r}
+    if not rotations:
+        return
+    figure = Figure(figsize=(10, 1.8 * len(rotations) + 0.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = np.atleast_1d(figure.subplots(len(rotations), 1, sharex=True))
+    colours = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e"]
+    for ax, (arm, rows) in zip(axes, rotations.items()):
+        counts = np.asarray([r["replayed_from"] for r in rows], dtype=float)
+        shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        bottom = np.zeros(len(rows))
+        for stage in range(n_stages):
+            ax.bar(range(len(rows)), shares[:, stage], bottom=bottom, width=1.0, color=colours[stage % len(colours)],
+                   label=f"stage {stage}")  # fmt: skip
+            bottom += shares[:, stage]
+        for k in range(1, len(rows)):
+            if rows[k]["stage"] != rows[k - 1]["stage"]:
+                ax.axvline(k - 0.5, color="k", lw=1.2)
+        ax.set_ylabel("share")
+        ax.set_title(arm, fontsize=9)
+    axes[0].legend(fontsize=7, ncol=n_stages, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[-1].set_xlabel("sleep (black lines: a new stage begins)")
+    figure.suptitle("which stage the replayed sequences come from, sleep by sleep (seed 0)", fontsize=10)
+    save_figure(figure, path)
+
+
+# -- the experiment --------------------------------------------------------------------------------------------------
+
+
+def markdown(results: dict) -> str:
+    s, arms = results["settings"], results["arms"]
+    control = arms.get("no_replay")
+    lines = [
+        "# Sleep against forgetting: retention across stages, replay policies at equal compute",
+        "",
+        f"{s['stages']} stages of {s['novel']} (disjoint slices; stage 0 plain, stages 1.. under a token cipher each), "
+        f"{s['steps']} trainer steps of {s['batch']} x {s['block']} tokens per stage, lr {s['lr']:g}; replaying arms "
+        f"add one optimiser step on {s['replay']} sequences every {s['every']} steps (replay share "
+        f"{s['replay_share']:.1%} of sequences; heap/reservoir capacity {s['capacity']}); {s['seeds']} seed(s), "
+        f"mean ± sd; lower CE is better. Awake block: {s['awake']}. {s['machine']}.",
+        "",
+        arms_table(arms, TABLE_METRICS),
+        "",
+    ]
+    if control:
+        lines.append(f"Positive control: no_replay's forgetting {format_mean_sd(control['forgetting_mean'], control['forgetting_sd'])} "
+                     f"nats (> 0: the protocol forgets).")  # fmt: skip
+        lines.append("")
+    paired = [arm for arm, row in arms.items() if "forgetting_vs_no_replay" in row]
+    if paired:
+        lines += ["Paired difference against no_replay (same seed; negative: less forgetting, lower CE):", "",
+                  "| arm | Δ forgetting | Δ final CE |", "|---|---:|---:|"]  # fmt: skip
+        for arm in paired:
+            f, c = arms[arm]["forgetting_vs_no_replay"], arms[arm]["final_ce_vs_no_replay"]
+            lines.append(f"| {arm} | {format_mean_sd(f['mean'], f['sd'])} | {format_mean_sd(c['mean'], c['sd'])} |")
+        lines.append("")
+    for key, verdict in results.get("verdict", {}).items():
+        lines.append(f"- {key}: {verdict}")
+    lines += ["", "## Retention matrices R[i][j] (mean over seeds; row: stage scored, column: after stage)", ""]
+    for arm, R in results["retention_mean"].items():
+        lines.append(f"**{arm}**")
+        lines.append("")
+        lines.append("| stage | " + " | ".join(f"after {j}" for j in range(len(R))) + " |")
+        lines.append("|---|" + "---:|" * len(R))
+        for i, row in enumerate(R):
+            lines.append(f"| {i} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+        lines.append("")
+    lines += ["## Cost and bookkeeping", "",
+              "| arm | optimiser steps | new-stage tokens | replay share | replayed from earlier stages | memory held (KiB) |",
+              "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for arm, row in arms.items():
+        lines.append(f"| {arm} | {row['optimizer_steps_mean']:.0f} | {row['new_stage_tokens_mean']:.0f} | "
+                     f"{row['replay_share_mean']:.3f} | {row['earlier_stage_replay_share_mean']:.3f} | "
+                     f"{row['memory_held_bytes_mean'] / 1024:.1f} |")  # fmt: skip
+    lines += ["", "Pictures: `retention.png`, `fmri.png` (the sleep arm's dreams per layer and tick across the stages), "
+              "`rotation.png` (the stage of every replayed sequence, sleep by sleep).", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def verdict(arms: dict) -> dict[str, str]:
+    needed = {"no_replay", "uniform_replay", "sleep"}
+    if not needed <= set(arms):
+        return {}
+    f = {arm: arms[arm]["forgetting_mean"] for arm in arms}
+    ce = {arm: arms[arm]["final_ce_mean"] for arm in arms}
+    out = {
+        "sleep forgetting <= 0.5 x no_replay's": f"{f['sleep'] <= 0.5 * f['no_replay']} ({f['sleep']:.3f} vs "
+                                                 f"{0.5 * f['no_replay']:.3f})",
+        "sleep forgetting < uniform_replay's": f"{f['sleep'] < f['uniform_replay']} ({f['sleep']:.3f} vs "
+                                               f"{f['uniform_replay']:.3f})",
+        "sleep final CE no worse than no_replay's": f"{ce['sleep'] <= ce['no_replay']} ({ce['sleep']:.3f} vs "
+                                                    f"{ce['no_replay']:.3f})",
+    }  # fmt: skip
+    if "uniform_replay" in ce:
+        out["sleep final CE no worse than uniform_replay's"] = f"{ce['sleep'] <= ce['uniform_replay']} " \
+                                                                f"({ce['sleep']:.3f} vs {ce['uniform_replay']:.3f})"
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = experiment_parser(__doc__, default_out="eval/results/sleep_retention")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ALL_ARMS)}")
+    parser.add_argument("--awake", action="store_true", help="the awake block (zero sync seed, input every tick, decay)")
+    parser.add_argument("--steps", type=int, default=None, help="trainer steps per stage (default 160; 4 quick)")
+    args = parser.parse_args(argv)
+    chosen = [arm for arm in args.arms.split(",") if arm]
+    unknown = sorted(set(chosen) - set(ALL_ARMS))
+    if unknown:
+        parser.error(f"--arms {unknown} are invalid: allowed values are {list(ALL_ARMS)}")
+    hf_logging.set_verbosity_error()
+    s = settings(args.quick, args.awake)
+    if args.steps:
+        s["steps"] = args.steps
+    s.update(seeds=args.seeds, quick=args.quick, awake=args.awake, arms=chosen,
+             machine="CPU, 1 torch thread, shared 2-core box (wall times include other jobs' load)")  # fmt: skip
+    started = time.perf_counter()
+    tokenizer, data = build_data(s)
+    owner = provenance(data)
+    s.update(licences={d["name"]: d["licence"] for d in data},
+             stage_rows={d["name"]: len(d["train"]) for d in data})  # fmt: skip
+    config = CTMConfig(vocab_size=len(tokenizer), max_position_embeddings=2 * s["block"],
+                       pad_token_id=tokenizer.pad_token_id, **s["model"])  # fmt: skip
+    per_seed = []
+    with tempfile.TemporaryDirectory() as work:
+        for seed in range(args.seeds):
+            record = {"seed": seed}
+            for arm in chosen:
+                record[arm] = run_arm(arm, seed, s, data, config, owner, Path(work))
+                row = record[arm]
+                print(f"seed {seed} {arm}: final CE {row['final_ce']:.3f} forgetting {row['forgetting']:.3f} "
+                      f"learned {row['learned_ce']:.3f} ({row['wall_seconds']:.0f} s)", flush=True)  # fmt: skip
+            per_seed.append(record)
+    arms = summarize_arms(per_seed, {arm: ALL_ARMS[arm] for arm in chosen}, METRICS)
+    s["total_seconds"] = time.perf_counter() - started
+    results = {
+        "settings": s,
+        "arms": arms,
+        "retention_mean": {arm: np.mean([r[arm]["retention"] for r in per_seed], axis=0).tolist() for arm in chosen},
+        "verdict": verdict(arms),
+        "per_seed": [{k: ({kk: vv for kk, vv in v.items() if kk != "fmri"} if isinstance(v, dict) else v)
+                      for k, v in r.items()} for r in per_seed],  # fmt: skip
+        "fmri_sleep_seed0": per_seed[0].get("sleep", {}).get("fmri", []),
+    }
+    for arm in chosen:  # paired differences against the forgetting control
+        if arm != "no_replay" and "no_replay" in chosen:
+            for metric in ("final_ce", "forgetting"):
+                m, sd = mean_sd(r[arm][metric] - r["no_replay"][metric] for r in per_seed)
+                arms[arm][f"{metric}_vs_no_replay"] = {"mean": m, "sd": sd}
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    draw_retention({arm: [r[arm]["retention"] for r in per_seed] for arm in chosen}, [d["name"] for d in data],
+                   out / "retention.png")  # fmt: skip
+    if "sleep" in chosen:
+        draw_fmri(per_seed[0]["sleep"]["fmri"], out / "fmri.png", "the sleep arm's dreams, per layer and tick (seed 0)")
+    draw_rotation({arm: per_seed[0][arm]["rotation"] for arm in chosen if arm in REPLAY_ARMS}, len(data),
+                  out / "rotation.png")  # fmt: skip
+    write_results(out, results, markdown(results))
+    print((out / "results.md").read_text())
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -5,18 +5,14 @@ honoured). The headline numbers need the full run (`python eval/sleep_retention.
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+import sleep_retention as script  # eval/ is on the path (pyproject.toml: pytest pythonpath)
 import torch
 from datasets import Dataset
 
-from modeling_ctm.experiments import load_script
 from modeling_ctm.training.data import AUSTEN_LICENCE, build_stages, cipher_permutation
-
-
-script = load_script(Path(__file__).parents[1] / "eval" / "sleep_retention.py")
 
 
 def packed(rows):
@@ -129,6 +125,7 @@ def test_the_reservoir_is_a_bounded_uniform_sample_of_everything_offered():
 
 
 @pytest.mark.slow
+@pytest.mark.experiment
 def test_quick_run_honours_equal_compute_and_the_replay_share(tmp_path):
     results = script.main(["--quick", "--seeds", "1", "--out", str(tmp_path)])
     stored = json.loads((tmp_path / "results.json").read_text())

@@ -66,7 +66,6 @@ from modeling_ctm.experiments import (  # noqa: E402
     summarize_arms,
     write_results,
 )
-from modeling_ctm.memory.plasticity import HebbianPlasticity  # noqa: E402
 from modeling_ctm.memory.sleep import ReplayHeap, SleepCallback  # noqa: E402
 from modeling_ctm.training.data import (  # noqa: E402
     AUSTEN_LICENCE,
@@ -283,24 +282,6 @@ class StagePool(RecordingHeap):
         return 0  # the stage's own training rows, which every arm holds anyway
 
 
-class FromScratchSleep(SleepCallback):
-    """`SleepCallback` whose compaction rule anchors at the first sleep instead of when training begins: a model
-    trained from scratch starts with a zero readout projection, and a band around a zero norm allows no edit."""
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        compaction, self.compaction = self.compaction, None
-        try:
-            return super().on_train_begin(args, state, control, model=model, **kwargs)
-        finally:
-            self.compaction = compaction
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.compactor is None and self.compaction is not None and state.global_step % self.every == 0:
-            self.compactor = HebbianPlasticity(model, self.compaction)
-            self.compactor.set_anchors()
-        return super().on_step_end(args, state, control, model=model, **kwargs)
-
-
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -314,7 +295,7 @@ def make_callback(arm: str, s: dict, seed: int, reference_model=None) -> SleepCa
                   lr=s["lr"], max_replays=s["max_replays"], draw=None, seed=seed)  # fmt: skip
     if arm in ("sleep", "loss_replay", "reducible_loss_replay"):
         if arm == "sleep":
-            callback = FromScratchSleep(**common, weighting="hard", compaction={})
+            callback = SleepCallback(**common, weighting="hard", compaction={})
         elif arm == "loss_replay":
             callback = SleepCallback(**common, weighting="training_loss")
         else:
@@ -324,7 +305,7 @@ def make_callback(arm: str, s: dict, seed: int, reference_model=None) -> SleepCa
         callback.heap = RecordingHeap(heap.capacity, heap.sampling, heap.temperature_floor, heap.max_replays, heap.ranking)
         return callback
     if arm == "sleep_reservoir":
-        callback = FromScratchSleep(**common, weighting="hard", compaction={})
+        callback = SleepCallback(**common, weighting="hard", compaction={})
         callback.heap = ReservoirHeap(s["capacity"], seed, sampling="softmax")
         return callback
     callback = SleepCallback(**common, weighting="training_loss", rescore=False)  # nothing to rank: no re-scoring

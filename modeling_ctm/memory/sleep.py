@@ -679,9 +679,7 @@ class SleepCallback(TrainerCallback):
             self.seed = args.seed
         if self.consolidator is None and self.consolidation.steps > 0:
             self.consolidator = Consolidator(model, self.consolidation)
-        if self.compactor is None and self.compaction is not None:
-            self.compactor = HebbianPlasticity(model, self.compaction)
-            self.compactor.set_anchors()
+        self._start_compaction(model)
         if state.global_step > 0:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if (folder / f"{SLEEP_STATE}.json").is_file():
@@ -693,9 +691,21 @@ class SleepCallback(TrainerCallback):
             root = os.path.expanduser(os.getenv("TENSORBOARD_LOGGING_DIR", "")) or os.path.join(args.output_dir, "runs")
             self._writer = SummaryWriter(log_dir=os.path.join(root, "sleep"))
 
+    def _start_compaction(self, model) -> None:
+        """Anchor the compaction rule at the model's current weights. A model trained from scratch starts with a zero
+        readout projection, around which a band allows no edit, so the rule then anchors at the first sleep that
+        finds the weights trained."""
+        if self.compactor is not None or self.compaction is None:
+            return
+        rule = HebbianPlasticity(model, self.compaction)
+        if all(float(t.param.detach().float().norm()) > 0 for t in rule.targets):
+            rule.set_anchors()
+            self.compactor = rule
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every:
             return
+        self._start_compaction(model)
         report = sleep(model, self.heap, self.consolidator, state.global_step, self.seed, self.n_dreams, self.n_random,
                        rescore=self.rescore, reference_model=self.reference_model,
                        compactor=self.compactor)  # fmt: skip

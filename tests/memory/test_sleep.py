@@ -280,3 +280,15 @@ def test_compaction_writes_the_dream_into_the_weights_inside_the_band_and_resume
     for (key, a), (_, b) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
     assert resumed_callback.compactor.edits_applied == full_callback.compactor.edits_applied == 3
+
+
+def test_compaction_on_a_model_trained_from_scratch_anchors_at_the_first_sleep_on_trained_weights(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_model(ctm_layers="last", awake=False).train()  # a fresh block: its readout projection is zero
+    out_proj = next(p for n, p in model.named_parameters() if n.endswith("out_proj.weight"))
+    assert float(out_proj.norm()) == 0.0
+    callback = SleepCallback(every=2, capacity=8, n_dreams=2, n_random=2, lr=1e-3, compaction={"targets": ["out_proj"]})
+    trainer = CTMTrainer(model=model, args=_args(tmp_path, max_steps=4), train_dataset=_blocks(n=16), callbacks=[callback])
+    trainer.train()  # used to raise: "a band around it allows no edit"
+    assert callback.compactor is not None and callback.sleeps == 2
+    assert callback.reports[-1]["compaction"] is not None

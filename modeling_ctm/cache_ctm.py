@@ -411,7 +411,7 @@ class ThinkingStep:
     has_tokens: torch.Tensor  # (B,) bool
     attention_mask: torch.Tensor | None  # (B, 1, n, past + T) bool, or None when `is_causal` suffices
     is_causal: bool
-    column_slice: slice | None  # the same contiguous columns in every row: outputs are concatenated, not scattered
+    contiguous: bool  # the same contiguous columns in every row, in order: outputs are concatenated, not scattered
     every_row: bool  # every row has a real token in this step: no per-row selection of the carried state
 
 
@@ -453,19 +453,20 @@ def plan_thinking(
 
     if config.ctm_carry == "none":
         begins_new_chunk = torch.ones(B, dtype=torch.bool, device=device)
-        slots = [(arange.expand(B, T), mask, slice(0, T))]
+        slots = [(arange.expand(B, T), mask, True, True)]
     else:
         C = config.ctm_chunk_size
         begins_new_chunk = seen % C == 0
         compiling = torch.compiler.is_compiling()
         if T == 1:  # one new token (a decode step): one step of one slot wherever the rows stand, padded or not
-            slots = [(arange.expand(B, 1), mask, slice(0, 1))]
+            slots = [(arange.expand(B, 1), mask, True, True)]
         # without earlier calls every row starts at 0: known without reading a tensor, so training compiles unbroken
         elif token_mask is None and (seen_tokens is None or (not compiling and bool((seen == seen[0]).all()))):
             # every row at the same position, no padding (training, plain decoding): contiguous column ranges
             first = 0 if seen_tokens is None else int(seen[0])
             bounds = [0, *range(C - first % C if first % C else C, T, C), T]
-            slots = [(arange[a:b].expand(B, b - a), mask[:, a:b], slice(a, b)) for a, b in zip(bounds, bounds[1:])]
+            whole = len(bounds) == 2
+            slots = [(arange[a:b].expand(B, b - a), mask[:, a:b], True, whole) for a, b in zip(bounds, bounds[1:])]
         else:
             positions = seen[:, None] + mask.cumsum(1) - 1  # real position of each new token
             chunk = positions // C
@@ -490,16 +491,17 @@ def plan_thinking(
                 valid = torch.zeros(n_steps, B, width, dtype=torch.bool, device=device)
                 columns[step[rows, cols], rows, slot[rows, cols]] = cols
                 valid[step[rows, cols], rows, slot[rows, cols]] = True
-            slots = [(columns[s], valid[s], None) for s in range(n_steps)]
+            slots = [(columns[s], valid[s], False, False) for s in range(n_steps)]
 
     no_padding = key_mask is None  # `key_mask` is None unless some key is padding
     static = key_length is not None  # static keys: N positions, the cached ones first, then empty room
     steps = []
     every_row = token_mask is None  # the aligned fast path and unpadded `none` steps hold tokens in every row
-    for columns, valid, column_slice in slots:
-        covers_all = column_slice == slice(0, T)
+    # (columns, valid, contiguous, covers_all): flags, not slices, so that a dynamic T is never compared in Python
+    for columns, valid, contiguous, covers_all in slots:
         if covers_all and not static and past_length == 0 and no_padding:
-            attention_mask, is_causal = None, T > 1
+            # causal over one token is no mask at all; compiled, a dynamic T would make `T > 1` a SymBool SDPA refuses
+            attention_mask, is_causal = None, T > 1 if not torch.compiler.is_compiling() else True
         elif covers_all and not static and T == 1 and no_padding:
             attention_mask, is_causal = None, False
         else:
@@ -517,7 +519,7 @@ def plan_thinking(
         has_tokens = valid.any(1)
         steps.append(
             ThinkingStep(
-                columns, valid, last_slot, has_tokens, attention_mask, is_causal, column_slice,
+                columns, valid, last_slot, has_tokens, attention_mask, is_causal, contiguous,
                 # while compiling, rows are picked by `where` (the same values) instead of reading `has_tokens`
                 every_row=every_row or (not torch.compiler.is_compiling() and bool(has_tokens.all())),
             )

@@ -637,7 +637,7 @@ class CTMBlock(nn.Module):
             thinking, final_output, step_ticks = self.think(
                 entry.expand_tokens(step.columns.shape[1]), keys, values, step, rates, weight, record_ticks, T, injected
             )
-            if step.column_slice is not None:
+            if step.contiguous:
                 concatenated.append((final_output * step.valid[..., None].to(dtype), step_ticks))
             else:
                 scattered.append((step.columns, step.valid, final_output, step_ticks))

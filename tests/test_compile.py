@@ -93,7 +93,29 @@ BAD_INPUTS = [
     pytest.param(
         dict(surprise_weight=torch.full((2, 6), -1.0)), "surprise_weight holds a negative", id="surprise-weight"
     ),
+    pytest.param(dict(input_ids=torch.full((2, 6), -3)), "input_ids holds the token id -3", id="token-negative"),
+    pytest.param(dict(input_ids=torch.ones(2, 6)), "input_ids must hold integer token ids", id="float-ids"),
+    pytest.param(
+        dict(surprise_weight=torch.full((2, 6), float("nan"))), "surprise_weight holds a negative, NaN", id="nan"
+    ),
+    pytest.param(dict(input_ids=torch.ones(2, 0, dtype=torch.long)), "an empty prompt", id="empty-prompt"),
 ]
+
+
+def test_a_compiled_decode_step_refuses_a_full_static_cache_with_the_eager_message():
+    from modeling_ctm.cache_ctm import CTMCache
+
+    model = tiny_model()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    messages = []
+    for call in (model, compiled):
+        cache = CTMCache(model.config, max_cache_len=4)
+        with torch.no_grad():
+            model(_ids(2, 4), cache=cache, use_cache=True)
+            with pytest.raises(ValueError) as caught:
+                call(_ids(2, 1), cache=cache, use_cache=True)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1] and "room for max_cache_len=4" in messages[0]
 
 
 @pytest.mark.parametrize(("bad", "message"), BAD_INPUTS)

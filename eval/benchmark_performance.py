@@ -40,7 +40,14 @@ from pathlib import Path
 
 import torch
 from perf.attribute import run_profile
-from perf.measure import decode_latency, measure_step_memory, synchronize, train_step
+from perf.measure import (
+    compiled,
+    compiled_decode_latency,
+    decode_latency,
+    measure_step_memory,
+    synchronize,
+    train_step,
+)
 from perf.phase3 import GOAL_CHUNKED_RATIO, phase3_entries
 from perf.report import GOAL_EFFICIENCY, plot, results_markdown
 from perf.shapes import analytic_flops, build_model, llama_intermediate_size, model_specs
@@ -138,10 +145,18 @@ def build_entries(preset, shape, ctm_overrides, ids, log) -> list[tuple]:
             "status": "ok",
         }
 
-        def step(model=model, optimizer=optimizer):
+        # --compile: the training step runs `torch.compile(model)` (inductor); the first warm-up step compiles
+        runner = compiled(model) if preset.get("compile") else model
+        entry["compiled"] = runner is not model
+
+        def step(model=runner, optimizer=optimizer):
             train_step(model, optimizer, ids, device, dtype)
 
-        entries.append(warm_up(preset, entry, model, optimizer, step, log))
+        entry_tuple = warm_up(preset, entry, model, optimizer, step, log)
+        if entry["compiled"]:
+            entry["graphs_after_warmup"] = runner.counter.frame_count
+            entry["runner"] = runner
+        entries.append(entry_tuple)
     return entries
 
 
@@ -150,8 +165,11 @@ def warm_up(preset, entry, model, optimizer, step, log) -> tuple:
     device, dtype = preset["device"], preset["dtype"]
     try:
         t0 = time.perf_counter()
-        for _ in range(preset["warmup"]):
+        for i in range(max(preset["warmup"], 1)):
             step()
+            if i == 0:
+                synchronize(device)
+                entry["first_step_s"] = time.perf_counter() - t0  # with --compile: the compile time
         synchronize(device)
         entry["warmup_s"] = time.perf_counter() - t0
         entry["memory"] = measure_step_memory(model, optimizer, None, device, dtype, step=step)
@@ -203,10 +221,18 @@ def finish_entry(preset, entry, model, tokens: int, load: MachineLoad, log) -> N
     """Median quiet step time -> tokens/s and achieved FLOP/s; cached decode latency."""
     step_rate(entry, tokens)
     entry["achieved_flops"] = entry["flops"]["training"] * entry["tokens_per_s"]
+    runner = entry.pop("runner", None)
+    if runner is not None:  # graphs compiled by the timed steps: recompilations (0 wanted)
+        entry["training_recompiles"] = runner.counter.frame_count - entry["graphs_after_warmup"]
     contexts = preset["decode_contexts"]
-    entry["decode"] = decode_latency(
+    decode = compiled_decode_latency if preset.get("compile") else decode_latency
+    entry["decode"] = decode(
         model, preset["vocab"], contexts, preset["decode_steps"], preset["device"], preset["dtype"], load
     )
+    if preset.get("compile"):
+        graphs = [entry["decode"][str(c)]["graphs"] for c in contexts]
+        entry["decode_compile_s"] = entry["decode"][str(contexts[0])]["first_step_s"]
+        entry["decode_recompiles"] = graphs[-1] - graphs[0]  # one room for all contexts: 0 wanted
     log(
         f"  {entry['model']:<14} {entry['tokens_per_s']:9.0f} tok/s  {entry['achieved_flops'] / 1e9:7.2f} GFLOP/s  "
         f"step {1e3 * entry['step_s']:.0f} ms (min {1e3 * entry['step_s_min']:.0f})  quiet {entry['quiet_steps']}/"
@@ -299,6 +325,14 @@ def parse_args(argv=None):
         "--compile-ticks", action="store_true", help="torch.compile every CTM tick (CTMForCausalLM.compile_ticks)"
     )
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compiled rows: torch.compile (inductor) the training step and the cached decode step (static cache)",
+    )
+    parser.add_argument("--decode-contexts", type=int, nargs="*", help="decode context lengths (default: preset)")
+    parser.add_argument("--ticks", type=int, nargs="*", help="CTM tick counts K (default: preset)")
+    parser.add_argument("--placements", nargs="*", help="CTM ctm_layers placements (default: preset)")
+    parser.add_argument(
         "--phase3",
         choices=["on", "off", "only"],
         default="on",
@@ -322,6 +356,13 @@ def preset_from_args(args) -> dict:
     if args.warmup is not None:
         preset["warmup"] = args.warmup
     preset["compile_ticks"] = args.compile_ticks
+    preset["compile"] = args.compile
+    if args.decode_contexts:
+        preset["decode_contexts"] = args.decode_contexts
+    if args.ticks:
+        preset["ticks"] = args.ticks
+    if args.placements:
+        preset["placements"] = args.placements
     if args.max_wait is not None:
         preset["max_wait_s"] = args.max_wait
     if args.shapes:
@@ -342,6 +383,7 @@ def environment(args, preset, ctm_overrides) -> dict:
         "dtype": preset["dtype"],
         "ctm_overrides": ctm_overrides,
         "compile_ticks": args.compile_ticks,
+        "compile": args.compile,
         "python": platform.python_version(),
         "transformers": transformers.__version__,
     }

@@ -3,8 +3,10 @@
 #   1. the CUDA-only tests: the Triton NLM kernel against PyTorch, the fused model in bf16 autocast (~1 min);
 #   2. the gpu preset at d=768, 12 layers, seq 1024, batch 8, bf16 autocast: Llama + 4 CTMs (training tok/s,
 #      efficiency, peak memory, cached decode) and the phase-3 rows (~4 min);
-#   3. the same CTMs with ctm_nlm_implementation="fused" (Triton forward, recompute backward), no phase 3 (~2 min).
-# Tables are printed and written to eval/results/perf-gpu{,-fused}/results.md. Run from the repository root:
+#   3. the same CTMs with ctm_nlm_implementation="fused" (Triton forward, recompute backward), no phase 3 (~2 min);
+#   4. compiled rows (--compile: inductor training step, compiled static-cache decode step) for the Llama and the K=3
+#      CTMs, with compile time and recompile counts (~4 min; the whole then takes ~10-12 min).
+# Tables are printed and written to eval/results/perf-gpu{,-fused,-compiled}/results.md. Run from the repository root:
 #   bash eval/gpu_check.sh
 set -uo pipefail
 out=${OUT:-eval/results}
@@ -14,3 +16,5 @@ timeout 90 python -m pytest -q tests/test_fused_nlm.py -rs
 timeout 300 python eval/benchmark_performance.py --preset gpu --shapes d768-L12 --out "$out/perf-gpu"
 timeout 150 python eval/benchmark_performance.py --preset gpu --shapes d768-L12 --phase3 off \
     --ctm-config '{"ctm_nlm_implementation": "fused"}' --out "$out/perf-gpu-fused"
+timeout 270 python eval/benchmark_performance.py --preset gpu --shapes d768-L12 --phase3 off --compile --ticks 3 \
+    --steps 5 --decode-contexts 128 1024 --out "$out/perf-gpu-compiled"

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from safetensors.torch import save_file
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from .configuration_ctm import CTMConfig
 from .io_ctm import atomic_write, load_safetensors_file
@@ -148,6 +148,79 @@ class CTMCacheLayer(DynamicLayer):
         self._map_extra(lambda t: t.detach())
 
 
+class CTMStaticCacheLayer(StaticLayer):
+    """A `CTMCacheLayer` with a static layout (`CTMCache(config, max_cache_len=N)`): the self-attention KV and the
+    cross-attention K/V live in tensors of N positions, allocated at the first call and written in place at the
+    position a tensor counter holds. Every decode step then has the same shapes, so a compiled step neither breaks
+    nor recompiles as the sequence grows (transformers' `StaticLayer`, which it extends, does the same for KV)."""
+
+    is_croppable = False
+
+    def __init__(self, max_cache_len: int, **kwargs):
+        super().__init__(max_cache_len=max_cache_len, **kwargs)
+        self.observed_keys: torch.Tensor | None = None
+        self.observed_values: torch.Tensor | None = None
+        # a tensor, like `cumulative_length`: a Python int would be a new constant (a recompile) every step
+        self.observed_length = torch.tensor(0, dtype=torch.long)
+        self.last: ThinkingState | None = None
+        self.entry: ThinkingState | None = None
+
+    def update_observations(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.observed_keys is None:
+            B, H, _, HD = keys.shape
+            self.observed_keys = keys.new_zeros(B, H, self.max_cache_len, HD)
+            self.observed_values = values.new_zeros(B, H, self.max_cache_len, values.shape[-1])
+            self.observed_length = self.observed_length.to(keys.device)
+            if not torch.compiler.is_compiling():  # a fixed address, as `StaticLayer` marks its KV (CUDA graphs)
+                for tensor in (self.observed_keys, self.observed_values, self.observed_length):
+                    torch._dynamo.mark_static_address(tensor)
+        position = torch.arange(keys.shape[-2], device=keys.device) + self.observed_length
+        self.observed_length.add_(keys.shape[-2])
+        self.observed_keys.index_copy_(2, position, keys)
+        self.observed_values.index_copy_(2, position, values)
+        return self.observed_keys, self.observed_values
+
+    def _map_extra(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        CTMCacheLayer._map_extra(self, fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values = (t.index_select(0, beam_idx.to(t.device)) for t in (self.keys, self.values))
+        self._map_extra(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys, self.values = (t.repeat_interleave(repeats, dim=0) for t in (self.keys, self.values))
+            self.batch_size = self.keys.shape[0]
+        self._map_extra(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+            self.batch_size = self.keys.shape[0]
+        self._map_extra(lambda t: t[indices])
+
+    def reset(self) -> None:
+        self.drop_attention()
+        self.last = self.entry = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        CTMCacheLayer.crop(self, tokens_to_remove)
+
+    def drop_attention(self) -> None:
+        """Forget every earlier position's keys and values (zeroed in place, counters back to 0); keep the state."""
+        StaticLayer.reset(self)
+        if self.observed_keys is not None:
+            self.observed_keys.zero_()
+            self.observed_values.zero_()
+        self.observed_length.zero_()
+
+    def detach_(self) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys.detach(), self.values.detach()
+        self._map_extra(lambda t: t.detach())
+
+
 class CTMCache(Cache):
     """Everything a decode step needs: per layer the self-attention KV; per CTM layer the cross-attention K/V of all
     earlier positions and the recurrent thinking state; and per row the number of real (non-padding) tokens seen,
@@ -155,11 +228,28 @@ class CTMCache(Cache):
 
     A new conversation can start from a thinking-state snapshot with no KV (`from_thinking_state`): that is how
     memory crosses conversations.
+
+    `max_cache_len=N` gives the static layout (`CTMStaticCacheLayer`): room for N positions allocated up front, the
+    shapes of every decode step fixed, and so a compiled decode step with no graph break and no recompilation as the
+    sequence grows. None (the default) grows the cache position by position.
     """
 
-    def __init__(self, config: CTMConfig | None = None, num_hidden_layers: int | None = None):
+    def __init__(
+        self,
+        config: CTMConfig | None = None,
+        num_hidden_layers: int | None = None,
+        max_cache_len: int | None = None,
+    ):
         n = num_hidden_layers if num_hidden_layers is not None else config.num_hidden_layers
-        super().__init__(layers=[CTMCacheLayer() for _ in range(n)])
+        if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int)
+                                          or max_cache_len < 1):
+            raise ValueError(
+                f"max_cache_len={max_cache_len!r} is invalid: allowed are None (a growing cache) or an int >= 1 "
+                "(the static layout's room in positions)"
+            )
+        self.max_cache_len = max_cache_len
+        layers = [CTMCacheLayer() if max_cache_len is None else CTMStaticCacheLayer(max_cache_len) for _ in range(n)]
+        super().__init__(layers=layers)
         self.seen_tokens: torch.Tensor | None = None  # (B,) real tokens consumed per row
         # (B, D) the input embedding of each row's last real token (`ctm_token_shift`): the next token's x_{t-1}
         self.previous_embeds: torch.Tensor | None = None
@@ -167,6 +257,10 @@ class CTMCache(Cache):
     @property
     def is_croppable(self) -> bool:
         return False
+
+    @property
+    def is_static(self) -> bool:
+        return self.max_cache_len is not None
 
     def record_new_tokens(self, new_tokens: torch.Tensor) -> None:
         self.seen_tokens = new_tokens if self.seen_tokens is None else self.seen_tokens + new_tokens
@@ -228,16 +322,20 @@ class CTMCache(Cache):
 
     @classmethod
     def from_thinking_state(
-        cls, config: CTMConfig, tensors: dict[str, torch.Tensor], batch_size: int | None = None
+        cls,
+        config: CTMConfig,
+        tensors: dict[str, torch.Tensor],
+        batch_size: int | None = None,
+        max_cache_len: int | None = None,
     ) -> "CTMCache":
         """A fresh cache (no KV, no tokens seen) whose CTM layers start from `tensors` (see `thinking_state_dict`).
-        A snapshot of batch 1 is repeated to `batch_size` rows."""
+        A snapshot of batch 1 is repeated to `batch_size` rows; `max_cache_len` as in `CTMCache`."""
         if config.ctm_carry != "chunk":
             raise ValueError(
                 "Starting from a thinking-state snapshot needs CTMConfig.ctm_carry='chunk'; with ctm_carry="
                 f"{config.ctm_carry!r} every token starts from the learned start state."
             )
-        cache = cls(config)
+        cache = cls(config, max_cache_len=max_cache_len)
         D, M = config.hidden_size, config.ctm_memory_length
         expected = {
             "state": (D,),
@@ -313,7 +411,7 @@ class ThinkingStep:
     has_tokens: torch.Tensor  # (B,) bool
     attention_mask: torch.Tensor | None  # (B, 1, n, past + T) bool, or None when `is_causal` suffices
     is_causal: bool
-    column_slice: slice | None  # the same contiguous columns in every row: outputs are concatenated, not scattered
+    contiguous: bool  # the same contiguous columns in every row, in order: outputs are concatenated, not scattered
     every_row: bool  # every row has a real token in this step: no per-row selection of the carried state
 
 
@@ -331,8 +429,9 @@ def plan_thinking(
     device: torch.device,
     token_mask: torch.Tensor | None,
     key_mask: torch.Tensor | None,
-    past_length: int,
+    past_length: int | torch.Tensor,
     seen_tokens: torch.Tensor | None,
+    key_length: int | None = None,
 ) -> ThinkingSchedule:
     """Split the T new tokens of every row into sequential steps following the carry rule.
 
@@ -341,6 +440,10 @@ def plan_thinking(
 
     Chunk boundaries are counted in real tokens from the first real token of the sequence, so left padding and the
     split of a sequence across calls do not move them. With `ctm_carry="none"` all tokens think in one parallel step.
+
+    `key_length` is the static cache's room N (`CTMCache(max_cache_len=N)`): the keys are then N positions, of which
+    the first `past_length` (a tensor) are cached, and `key_mask` covers all N. While compiling, nothing here reads a
+    tensor's value: a padded chunk schedule takes its static upper bound of steps (an empty step changes nothing).
     """
     B, T = batch_size, length
     mask = token_mask if token_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
@@ -350,42 +453,62 @@ def plan_thinking(
 
     if config.ctm_carry == "none":
         begins_new_chunk = torch.ones(B, dtype=torch.bool, device=device)
-        slots = [(arange.expand(B, T), mask, slice(0, T))]
+        slots = [(arange.expand(B, T), mask, True, True)]
     else:
         C = config.ctm_chunk_size
         begins_new_chunk = seen % C == 0
+        compiling = torch.compiler.is_compiling()
+        if T == 1:  # one new token (a decode step): one step of one slot wherever the rows stand, padded or not
+            slots = [(arange.expand(B, 1), mask, True, True)]
         # without earlier calls every row starts at 0: known without reading a tensor, so training compiles unbroken
-        aligned = token_mask is None and (seen_tokens is None or bool((seen == seen[0]).all()))
-        if aligned:
+        elif token_mask is None and (seen_tokens is None or (not compiling and bool((seen == seen[0]).all()))):
             # every row at the same position, no padding (training, plain decoding): contiguous column ranges
             first = 0 if seen_tokens is None else int(seen[0])
             bounds = [0, *range(C - first % C if first % C else C, T, C), T]
-            slots = [(arange[a:b].expand(B, b - a), mask[:, a:b], slice(a, b)) for a, b in zip(bounds, bounds[1:])]
+            whole = len(bounds) == 2
+            slots = [(arange[a:b].expand(B, b - a), mask[:, a:b], True, whole) for a, b in zip(bounds, bounds[1:])]
         else:
             positions = seen[:, None] + mask.cumsum(1) - 1  # real position of each new token
             chunk = positions // C
             step = chunk - (seen // C)[:, None]
             slot = positions - torch.maximum(seen[:, None], chunk * C)
-            n_steps = int(step[mask].max()) + 1 if bool(mask.any()) else 0
-            width = int(slot[mask].max()) + 1 if n_steps else 1
-            rows, cols = mask.nonzero(as_tuple=True)
-            columns = torch.zeros(n_steps, B, width, dtype=torch.long, device=device)
-            valid = torch.zeros(n_steps, B, width, dtype=torch.bool, device=device)
-            columns[step[rows, cols], rows, slot[rows, cols]] = cols
-            valid[step[rows, cols], rows, slot[rows, cols]] = True
-            slots = [(columns[s], valid[s], None) for s in range(n_steps)]
+            if compiling:
+                # static bounds: T tokens from any offset in a chunk span at most this many chunks, C slots each; a
+                # padding token is written to a spare cell past the end, so no shape depends on a value
+                n_steps = (T + C - 2) // C + 1 if seen_tokens is not None else (T + C - 1) // C
+                width = min(C, T)
+                cell = torch.where(mask, (step * B + arange.new_tensor(range(B))[:, None]) * width + slot, -1)
+                cell = torch.where(cell < 0, n_steps * B * width, cell).flatten()
+                size = n_steps * B * width + 1
+                columns = torch.zeros(size, dtype=torch.long, device=device).scatter(0, cell, arange.expand(B, T).flatten())
+                valid = torch.zeros(size, dtype=torch.bool, device=device).scatter(0, cell, mask.flatten())
+                columns, valid = columns[:-1].view(n_steps, B, width), valid[:-1].view(n_steps, B, width)
+            else:
+                n_steps = int(step[mask].max()) + 1 if bool(mask.any()) else 0
+                width = int(slot[mask].max()) + 1 if n_steps else 1
+                rows, cols = mask.nonzero(as_tuple=True)
+                columns = torch.zeros(n_steps, B, width, dtype=torch.long, device=device)
+                valid = torch.zeros(n_steps, B, width, dtype=torch.bool, device=device)
+                columns[step[rows, cols], rows, slot[rows, cols]] = cols
+                valid[step[rows, cols], rows, slot[rows, cols]] = True
+            slots = [(columns[s], valid[s], False, False) for s in range(n_steps)]
 
     no_padding = key_mask is None  # `key_mask` is None unless some key is padding
+    static = key_length is not None  # static keys: N positions, the cached ones first, then empty room
     steps = []
     every_row = token_mask is None  # the aligned fast path and unpadded `none` steps hold tokens in every row
-    for columns, valid, column_slice in slots:
-        covers_all = column_slice == slice(0, T)
-        if covers_all and past_length == 0 and no_padding:
-            attention_mask, is_causal = None, T > 1
-        elif covers_all and T == 1 and no_padding:
+    # (columns, valid, contiguous, covers_all): flags, not slices, so that a dynamic T is never compared in Python
+    for columns, valid, contiguous, covers_all in slots:
+        if covers_all and not static and past_length == 0 and no_padding:
+            # causal over one token is no mask at all; compiled, a dynamic T would make `T > 1` a SymBool SDPA refuses
+            attention_mask, is_causal = None, T > 1 if not torch.compiler.is_compiling() else True
+        elif covers_all and not static and T == 1 and no_padding:
             attention_mask, is_causal = None, False
         else:
-            key_columns = arange.new_tensor(range(-past_length, T))  # < 0 for cached keys
+            if static:  # column of each key relative to the new tokens: < 0 cached, >= T empty (masked)
+                key_columns = torch.arange(key_length, device=device) - past_length
+            else:
+                key_columns = arange.new_tensor(range(-past_length, T))  # < 0 for cached keys
             attention_mask = key_columns[None, None, :] <= columns[:, :, None]  # (B, n, past + T)
             if key_mask is not None:
                 attention_mask = attention_mask & key_mask[:, None, :]
@@ -396,8 +519,9 @@ def plan_thinking(
         has_tokens = valid.any(1)
         steps.append(
             ThinkingStep(
-                columns, valid, last_slot, has_tokens, attention_mask, is_causal, column_slice,
-                every_row=every_row or bool(has_tokens.all()),
+                columns, valid, last_slot, has_tokens, attention_mask, is_causal, contiguous,
+                # while compiling, rows are picked by `where` (the same values) instead of reading `has_tokens`
+                every_row=every_row or (not torch.compiler.is_compiling() and bool(has_tokens.all())),
             )
         )  # fmt: skip
     return ThinkingSchedule(steps=steps, begins_new_chunk=begins_new_chunk, new_tokens=new_tokens)

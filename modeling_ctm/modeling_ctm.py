@@ -353,22 +353,24 @@ class CTMNeuronLevelModels(nn.Module):
 
 
 class _ClampWithRecovery(torch.autograd.Function):
-    """Clamp in the forward pass; in the backward pass let through every gradient that would move an out-of-range
-    value back into range. A plain clamp has zero gradient outside the range, so a decay pushed below 0 by one optimiser
-    step would be frozen forever (the reference's dead zone)."""
+    """Clamp to [0, high] in the forward pass; in the backward pass let through every gradient that would move an
+    out-of-range value back into range. A plain clamp has zero gradient outside the range, so a decay pushed below 0 by
+    one optimiser step would be frozen forever (the reference's dead zone).
+
+    The bound comes as a tensor, and the clamp is `maximum`/`minimum` (the same values): under
+    `torch.compile(dynamic=True)` a Python float becomes symbolic, and dynamo fails lifting one into the function."""
 
     @staticmethod
-    def forward(ctx, x, low, high):
-        ctx.save_for_backward(x)
-        ctx.low, ctx.high = low, high
-        return x.clamp(low, high)
+    def forward(ctx, x, high):
+        ctx.save_for_backward(x, high)
+        return torch.minimum(torch.maximum(x, torch.zeros_like(x)), high)
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
+        x, high = ctx.saved_tensors
         # gradient descent moves x by -grad: below the range it must be allowed to grow (grad < 0), above to shrink
-        keep = ((x >= ctx.low) & (x <= ctx.high)) | ((x < ctx.low) & (grad < 0)) | ((x > ctx.high) & (grad > 0))
-        return grad * keep, None, None
+        keep = ((x >= 0) & (x <= high)) | ((x < 0) & (grad < 0)) | ((x > high) & (grad > 0))
+        return grad * keep, None
 
 
 class CTMSynchronisation(nn.Module):
@@ -403,7 +405,8 @@ class CTMSynchronisation(nn.Module):
         return left, right
 
     def decay_rates(self) -> torch.Tensor:
-        return torch.exp(-_ClampWithRecovery.apply(self.decay.float(), 0.0, MAX_DECAY))
+        decay = self.decay.float()
+        return torch.exp(-_ClampWithRecovery.apply(decay, torch.full_like(decay, MAX_DECAY)))
 
     def pair_products(self, state: torch.Tensor) -> torch.Tensor:
         return state[..., self.left].float() * state[..., self.right].float()
@@ -634,7 +637,7 @@ class CTMBlock(nn.Module):
             thinking, final_output, step_ticks = self.think(
                 entry.expand_tokens(step.columns.shape[1]), keys, values, step, rates, weight, record_ticks, T, injected
             )
-            if step.column_slice is not None:
+            if step.contiguous:
                 concatenated.append((final_output * step.valid[..., None].to(dtype), step_ticks))
             else:
                 scattered.append((step.columns, step.valid, final_output, step_ticks))
@@ -934,7 +937,9 @@ class CTMModel(CTMPreTrainedModel):
         if cache is not None and not isinstance(cache, CTMCache):
             if cache.get_seq_length() > 0:
                 raise ValueError(f"CTM models need a CTMCache; got a filled {type(cache).__name__}.")
-            cache = None  # an empty cache of another type (e.g. built by a generic caller) is replaced
+            # an empty cache of another type (e.g. built by a generic caller) is replaced; a static one (generate's
+            # `cache_implementation="static"`) by the static CTM layout of the same room
+            cache = CTMCache(self.config, max_cache_len=cache.get_max_length()) if cache.is_compileable else None
         self.check_inputs(input_ids, inputs_embeds, attention_mask, cache, surprise_weight)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -955,7 +960,9 @@ class CTMModel(CTMPreTrainedModel):
                 "the thinking state. Use CTMConfig.ctm_tick_checkpointing=True instead, or call without a cache."
             )
 
+        # a static cache counts its positions in a tensor (no recompilation per step): keep it a tensor here
         past_length = cache.get_seq_length() if cache is not None else 0
+        key_length = cache.max_cache_len if cache is not None and cache.is_static else None
         if position_ids is None:
             position_ids = (torch.arange(T, device=inputs_embeds.device) + past_length).unsqueeze(0)
 
@@ -969,7 +976,7 @@ class CTMModel(CTMPreTrainedModel):
 
         schedule = None
         if self.config.ctm_layer_indices:
-            token_mask, key_mask = self._thinking_masks(attention_mask, B, T, past_length)
+            token_mask, key_mask = self._thinking_masks(attention_mask, B, T, past_length, key_length)
             schedule = plan_thinking(
                 self.config,
                 B,
@@ -979,6 +986,7 @@ class CTMModel(CTMPreTrainedModel):
                 key_mask,
                 past_length,
                 cache.seen_tokens if cache is not None else None,
+                key_length,
             )
         return_tick_states = True if return_tick_states is None else return_tick_states
         record_last_ticks = return_tick_states and self.last_layer_thinks
@@ -1035,9 +1043,12 @@ class CTMModel(CTMPreTrainedModel):
         B, T = tokens.shape[:2]
         if T == 0:
             raise ValueError(f"{name} has shape {tuple(tokens.shape)}: an empty prompt; give every row >= 1 token")
+        compiling = torch.compiler.is_compiling()
         past_length = cache.get_seq_length() if cache is not None else 0
+        if isinstance(past_length, torch.Tensor) and not compiling:  # a static cache's counter
+            past_length = int(past_length)
         # a compiled graph reads no values (a read breaks it): `CTMForCausalLM.forward` checks them eagerly first
-        check_values = not torch.compiler.is_compiling() and (
+        check_values = not compiling and (
             tokens.device.type == "cpu" or (cache is not None and past_length == 0 and not self.training)
         )
         if input_ids is not None and check_values:
@@ -1058,7 +1069,13 @@ class CTMModel(CTMPreTrainedModel):
                     f"cache holds state for a batch of {rows}, but {name} has a batch of {B}: continue with the same "
                     "rows, or start a new cache (`CTMCache.from_thinking_state(..., batch_size=B)` repeats a snapshot)"
                 )
-        if attention_mask is not None and attention_mask.dim() == 2:
+            if cache.is_static and not compiling and past_length + T > cache.max_cache_len:
+                raise ValueError(
+                    f"the static cache has room for max_cache_len={cache.max_cache_len} positions, and {past_length} "
+                    f"are cached: {T} more do not fit; build the cache with a larger max_cache_len"
+                )
+        # a static cache's length is a tensor while compiling: the eager glue has checked the mask against it
+        if attention_mask is not None and attention_mask.dim() == 2 and not isinstance(past_length, torch.Tensor):
             if attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, past_length + T):
                 allowed = f"({B}, {T})"
                 if past_length:
@@ -1075,7 +1092,7 @@ class CTMModel(CTMPreTrainedModel):
                     "surprise_weight holds a negative, NaN or infinite value: allowed are finite numbers >= 0"
                 )
         length = past_length + T
-        if length > self.config.max_position_embeddings and not getattr(self, "_warned_too_long", False):
+        if not compiling and length > self.config.max_position_embeddings and not getattr(self, "_warned_too_long", False):
             self._warned_too_long = True  # one warning per model, not one per decode step
             warnings.warn(
                 f"the sequence has {length} positions, more than max_position_embeddings="
@@ -1092,18 +1109,29 @@ class CTMModel(CTMPreTrainedModel):
         return attention_mask[:, -T:].bool()
 
     @staticmethod
-    def _thinking_masks(attention_mask, B, T, past_length):
-        """From a 2D padding mask over past + new tokens: the real new tokens (B, T) and the real keys (B, past + T)."""
+    def _thinking_masks(attention_mask, B, T, past_length, key_length=None):
+        """From a 2D padding mask over past + new tokens: the real new tokens (B, T) and the real keys (B, past + T),
+        or (B, key_length) for a static cache of that room (the room past the new tokens marked real: the causal rule
+        masks it)."""
         if attention_mask is None or attention_mask.dim() != 2:
             return None, None
         mask = attention_mask.bool()
+        if key_length is not None:  # static: `past_length` is a tensor; place the mask by shape alone
+            if mask.shape[1] == T:  # over the new tokens only: the past was all real
+                mask = mask.new_ones(B, key_length).index_copy(1, torch.arange(T, device=mask.device) + past_length, mask)
+            else:
+                mask = torch.cat([mask, mask.new_ones(B, key_length - mask.shape[1])], dim=1)
+            if not torch.compiler.is_compiling() and bool(mask.all()):
+                return None, None
+            return attention_mask.bool()[:, -T:], mask
         if mask.shape[1] == T and past_length > 0:  # a mask over the new tokens only: the past was all real
             mask = torch.cat([mask.new_ones(B, past_length), mask], dim=1)
         if mask.shape[1] != past_length + T:
             raise ValueError(
                 f"attention_mask covers {mask.shape[1]} positions; expected {past_length + T} (cached + new) or {T}."
             )
-        if bool(mask.all()):
+        # while compiling the masks stay (the same values as none); reading them would break the graph
+        if not torch.compiler.is_compiling() and bool(mask.all()):
             return None, None
         return mask[:, past_length:], mask
 

@@ -164,6 +164,17 @@ def _cache_continued_with_another_batch(tmp_path):
     model(input_ids=_ids(2, 1), cache=cache, use_cache=True)
 
 
+def _static_cache_overflow(tmp_path):
+    model = _carrying_model()
+    cache = CTMCache(model.config, max_cache_len=4)
+    model(input_ids=_ids(1, 3), cache=cache, use_cache=True)
+    model(input_ids=_ids(1, 2), cache=cache, use_cache=True)
+
+
+def _static_cache_bad_room(tmp_path):
+    CTMCache(_carrying_model().config, max_cache_len=0)
+
+
 def _truncated_snapshot(tmp_path):
     model = _carrying_model()
     path = tmp_path / "state.safetensors"
@@ -226,6 +237,9 @@ TABLE = [
      ["state.safetensors", "layers.0.state", "(1, 64)", "hidden_size=32"]),
     ("cache of batch 1 continued with batch 2", _cache_continued_with_another_batch, ValueError,
      ["cache", "batch of 1", "batch of 2"]),
+    ("static cache (`CTMCache(max_cache_len=4)`) given more positions", _static_cache_overflow, ValueError,
+     ["max_cache_len=4", "3 are cached", "2 more do not fit"]),
+    ("`CTMCache(config, max_cache_len=0)`", _static_cache_bad_room, ValueError, ["max_cache_len=0", "int >= 1"]),
     ("truncated thinking-state file", _truncated_snapshot, ValueError, ["state.safetensors", "truncated"]),
     ("missing thinking-state file", _missing_snapshot, FileNotFoundError, ["nowhere.safetensors"]),
     ("`model.generate(..., assistant_model=draft)`", _assisted_decoding, ValueError,

@@ -160,3 +160,62 @@ def decode_latency(model, vocab, contexts, steps, device, dtype, load=None, warm
         }
     model.train()
     return result
+
+
+def compiled(model, backend: str = "inductor"):
+    """`torch.compile(model)` through a frame counter: `.counter.frame_count` is the number of graphs compiled, so
+    the frames a later call adds are recompilations."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend(backend)
+    wrapper = torch.compile(model, backend=counter)
+    wrapper.counter = counter
+    return wrapper
+
+
+def static_cache(model, room: int):
+    """The static cache layout of either model: `CTMCache(max_cache_len=room)` or transformers' `StaticCache`."""
+    from transformers import StaticCache
+
+    from modeling_ctm import CTMCache, CTMForCausalLM
+
+    if isinstance(model, CTMForCausalLM):
+        return CTMCache(model.config, max_cache_len=room)
+    return StaticCache(config=model.config, max_cache_len=room)
+
+
+@torch.no_grad()
+def compiled_decode_latency(model, vocab, contexts, steps, device, dtype, load=None, warmup: int = 2) -> dict:
+    """`decode_latency` with the decode step compiled: a static cache of room max(contexts) + warm-up + steps (one
+    room for every context, so one graph serves them all), the prompt prefilled eagerly (as `generate` does), the
+    single-token steps through `torch.compile`. Adds the first step's seconds (the compile) and the graphs compiled."""
+    model.eval()
+    step_model = compiled(model)
+    room = max(contexts) + warmup + steps + 1
+    generator = torch.Generator().manual_seed(1)
+    result = {}
+    for context in contexts:
+        ids = torch.randint(2, vocab, (1, context), generator=generator).to(device)
+        if load is not None:
+            load.wait_quiet(QUIET, max_wait=10.0)
+        before = load.sample() if load is not None else None
+        times = []
+        with autocast(device, dtype):
+            cache = static_cache(model, room)
+            out = model(input_ids=ids, cache=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            for i in range(warmup + steps):
+                synchronize(device)
+                t0 = time.perf_counter()
+                out = step_model(input_ids=token, cache=cache, use_cache=True)
+                synchronize(device)
+                times.append(time.perf_counter() - t0)
+                token = out.logits[:, -1:].argmax(-1)
+        result[str(context)] = {
+            "ms_per_token": 1e3 * statistics.median(times[warmup:]),
+            "first_step_s": times[0],
+            "graphs": step_model.counter.frame_count,
+            "foreign_load": load.foreign(before, load.sample()) if load is not None else None,
+        }
+    model.train()
+    return result

@@ -135,6 +135,24 @@ def results_markdown(
         goals = [r for r in results if r["kind"] == "ctm" and r["status"] == "ok"]
         met = sum(bool(r.get("goal_efficiency_met")) for r in goals)
         lines += ["", f"Goal CTM achieved FLOP/s >= {GOAL_EFFICIENCY} x Llama's: met by {met}/{len(goals)} CTM rows."]
+    compiled_rows = [r for r in results if r.get("compiled") and r["status"] == "ok"]
+    if compiled_rows:
+        lines += [
+            "",
+            "### Compiled (`--compile`): what compiling cost",
+            "",
+            "torch.compile (inductor) of the training step and of the cached single-token decode step (static cache: "
+            "`CTMCache(max_cache_len=N)` / `StaticCache`, one room for every context). Compile s: the first step's "
+            "seconds (tracing + inductor). Recompiles: graphs compiled after the first steps (0 wanted).",
+            "",
+            "| model | train compile s | train recompiles | decode compile s | decode recompiles |",
+            "|---|---|---|---|---|",
+        ]
+        for r in compiled_rows:
+            lines.append(
+                f"| {r['shape']} {r['model']} | {r['first_step_s']:.1f} | {r.get('training_recompiles', '-')} | "
+                f"{r.get('decode_compile_s', 0):.1f} | {r.get('decode_recompiles', '-')} |"
+            )
     if phase3:
         goals = [r for r in phase3 if r["status"] == "ok" and r["cut_attention"] is not None]
         met = sum(bool(r.get("goal_chunked_met")) for r in goals)

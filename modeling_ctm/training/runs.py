@@ -55,7 +55,17 @@ def load_preset(name_or_path: str) -> dict:
     missing = [section for section in PRESET_SECTIONS if section not in preset]
     if missing:
         raise ValueError(f"preset {path} lacks the sections {missing}")
+    check_torch_compile(preset)
     return preset
+
+
+def check_torch_compile(preset: dict) -> bool:
+    """The preset's `torch_compile` switch (default false): every phase's Trainer compiles the model
+    (`TrainingArguments(torch_compile=True)`); the model's eager glue still refuses bad input first."""
+    value = preset.get("torch_compile", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"preset torch_compile={value!r} is invalid: allowed values are true or false")
+    return value
 
 
 @dataclass
@@ -153,6 +163,7 @@ def training_arguments(preset: dict, phase: int, output_dir: Path) -> TrainingAr
         "save_strategy": "steps",
         "prediction_loss_only": True,
         "remove_unused_columns": False,
+        "torch_compile": check_torch_compile(preset),
     }
     fields_ = {**defaults, **preset["training"], **preset[f"phase{phase}"].get("training", {})}
     return TrainingArguments(output_dir=str(output_dir), **fields_)

@@ -93,7 +93,29 @@ BAD_INPUTS = [
     pytest.param(
         dict(surprise_weight=torch.full((2, 6), -1.0)), "surprise_weight holds a negative", id="surprise-weight"
     ),
+    pytest.param(dict(input_ids=torch.full((2, 6), -3)), "input_ids holds the token id -3", id="token-negative"),
+    pytest.param(dict(input_ids=torch.ones(2, 6)), "input_ids must hold integer token ids", id="float-ids"),
+    pytest.param(
+        dict(surprise_weight=torch.full((2, 6), float("nan"))), "surprise_weight holds a negative, NaN", id="nan"
+    ),
+    pytest.param(dict(input_ids=torch.ones(2, 0, dtype=torch.long)), "an empty prompt", id="empty-prompt"),
 ]
+
+
+def test_a_compiled_decode_step_refuses_a_full_static_cache_with_the_eager_message():
+    from modeling_ctm.cache_ctm import CTMCache
+
+    model = tiny_model()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    messages = []
+    for call in (model, compiled):
+        cache = CTMCache(model.config, max_cache_len=4)
+        with torch.no_grad():
+            model(_ids(2, 4), cache=cache, use_cache=True)
+            with pytest.raises(ValueError) as caught:
+                call(_ids(2, 1), cache=cache, use_cache=True)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1] and "room for max_cache_len=4" in messages[0]
 
 
 @pytest.mark.parametrize(("bad", "message"), BAD_INPUTS)
@@ -107,3 +129,78 @@ def test_the_compiled_model_refuses_bad_input_with_the_eager_message(bad, messag
     with pytest.raises(type(eager.value)) as under_compile:
         compiled(**inputs)
     assert str(under_compile.value) == str(eager.value)
+
+
+# -- decoding, recompilation ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("carry", CARRIES)
+def test_a_cached_decode_step_on_the_static_layout_compiles_once_and_matches_the_uncached_forward(carry):
+    """`CTMCache(max_cache_len=N)`: every decode step has the same shapes, so one graph (fullgraph: no break) serves
+    all of them, and cached compiled decoding gives the uncached eager logits."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from modeling_ctm.cache_ctm import CTMCache
+
+    model = tiny_model(**carry)
+    ids = _ids(2, 9)
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        uncached = model(ids).logits
+        cache = CTMCache(model.config, max_cache_len=12)
+        logits = [model(ids[:, :4], cache=cache, use_cache=True).logits]  # the prompt, eagerly (generate's prefill)
+        for t in range(4, 9):
+            logits.append(compiled(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(logits, 1), uncached, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1  # five steps, one compile: no recompilation as the sequence grows
+
+
+def test_the_static_layout_refuses_a_sequence_past_its_room():
+    from modeling_ctm.cache_ctm import CTMCache
+
+    model = tiny_model()
+    cache = CTMCache(model.config, max_cache_len=4)
+    with torch.no_grad():
+        model(_ids(1, 3), cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match="room for max_cache_len=4 positions, and 3 are cached: 2 more"):
+            model(_ids(1, 2), cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match="max_cache_len=0 is invalid"):
+        CTMCache(model.config, max_cache_len=0)
+
+
+def test_dynamic_training_does_not_recompile_per_sequence_length():
+    """carry none: one dynamic graph for every length (`_ClampWithRecovery` traces with symbolic shapes)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = tiny_model(ctm_carry="none").train()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    frames = []
+    for length in (6, 9, 13):
+        ids = _ids(2, length, seed=length)
+        compiled(ids, labels=ids).loss.backward()
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames == [frames[0]] * 3
+
+
+def test_padded_batches_within_a_bucket_do_not_recompile_and_match_eager():
+    """A bucket is one padded length: rows of any real length in it (left padding) share one compiled graph, and the
+    chunk schedule's static step bound gives the eager outputs."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = tiny_model(ctm_carry="chunk", ctm_chunk_size=3)
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    ids = _ids(2, 8)
+    with torch.no_grad():
+        for pad in (1, 3, 4):
+            mask = torch.ones_like(ids)
+            mask[1, :pad] = 0
+            torch.testing.assert_close(
+                compiled(ids, attention_mask=mask).logits[1, pad:],
+                model(ids, attention_mask=mask).logits[1, pad:],
+                rtol=1e-5,
+                atol=1e-5,
+            )
+    assert counter.frame_count == 1

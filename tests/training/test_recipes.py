@@ -83,3 +83,29 @@ def test_presets_are_valid_and_bad_names_are_refused(tmp_path):
         assert training_arguments(load_preset("tiny"), phase, tmp_path).use_cpu
     with pytest.raises(ValueError, match="preset='huge' is invalid: allowed values are"):
         load_preset("huge")
+
+
+def test_the_torch_compile_switch_reaches_the_trainer(tmp_path):
+    """Default off; `torch_compile: true` in a preset turns on `TrainingArguments.torch_compile` for every phase, and
+    the Trainer then runs the model compiled (with the tracing-only backend here, so it takes seconds)."""
+    import torch
+    from conftest import tiny_blocks, tiny_model, tiny_training_args
+    from transformers import Trainer
+
+    from modeling_ctm.training.runs import check_torch_compile
+
+    preset = load_preset("tiny")
+    assert preset["torch_compile"] is False and not training_arguments(preset, 1, tmp_path).torch_compile
+    preset["torch_compile"] = True
+    assert all(training_arguments(preset, phase, tmp_path).torch_compile for phase in (1, 2, 3))
+    with pytest.raises(ValueError, match="preset torch_compile='yes' is invalid: allowed values are true or false"):
+        check_torch_compile({"torch_compile": "yes"})
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    args = tiny_training_args(tmp_path / "run", max_steps=2, torch_compile=True, torch_compile_backend="eager")
+    trainer = Trainer(model=tiny_model().train(), args=args, train_dataset=tiny_blocks(8, 8))
+    result = trainer.train()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the forward ran through dynamo
+    assert not torch._dynamo.utils.counters["graph_break"]  # and in whole graphs
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    torch._dynamo.reset()

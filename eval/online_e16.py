@@ -2,7 +2,7 @@
 (empty context) asks for each fact. Which part of the memory stack remembers, and what does it cost?
 
 The protocol is MemoryLLM's knowledge retention test (inject, N distractor contexts, query) scored like ROME/MEMIT
-(efficacy, paraphrase, neighbourhood; reference memory_anchors.md section 4), run through `CTMOnlineSession`, the
+(efficacy, paraphrase, neighbourhood), run through `CTMOnlineSession`, the
 phase-4 session users get (`say`/`end` over `generate`, the brain between conversations).
 
 Facts (`fact_form`, see FORMS): "NAME CODE." by default (multi-query associative recall: asked "NAME", the answer

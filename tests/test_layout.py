@@ -73,7 +73,7 @@ def test_the_top_level_model_cards_hold_the_packaged_template_and_the_tiny_run()
     assert (cards / "phase_checkpoint.md").resolve() == PHASE_CARD_TEMPLATE.resolve()
     assert (cards / "phase_checkpoint.md").read_text() == PHASE_CARD_TEMPLATE.read_text()
     tiny = sorted(p.name for p in (cards / "tiny").glob("*.md"))
-    assert tiny == ["phase1-language.md", "phase2-thinking.md", "phase3-continuity.md"]
+    assert tiny == ["phase1-language.md", "phase2-thinking.md", "phase3-continuity.md", "phase4-online.md"]
     for name in tiny:
         text = (cards / "tiny" / name).read_text()
         assert text.startswith("---\n") and "library_name: transformers" in text and "model_name: ctm-tiny-" in text

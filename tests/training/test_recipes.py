@@ -89,7 +89,7 @@ def test_the_torch_compile_switch_reaches_the_trainer(tmp_path):
     """Default off; `torch_compile: true` in a preset turns on `TrainingArguments.torch_compile` for every phase, and
     the Trainer then runs the model compiled (with the tracing-only backend here, so it takes seconds)."""
     import torch
-    from conftest import tiny_blocks, tiny_model, tiny_training_args
+    from tiny import tiny_blocks, tiny_model, tiny_training_args
     from transformers import Trainer
 
     from modeling_ctm.training.runs import check_torch_compile

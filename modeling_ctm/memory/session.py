@@ -137,11 +137,13 @@ class CTMOnlineSession:
 
     # -- a conversation ------------------------------------------------------------------------------------------------
 
-    def encode(self, message: str) -> torch.Tensor:
+    def encode(self, message: str, used: int | None = None) -> torch.Tensor:
+        """`message` as token ids, checked to fit after `used` tokens (default: the conversation so far)."""
         if not isinstance(message, str) or not message.strip():
             raise ValueError(f"message={message!r} is invalid: a conversation turn needs non-empty text")
         ids = self.tokenizer(message, return_tensors="pt", add_special_tokens=False).input_ids.to(self.model.device)
-        used = 0 if self.ids is None else self.ids.shape[1]
+        if used is None:
+            used = 0 if self.ids is None else self.ids.shape[1]
         room = self.model.config.max_position_embeddings - used - self.config.max_new_tokens
         if ids.shape[1] > room:
             raise ValueError(
@@ -207,18 +209,23 @@ class CTMOnlineSession:
             context,
             attention_mask=torch.ones_like(context),
             cache=cache,
+            use_cache=True,  # the conversation lives in its cache, whatever the config says (a Trainer sets it off)
             return_dict_in_generate=True,
             pad_token_id=self.tokenizer.pad_token_id,
             **kwargs,
         )
 
     @torch.no_grad()
-    def score(self, message: str, candidates: Sequence[str]) -> dict:
+    def score(self, message: str | Sequence[str], candidates: Sequence[str]) -> dict:
         """How the brain as it is now would continue `message` if it opened a new conversation: the summed
         log-probability of each candidate continuation, and whether greedy decoding would produce it token for token.
         The episode recall happens as at the start of a conversation; nothing else does, so the brain is left exactly
         as it was (no episode stored, no statistics, no counter or recency moved). How a sceptic asks "does it
         remember?" without the question itself becoming a memory.
+
+        `message` may be a list of messages: each is encoded on its own, as `say` encodes the turns of a conversation
+        (a word that opens a message is often another token than the same word after a space), and the recall is made
+        by the first, as a conversation's first turn makes it.
 
         Returns `{"log_probs": (C,) float, "greedy": (C,) bool, "recalled": bool}` for the C candidates."""
         if self.ids is not None:
@@ -227,10 +234,16 @@ class CTMOnlineSession:
             raise ValueError(
                 f"candidates={candidates!r} is invalid: allowed values are a non-empty list of non-empty strings"
             )
-        ids = self.encode(message)
+        messages = [message] if isinstance(message, str) else list(message)
+        if not messages:
+            raise ValueError("message=[] is invalid: allowed values are a message or a non-empty list of messages")
+        encoded = []
+        for m in messages:
+            encoded.append(self.encode(m, used=sum(e.shape[1] for e in encoded)))
+        ids = torch.cat(encoded, dim=1)
         cache = None
         if self.memory is not None and len(self.memory):
-            cache = self.memory.recall(self.model, ids, threshold=self.config.recall_threshold, mark_used=False)
+            cache = self.memory.recall(self.model, encoded[0], threshold=self.config.recall_threshold, mark_used=False)
         recalled = cache is not None
         prefix = self.model(ids, cache=cache if recalled else CTMCache(self.model.config), use_cache=True)
         rows = [self.tokenizer(c, add_special_tokens=False).input_ids for c in candidates]

@@ -110,6 +110,30 @@ def test_score_is_the_recalled_conversations_log_prob_and_changes_nothing(tokeni
     assert not fresh.score(prompt, candidates)["recalled"]
 
 
+def test_score_takes_several_messages_each_encoded_alone_as_turns_are(tokenizer):
+    session = _session(tokenizer, sleep_every=None)
+    session.say("the code of Velmora is Quenth")
+    session.end()
+    messages, candidates = ["Velmora is Quenth", "the code of Velmora is"], [" Quenth", " park"]
+    turns = torch.cat([tokenizer(m, return_tensors="pt", add_special_tokens=False).input_ids for m in messages], 1)
+    joined = tokenizer(" ".join(messages), return_tensors="pt", add_special_tokens=False).input_ids
+    assert not torch.equal(turns, joined)  # the second message's first word is another token after a space
+    scored = session.score(messages, candidates)
+    # recall is made by the first message, as a conversation's first turn makes it; then the turns in one forward
+    first = turns[:, : len(tokenizer(messages[0], add_special_tokens=False).input_ids)]
+    cache = session.memory.recall(session.model, first, threshold=session.config.recall_threshold, mark_used=False)
+    assert scored["recalled"] == (cache is not None)
+    target = tokenizer(candidates[0], return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = session.model(torch.cat([turns, target], 1), cache=cache, use_cache=True).logits
+    expected = torch.log_softmax(logits[0, turns.shape[1] - 1 : -1].float(), -1).gather(-1, target[0, :, None]).sum()
+    torch.testing.assert_close(scored["log_probs"][0], expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="message=\\[\\]"):
+        session.score([], candidates)
+    with pytest.raises(ValueError, match="room for"):
+        session.score(["the cat sat on the mat"] * 60, candidates)
+
+
 @pytest.mark.parametrize("candidates", [[], "Quenth", [""], [" ok", 3]])
 def test_score_refuses_bad_candidates_and_a_conversation_under_way(tokenizer, candidates):
     session = _session(tokenizer)

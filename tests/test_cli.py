@@ -4,9 +4,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import yaml
 from tiny import tiny_model
 
 from modeling_ctm.cli import main
+from modeling_ctm.training.runs import load_preset
 from modeling_ctm.training.tokenization import train_tokenizer
 
 
@@ -46,3 +49,37 @@ def test_chat_remembers_across_two_runs(tmp_path, capsys):
 def test_the_command_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "modeling_ctm.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "train" in result.stdout and "chat" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_fact_told_in_one_process_is_answered_in_the_next(tmp_path):
+    """Tell the model a fact, quit, start a new process, ask: the answer comes back. The write that stores it is the
+    delta rule on the MLP kept beside the block (`PlasticityConfig(rule="delta", targets=["mlp"])`); the same question
+    to a fresh brain is the control."""
+    tokenizer = train_tokenizer(["Velmora Quenth.", "a dog ran in the park."] * 30, vocab_size=300)
+    model = tiny_model(vocab_size=len(tokenizer), ctm_carry="chunk", ctm_chunk_size=4, ctm_mlp="keep",
+                       max_position_embeddings=256)  # fmt: skip
+    mlp = model.model.layers[-1].mlp
+    with torch.no_grad():  # a trained model's MLP fires louder than an initialised one's: its keys are not tiny
+        mlp.gate_proj.weight.mul_(5.0)
+        mlp.up_proj.weight.mul_(5.0)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    preset = load_preset("tiny")
+    preset["phase4"].update(
+        plasticity={"rule": "delta", "targets": ["mlp"], "presynaptic": "centered", "band": 0.9, "max_drift": 50.0,
+                    "max_step": 50.0},
+        session={"max_new_tokens": 2, "recall_threshold": 0.5},
+    )  # fmt: skip
+    (tmp_path / "preset.yaml").write_text(yaml.safe_dump(preset))
+
+    def chat(brain: str, message: str) -> str:
+        command = [sys.executable, "-m", "modeling_ctm.cli", "chat", str(tmp_path / "model"), "--brain",
+                   str(tmp_path / brain), "--preset", str(tmp_path / "preset.yaml"), "--message", message]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return next(line for line in result.stdout.splitlines() if line.startswith("ctm> "))[len("ctm> ") :]
+
+    chat("brain", "Velmora Quenth.")  # process 1: told, the edit applied at the end, the brain saved
+    assert chat("brain", "Velmora").strip().startswith("Quenth")  # process 2: the brain loaded, asked
+    assert not chat("fresh", "Velmora").strip().startswith("Quenth")  # never told: it does not know

@@ -337,6 +337,11 @@ class CTMEpisodicMemory(
 
     # -- keys ----------------------------------------------------------------------------------------------------------
 
+    def key_of(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, key_size) unit keys of the rows of `input_ids`, as this memory files and searches them (a retriever
+        outside the memory, such as a RAG baseline, can rank texts by the same key)."""
+        return self._keys(model, input_ids, attention_mask)
+
     def _keys(self, model, input_ids, attention_mask) -> torch.Tensor:
         self.check_model(model.config)
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2):

@@ -28,7 +28,11 @@ This rule keeps the shape (local, correlation-driven, no optimizer) and stores c
 rule (`delta_write_map`): the key is S_out at the position before the value, centred on the running mean key and
 normalised, the value the next token's direction through the head, and each write corrects what the rule's edit
 already returns for that key (see `PlasticityConfig.rule`). Its pending writes are one affine map E -> E Q + R, not a
-sum, so it runs in one process.
+sum, so it runs in one process. With `targets=["mlp"]` the same write goes into the down projection of the MLP kept
+beside the block (`ctm_mlp="keep"`), keyed by that MLP's hidden activation at the position before the value: ROME's
+key, which carries the token's identity where S_out may not (measured: S_out keys of different names had |cos| 0.99).
+A write needs the value's token in the same forward pass as its key: a message's last token (whose successor is the
+model's own reply) and `generate`'s one-token steps write nothing.
 
 Gates. Surprise, per token: the cross-entropy of the token that followed (prediction error, from `labels` when given,
 else from the next input token, i.e. text already read), or the normalised entropy of the prediction (no target needed
@@ -72,7 +76,8 @@ from ..observers_ctm import CTMLayerEvent, CTMOutputEvent, CTMTickEvent, CTMTick
 
 
 GATE_CHOICES = ("prediction_error", "entropy", "none")
-TARGET_CHOICES = ("out_proj", "synapse")
+TARGET_CHOICES = ("out_proj", "synapse", "mlp")
+DELTA_TARGET_CHOICES = ("out_proj", "mlp")  # the matrices whose output moves the logits directly (a target exists)
 PRESYNAPTIC_CHOICES = ("raw", "centered", "whitened")
 RULE_CHOICES = ("hebbian", "delta")
 DELTA_PRESYNAPTIC_CHOICES = ("raw", "centered")
@@ -86,7 +91,9 @@ class PlasticityConfig:
         learning_rate: step of the readout delta rule, per unit of gated mean outer product.
         synapse_learning_rate: step of the synapse's Oja rule.
         targets: which matrices are edited: any of "out_proj" (the readout projection) and "synapse" (the last
-            layer of the U-Net synapse).
+            layer of the U-Net synapse); under `rule="delta"` one of "out_proj" and "mlp" (the down projection of
+            the MLP kept beside the block, `ctm_mlp="keep"`, keyed by its own input: the MLP's hidden activation at
+            the position before the value, which carries the token's identity where S_out may not).
         layers: which thinking layers are edited: "last", "all", or a list of decoder-layer indices.
         gate: the per-token surprise: "prediction_error" (CE of the next token), "entropy" (normalised entropy of the
             prediction), or "none" (every token weighs 1).
@@ -178,10 +185,11 @@ class PlasticityConfig:
         if self.rule not in RULE_CHOICES:
             raise ValueError(f"PlasticityConfig.rule must be one of {RULE_CHOICES}, got {self.rule!r}.")
         if self.rule == "delta":
-            if self.targets != ("out_proj",):
+            if len(self.targets) != 1 or self.targets[0] not in DELTA_TARGET_CHOICES:
                 raise ValueError(
-                    f"PlasticityConfig.targets must be ['out_proj'] with rule='delta', got {list(self.targets)!r}: "
-                    "the delta rule corrects the readout towards a target, and the synapse has none."
+                    f"PlasticityConfig.targets must be one of {[[t] for t in DELTA_TARGET_CHOICES]} with rule='delta', "
+                    f"got {list(self.targets)!r}: the delta rule corrects a matrix whose output moves the logits "
+                    "towards a target, and the synapse has none."
                 )
             if self.presynaptic not in DELTA_PRESYNAPTIC_CHOICES:
                 raise ValueError(
@@ -193,6 +201,11 @@ class PlasticityConfig:
                     f"PlasticityConfig.learning_rate must be in [0, 1] with rule='delta', got {self.learning_rate!r}: "
                     "a step of 1 stores the value exactly, a larger one overshoots it."
                 )
+        elif "mlp" in self.targets:
+            raise ValueError(
+                f"PlasticityConfig.targets={list(self.targets)!r} is invalid with rule={self.rule!r}: 'mlp' is a target "
+                "of rule='delta' only (the Hebbian rule's statistics are the block's own)"
+            )
         layers_ok = self.layers in ("last", "all") or (
             isinstance(self.layers, list)
             and self.layers
@@ -223,7 +236,7 @@ class _Target:
 
     name: str
     param: torch.nn.Parameter
-    kind: str  # "out_proj" or "synapse"
+    kind: str  # "out_proj", "synapse" or "mlp"
     layer_idx: int
 
 
@@ -241,6 +254,7 @@ class HebbianPlasticityObserver(CTMTickObserver):
         self.synapse_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (B, T, K, in), (B, T, K, D)
         self.residual: dict[int, torch.Tensor] = {}
         self.output: dict[int, torch.Tensor] = {}
+        self.mlp_input: dict[int, torch.Tensor] = {}  # (B, T, I): the kept MLP's hidden activation (its key)
         self.pending_synapse_io.clear()
 
     # the synapse's hidden input and linear output are not part of the tick event: a forward hook on that one layer
@@ -248,6 +262,12 @@ class HebbianPlasticityObserver(CTMTickObserver):
     def synapse_hook(self, layer_idx: int):
         def hook(module, inputs, output):
             self.pending_synapse_io[layer_idx] = (inputs[0].detach(), output.detach())
+
+        return hook
+
+    def mlp_hook(self, layer_idx: int):
+        def hook(module, inputs, output):
+            self.mlp_input[layer_idx] = inputs[0].detach()
 
         return hook
 
@@ -331,6 +351,7 @@ class HebbianPlasticity:
                 )
         self.edits_out_proj = "out_proj" in self.config.targets
         self.edits_synapse = "synapse" in self.config.targets
+        self.edits_mlp = "mlp" in self.config.targets
         names = {id(p): n for n, p in model.named_parameters()}
         self.targets: list[_Target] = []
         for idx in self.layer_indices:
@@ -340,6 +361,15 @@ class HebbianPlasticity:
             if self.edits_synapse:
                 weight = block.synapse.up[-1].weight
                 self.targets.append(_Target(names[id(weight)], weight, "synapse", idx))
+            if self.edits_mlp:
+                mlp = model.model.layers[idx].mlp
+                if mlp is None:
+                    raise ValueError(
+                        f"PlasticityConfig.targets=['mlp'] needs an MLP beside the block of layer {idx}: this model has "
+                        f"ctm_mlp={model.config.ctm_mlp!r}; allowed is a model converted with ctm_mlp='keep'"
+                    )
+                weight = mlp.down_proj.weight
+                self.targets.append(_Target(names[id(weight)], weight, "mlp", idx))
         self.anchors: dict[str, torch.Tensor] = {}  # the targets without the rule's edit
         self._written: dict[str, torch.Tensor] = {}  # the targets as the rule last left them: anchor + its edit
         self.edits_applied = 0
@@ -379,6 +409,10 @@ class HebbianPlasticity:
             for idx in self.layer_indices:
                 up_last = self.model.model.layers[idx].thinking.synapse.up[-1]
                 self._handles.append(up_last.register_forward_hook(self.observer.synapse_hook(idx)))
+        if self.edits_mlp:  # the MLP's hidden activation is no part of the tick events: a hook on its down projection
+            for idx in self.layer_indices:
+                down = self.model.model.layers[idx].mlp.down_proj
+                self._handles.append(down.register_forward_hook(self.observer.mlp_hook(idx)))
         return self
 
     def disable(self) -> None:
@@ -607,15 +641,21 @@ class HebbianPlasticity:
         parts = self._unflatten(contribution)
         for target_entry in self.targets:
             idx = target_entry.layer_idx
-            sync = observer.sync[idx].to(torch.float64)  # (B, T, K, S)
-            K = sync.shape[2]
-            if idx == last_layer and selected is None and model.config.ctm_readout == "tick_mixture":
-                keys = sync[:, :-1]  # every tick's logits are read: each must return the value
+            if target_entry.kind == "mlp":
+                hidden = observer.mlp_input.get(idx)
+                if hidden is None:
+                    return
+                keys = hidden.to(torch.float64)[:, :-1, None]  # (B, T-1, 1, I): the MLP runs once, not per tick
             else:
-                tick = selected.to(sync.device) if idx == last_layer and selected is not None else None
-                if tick is None:
-                    tick = torch.full((B, T1 + 1), K - 1, device=sync.device)
-                keys = sync.gather(2, tick[..., None, None].expand(B, T1 + 1, 1, sync.shape[-1]))[:, :-1]
+                sync = observer.sync[idx].to(torch.float64)  # (B, T, K, S)
+                K = sync.shape[2]
+                if idx == last_layer and selected is None and model.config.ctm_readout == "tick_mixture":
+                    keys = sync[:, :-1]  # every tick's logits are read: each must return the value
+                else:
+                    tick = selected.to(sync.device) if idx == last_layer and selected is not None else None
+                    if tick is None:
+                        tick = torch.full((B, T1 + 1), K - 1, device=sync.device)
+                    keys = sync.gather(2, tick[..., None, None].expand(B, T1 + 1, 1, sync.shape[-1]))[:, :-1]
             ticks = keys.shape[2]
             residual = observer.residual.get(idx)
             if residual is None:

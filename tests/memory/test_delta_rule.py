@@ -181,3 +181,59 @@ def test_delta_tick_mixture_writes_every_tick():
     model(torch.tensor([[5, 17, 9]]))
     assert rule.last_write["positions"].shape[0] == 2 * model.config.ctm_ticks
     rule.disable()
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(rule="delta", targets=["out_proj", "mlp"]), "PlasticityConfig.targets"),
+        (dict(rule="hebbian", targets=["mlp"]), "'mlp' is a target of rule='delta' only"),
+    ],
+)
+def test_the_mlp_target_is_a_delta_rule_target_alone(fields, message):
+    with pytest.raises(ValueError, match=message):
+        PlasticityConfig(**fields)
+
+
+def test_the_mlp_target_needs_the_mlp_kept_beside_the_block():
+    with pytest.raises(ValueError, match="ctm_mlp='keep'"):
+        HebbianPlasticity(tiny_model(ctm_layers="last", ctm_mlp="replace"), delta_config(targets=["mlp"]))
+
+
+def test_on_a_model_the_mlp_write_is_keyed_by_the_mlp_hidden_activation_and_returns_the_value():
+    model = tiny_model(ctm_layers="last", ctm_mlp="keep", ctm_readout="last")
+    rule = HebbianPlasticity(model, delta_config(targets=["mlp"])).enable()
+    assert [t.kind for t in rule.targets] == ["mlp"] and rule.targets[0].name.endswith("mlp.down_proj.weight")
+    model(torch.randint(1, 97, (2, 24), generator=torch.Generator().manual_seed(0)))  # calibrate the key mean
+    rule.reset_statistics()
+    ids = torch.tensor([[5, 17]])  # one key (position 0) and its value (token 17)
+    down = model.model.layers[-1].mlp.down_proj
+    captured = {}
+    handle = down.register_forward_hook(lambda module, args, out: captured.__setitem__("h", args[0].detach()))
+    with torch.no_grad():
+        prior = model(ids).logits[0, 0].float().log_softmax(-1)
+    rule.reset_statistics()
+    mean = rule.key_mean()  # the keys of a pass are centred by the mean of the keys read before it
+    model(ids)
+    written_key = rule.last_write["keys"][0]
+    assert rule.last_write["keys"].shape == (1, model.config.intermediate_size)  # one key: position 0, one "tick"
+    assert rule.apply()["applied"]
+    with torch.no_grad():
+        after = model(ids).logits[0, 0].float().log_softmax(-1)[17]
+    handle.remove()
+    assert after > prior[17] + 0.1
+    # the edit returns the value at the key: along W^T (onehot - p) of the next token, through the final norm's gain
+    head, gain = model.lm_head.weight.detach().double(), model.model.norm.weight.detach().double()
+    direction = torch.nn.functional.normalize((head[17] - prior.exp().double() @ head) * gain, dim=0)
+    stored = captured["h"][0, 0].double() @ rule.edits()[rule.targets[0].name].T
+    assert torch.nn.functional.cosine_similarity(stored, direction, dim=0) > 1 - 1e-6
+    # a key orthogonal to the (centred) written one gets nothing from the edit
+    written = torch.nn.functional.normalize(centred_keys(captured["h"][0, :1].double(), mean)[0], dim=0)
+    torch.testing.assert_close(written.float(), written_key)
+    other = torch.randn(
+        model.config.intermediate_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    other = other - (other @ written) * written
+    edit = rule.edits()[rule.targets[0].name]
+    assert (other @ edit.T).norm() < 1e-5 * edit.norm() * other.norm()  # float32 weights: the edit to its rounding
+    rule.disable()

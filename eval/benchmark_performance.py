@@ -55,19 +55,19 @@ from perf.shapes import analytic_flops, build_model, llama_intermediate_size, mo
 from modeling_ctm.experiments import QUIET, MachineLoad, write_text_atomic
 
 
+# what every device measures: the same vocabulary, tick counts and placements, so the rows compare across devices
+GRID = {"vocab": 4096, "ticks": [1, 3], "placements": ["all", "last"]}
 PRESETS = {
     "cpu": {
+        **GRID,
         "device": "cpu",
         "dtype": "float32",
         "threads": 2,
-        "vocab": 4096,
         "shapes": [
             {"name": "tiny-d64", "hidden": 64, "layers": 2, "heads": 4, "seq": 128, "batch": 8},
             {"name": "small-d128", "hidden": 128, "layers": 4, "heads": 4, "seq": 256, "batch": 4},
             {"name": "small-d256", "hidden": 256, "layers": 4, "heads": 4, "seq": 256, "batch": 4},
         ],
-        "ticks": [1, 3],
-        "placements": ["all", "last"],
         "warmup": 2,
         "steps": 5,
         "decode_contexts": [32, 128, 512],
@@ -86,16 +86,14 @@ PRESETS = {
         },
     },
     "gpu": {
+        **GRID,
         "device": "cuda",
         "dtype": "bfloat16",
         "threads": None,
-        "vocab": 4096,
         "shapes": [
             {"name": "d768-L12", "hidden": 768, "layers": 12, "heads": 12, "seq": 1024, "batch": 8},
             {"name": "d1024-L12", "hidden": 1024, "layers": 12, "heads": 16, "seq": 1024, "batch": 8},
         ],
-        "ticks": [1, 3],
-        "placements": ["all", "last"],
         "warmup": 3,
         "steps": 10,
         "decode_contexts": [32, 128, 512, 1024],

@@ -52,15 +52,14 @@ torch.set_num_threads(1)  # tiny tensors; spinning threads on a shared 2-core bo
 
 import torch.nn.functional as F  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import PrinterCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     arms_table,
     experiment_parser,
-    experiment_training_arguments,
     summarize_arms,
+    timed_training,
     write_results,
 )
 from modeling_ctm.memory.episodic import KEY_FUNCTIONS, CTMEpisodicMemory  # noqa: E402
@@ -149,16 +148,12 @@ def train_model(settings: dict, seed: int, work: Path) -> tuple[CTMForCausalLM, 
     torch.manual_seed(seed)
     model = CTMForCausalLM(CTMConfig(**MODEL))
     rows = language.rows(settings["steps"] * settings["batch"], settings["length"], seed=1_000 + seed)
-    args = experiment_training_arguments(
-        work / f"train-{seed}", per_device_train_batch_size=settings["batch"], max_steps=settings["steps"],
-        learning_rate=settings["lr"], lr_scheduler_type="cosine", warmup_steps=max(1, settings["steps"] // 20),
-        weight_decay=0.0, logging_steps=10**6, seed=seed, data_seed=seed,
+    _, seconds = timed_training(
+        CTMTrainer, model, rows, work / f"train-{seed}", per_device_train_batch_size=settings["batch"],
+        max_steps=settings["steps"], learning_rate=settings["lr"], lr_scheduler_type="cosine",
+        warmup_steps=max(1, settings["steps"] // 20), weight_decay=0.0, logging_steps=10**6, seed=seed, data_seed=seed,
     )  # fmt: skip
-    trainer = CTMTrainer(model=model, args=args, train_dataset=rows)
-    trainer.remove_callback(PrinterCallback)
-    started = time.perf_counter()
-    trainer.train()
-    return model.eval(), language, time.perf_counter() - started
+    return model.eval(), language, seconds
 
 
 @torch.no_grad()

@@ -59,6 +59,7 @@ from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     MachineLoad,
     arms_table,
+    austen_blocks,
     experiment_parser,
     experiment_result,
     experiment_training_arguments,
@@ -69,8 +70,6 @@ from modeling_ctm.experiments import (  # noqa: E402
     write_results,
 )
 from modeling_ctm.io_ctm import atomic_write  # noqa: E402
-from modeling_ctm.training.data import load_text_dataset, pack_dataset  # noqa: E402
-from modeling_ctm.training.tokenization import get_tokenizer  # noqa: E402
 from modeling_ctm.training.trainers import CTMTrainer  # noqa: E402
 
 
@@ -156,11 +155,9 @@ def training_flops_per_token(config: CTMConfig, settings: Settings) -> float:
 
 
 def load_data(settings: Settings, cache_dir: Path):
-    """The same offline data as eval/thinking_pays.py: Austen's novels packed into blocks, Persuasion held out."""
-    splits = load_text_dataset("austen")
-    tokenizer = get_tokenizer(vocab_size=settings.vocab_size, cache_dir=cache_dir)
-    train = pack_dataset(splits["train"], tokenizer, settings.block_size)
-    held_out = pack_dataset(splits["validation"], tokenizer, settings.block_size)
+    """The same offline data as eval/thinking_pays.py (`austen_blocks`): Austen's novels packed into blocks,
+    Persuasion held out; the first `eval_blocks` held-out blocks are scored, the next ones give the prompts."""
+    _, tokenizer, train, held_out = austen_blocks(settings.vocab_size, settings.block_size, cache_dir)
     blocks = torch.tensor(held_out["input_ids"][: settings.eval_blocks])
     # prompts: the first tokens of held-out blocks that do not overlap the scored ones
     rest = held_out["input_ids"][settings.eval_blocks : settings.eval_blocks + settings.prompts]

@@ -41,10 +41,10 @@ from modeling_ctm import CTMForCausalLM  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     experiment_parser,
     experiment_result,
+    finish_experiment,
     format_stat,
     run_seeds,
     stat,
-    write_results,
 )
 from modeling_ctm.observers_ctm import CTMTickObserver  # noqa: E402
 from modeling_ctm.training.runs import load_preset, prepare_data  # noqa: E402
@@ -240,8 +240,7 @@ def main(argv=None) -> dict:
     result = experiment_result(settings, per_seed, arms)
     result["criteria"] = checks
     markdown = format_markdown(settings, arms, checks)
-    write_results(args.out, result, markdown)
-    print(markdown)
+    finish_experiment(args.out, result, markdown, shown=markdown)
     return result
 
 

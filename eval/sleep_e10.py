@@ -48,15 +48,15 @@ import torch.nn.functional as F
 torch.set_num_threads(1)  # tiny tensors; spinning threads on a shared 2-core box cost more than they gain
 
 from datasets import Dataset  # noqa: E402
-from transformers import PrinterCallback, TrainerCallback  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMForCausalLM  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     experiment_parser,
-    experiment_training_arguments,
     format_stat,
     stat,
+    timed_training,
     tiny_config,
     write_results,
 )
@@ -130,15 +130,13 @@ def as_dataset(chunks: torch.Tensor) -> Dataset:
 
 
 def train(model, data: Dataset, steps: int, lr: float, seed: int, out: Path, batch: int, callbacks=()) -> float:
-    args = experiment_training_arguments(
-        out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=lr, lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, logging_steps=10**6, seed=seed, data_seed=seed,
+    """Constant-rate training of `model` in place; returns the seconds it took."""
+    _, seconds = timed_training(
+        CTMTrainer, model, data, out, trainer={"callbacks": list(callbacks)}, per_device_train_batch_size=batch,
+        max_steps=steps, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        logging_steps=10**6, seed=seed, data_seed=seed,
     )  # fmt: skip
-    trainer = CTMTrainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
-    trainer.remove_callback(PrinterCallback)  # the per-run summary line is noise here
-    started = time.perf_counter()
-    trainer.train()
-    return time.perf_counter() - started
+    return seconds
 
 
 @torch.no_grad()

@@ -61,14 +61,14 @@ from transformers import TrainingArguments, set_seed  # noqa: E402
 from modeling_ctm import CTMForCausalLM  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     MachineLoad,
+    austen_blocks,
     experiment_parser,
     experiment_training_arguments,
     finish_experiment,
 )
 from modeling_ctm.gauge import block_health  # noqa: E402
-from modeling_ctm.training.data import load_text_dataset, pack_dataset  # noqa: E402
 from modeling_ctm.training.phases import freeze_for_thinking, language_config, start_thinking  # noqa: E402
-from modeling_ctm.training.tokenization import get_tokenizer, load_tokenizer  # noqa: E402
+from modeling_ctm.training.tokenization import load_tokenizer  # noqa: E402
 from modeling_ctm.training.trainers import CTMTrainer  # noqa: E402
 
 
@@ -131,10 +131,7 @@ QUICK = dict(steps=3, phase1_steps=4, block_size=32, vocab_size=512, hidden_size
 
 
 def load_data(settings: Settings, cache_dir: Path, tokenizer=None):
-    splits = load_text_dataset("austen")
-    tokenizer = tokenizer or get_tokenizer(vocab_size=settings.vocab_size, cache_dir=cache_dir)
-    train = pack_dataset(splits["train"], tokenizer, settings.block_size)
-    held_out = pack_dataset(splits["validation"], tokenizer, settings.block_size)
+    splits, tokenizer, train, held_out = austen_blocks(settings.vocab_size, settings.block_size, cache_dir, tokenizer)
     held_out = held_out.select(range(min(settings.eval_blocks, len(held_out))))
     paragraphs = list(splits["validation"]["text"][: settings.eval_paragraphs])
     return tokenizer, train, held_out, paragraphs

@@ -422,6 +422,42 @@ class ThinkingSchedule:
     new_tokens: torch.Tensor  # (B,) long: real tokens in this call
 
 
+def new_token_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """The real new tokens (B, T) bool from a 2D padding mask over the new or the cached + new positions (what the
+    token shift reads); None when there is no 2D mask."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, -length:].bool()
+
+
+def thinking_masks(attention_mask, batch_size: int, length: int, past_length, key_length: int | None = None):
+    """`plan_thinking`'s `token_mask` and `key_mask` from a 2D padding mask over past + new tokens: the real new
+    tokens (B, T) and the real keys (B, past + T), or (B, key_length) for a static cache of that room (the room past
+    the new tokens marked real: the causal rule masks it). (None, None) when nothing is padding."""
+    B, T = batch_size, length
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None, None
+    mask = attention_mask.bool()
+    if key_length is not None:  # static: `past_length` is a tensor; place the mask by shape alone
+        if mask.shape[1] == T:  # over the new tokens only: the past was all real
+            mask = mask.new_ones(B, key_length).index_copy(1, torch.arange(T, device=mask.device) + past_length, mask)
+        else:
+            mask = torch.cat([mask, mask.new_ones(B, key_length - mask.shape[1])], dim=1)
+        if not torch.compiler.is_compiling() and bool(mask.all()):
+            return None, None
+        return attention_mask.bool()[:, -T:], mask
+    if mask.shape[1] == T and past_length > 0:  # a mask over the new tokens only: the past was all real
+        mask = torch.cat([mask.new_ones(B, past_length), mask], dim=1)
+    if mask.shape[1] != past_length + T:
+        raise ValueError(
+            f"attention_mask covers {mask.shape[1]} positions; expected {past_length + T} (cached + new) or {T}."
+        )
+    # while compiling the masks stay (the same values as none); reading them would break the graph
+    if not torch.compiler.is_compiling() and bool(mask.all()):
+        return None, None
+    return mask[:, past_length:], mask
+
+
 def plan_thinking(
     config: CTMConfig,
     batch_size: int,

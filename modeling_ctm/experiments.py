@@ -79,11 +79,16 @@ API:
   process); `fields` are the run's own (steps, batch, learning rate, seed ...) and may override those.
 * `finish_experiment(out_dir, result, markdown, log=print, shown=None)`: the end of a run: `log(shown)` when given,
   then `write_results` when `out_dir` is not None, and a log line naming both files.
-* `train_experiment_model(trainer_class, model, train_dataset, output_dir, **fields) -> (model, losses)`: one
-  training run inside an experiment: `trainer_class(model=..., args=experiment_training_arguments(...),
-  train_dataset=..., **trainer_fields)` without its printer callback; `losses` is `[{"step", "loss"}]` from the log
-  history (rounded to 4 digits), the model comes back in eval mode. Trainer keyword arguments are passed as
-  `trainer={...}`.
+* `timed_training(trainer_class, model, train_dataset, output_dir, trainer=None, **fields) -> (trainer, seconds)`:
+  one training run inside an experiment: `trainer_class(model=..., args=experiment_training_arguments(output_dir,
+  **fields), train_dataset=..., **trainer)` without its printer callback, trained; `seconds` is the time `train()`
+  took. Trainer keyword arguments (callbacks, a trainer's own options) are passed as `trainer={...}`.
+* `austen_blocks(vocab_size, block_size, cache_dir, tokenizer=None) -> (splits, tokenizer, train, held_out)`: the
+  offline text of the experiments that train a language model: the embedded Austen novels (Persuasion held out)
+  packed into blocks, with a BPE tokenizer of `vocab_size` unless one is given.
+* `train_experiment_model(trainer_class, model, train_dataset, output_dir=None, trainer=None, **fields) -> (model,
+  losses)`: `timed_training` in a temporary folder (or `output_dir`); `losses` is `[{"step", "loss"}]` from the log
+  history (rounded to 4 digits), the model comes back in eval mode.
 
 Measuring on a shared machine (Linux; the helpers degrade to `None` / no waiting elsewhere):
 
@@ -306,13 +311,35 @@ def finish_experiment(out_dir, result: Mapping, markdown: str, log: Callable = p
         log(f"wrote {json_path} and {md_path}")
 
 
+def austen_blocks(vocab_size: int, block_size: int, cache_dir, tokenizer=None) -> tuple:
+    """The offline text of the experiments that train a language model (E14, thinking_pays): the embedded Austen
+    novels with Persuasion held out, packed into blocks of `block_size` tokens. Returns (splits, tokenizer, train,
+    held_out); the tokenizer is `tokenizer`, or a BPE of `vocab_size` trained on the training split (cached in
+    `cache_dir`)."""
+    from .training.data import load_text_dataset, pack_dataset
+    from .training.tokenization import get_tokenizer
+
+    splits = load_text_dataset("austen")
+    tokenizer = tokenizer or get_tokenizer(vocab_size=vocab_size, cache_dir=cache_dir)
+    train = pack_dataset(splits["train"], tokenizer, block_size)
+    held_out = pack_dataset(splits["validation"], tokenizer, block_size)
+    return splits, tokenizer, train, held_out
+
+
+def timed_training(trainer_class, model, train_dataset, output_dir, trainer=None, **fields):
+    """One training run inside an experiment, timed; returns (the trainer, the seconds `train()` took)."""
+    args = experiment_training_arguments(output_dir, **fields)
+    run = trainer_class(model=model, args=args, train_dataset=train_dataset, **(trainer or {}))
+    run.remove_callback(PrinterCallback)  # the script keeps what it reports (log history, curves), nothing is printed
+    started = time.perf_counter()
+    run.train()
+    return run, time.perf_counter() - started
+
+
 def train_experiment_model(trainer_class, model, train_dataset, output_dir=None, trainer=None, **fields):
     """One training run inside an experiment; returns (model in eval mode, [{"step", "loss"}])."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = experiment_training_arguments(output_dir or tmp, **fields)
-        run = trainer_class(model=model, args=args, train_dataset=train_dataset, **(trainer or {}))
-        run.remove_callback(PrinterCallback)  # the losses are kept in state.log_history and returned
-        run.train()
+        run, _ = timed_training(trainer_class, model, train_dataset, output_dir or tmp, trainer, **fields)
     losses = [{"step": e["step"], "loss": round(e["loss"], 4)} for e in run.state.log_history if "loss" in e]
     return run.model.eval(), losses
 

@@ -5,11 +5,12 @@ sees the previous version or the new one, never a part; and safetensors loads wh
 Travels with checkpoints as remote code (imported by `modeling_ctm.py`)."""
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 
@@ -42,6 +43,52 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_folder_atomically(save: Callable[[str], object], save_directory: str) -> object:
+    """Run `save(staging)` (e.g. `PreTrainedModel.save_pretrained`) into a private staging folder inside
+    `save_directory`, then rename each file it wrote into place with the usual permissions (`publish_file`), the
+    config last; returns what `save` returned. A process killed during the save leaves the previous weights file
+    whole and loadable: a reader sees the old files or the new ones, never a half-written one."""
+    os.makedirs(save_directory, exist_ok=True)
+    for name in os.listdir(save_directory):  # what a save killed earlier left behind (one saver per folder)
+        if name.startswith(".saving-"):
+            shutil.rmtree(os.path.join(save_directory, name), ignore_errors=True)
+    staging = tempfile.mkdtemp(dir=save_directory, prefix=".saving-")
+    try:
+        result = save(staging)
+        written = sorted(os.listdir(staging), key=lambda name: name == "config.json")  # the config goes last
+        weights = {name for name in written if name.endswith(".safetensors") or name.endswith(".index.json")}
+        for name in os.listdir(save_directory):  # stale shards of an earlier, differently sharded save
+            if name.startswith("model") and name.endswith((".safetensors", ".index.json")) and name not in weights:
+                os.remove(os.path.join(save_directory, name))
+        for name in written:
+            source = os.path.join(staging, name)
+            if os.path.isfile(source):
+                publish_file(source, os.path.join(save_directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+def unreadable_weights(folder: str | os.PathLike, error: SafetensorError) -> OSError:
+    """The error for a `from_pretrained` whose safetensors load failed: it names the first unreadable weights file
+    of `folder` (or the folder, or the Hub id), which safetensors' own message does not."""
+    folder = os.fspath(folder)
+    broken = folder
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".safetensors"):
+                try:
+                    with safe_open(os.path.join(folder, name), framework="pt") as handle:
+                        handle.keys()
+                except SafetensorError:
+                    broken = os.path.join(folder, name)
+                    break
+    return OSError(
+        f"{broken} is not a readable safetensors file (truncated or corrupted?): {error}. Save the model "
+        "again or download it again."
+    )
 
 
 def load_safetensors_file(

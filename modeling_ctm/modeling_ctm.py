@@ -3,9 +3,10 @@
 
 Reading order: Llama-style building blocks -> the CTM pieces (synapse, neuron-level models over the trace,
 synchronisation, the block and its tick) -> decoder layer -> PreTrainedModel -> models and heads. Beside it, as in a
-transformers model folder: `cache_ctm.py` (the thinking state, the cache, the carry schedule), `observers_ctm.py` (the
-tick observer), `kernels_ctm.py` (the fused neuron-level models), `loss_ctm.py` (the multi-tick loss) and `io_ctm.py`
-(atomic files).
+transformers model folder: `cache_ctm.py` (the thinking state, the cache, the carry schedule and its padding masks),
+`observers_ctm.py` (the tick observer), `kernels_ctm.py` (the fused neuron-level models), `loss_ctm.py` (the multi-tick
+loss), `checks_ctm.py` (the input checks: what is refused, and when values are read) and `io_ctm.py` (atomic files, the
+folder-atomic `save_pretrained`, load errors that name the file).
 
 One CTM block, per token, runs K ticks of::
 
@@ -26,19 +27,14 @@ This file and its siblings travel with checkpoints as remote code: they import `
 """
 
 import contextlib
-import copy
-import inspect
 import math
 import os
-import shutil
-import tempfile
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
@@ -55,9 +51,25 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .cache_ctm import CTMCache, CTMCacheLayer, ThinkingSchedule, ThinkingState, plan_thinking, read_synchronisation
+from .cache_ctm import (
+    CTMCache,
+    CTMCacheLayer,
+    ThinkingSchedule,
+    ThinkingState,
+    new_token_mask,
+    plan_thinking,
+    read_synchronisation,
+    thinking_masks,
+)
+from .checks_ctm import (
+    SUPPORTED_DECODING,
+    validate_call,
+    validate_decoding_mode,
+    validate_inputs,
+    validate_labels,
+)
 from .configuration_ctm import MAX_DECAY, CTMConfig
-from .io_ctm import publish_file
+from .io_ctm import save_folder_atomically, unreadable_weights
 from .kernels_ctm import FusedNeuronLevelModels, _autocast_dtype, nlm_forward_torch
 from .loss_ctm import multi_tick_loss, next_token_labels, tick_certainty
 from .observers_ctm import (
@@ -768,25 +780,8 @@ class CTMPreTrainedModel(PreTrainedModel):
         if os.path.isfile(save_directory) or kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
             # the error for a file, a Hub upload, or a non-main process (which writes nothing) go the usual way
             return super().save_pretrained(save_directory, *args, **kwargs)
-        os.makedirs(save_directory, exist_ok=True)
-        for name in os.listdir(save_directory):  # what a save killed earlier left behind (one saver per folder)
-            if name.startswith(".saving-"):
-                shutil.rmtree(os.path.join(save_directory, name), ignore_errors=True)
-        staging = tempfile.mkdtemp(dir=save_directory, prefix=".saving-")
-        try:
-            result = super().save_pretrained(staging, *args, **kwargs)
-            written = sorted(os.listdir(staging), key=lambda name: name == "config.json")  # the config goes last
-            weights = {name for name in written if name.endswith(".safetensors") or name.endswith(".index.json")}
-            for name in os.listdir(save_directory):  # stale shards of an earlier, differently sharded save
-                if name.startswith("model") and name.endswith((".safetensors", ".index.json")) and name not in weights:
-                    os.remove(os.path.join(save_directory, name))
-            for name in written:
-                source = os.path.join(staging, name)
-                if os.path.isfile(source):
-                    publish_file(source, os.path.join(save_directory, name))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return result
+        save = super().save_pretrained
+        return save_folder_atomically(lambda staging: save(staging, *args, **kwargs), save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -794,21 +789,7 @@ class CTMPreTrainedModel(PreTrainedModel):
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:
-            folder = os.fspath(pretrained_model_name_or_path)
-            broken = folder
-            if os.path.isdir(folder):
-                for name in sorted(os.listdir(folder)):
-                    if name.endswith(".safetensors"):
-                        try:
-                            with safe_open(os.path.join(folder, name), framework="pt") as handle:
-                                handle.keys()
-                        except SafetensorError:
-                            broken = os.path.join(folder, name)
-                            break
-            raise OSError(
-                f"{broken} is not a readable safetensors file (truncated or corrupted?): {error}. Save the model "
-                "again or download it again."
-            ) from error
+            raise unreadable_weights(pretrained_model_name_or_path, error) from error
 
     def add_tick_observer(self, observer: CTMTickObserver) -> CTMObserverHandle:
         """Register `observer` (see `CTMTickObserver`) with every thinking layer; `.remove()` the handle to stop."""
@@ -976,7 +957,7 @@ class CTMModel(CTMPreTrainedModel):
 
         schedule = None
         if self.config.ctm_layer_indices:
-            token_mask, key_mask = self._thinking_masks(attention_mask, B, T, past_length, key_length)
+            token_mask, key_mask = thinking_masks(attention_mask, B, T, past_length, key_length)
             schedule = plan_thinking(
                 self.config,
                 B,
@@ -993,8 +974,8 @@ class CTMModel(CTMPreTrainedModel):
         hidden_states = inputs_embeds
         if self.token_shift is not None:
             carried = cache.previous_embeds if cache is not None else None
-            new_token_mask = self._new_token_mask(attention_mask, T)
-            hidden_states, last_embeds = self.token_shift(hidden_states, new_token_mask, carried)
+            shifted_mask = new_token_mask(attention_mask, T)
+            hidden_states, last_embeds = self.token_shift(hidden_states, shifted_mask, carried)
             if cache is not None:
                 cache.previous_embeds = last_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -1026,114 +1007,8 @@ class CTMModel(CTMPreTrainedModel):
         )
 
     def check_inputs(self, input_ids, inputs_embeds, attention_mask, cache, surprise_weight) -> None:
-        """Refuse bad input before any work, with the argument, the value and what is allowed.
-
-        Shapes and dtypes are checked on every call (they are host-side metadata). Values (token ids, finiteness) need
-        a reduction, which on an accelerator is a host sync: they are checked when the tensor is on the CPU, and on an
-        accelerator only at the prompt of a generation (empty cache, eval mode): once per `generate`, never per decode
-        step or per training step.
-        """
-        tokens = input_ids if input_ids is not None else inputs_embeds
-        name = "input_ids" if input_ids is not None else "inputs_embeds"
-        if input_ids is not None and (input_ids.is_floating_point() or input_ids.is_complex()):
-            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        if tokens.dim() != (2 if input_ids is not None else 3):
-            expected = "(batch, sequence)" if input_ids is not None else "(batch, sequence, hidden)"
-            raise ValueError(f"{name} must have shape {expected}, got {tuple(tokens.shape)}")
-        B, T = tokens.shape[:2]
-        if T == 0:
-            raise ValueError(f"{name} has shape {tuple(tokens.shape)}: an empty prompt; give every row >= 1 token")
-        compiling = torch.compiler.is_compiling()
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if isinstance(past_length, torch.Tensor) and not compiling:  # a static cache's counter
-            past_length = int(past_length)
-        # a compiled graph reads no values (a read breaks it): `CTMForCausalLM.forward` checks them eagerly first
-        check_values = not compiling and (
-            tokens.device.type == "cpu" or (cache is not None and past_length == 0 and not self.training)
-        )
-        if input_ids is not None and check_values:
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.vocab_size:
-                bad = low if low < 0 else high
-                raise ValueError(
-                    f"input_ids holds the token id {bad}: allowed ids are 0 .. vocab_size - 1 = "
-                    f"{self.config.vocab_size - 1} (was the tokenizer made for this model?)"
-                )
-        if inputs_embeds is not None and input_ids is None and check_values:
-            if not bool(torch.isfinite(inputs_embeds).all()):
-                raise ValueError("inputs_embeds holds NaN or infinite values: allowed are finite numbers")
-        if cache is not None:
-            rows = cache.batch_size
-            if rows is not None and rows != B:
-                raise ValueError(
-                    f"cache holds state for a batch of {rows}, but {name} has a batch of {B}: continue with the same "
-                    "rows, or start a new cache (`CTMCache.from_thinking_state(..., batch_size=B)` repeats a snapshot)"
-                )
-            if cache.is_static and not compiling and past_length + T > cache.max_cache_len:
-                raise ValueError(
-                    f"the static cache has room for max_cache_len={cache.max_cache_len} positions, and {past_length} "
-                    f"are cached: {T} more do not fit; build the cache with a larger max_cache_len"
-                )
-        # a static cache's length is a tensor while compiling: the eager glue has checked the mask against it
-        if attention_mask is not None and attention_mask.dim() == 2 and not isinstance(past_length, torch.Tensor):
-            if attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, past_length + T):
-                allowed = f"({B}, {T})"
-                if past_length:
-                    allowed += f" (new positions) or ({B}, {past_length + T}) (cached + new)"
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; allowed is {allowed}")
-        if surprise_weight is not None:
-            if tuple(surprise_weight.shape) != (B, T):
-                raise ValueError(
-                    f"surprise_weight must have shape (batch, sequence) = {(B, T)}, got {tuple(surprise_weight.shape)}"
-                )
-            # a negative weight can drive the accumulators' beta to 0 and the synchronisation to inf
-            if check_values and not bool((torch.isfinite(surprise_weight) & (surprise_weight >= 0)).all()):
-                raise ValueError(
-                    "surprise_weight holds a negative, NaN or infinite value: allowed are finite numbers >= 0"
-                )
-        length = past_length + T
-        if not compiling and length > self.config.max_position_embeddings and not getattr(self, "_warned_too_long", False):
-            self._warned_too_long = True  # one warning per model, not one per decode step
-            warnings.warn(
-                f"the sequence has {length} positions, more than max_position_embeddings="
-                f"{self.config.max_position_embeddings} the model was made for: positions beyond it are untrained "
-                "and the output may degrade",
-                stacklevel=3,
-            )
-
-    @staticmethod
-    def _new_token_mask(attention_mask, T) -> torch.Tensor | None:
-        """The real new tokens (B, T) bool from a 2D padding mask over the new or the cached + new positions."""
-        if attention_mask is None or attention_mask.dim() != 2:
-            return None
-        return attention_mask[:, -T:].bool()
-
-    @staticmethod
-    def _thinking_masks(attention_mask, B, T, past_length, key_length=None):
-        """From a 2D padding mask over past + new tokens: the real new tokens (B, T) and the real keys (B, past + T),
-        or (B, key_length) for a static cache of that room (the room past the new tokens marked real: the causal rule
-        masks it)."""
-        if attention_mask is None or attention_mask.dim() != 2:
-            return None, None
-        mask = attention_mask.bool()
-        if key_length is not None:  # static: `past_length` is a tensor; place the mask by shape alone
-            if mask.shape[1] == T:  # over the new tokens only: the past was all real
-                mask = mask.new_ones(B, key_length).index_copy(1, torch.arange(T, device=mask.device) + past_length, mask)
-            else:
-                mask = torch.cat([mask, mask.new_ones(B, key_length - mask.shape[1])], dim=1)
-            if not torch.compiler.is_compiling() and bool(mask.all()):
-                return None, None
-            return attention_mask.bool()[:, -T:], mask
-        if mask.shape[1] == T and past_length > 0:  # a mask over the new tokens only: the past was all real
-            mask = torch.cat([mask.new_ones(B, past_length), mask], dim=1)
-        if mask.shape[1] != past_length + T:
-            raise ValueError(
-                f"attention_mask covers {mask.shape[1]} positions; expected {past_length + T} (cached + new) or {T}."
-            )
-        # while compiling the masks stay (the same values as none); reading them would break the graph
-        if not torch.compiler.is_compiling() and bool(mask.all()):
-            return None, None
-        return mask[:, past_length:], mask
+        """Refuse bad input before any work, with the argument, the value and what is allowed (`checks_ctm.py`)."""
+        validate_inputs(self, input_ids, inputs_embeds, attention_mask, cache, surprise_weight)
 
 
 @dataclass
@@ -1182,33 +1057,7 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
     @torch.compiler.disable  # with what it calls: the frames the glue skips, or it would compile them
     def check_call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The checks of `forward` that read tensor values, run eagerly; returns the arguments to call it with."""
-        call = inspect.signature(self.forward).bind(*args, **kwargs)
-        arguments = call.arguments
-        input_ids, inputs_embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
-        labels, attention_mask, cache = (
-            arguments.get("labels"),
-            arguments.get("attention_mask"),
-            arguments.get("cache"),
-        )
-        tokens = input_ids if input_ids is not None else inputs_embeds
-        if labels is not None and tokens is not None:
-            self.check_labels(labels, tokens, arguments.get("kwargs", {}).get("ignore_index", -100))
-        # the order of `CTMModel.forward`, which repeats the checks (the value checks only when not compiled)
-        if tokens is not None and (input_ids is None or inputs_embeds is None):
-            if cache is None or isinstance(cache, CTMCache):
-                self.model.check_inputs(
-                    input_ids, inputs_embeds, attention_mask, cache, arguments.get("surprise_weight")
-                )
-            # an all-real padding mask means what no mask means (`CTMModel._thinking_masks` decides the same):
-            # dropping it here spares the compiled graph that read
-            if (
-                attention_mask is not None
-                and attention_mask.dim() == 2
-                and not self.model.tick_observers
-                and bool(attention_mask.all())
-            ):
-                arguments["attention_mask"] = None
-        return call.args, call.kwargs
+        return validate_call(self, args, kwargs)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
@@ -1316,23 +1165,8 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
         return result
 
     def check_labels(self, labels: torch.Tensor, tokens: torch.Tensor, ignore_index: int = -100) -> None:
-        """Labels must match the tokens' (batch, sequence) and hold ids < vocab_size or `ignore_index`; the values are
-        checked when the labels are on the CPU (no host sync in a training step on an accelerator)."""
-        if labels.is_floating_point():
-            raise TypeError(f"labels must hold integer token ids, got dtype {labels.dtype}")
-        if tuple(labels.shape) != tuple(tokens.shape[:2]):
-            raise ValueError(
-                f"labels has shape {tuple(labels.shape)}; allowed is the tokens' (batch, sequence) = "
-                f"{tuple(tokens.shape[:2])}"
-            )
-        if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
-            real = labels[labels != ignore_index]
-            if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.config.vocab_size):
-                bad = int(real.min()) if int(real.min()) < 0 else int(real.max())
-                raise ValueError(
-                    f"labels holds the id {bad}: allowed are 0 .. vocab_size - 1 = {self.config.vocab_size - 1}, "
-                    f"or {ignore_index} (ignored)"
-                )
+        """Labels must match the tokens' (batch, sequence) and hold ids < vocab_size or `ignore_index`."""
+        validate_labels(labels, tokens, self.config.vocab_size, ignore_index)
 
     def generate(self, *args, output_certainty: bool = False, **kwargs):
         r"""`GenerationMixin.generate`, plus `output_certainty=True` (with `return_dict_in_generate=True`): the output
@@ -1375,26 +1209,11 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
             cache.batch_repeat_interleave(expand_size)
         return input_ids, model_kwargs
 
-    SUPPORTED_DECODING = ("greedy_search", "sample", "beam_search", "beam_sample")
+    SUPPORTED_DECODING = SUPPORTED_DECODING
 
     def check_decoding_mode(self, generation_config: GenerationConfig | None, kwargs: dict) -> None:
-        """Refuse, before transformers' own checks, the decoding modes a stateful model cannot run: assisted decoding
-        (an assistant model, prompt lookup, early exit, multi-token prediction) verifies drafted tokens and then rolls
-        the cache back, and the carried thinking state cannot be rolled back; the remaining modes are not tested."""
-        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-        config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
-        mode = config.get_generation_mode(kwargs.get("assistant_model"))
-        if mode == "assisted_generation":
-            raise ValueError(
-                "assisted decoding (assistant_model, prompt_lookup_num_tokens, assistant_early_exit, use_mtp) is "
-                "not supported: it rolls the cache back after verifying drafted tokens, and a CTM's carried "
-                "thinking state is stateful and cannot be rolled back. Decode without it"
-            )
-        if mode not in self.SUPPORTED_DECODING:
-            raise ValueError(
-                f"decoding mode {mode.value!r} is not supported by a CTM (its carried thinking state must follow every "
-                f"step): allowed are {', '.join(self.SUPPORTED_DECODING)}"
-            )
+        """Refuse the decoding modes a stateful model cannot run (assisted decoding rolls the cache back)."""
+        validate_decoding_mode(self.generation_config, generation_config, kwargs)
 
     def compile_ticks(self, **compile_kwargs) -> "CTMForCausalLM":
         """Compile the tick function of every CTM block with `torch.compile(**compile_kwargs)` (the tick is where

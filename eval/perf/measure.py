@@ -141,9 +141,10 @@ def cached_decode(model, ids, steps: int, warmup: int = 2, device: str = "cpu", 
     return {"prefill_s": prefill, "step_s": statistics.median(times)}
 
 
-@torch.no_grad()
-def decode_latency(model, vocab, contexts, steps, device, dtype, load=None, warmup: int = 2) -> dict:
-    """Median milliseconds per cached single-token step after prefilling `context` tokens (batch 1), per context."""
+def per_context(model, vocab, contexts, device, load, measure) -> dict:
+    """`measure(ids) -> row` on a random prompt (batch 1) of each context length, the model in eval mode meanwhile;
+    the prompts come from one generator seeded 1 (the same in every call), each measurement waits for a quiet
+    machine first, and its row gets the foreign load during it. Returns {str(context): row}."""
     model.eval()
     generator = torch.Generator().manual_seed(1)
     result = {}
@@ -152,14 +153,22 @@ def decode_latency(model, vocab, contexts, steps, device, dtype, load=None, warm
         if load is not None:
             load.wait_quiet(QUIET, max_wait=10.0)
         before = load.sample() if load is not None else None
-        timing = cached_decode(model, ids, steps, warmup, device, dtype)
-        result[str(context)] = {
-            "ms_per_token": 1e3 * timing["step_s"],
-            "prefill_ms": 1e3 * timing["prefill_s"],
-            "foreign_load": load.foreign(before, load.sample()) if load is not None else None,
-        }
+        row = measure(ids)
+        row["foreign_load"] = load.foreign(before, load.sample()) if load is not None else None
+        result[str(context)] = row
     model.train()
     return result
+
+
+@torch.no_grad()
+def decode_latency(model, vocab, contexts, steps, device, dtype, load=None, warmup: int = 2) -> dict:
+    """Median milliseconds per cached single-token step after prefilling `context` tokens (batch 1), per context."""
+
+    def measure(ids) -> dict:
+        timing = cached_decode(model, ids, steps, warmup, device, dtype)
+        return {"ms_per_token": 1e3 * timing["step_s"], "prefill_ms": 1e3 * timing["prefill_s"]}
+
+    return per_context(model, vocab, contexts, device, load, measure)
 
 
 def compiled(model, backend: str = "inductor"):
@@ -189,16 +198,10 @@ def compiled_decode_latency(model, vocab, contexts, steps, device, dtype, load=N
     """`decode_latency` with the decode step compiled: a static cache of room max(contexts) + warm-up + steps (one
     room for every context, so one graph serves them all), the prompt prefilled eagerly (as `generate` does), the
     single-token steps through `torch.compile`. Adds the first step's seconds (the compile) and the graphs compiled."""
-    model.eval()
     step_model = compiled(model)
     room = max(contexts) + warmup + steps + 1
-    generator = torch.Generator().manual_seed(1)
-    result = {}
-    for context in contexts:
-        ids = torch.randint(2, vocab, (1, context), generator=generator).to(device)
-        if load is not None:
-            load.wait_quiet(QUIET, max_wait=10.0)
-        before = load.sample() if load is not None else None
+
+    def measure(ids) -> dict:
         times = []
         with autocast(device, dtype):
             cache = static_cache(model, room)
@@ -211,11 +214,10 @@ def compiled_decode_latency(model, vocab, contexts, steps, device, dtype, load=N
                 synchronize(device)
                 times.append(time.perf_counter() - t0)
                 token = out.logits[:, -1:].argmax(-1)
-        result[str(context)] = {
+        return {
             "ms_per_token": 1e3 * statistics.median(times[warmup:]),
             "first_step_s": times[0],
             "graphs": step_model.counter.frame_count,
-            "foreign_load": load.foreign(before, load.sample()) if load is not None else None,
         }
-    model.train()
-    return result
+
+    return per_context(model, vocab, contexts, device, load, measure)

@@ -16,7 +16,7 @@ def same_shape_fields(
 ) -> dict:
     """Decoder fields (vocab, width, depth, heads, kv heads, intermediate size, tied embeddings) that a
     `LlamaConfig` and a `CTMConfig` both take, so the two models differ only in the CTM layers. Not
-    recipes' `decoder_fields`, which reads a training preset and a tokenizer."""
+    `modeling_ctm.training.runs.language_model_config`, which reads a training preset and a tokenizer."""
     return {
         "vocab_size": vocab,
         "hidden_size": hidden,

@@ -24,7 +24,9 @@ from modeling_ctm.experiments import (
     rss_bytes,
     run_seeds,
     summarize_arms,
+    timed_training,
     tiny_config,
+    train_experiment_model,
     write_results,
     write_text_atomic,
 )
@@ -179,3 +181,33 @@ def test_machine_load_and_rss():
         block[:: 4096] = b"x" * len(block[::4096])
     assert rss.peak >= rss.start and rss.peak - rss.start > 32 * 2**20
     del block
+
+
+def test_timed_training_trains_without_printing_and_train_experiment_model_returns_its_losses(tmp_path, capsys):
+    """One training run inside an experiment: the trainer's own callbacks stay, its printer goes, the seconds are
+    train()'s; the same run through train_experiment_model gives the same weights and the logged losses."""
+    import torch
+    from tiny import tiny_blocks, tiny_model
+    from transformers import PrinterCallback, TrainerCallback
+
+    from modeling_ctm.training.trainers import CTMTrainer
+
+    class Steps(TrainerCallback):
+        seen = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            Steps.seen += 1
+
+    fields = dict(per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, logging_steps=1, seed=0)
+    model = tiny_model().train()
+    before = model.model.embed_tokens.weight.detach().clone()
+    trainer, seconds = timed_training(CTMTrainer, model, tiny_blocks(8), tmp_path, trainer={"callbacks": [Steps()]},
+                                      **fields)  # fmt: skip
+    assert seconds > 0 and Steps.seen == 2 and trainer.state.global_step == 2
+    assert not any(isinstance(c, PrinterCallback) for c in trainer.callback_handler.callbacks)
+    assert not torch.equal(model.model.embed_tokens.weight, before)
+    again, losses = train_experiment_model(CTMTrainer, tiny_model().train(), tiny_blocks(8), **fields)
+    assert not again.training and [row["step"] for row in losses] == [1, 2]
+    assert torch.equal(again.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert "'loss'" not in capsys.readouterr().out  # nothing printed per log step
+

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, TESTS
 from helpers.hub_server import LocalHub
-from tiny import micro_preset
+from tiny import micro_preset, tiny_model
 
 from modeling_ctm import CTMForCausalLM
-from modeling_ctm.hub.publishing import phase_repo_id, prepare_run, push_run
+from modeling_ctm.hub.publishing import missing_files, phase_repo_id, prepare_run, push_run
 
 
 RECIPES = REPO / "recipes"
@@ -150,6 +150,17 @@ def test_pushing_again_updates_and_a_failed_push_publishes_nothing_half(micro_ru
     with pytest.raises(ValueError, match="modeling_ctm.py"):
         push_run(run, "ctm-test/again", endpoint=hub.endpoint)
     assert hub.commit_requests == requests  # checked before the first request
+
+
+def test_the_required_files_follow_the_siblings_a_checkpoint_s_own_model_file_imports(tmp_path):
+    """A checkpoint saved now must carry every sibling its `modeling_ctm.py` imports (checks_ctm.py among them), and
+    the single-file checkpoint saved before the split is asked for none: each is checked against its own files."""
+    tiny_model().save_pretrained(tmp_path)
+    (tmp_path / "README.md").write_text("---\nlibrary_name: transformers\n---\n")
+    assert missing_files(tmp_path) == []
+    (tmp_path / "checks_ctm.py").unlink()
+    assert missing_files(tmp_path) == ["checks_ctm.py"]
+    assert missing_files(TESTS / "fixtures" / "checkpoint_before_the_split") == ["README.md"]  # the fixture has no card
 
 
 def test_prepare_run_refuses_bad_input(tmp_path):

@@ -1,4 +1,4 @@
-"""Episodic memory (modeling_ctm/memory.py): keys, exact values, capacity rules, strict Hub-format persistence, and a
+"""Episodic memory (modeling_ctm/memory/episodic.py): keys, exact values, capacity rules, strict Hub-format persistence, and a
 recalled cache that continues `generate` exactly like the carried one."""
 
 import json

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +99,9 @@ def test_save_load_roundtrip_and_auto_classes(tmp_path):
     files = set(os.listdir(tmp_path))
     assert {"model.safetensors", "config.json", "modeling_ctm.py", "configuration_ctm.py"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    # every model file travels as remote code: a sibling the model file does not import with a single dot is not copied
+    siblings = {path.name for path in Path(sys.modules[CTMForCausalLM.__module__].__file__).parent.glob("*_ctm.py")}
+    assert {"checks_ctm.py", "cache_ctm.py", "io_ctm.py"} <= siblings <= files
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "modeling_ctm.CTMForCausalLM"
     assert auto_map["AutoModel"] == "modeling_ctm.CTMModel"

@@ -10,6 +10,12 @@ Fixes over the reference (nanoctm 71ec70f, reference §1.5-1.6):
 - No nightmare. Keys are re-scored at every sleep (a learned sequence sinks), dreams are drawn with
   softmax(score / max(sd, floor)) rather than always the maximum, and `max_replays` retires an entry after that many
   replays, so no single sequence owns the heap. `rotation()` measures it: max replays of one sequence, Gini of replays.
+- Admission that keeps earlier experience. The reference admitted a new sequence only when its loss beat the lowest
+  entry's; after a distribution shift every new sequence scores high (~8 nats at a new stage), so within a few steps
+  the heap held the current stage only and replayed nothing older (`eval/sleep_retention.py`: 0 % of replays from
+  earlier stages). `admission="reservoir"` (SleepCallback's default) keeps a uniform reservoir sample (Vitter's
+  algorithm R) of every sequence offered, so each part of the stream keeps a share proportional to what was seen;
+  the dreams are still drawn from it by current loss. `admission="loss"` is the reference's, kept for E10/E11.
 - Optionally ranked by *reducible* loss (RHO-LOSS): score = loss - the loss of a frozen reference model, so a
   sequence that is hard for every model (noise) is not replayed for ever.
 - Consolidation that can learn a hard sequence. The reference weighted each token by certainty x [argmax correct],
@@ -57,6 +63,7 @@ from .plasticity import HebbianPlasticity, PlasticityConfig
 WEIGHTINGS = ("hard", "uniform", "training_loss", "certainty_correct")
 SAMPLINGS = ("softmax", "greedy", "uniform")
 RANKINGS = ("loss", "reducible")
+ADMISSIONS = ("reservoir", "loss")
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -104,7 +111,8 @@ def _batch(input_ids: list[torch.Tensor], labels: list[torch.Tensor], masks: lis
 
 
 class ReplayHeap:
-    """A bounded store of the hardest training sequences seen so far.
+    """A bounded store of training sequences to replay: by default the hardest seen so far, with
+    `admission="reservoir"` a uniform sample of all of them (the dreams are drawn from either by loss).
 
     Args:
         capacity (`int`, defaults to 16): sequences held at most.
@@ -114,9 +122,16 @@ class ReplayHeap:
         temperature_floor (`float`, defaults to 0.1): the smallest softmax temperature.
         max_replays (`int`, *optional*): retire an entry after this many replays (None: never).
         ranking (`str`, defaults to "loss"): "loss" or "reducible" (loss minus a reference model's loss, RHO-LOSS).
+        admission (`str`, defaults to "loss"): which offered sequences enter. "loss": when full, a new sequence
+            replaces the lowest score if it scores higher (the reference's); "reservoir": the n-th sequence offered
+            enters with probability capacity / n into a uniformly drawn slot (algorithm R), so the heap is a uniform
+            sample of the whole stream. A slot freed by `max_replays` is refilled at the same rate, not by the next
+            sequence, so retirement does not hand the current part of the stream free places.
+        seed (`int`, defaults to 0): the reservoir's draws. The n-th draw depends on (seed, n) only, so the count of
+            sequences seen is its whole state (checkpointed) and every process draws alike.
 
     An entry is (input_ids, labels, score, reference loss, id). A sequence already held (same tokens) is not added
-    twice: its score is refreshed instead. When full, a new sequence replaces the lowest score if it scores higher.
+    twice: its score is refreshed instead.
     """
 
     def __init__(
@@ -126,11 +141,16 @@ class ReplayHeap:
         temperature_floor: float = 0.1,
         max_replays: int | None = None,
         ranking: str = "loss",
+        admission: str = "loss",
+        seed: int = 0,
     ):
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity={capacity!r} is invalid: allowed values are integers >= 1")
         _check_choice("sampling", sampling, SAMPLINGS)
         _check_choice("ranking", ranking, RANKINGS)
+        _check_choice("admission", admission, ADMISSIONS)
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed={seed!r} is invalid: allowed values are integers >= 0")
         if max_replays is not None and (not isinstance(max_replays, int) or max_replays < 1):
             raise ValueError(f"max_replays={max_replays!r} is invalid: allowed values are None or integers >= 1")
         self.capacity = capacity
@@ -138,6 +158,9 @@ class ReplayHeap:
         self.temperature_floor = float(temperature_floor)
         self.max_replays = max_replays
         self.ranking = ranking
+        self.admission = admission
+        self.seed = seed
+        self.seen = 0  # sequences offered so far (the reservoir's n)
         self.input_ids: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.attention_masks: list[torch.Tensor] = []
@@ -176,10 +199,18 @@ class ReplayHeap:
             if not math.isfinite(loss):
                 continue
             print_ = self.fingerprint(ids)
+            self.seen += 1
             if print_ in self.fingerprints:
                 self.losses[self.fingerprints.index(print_)] = loss
                 continue
-            if len(self) >= self.capacity:
+            if self.admission == "reservoir":
+                if self.seen > self.capacity:
+                    slot = int(np.random.default_rng([self.seed, self.seen]).integers(self.seen))
+                    if slot >= self.capacity:
+                        continue
+                    if len(self) >= self.capacity:
+                        self._remove(slot)
+            elif len(self) >= self.capacity:
                 scores = self.scores
                 lowest = int(np.argmin(scores))
                 # compare like with like: a new sequence has no reference loss yet, so compare raw losses
@@ -284,6 +315,9 @@ class ReplayHeap:
             "temperature_floor": self.temperature_floor,
             "max_replays": self.max_replays,
             "ranking": self.ranking,
+            "admission": self.admission,
+            "seed": self.seed,
+            "seen": self.seen,
             "losses": self.losses,
             "reference_losses": [None if math.isnan(r) else r for r in self.reference_losses],
             "ids": self.ids,
@@ -295,6 +329,12 @@ class ReplayHeap:
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        admission = meta.get("admission", "loss")  # heaps saved before admission existed replaced the lowest score
+        if admission != self.admission:
+            raise ValueError(f"the saved heap has admission={admission!r} but this one has admission="
+                             f"{self.admission!r}: build it with the saved admission to resume")  # fmt: skip
+        self.seed = int(meta.get("seed", self.seed))
+        self.seen = int(meta.get("seen", 0))
         n = len(meta["ids"])
         self.input_ids = [tensors[f"heap.{i}.input_ids"].clone() for i in range(n)]
         self.labels = [tensors[f"heap.{i}.labels"].clone() for i in range(n)]
@@ -591,6 +631,9 @@ class SleepCallback(TrainerCallback):
     Args:
         every (`int`, defaults to 10): sleep after every `every` optimizer steps.
         capacity, sampling, temperature_floor, max_replays, ranking: the `ReplayHeap`.
+        admission (`str`, defaults to "reservoir"): the `ReplayHeap`'s; "reservoir" keeps a uniform sample of every
+            sequence trained on (in `eval/sleep_retention.py` it is what lets sleep reduce forgetting), "loss" the
+            hardest (the reference's). The reservoir draws with the sampling seed.
         n_dreams (`int`, defaults to 4): sequences dreamt on per sleep; n_random (`int`, defaults to 4): uniformly
             drawn other heap entries consolidated on with them.
         weighting, steps, lr, max_grad_norm, max_weight: the `ConsolidationConfig` (steps=0: dream only).
@@ -615,6 +658,7 @@ class SleepCallback(TrainerCallback):
         temperature_floor: float = 0.1,
         max_replays: int | None = 8,
         ranking: str = "loss",
+        admission: str = "reservoir",
         n_dreams: int = 4,
         n_random: int = 4,
         weighting: str = "hard",
@@ -635,7 +679,8 @@ class SleepCallback(TrainerCallback):
         if ranking == "reducible" and reference_model is None:
             raise ValueError("ranking='reducible' needs a reference_model (a frozen model to subtract the loss of)")
         self.every = every
-        self.heap = ReplayHeap(capacity, sampling, temperature_floor, max_replays, ranking)
+        self.heap = ReplayHeap(capacity, sampling, temperature_floor, max_replays, ranking, admission,
+                               seed if seed is not None else 0)  # fmt: skip
         self.consolidation = ConsolidationConfig(weighting=weighting, steps=steps, lr=lr, max_grad_norm=max_grad_norm,
                                                  max_weight=max_weight)  # fmt: skip
         self.n_dreams, self.n_random = n_dreams, n_random
@@ -677,6 +722,8 @@ class SleepCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.seed is None:
             self.seed = args.seed
+            if not self.heap.seen:  # a fresh heap draws its reservoir with the run's seed (a resumed one keeps its own)
+                self.heap.seed = int(self.seed)
         if self.consolidator is None and self.consolidation.steps > 0:
             self.consolidator = Consolidator(model, self.consolidation)
         self._start_compaction(model)

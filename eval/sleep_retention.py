@@ -20,10 +20,11 @@ Arms, all with the same `steps` trainer steps of `batch` new-stage sequences per
     reducible_loss_replay  the same, the heap ranked by loss minus a holdout model's loss (RHO-LOSS)
     sleep                  what `SleepCallback` does by default: the reservoir (admission="reservoir"), dreams drawn
                            from it by softmax of the current loss, the dream, compaction (the Hebbian rule) and
-                           consolidation with the "hard" token weighting
+                           consolidation with the "hard" token weighting, no retirement (SleepCallback's default)
     train_longer           the same extra steps on batches drawn from the current stage
     sleep_loss_admission   (a diagnostic, only with --arms) sleep with the reference's admission (a new sequence
-                           replaces the lowest loss held): what the sleep arm was before issue 22
+                           replaces the lowest loss held) and max_replays: what the sleep arm was before issue 22
+    sleep_with_retirement  (a diagnostic, only with --arms) sleep's reservoir with max_replays retirement
 
 Replay *adds* steps: every arm but no_replay takes steps + steps/every optimiser steps per stage, the extra ones on
 `replay` sequences (n_dreams + n_random), so replayed sequences are replay / (every * batch + replay) of all trained
@@ -88,9 +89,12 @@ ARMS = {
     "train_longer": "+ the same extra steps on the current stage",
 }
 # a diagnostic, run only when asked (--arms): sleep as it was, its heap admitting by loss
-EXTRA_ARMS = {"sleep_loss_admission": "sleep with the loss admission (a new sequence replaces the lowest loss)"}
+EXTRA_ARMS = {
+    "sleep_loss_admission": "sleep with the loss admission (a new sequence replaces the lowest loss)",
+    "sleep_with_retirement": "sleep, its reservoir entries retired after max_replays replays",
+}
 ALL_ARMS = {**ARMS, **EXTRA_ARMS}
-REPLAY_ARMS = ("uniform_replay", "loss_replay", "reducible_loss_replay", "sleep", "sleep_loss_admission")
+REPLAY_ARMS = ("uniform_replay", "loss_replay", "reducible_loss_replay", "sleep", *EXTRA_ARMS)
 METRICS = ("final_ce", "forgetting", "learned_ce", "wall_seconds", "memory_held_bytes", "optimizer_steps",
            "new_stage_tokens", "replay_share", "earlier_stage_replay_share")  # fmt: skip
 AWAKE = {"ctm_sync_seed": "zero", "ctm_input_injection": "every_tick", "ctm_decay_init_range": [0.1, 1.0]}
@@ -267,7 +271,10 @@ def make_callback(arm: str, s: dict, seed: int, reference_model=None) -> SleepCa
         return None
     common = dict(every=s["every"], capacity=s["capacity"], n_dreams=s["n_dreams"], n_random=s["n_random"], steps=1,
                   lr=s["lr"], max_replays=s["max_replays"], draw=None, seed=seed)  # fmt: skip
-    if arm == "sleep":  # SleepCallback's own heap settings: the sleep arm follows its default
+    if arm == "sleep":  # SleepCallback's own heap settings (admission, retirement): the sleep arm follows its defaults
+        callback = SleepCallback(**{k: v for k, v in common.items() if k != "max_replays"}, weighting="hard",
+                                 compaction={})  # fmt: skip
+    elif arm == "sleep_with_retirement":
         callback = SleepCallback(**common, weighting="hard", compaction={})
     elif arm == "sleep_loss_admission":
         callback = SleepCallback(**common, weighting="hard", compaction={}, admission="loss")

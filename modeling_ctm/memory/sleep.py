@@ -8,8 +8,9 @@ Fixes over the reference (nanoctm 71ec70f, reference §1.5-1.6):
   both when the trainer hands a batch over and when the heap is re-scored; the reference mixed batch-mean multi-tick
   losses with first-sequence losses.
 - No nightmare. Keys are re-scored at every sleep (a learned sequence sinks), dreams are drawn with
-  softmax(score / max(sd, floor)) rather than always the maximum, and `max_replays` retires an entry after that many
-  replays, so no single sequence owns the heap. `rotation()` measures it: max replays of one sequence, Gini of replays.
+  softmax(score / max(sd, floor)) rather than always the maximum, and `max_replays` can retire an entry after that
+  many replays (for the loss admission; it drains a reservoir), so no single sequence owns the heap. `rotation()`
+  measures it: max replays of one sequence, Gini of replays.
 - Admission that keeps earlier experience. The reference admitted a new sequence only when its loss beat the lowest
   entry's; after a distribution shift every new sequence scores high (~8 nats at a new stage), so within a few steps
   the heap held the current stage only and replayed nothing older (`eval/sleep_retention.py`: 0 % of replays from
@@ -630,10 +631,15 @@ class SleepCallback(TrainerCallback):
 
     Args:
         every (`int`, defaults to 10): sleep after every `every` optimizer steps.
-        capacity, sampling, temperature_floor, max_replays, ranking: the `ReplayHeap`.
+        capacity, sampling, temperature_floor, ranking: the `ReplayHeap`.
         admission (`str`, defaults to "reservoir"): the `ReplayHeap`'s; "reservoir" keeps a uniform sample of every
             sequence trained on (in `eval/sleep_retention.py` it is what lets sleep reduce forgetting), "loss" the
             hardest (the reference's). The reservoir draws with the sampling seed.
+        max_replays (`int`, *optional*, defaults to None): retire a heap entry after this many replays (None: never).
+            Off by default because retirement drains a reservoir of what it keeps: the hardest entries, those of the
+            earliest data, are dreamt most, retire first, and only the current data can refill their slots (in
+            `eval/sleep_retention.py`, 16 replays doubled sleep's forgetting). With admission="loss" set it (E10 uses
+            3): there it is what keeps an unlearnable sequence from being dreamt at every sleep.
         n_dreams (`int`, defaults to 4): sequences dreamt on per sleep; n_random (`int`, defaults to 4): uniformly
             drawn other heap entries consolidated on with them.
         weighting, steps, lr, max_grad_norm, max_weight: the `ConsolidationConfig` (steps=0: dream only).
@@ -656,7 +662,7 @@ class SleepCallback(TrainerCallback):
         capacity: int = 16,
         sampling: str = "softmax",
         temperature_floor: float = 0.1,
-        max_replays: int | None = 8,
+        max_replays: int | None = None,
         ranking: str = "loss",
         admission: str = "reservoir",
         n_dreams: int = 4,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modeling_ctm.experiments import arms_table, format_mean_sd
+from modeling_ctm.experiments import arms_table, format_mean_sd, mean_sd
 from modeling_ctm.fmri import save_figure
 from modeling_ctm.observers_ctm import METRICS as FMRI_METRICS
 
@@ -128,6 +128,16 @@ def markdown(results: dict) -> str:
         for arm in paired:
             f, c = arms[arm]["forgetting_vs_no_replay"], arms[arm]["final_ce_vs_no_replay"]
             lines.append(f"| {arm} | {format_mean_sd(f['mean'], f['sd'])} | {format_mean_sd(c['mean'], c['sd'])} |")
+        lines.append("")
+    per_seed = results.get("per_seed", [])
+    others = [arm for arm in ("uniform_replay", "sleep_loss_admission", "sleep_with_retirement") if arm in arms]
+    if "sleep" in arms and others and per_seed:  # the goal compares sleep with uniform replay: pair it too
+        lines += ["Paired difference, sleep minus another arm (same seed; negative: sleep forgets less, has lower CE):", "",
+                  "| against | Δ forgetting | Δ final CE |", "|---|---:|---:|"]  # fmt: skip
+        for arm in others:
+            f = mean_sd(r["sleep"]["forgetting"] - r[arm]["forgetting"] for r in per_seed)
+            c = mean_sd(r["sleep"]["final_ce"] - r[arm]["final_ce"] for r in per_seed)
+            lines.append(f"| {arm} | {format_mean_sd(*f)} | {format_mean_sd(*c)} |")
         lines.append("")
     for key, verdict in results.get("verdict", {}).items():
         lines.append(f"- {key}: {verdict}")

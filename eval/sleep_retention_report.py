@@ -132,8 +132,8 @@ def markdown(results: dict) -> str:
     per_seed = results.get("per_seed", [])
     others = [arm for arm in ("uniform_replay", "sleep_loss_admission", "sleep_with_retirement") if arm in arms]
     if "sleep" in arms and others and per_seed:  # the goal compares sleep with uniform replay: pair it too
-        lines += ["Paired difference, sleep minus another arm (same seed; negative: sleep forgets less, has lower CE):", "",
-                  "| against | Δ forgetting | Δ final CE |", "|---|---:|---:|"]  # fmt: skip
+        lines += ["Paired difference, sleep minus another arm (same seed; negative: sleep forgets less, has lower "
+                  "CE):", "", "| against | Δ forgetting | Δ final CE |", "|---|---:|---:|"]  # fmt: skip
         for arm in others:
             f = mean_sd(r["sleep"]["forgetting"] - r[arm]["forgetting"] for r in per_seed)
             c = mean_sd(r["sleep"]["final_ce"] - r[arm]["final_ce"] for r in per_seed)

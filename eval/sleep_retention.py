@@ -25,6 +25,7 @@ Arms, all with the same `steps` trainer steps of `batch` new-stage sequences per
     sleep_loss_admission   (a diagnostic, only with --arms) sleep with the reference's admission (a new sequence
                            replaces the lowest loss held) and max_replays: what the sleep arm was before issue 22
     sleep_with_retirement  (a diagnostic, only with --arms) sleep's reservoir with max_replays retirement
+    sleep_forgotten        (a diagnostic, only with --arms) sleep, dreams drawn by ranking="forgotten"
 
 Replay *adds* steps: every arm but no_replay takes steps + steps/every optimiser steps per stage, the extra ones on
 `replay` sequences (n_dreams + n_random), so replayed sequences are replay / (every * batch + replay) of all trained
@@ -92,6 +93,7 @@ ARMS = {
 EXTRA_ARMS = {
     "sleep_loss_admission": "sleep with the loss admission (a new sequence replaces the lowest loss)",
     "sleep_with_retirement": "sleep, its reservoir entries retired after max_replays replays",
+    "sleep_forgotten": "sleep, dreams drawn by loss minus the entry's lowest loss (what was forgotten)",
 }
 ALL_ARMS = {**ARMS, **EXTRA_ARMS}
 REPLAY_ARMS = ("uniform_replay", "loss_replay", "reducible_loss_replay", "sleep", *EXTRA_ARMS)
@@ -274,6 +276,9 @@ def make_callback(arm: str, s: dict, seed: int, reference_model=None) -> SleepCa
     if arm == "sleep":  # SleepCallback's own heap settings (admission, retirement): the sleep arm follows its defaults
         callback = SleepCallback(**{k: v for k, v in common.items() if k != "max_replays"}, weighting="hard",
                                  compaction={})  # fmt: skip
+    elif arm == "sleep_forgotten":
+        callback = SleepCallback(**{k: v for k, v in common.items() if k != "max_replays"}, weighting="hard",
+                                 compaction={}, ranking="forgotten")  # fmt: skip
     elif arm == "sleep_with_retirement":
         callback = SleepCallback(**common, weighting="hard", compaction={})
     elif arm == "sleep_loss_admission":

@@ -63,7 +63,7 @@ from .plasticity import HebbianPlasticity, PlasticityConfig
 
 WEIGHTINGS = ("hard", "uniform", "training_loss", "certainty_correct")
 SAMPLINGS = ("softmax", "greedy", "uniform")
-RANKINGS = ("loss", "reducible")
+RANKINGS = ("loss", "reducible", "forgotten")
 ADMISSIONS = ("reservoir", "loss")
 
 
@@ -122,7 +122,9 @@ class ReplayHeap:
             nightmare, kept for E11); "uniform".
         temperature_floor (`float`, defaults to 0.1): the smallest softmax temperature.
         max_replays (`int`, *optional*): retire an entry after this many replays (None: never).
-        ranking (`str`, defaults to "loss"): "loss" or "reducible" (loss minus a reference model's loss, RHO-LOSS).
+        ranking (`str`, defaults to "loss"): what a dream is drawn by. "loss"; "reducible" (loss minus a reference
+            model's loss, RHO-LOSS); "forgotten" (loss minus the lowest loss the entry has had, offered or re-scored:
+            what was learned and lost again, zero for what is still being learned).
         admission (`str`, defaults to "loss"): which offered sequences enter. "loss": when full, a new sequence
             replaces the lowest score if it scores higher (the reference's); "reservoir": the n-th sequence offered
             enters with probability capacity / n into a uniformly drawn slot (algorithm R), so the heap is a uniform
@@ -167,6 +169,7 @@ class ReplayHeap:
         self.attention_masks: list[torch.Tensor] = []
         self.losses: list[float] = []  # the latest mean readout CE of each entry
         self.reference_losses: list[float] = []  # NaN until a reference model has scored the entry
+        self.best_losses: dict[int, float] = {}  # entry id -> the lowest loss it has had (ranking="forgotten")
         self.ids: list[int] = []
         self.fingerprints: list[str] = []
         self.replays: dict[int, int] = {}  # every sequence that ever entered -> times replayed (for rotation)
@@ -182,6 +185,8 @@ class ReplayHeap:
             return [
                 loss - ref if not math.isnan(ref) else loss for loss, ref in zip(self.losses, self.reference_losses)
             ]
+        if self.ranking == "forgotten":
+            return [loss - self.best_losses.get(i, loss) for loss, i in zip(self.losses, self.ids)]
         return list(self.losses)
 
     @staticmethod
@@ -202,7 +207,9 @@ class ReplayHeap:
             print_ = self.fingerprint(ids)
             self.seen += 1
             if print_ in self.fingerprints:
-                self.losses[self.fingerprints.index(print_)] = loss
+                held = self.fingerprints.index(print_)
+                self.losses[held] = loss
+                self._note_best(held)
                 continue
             if self.admission == "reservoir":
                 if self.seen > self.capacity:
@@ -227,10 +234,16 @@ class ReplayHeap:
             self.fingerprints.append(print_)
             self.replays[self.next_id] = 0
             self.next_id += 1
+            self._note_best(len(self) - 1)
             entered += 1
         return entered
 
+    def _note_best(self, index: int) -> None:
+        entry = self.ids[index]
+        self.best_losses[entry] = min(self.best_losses.get(entry, math.inf), self.losses[index])
+
     def _remove(self, index: int) -> None:
+        self.best_losses.pop(self.ids[index], None)
         for store in (self.input_ids, self.labels, self.attention_masks, self.losses, self.reference_losses, self.ids, self.fingerprints):
             del store[index]
 
@@ -245,6 +258,8 @@ class ReplayHeap:
             return
         ids, labels, mask = self.batch(range(len(self)))
         self.losses = score_sequences(model, ids, labels, mask, batch_size).tolist()
+        for index in range(len(self)):
+            self._note_best(index)
         if reference_model is not None:
             missing = [i for i, ref in enumerate(self.reference_losses) if math.isnan(ref)]
             if missing:
@@ -321,6 +336,7 @@ class ReplayHeap:
             "seen": self.seen,
             "losses": self.losses,
             "reference_losses": [None if math.isnan(r) else r for r in self.reference_losses],
+            "best_losses": {str(k): v for k, v in self.best_losses.items()},
             "ids": self.ids,
             "fingerprints": self.fingerprints,
             "replays": {str(k): v for k, v in self.replays.items()},
@@ -342,6 +358,7 @@ class ReplayHeap:
         self.attention_masks = [tensors[f"heap.{i}.attention_mask"].clone() for i in range(n)]
         self.losses = [float(x) for x in meta["losses"]]
         self.reference_losses = [float("nan") if r is None else float(r) for r in meta["reference_losses"]]
+        self.best_losses = {int(k): float(v) for k, v in meta.get("best_losses", {}).items()}
         self.ids = [int(x) for x in meta["ids"]]
         self.fingerprints = list(meta["fingerprints"])
         self.replays = {int(k): int(v) for k, v in meta["replays"].items()}

@@ -11,7 +11,16 @@ from helpers.processes import run_on_two_processes
 from tiny import tiny_blocks, tiny_model, tiny_training_args
 
 from modeling_ctm.fmri import draw_thinking_map
-from modeling_ctm.memory.sleep import ConsolidationConfig, Consolidator, ReplayHeap, SleepCallback, dream, gini, sleep
+from modeling_ctm.memory.sleep import (
+    ConsolidationConfig,
+    Consolidator,
+    ReplayHeap,
+    SleepCallback,
+    dream,
+    gini,
+    score_sequences,
+    sleep,
+)
 from modeling_ctm.training.phases import freeze_for_thinking
 from modeling_ctm.training.trainers import ContinuityTrainer, CTMTrainer
 
@@ -129,6 +138,27 @@ def test_a_slot_freed_by_retirement_is_refilled_at_the_reservoirs_rate_not_by_th
             admitted[admission] += heap.offer(new, new, torch.tensor([1.0]))
     assert admitted["loss"] == 30  # the free slot goes to whatever comes next
     assert admitted["reservoir"] <= 3  # probability 4/401 each
+
+
+def test_forgotten_ranking_is_the_loss_above_the_lowest_the_entry_has_had():
+    heap = ReplayHeap(capacity=4, ranking="forgotten")
+    ids = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    heap.offer(ids, ids, torch.tensor([2.0, 5.0, 8.0]))
+    assert heap.scores == [0.0, 0.0, 0.0]  # nothing forgotten yet: all still at their best
+    heap.offer(ids, ids, torch.tensor([6.0, 4.0, 8.5]))  # seen again: the first was learned and lost
+    assert heap.scores == [4.0, 0.0, 0.5]
+    model = tiny_model(seed=0)
+    heap.rescore(model)
+    fresh = score_sequences(model, ids, ids).tolist()
+    expected = [now - min(best, now) for now, best in zip(fresh, [2.0, 4.0, 8.0])]
+    assert heap.scores == pytest.approx(expected)
+    tensors, meta = heap.state_dict()
+    loaded = ReplayHeap(capacity=4, ranking="forgotten")
+    loaded.load_state_dict(tensors, json.loads(json.dumps(meta)))
+    assert loaded.scores == heap.scores
+    heap.max_replays = 1
+    heap.mark_replayed([0])  # retired: its record goes with it
+    assert len(heap) == 2 and heap.best_losses.keys() == set(heap.ids)
 
 
 def test_a_reservoir_heap_state_round_trips_through_json_and_draws_on_as_before():

@@ -13,6 +13,7 @@ from modeling_ctm.observers_ctm import METRICS as FMRI_METRICS
 
 
 TABLE_METRICS = ("final_ce", "forgetting", "learned_ce", "wall_seconds")
+EXTRA = ("sleep_loss_admission", "sleep_with_retirement", "sleep_forgotten")  # sleep's diagnostics, paired with it
 
 
 def draw_retention(arms: dict, names: list[str], path: Path) -> None:
@@ -130,7 +131,7 @@ def markdown(results: dict) -> str:
             lines.append(f"| {arm} | {format_mean_sd(f['mean'], f['sd'])} | {format_mean_sd(c['mean'], c['sd'])} |")
         lines.append("")
     per_seed = results.get("per_seed", [])
-    others = [arm for arm in ("uniform_replay", "sleep_loss_admission", "sleep_with_retirement") if arm in arms]
+    others = [arm for arm in ("uniform_replay", *EXTRA) if arm in arms]
     if "sleep" in arms and others and per_seed:  # the goal compares sleep with uniform replay: pair it too
         lines += ["Paired difference, sleep minus another arm (same seed; negative: sleep forgets less, has lower "
                   "CE):", "", "| against | Δ forgetting | Δ final CE |", "|---|---:|---:|"]  # fmt: skip

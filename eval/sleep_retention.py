@@ -39,8 +39,8 @@ model and its trainer (the replay store, the extra-step optimiser's state, the h
 Pictures: the retention matrices, the dream's fMRI per layer and tick across the stages (sleep arm, seed 0), and the
 heap's rotation: which stage the replayed sequences come from, sleep by sleep, for every replaying arm.
 
-    python eval/sleep_retention.py [--seeds 3] [--out eval/results/sleep_retention] [--quick] [--awake]
-        [--arms no_replay,sleep]
+    python eval/sleep_retention.py [--seeds 3] [--first-seed 0] [--out eval/results/sleep_retention] [--quick]
+        [--awake] [--arms no_replay,sleep]
 """
 
 from __future__ import annotations
@@ -375,6 +375,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ALL_ARMS)}")
     parser.add_argument("--awake", action="store_true", help="the awake block (zero sync seed, input every tick, decay)")
     parser.add_argument("--steps", type=int, default=None, help="trainer steps per stage (default 160; 4 quick)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 (fresh "
+                        "seeds to check a choice made on seeds 0..)")  # fmt: skip
     args = parser.parse_args(argv)
     chosen = [arm for arm in args.arms.split(",") if arm]
     unknown = sorted(set(chosen) - set(ALL_ARMS))
@@ -384,7 +386,7 @@ def main(argv=None) -> dict:
     s = settings(args.quick, args.awake)
     if args.steps:
         s["steps"] = args.steps
-    s.update(seeds=args.seeds, quick=args.quick, awake=args.awake, arms=chosen,
+    s.update(seeds=args.seeds, first_seed=args.first_seed, quick=args.quick, awake=args.awake, arms=chosen,
              machine="CPU, 1 torch thread, shared 2-core box (wall times include other jobs' load)")  # fmt: skip
     started = time.perf_counter()
     tokenizer, data = build_data(s)
@@ -395,7 +397,7 @@ def main(argv=None) -> dict:
                        pad_token_id=tokenizer.pad_token_id, **s["model"])  # fmt: skip
     per_seed = []
     with tempfile.TemporaryDirectory() as work:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             record = {"seed": seed}
             for arm in chosen:
                 record[arm] = run_arm(arm, seed, s, data, config, owner, Path(work))
@@ -424,9 +426,10 @@ def main(argv=None) -> dict:
     draw_retention({arm: [r[arm]["retention"] for r in per_seed] for arm in chosen}, [d["name"] for d in data],
                    out / "retention.png")  # fmt: skip
     if "sleep" in chosen:
-        draw_fmri(per_seed[0]["sleep"]["fmri"], out / "fmri.png", "the sleep arm's dreams, per layer and tick (seed 0)")
+        draw_fmri(per_seed[0]["sleep"]["fmri"], out / "fmri.png",
+                  f"the sleep arm's dreams, per layer and tick (seed {args.first_seed})")  # fmt: skip
     draw_rotation({arm: per_seed[0][arm]["rotation"] for arm in chosen if arm in REPLAY_ARMS}, len(data),
-                  out / "rotation.png")  # fmt: skip
+                  out / "rotation.png", seed=args.first_seed)  # fmt: skip
     write_results(out, results, markdown(results))
     print((out / "results.md").read_text())
     return results

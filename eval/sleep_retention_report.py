@@ -70,7 +70,7 @@ def draw_fmri(fmri: list[dict], path: Path, title: str) -> None:
     save_figure(figure, path)
 
 
-def draw_rotation(rotations: dict[str, list[dict]], n_stages: int, path: Path) -> None:
+def draw_rotation(rotations: dict[str, list[dict]], n_stages: int, path: Path, seed: int = 0) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -96,7 +96,7 @@ def draw_rotation(rotations: dict[str, list[dict]], n_stages: int, path: Path) -
         ax.set_title(arm, fontsize=9)
     axes[0].legend(fontsize=7, ncol=n_stages, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes[-1].set_xlabel("sleep (black lines: a new stage begins)")
-    figure.suptitle("which stage the replayed sequences come from, sleep by sleep (seed 0)", fontsize=10)
+    figure.suptitle(f"which stage the replayed sequences come from, sleep by sleep (seed {seed})", fontsize=10)
     save_figure(figure, path)
 
 

@@ -745,7 +745,7 @@ class SleepCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.seed is None:
             self.seed = args.seed
-            if not self.heap.seen:  # a fresh heap draws its reservoir with the run's seed (a resumed one keeps its own)
+            if not self.heap.seen:  # a fresh heap draws its reservoir with the run's seed (a resumed one keeps its)
                 self.heap.seed = int(self.seed)
         if self.consolidator is None and self.consolidation.steps > 0:
             self.consolidator = Consolidator(model, self.consolidation)

@@ -180,7 +180,8 @@ def test_a_reservoir_heap_state_round_trips_through_json_and_draws_on_as_before(
     assert resumed.ids == full.ids and resumed.losses == full.losses
     with pytest.raises(ValueError, match="admission='reservoir'"):
         ReplayHeap(capacity=6, admission="loss").load_state_dict(tensors, meta)
-    legacy = {k: v for k, v in ReplayHeap(capacity=2).state_dict()[1].items() if k not in ("admission", "seed", "seen")}
+    legacy = {k: v for k, v in ReplayHeap(capacity=2).state_dict()[1].items()
+              if k not in ("admission", "seed", "seen")}  # fmt: skip
     ReplayHeap(capacity=2).load_state_dict({}, legacy)  # a heap saved before admission existed was a loss heap
 
 

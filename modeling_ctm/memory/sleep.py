@@ -152,7 +152,7 @@ class ReplayHeap:
         _check_choice("sampling", sampling, SAMPLINGS)
         _check_choice("ranking", ranking, RANKINGS)
         _check_choice("admission", admission, ADMISSIONS)
-        if not isinstance(seed, int) or seed < 0:
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed={seed!r} is invalid: allowed values are integers >= 0")
         if max_replays is not None and (not isinstance(max_replays, int) or max_replays < 1):
             raise ValueError(f"max_replays={max_replays!r} is invalid: allowed values are None or integers >= 1")
@@ -162,7 +162,7 @@ class ReplayHeap:
         self.max_replays = max_replays
         self.ranking = ranking
         self.admission = admission
-        self.seed = seed
+        self.seed = int(seed)
         self.seen = 0  # sequences offered so far (the reservoir's n)
         self.input_ids: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []

@@ -183,7 +183,7 @@ class StaleShadow(TrainerCallback):
     """The reference's heap (pre-65ecbce) on the same stream: insertion-time keys, greedy top-k dreams, no cap."""
 
     def __init__(self, s: dict):
-        self.heap = ReplayHeap(s["capacity"], sampling="greedy", max_replays=None)
+        self.heap = ReplayHeap(s["capacity"], sampling="greedy", max_replays=None, admission="loss")
         self.every, self.n_dreams, self.n_random = s["every"], s["n_dreams"], s["n_random"]
 
     def on_sequence_losses(self, input_ids, labels, losses, attention_mask=None):
@@ -199,8 +199,9 @@ class StaleShadow(TrainerCallback):
 def sleep_callback(s: dict, weighting: str, seed: int) -> SleepCallback:
     callback = SleepCallback(every=s["every"], capacity=s["capacity"], n_dreams=s["n_dreams"], n_random=s["n_random"],
                              weighting=weighting, steps=s["consolidation_steps"], lr=s["lr"],
-                             max_replays=s["max_replays"], draw=False, seed=seed)  # fmt: skip
-    callback.heap = RecordingHeap(s["capacity"], max_replays=s["max_replays"])
+                             max_replays=s["max_replays"], draw=False, seed=seed, admission="loss")  # fmt: skip
+    # E10/E11 measure the hardest-sequence heap (the reference's admission), whatever SleepCallback's default
+    callback.heap = RecordingHeap(s["capacity"], max_replays=s["max_replays"], admission="loss")
     return callback
 
 

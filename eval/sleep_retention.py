@@ -14,15 +14,18 @@ Arms, all with the same `steps` trainer steps of `batch` new-stage sequences per
 
     no_replay              the stages in turn, nothing else: the floor, and the positive control of the protocol
     uniform_replay         + every `every` steps one extra optimiser step on `replay` sequences drawn uniformly from a
-                           reservoir (same capacity as the heap) of everything trained on so far
-    loss_replay            the same extra steps on sequences drawn from the REM heap (`ReplayHeap`: the hardest by
-                           current loss, re-scored at every sleep, softmax draws, replay cap)
+                           reservoir (`ReplayHeap(admission="reservoir")`, same capacity) of everything trained on
+    loss_replay            the same extra steps on sequences drawn from the REM heap (`ReplayHeap(admission="loss")`:
+                           the hardest by current loss, re-scored at every sleep, softmax draws, replay cap)
     reducible_loss_replay  the same, the heap ranked by loss minus a holdout model's loss (RHO-LOSS)
-    sleep                  what `SleepCallback` does: the loss-ranked heap, the dream, compaction (the Hebbian rule)
-                           and consolidation with the "hard" token weighting
+    sleep                  what `SleepCallback` does by default: the reservoir (admission="reservoir"), dreams drawn
+                           from it by softmax of the current loss, the dream, compaction (the Hebbian rule) and
+                           consolidation with the "hard" token weighting, no retirement (SleepCallback's default)
     train_longer           the same extra steps on batches drawn from the current stage
-    sleep_reservoir        (a diagnostic, only with --arms) sleep's operations on uniform_replay's reservoir, the
-                           dreams drawn from it by softmax of the current loss: sleep without the heap's admission
+    sleep_loss_admission   (a diagnostic, only with --arms) sleep with the reference's admission (a new sequence
+                           replaces the lowest loss held) and max_replays: what the sleep arm was before issue 22
+    sleep_with_retirement  (a diagnostic, only with --arms) sleep's reservoir with max_replays retirement
+    sleep_forgotten        (a diagnostic, only with --arms) sleep, dreams drawn by ranking="forgotten"
 
 Replay *adds* steps: every arm but no_replay takes steps + steps/every optimiser steps per stage, the extra ones on
 `replay` sequences (n_dreams + n_random), so replayed sequences are replay / (every * batch + replay) of all trained
@@ -36,8 +39,8 @@ model and its trainer (the replay store, the extra-step optimiser's state, the h
 Pictures: the retention matrices, the dream's fMRI per layer and tick across the stages (sleep arm, seed 0), and the
 heap's rotation: which stage the replayed sequences come from, sleep by sleep, for every replaying arm.
 
-    python eval/sleep_retention.py [--seeds 3] [--out eval/results/sleep_retention] [--quick] [--awake]
-        [--arms no_replay,sleep]
+    python eval/sleep_retention.py [--seeds 3] [--first-seed 0] [--out eval/results/sleep_retention] [--quick]
+        [--awake] [--arms no_replay,sleep]
 """
 
 from __future__ import annotations
@@ -83,13 +86,17 @@ ARMS = {
     "uniform_replay": "+ extra steps on uniform draws from a reservoir of all trained",
     "loss_replay": "+ extra steps on the REM heap, ranked by loss",
     "reducible_loss_replay": "+ extra steps on the heap ranked by loss - holdout model loss (RHO-LOSS)",
-    "sleep": "SleepCallback: heap, dream, compaction, hard-weighted consolidation",
+    "sleep": "SleepCallback: reservoir, loss-drawn dreams, compaction, hard-weighted consolidation",
     "train_longer": "+ the same extra steps on the current stage",
 }
-# a diagnostic, run only when asked (--arms): sleep's operations on uniform_replay's store, loss-ranked dreams
-EXTRA_ARMS = {"sleep_reservoir": "sleep on a uniform reservoir (dreams drawn by current loss)"}
+# a diagnostic, run only when asked (--arms): sleep as it was, its heap admitting by loss
+EXTRA_ARMS = {
+    "sleep_loss_admission": "sleep with the loss admission (a new sequence replaces the lowest loss)",
+    "sleep_with_retirement": "sleep, its reservoir entries retired after max_replays replays",
+    "sleep_forgotten": "sleep, dreams drawn by loss minus the entry's lowest loss (what was forgotten)",
+}
 ALL_ARMS = {**ARMS, **EXTRA_ARMS}
-REPLAY_ARMS = ("uniform_replay", "loss_replay", "reducible_loss_replay", "sleep", "sleep_reservoir")
+REPLAY_ARMS = ("uniform_replay", "loss_replay", "reducible_loss_replay", "sleep", *EXTRA_ARMS)
 METRICS = ("final_ce", "forgetting", "learned_ce", "wall_seconds", "memory_held_bytes", "optimizer_steps",
            "new_stage_tokens", "replay_share", "earlier_stage_replay_share")  # fmt: skip
 AWAKE = {"ctm_sync_seed": "zero", "ctm_input_injection": "every_tick", "ctm_decay_init_range": [0.1, 1.0]}
@@ -209,43 +216,16 @@ class RecordingHeap(ReplayHeap):
         super().__init__(*args, **kwargs)
         self.replayed_fingerprints: dict[int, str] = {}
 
+    @classmethod
+    def like(cls, heap: ReplayHeap, **overrides) -> "RecordingHeap":
+        """A recording heap with `heap`'s settings (those a SleepCallback built), less `overrides`."""
+        keys = ("capacity", "sampling", "temperature_floor", "max_replays", "ranking", "admission", "seed")
+        return cls(**{**{key: getattr(heap, key) for key in keys}, **overrides})
+
     def mark_replayed(self, indices):
         for i in indices:
             self.replayed_fingerprints[self.ids[i]] = self.fingerprints[i]
         super().mark_replayed(indices)
-
-
-class ReservoirHeap(RecordingHeap):
-    """uniform_replay's store: a uniform reservoir sample (algorithm R, seeded) of every sequence trained on, drawn
-    uniformly; the same capacity as the heap, and nothing ranked."""
-
-    def __init__(self, capacity: int, seed: int, sampling: str = "uniform"):
-        super().__init__(capacity, sampling=sampling, max_replays=None)
-        self.rng = np.random.default_rng(seed)
-        self.seen = 0
-
-    def offer(self, input_ids, labels, losses, attention_mask=None) -> int:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        entered = 0
-        for ids, lab, mask, loss in zip(input_ids.cpu(), labels.cpu(), attention_mask.cpu(), losses.float().cpu()):
-            self.seen += 1
-            if len(self) >= self.capacity:
-                slot = int(self.rng.integers(self.seen))
-                if slot >= self.capacity:
-                    continue
-                self._remove(slot)
-            self.input_ids.append(ids.clone())
-            self.labels.append(lab.clone())
-            self.attention_masks.append(mask.to(torch.int64).clone())
-            self.losses.append(float(loss))
-            self.reference_losses.append(float("nan"))
-            self.ids.append(self.next_id)
-            self.fingerprints.append(self.fingerprint(ids))
-            self.replays[self.next_id] = 0
-            self.next_id += 1
-            entered += 1
-        return entered
 
 
 class StagePool(RecordingHeap):
@@ -293,23 +273,31 @@ def make_callback(arm: str, s: dict, seed: int, reference_model=None) -> SleepCa
         return None
     common = dict(every=s["every"], capacity=s["capacity"], n_dreams=s["n_dreams"], n_random=s["n_random"], steps=1,
                   lr=s["lr"], max_replays=s["max_replays"], draw=None, seed=seed)  # fmt: skip
-    if arm in ("sleep", "loss_replay", "reducible_loss_replay"):
-        if arm == "sleep":
-            callback = SleepCallback(**common, weighting="hard", compaction={})
-        elif arm == "loss_replay":
-            callback = SleepCallback(**common, weighting="training_loss")
-        else:
-            callback = SleepCallback(**common, weighting="training_loss", ranking="reducible",
-                                     reference_model=reference_model)  # fmt: skip
-        heap = callback.heap
-        callback.heap = RecordingHeap(heap.capacity, heap.sampling, heap.temperature_floor, heap.max_replays, heap.ranking)
-        return callback
-    if arm == "sleep_reservoir":
+    if arm == "sleep":  # SleepCallback's own heap settings (admission, retirement): the sleep arm follows its defaults
+        callback = SleepCallback(**{k: v for k, v in common.items() if k != "max_replays"}, weighting="hard",
+                                 compaction={})  # fmt: skip
+    elif arm == "sleep_forgotten":
+        callback = SleepCallback(**{k: v for k, v in common.items() if k != "max_replays"}, weighting="hard",
+                                 compaction={}, ranking="forgotten")  # fmt: skip
+    elif arm == "sleep_with_retirement":
         callback = SleepCallback(**common, weighting="hard", compaction={})
-        callback.heap = ReservoirHeap(s["capacity"], seed, sampling="softmax")
+    elif arm == "sleep_loss_admission":
+        callback = SleepCallback(**common, weighting="hard", compaction={}, admission="loss")
+    elif arm == "loss_replay":  # the REM heap is the loss-admitted one: these arms keep their meaning
+        callback = SleepCallback(**common, weighting="training_loss", admission="loss")
+    elif arm == "reducible_loss_replay":
+        callback = SleepCallback(**common, weighting="training_loss", ranking="reducible", admission="loss",
+                                 reference_model=reference_model)  # fmt: skip
+    else:
+        callback = SleepCallback(**common, weighting="training_loss", rescore=False)  # nothing to rank: no re-scoring
+        if arm == "train_longer":
+            callback.heap = StagePool()
+            return callback
+        # uniform draws from the same reservoir sleep holds, never retired: the store alone, nothing ranked
+        callback.heap = RecordingHeap(s["capacity"], sampling="uniform", max_replays=None, admission="reservoir",
+                                      seed=seed)  # fmt: skip
         return callback
-    callback = SleepCallback(**common, weighting="training_loss", rescore=False)  # nothing to rank: no re-scoring
-    callback.heap = ReservoirHeap(s["capacity"], seed) if arm == "uniform_replay" else StagePool()
+    callback.heap = RecordingHeap.like(callback.heap)
     return callback
 
 
@@ -387,6 +375,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ALL_ARMS)}")
     parser.add_argument("--awake", action="store_true", help="the awake block (zero sync seed, input every tick, decay)")
     parser.add_argument("--steps", type=int, default=None, help="trainer steps per stage (default 160; 4 quick)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 (fresh "
+                        "seeds to check a choice made on seeds 0..)")  # fmt: skip
     args = parser.parse_args(argv)
     chosen = [arm for arm in args.arms.split(",") if arm]
     unknown = sorted(set(chosen) - set(ALL_ARMS))
@@ -396,7 +386,7 @@ def main(argv=None) -> dict:
     s = settings(args.quick, args.awake)
     if args.steps:
         s["steps"] = args.steps
-    s.update(seeds=args.seeds, quick=args.quick, awake=args.awake, arms=chosen,
+    s.update(seeds=args.seeds, first_seed=args.first_seed, quick=args.quick, awake=args.awake, arms=chosen,
              machine="CPU, 1 torch thread, shared 2-core box (wall times include other jobs' load)")  # fmt: skip
     started = time.perf_counter()
     tokenizer, data = build_data(s)
@@ -407,7 +397,7 @@ def main(argv=None) -> dict:
                        pad_token_id=tokenizer.pad_token_id, **s["model"])  # fmt: skip
     per_seed = []
     with tempfile.TemporaryDirectory() as work:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             record = {"seed": seed}
             for arm in chosen:
                 record[arm] = run_arm(arm, seed, s, data, config, owner, Path(work))
@@ -436,9 +426,10 @@ def main(argv=None) -> dict:
     draw_retention({arm: [r[arm]["retention"] for r in per_seed] for arm in chosen}, [d["name"] for d in data],
                    out / "retention.png")  # fmt: skip
     if "sleep" in chosen:
-        draw_fmri(per_seed[0]["sleep"]["fmri"], out / "fmri.png", "the sleep arm's dreams, per layer and tick (seed 0)")
+        draw_fmri(per_seed[0]["sleep"]["fmri"], out / "fmri.png",
+                  f"the sleep arm's dreams, per layer and tick (seed {args.first_seed})")  # fmt: skip
     draw_rotation({arm: per_seed[0][arm]["rotation"] for arm in chosen if arm in REPLAY_ARMS}, len(data),
-                  out / "rotation.png")  # fmt: skip
+                  out / "rotation.png", seed=args.first_seed)  # fmt: skip
     write_results(out, results, markdown(results))
     print((out / "results.md").read_text())
     return results

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from modeling_ctm.experiments import arms_table, format_mean_sd
+from modeling_ctm.experiments import arms_table, format_mean_sd, mean_sd
 from modeling_ctm.fmri import save_figure
 from modeling_ctm.observers_ctm import METRICS as FMRI_METRICS
 
 
 TABLE_METRICS = ("final_ce", "forgetting", "learned_ce", "wall_seconds")
+EXTRA = ("sleep_loss_admission", "sleep_with_retirement", "sleep_forgotten")  # sleep's diagnostics, paired with it
 
 
 def draw_retention(arms: dict, names: list[str], path: Path) -> None:
@@ -69,7 +70,7 @@ def draw_fmri(fmri: list[dict], path: Path, title: str) -> None:
     save_figure(figure, path)
 
 
-def draw_rotation(rotations: dict[str, list[dict]], n_stages: int, path: Path) -> None:
+def draw_rotation(rotations: dict[str, list[dict]], n_stages: int, path: Path, seed: int = 0) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -95,7 +96,7 @@ def draw_rotation(rotations: dict[str, list[dict]], n_stages: int, path: Path) -
         ax.set_title(arm, fontsize=9)
     axes[0].legend(fontsize=7, ncol=n_stages, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes[-1].set_xlabel("sleep (black lines: a new stage begins)")
-    figure.suptitle("which stage the replayed sequences come from, sleep by sleep (seed 0)", fontsize=10)
+    figure.suptitle(f"which stage the replayed sequences come from, sleep by sleep (seed {seed})", fontsize=10)
     save_figure(figure, path)
 
 
@@ -128,6 +129,16 @@ def markdown(results: dict) -> str:
         for arm in paired:
             f, c = arms[arm]["forgetting_vs_no_replay"], arms[arm]["final_ce_vs_no_replay"]
             lines.append(f"| {arm} | {format_mean_sd(f['mean'], f['sd'])} | {format_mean_sd(c['mean'], c['sd'])} |")
+        lines.append("")
+    per_seed = results.get("per_seed", [])
+    others = [arm for arm in ("uniform_replay", *EXTRA) if arm in arms]
+    if "sleep" in arms and others and per_seed:  # the goal compares sleep with uniform replay: pair it too
+        lines += ["Paired difference, sleep minus another arm (same seed; negative: sleep forgets less, has lower "
+                  "CE):", "", "| against | Δ forgetting | Δ final CE |", "|---|---:|---:|"]  # fmt: skip
+        for arm in others:
+            f = mean_sd(r["sleep"]["forgetting"] - r[arm]["forgetting"] for r in per_seed)
+            c = mean_sd(r["sleep"]["final_ce"] - r[arm]["final_ce"] for r in per_seed)
+            lines.append(f"| {arm} | {format_mean_sd(*f)} | {format_mean_sd(*c)} |")
         lines.append("")
     for key, verdict in results.get("verdict", {}).items():
         lines.append(f"- {key}: {verdict}")

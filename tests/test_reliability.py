@@ -202,6 +202,20 @@ def _contrastive_search(tmp_path):
     tiny_model().generate(_ids(1, 4), max_new_tokens=2, penalty_alpha=0.6, top_k=4)
 
 
+def _bad_sleep_admission(tmp_path):
+    from modeling_ctm.memory.sleep import SleepCallback
+
+    SleepCallback(admission="fifo")
+
+
+def _sleep_state_of_another_admission(tmp_path):
+    from modeling_ctm.memory.sleep import SleepCallback
+
+    saved = SleepCallback(steps=0)  # the default, admission="reservoir"
+    saved.save(tmp_path)
+    SleepCallback(steps=0, admission="loss").load(tmp_path)
+
+
 # (input as a user writes it, the call, the error type, what the message must name)
 TABLE = [
     ("`CTMConfig(ctm_tiks=5)`", _misspelled_field, TypeError, ["ctm_tiks=5", "did you mean 'ctm_ticks'"]),
@@ -247,6 +261,10 @@ TABLE = [
     ("`model.generate(..., penalty_alpha=0.6, top_k=4)`", _contrastive_search, ValueError,
      ["'contrastive_search'", "allowed are greedy_search, sample, beam_search, beam_sample"]),
     ("truncated `model.safetensors`", _truncated_weights, OSError, ["model.safetensors", "truncated"]),
+    ("`SleepCallback(admission=\"fifo\")`", _bad_sleep_admission, ValueError,
+     ["admission='fifo'", "['reservoir', 'loss']"]),
+    ("sleep state saved with another admission", _sleep_state_of_another_admission, ValueError,
+     ["admission='reservoir'", "admission='loss'"]),
 ]  # fmt: skip
 
 

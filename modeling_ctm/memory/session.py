@@ -408,7 +408,8 @@ class CTMOnlineSession:
             tensors = load_safetensors_file(folder / "sleep.safetensors")
             heap_meta = meta["heap"]
             heap = ReplayHeap(**{k: heap_meta[k] for k in ("capacity", "sampling", "temperature_floor", "max_replays",
-                                                            "ranking")})  # fmt: skip
+                                                            "ranking")},
+                              admission=heap_meta.get("admission", "loss"), seed=heap_meta.get("seed", 0))  # fmt: skip
             heap.load_state_dict(tensors, heap_meta)
             trained = set(meta["consolidator"]["names"])  # the parameters sleep may change, as when it was saved
             for name, param in model.named_parameters():
@@ -447,7 +448,7 @@ def session_from_spec(model, tokenizer, spec: dict) -> CTMOnlineSession:
         plasticity = HebbianPlasticity(model, PlasticityConfig(**spec["plasticity"]))
     if spec.get("sleep"):
         sleep_spec = dict(spec["sleep"])
-        heap = ReplayHeap(capacity=sleep_spec.pop("capacity", 16))
+        heap = ReplayHeap(capacity=sleep_spec.pop("capacity", 16), admission=sleep_spec.pop("admission", "loss"))
         consolidator = Consolidator(model, ConsolidationConfig(**sleep_spec))
     config = OnlineConfig(**spec.get("session", {}))
     return CTMOnlineSession(model, tokenizer, memory, plasticity, heap, consolidator, config)

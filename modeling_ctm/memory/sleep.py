@@ -8,8 +8,15 @@ Fixes over the reference (nanoctm 71ec70f, reference §1.5-1.6):
   both when the trainer hands a batch over and when the heap is re-scored; the reference mixed batch-mean multi-tick
   losses with first-sequence losses.
 - No nightmare. Keys are re-scored at every sleep (a learned sequence sinks), dreams are drawn with
-  softmax(score / max(sd, floor)) rather than always the maximum, and `max_replays` retires an entry after that many
-  replays, so no single sequence owns the heap. `rotation()` measures it: max replays of one sequence, Gini of replays.
+  softmax(score / max(sd, floor)) rather than always the maximum, and `max_replays` can retire an entry after that
+  many replays (for the loss admission; it drains a reservoir), so no single sequence owns the heap. `rotation()`
+  measures it: max replays of one sequence, Gini of replays.
+- Admission that keeps earlier experience. The reference admitted a new sequence only when its loss beat the lowest
+  entry's; after a distribution shift every new sequence scores high (~8 nats at a new stage), so within a few steps
+  the heap held the current stage only and replayed nothing older (`eval/sleep_retention.py`: 0 % of replays from
+  earlier stages). `admission="reservoir"` (SleepCallback's default) keeps a uniform reservoir sample (Vitter's
+  algorithm R) of every sequence offered, so each part of the stream keeps a share proportional to what was seen;
+  the dreams are still drawn from it by current loss. `admission="loss"` is the reference's, kept for E10/E11.
 - Optionally ranked by *reducible* loss (RHO-LOSS): score = loss - the loss of a frozen reference model, so a
   sequence that is hard for every model (noise) is not replayed for ever.
 - Consolidation that can learn a hard sequence. The reference weighted each token by certainty x [argmax correct],
@@ -56,7 +63,8 @@ from .plasticity import HebbianPlasticity, PlasticityConfig
 
 WEIGHTINGS = ("hard", "uniform", "training_loss", "certainty_correct")
 SAMPLINGS = ("softmax", "greedy", "uniform")
-RANKINGS = ("loss", "reducible")
+RANKINGS = ("loss", "reducible", "forgotten")
+ADMISSIONS = ("reservoir", "loss")
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -104,7 +112,8 @@ def _batch(input_ids: list[torch.Tensor], labels: list[torch.Tensor], masks: lis
 
 
 class ReplayHeap:
-    """A bounded store of the hardest training sequences seen so far.
+    """A bounded store of training sequences to replay: by default the hardest seen so far, with
+    `admission="reservoir"` a uniform sample of all of them (the dreams are drawn from either by loss).
 
     Args:
         capacity (`int`, defaults to 16): sequences held at most.
@@ -113,10 +122,19 @@ class ReplayHeap:
             nightmare, kept for E11); "uniform".
         temperature_floor (`float`, defaults to 0.1): the smallest softmax temperature.
         max_replays (`int`, *optional*): retire an entry after this many replays (None: never).
-        ranking (`str`, defaults to "loss"): "loss" or "reducible" (loss minus a reference model's loss, RHO-LOSS).
+        ranking (`str`, defaults to "loss"): what a dream is drawn by. "loss"; "reducible" (loss minus a reference
+            model's loss, RHO-LOSS); "forgotten" (loss minus the lowest loss the entry has had, offered or re-scored:
+            what was learned and lost again, zero for what is still being learned).
+        admission (`str`, defaults to "loss"): which offered sequences enter. "loss": when full, a new sequence
+            replaces the lowest score if it scores higher (the reference's); "reservoir": the n-th sequence offered
+            enters with probability capacity / n into a uniformly drawn slot (algorithm R), so the heap is a uniform
+            sample of the whole stream. A slot freed by `max_replays` is refilled at the same rate, not by the next
+            sequence, so retirement does not hand the current part of the stream free places.
+        seed (`int`, defaults to 0): the reservoir's draws. The n-th draw depends on (seed, n) only, so the count of
+            sequences seen is its whole state (checkpointed) and every process draws alike.
 
     An entry is (input_ids, labels, score, reference loss, id). A sequence already held (same tokens) is not added
-    twice: its score is refreshed instead. When full, a new sequence replaces the lowest score if it scores higher.
+    twice: its score is refreshed instead.
     """
 
     def __init__(
@@ -126,11 +144,16 @@ class ReplayHeap:
         temperature_floor: float = 0.1,
         max_replays: int | None = None,
         ranking: str = "loss",
+        admission: str = "loss",
+        seed: int = 0,
     ):
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity={capacity!r} is invalid: allowed values are integers >= 1")
         _check_choice("sampling", sampling, SAMPLINGS)
         _check_choice("ranking", ranking, RANKINGS)
+        _check_choice("admission", admission, ADMISSIONS)
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed={seed!r} is invalid: allowed values are integers >= 0")
         if max_replays is not None and (not isinstance(max_replays, int) or max_replays < 1):
             raise ValueError(f"max_replays={max_replays!r} is invalid: allowed values are None or integers >= 1")
         self.capacity = capacity
@@ -138,11 +161,15 @@ class ReplayHeap:
         self.temperature_floor = float(temperature_floor)
         self.max_replays = max_replays
         self.ranking = ranking
+        self.admission = admission
+        self.seed = int(seed)
+        self.seen = 0  # sequences offered so far (the reservoir's n)
         self.input_ids: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.attention_masks: list[torch.Tensor] = []
         self.losses: list[float] = []  # the latest mean readout CE of each entry
         self.reference_losses: list[float] = []  # NaN until a reference model has scored the entry
+        self.best_losses: dict[int, float] = {}  # entry id -> the lowest loss it has had (ranking="forgotten")
         self.ids: list[int] = []
         self.fingerprints: list[str] = []
         self.replays: dict[int, int] = {}  # every sequence that ever entered -> times replayed (for rotation)
@@ -158,6 +185,8 @@ class ReplayHeap:
             return [
                 loss - ref if not math.isnan(ref) else loss for loss, ref in zip(self.losses, self.reference_losses)
             ]
+        if self.ranking == "forgotten":
+            return [loss - self.best_losses.get(i, loss) for loss, i in zip(self.losses, self.ids)]
         return list(self.losses)
 
     @staticmethod
@@ -176,10 +205,20 @@ class ReplayHeap:
             if not math.isfinite(loss):
                 continue
             print_ = self.fingerprint(ids)
+            self.seen += 1
             if print_ in self.fingerprints:
-                self.losses[self.fingerprints.index(print_)] = loss
+                held = self.fingerprints.index(print_)
+                self.losses[held] = loss
+                self._note_best(held)
                 continue
-            if len(self) >= self.capacity:
+            if self.admission == "reservoir":
+                if self.seen > self.capacity:
+                    slot = int(np.random.default_rng([self.seed, self.seen]).integers(self.seen))
+                    if slot >= self.capacity:
+                        continue
+                    if len(self) >= self.capacity:
+                        self._remove(slot)
+            elif len(self) >= self.capacity:
                 scores = self.scores
                 lowest = int(np.argmin(scores))
                 # compare like with like: a new sequence has no reference loss yet, so compare raw losses
@@ -195,10 +234,16 @@ class ReplayHeap:
             self.fingerprints.append(print_)
             self.replays[self.next_id] = 0
             self.next_id += 1
+            self._note_best(len(self) - 1)
             entered += 1
         return entered
 
+    def _note_best(self, index: int) -> None:
+        entry = self.ids[index]
+        self.best_losses[entry] = min(self.best_losses.get(entry, math.inf), self.losses[index])
+
     def _remove(self, index: int) -> None:
+        self.best_losses.pop(self.ids[index], None)
         for store in (self.input_ids, self.labels, self.attention_masks, self.losses, self.reference_losses, self.ids, self.fingerprints):
             del store[index]
 
@@ -213,6 +258,8 @@ class ReplayHeap:
             return
         ids, labels, mask = self.batch(range(len(self)))
         self.losses = score_sequences(model, ids, labels, mask, batch_size).tolist()
+        for index in range(len(self)):
+            self._note_best(index)
         if reference_model is not None:
             missing = [i for i, ref in enumerate(self.reference_losses) if math.isnan(ref)]
             if missing:
@@ -284,8 +331,12 @@ class ReplayHeap:
             "temperature_floor": self.temperature_floor,
             "max_replays": self.max_replays,
             "ranking": self.ranking,
+            "admission": self.admission,
+            "seed": self.seed,
+            "seen": self.seen,
             "losses": self.losses,
             "reference_losses": [None if math.isnan(r) else r for r in self.reference_losses],
+            "best_losses": {str(k): v for k, v in self.best_losses.items()},
             "ids": self.ids,
             "fingerprints": self.fingerprints,
             "replays": {str(k): v for k, v in self.replays.items()},
@@ -295,12 +346,19 @@ class ReplayHeap:
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        admission = meta.get("admission", "loss")  # heaps saved before admission existed replaced the lowest score
+        if admission != self.admission:
+            raise ValueError(f"the saved heap has admission={admission!r} but this one has admission="
+                             f"{self.admission!r}: build it with the saved admission to resume")  # fmt: skip
+        self.seed = int(meta.get("seed", self.seed))
+        self.seen = int(meta.get("seen", 0))
         n = len(meta["ids"])
         self.input_ids = [tensors[f"heap.{i}.input_ids"].clone() for i in range(n)]
         self.labels = [tensors[f"heap.{i}.labels"].clone() for i in range(n)]
         self.attention_masks = [tensors[f"heap.{i}.attention_mask"].clone() for i in range(n)]
         self.losses = [float(x) for x in meta["losses"]]
         self.reference_losses = [float("nan") if r is None else float(r) for r in meta["reference_losses"]]
+        self.best_losses = {int(k): float(v) for k, v in meta.get("best_losses", {}).items()}
         self.ids = [int(x) for x in meta["ids"]]
         self.fingerprints = list(meta["fingerprints"])
         self.replays = {int(k): int(v) for k, v in meta["replays"].items()}
@@ -590,7 +648,15 @@ class SleepCallback(TrainerCallback):
 
     Args:
         every (`int`, defaults to 10): sleep after every `every` optimizer steps.
-        capacity, sampling, temperature_floor, max_replays, ranking: the `ReplayHeap`.
+        capacity, sampling, temperature_floor, ranking: the `ReplayHeap`.
+        admission (`str`, defaults to "reservoir"): the `ReplayHeap`'s; "reservoir" keeps a uniform sample of every
+            sequence trained on (in `eval/sleep_retention.py` it is what lets sleep reduce forgetting), "loss" the
+            hardest (the reference's). The reservoir draws with the sampling seed.
+        max_replays (`int`, *optional*, defaults to None): retire a heap entry after this many replays (None: never).
+            Off by default because retirement drains a reservoir of what it keeps: the hardest entries, those of the
+            earliest data, are dreamt most, retire first, and only the current data can refill their slots (in
+            `eval/sleep_retention.py`, 16 replays doubled sleep's forgetting). With admission="loss" set it (E10 uses
+            3): there it is what keeps an unlearnable sequence from being dreamt at every sleep.
         n_dreams (`int`, defaults to 4): sequences dreamt on per sleep; n_random (`int`, defaults to 4): uniformly
             drawn other heap entries consolidated on with them.
         weighting, steps, lr, max_grad_norm, max_weight: the `ConsolidationConfig` (steps=0: dream only).
@@ -613,8 +679,9 @@ class SleepCallback(TrainerCallback):
         capacity: int = 16,
         sampling: str = "softmax",
         temperature_floor: float = 0.1,
-        max_replays: int | None = 8,
+        max_replays: int | None = None,
         ranking: str = "loss",
+        admission: str = "reservoir",
         n_dreams: int = 4,
         n_random: int = 4,
         weighting: str = "hard",
@@ -635,7 +702,8 @@ class SleepCallback(TrainerCallback):
         if ranking == "reducible" and reference_model is None:
             raise ValueError("ranking='reducible' needs a reference_model (a frozen model to subtract the loss of)")
         self.every = every
-        self.heap = ReplayHeap(capacity, sampling, temperature_floor, max_replays, ranking)
+        self.heap = ReplayHeap(capacity, sampling, temperature_floor, max_replays, ranking, admission,
+                               seed if seed is not None else 0)  # fmt: skip
         self.consolidation = ConsolidationConfig(weighting=weighting, steps=steps, lr=lr, max_grad_norm=max_grad_norm,
                                                  max_weight=max_weight)  # fmt: skip
         self.n_dreams, self.n_random = n_dreams, n_random
@@ -677,6 +745,8 @@ class SleepCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.seed is None:
             self.seed = args.seed
+            if not self.heap.seen:  # a fresh heap draws its reservoir with the run's seed (a resumed one keeps its)
+                self.heap.seed = int(self.seed)
         if self.consolidator is None and self.consolidation.steps > 0:
             self.consolidator = Consolidator(model, self.consolidation)
         self._start_compaction(model)

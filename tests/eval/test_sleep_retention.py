@@ -106,11 +106,23 @@ def test_retention_bookkeeping_against_a_hand_computed_matrix():
         script.retention_summary([[1.0, 2.0]])
 
 
-def test_the_reservoir_is_a_bounded_uniform_sample_of_everything_offered():
-    heap = script.ReservoirHeap(capacity=4, seed=0)
+def test_the_replay_stores_of_the_arms():
+    """uniform_replay draws uniformly from the library's reservoir; sleep follows SleepCallback's default admission
+    (the reservoir); the loss heaps and the diagnostic keep the loss admission; train_longer draws the stage."""
+    s = script.settings(quick=True, awake=False)
+    stores = {arm: script.make_callback(arm, s, seed=2).heap for arm in ("uniform_replay", "loss_replay", "sleep",
+                                                                         "sleep_loss_admission", "train_longer")}
+    default = script.SleepCallback().heap.admission
+    assert stores["sleep"].admission == default == "reservoir" and stores["sleep"].sampling == "softmax"
+    assert stores["sleep"].max_replays is script.SleepCallback().heap.max_replays is None and stores["sleep"].seed == 2
+    assert stores["sleep_loss_admission"].max_replays == s["max_replays"]  # the sleep arm as it was before issue 22
+    assert (stores["uniform_replay"].admission, stores["uniform_replay"].sampling) == ("reservoir", "uniform")
+    assert stores["uniform_replay"].max_replays is None
+    assert stores["loss_replay"].admission == stores["sleep_loss_admission"].admission == "loss"
+    assert script.make_callback("no_replay", s, seed=0) is None
     counts = np.zeros(40)
     for trial in range(300):
-        heap = script.ReservoirHeap(capacity=4, seed=trial)
+        heap = script.make_callback("uniform_replay", {**s, "capacity": 4}, seed=trial).heap
         for start in range(0, 40, 8):
             ids = torch.arange(start, start + 8)[:, None].repeat(1, 3)
             heap.offer(ids, ids, torch.ones(8))
@@ -119,7 +131,7 @@ def test_the_reservoir_is_a_bounded_uniform_sample_of_everything_offered():
             counts[int(row[0])] += 1
     # every sequence ends in the reservoir with probability 4/40, early ones as often as late ones
     assert counts.sum() == 1200 and counts[:20].sum() == pytest.approx(counts[20:].sum(), rel=0.15)
-    pool = script.StagePool()
+    pool = stores["train_longer"]
     pool.fill(packed([[1, 2, 3], [4, 5, 6]]))
     assert len(pool) == 2 and pool.offer(torch.zeros(1, 3), torch.zeros(1, 3), torch.ones(1)) == 0 and len(pool) == 2
 
@@ -146,8 +158,9 @@ def test_quick_run_honours_equal_compute_and_the_replay_share(tmp_path):
             assert len(row["rotation"]) == 3 * (s["steps"] // s["every"])
             assert all(sum(r["replayed_from"]) == s["replay"] for r in row["rotation"])
         assert row["wall_seconds"] > 0 and row["memory_held_bytes"] >= 0
-    # uniform replay reaches back to earlier stages; train_longer never does
+    # uniform replay and sleep (its reservoir) reach back to earlier stages; train_longer never does
     assert record["uniform_replay"]["earlier_stage_replay_share"] > 0
+    assert record["sleep"]["earlier_stage_replay_share"] > 0
     assert record["train_longer"]["earlier_stage_replay_share"] == 0
     assert record["reducible_loss_replay"]["memory_held_bytes"] > record["loss_replay"]["memory_held_bytes"]
     assert record["sleep"]["retention"] != record["loss_replay"]["retention"]  # compaction + hard weighting acted

@@ -78,6 +78,26 @@ def test_the_brain_round_trips_exactly(tokenizer, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
+def test_a_reservoir_heap_comes_back_with_the_brain_and_a_preset_can_ask_for_it(tokenizer, tmp_path):
+    from modeling_ctm.memory.session import session_from_spec
+
+    session = _session(tokenizer)
+    session.heap = ReplayHeap(capacity=4, admission="reservoir", seed=7)
+    for message in ("a dog ran in the park", "the cat sat"):
+        session.say(message)
+        session.end()
+    session.save(tmp_path / "brain")
+    loaded = CTMOnlineSession.load(tmp_path / "brain")
+    assert (loaded.heap.admission, loaded.heap.seed, loaded.heap.seen) == ("reservoir", 7, session.heap.seen) != (
+        "reservoir", 7, 0)  # fmt: skip
+    assert loaded.heap.fingerprints == session.heap.fingerprints
+    model = tiny_model(vocab_size=len(tokenizer), ctm_carry="chunk", ctm_chunk_size=4, max_position_embeddings=256)
+    spec = {"sleep": {"capacity": 8, "admission": "reservoir", "steps": 1}, "session": {"sleep_every": 2}}
+    heap = session_from_spec(model, tokenizer, spec).heap
+    assert (heap.capacity, heap.admission) == (8, "reservoir")
+    assert session_from_spec(model, tokenizer, {"sleep": {"steps": 1}}).heap.admission == "loss"
+
+
 def _brain(session):
     """Everything score() must leave untouched: weights, memory buffers (recency included), counters."""
     tensors = {f"model.{k}": v.clone() for k, v in session.model.state_dict().items()}

@@ -3,6 +3,7 @@ identical, resume reproduces the uninterrupted run, and K never changes."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import HELPERS
@@ -10,7 +11,16 @@ from helpers.processes import run_on_two_processes
 from tiny import tiny_blocks, tiny_model, tiny_training_args
 
 from modeling_ctm.fmri import draw_thinking_map
-from modeling_ctm.memory.sleep import ConsolidationConfig, Consolidator, ReplayHeap, SleepCallback, dream, gini, sleep
+from modeling_ctm.memory.sleep import (
+    ConsolidationConfig,
+    Consolidator,
+    ReplayHeap,
+    SleepCallback,
+    dream,
+    gini,
+    score_sequences,
+    sleep,
+)
 from modeling_ctm.training.phases import freeze_for_thinking
 from modeling_ctm.training.trainers import ContinuityTrainer, CTMTrainer
 
@@ -60,10 +70,119 @@ def test_heap_is_bounded_deduplicates_and_evicts_the_lowest():
     assert gini([5, 0, 0, 0]) == pytest.approx(0.75) and gini([2, 2, 2]) == 0.0
 
 
-@pytest.mark.parametrize("field,value", [("capacity", 0), ("sampling", "max"), ("ranking", "rho"), ("max_replays", 0)])
+@pytest.mark.parametrize("field,value", [("capacity", 0), ("sampling", "max"), ("ranking", "rho"), ("max_replays", 0),
+                                         ("admission", "fifo"), ("seed", -1)])  # fmt: skip
 def test_heap_refuses_bad_settings(field, value):
     with pytest.raises(ValueError, match=field):
         ReplayHeap(**{field: value})
+
+
+def test_a_bad_admission_is_refused_with_the_allowed_values():
+    with pytest.raises(ValueError, match=r"admission='fifo' is invalid: allowed values are \['reservoir', 'loss'\]"):
+        SleepCallback(admission="fifo")
+    with pytest.raises(ValueError, match="admission"):
+        SleepCallback.from_preset({"admission": "newest"})
+    assert SleepCallback.from_preset({"admission": "loss"}).heap.admission == "loss"
+    assert SleepCallback().heap.admission == "reservoir" and ReplayHeap().admission == "loss"
+
+
+def _stages(n_stages=3, per_stage=120, length=3):
+    """A stream of distinct sequences in stages; every new stage starts harder than the last ended (as a new cipher
+    does), so a loss admission lets it push the old ones out. Row k is [k, k, k] (+1 so no id is 0)."""
+    for stage in range(n_stages):
+        for start in range(stage * per_stage, (stage + 1) * per_stage, 8):
+            ids = (torch.arange(start, start + 8) + 1)[:, None].repeat(1, length)
+            yield stage, ids, 8.0 + stage - torch.linspace(0, 0.5, 8) * (start % per_stage) / per_stage
+
+
+def _stage_shares(heap, per_stage=120, n_stages=3):
+    held = [(int(row[0]) - 1) // per_stage for row in heap.input_ids]
+    return np.bincount(held, minlength=n_stages) / len(held)
+
+
+def test_a_reservoir_keeps_every_stage_in_proportion_and_a_loss_heap_only_the_last():
+    shares = []
+    for seed in range(40):
+        heap = ReplayHeap(capacity=12, admission="reservoir", seed=seed)
+        for _, ids, losses in _stages():
+            heap.offer(ids, ids, losses)
+            assert len(heap) <= 12
+        assert heap.seen == 360
+        shares.append(_stage_shares(heap))
+    # each of 3 equal stages: 1/3 of the reservoir in expectation (40 runs x 12 slots: sd of a share ~0.04)
+    np.testing.assert_allclose(np.mean(shares, axis=0), [1 / 3] * 3, atol=0.08)
+    assert np.mean([share[0] for share in shares]) > 0.2  # the first stage survives two shifts
+    loss = ReplayHeap(capacity=12, admission="loss")
+    for _, ids, losses in _stages():
+        loss.offer(ids, ids, losses)
+    np.testing.assert_allclose(_stage_shares(loss), [0, 0, 1])  # the failure issue 22 measured
+    again = ReplayHeap(capacity=12, admission="reservoir", seed=3)
+    for _, ids, losses in _stages():
+        again.offer(ids, ids, losses)
+    reference = ReplayHeap(capacity=12, admission="reservoir", seed=3)
+    for _, ids, losses in _stages():
+        reference.offer(ids, ids, losses)
+    assert again.fingerprints == reference.fingerprints  # seeded: the same stream gives the same sample
+
+
+def test_a_slot_freed_by_retirement_is_refilled_at_the_reservoirs_rate_not_by_the_next_sequence():
+    admitted = {"reservoir": 0, "loss": 0}
+    for admission in admitted:
+        for seed in range(30):
+            heap = ReplayHeap(capacity=4, admission=admission, seed=seed, max_replays=1)
+            ids = torch.arange(1, 401)[:, None].repeat(1, 2)
+            heap.offer(ids, ids, torch.full((400,), 5.0))
+            heap.mark_replayed([0])  # retired: one slot free
+            assert len(heap) == 3 and heap.retired == 1
+            new = torch.tensor([[999, 999]])
+            admitted[admission] += heap.offer(new, new, torch.tensor([1.0]))
+    assert admitted["loss"] == 30  # the free slot goes to whatever comes next
+    assert admitted["reservoir"] <= 3  # probability 4/401 each
+
+
+def test_forgotten_ranking_is_the_loss_above_the_lowest_the_entry_has_had():
+    heap = ReplayHeap(capacity=4, ranking="forgotten")
+    ids = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    heap.offer(ids, ids, torch.tensor([2.0, 5.0, 8.0]))
+    assert heap.scores == [0.0, 0.0, 0.0]  # nothing forgotten yet: all still at their best
+    heap.offer(ids, ids, torch.tensor([6.0, 4.0, 8.5]))  # seen again: the first was learned and lost
+    assert heap.scores == [4.0, 0.0, 0.5]
+    model = tiny_model(seed=0)
+    heap.rescore(model)
+    fresh = score_sequences(model, ids, ids).tolist()
+    expected = [now - min(best, now) for now, best in zip(fresh, [2.0, 4.0, 8.0])]
+    assert heap.scores == pytest.approx(expected)
+    tensors, meta = heap.state_dict()
+    loaded = ReplayHeap(capacity=4, ranking="forgotten")
+    loaded.load_state_dict(tensors, json.loads(json.dumps(meta)))
+    assert loaded.scores == heap.scores
+    heap.max_replays = 1
+    heap.mark_replayed([0])  # retired: its record goes with it
+    assert len(heap) == 2 and heap.best_losses.keys() == set(heap.ids)
+
+
+def test_a_reservoir_heap_state_round_trips_through_json_and_draws_on_as_before():
+    stream = list(_stages())
+    full = ReplayHeap(capacity=6, admission="reservoir", seed=5)
+    cut = ReplayHeap(capacity=6, admission="reservoir", seed=5)
+    for _, ids, losses in stream[:20]:
+        full.offer(ids, ids, losses)
+        cut.offer(ids, ids, losses)
+    tensors, meta = cut.state_dict()
+    meta = json.loads(json.dumps(meta))  # what a checkpoint holds: JSON + tensors, no pickle
+    assert meta["admission"] == "reservoir" and meta["seen"] == 160 and meta["seed"] == 5
+    resumed = ReplayHeap(capacity=6, admission="reservoir")  # the seed comes back with the state
+    resumed.load_state_dict(tensors, meta)
+    for _, ids, losses in stream[20:]:
+        full.offer(ids, ids, losses)
+        resumed.offer(ids, ids, losses)
+    assert resumed.fingerprints == full.fingerprints and resumed.seen == full.seen == 360
+    assert resumed.ids == full.ids and resumed.losses == full.losses
+    with pytest.raises(ValueError, match="admission='reservoir'"):
+        ReplayHeap(capacity=6, admission="loss").load_state_dict(tensors, meta)
+    legacy = {k: v for k, v in ReplayHeap(capacity=2).state_dict()[1].items()
+              if k not in ("admission", "seed", "seen")}  # fmt: skip
+    ReplayHeap(capacity=2).load_state_dict({}, legacy)  # a heap saved before admission existed was a loss heap
 
 
 def _all_wrong_sequence(model, length=12):

@@ -66,6 +66,12 @@ def _delta_rule_on_the_synapse(tmp_path):
     PlasticityConfig(rule="delta", targets=["out_proj", "synapse"])
 
 
+def _mlp_target_without_a_kept_mlp(tmp_path):
+    from modeling_ctm.memory.plasticity import HebbianPlasticity, PlasticityConfig
+
+    HebbianPlasticity(tiny_model(ctm_layers="last", ctm_mlp="replace"), PlasticityConfig(rule="delta", targets=["mlp"]))
+
+
 def _empty_prompt(tmp_path):
     tiny_model()(input_ids=torch.zeros(1, 0, dtype=torch.long))
 
@@ -229,7 +235,9 @@ TABLE = [
     ("`CTMConfig(ctm_token_shift=\"conv\")`", _bad_token_shift, ValueError, ["ctm_token_shift", "none", "embedding"]),
     ("`PlasticityConfig(rule=\"oja\")`", _bad_plasticity_rule, ValueError, ["PlasticityConfig.rule", "delta"]),
     ("`PlasticityConfig(rule=\"delta\")` with the synapse", _delta_rule_on_the_synapse, ValueError,
-     ["PlasticityConfig.targets", "['out_proj']"]),
+     ["PlasticityConfig.targets", "['out_proj']", "['mlp']"]),
+    ("`PlasticityConfig(rule=\"delta\", targets=[\"mlp\"])` on a model whose block replaced the MLP",
+     _mlp_target_without_a_kept_mlp, ValueError, ["PlasticityConfig.targets", "ctm_mlp='keep'"]),
     ("empty prompt, `model(input_ids=<1x0>)`", _empty_prompt, ValueError, ["input_ids", "(1, 0)"]),
     ("empty prompt, `model.generate(<1x0>)`", _empty_prompt_generate, ValueError, ["input_ids", "(1, 0)"]),
     ("token id >= vocab_size", _token_id_too_large, ValueError, ["input_ids", "97", "96"]),

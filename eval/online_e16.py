@@ -11,14 +11,20 @@ common nouns; a fact set is `facts` = 10 names with a random one-to-one assignme
 rows assign codes at random too, so no name has a code the model could know: only what it was told can explain a hit.
 Chance is 1/10 for every recall metric but `exact`.
 
-Model (trained in this script, once and shared by the seeds as in E7, or per seed with `--set shared_model=false`):
-a tiny `CTMForCausalLM` (2 layers, the last thinks, `ctm_carry="chunk"`),
-trained by `ContinuityTrainer` (attention cut between 2 chunks, so only the thinking state crosses) on a mix of held-in
-filler text (a small grammar) and fact documents: "carry" rows tell 10 facts in chunk 1 and ask for them in
-chunk 2 (the state must carry them), "context" rows tell and ask inside one chunk (in-context recall, which the oracle
-needs). In the sentence form training asks with the question and its paraphrase half each; in the pair form the
-paraphrase ("So NAME") is never trained (an unseen paraphrase, as the anchor protocol asks). Phase 4's
-session rule is kept: everything but the thinking blocks is frozen (what sleep and `learn_from` may change).
+Model (`online_base.py`; trained in this script, once and shared by the seeds as in E7, or per seed with `--set
+shared_model=false`; `--set base_dir=DIR` keeps it and reuses it while the settings it depends on agree), in two
+stages as the main job's phases: (1) the reader, a plain decoder (2 layers, d=128, `ctm_token_shift="embedding"`)
+trained on `reading_rows`, multi-query recall in the session's own tokens ("NAME WORD." told, then asked; every token
+a target), so that it reads a fact from its context: the oracle's skill, the experiment's positive control; (2) a CTM
+block added beside the last layer's MLP (`start_thinking(ctm_mlp="keep")`: the reader's function exactly at the start)
+and trained alone (`base_freeze`) by `ContinuityTrainer` with the attention cut between 2 chunks on held-in filler text
+(a small grammar) and fact documents: "carry" rows tell 10 facts in chunk 1 and ask for them in chunk 2 (only the
+carried state can answer), "context" rows tell and ask inside one chunk. `--set reading_steps=0` trains the CTM from
+scratch in stage 2 alone (the earlier base; its oracle was at chance). In the sentence form training asks with the
+question and its paraphrase half each; in the pair form the paraphrase ("So NAME") is never trained (an unseen
+paraphrase, as the anchor protocol asks). Phase 4's session rule is kept: everything but the thinking blocks is frozen
+(what sleep and `learn_from` may change); the Hebbian arm's rule (`plasticity`, PlasticityConfig fields) is the delta
+rule on the kept MLP by default.
 
 Per trial: conversation 1 tells the 10 facts, one user message each (the model replies `reply_tokens` tokens). Then N
 distractor conversations of held-out filler text (`distractor_turns` messages each) follow, N = 0, 4, 16
@@ -32,8 +38,8 @@ the question, then the log-probability of each code; the brain is not changed by
     all         episodic + Hebbian + learn_from + sleep every `sleep_every` conversations (phase 4's stack)
     placebo     `all`, but conversation 1 tells the same names with other codes (a derangement): the recall of the
                 true codes must fall to chance or below if the stack stores what it was told
-    rag         no stack; the user messages of the stored conversation whose key (the episodic memory's own key, mean
-                input embedding) best matches the question are put in front of it (retrieval among the distractors)
+    rag         no stack; the user messages of the stored conversation whose key (the episodic memory's own,
+                `key_function`) best matches the question are put in front of it (retrieval among the distractors)
     oracle      no stack; conversation 1's messages are put in front of the question (the upper bound of reading)
 
 `off`, `rag` and `oracle` change no weights and carry nothing across conversations, so their conversations are not
@@ -70,8 +76,9 @@ import torch
 
 torch.set_num_threads(1)  # tiny tensors; a busy shared CPU makes extra threads a loss
 
-from online_e16_report import draw_retention, format_markdown  # noqa: E402  (sibling modules: the report and
-from online_facts import (  # noqa: E402  (the language: names, codes, filler text, training rows)
+from online_base import base_model  # noqa: E402  (sibling modules: the base model, the report,
+from online_e16_report import draw_retention, format_markdown  # noqa: E402
+from online_facts import (  # noqa: E402  (the language: names, codes, filler text)
     CODES,
     FORMS,
     NAMES,
@@ -80,26 +87,21 @@ from online_facts import (  # noqa: E402  (the language: names, codes, filler te
     paraphrase,
     question,
     statement,
-    training_rows,
 )
-from transformers import set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
+from modeling_ctm import CTMForCausalLM  # noqa: E402
 from modeling_ctm.experiments import (  # noqa: E402
     MachineLoad,
     experiment_parser,
     summarize_arms,
-    tiny_config,
-    train_experiment_model,
     write_results,
 )
-from modeling_ctm.memory.episodic import CTMEpisodicMemory, mean_input_embedding  # noqa: E402
+from modeling_ctm.memory.episodic import KEY_FUNCTIONS, SIZED_KEY_FUNCTIONS, CTMEpisodicMemory  # noqa: E402
 from modeling_ctm.memory.plasticity import HebbianPlasticity, PlasticityConfig, memory_held_bytes  # noqa: E402
 from modeling_ctm.memory.session import CTMOnlineSession, OnlineConfig  # noqa: E402
 from modeling_ctm.memory.sleep import ConsolidationConfig, Consolidator, ReplayHeap  # noqa: E402
 from modeling_ctm.training.phases import freeze_for_thinking  # noqa: E402
-from modeling_ctm.training.trainers import ContinuityTrainer  # noqa: E402
 
 
 ARMS = {
@@ -119,8 +121,8 @@ class Settings:
     seeds: int = 3
     # model (CTMConfig fields) and tokenizer
     vocab_size: int = 640
-    hidden_size: int = 64
-    intermediate_size: int = 192
+    hidden_size: int = 128  # d=64 did not form the lookup in 2,000 steps (4 runs); d=128 did (oracle 1.0)
+    intermediate_size: int = 384
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     ctm_ticks: int = 3
@@ -130,16 +132,24 @@ class Settings:
     ctm_nlm_hidden_size: int = 8
     ctm_synapse_depth: int = 4
     ctm_chunk_size: int = 16
-    ctm_token_shift: str = "none"  # "embedding": each position also sees its previous token (issue 27)
-    # training
+    ctm_token_shift: str = "embedding"  # each position also sees its previous token: the lookup forms (issue 27)
+    ctm_mlp: str = "keep"  # the block beside the reader's MLP (exact start; the delta rule's "mlp" target)
+    # training, stage 1 (the reader): a plain decoder learns to read a fact from its context (the oracle's skill)
+    reading_steps: int = 2000  # 0: no reader stage, the CTM trained from scratch in stage 2 alone (the old base)
+    reading_batch: int = 64
+    reading_lr: float = 1e-3
+    reading_share: float = 1.0  # of the reader's rows: facts told and asked (the rest filler text)
+    # training, stage 2: the CTM block added (start_thinking) and trained with the carry
+    base_freeze: str = "non_ctm"  # what stage 2 trains when a reader was trained first: the block alone
     chunk_length: int = 80  # two chunks per training row; a fact set (70 tokens) fits in one
-    train_steps: int = 1500
+    train_steps: int = 300
     batch_size: int = 16
     learning_rate: float = 3e-3
     carry_share: float = 0.25
     context_share: float = 0.7
     fact_form: str = "pair"  # a key of FORMS
     shared_model: bool = True  # one model for all seeds (seeds vary the facts, the distractors and the arms' draws)
+    base_dir: str | None = None  # keep the trained base here and reuse it when the settings it was trained with agree
     # protocol
     facts: int = 10
     trials: int = 3
@@ -152,6 +162,10 @@ class Settings:
     # the memory stack (phase 4's tiny preset unless stated)
     recall_threshold: float = 0.0  # a pair question is one word: recall the best episode (retrieval is scored)
     memory_capacity: int = 64
+    key_function: str = "token_set"  # the episodic memory's key, which rag retrieves by too (KEY_FUNCTIONS)
+    key_size: int = 1024  # token_set's size: less crosstalk between texts than the hidden size
+    # PlasticityConfig fields of the Hebbian arm: the delta rule on the kept MLP ({}: the default Hebbian rule)
+    plasticity: dict = field(default_factory=lambda: dict(rule="delta", targets=["mlp"], presynaptic="centered"))
     learn_rate: float = 0.05
     learn_anchor: float = 1.0
     sleep_every: int = 4
@@ -172,60 +186,33 @@ class Settings:
             raise ValueError(f"distractors={self.distractors} is invalid: allowed values are increasing integers >= 0")
         if self.chunk_length % self.ctm_chunk_size:
             raise ValueError(f"chunk_length={self.chunk_length} is invalid: a multiple of ctm_chunk_size")
+        if not 0 <= self.reading_share <= 1:
+            raise ValueError(f"reading_share={self.reading_share} is invalid: allowed values are numbers in [0, 1]")
+        if self.reading_steps < 0:
+            raise ValueError(f"reading_steps={self.reading_steps} is invalid: allowed values are integers >= 0")
         if self.carry_share + self.context_share > 1 or min(self.carry_share, self.context_share) < 0:
             raise ValueError("carry_share and context_share are invalid: two shares >= 0 summing to at most 1")
+        if self.key_function not in KEY_FUNCTIONS:
+            raise ValueError(f"key_function={self.key_function!r} is invalid: allowed values are {sorted(KEY_FUNCTIONS)}")
+        PlasticityConfig(**self.plasticity)  # raises naming the field
         for name in ("trials", "train_steps", "batch_size", "reply_tokens", "ce_paragraphs", "sleep_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: allowed values are integers >= 1")
 
 
-QUICK = dict(train_steps=4, batch_size=4, trials=1, facts=3, distractors=[0, 2], neighbours=3, ce_paragraphs=2,
+# the settings the base model depends on (base_dir reuses a base only when they agree)
+QUICK = dict(train_steps=4, batch_size=4, reading_steps=4, reading_batch=4, trials=1, facts=3, distractors=[0, 2], neighbours=3, ce_paragraphs=2,
              sleep_every=2)  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The model
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def model_config(settings: Settings, tokenizer) -> CTMConfig:
-    return tiny_config(
-        settings,
-        vocab_size=len(tokenizer),
-        num_key_value_heads=settings.num_attention_heads,
-        max_position_embeddings=512,
-        ctm_layers="last",
-        ctm_readout="last",
-        ctm_loss_tick_aux_weight=0.5,
-        ctm_loss_certain_weight=0.0,
-        ctm_carry="chunk",
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-
-
-def train_model(settings: Settings, tokenizer, corpus: Corpus, seed: int) -> tuple[CTMForCausalLM, list[dict]]:
-    set_seed(seed)
-    model = CTMForCausalLM(model_config(settings, tokenizer))
-    rows = training_rows(settings, tokenizer, corpus, settings.train_steps * settings.batch_size, seed=1_000 + seed)
-    return train_experiment_model(
-        ContinuityTrainer,
-        model,
-        rows,
-        trainer={"chunk_length": settings.chunk_length, "gradient_window": 1, "cut_attention": True},
-        seed=seed,
-        max_steps=settings.train_steps,
-        per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        warmup_steps=max(1, settings.train_steps // 20),
-        lr_scheduler_type="cosine",
-        logging_steps=max(1, settings.train_steps // 8),
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Sessions and the questions
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def key_options(settings: Settings) -> dict:
+    sized = settings.key_function in SIZED_KEY_FUNCTIONS
+    return {"key_function": settings.key_function, **({"key_size": settings.key_size} if sized else {})}
 
 
 def make_session(arm: str, base: CTMForCausalLM, tokenizer, settings: Settings) -> CTMOnlineSession:
@@ -234,9 +221,11 @@ def make_session(arm: str, base: CTMForCausalLM, tokenizer, settings: Settings) 
     freeze_for_thinking(model, "non_ctm")  # phase 4's rule: sleep and learn_from change the thinking blocks only
     stack = {"episodic", "hebbian", "learn_from"} if arm in ("all", "placebo") else {arm}
     memory = (
-        CTMEpisodicMemory.for_model(model.config, capacity=settings.memory_capacity) if "episodic" in stack else None
+        CTMEpisodicMemory.for_model(model.config, capacity=settings.memory_capacity, **key_options(settings))
+        if "episodic" in stack
+        else None
     )
-    plasticity = HebbianPlasticity(model, PlasticityConfig()) if "hebbian" in stack else None
+    plasticity = HebbianPlasticity(model, PlasticityConfig(**settings.plasticity)) if "hebbian" in stack else None
     heap = consolidator = None
     if arm in ("all", "placebo"):
         heap = ReplayHeap(capacity=settings.sleep_capacity)
@@ -260,13 +249,11 @@ def converse(session: CTMOnlineSession, messages: list[str]) -> tuple[float, int
     return time.perf_counter() - started, report["tokens"]
 
 
-def prompt_with(texts: list[str], question: str) -> str:
-    return " ".join(texts + [question])
-
-
 def ask(session: CTMOnlineSession, question: str, true_code: str, context: list[str] | None = None) -> dict:
     """Score the 10 codes after `question` (with `context` messages in front for rag/oracle)."""
-    scored = session.score(prompt_with(context or [], question), [f" {c}" for c in CODES])
+    # the messages in front as separate turns, each encoded alone as the session encodes what it is told (joined into
+    # one string, the names after the first would be other tokens, " NAME" for "NAME", than the ones told)
+    scored = session.score([*(context or []), question], [f" {c}" for c in CODES])
     log_probs = scored["log_probs"]
     truth = CODES.index(true_code)
     return {
@@ -368,8 +355,10 @@ def run_trial(base, tokenizer, corpus: Corpus, settings: Settings, rng: random.R
         cost.setdefault(arm, {})["ms_per_token"] = 1000 * seconds / max(tokens, 1)
 
     # the arms without a stack: the trained model asked, with nothing / the retrieved / the true messages in front
-    keys = lambda texts: mean_input_embedding(  # noqa: E731
-        off.model, tokenizer(" ".join(texts), return_tensors="pt", add_special_tokens=False).input_ids, None
+    # rag retrieves by the episodic memory's own key, computed from the user messages as the session files them
+    index = CTMEpisodicMemory.for_model(off.model.config, capacity=1, **key_options(settings))
+    keys = lambda texts: index.key_of(  # noqa: E731
+        off.model, torch.cat([off.encode(text, used=0) for text in texts], dim=1), None
     )
     for n in settings.distractors:
         library = [told] + distractors[:n]  # the user messages of every conversation lived so far
@@ -406,9 +395,9 @@ def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
         model_seed = 0 if settings.shared_model else seed
         if model_seed not in trained:
             t0 = time.perf_counter()
-            trained[model_seed] = train_model(settings, tokenizer, corpus, model_seed)
+            trained[model_seed] = base_model(settings, tokenizer, corpus, model_seed)
             last = trained[model_seed][1][-1]["loss"] if trained[model_seed][1] else "-"
-            log(f"model {model_seed}: trained in {time.perf_counter() - t0:.0f} s, loss {last}")
+            log(f"model {model_seed}: ready in {time.perf_counter() - t0:.0f} s, loss {last}")
         base, train_log = trained[model_seed]
         rng = random.Random(7_000 + seed)
         trials = [run_trial(base, tokenizer, corpus, settings, rng, t, log) for t in range(settings.trials)]

@@ -166,3 +166,28 @@ def training_rows(settings, tokenizer, corpus: Corpus, n: int, seed: int) -> Dat
         rows.append(ids)
         labels.append(targets)
     return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": labels})
+
+
+def reading_rows(settings, tokenizer, corpus: Corpus, n: int, seed: int) -> Dataset:
+    """Rows that teach a plain decoder to read a fact from its own context (the oracle's skill; issue 27). A fact row is
+    multi-query associative recall in the session's own tokens: `facts` statements "NAME WORD." (each sentence
+    tokenized alone, as a session encodes a message), then the same names asked in a random order, each answered.
+    WORD is a code or a filler word (52 values, so no guess among the codes pays), every token a target, as in the
+    MQAR rows that formed the lookup at this size (`eval/recall_base.py`). `settings.reading_share` of the rows are
+    facts, the rest held-in filler text of the same length (the language the distractors are written in)."""
+    rng = random.Random(seed)
+    words = CODES + [w for kind in FILLER.values() for w in kind]
+    form = settings.fact_form
+    length = 2 * settings.facts * max(len(fact_ids(tokenizer, question(form, n), w)) for n in NAMES for w in words)
+    rows = []
+    for _ in range(n):
+        if rng.random() < settings.reading_share:
+            pairs = list(zip(rng.sample(NAMES, settings.facts), [rng.choice(words) for _ in range(settings.facts)]))
+            told = [fact_ids(tokenizer, question(form, name), word) for name, word in pairs]
+            asked = [told[i] for i in rng.sample(range(len(pairs)), len(pairs))]
+            ids = [t for sentence in told + asked for t in sentence]
+            ids = ids + corpus.window(length - len(ids), rng)  # a longer form's rows are filled up with text
+        else:
+            ids = corpus.window(length, rng)
+        rows.append(ids)
+    return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * length] * n, "labels": rows})

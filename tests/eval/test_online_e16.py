@@ -5,6 +5,9 @@ import json
 
 import online_e16 as e16  # eval/ is on the path (pyproject.toml: pytest pythonpath)
 import pytest
+import torch
+from online_base import base_model
+from online_facts import Corpus, reading_rows, training_rows
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +24,7 @@ def test_training_rows_target_only_the_asked_codes(tokenizer, form):
         def window(length, rng):
             return [tokenizer.pad_token_id] * length
 
-    rows = e16.training_rows(settings, tokenizer, Filler, 60, seed=0)
+    rows = training_rows(settings, tokenizer, Filler, 60, seed=0)
     pad, L = tokenizer.pad_token_id, settings.chunk_length
     codes = {tokenizer.convert_tokens_to_ids("Ġ" + c) for c in e16.CODES}
     kinds = set()
@@ -72,3 +75,35 @@ def test_quick_run_writes_every_arm_and_the_controls_hold(tmp_path):
     assert seed["off"]["neighbourhood"] == 1.0  # the reference answers are the off arm's own
     assert seed["episodic@0"]["recalled"] == 1.0  # the only episode is conversation 1: every question recalls it
     assert result["cost"]["all"]["bytes_held"] > result["cost"]["episodic"]["bytes_held"] > 0
+
+
+def test_reading_rows_tell_then_ask_every_fact_in_the_session_tokens(tokenizer):
+    settings = e16.Settings(facts=4, reading_share=1.0)
+
+    class Corpus:
+        @staticmethod
+        def window(length, rng):
+            return [tokenizer.pad_token_id] * length
+
+    rows = reading_rows(settings, tokenizer, Corpus, 20, seed=0)
+    dot = tokenizer(".", add_special_tokens=False).input_ids
+    names = {tokenizer(n, add_special_tokens=False).input_ids[0] for n in e16.NAMES}  # a message's first word
+    for ids, labels in zip(rows["input_ids"], rows["labels"]):
+        assert labels == ids  # every token a target
+        sentences = [ids[i : i + 3] for i in range(0, 2 * 3 * settings.facts, 3)]
+        told, asked = sentences[: settings.facts], sentences[settings.facts :]
+        assert all(s[0] in names and s[2:] == dot for s in told)  # "NAME WORD." tokenized alone
+        assert sorted(map(tuple, asked)) == sorted(map(tuple, told)) and len({s[0] for s in told}) == settings.facts
+
+
+def test_a_base_dir_keeps_the_base_and_refuses_one_trained_otherwise(tmp_path, tokenizer):
+    settings = e16.Settings(**e16.QUICK, base_dir=str(tmp_path))
+    corpus = Corpus(tokenizer, settings)
+    trained, log = base_model(settings, tokenizer, corpus, seed=0)
+    assert {entry["stage"] for entry in log} == {"reader", "carry"} and trained.config.ctm_mlp == "keep"
+    reused, reused_log = base_model(settings, tokenizer, corpus, seed=0)
+    assert reused_log == log
+    for (name, a), (_, b) in zip(trained.state_dict().items(), reused.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="reading_lr"):
+        base_model(e16.Settings(**{**e16.QUICK, "reading_lr": 1e-2}, base_dir=str(tmp_path)), tokenizer, corpus, 0)

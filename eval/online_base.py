@@ -46,6 +46,14 @@ def model_config(settings, tokenizer) -> CTMConfig:
     )
 
 
+def train_stage(trainer_class, model, rows, steps: int, batch: int, lr: float, seed: int, **fields):
+    """One stage of the base: `steps` AdamW steps of `batch` rows, linear warm-up over 5 % then cosine decay."""
+    return train_experiment_model(
+        trainer_class, model, rows, seed=seed, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
+        warmup_steps=max(1, steps // 20), lr_scheduler_type="cosine", logging_steps=max(1, steps // 8), **fields,
+    )  # fmt: skip
+
+
 def train_reader(settings, tokenizer, corpus: Corpus, seed: int) -> tuple[CTMForCausalLM, list[dict]]:
     """Stage 1: a plain decoder (the same shape, no thinking layer) on `reading_rows`: it learns to read a fact from
     its context, the skill the oracle needs, as phase 1 does for the main job."""
@@ -54,19 +62,10 @@ def train_reader(settings, tokenizer, corpus: Corpus, seed: int) -> tuple[CTMFor
     rows = reading_rows(
         settings, tokenizer, corpus, settings.reading_steps * settings.reading_batch, seed=3_000 + seed
     )
-    return train_experiment_model(
-        CTMTrainer,
-        CTMForCausalLM(config),
-        rows,
-        seed=seed,
-        max_steps=settings.reading_steps,
-        per_device_train_batch_size=settings.reading_batch,
-        learning_rate=settings.reading_lr,
-        warmup_steps=max(1, settings.reading_steps // 20),
-        lr_scheduler_type="cosine",
-        weight_decay=0.0,
-        logging_steps=max(1, settings.reading_steps // 8),
-    )
+    return train_stage(
+        CTMTrainer, CTMForCausalLM(config), rows, settings.reading_steps, settings.reading_batch, settings.reading_lr,
+        seed, weight_decay=0.0,
+    )  # fmt: skip
 
 
 def train_model(settings, tokenizer, corpus: Corpus, seed: int) -> tuple[CTMForCausalLM, list[dict]]:
@@ -85,19 +84,10 @@ def train_model(settings, tokenizer, corpus: Corpus, seed: int) -> tuple[CTMForC
     else:
         model = CTMForCausalLM(model_config(settings, tokenizer))
     rows = training_rows(settings, tokenizer, corpus, settings.train_steps * settings.batch_size, seed=1_000 + seed)
-    model, carry_log = train_experiment_model(
-        ContinuityTrainer,
-        model,
-        rows,
+    model, carry_log = train_stage(
+        ContinuityTrainer, model, rows, settings.train_steps, settings.batch_size, settings.learning_rate, seed,
         trainer={"chunk_length": settings.chunk_length, "gradient_window": 1, "cut_attention": True},
-        seed=seed,
-        max_steps=settings.train_steps,
-        per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        warmup_steps=max(1, settings.train_steps // 20),
-        lr_scheduler_type="cosine",
-        logging_steps=max(1, settings.train_steps // 8),
-    )
+    )  # fmt: skip
     model.requires_grad_(True)  # the sessions choose what changes (phase 4's rule)
     return model, log + [{**entry, "stage": "carry"} for entry in carry_log]
 

@@ -56,6 +56,7 @@ def load_preset(name_or_path: str) -> dict:
     if missing:
         raise ValueError(f"preset {path} lacks the sections {missing}")
     check_torch_compile(preset)
+    check_recall_warmup(preset)
     return preset
 
 
@@ -141,11 +142,17 @@ def held_out_recall_rows(preset: dict, tokenizer: PreTrainedTokenizerBase):
 
 
 def phase1_data(preset: dict, data: Data) -> Data:
-    """Phase 1's training data: the packed blocks, with `phase1.recall_share` of the rows (default 0: none) replaced
-    by synthetic in-context recall rows (`recall_rows`: `phase1.recall_pairs` facts, default 10, over single tokens
-    of the tokenizer's vocabulary), so the language model also learns to read a fact from its context (issue 27)."""
+    """Phase 1's training data (after any `phase1.recall_warmup`, which `recall_warmup` trains): the packed blocks, with
+    `phase1.recall_share` of the rows (default 0: none) replaced by synthetic in-context recall rows (`recall_rows`:
+    `phase1.recall_pairs` facts, default 10, over single tokens of the tokenizer's vocabulary), so the language model
+    also learns to read a fact from its context (issue 27), or keeps what the warm-up formed."""
     spec = preset["phase1"]
     share = spec.get("recall_share", 0.0)
+    warmup = check_recall_warmup(preset)
+    if warmup is not None:  # the card says what the first stage trained on
+        lr = warmup.get("training", {}).get("learning_rate")
+        data = replace(data, description=f"{data.description}; first {warmup['steps']} steps on in-context recall rows "
+                       f"only{f' at lr {lr:g}' if lr else ''}")  # fmt: skip
     if not share:
         return data
     keys, values = recall_vocabulary_of(data.tokenizer, preset)
@@ -155,8 +162,86 @@ def phase1_data(preset: dict, data: Data) -> Data:
     return replace(data, train=train, description=description)
 
 
-def training_arguments(preset: dict, phase: int, output_dir: Path) -> TrainingArguments:
-    """The preset's shared TrainingArguments overlaid with the phase's own."""
+RECALL_WARMUP_KEYS = ("steps", "tokens", "training")
+RECALL_WARMUP_FOLDER = "recall-warmup"  # inside phase 1's folder: the warm-up stage's Trainer output
+RECALL_WARMUP_SEED_OFFSET = 7_919  # warm-up rows come from another stream than the mixed-in rows'
+
+
+def check_recall_warmup(preset: dict) -> dict | None:
+    """The preset's `phase1.recall_warmup` section (absent or null: none), validated: a first stage of phase 1 trained
+    on in-context recall rows only, so the lookup forms before the text dilutes it (issue 27). `steps` (integer >= 1)
+    is its length, `tokens` (null or an integer, as `phase1.recall_tokens`; default that key) the ids of its rows,
+    `training` TrainingArguments fields over the phase's own (e.g. a lower `learning_rate`)."""
+    spec = preset["phase1"].get("recall_warmup")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise ValueError(f"phase1.recall_warmup={spec!r} is invalid: allowed values are null or a mapping with keys "
+                         f"{list(RECALL_WARMUP_KEYS)}")  # fmt: skip
+    unknown = sorted(set(spec) - set(RECALL_WARMUP_KEYS))
+    if unknown:
+        raise ValueError(f"phase1.recall_warmup keys {unknown} are invalid: allowed keys are {list(RECALL_WARMUP_KEYS)}")
+    steps = spec.get("steps")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"phase1.recall_warmup.steps={steps!r} is invalid: allowed values are integers >= 1")
+    training = spec.get("training", {})
+    if not isinstance(training, dict) or "max_steps" in training:
+        raise ValueError(f"phase1.recall_warmup.training={training!r} is invalid: allowed values are a mapping of "
+                         "TrainingArguments fields other than max_steps (`steps` sets it)")  # fmt: skip
+    return spec
+
+
+def recall_warmup_rows(preset: dict, tokenizer: PreTrainedTokenizerBase, n_rows: int):
+    """The warm-up stage's rows: `n_rows` fresh recall rows (every step sees new facts) in the packed columns, over
+    `phase1.recall_warmup.tokens` ids (default `phase1.recall_tokens`), `phase1.recall_pairs` facts per episode."""
+    spec = check_recall_warmup(preset)
+    phase1 = preset["phase1"]
+    tokens = spec.get("tokens", phase1.get("recall_tokens"))
+    try:
+        keys, values = recall_vocabulary_of(tokenizer, {"phase1": {"recall_tokens": tokens}})
+    except ValueError as error:  # name the key the user set
+        raise ValueError(str(error).replace("phase1.recall_tokens", "phase1.recall_warmup.tokens")) from None
+    seed = preset.get("seed", 0) + RECALL_WARMUP_SEED_OFFSET
+    rows = recall_rows(n_rows, preset["data"]["block_size"], phase1.get("recall_pairs", 10), keys, values, seed=seed)
+    return rows.remove_columns("answer_mask")
+
+
+def recall_warmup(preset: dict, run_dir: Path, data: Data, model, resume: bool = False) -> dict:
+    """Phase 1's first stage (`phase1.recall_warmup`; none: returns {}): `model` trained in place on recall rows only,
+    with its own TrainingArguments (the phase's, overlaid with the section's `training`, `max_steps` = `steps`). A
+    decoder the size of the tiny preset's forms the lookup alone at lr 1e-3 but not diluted in text or at 3e-3
+    (docs/results.md). Returns the stage's figures (steps, seconds, held-out `recall_accuracy` at its end), which
+    are also kept in `recall-warmup/warmup_results.json`, so a resumed phase 1 past the warm-up reports them too."""
+    spec = check_recall_warmup(preset)
+    if spec is None:
+        return {}
+    folder = run_dir / get_phase(1).folder / RECALL_WARMUP_FOLDER
+    results = folder / "warmup_results.json"
+    if resume and results.is_file() and list((run_dir / get_phase(1).folder).glob("checkpoint-*")):
+        return json.loads(results.read_text())  # the main stage's checkpoint already holds the warmed-up weights
+    args = training_arguments(preset, 1, folder, **{**spec.get("training", {}), "max_steps": spec["steps"]})
+    n_rows = spec["steps"] * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    trainer = CTMTrainer(
+        model=model,
+        args=args,
+        train_dataset=recall_warmup_rows(preset, data.tokenizer, n_rows),
+        processing_class=data.tokenizer,
+        bytes_per_token=data.bytes_per_token,
+    )
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if resume and list(folder.glob("checkpoint-*")) else None)
+    figures = {"recall_warmup_steps": trainer.state.global_step, "recall_warmup_seconds": time.perf_counter() - started}
+    rows = held_out_recall_rows(preset, data.tokenizer)
+    if rows is not None:  # what the warm-up alone formed, before the text
+        figures["recall_accuracy_after_warmup"] = recall_accuracy(model, rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(figures, indent=2))
+    print(f"phase 1 recall warm-up: {json.dumps(figures)}")
+    return figures
+
+
+def training_arguments(preset: dict, phase: int, output_dir: Path, **overrides) -> TrainingArguments:
+    """The preset's shared TrainingArguments overlaid with the phase's own, then with `overrides` (a stage's)."""
     defaults = {
         "seed": preset.get("seed", 0),
         "eval_strategy": "no",  # every phase ends with a held-out evaluation anyway
@@ -165,7 +250,7 @@ def training_arguments(preset: dict, phase: int, output_dir: Path) -> TrainingAr
         "remove_unused_columns": False,
         "torch_compile": check_torch_compile(preset),
     }
-    fields_ = {**defaults, **preset["training"], **preset[f"phase{phase}"].get("training", {})}
+    fields_ = {**defaults, **preset["training"], **preset[f"phase{phase}"].get("training", {}), **overrides}
     return TrainingArguments(output_dir=str(output_dir), **fields_)
 
 
@@ -299,10 +384,13 @@ def finish_phase(
 
 
 def train_phase(
-    phase: int, preset: dict, run_dir: Path, data: Data, model, trainer_class, base_model=None, resume=False, **extra
+    phase: int, preset: dict, run_dir: Path, data: Data, model, trainer_class, base_model=None, resume=False,
+    before: dict | None = None, **extra,
 ) -> PhaseResult:
     """Train `model` with `trainer_class` on the preset's phase settings, then evaluate, sample and save it. A preset
-    `sleep:` section (the `SleepCallback` arguments, e.g. `{every: 10}`; off when absent) adds sleep to every phase."""
+    `sleep:` section (the `SleepCallback` arguments, e.g. `{every: 10}`; off when absent) adds sleep to every phase.
+    `before`: the figures of a stage trained before this one (phase 1's recall warm-up), reported with the phase's
+    metrics, its seconds counted in the phase's training time."""
     if preset.get("sleep"):
         from ..fmri import draw_thinking_map
         from ..memory.sleep import SleepCallback
@@ -321,8 +409,8 @@ def train_phase(
     checkpoints = list(Path(trainer.args.output_dir).glob("checkpoint-*"))
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if resume and checkpoints else None)
-    seconds = time.perf_counter() - started
-    return finish_phase(trainer, phase, run_dir, data, preset, seconds, base_model=base_model)
+    seconds = time.perf_counter() - started + (before or {}).get("recall_warmup_seconds", 0.0)
+    return finish_phase(trainer, phase, run_dir, data, preset, seconds, base_model=base_model, extra_metrics=before)
 
 
 def seed_everything(preset: dict) -> None:
@@ -338,7 +426,8 @@ def run_phase(phase: int, preset: dict, run_dir: Path, data: Data, source: Path 
     seed_everything(preset)
     if phase == 1:
         model = CTMForCausalLM(language_model_config(preset, data.tokenizer))
-        return train_phase(1, preset, run_dir, phase1_data(preset, data), model, CTMTrainer, resume=resume)
+        warmed = recall_warmup(preset, run_dir, data, model, resume=resume)
+        return train_phase(1, preset, run_dir, phase1_data(preset, data), model, CTMTrainer, resume=resume, before=warmed)
     if source is None:
         raise ValueError(f"phase {phase} starts from the previous phase's model folder: source=None is invalid")
     if phase == 4:

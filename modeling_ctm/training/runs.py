@@ -142,17 +142,18 @@ def held_out_recall_rows(preset: dict, tokenizer: PreTrainedTokenizerBase):
 
 
 def phase1_data(preset: dict, data: Data) -> Data:
-    """Phase 1's training data (after any `phase1.recall_warmup`, which `recall_warmup` trains): the packed blocks, with
-    `phase1.recall_share` of the rows (default 0: none) replaced by synthetic in-context recall rows (`recall_rows`:
-    `phase1.recall_pairs` facts, default 10, over single tokens of the tokenizer's vocabulary), so the language model
-    also learns to read a fact from its context (issue 27), or keeps what the warm-up formed."""
+    """Phase 1's training data (after any `phase1.recall_warmup`, which `recall_warmup` trains): the packed blocks,
+    with `phase1.recall_share` of the rows (default 0: none) replaced by synthetic in-context recall rows
+    (`recall_rows`: `phase1.recall_pairs` facts, default 10, over single tokens of the tokenizer's vocabulary), so the
+    language model also learns to read a fact from its context (issue 27), or keeps what the warm-up formed."""
     spec = preset["phase1"]
     share = spec.get("recall_share", 0.0)
     warmup = check_recall_warmup(preset)
     if warmup is not None:  # the card says what the first stage trained on
         lr = warmup.get("training", {}).get("learning_rate")
-        data = replace(data, description=f"{data.description}; first {warmup['steps']} steps on in-context recall rows "
-                       f"only{f' at lr {lr:g}' if lr else ''}")  # fmt: skip
+        rate = f" at lr {lr:g}" if lr else ""
+        described = f"{data.description}; first {warmup['steps']} steps on recall rows only{rate}"
+        data = replace(data, description=described)
     if not share:
         return data
     keys, values = recall_vocabulary_of(data.tokenizer, preset)
@@ -162,7 +163,7 @@ def phase1_data(preset: dict, data: Data) -> Data:
     return replace(data, train=train, description=description)
 
 
-RECALL_WARMUP_KEYS = ("steps", "tokens", "training")
+RECALL_WARMUP_KEYS = ("steps", "length", "tokens", "training")
 RECALL_WARMUP_FOLDER = "recall-warmup"  # inside phase 1's folder: the warm-up stage's Trainer output
 RECALL_WARMUP_SEED_OFFSET = 7_919  # warm-up rows come from another stream than the mixed-in rows'
 
@@ -170,8 +171,10 @@ RECALL_WARMUP_SEED_OFFSET = 7_919  # warm-up rows come from another stream than 
 def check_recall_warmup(preset: dict) -> dict | None:
     """The preset's `phase1.recall_warmup` section (absent or null: none), validated: a first stage of phase 1 trained
     on in-context recall rows only, so the lookup forms before the text dilutes it (issue 27). `steps` (integer >= 1)
-    is its length, `tokens` (null or an integer, as `phase1.recall_tokens`; default that key) the ids of its rows,
-    `training` TrainingArguments fields over the phase's own (e.g. a lower `learning_rate`)."""
+    is its length, `length` the tokens of its rows (default `data.block_size`; shorter rows make a step cheaper, at
+    least one whole episode, 4 x `phase1.recall_pairs`), `tokens` (null or an integer, as `phase1.recall_tokens`;
+    default that key) the ids of its rows, `training` TrainingArguments fields over the phase's own (e.g. a lower
+    `learning_rate`)."""
     spec = preset["phase1"].get("recall_warmup")
     if spec is None:
         return None
@@ -180,10 +183,16 @@ def check_recall_warmup(preset: dict) -> dict | None:
                          f"{list(RECALL_WARMUP_KEYS)}")  # fmt: skip
     unknown = sorted(set(spec) - set(RECALL_WARMUP_KEYS))
     if unknown:
-        raise ValueError(f"phase1.recall_warmup keys {unknown} are invalid: allowed keys are {list(RECALL_WARMUP_KEYS)}")
+        allowed = list(RECALL_WARMUP_KEYS)
+        raise ValueError(f"phase1.recall_warmup keys {unknown} are invalid: allowed keys are {allowed}")
     steps = spec.get("steps")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"phase1.recall_warmup.steps={steps!r} is invalid: allowed values are integers >= 1")
+    block, episode = preset["data"]["block_size"], 4 * preset["phase1"].get("recall_pairs", 10)
+    length = spec.get("length", block)
+    if not isinstance(length, int) or isinstance(length, bool) or not episode <= length <= block:
+        raise ValueError(f"phase1.recall_warmup.length={length!r} is invalid: allowed values are integers {episode} .. "
+                         f"{block} (one whole episode of phase1.recall_pairs facts .. data.block_size)")  # fmt: skip
     training = spec.get("training", {})
     if not isinstance(training, dict) or "max_steps" in training:
         raise ValueError(f"phase1.recall_warmup.training={training!r} is invalid: allowed values are a mapping of "
@@ -192,8 +201,9 @@ def check_recall_warmup(preset: dict) -> dict | None:
 
 
 def recall_warmup_rows(preset: dict, tokenizer: PreTrainedTokenizerBase, n_rows: int):
-    """The warm-up stage's rows: `n_rows` fresh recall rows (every step sees new facts) in the packed columns, over
-    `phase1.recall_warmup.tokens` ids (default `phase1.recall_tokens`), `phase1.recall_pairs` facts per episode."""
+    """The warm-up stage's rows: `n_rows` fresh recall rows (every step sees new facts) of `phase1.recall_warmup.length`
+    tokens in the packed columns, over `phase1.recall_warmup.tokens` ids (default `phase1.recall_tokens`),
+    `phase1.recall_pairs` facts per episode."""
     spec = check_recall_warmup(preset)
     phase1 = preset["phase1"]
     tokens = spec.get("tokens", phase1.get("recall_tokens"))
@@ -202,7 +212,8 @@ def recall_warmup_rows(preset: dict, tokenizer: PreTrainedTokenizerBase, n_rows:
     except ValueError as error:  # name the key the user set
         raise ValueError(str(error).replace("phase1.recall_tokens", "phase1.recall_warmup.tokens")) from None
     seed = preset.get("seed", 0) + RECALL_WARMUP_SEED_OFFSET
-    rows = recall_rows(n_rows, preset["data"]["block_size"], phase1.get("recall_pairs", 10), keys, values, seed=seed)
+    length = spec.get("length", preset["data"]["block_size"])
+    rows = recall_rows(n_rows, length, phase1.get("recall_pairs", 10), keys, values, seed=seed)
     return rows.remove_columns("answer_mask")
 
 
@@ -230,7 +241,8 @@ def recall_warmup(preset: dict, run_dir: Path, data: Data, model, resume: bool =
     )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if resume and list(folder.glob("checkpoint-*")) else None)
-    figures = {"recall_warmup_steps": trainer.state.global_step, "recall_warmup_seconds": time.perf_counter() - started}
+    seconds = time.perf_counter() - started
+    figures = {"recall_warmup_steps": trainer.state.global_step, "recall_warmup_seconds": seconds}
     rows = held_out_recall_rows(preset, data.tokenizer)
     if rows is not None:  # what the warm-up alone formed, before the text
         figures["recall_accuracy_after_warmup"] = recall_accuracy(model, rows)
@@ -427,7 +439,8 @@ def run_phase(phase: int, preset: dict, run_dir: Path, data: Data, source: Path 
     if phase == 1:
         model = CTMForCausalLM(language_model_config(preset, data.tokenizer))
         warmed = recall_warmup(preset, run_dir, data, model, resume=resume)
-        return train_phase(1, preset, run_dir, phase1_data(preset, data), model, CTMTrainer, resume=resume, before=warmed)
+        train = phase1_data(preset, data)
+        return train_phase(1, preset, run_dir, train, model, CTMTrainer, resume=resume, before=warmed)
     if source is None:
         raise ValueError(f"phase {phase} starts from the previous phase's model folder: source=None is invalid")
     if phase == 4:

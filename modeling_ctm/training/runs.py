@@ -163,7 +163,8 @@ def phase1_data(preset: dict, data: Data) -> Data:
     return replace(data, train=train, description=description)
 
 
-RECALL_WARMUP_KEYS = ("steps", "length", "tokens", "training")
+RECALL_WARMUP_KEYS = ("steps", "length", "tokens", "loss_on", "training")
+RECALL_WARMUP_LOSS_ON = ("all", "answers")
 RECALL_WARMUP_FOLDER = "recall-warmup"  # inside phase 1's folder: the warm-up stage's Trainer output
 RECALL_WARMUP_SEED_OFFSET = 7_919  # warm-up rows come from another stream than the mixed-in rows'
 
@@ -173,8 +174,9 @@ def check_recall_warmup(preset: dict) -> dict | None:
     on in-context recall rows only, so the lookup forms before the text dilutes it (issue 27). `steps` (integer >= 1)
     is its length, `length` the tokens of its rows (default `data.block_size`; shorter rows make a step cheaper, at
     least one whole episode, 4 x `phase1.recall_pairs`), `tokens` (null or an integer, as `phase1.recall_tokens`;
-    default that key) the ids of its rows, `training` TrainingArguments fields over the phase's own (e.g. a lower
-    `learning_rate`)."""
+    default that key) the ids of its rows, `loss_on` which tokens the loss covers (`all`, the default, or `answers`:
+    the queried values only, so no gradient goes to predicting the random facts), `training` TrainingArguments fields
+    over the phase's own (e.g. a lower `learning_rate`)."""
     spec = preset["phase1"].get("recall_warmup")
     if spec is None:
         return None
@@ -191,8 +193,11 @@ def check_recall_warmup(preset: dict) -> dict | None:
     block, episode = preset["data"]["block_size"], 4 * preset["phase1"].get("recall_pairs", 10)
     length = spec.get("length", block)
     if not isinstance(length, int) or isinstance(length, bool) or not episode <= length <= block:
-        raise ValueError(f"phase1.recall_warmup.length={length!r} is invalid: allowed values are integers {episode} .. "
-                         f"{block} (one whole episode of phase1.recall_pairs facts .. data.block_size)")  # fmt: skip
+        raise ValueError(f"phase1.recall_warmup.length={length!r} is invalid: allowed values are integers "
+                         f"{episode} .. {block} (a whole episode of phase1.recall_pairs facts .. data.block_size)")
+    if spec.get("loss_on", "all") not in RECALL_WARMUP_LOSS_ON:
+        raise ValueError(f"phase1.recall_warmup.loss_on={spec['loss_on']!r} is invalid: allowed values are "
+                         f"{list(RECALL_WARMUP_LOSS_ON)}")  # fmt: skip
     training = spec.get("training", {})
     if not isinstance(training, dict) or "max_steps" in training:
         raise ValueError(f"phase1.recall_warmup.training={training!r} is invalid: allowed values are a mapping of "
@@ -201,9 +206,10 @@ def check_recall_warmup(preset: dict) -> dict | None:
 
 
 def recall_warmup_rows(preset: dict, tokenizer: PreTrainedTokenizerBase, n_rows: int):
-    """The warm-up stage's rows: `n_rows` fresh recall rows (every step sees new facts) of `phase1.recall_warmup.length`
-    tokens in the packed columns, over `phase1.recall_warmup.tokens` ids (default `phase1.recall_tokens`),
-    `phase1.recall_pairs` facts per episode."""
+    """The warm-up stage's rows: `n_rows` fresh recall rows (every step sees new facts) of
+    `phase1.recall_warmup.length` tokens in the packed columns, over `phase1.recall_warmup.tokens` ids (default
+    `phase1.recall_tokens`), `phase1.recall_pairs` facts per episode; with `loss_on: answers` every other label is
+    -100 (no loss there)."""
     spec = check_recall_warmup(preset)
     phase1 = preset["phase1"]
     tokens = spec.get("tokens", phase1.get("recall_tokens"))
@@ -214,7 +220,15 @@ def recall_warmup_rows(preset: dict, tokenizer: PreTrainedTokenizerBase, n_rows:
     seed = preset.get("seed", 0) + RECALL_WARMUP_SEED_OFFSET
     length = spec.get("length", preset["data"]["block_size"])
     rows = recall_rows(n_rows, length, phase1.get("recall_pairs", 10), keys, values, seed=seed)
+    if spec.get("loss_on", "all") == "answers":
+        rows = rows.map(_answers_only, batched=True, desc="Recall warm-up labels")
     return rows.remove_columns("answer_mask")
+
+
+def _answers_only(batch: dict[str, list]) -> dict[str, list]:
+    labels = [[token if answer else -100 for token, answer in zip(ids, mask)]
+              for ids, mask in zip(batch["input_ids"], batch["answer_mask"])]  # fmt: skip
+    return {"labels": labels}
 
 
 def recall_warmup(preset: dict, run_dir: Path, data: Data, model, resume: bool = False) -> dict:

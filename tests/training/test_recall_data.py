@@ -162,8 +162,9 @@ def test_the_episodes_of_a_row_tell_distinct_keys_so_no_lookup_is_ambiguous():
         ({"steps": 0}, "phase1.recall_warmup.steps=0 is invalid: allowed values are integers >= 1"),
         ({"tokens": 128}, "phase1.recall_warmup.steps=None is invalid: allowed values are integers >= 1"),
         ({"steps": 5, "training": {"max_steps": 9}}, "phase1.recall_warmup.training=.* other than max_steps"),
-        ({"steps": 5, "length": 39}, r"phase1.recall_warmup.length=39 is invalid: allowed values are integers 40 \.\. 128"),
+        ({"steps": 5, "length": 39}, r"recall_warmup.length=39 is invalid: allowed values are integers 40 \.\. 128"),
         ({"steps": 5, "length": 129}, "phase1.recall_warmup.length=129 is invalid"),
+        ({"steps": 5, "loss_on": "keys"}, r"recall_warmup.loss_on=.keys. is invalid: allowed values are \[.all., .answers.\]"),
     ],
 )
 def test_a_bad_recall_warmup_is_refused_at_load_naming_the_field(tmp_path, section, message):
@@ -194,6 +195,13 @@ def test_recall_warmup_rows_are_fresh_recall_rows_over_the_warmup_ids():
     ids = np.asarray(rows["input_ids"])
     assert ids.shape == (12, 16) and ids.min() >= first and ids.max() <= first + 39
     assert len({row.tobytes() for row in ids}) == 12  # every row its own facts
+    assert rows["labels"] == rows["input_ids"]  # default: the loss covers every token, as in a data mixture
+    preset["phase1"]["recall_warmup"]["loss_on"] = "answers"
+    answers = recall_warmup_rows(preset, tokenizer, 12)
+    assert answers["input_ids"] == rows["input_ids"]
+    for ids_, labels in zip(answers["input_ids"], answers["labels"]):
+        kept = [i for i, label in enumerate(labels) if label != -100]
+        assert kept == [9, 11, 13, 15] and [labels[i] for i in kept] == [ids_[i] for i in kept]  # the queried values
     preset["phase1"]["recall_warmup"]["tokens"] = 2
     with pytest.raises(ValueError, match="phase1.recall_warmup.tokens=2 is invalid: allowed values are integers 4"):
         recall_warmup_rows(preset, tokenizer, 12)

@@ -416,7 +416,7 @@ def train_phase(
     """Train `model` with `trainer_class` on the preset's phase settings, then evaluate, sample and save it. A preset
     `sleep:` section (the `SleepCallback` arguments, e.g. `{every: 10}`; off when absent) adds sleep to every phase.
     `before`: the figures of a stage trained before this one (phase 1's recall warm-up), reported with the phase's
-    metrics, its seconds counted in the phase's training time."""
+    metrics, its seconds (`recall_warmup_seconds`) counted in the phase's training time instead."""
     if preset.get("sleep"):
         from ..fmri import draw_thinking_map
         from ..memory.sleep import SleepCallback
@@ -435,7 +435,9 @@ def train_phase(
     checkpoints = list(Path(trainer.args.output_dir).glob("checkpoint-*"))
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if resume and checkpoints else None)
-    seconds = time.perf_counter() - started + (before or {}).get("recall_warmup_seconds", 0.0)
+    before = dict(before or {})
+    # a stage's time is training time (the card's), not an evaluation figure (a resumed run would report another)
+    seconds = time.perf_counter() - started + before.pop("recall_warmup_seconds", 0.0)
     return finish_phase(trainer, phase, run_dir, data, preset, seconds, base_model=base_model, extra_metrics=before)
 
 

@@ -473,6 +473,8 @@ def _resume_preset(tmp_path) -> Path:
     for phase, steps in (("phase1", 2), ("phase2", 4), ("phase3", 2)):
         preset[phase]["training"]["max_steps"] = steps
     preset["phase3"].update(chunk_size=4, chunk_length=8)
+    preset["phase1"]["recall_pairs"] = 4  # a whole recall episode fits the blocks: a 2-step recall warm-up
+    preset["phase1"]["recall_warmup"].update(steps=2, length=16)
     preset.pop("phase4")  # conversations replay the same script on a rerun: phases 1-3 are what can be interrupted
     preset["samples"] = {"prompts": ["Emma was"], "max_new_tokens": 3}
     path = tmp_path / "micro.yaml"

@@ -91,6 +91,9 @@ def micro_preset(tmp_path) -> Path:
     for phase in ("phase1", "phase2", "phase3"):
         preset[phase]["training"]["max_steps"] = 2
     preset["phase3"].update(chunk_size=8, chunk_length=16)
+    preset["phase1"].update(recall_pairs=4)  # a whole recall episode (16 tokens) fits the micro blocks
+    if preset["phase1"].get("recall_warmup"):
+        preset["phase1"]["recall_warmup"].update(steps=2, length=16)
     preset["phase4"].update(conversations=2, turns=2, max_message_words=8, session={"max_new_tokens": 2, "sleep_every": 2},
                             memory={"capacity": 4}, sleep={"capacity": 4, "steps": 1})  # fmt: skip
     preset["samples"] = {"prompts": ["Emma was"], "max_new_tokens": 4}

@@ -56,6 +56,7 @@ def load_preset(name_or_path: str) -> dict:
     if missing:
         raise ValueError(f"preset {path} lacks the sections {missing}")
     check_torch_compile(preset)
+    check_recall_warmup(preset)
     return preset
 
 
@@ -141,11 +142,18 @@ def held_out_recall_rows(preset: dict, tokenizer: PreTrainedTokenizerBase):
 
 
 def phase1_data(preset: dict, data: Data) -> Data:
-    """Phase 1's training data: the packed blocks, with `phase1.recall_share` of the rows (default 0: none) replaced
-    by synthetic in-context recall rows (`recall_rows`: `phase1.recall_pairs` facts, default 10, over single tokens
-    of the tokenizer's vocabulary), so the language model also learns to read a fact from its context (issue 27)."""
+    """Phase 1's training data (after any `phase1.recall_warmup`, which `recall_warmup` trains): the packed blocks,
+    with `phase1.recall_share` of the rows (default 0: none) replaced by synthetic in-context recall rows
+    (`recall_rows`: `phase1.recall_pairs` facts, default 10, over single tokens of the tokenizer's vocabulary), so the
+    language model also learns to read a fact from its context (issue 27), or keeps what the warm-up formed."""
     spec = preset["phase1"]
     share = spec.get("recall_share", 0.0)
+    warmup = check_recall_warmup(preset)
+    if warmup is not None:  # the card says what the first stage trained on
+        lr = warmup.get("training", {}).get("learning_rate")
+        rate = f" at lr {lr:g}" if lr else ""
+        described = f"{data.description}; first {warmup['steps']} steps on recall rows only{rate}"
+        data = replace(data, description=described)
     if not share:
         return data
     keys, values = recall_vocabulary_of(data.tokenizer, preset)
@@ -155,8 +163,111 @@ def phase1_data(preset: dict, data: Data) -> Data:
     return replace(data, train=train, description=description)
 
 
-def training_arguments(preset: dict, phase: int, output_dir: Path) -> TrainingArguments:
-    """The preset's shared TrainingArguments overlaid with the phase's own."""
+RECALL_WARMUP_KEYS = ("steps", "length", "tokens", "loss_on", "training")
+RECALL_WARMUP_LOSS_ON = ("all", "answers")
+RECALL_WARMUP_FOLDER = "recall-warmup"  # inside phase 1's folder: the warm-up stage's Trainer output
+RECALL_WARMUP_SEED_OFFSET = 7_919  # warm-up rows come from another stream than the mixed-in rows'
+
+
+def check_recall_warmup(preset: dict) -> dict | None:
+    """The preset's `phase1.recall_warmup` section (absent or null: none), validated: a first stage of phase 1 trained
+    on in-context recall rows only, so the lookup forms before the text dilutes it (issue 27). `steps` (integer >= 1)
+    is its length, `length` the tokens of its rows (default `data.block_size`; shorter rows make a step cheaper, at
+    least one whole episode, 4 x `phase1.recall_pairs`), `tokens` (null or an integer, as `phase1.recall_tokens`;
+    default that key) the ids of its rows, `loss_on` which tokens the loss covers (`all`, the default, or `answers`:
+    the queried values only, so no gradient goes to predicting the random facts), `training` TrainingArguments fields
+    over the phase's own (e.g. a lower `learning_rate`)."""
+    spec = preset["phase1"].get("recall_warmup")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise ValueError(f"phase1.recall_warmup={spec!r} is invalid: allowed values are null or a mapping with keys "
+                         f"{list(RECALL_WARMUP_KEYS)}")  # fmt: skip
+    unknown = sorted(set(spec) - set(RECALL_WARMUP_KEYS))
+    if unknown:
+        allowed = list(RECALL_WARMUP_KEYS)
+        raise ValueError(f"phase1.recall_warmup keys {unknown} are invalid: allowed keys are {allowed}")
+    steps = spec.get("steps")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"phase1.recall_warmup.steps={steps!r} is invalid: allowed values are integers >= 1")
+    block, episode = preset["data"]["block_size"], 4 * preset["phase1"].get("recall_pairs", 10)
+    length = spec.get("length", block)
+    if not isinstance(length, int) or isinstance(length, bool) or not episode <= length <= block:
+        raise ValueError(f"phase1.recall_warmup.length={length!r} is invalid: allowed values are integers "
+                         f"{episode} .. {block} (a whole episode of phase1.recall_pairs facts .. data.block_size)")
+    if spec.get("loss_on", "all") not in RECALL_WARMUP_LOSS_ON:
+        raise ValueError(f"phase1.recall_warmup.loss_on={spec['loss_on']!r} is invalid: allowed values are "
+                         f"{list(RECALL_WARMUP_LOSS_ON)}")  # fmt: skip
+    training = spec.get("training", {})
+    if not isinstance(training, dict) or "max_steps" in training:
+        raise ValueError(f"phase1.recall_warmup.training={training!r} is invalid: allowed values are a mapping of "
+                         "TrainingArguments fields other than max_steps (`steps` sets it)")  # fmt: skip
+    return spec
+
+
+def recall_warmup_rows(preset: dict, tokenizer: PreTrainedTokenizerBase, n_rows: int):
+    """The warm-up stage's rows: `n_rows` fresh recall rows (every step sees new facts) of
+    `phase1.recall_warmup.length` tokens in the packed columns, over `phase1.recall_warmup.tokens` ids (default
+    `phase1.recall_tokens`), `phase1.recall_pairs` facts per episode; with `loss_on: answers` every other label is
+    -100 (no loss there)."""
+    spec = check_recall_warmup(preset)
+    phase1 = preset["phase1"]
+    tokens = spec.get("tokens", phase1.get("recall_tokens"))
+    try:
+        keys, values = recall_vocabulary_of(tokenizer, {"phase1": {"recall_tokens": tokens}})
+    except ValueError as error:  # name the key the user set
+        raise ValueError(str(error).replace("phase1.recall_tokens", "phase1.recall_warmup.tokens")) from None
+    seed = preset.get("seed", 0) + RECALL_WARMUP_SEED_OFFSET
+    length = spec.get("length", preset["data"]["block_size"])
+    rows = recall_rows(n_rows, length, phase1.get("recall_pairs", 10), keys, values, seed=seed)
+    if spec.get("loss_on", "all") == "answers":
+        rows = rows.map(_answers_only, batched=True, desc="Recall warm-up labels")
+    return rows.remove_columns("answer_mask")
+
+
+def _answers_only(batch: dict[str, list]) -> dict[str, list]:
+    labels = [[token if answer else -100 for token, answer in zip(ids, mask)]
+              for ids, mask in zip(batch["input_ids"], batch["answer_mask"])]  # fmt: skip
+    return {"labels": labels}
+
+
+def recall_warmup(preset: dict, run_dir: Path, data: Data, model, resume: bool = False) -> dict:
+    """Phase 1's first stage (`phase1.recall_warmup`; none: returns {}): `model` trained in place on recall rows only,
+    with its own TrainingArguments (the phase's, overlaid with the section's `training`, `max_steps` = `steps`). A
+    decoder the size of the tiny preset's forms the lookup alone at lr 1e-3 but not diluted in text or at 3e-3
+    (docs/results.md). Returns the stage's figures (steps, seconds, held-out `recall_accuracy` at its end), which
+    are also kept in `recall-warmup/warmup_results.json`, so a resumed phase 1 past the warm-up reports them too."""
+    spec = check_recall_warmup(preset)
+    if spec is None:
+        return {}
+    folder = run_dir / get_phase(1).folder / RECALL_WARMUP_FOLDER
+    results = folder / "warmup_results.json"
+    if resume and results.is_file() and list((run_dir / get_phase(1).folder).glob("checkpoint-*")):
+        return json.loads(results.read_text())  # the main stage's checkpoint already holds the warmed-up weights
+    args = training_arguments(preset, 1, folder, **{**spec.get("training", {}), "max_steps": spec["steps"]})
+    n_rows = spec["steps"] * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    trainer = CTMTrainer(
+        model=model,
+        args=args,
+        train_dataset=recall_warmup_rows(preset, data.tokenizer, n_rows),
+        processing_class=data.tokenizer,
+        bytes_per_token=data.bytes_per_token,
+    )
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if resume and list(folder.glob("checkpoint-*")) else None)
+    seconds = time.perf_counter() - started
+    figures = {"recall_warmup_steps": trainer.state.global_step, "recall_warmup_seconds": seconds}
+    rows = held_out_recall_rows(preset, data.tokenizer)
+    if rows is not None:  # what the warm-up alone formed, before the text
+        figures["recall_accuracy_after_warmup"] = recall_accuracy(model, rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(figures, indent=2))
+    print(f"phase 1 recall warm-up: {json.dumps(figures)}")
+    return figures
+
+
+def training_arguments(preset: dict, phase: int, output_dir: Path, **overrides) -> TrainingArguments:
+    """The preset's shared TrainingArguments overlaid with the phase's own, then with `overrides` (a stage's)."""
     defaults = {
         "seed": preset.get("seed", 0),
         "eval_strategy": "no",  # every phase ends with a held-out evaluation anyway
@@ -165,7 +276,7 @@ def training_arguments(preset: dict, phase: int, output_dir: Path) -> TrainingAr
         "remove_unused_columns": False,
         "torch_compile": check_torch_compile(preset),
     }
-    fields_ = {**defaults, **preset["training"], **preset[f"phase{phase}"].get("training", {})}
+    fields_ = {**defaults, **preset["training"], **preset[f"phase{phase}"].get("training", {}), **overrides}
     return TrainingArguments(output_dir=str(output_dir), **fields_)
 
 
@@ -299,10 +410,13 @@ def finish_phase(
 
 
 def train_phase(
-    phase: int, preset: dict, run_dir: Path, data: Data, model, trainer_class, base_model=None, resume=False, **extra
+    phase: int, preset: dict, run_dir: Path, data: Data, model, trainer_class, base_model=None, resume=False,
+    before: dict | None = None, **extra,
 ) -> PhaseResult:
     """Train `model` with `trainer_class` on the preset's phase settings, then evaluate, sample and save it. A preset
-    `sleep:` section (the `SleepCallback` arguments, e.g. `{every: 10}`; off when absent) adds sleep to every phase."""
+    `sleep:` section (the `SleepCallback` arguments, e.g. `{every: 10}`; off when absent) adds sleep to every phase.
+    `before`: the figures of a stage trained before this one (phase 1's recall warm-up), reported with the phase's
+    metrics, its seconds (`recall_warmup_seconds`) counted in the phase's training time instead."""
     if preset.get("sleep"):
         from ..fmri import draw_thinking_map
         from ..memory.sleep import SleepCallback
@@ -321,8 +435,10 @@ def train_phase(
     checkpoints = list(Path(trainer.args.output_dir).glob("checkpoint-*"))
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if resume and checkpoints else None)
-    seconds = time.perf_counter() - started
-    return finish_phase(trainer, phase, run_dir, data, preset, seconds, base_model=base_model)
+    before = dict(before or {})
+    # a stage's time is training time (the card's), not an evaluation figure (a resumed run would report another)
+    seconds = time.perf_counter() - started + before.pop("recall_warmup_seconds", 0.0)
+    return finish_phase(trainer, phase, run_dir, data, preset, seconds, base_model=base_model, extra_metrics=before)
 
 
 def seed_everything(preset: dict) -> None:
@@ -338,7 +454,9 @@ def run_phase(phase: int, preset: dict, run_dir: Path, data: Data, source: Path 
     seed_everything(preset)
     if phase == 1:
         model = CTMForCausalLM(language_model_config(preset, data.tokenizer))
-        return train_phase(1, preset, run_dir, phase1_data(preset, data), model, CTMTrainer, resume=resume)
+        warmed = recall_warmup(preset, run_dir, data, model, resume=resume)
+        train = phase1_data(preset, data)
+        return train_phase(1, preset, run_dir, train, model, CTMTrainer, resume=resume, before=warmed)
     if source is None:
         raise ValueError(f"phase {phase} starts from the previous phase's model folder: source=None is invalid")
     if phase == 4:

@@ -87,7 +87,10 @@ def test_phase1_recall_share_mixes_recall_rows_into_phase_1_only():
     )
     data = Data(tokenizer, blocks, blocks, 4.0, 5.0, "blocks", "held out")
     preset = load_preset("tiny")
-    assert preset["phase1"]["recall_share"] == 0.0 and phase1_data(preset, data) is data  # the shipped default
+    assert preset["phase1"]["recall_share"] == 0.1 and preset["phase1"]["recall_warmup"]["steps"] > 0  # shipped
+    del preset["phase1"]["recall_warmup"]
+    preset["phase1"]["recall_share"] = 0.0
+    assert phase1_data(preset, data) is data  # 0: the blocks as they are
     preset["phase1"].update(recall_share=0.2, recall_pairs=3)
     mixed = phase1_data(preset, data)
     assert len(mixed.train) == 50 and mixed.eval is blocks and "20% of the rows in-context recall" in mixed.description
@@ -152,3 +155,88 @@ def test_the_episodes_of_a_row_tell_distinct_keys_so_no_lookup_is_ambiguous():
         assert len(set(told.tolist())) == 15
     few = recall_rows(4, 3 * 4 * 5, 5, keys[:6], values, seed=1)  # 6 key ids cannot give 15 distinct keys
     assert np.array_equal(few["labels"], few["input_ids"])  # still built, keys may repeat across episodes
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        (300, "phase1.recall_warmup=300 is invalid: allowed values are null or a mapping with keys"),
+        ({"steps": 10, "lr": 1e-3}, r"phase1.recall_warmup keys \['lr'\] are invalid: allowed keys are"),
+        ({"steps": 0}, "phase1.recall_warmup.steps=0 is invalid: allowed values are integers >= 1"),
+        ({"tokens": 128}, "phase1.recall_warmup.steps=None is invalid: allowed values are integers >= 1"),
+        ({"steps": 5, "training": {"max_steps": 9}}, "phase1.recall_warmup.training=.* other than max_steps"),
+        ({"steps": 5, "length": 39}, r"recall_warmup.length=39 is invalid: allowed values are integers 40 \.\. 128"),
+        ({"steps": 5, "length": 129}, "phase1.recall_warmup.length=129 is invalid"),
+        ({"steps": 5, "loss_on": "keys"}, r"recall_warmup.loss_on='keys' is invalid: allowed values are \['all', "),
+    ],
+)
+def test_a_bad_recall_warmup_is_refused_at_load_naming_the_field(tmp_path, section, message):
+    import yaml
+
+    from modeling_ctm.training.runs import load_preset
+
+    preset = load_preset("tiny")
+    preset["phase1"]["recall_warmup"] = section
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    with pytest.raises(ValueError, match=message):
+        load_preset(str(path))
+
+
+def test_recall_warmup_rows_are_fresh_recall_rows_over_the_warmup_ids():
+    from modeling_ctm.training.runs import load_preset, recall_warmup_rows
+    from modeling_ctm.training.tokenization import train_tokenizer
+
+    tokenizer = train_tokenizer(["the cat sat on the mat. " * 20, "a dog ran in the park. " * 20], vocab_size=300)
+    first = max(tokenizer.all_special_ids) + 1
+    preset = load_preset("tiny")
+    preset["phase1"].update(recall_pairs=4, recall_warmup={"steps": 2, "tokens": 40})
+    assert np.asarray(recall_warmup_rows(preset, tokenizer, 3)["input_ids"]).shape == (3, 128)  # default: block_size
+    preset["phase1"]["recall_warmup"]["length"] = 16  # one episode of 4 facts
+    rows = recall_warmup_rows(preset, tokenizer, 12)
+    assert rows.column_names == ["input_ids", "attention_mask", "labels"] and len(rows) == 12
+    ids = np.asarray(rows["input_ids"])
+    assert ids.shape == (12, 16) and ids.min() >= first and ids.max() <= first + 39
+    assert len({row.tobytes() for row in ids}) == 12  # every row its own facts
+    assert rows["labels"] == rows["input_ids"]  # default: the loss covers every token, as in a data mixture
+    preset["phase1"]["recall_warmup"]["loss_on"] = "answers"
+    answers = recall_warmup_rows(preset, tokenizer, 12)
+    assert answers["input_ids"] == rows["input_ids"]
+    for ids_, labels in zip(answers["input_ids"], answers["labels"]):
+        kept = [i for i, label in enumerate(labels) if label != -100]
+        assert kept == [9, 11, 13, 15] and [labels[i] for i in kept] == [ids_[i] for i in kept]  # the queried values
+    preset["phase1"]["recall_warmup"]["tokens"] = 2
+    with pytest.raises(ValueError, match="phase1.recall_warmup.tokens=2 is invalid: allowed values are integers 4"):
+        recall_warmup_rows(preset, tokenizer, 12)
+
+
+def test_the_recall_warmup_trains_its_steps_on_recall_rows_at_its_own_rate_before_the_text(tmp_path):
+    """Phase 1 of a micro run with a 3-step warm-up: the warm-up's Trainer runs 3 steps on recall rows at its own
+    learning rate, then the main stage its 2 steps on the text at the phase's rate; a resumed phase 1 past the warm-up
+    does not train it again and still reports it."""
+    from tiny import micro_preset
+
+    from modeling_ctm.training.runs import RECALL_WARMUP_FOLDER, load_preset, prepare_data, run_phase
+
+    preset = load_preset(str(micro_preset(tmp_path)))
+    preset["training"]["save_steps"] = 1
+    rate = {"learning_rate": 1.0e-4, "lr_scheduler_type": "constant"}
+    preset["phase1"]["recall_pairs"] = 4  # a whole episode (16 tokens) fits the micro blocks (32)
+    preset["phase1"]["recall_warmup"] = {"steps": 3, "length": 16, "tokens": 40, "training": rate}
+    run_dir = tmp_path / "run"
+    data = prepare_data(preset, run_dir)
+    result = run_phase(1, preset, run_dir, data)
+    assert result.steps == 2 and result.metrics["recall_warmup_steps"] == 3
+    assert 0.0 <= result.metrics["recall_accuracy_after_warmup"] <= 1.0
+    warmed = json.loads((run_dir / "phase1-language" / RECALL_WARMUP_FOLDER / "warmup_results.json").read_text())
+    assert result.train_seconds > warmed["recall_warmup_seconds"] > 0 and "recall_warmup_seconds" not in result.metrics
+    assert "first 3 steps on recall rows only at lr 0.0001" in (result.folder / "README.md").read_text()
+    warmup_dir = run_dir / "phase1-language" / RECALL_WARMUP_FOLDER
+    warmup = json.loads((warmup_dir / "checkpoint-3" / "trainer_state.json").read_text())
+    rates = [entry["learning_rate"] for entry in warmup["log_history"] if "learning_rate" in entry]
+    assert warmup["global_step"] == 3 and rates == [1.0e-4] * 3
+    main = json.loads((run_dir / "phase1-language" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert main["global_step"] == 2 and main["log_history"][0]["learning_rate"] != 1.0e-4
+    resumed = run_phase(1, preset, run_dir, data, resume=True)
+    assert resumed.metrics["recall_warmup_steps"] == 3
+    assert not (warmup_dir / "checkpoint-4").exists()

@@ -354,6 +354,8 @@ def mean_sd(values: Iterable[float], skip_nan: bool = False) -> tuple[float, flo
             return math.nan, math.nan
     if not values:
         raise ValueError("mean_sd needs at least one value, got none")
+    if not all(math.isfinite(v) for v in values):  # statistics.stdev raises on an infinity: the sd is then undefined
+        return statistics.fmean(values), math.nan
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 

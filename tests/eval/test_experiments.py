@@ -57,6 +57,8 @@ def test_mean_sd():
     assert mean_sd([0.5]) == (0.5, 0.0)
     with pytest.raises(ValueError, match="at least one value"):
         mean_sd([])
+    mean, sd = mean_sd([-2.0, float("-inf")])  # a seed whose log-probability underflowed: the sd is undefined
+    assert mean == float("-inf") and math.isnan(sd)
 
 
 def test_summarize_arms_and_table():

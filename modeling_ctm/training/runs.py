@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 from ..configuration_ctm import CTMConfig
 from ..gauge import GAUGE_FIELDS, block_health
 from ..hub.cards import write_model_card
+from ..io_ctm import atomic_write
 from ..memory.plasticity import memory_held_bytes
 from ..memory.session import CTMOnlineSession, OnlineConfig, session_from_spec
 from ..modeling_ctm import CTMForCausalLM
@@ -260,8 +261,7 @@ def recall_warmup(preset: dict, run_dir: Path, data: Data, model, resume: bool =
     rows = held_out_recall_rows(preset, data.tokenizer)
     if rows is not None:  # what the warm-up alone formed, before the text
         figures["recall_accuracy_after_warmup"] = recall_accuracy(model, rows)
-    folder.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(figures, indent=2))
+    atomic_write(results, lambda tmp: Path(tmp).write_text(json.dumps(figures, indent=2)))  # never half-written
     print(f"phase 1 recall warm-up: {json.dumps(figures)}")
     return figures
 
@@ -394,7 +394,7 @@ def finish_phase(
             model_id=f"ctm-{preset['name']}-{phase_info.folder}",
             thinking_map=THINKING_MAP if gauge_blocks is not None else None,
         )
-        (target / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write(target / "eval_results.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
         if gauge_blocks is not None:  # the phase's thinking (per layer and tick), shown in the card
             from ..fmri import draw_thinking_map
             from ..observers_ctm import summarize_probe

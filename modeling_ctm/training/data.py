@@ -495,17 +495,37 @@ def recall_rows(
     )
 
 
-def mix_recall_rows(blocks: Dataset, share: float, n_pairs: int, key_ids, value_ids, seed: int) -> Dataset:
+RECALL_LOSS_ON = ("all", "answers")
+
+
+def answers_only(rows: Dataset) -> Dataset:
+    """Recall rows with the loss on the queried values only (every other label -100): no gradient goes to predicting
+    the random facts, whose loss (~ln of the ids) would otherwise dominate a row."""
+
+    def labels(batch: dict[str, list]) -> dict[str, list]:
+        return {"labels": [[token if answer else -100 for token, answer in zip(ids, mask)]
+                           for ids, mask in zip(batch["input_ids"], batch["answer_mask"])]}  # fmt: skip
+
+    return rows.map(labels, batched=True, desc="Recall labels on the answers")
+
+
+def mix_recall_rows(
+    blocks: Dataset, share: float, n_pairs: int, key_ids, value_ids, seed: int, loss_on: str = "all"
+) -> Dataset:
     """`blocks` (packed LM blocks) with recall rows of the same length mixed in, shuffled with `seed`: recall rows are
-    `share` of the result's rows (rounded; `share=0` returns `blocks` as they are). `answer_mask` is dropped, so the
-    mixture has the packed columns only."""
+    `share` of the result's rows (rounded; `share=0` returns `blocks` as they are), their loss on every token
+    (`loss_on="all"`, as in a data mixture) or on the queried values only (`"answers"`). `answer_mask` is dropped, so
+    the mixture has the packed columns only."""
     if not 0 <= share < 1:
         raise ValueError(f"recall share={share!r} is invalid: allowed are numbers in [0, 1)")
+    if loss_on not in RECALL_LOSS_ON:
+        raise ValueError(f"recall loss_on={loss_on!r} is invalid: allowed values are {list(RECALL_LOSS_ON)}")
     n_recall = round(share * len(blocks) / (1 - share))
     if n_recall == 0:
         return blocks
     length = len(blocks[0]["input_ids"])
-    recall = recall_rows(n_recall, length, n_pairs, key_ids, value_ids, seed).remove_columns("answer_mask")
+    recall = recall_rows(n_recall, length, n_pairs, key_ids, value_ids, seed)
+    recall = (answers_only(recall) if loss_on == "answers" else recall).remove_columns("answer_mask")
     mixed = concatenate_datasets([blocks.cast(PACKED_FEATURES), recall.cast(PACKED_FEATURES)])
     return mixed.shuffle(seed=seed).flatten_indices()
 

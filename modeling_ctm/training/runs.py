@@ -25,6 +25,8 @@ from ..memory.plasticity import memory_held_bytes
 from ..memory.session import CTMOnlineSession, OnlineConfig, session_from_spec
 from ..modeling_ctm import CTMForCausalLM
 from .data import (
+    RECALL_LOSS_ON,
+    answers_only,
     count_tokens_and_bytes,
     load_text_dataset,
     mix_recall_rows,
@@ -159,8 +161,12 @@ def phase1_data(preset: dict, data: Data) -> Data:
         return data
     keys, values = recall_vocabulary_of(data.tokenizer, preset)
     pairs = spec.get("recall_pairs", 10)
-    train = mix_recall_rows(data.train, share, pairs, keys, values, seed=preset.get("seed", 0))
-    description = f"{data.description}; {share:.0%} of the rows in-context recall ({pairs} facts per episode)"
+    loss_on = spec.get("recall_loss_on", "all")
+    if loss_on not in RECALL_LOSS_ON:
+        raise ValueError(f"phase1.recall_loss_on={loss_on!r} is invalid: allowed values are {list(RECALL_LOSS_ON)}")
+    train = mix_recall_rows(data.train, share, pairs, keys, values, seed=preset.get("seed", 0), loss_on=loss_on)
+    on = "" if loss_on == "all" else ", the loss on the answers"
+    description = f"{data.description}; {share:.0%} of the rows in-context recall ({pairs} facts per episode{on})"
     return replace(data, train=train, description=description)
 
 
@@ -222,14 +228,8 @@ def recall_warmup_rows(preset: dict, tokenizer: PreTrainedTokenizerBase, n_rows:
     length = spec.get("length", preset["data"]["block_size"])
     rows = recall_rows(n_rows, length, phase1.get("recall_pairs", 10), keys, values, seed=seed)
     if spec.get("loss_on", "all") == "answers":
-        rows = rows.map(_answers_only, batched=True, desc="Recall warm-up labels")
+        rows = answers_only(rows)
     return rows.remove_columns("answer_mask")
-
-
-def _answers_only(batch: dict[str, list]) -> dict[str, list]:
-    labels = [[token if answer else -100 for token, answer in zip(ids, mask)]
-              for ids, mask in zip(batch["input_ids"], batch["answer_mask"])]  # fmt: skip
-    return {"labels": labels}
 
 
 def recall_warmup(preset: dict, run_dir: Path, data: Data, model, resume: bool = False) -> dict:

@@ -64,6 +64,27 @@ def test_the_share_is_the_fraction_of_recall_rows_in_the_mixture(share):
         mix_recall_rows(blocks, 1.0, 4, keys, values, seed=0)
 
 
+def test_mixed_recall_rows_can_put_their_loss_on_the_answers_only():
+    keys, values = recall_vocabulary(64, first_id=32)
+    block_ids = np.random.default_rng(0).integers(1, 32, (30, 16))
+    blocks = Dataset.from_dict(
+        {"input_ids": block_ids, "attention_mask": np.ones_like(block_ids), "labels": block_ids},
+        features=PACKED_FEATURES,
+    )
+    mixed = mix_recall_rows(blocks, 0.25, 2, keys, values, seed=0, loss_on="answers")
+    reference = recall_rows(10, 16, 2, keys, values, seed=0)  # the rows mix_recall_rows drew, in their order
+    answers = {tuple(ids): mask for ids, mask in zip(reference["input_ids"], reference["answer_mask"])}
+    for ids, labels in zip(mixed["input_ids"], mixed["labels"]):
+        if tuple(ids) in answers:  # a recall row: the queried values and nothing else carry a loss
+            assert labels == [t if a else -100 for t, a in zip(ids, answers[tuple(ids)])]
+            assert any(a != -100 for a in labels)
+        else:
+            assert labels == ids  # the text keeps its loss on every token
+    assert sum(tuple(ids) in answers for ids in mixed["input_ids"]) == 10
+    with pytest.raises(ValueError, match="loss_on='values'"):
+        mix_recall_rows(blocks, 0.25, 2, keys, values, seed=0, loss_on="values")
+
+
 @pytest.mark.experiment
 def test_recall_base_quick_run_writes_both_arms(tmp_path):
     import recall_base as script
@@ -97,6 +118,11 @@ def test_phase1_recall_share_mixes_recall_rows_into_phase_1_only():
     special = set(tokenizer.all_special_ids)
     recall = [ids for ids in mixed.train["input_ids"] if ids not in block_ids.tolist()]
     assert len(recall) == 10 and not special & {i for ids in recall for i in ids}
+    preset["phase1"]["recall_loss_on"] = "answers"
+    assert "the loss on the answers" in phase1_data(preset, data).description
+    preset["phase1"]["recall_loss_on"] = "facts"
+    with pytest.raises(ValueError, match="phase1.recall_loss_on='facts' is invalid: allowed values are"):
+        phase1_data(preset, data)
 
 
 class _Lookahead(torch.nn.Module):

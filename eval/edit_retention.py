@@ -26,6 +26,10 @@ Arms (same model, same facts, per seed):
                  delta rule on centred keys, the default gate and band
     delta_raw    the same with raw (uncentred) keys: what centring buys
     delta_wide   `delta` with a wide band (band 0.9, max_drift 10, max_step 10): what the band costs
+    token_memory the delta rule into the fast-weight token memory (`ctm_token_memory="token"`, added empty to the
+                 trained model; E16's Hebbian arm): keyed by the token before the value, one slot per token, the
+                 step 4 per unit of prediction error averaged per slot, each slot bounded at 5 x the head's RMS row
+                 norm (its `norm_ratio` is the largest slot over that norm)
     oracle       the delta rule's own write (`delta_write_map`) on exactly orthogonal synthetic keys (one-hot, 1,024
                  dims) with one-hot code values: the positive control, which must recall 1.0 at every N
 
@@ -70,6 +74,7 @@ from modeling_ctm.memory.plasticity import (  # noqa: E402
     delta_write_map,
     memory_held_bytes,
 )
+from modeling_ctm.training.phases import with_token_memory  # noqa: E402
 from modeling_ctm.training.trainers import CTMTrainer  # noqa: E402
 
 
@@ -91,6 +96,7 @@ ARMS = {
     "delta": "rule='delta', centred keys, default gate and band",
     "delta_raw": "rule='delta', raw keys (no centring)",
     "delta_wide": "rule='delta', centred keys, wide band (0.9)",
+    "token_memory": "rule='delta' into the token memory (one-hot keys, running-mean step)",
     "oracle": "delta_write_map on orthogonal one-hot keys (positive control)",
 }
 DELTA = dict(rule="delta", targets=["out_proj"], presynaptic="centered")
@@ -99,7 +105,9 @@ CONFIGS = {
     "delta": PlasticityConfig(**DELTA),
     "delta_raw": PlasticityConfig(**{**DELTA, "presynaptic": "raw"}),
     "delta_wide": PlasticityConfig(**DELTA, band=0.9, max_drift=10.0, max_step=10.0),
-}
+    "token_memory": PlasticityConfig(rule="delta", targets=["token_memory"], learning_rate=4.0, gate="none",
+                                     delta_step="running_mean", max_step=5.0, max_drift=5.0),
+}  # fmt: skip
 KEY_ARMS = {f"episodic_{name}": f"episodic key '{name}'" for name in sorted(KEY_FUNCTIONS)}
 KEY_ARMS["episodic_token_set_1024"] = "episodic key 'token_set', key_size 1024"
 
@@ -215,6 +223,8 @@ def run_life(arm: str, base: CTMForCausalLM, language: Language, facts, neighbou
         return record
 
     model = copy.deepcopy(base)
+    if arm == "token_memory":
+        model = with_token_memory(model).eval()
     names = [name for name, _ in facts]
     before_top = code_scores(model, neighbours).argmax(-1)
     record["ce_before"] = held_out_ce(model, held_out)
@@ -225,7 +235,8 @@ def run_life(arm: str, base: CTMForCausalLM, language: Language, facts, neighbou
             model(calibration)  # the running key mean, from plain text; what it would write is dropped
             rule.reset_statistics()
     centre = rule.key_mean() if rule is not None and rule.config.presynaptic == "centered" else None
-    keys = readout_keys(model, names[: settings["key_cos_facts"]])
+    keys = (torch.eye(len(names[: settings["key_cos_facts"]]), dtype=torch.float64) if arm == "token_memory"
+            else readout_keys(model, names[: settings["key_cos_facts"]]))  # one-hot: one slot per name  # fmt: skip
     record["key_cos"] = mean_abs_cos(centred_keys(keys, centre) if rule is not None and rule.config.rule == "delta"
                                      else keys)  # fmt: skip
     written_seconds = read_seconds = 0.0

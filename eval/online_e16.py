@@ -24,7 +24,8 @@ scratch in stage 2 alone (the earlier base; its oracle was at chance). In the se
 question and its paraphrase half each; in the pair form the paraphrase ("So NAME") is never trained (an unseen
 paraphrase, as the anchor protocol asks). Phase 4's session rule is kept: everything but the thinking blocks is frozen
 (what sleep and `learn_from` may change); the Hebbian arm's rule (`plasticity`, PlasticityConfig fields) is the delta
-rule on the kept MLP by default.
+rule into the model's fast-weight token memory by default (`token_memory="token"`: `ctm_token_memory` added empty to
+the trained base, so every arm computes what the base did until something is written).
 
 Per trial: conversation 1 tells the 10 facts, one user message each (the model replies `reply_tokens` tokens). Then N
 distractor conversations of held-out filler text (`distractor_turns` messages each) follow, N = 0, 4, 16
@@ -101,7 +102,7 @@ from modeling_ctm.memory.episodic import KEY_FUNCTIONS, SIZED_KEY_FUNCTIONS, CTM
 from modeling_ctm.memory.plasticity import HebbianPlasticity, PlasticityConfig, memory_held_bytes  # noqa: E402
 from modeling_ctm.memory.session import CTMOnlineSession, OnlineConfig  # noqa: E402
 from modeling_ctm.memory.sleep import ConsolidationConfig, Consolidator, ReplayHeap  # noqa: E402
-from modeling_ctm.training.phases import freeze_for_thinking  # noqa: E402
+from modeling_ctm.training.phases import freeze_for_thinking, with_token_memory  # noqa: E402
 
 
 ARMS = {
@@ -164,8 +165,15 @@ class Settings:
     memory_capacity: int = 64
     key_function: str = "token_set"  # the episodic memory's key, which rag retrieves by too (KEY_FUNCTIONS)
     key_size: int = 1024  # token_set's size: less crosstalk between texts than the hidden size
-    # PlasticityConfig fields of the Hebbian arm: the delta rule on the kept MLP ({}: the default Hebbian rule)
-    plasticity: dict = field(default_factory=lambda: dict(rule="delta", targets=["mlp"], presynaptic="centered"))
+    token_memory: str = "token"  # the base's fast-weight memory (ctm_token_memory), added empty after training
+    # PlasticityConfig fields of the Hebbian arm: the delta rule into the token memory, keyed by the token before the
+    # value, a step of 4 per unit of prediction error averaged per slot (`running_mean`), no surprise gate (within a
+    # 3-token message the code is less surprising than the name before it), each slot bounded at 5 x the head's
+    # RMS row norm; {"rule": "delta", "targets": ["mlp"], "presynaptic": "centered"} is the MLP delta rule
+    plasticity: dict = field(
+        default_factory=lambda: dict(rule="delta", targets=["token_memory"], learning_rate=4.0, gate="none",
+                                     delta_step="running_mean", max_step=5.0, max_drift=5.0)
+    )  # fmt: skip
     learn_rate: float = 0.05
     learn_anchor: float = 1.0
     sleep_every: int = 4
@@ -399,6 +407,7 @@ def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
             last = trained[model_seed][1][-1]["loss"] if trained[model_seed][1] else "-"
             log(f"model {model_seed}: ready in {time.perf_counter() - t0:.0f} s, loss {last}")
         base, train_log = trained[model_seed]
+        base = with_token_memory(base, settings.token_memory)
         rng = random.Random(7_000 + seed)
         trials = [run_trial(base, tokenizer, corpus, settings, rng, t, log) for t in range(settings.trials)]
         record = {"seed": seed, "train_log": train_log, "trials": trials}

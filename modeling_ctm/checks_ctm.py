@@ -39,6 +39,11 @@ def validate_inputs(model, input_ids, inputs_embeds, attention_mask, cache, surp
     if tokens.dim() != (2 if input_ids is not None else 3):
         expected = "(batch, sequence)" if input_ids is not None else "(batch, sequence, hidden)"
         raise ValueError(f"{name} must have shape {expected}, got {tuple(tokens.shape)}")
+    if input_ids is None and getattr(config, "ctm_token_memory", "none") != "none":
+        raise ValueError(
+            f"ctm_token_memory={config.ctm_token_memory!r} reads input_ids (its slots are keyed by the token), got "
+            "inputs_embeds only: pass input_ids, or use a model with ctm_token_memory='none'"
+        )
     B, T = tokens.shape[:2]
     if T == 0:
         raise ValueError(f"{name} has shape {tuple(tokens.shape)}: an empty prompt; give every row >= 1 token")

@@ -19,6 +19,7 @@ CTM_INPUT_INJECTION_CHOICES = ("none", "every_tick")
 CTM_CARRY_CHOICES = ("none", "chunk")
 CTM_NLM_IMPLEMENTATION_CHOICES = ("plain", "fused")
 CTM_TOKEN_SHIFT_CHOICES = ("none", "embedding")
+CTM_TOKEN_MEMORY_CHOICES = ("none", "token")
 MAX_DECAY = 15.0  # r = exp(-15) ~ 3e-7: a pair with this decay forgets everything between ticks
 
 
@@ -110,6 +111,14 @@ class CTMConfig(PreTrainedConfig):
             real token, zero for a sequence's first token, and W zero-initialised so a fresh shift adds nothing). A
             key that carries its previous token makes in-context lookup learnable by a small model (issue 27);
             the cache carries x_{t-1} through cached decoding, beams and left padding.
+        ctm_token_memory (`str`, defaults to `"none"`):
+            A fast-weight associative memory read at the output: `"none"` (the reference) or `"token"`: one slot
+            (a D-vector) per vocabulary token, added to the final-normed hidden state of every position holding that
+            token, so it moves the prediction of the token that follows. The slots start at zero (a fresh memory
+            adds nothing) and are written by phase 4's delta rule (`PlasticityConfig(targets=["token_memory"])`):
+            a fact "NAME CODE" told once is stored under NAME's slot and read back whenever NAME is the last token,
+            in any later context. Its keys are one-hot, so writes under different tokens never interfere. It reads
+            `input_ids` (not `inputs_embeds`).
     """
 
     model_type = "ctm"
@@ -163,6 +172,7 @@ class CTMConfig(PreTrainedConfig):
     ctm_halt_threshold: float | None = None
     ctm_nlm_implementation: str = "plain"
     ctm_token_shift: str = "none"
+    ctm_token_memory: str = "none"
 
     def __post_init__(self, **kwargs):
         self.refuse_unknown_ctm_fields(kwargs)
@@ -301,6 +311,8 @@ class CTMConfig(PreTrainedConfig):
             )
         if self.ctm_token_shift not in CTM_TOKEN_SHIFT_CHOICES:
             fail("ctm_token_shift", self.ctm_token_shift, f"allowed values are {CTM_TOKEN_SHIFT_CHOICES}")
+        if self.ctm_token_memory not in CTM_TOKEN_MEMORY_CHOICES:
+            fail("ctm_token_memory", self.ctm_token_memory, f"allowed values are {CTM_TOKEN_MEMORY_CHOICES}")
         if self.ctm_carry == "chunk" or self.ctm_chunk_size is not None:
             positive_int("ctm_chunk_size", self.ctm_chunk_size, " (required when ctm_carry='chunk')")
 

@@ -287,6 +287,24 @@ class CTMTokenShift(nn.Module):
         return embeds + F.linear(previous, self.weight.to(embeds.dtype)), last
 
 
+class CTMTokenMemory(nn.Module):
+    """`ctm_token_memory="token"`: a fast-weight associative memory with one slot (a D-vector) per vocabulary token,
+    added to the final-normed hidden state wherever that token is the input, so it moves what follows the token.
+
+    The slots start at zero (a fresh memory adds nothing) and training leaves them there unless told otherwise; phase
+    4's delta rule writes them (`PlasticityConfig(targets=["token_memory"])`). One-hot keys are exactly orthogonal:
+    a write under one token never changes the output at another, and the key is the same in every context, so a
+    fact told in one conversation is read back in the next (issue 27: the model's own representations of different
+    names were nearly parallel, and the same name's varied with its context)."""
+
+    def __init__(self, config: CTMConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
+
+    def forward(self, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight).to(dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The CTM pieces: synapse, neuron-level models over the trace, synchronisation.
 # ----------------------------------------------------------------------------------------------------------------------
@@ -850,6 +868,8 @@ class CTMPreTrainedModel(PreTrainedModel):
             init.uniform_(module.decay, low, high) if high > low else init.constant_(module.decay, low)
         elif isinstance(module, CTMTokenShift):
             init.zeros_(module.weight)  # adds nothing at step 0; its gradient, sum_t g_t x_{t-1}^T, is not zero
+        elif isinstance(module, CTMTokenMemory):
+            init.zeros_(module.weight)  # an empty memory adds nothing
         elif isinstance(module, CTMRotaryEmbedding):
             inv_freq, _ = module.compute_default_rope_parameters(module.config)
             if module.rope_type != "default":
@@ -875,6 +895,7 @@ class CTMModel(CTMPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.token_shift = CTMTokenShift(config) if config.ctm_token_shift == "embedding" else None
+        self.token_memory = CTMTokenMemory(config) if config.ctm_token_memory == "token" else None
         self.layers = nn.ModuleList(
             [CTMDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
@@ -998,10 +1019,14 @@ class CTMModel(CTMPreTrainedModel):
 
         if tick_residuals is not None:
             tick_hidden_states = self.norm(tick_residuals)
+            if self.token_memory is not None:
+                tick_hidden_states = tick_hidden_states + self.token_memory(input_ids, tick_hidden_states.dtype)[:, :, None]
             hidden_states = tick_hidden_states[:, :, -1]
         else:
             tick_hidden_states = None
             hidden_states = self.norm(hidden_states)
+            if self.token_memory is not None:
+                hidden_states = hidden_states + self.token_memory(input_ids, hidden_states.dtype)
         return CTMModelOutputWithPast(
             last_hidden_state=hidden_states, cache=cache, tick_hidden_states=tick_hidden_states
         )

@@ -54,6 +54,21 @@ def _bad_token_shift(tmp_path):
     CTMConfig(ctm_token_shift="conv")
 
 
+def _bad_token_memory(tmp_path):
+    CTMConfig(ctm_token_memory="slots")
+
+
+def _token_memory_without_input_ids(tmp_path):
+    model = tiny_model(ctm_layers="last", ctm_token_memory="token")
+    model(inputs_embeds=torch.randn(1, 3, model.config.hidden_size))
+
+
+def _token_memory_target_without_a_memory(tmp_path):
+    from modeling_ctm.memory.plasticity import HebbianPlasticity, PlasticityConfig
+
+    HebbianPlasticity(tiny_model(ctm_layers="last"), PlasticityConfig(rule="delta", targets=["token_memory"]))
+
+
 def _bad_plasticity_rule(tmp_path):
     from modeling_ctm.memory.plasticity import PlasticityConfig
 
@@ -233,6 +248,11 @@ TABLE = [
         ["ctm_input_injection", "none", "every_tick"],
     ),
     ("`CTMConfig(ctm_token_shift=\"conv\")`", _bad_token_shift, ValueError, ["ctm_token_shift", "none", "embedding"]),
+    ("`CTMConfig(ctm_token_memory=\"slots\")`", _bad_token_memory, ValueError, ["ctm_token_memory", "none", "token"]),
+    ("`model(inputs_embeds=...)` with `ctm_token_memory=\"token\"`", _token_memory_without_input_ids, ValueError,
+     ["ctm_token_memory='token' reads input_ids", "inputs_embeds"]),
+    ("`PlasticityConfig(rule=\"delta\", targets=[\"token_memory\"])` on a model without the memory",
+     _token_memory_target_without_a_memory, ValueError, ["PlasticityConfig.targets", "ctm_token_memory='token'"]),
     ("`PlasticityConfig(rule=\"oja\")`", _bad_plasticity_rule, ValueError, ["PlasticityConfig.rule", "delta"]),
     ("`PlasticityConfig(rule=\"delta\")` with the synapse", _delta_rule_on_the_synapse, ValueError,
      ["PlasticityConfig.targets", "['out_proj']", "['mlp']"]),

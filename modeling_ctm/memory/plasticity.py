@@ -76,8 +76,10 @@ from ..observers_ctm import CTMLayerEvent, CTMOutputEvent, CTMTickEvent, CTMTick
 
 
 GATE_CHOICES = ("prediction_error", "entropy", "none")
-TARGET_CHOICES = ("out_proj", "synapse", "mlp")
-DELTA_TARGET_CHOICES = ("out_proj", "mlp")  # the matrices whose output moves the logits directly (a target exists)
+TARGET_CHOICES = ("out_proj", "synapse", "mlp", "token_memory")
+# the matrices whose output moves the logits directly (a target exists)
+DELTA_TARGET_CHOICES = ("out_proj", "mlp", "token_memory")
+DELTA_STEP_CHOICES = ("constant", "running_mean")
 PRESYNAPTIC_CHOICES = ("raw", "centered", "whitened")
 RULE_CHOICES = ("hebbian", "delta")
 DELTA_PRESYNAPTIC_CHOICES = ("raw", "centered")
@@ -93,7 +95,9 @@ class PlasticityConfig:
         targets: which matrices are edited: any of "out_proj" (the readout projection) and "synapse" (the last
             layer of the U-Net synapse); under `rule="delta"` one of "out_proj" and "mlp" (the down projection of
             the MLP kept beside the block, `ctm_mlp="keep"`, keyed by its own input: the MLP's hidden activation at
-            the position before the value, which carries the token's identity where S_out may not).
+            the position before the value, which carries the token's identity where S_out may not) and
+            "token_memory" (the model's fast-weight memory, `ctm_token_memory="token"`: the key is the token before
+            the value itself, one-hot, so different tokens' writes never interfere; see `delta_step`).
         layers: which thinking layers are edited: "last", "all", or a list of decoder-layer indices.
         gate: the per-token surprise: "prediction_error" (CE of the next token), "entropy" (normalised entropy of the
             prediction), or "none" (every token weighs 1).
@@ -124,6 +128,13 @@ class PlasticityConfig:
         delta_target_norm: the length of the delta rule's value v relative to the residual stream at that
             position (the final norm divides by the residual's scale, so a target in those units moves the logits
             by the same amount at every position).
+        delta_step: how a write's step is set under `rule="delta"` on `token_memory`: "constant" (beta =
+            learning_rate x min(gate, 1)) or "running_mean" (beta divided by the number of times the key token has
+            been read, this one included: each slot holds the running mean of its prediction errors, which tends to
+            zero for a calibrated model's frequent tokens, and is a whole step for a token told once). On
+            `token_memory` the write is the delta rule of a softmax readout: ``m_x <- m_x + beta W^T (onehot(y) -
+            p)``, the prediction error through the head (no normalisation: a prediction already right writes
+            nothing), so `learning_rate` is in hidden units per unit of error and may exceed 1.
     """
 
     learning_rate: float = 1.0
@@ -140,6 +151,7 @@ class PlasticityConfig:
     presynaptic: str = "raw"
     rule: str = "hebbian"
     delta_target_norm: float = 1.0
+    delta_step: str = "constant"
 
     def __post_init__(self):
         self.targets = tuple(self.targets) if isinstance(self.targets, (list, tuple)) else self.targets
@@ -196,15 +208,24 @@ class PlasticityConfig:
                     f"PlasticityConfig.presynaptic must be one of {DELTA_PRESYNAPTIC_CHOICES} with rule='delta' "
                     f"(the key), got {self.presynaptic!r}."
                 )
-            if self.learning_rate > 1.0:
+            if self.delta_step not in DELTA_STEP_CHOICES:
+                raise ValueError(
+                    f"PlasticityConfig.delta_step must be one of {DELTA_STEP_CHOICES}, got {self.delta_step!r}."
+                )
+            if self.delta_step != "constant" and self.targets != ("token_memory",):
+                raise ValueError(
+                    f"PlasticityConfig.delta_step={self.delta_step!r} needs targets=['token_memory'] (a count per key "
+                    f"exists for one-hot keys only), got targets={list(self.targets)!r}."
+                )
+            if self.learning_rate > 1.0 and self.targets != ("token_memory",):
                 raise ValueError(
                     f"PlasticityConfig.learning_rate must be in [0, 1] with rule='delta', got {self.learning_rate!r}: "
                     "a step of 1 stores the value exactly, a larger one overshoots it."
                 )
-        elif "mlp" in self.targets:
+        elif "mlp" in self.targets or "token_memory" in self.targets:
             raise ValueError(
-                f"PlasticityConfig.targets={list(self.targets)!r} is invalid with rule={self.rule!r}: 'mlp' is a target "
-                "of rule='delta' only (the Hebbian rule's statistics are the block's own)"
+                f"PlasticityConfig.targets={list(self.targets)!r} is invalid with rule={self.rule!r}: 'mlp' and "
+                "'token_memory' are targets of rule='delta' only (the Hebbian rule's statistics are the block's own)"
             )
         layers_ok = self.layers in ("last", "all") or (
             isinstance(self.layers, list)
@@ -352,6 +373,7 @@ class HebbianPlasticity:
         self.edits_out_proj = "out_proj" in self.config.targets
         self.edits_synapse = "synapse" in self.config.targets
         self.edits_mlp = "mlp" in self.config.targets
+        self.edits_token_memory = "token_memory" in self.config.targets
         names = {id(p): n for n, p in model.named_parameters()}
         self.targets: list[_Target] = []
         for idx in self.layer_indices:
@@ -370,6 +392,16 @@ class HebbianPlasticity:
                     )
                 weight = mlp.down_proj.weight
                 self.targets.append(_Target(names[id(weight)], weight, "mlp", idx))
+        if self.edits_token_memory:
+            memory = model.model.token_memory
+            if memory is None:
+                raise ValueError(
+                    "PlasticityConfig.targets=['token_memory'] needs the model's fast-weight memory: this model has "
+                    f"ctm_token_memory={model.config.ctm_token_memory!r}; allowed is a model with "
+                    "ctm_token_memory='token' (e.g. from_pretrained(path, ctm_token_memory='token'))"
+                )
+            last = model.config.num_hidden_layers - 1
+            self.targets.append(_Target(names[id(memory.weight)], memory.weight, "token_memory", last))
         self.anchors: dict[str, torch.Tensor] = {}  # the targets without the rule's edit
         self._written: dict[str, torch.Tensor] = {}  # the targets as the rule last left them: anchor + its edit
         self.edits_applied = 0
@@ -387,7 +419,9 @@ class HebbianPlasticity:
         self.key_counts: dict[str, float] = {}
         if self.config.rule == "delta":
             for target in self.targets:
-                self.key_sums[target.name] = torch.zeros(target.param.shape[1], dtype=torch.float64)
+                # a token memory's keys are one-hot: their sum is the count of each token read (its `delta_step`)
+                size = target.param.shape[0] if target.kind == "token_memory" else target.param.shape[1]
+                self.key_sums[target.name] = torch.zeros(size, dtype=torch.float64)
                 self.key_counts[target.name] = 0.0
         self.last_write: dict[str, torch.Tensor] = {}  # the delta rule's keys of the last forward pass (diagnostics)
 
@@ -433,7 +467,12 @@ class HebbianPlasticity:
         `reset_plasticity` refer to it)."""
         self.anchors = {t.name: t.param.detach().clone() for t in self.targets}
         self._written = {name: anchor.clone() for name, anchor in self.anchors.items()}
+        kinds = {t.name: t.kind for t in self.targets}
         for name, anchor in self.anchors.items():
+            if kinds[name] == "token_memory":  # an empty memory is its natural start; its bounds are the head's
+                if not torch.isfinite(anchor).all():
+                    raise ValueError(f"{name} is not finite; the rule refuses to write into it.")
+                continue
             if not torch.isfinite(anchor).all() or float(anchor.float().norm()) == 0.0:
                 raise ValueError(
                     f"{name} has a zero or non-finite norm; a band around it allows no edit (train the model first)."
@@ -492,6 +531,10 @@ class HebbianPlasticity:
             # the pending writes as one affine map E -> E Q + R (`delta_write_map`), stored as Q - I so that zero
             # statistics are the identity; an ordered composition, not a sum
             for target in self.targets:
+                if target.kind == "token_memory":  # additive writes per slot, and how many keys each slot read
+                    layout.append((f"{target.name}:sum", tuple(target.param.shape)))
+                    layout.append((f"{target.name}:count", (target.param.shape[0],)))
+                    continue
                 out_features, in_features = target.param.shape
                 layout.append((f"{target.name}:Q", (in_features, in_features)))
                 layout.append((f"{target.name}:R", (out_features, in_features)))
@@ -641,6 +684,9 @@ class HebbianPlasticity:
         parts = self._unflatten(contribution)
         for target_entry in self.targets:
             idx = target_entry.layer_idx
+            if target_entry.kind == "token_memory":
+                self._write_token_memory(target_entry, event, gate, target, real, probs, head, parts)
+                continue
             if target_entry.kind == "mlp":
                 hidden = observer.mlp_input.get(idx)
                 if hidden is None:
@@ -697,6 +743,43 @@ class HebbianPlasticity:
             self._stats[-1] += 1
             self.batches_skipped += 1
 
+    @torch.no_grad()
+    def _write_token_memory(self, target_entry, event, gate, target, real, probs, head, parts) -> None:
+        """A token memory's writes of one forward pass: slot x_t (the token before the value) gets beta_t times the
+        prediction error through the head, ``W^T (onehot(y_t) - p_t)``, the gradient of log p(y_t) with respect to
+        the final-normed hidden state the slot is added to (exact: no norm lies between). Under `delta_step=
+        "running_mean"` beta_t is divided by how often x_t has been read, this occurrence included."""
+        config, name = self.config, target_entry.name
+        source = event.input_ids
+        if source is None:
+            return
+        B, T1 = gate.shape
+        keys = source[:, :T1].to(real.device)  # the token at the position before each value
+        errors = (head[target] - probs @ head).to(torch.float64)  # (B, T-1, D)
+        betas = config.learning_rate * gate.clamp(max=1.0).to(torch.float64) * real
+        flat_keys = keys.reshape(-1)[real.reshape(-1)].cpu()
+        counts = self.key_sums[name]
+        if config.delta_step == "running_mean":
+            # occurrence rank of each key in reading order, after every earlier pass's reads
+            order = flat_keys
+            rank = torch.zeros_like(order, dtype=torch.float64)
+            seen: dict[int, int] = {}
+            for i, token in enumerate(order.tolist()):
+                seen[token] = seen.get(token, 0) + 1
+                rank[i] = counts[token] + seen[token]
+            scale = torch.zeros(B * T1, dtype=torch.float64)
+            scale[real.reshape(-1).cpu()] = 1.0 / rank
+            betas = betas * scale.view(B, T1).to(betas.device)
+        counts.index_add_(0, flat_keys, torch.ones(flat_keys.shape[0], dtype=torch.float64))
+        self.key_counts[name] += float(flat_keys.shape[0])
+        writes = torch.zeros(target_entry.param.shape, dtype=torch.float64, device=errors.device)
+        writes.index_add_(0, keys.reshape(-1), (errors * betas[..., None]).reshape(-1, errors.shape[-1]))
+        pending = self._unflatten(self._stats)
+        parts[f"{name}:sum"].copy_(pending[f"{name}:sum"] + writes.cpu())
+        parts[f"{name}:count"].copy_(pending[f"{name}:count"] + counts.new_zeros(counts.shape).index_add_(
+            0, flat_keys, torch.ones(flat_keys.shape[0], dtype=torch.float64)))
+        self.last_write = {"keys": flat_keys, "betas": betas[real].float().cpu()}
+
     # -- the edit ------------------------------------------------------------------------------------------------------
 
     def compute_deltas(self, statistics: torch.Tensor | None = None) -> dict[str, torch.Tensor] | None:
@@ -714,6 +797,9 @@ class HebbianPlasticity:
         if config.rule == "delta":
             edits = self.edits()
             for target in self.targets:
+                if target.kind == "token_memory":
+                    deltas[target.name] = parts[f"{target.name}:sum"].clone()
+                    continue
                 edit = edits[target.name]
                 # E Q + R - E: the pending writes applied to the rule's edit as it stands now
                 deltas[target.name] = edit @ parts[f"{target.name}:Q"] + parts[f"{target.name}:R"]
@@ -769,16 +855,16 @@ class HebbianPlasticity:
             if target.name not in deltas:
                 continue
             anchor = self.anchors[target.name].to(torch.float64)
-            anchor_norm = anchor.norm()
-            delta = deltas[target.name].to(torch.float64)
-            step = delta.norm()
-            if step > config.max_step * anchor_norm:
-                delta = delta * (config.max_step * anchor_norm / step)
-            edit = (1.0 - config.decay) * edits[target.name] + delta
-            drift = edit.norm()
-            if drift > config.max_drift * anchor_norm:
-                edit = edit * (config.max_drift * anchor_norm / drift)
-            new_weights[target.name] = _inside_band(anchor, edit, config.band, target.param.dtype)
+            reference = self.reference_norm(target)
+            # a token memory is bounded slot by slot (its rows): writes under frequent tokens must not shrink a
+            # fact stored under another token, which one bound on the whole matrix would do
+            dims = (-1,) if target.kind == "token_memory" else None
+            delta = _cap(deltas[target.name].to(torch.float64), config.max_step * reference, dims)
+            edit = _cap((1.0 - config.decay) * edits[target.name] + delta, config.max_drift * reference, dims)
+            if target.kind == "token_memory":  # no band around an empty memory: the slot bound is its bound
+                new_weights[target.name] = (anchor + edit).to(target.param.dtype)
+            else:
+                new_weights[target.name] = _inside_band(anchor, edit, config.band, target.param.dtype)
         if not all(torch.isfinite(w).all() for w in new_weights.values()):
             self.edits_skipped += 1
             return {"applied": False, "skipped": True}
@@ -790,11 +876,25 @@ class HebbianPlasticity:
         return {"applied": True, "skipped": False, "norm_ratio": self.norm_ratios()}
 
     def norm_ratios(self) -> dict[str, float]:
-        """Each target's norm over its anchor's norm (homeostasis keeps it inside 1 +- band)."""
+        """Each target's norm over its anchor's norm (homeostasis keeps it inside 1 +- band); for a token memory, its
+        largest slot edit over the head's RMS row norm (the drift bound keeps it at most `max_drift`)."""
         self.follow_other_changes()
-        return {
-            t.name: float(t.param.detach().double().norm() / self.anchors[t.name].double().norm()) for t in self.targets
-        }
+        ratios = {}
+        for t in self.targets:
+            if t.kind == "token_memory":
+                edit = t.param.detach().double() - self.anchors[t.name].double()
+                ratios[t.name] = float(edit.norm(dim=-1).max() / self.reference_norm(t))
+            else:
+                ratios[t.name] = float(t.param.detach().double().norm() / self.anchors[t.name].double().norm())
+        return ratios
+
+    def reference_norm(self, target: _Target) -> torch.Tensor:
+        """The norm the step cap and the drift bound are fractions of: the anchor's, or for a token memory (whose
+        anchor is empty; bounded per slot) the RMS norm of the head's rows, which its values are made of."""
+        if target.kind == "token_memory":
+            head = self.model.lm_head.weight.detach().to(torch.float64)
+            return head.norm() / math.sqrt(head.shape[0])
+        return self.anchors[target.name].to(torch.float64).norm()
 
     # -- persistence (safetensors + JSON, written by the callback) -----------------------------------------------------
 
@@ -838,6 +938,12 @@ class HebbianPlasticity:
         self.edits_applied = int(meta.get("edits_applied", 0))
         self.edits_skipped = int(meta.get("edits_skipped", 0))
         self.batches_skipped = int(meta.get("batches_skipped", 0))
+
+
+def _cap(tensor: torch.Tensor, bound: torch.Tensor | float, dims: tuple[int, ...] | None) -> torch.Tensor:
+    """`tensor` shortened to norm <= bound: as a whole (`dims=None`), or each slice along `dims` on its own."""
+    norm = tensor.norm() if dims is None else tensor.norm(dim=dims, keepdim=True)
+    return tensor * torch.clamp(bound / norm.clamp_min(1e-300), max=1.0)
 
 
 def _inside_band(anchor: torch.Tensor, edit: torch.Tensor, band: float, dtype: torch.dtype) -> torch.Tensor:

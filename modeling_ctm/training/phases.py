@@ -102,6 +102,21 @@ def start_continuity(source, chunk_size: int, **ctm_fields) -> CTMForCausalLM:
     return _load_with(source, ctm_carry="chunk", ctm_chunk_size=chunk_size, **ctm_fields)
 
 
+def with_token_memory(model: CTMForCausalLM, kind: str = "token") -> CTMForCausalLM:
+    """`model` with the fast-weight token memory added (`ctm_token_memory=kind`), its slots empty, so it computes
+    exactly what `model` did until phase 4's delta rule writes it: in memory what
+    `CTMForCausalLM.from_pretrained(path, ctm_token_memory=kind)` does for a saved checkpoint. A model that already
+    has that memory is returned as it is."""
+    if kind == model.config.ctm_token_memory:
+        return model
+    config = CTMConfig.from_dict({**model.config.to_dict(), "ctm_token_memory": kind})
+    converted = CTMForCausalLM(config).to(model.device)
+    result = converted.load_state_dict(model.state_dict(), strict=False)
+    if result.unexpected_keys or any(not k.startswith("model.token_memory.") for k in result.missing_keys):
+        raise ValueError(f"ctm_token_memory={kind!r}: the model's weights do not fit the converted model ({result})")
+    return converted.train(model.training)
+
+
 def freeze_for_thinking(model: CTMForCausalLM, freeze: str = "non_ctm") -> dict[str, int]:
     """Freeze everything but the CTM blocks (`freeze="non_ctm"`), everything but the feed-forward part of the
     thinking layers (`"non_thinking_ffn"`: the CTM blocks and the MLPs kept beside them with `ctm_mlp="keep"`), or

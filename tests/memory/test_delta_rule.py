@@ -187,7 +187,7 @@ def test_delta_tick_mixture_writes_every_tick():
     "fields, message",
     [
         (dict(rule="delta", targets=["out_proj", "mlp"]), "PlasticityConfig.targets"),
-        (dict(rule="hebbian", targets=["mlp"]), "'mlp' is a target of rule='delta' only"),
+        (dict(rule="hebbian", targets=["mlp"]), "'mlp' and 'token_memory' are targets of rule='delta' only"),
     ],
 )
 def test_the_mlp_target_is_a_delta_rule_target_alone(fields, message):

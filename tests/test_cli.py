@@ -83,3 +83,38 @@ def test_a_fact_told_in_one_process_is_answered_in_the_next(tmp_path):
     chat("brain", "Velmora Quenth.")  # process 1: told, the edit applied at the end, the brain saved
     assert chat("brain", "Velmora").strip().startswith("Quenth")  # process 2: the brain loaded, asked
     assert not chat("fresh", "Velmora").strip().startswith("Quenth")  # never told: it does not know
+
+
+@pytest.mark.slow
+def test_two_facts_told_in_one_process_are_both_answered_in_later_ones(tmp_path):
+    """The delta rule into the fast-weight token memory (`ctm_token_memory="token"`): one slot per token, so a second
+    fact does not overwrite the first. Told in process 1, each asked in a process of its own; a fresh brain is the
+    control."""
+    tokenizer = train_tokenizer(["Velmora Quenth.", "Tarsin Brolk.", "a dog ran in the park."] * 30, vocab_size=300)
+    model = tiny_model(vocab_size=len(tokenizer), ctm_carry="chunk", ctm_chunk_size=4, ctm_token_memory="token",
+                       max_position_embeddings=256)  # fmt: skip
+    with torch.no_grad():  # a trained head is louder than an initialised one: one step of the rule then shows
+        model.lm_head.weight.mul_(30.0)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    preset = load_preset("tiny")
+    preset["phase4"].update(
+        plasticity={"rule": "delta", "targets": ["token_memory"], "learning_rate": 4.0, "gate": "none",
+                    "delta_step": "running_mean", "max_step": 5.0, "max_drift": 5.0},
+        session={"max_new_tokens": 1, "recall_threshold": 0.5},
+    )  # fmt: skip
+    (tmp_path / "preset.yaml").write_text(yaml.safe_dump(preset))
+
+    def chat(brain: str, *messages: str) -> list[str]:
+        command = [sys.executable, "-m", "modeling_ctm.cli", "chat", str(tmp_path / "model"), "--brain",
+                   str(tmp_path / brain), "--preset", str(tmp_path / "preset.yaml")]  # fmt: skip
+        for message in messages:
+            command += ["--message", message]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return [line[len("ctm> ") :].strip() for line in result.stdout.splitlines() if line.startswith("ctm> ")]
+
+    chat("brain", "Velmora Quenth.", "Tarsin Brolk.")  # process 1: both told, the brain saved
+    assert chat("brain", "Velmora")[0].startswith("Quenth")  # process 2
+    assert chat("brain", "Tarsin")[0].startswith("Brolk")  # process 3: the second fact did not overwrite the first
+    assert not chat("fresh", "Velmora")[0].startswith("Quenth")  # never told: it does not know

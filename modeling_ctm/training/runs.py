@@ -17,7 +17,7 @@ import torch
 import yaml
 from transformers import PreTrainedTokenizerBase, TrainingArguments, set_seed
 
-from ..configuration_ctm import CTMConfig
+from ..configuration_ctm import CTM_TOKEN_MEMORY_CHOICES, CTMConfig
 from ..gauge import GAUGE_FIELDS, block_health
 from ..hub.cards import write_model_card
 from ..io_ctm import atomic_write
@@ -60,7 +60,20 @@ def load_preset(name_or_path: str) -> dict:
         raise ValueError(f"preset {path} lacks the sections {missing}")
     check_torch_compile(preset)
     check_recall_warmup(preset)
+    check_token_memory(preset)
     return preset
+
+
+def check_token_memory(preset: dict) -> str:
+    """`phase4.token_memory` (default "none"): "token" adds the fast-weight token memory (`ctm_token_memory`), empty,
+    to the phase-3 model, for `phase4.plasticity` to write with `targets: [token_memory]`."""
+    value = (preset.get("phase4") or {}).get("token_memory", "none")
+    if value not in CTM_TOKEN_MEMORY_CHOICES:
+        raise ValueError(
+            f"phase4.token_memory={value!r} is invalid: allowed values are {CTM_TOKEN_MEMORY_CHOICES} (the fast-weight "
+            "memory added empty to the phase-3 model, which phase4.plasticity may write)"
+        )
+    return value
 
 
 def check_torch_compile(preset: dict) -> bool:
@@ -533,8 +546,11 @@ def online_phase(preset: dict, run_dir: Path, data: Data, source: Path) -> Phase
     spec = preset["phase4"]
     script = conversation_script(preset, data)
 
+    token_memory = check_token_memory(preset)
+
     def fresh_model():
-        model = CTMForCausalLM.from_pretrained(source)
+        # the memory's slots start empty: the model computes what phase 3's did until the delta rule writes them
+        model = CTMForCausalLM.from_pretrained(source, ctm_token_memory=token_memory)
         freeze_for_thinking(model, spec.get("freeze", "non_ctm"))  # sleep consolidates what phases 2-3 trained
         return model
 

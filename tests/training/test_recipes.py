@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import REPO
 from huggingface_hub import ModelCard
 from tiny import micro_preset
@@ -83,6 +84,11 @@ def test_presets_are_valid_and_bad_names_are_refused(tmp_path):
         assert training_arguments(load_preset("tiny"), phase, tmp_path).use_cpu
     with pytest.raises(ValueError, match="preset='huge' is invalid: allowed values are"):
         load_preset("huge")
+    bad = load_preset("tiny")
+    bad["phase4"]["token_memory"] = "slots"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match=r"phase4.token_memory='slots' is invalid: allowed values are \('none', 'token'\)"):
+        load_preset(str(tmp_path / "bad.yaml"))
 
 
 def test_the_torch_compile_switch_reaches_the_trainer(tmp_path):

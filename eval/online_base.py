@@ -21,8 +21,10 @@ from modeling_ctm.training.trainers import ContinuityTrainer, CTMTrainer
 BASE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "ctm_ticks",
                "ctm_memory_length", "ctm_n_synch_out", "ctm_n_synch_action", "ctm_nlm_hidden_size", "ctm_synapse_depth",
                "ctm_chunk_size", "ctm_token_shift", "ctm_mlp", "reading_steps", "reading_batch", "reading_lr",
-               "reading_share", "base_freeze", "chunk_length", "train_steps", "batch_size", "learning_rate",
+               "reading_share", "reading_loss_on", "base_freeze", "chunk_length", "train_steps", "batch_size", "learning_rate",
                "carry_share", "context_share", "fact_form", "facts")  # fmt: skip
+# fields added after bases were saved: a saved base without one was trained with its value here
+LATER_FIELDS = {"reading_loss_on": "all"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -101,6 +103,7 @@ def base_model(settings, tokenizer, corpus: Corpus, seed: int) -> tuple[CTMForCa
     trained_for = {k: v for k, v in asdict(settings).items() if k in BASE_FIELDS}
     if (folder / "base.json").is_file():
         saved = json.loads((folder / "base.json").read_text())
+        saved["settings"] = {**LATER_FIELDS, **saved["settings"]}
         if saved["settings"] != trained_for:
             changed = sorted(k for k in trained_for if saved["settings"].get(k) != trained_for[k])
             raise ValueError(f"base_dir={settings.base_dir!r} holds a base trained with other {changed}: use another")

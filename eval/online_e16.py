@@ -28,7 +28,7 @@ rule into the model's fast-weight token memory by default (`token_memory="token"
 the trained base, so every arm computes what the base did until something is written).
 
 Per trial: conversation 1 tells the 10 facts, one user message each (the model replies `reply_tokens` tokens). Then N
-distractor conversations of held-out filler text (`distractor_turns` messages each) follow, N = 0, 4, 16
+distractor conversations of held-out filler text (`distractor_turns` messages each) follow, N = 0, 4, 16, 64
 measured along one life. At each N every fact is asked with `CTMOnlineSession.score` (a new conversation: recall by
 the question, then the log-probability of each code; the brain is not changed by asking):
 
@@ -140,6 +140,7 @@ class Settings:
     reading_batch: int = 64
     reading_lr: float = 1e-3
     reading_share: float = 1.0  # of the reader's rows: facts told and asked (the rest filler text)
+    reading_loss_on: str = "all"  # the reader's loss on every token, or on the asked words only ("answers")
     # training, stage 2: the CTM block added (start_thinking) and trained with the carry
     base_freeze: str = "non_ctm"  # what stage 2 trains when a reader was trained first: the block alone
     chunk_length: int = 80  # two chunks per training row; a fact set (70 tokens) fits in one
@@ -154,7 +155,7 @@ class Settings:
     # protocol
     facts: int = 10
     trials: int = 3
-    distractors: list[int] = field(default_factory=lambda: [0, 4, 16])
+    distractors: list[int] = field(default_factory=lambda: [0, 4, 16, 64])
     distractor_turns: int = 2
     distractor_words: int = 30
     reply_tokens: int = 2
@@ -194,6 +195,8 @@ class Settings:
             raise ValueError(f"distractors={self.distractors} is invalid: allowed values are increasing integers >= 0")
         if self.chunk_length % self.ctm_chunk_size:
             raise ValueError(f"chunk_length={self.chunk_length} is invalid: a multiple of ctm_chunk_size")
+        if self.reading_loss_on not in ("all", "answers"):
+            raise ValueError(f"reading_loss_on={self.reading_loss_on!r} is invalid: allowed values are 'all', 'answers'")
         if not 0 <= self.reading_share <= 1:
             raise ValueError(f"reading_share={self.reading_share} is invalid: allowed values are numbers in [0, 1]")
         if self.reading_steps < 0:

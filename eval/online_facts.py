@@ -173,8 +173,10 @@ def reading_rows(settings, tokenizer, corpus: Corpus, n: int, seed: int) -> Data
     multi-query associative recall in the session's own tokens: `facts` statements "NAME WORD." (each sentence
     tokenized alone, as a session encodes a message), then the same names asked in a random order, each answered.
     WORD is a code or a filler word (52 values, so no guess among the codes pays), every token a target, as in the
-    MQAR rows that formed the lookup at this size (`eval/recall_base.py`). `settings.reading_share` of the rows are
-    facts, the rest held-in filler text of the same length (the language the distractors are written in)."""
+    MQAR rows that formed the lookup at this size (`eval/recall_base.py`), or with `settings.reading_loss_on="answers"`
+    the asked words alone (as phase 1's recall warm-up: the random facts' loss no longer drowns the lookup's).
+    `settings.reading_share` of the rows are facts, the rest held-in filler text of the same length (the language the
+    distractors are written in; no loss under "answers")."""
     rng = random.Random(seed)
     words = CODES + [w for kind in FILLER.values() for w in kind]
     form = settings.fact_form
@@ -184,10 +186,24 @@ def reading_rows(settings, tokenizer, corpus: Corpus, n: int, seed: int) -> Data
         if rng.random() < settings.reading_share:
             pairs = list(zip(rng.sample(NAMES, settings.facts), [rng.choice(words) for _ in range(settings.facts)]))
             told = [fact_ids(tokenizer, question(form, name), word) for name, word in pairs]
-            asked = [told[i] for i in rng.sample(range(len(pairs)), len(pairs))]
+            order = rng.sample(range(len(pairs)), len(pairs))
+            asked = [told[i] for i in order]
             ids = [t for sentence in told + asked for t in sentence]
-            ids = ids + corpus.window(length - len(ids), rng)  # a longer form's rows are filled up with text
+            labels = list(ids)
+            if settings.reading_loss_on == "answers":  # the loss on the asked words only: the lookup's own signal
+                labels = [-100] * len(ids)
+                at = sum(len(sentence) for sentence in told)
+                for i, sentence in zip(order, asked):
+                    start = at + len(tokenizer(question(form, pairs[i][0]), add_special_tokens=False).input_ids)
+                    answer = tokenizer(f" {pairs[i][1]}", add_special_tokens=False).input_ids
+                    labels[start : start + len(answer)] = sentence[start - at : start - at + len(answer)]
+                    at += len(sentence)
+            fill = corpus.window(length - len(ids), rng)  # a longer form's rows are filled up with text
+            ids, labels = ids + fill, labels + (fill if settings.reading_loss_on == "all" else [-100] * len(fill))
         else:
             ids = corpus.window(length, rng)
-        rows.append(ids)
-    return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * length] * n, "labels": rows})
+            labels = ids if settings.reading_loss_on == "all" else [-100] * length
+        rows.append((ids, labels))
+    return Dataset.from_dict(
+        {"input_ids": [r[0] for r in rows], "attention_mask": [[1] * length] * n, "labels": [r[1] for r in rows]}
+    )

@@ -96,6 +96,31 @@ def test_reading_rows_tell_then_ask_every_fact_in_the_session_tokens(tokenizer):
         assert sorted(map(tuple, asked)) == sorted(map(tuple, told)) and len({s[0] for s in told}) == settings.facts
 
 
+def test_reading_rows_with_the_loss_on_the_answers_target_exactly_the_asked_words(tokenizer):
+    settings = e16.Settings(facts=4, reading_share=0.5, reading_loss_on="answers")
+
+    class Corpus:
+        @staticmethod
+        def window(length, rng):
+            return [tokenizer.pad_token_id] * length
+
+    rows = reading_rows(settings, tokenizer, Corpus, 20, seed=0)
+    facts_rows = 0
+    for ids, labels in zip(rows["input_ids"], rows["labels"]):
+        targets = [(i, label) for i, label in enumerate(labels) if label != -100]
+        if not targets:  # a filler row: no loss at all under "answers"
+            assert all(t == tokenizer.pad_token_id for t in ids)
+            continue
+        facts_rows += 1
+        sentences = [ids[i : i + 3] for i in range(0, 2 * 3 * settings.facts, 3)]
+        told = {s[0]: s[1] for s in sentences[: settings.facts]}
+        asked = sentences[settings.facts :]
+        # one target per asked sentence: its word, at its own position, which is what the name was told with
+        assert [i for i, _ in targets] == [3 * (settings.facts + k) + 1 for k in range(settings.facts)]
+        assert [label for _, label in targets] == [told[s[0]] for s in asked]
+    assert 0 < facts_rows < 20
+
+
 def test_a_base_dir_keeps_the_base_and_refuses_one_trained_otherwise(tmp_path, tokenizer):
     settings = e16.Settings(**e16.QUICK, base_dir=str(tmp_path))
     corpus = Corpus(tokenizer, settings)

@@ -14,8 +14,9 @@ Chance is 1/10 for every recall metric but `exact`.
 Model (`online_base.py`; trained in this script, once and shared by the seeds as in E7, or per seed with `--set
 shared_model=false`; `--set base_dir=DIR` keeps it and reuses it while the settings it depends on agree), in two
 stages as the main job's phases: (1) the reader, a plain decoder (2 layers, d=128, `ctm_token_shift="embedding"`)
-trained on `reading_rows`, multi-query recall in the session's own tokens ("NAME WORD." told, then asked; every token
-a target), so that it reads a fact from its context: the oracle's skill, the experiment's positive control; (2) a CTM
+trained on `reading_rows`, multi-query recall in the session's own tokens ("NAME WORD." told, then asked; the loss on
+the asked words, `reading_loss_on`), so that it reads a fact from its context: the oracle's skill, the experiment's
+positive control; (2) a CTM
 block added beside the last layer's MLP (`start_thinking(ctm_mlp="keep")`: the reader's function exactly at the start)
 and trained alone (`base_freeze`) by `ContinuityTrainer` with the attention cut between 2 chunks on held-in filler text
 (a small grammar) and fact documents: "carry" rows tell 10 facts in chunk 1 and ask for them in chunk 2 (only the

@@ -28,7 +28,7 @@ Arms (same model, same facts, per seed):
     delta_wide   `delta` with a wide band (band 0.9, max_drift 10, max_step 10): what the band costs
     token_memory the delta rule into the fast-weight token memory (`ctm_token_memory="token"`, added empty to the
                  trained model; E16's Hebbian arm): keyed by the token before the value, one slot per token, the
-                 step 4 per unit of prediction error averaged per slot, each slot bounded at 5 x the head's RMS row
+                 step 8 per unit of prediction error averaged per slot, each slot bounded at 20 x the head's RMS row
                  norm (its `norm_ratio` is the largest slot over that norm)
     oracle       the delta rule's own write (`delta_write_map`) on exactly orthogonal synthetic keys (one-hot, 1,024
                  dims) with one-hot code values: the positive control, which must recall 1.0 at every N
@@ -105,8 +105,8 @@ CONFIGS = {
     "delta": PlasticityConfig(**DELTA),
     "delta_raw": PlasticityConfig(**{**DELTA, "presynaptic": "raw"}),
     "delta_wide": PlasticityConfig(**DELTA, band=0.9, max_drift=10.0, max_step=10.0),
-    "token_memory": PlasticityConfig(rule="delta", targets=["token_memory"], learning_rate=4.0, gate="none",
-                                     delta_step="running_mean", max_step=5.0, max_drift=5.0),
+    "token_memory": PlasticityConfig(rule="delta", targets=["token_memory"], learning_rate=8.0, gate="none",
+                                     delta_step="running_mean", max_step=20.0, max_drift=20.0),
 }  # fmt: skip
 KEY_ARMS = {f"episodic_{name}": f"episodic key '{name}'" for name in sorted(KEY_FUNCTIONS)}
 KEY_ARMS["episodic_token_set_1024"] = "episodic key 'token_set', key_size 1024"

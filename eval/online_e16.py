@@ -169,12 +169,12 @@ class Settings:
     key_size: int = 1024  # token_set's size: less crosstalk between texts than the hidden size
     token_memory: str = "token"  # the base's fast-weight memory (ctm_token_memory), added empty after training
     # PlasticityConfig fields of the Hebbian arm: the delta rule into the token memory, keyed by the token before the
-    # value, a step of 4 per unit of prediction error averaged per slot (`running_mean`), no surprise gate (within a
-    # 3-token message the code is less surprising than the name before it), each slot bounded at 5 x the head's
-    # RMS row norm; {"rule": "delta", "targets": ["mlp"], "presynaptic": "centered"} is the MLP delta rule
+    # value, a step of 8 per unit of prediction error averaged per slot (`running_mean`), no surprise gate (within a
+    # 3-token message the code is less surprising than the name before it), each slot bounded at 20 x the head's
+    # RMS row norm (4 and 5: recall 0.7-1.0 per fact set, the bound binding); {"rule": "delta", "targets": ["mlp"], "presynaptic": "centered"} is the MLP delta rule
     plasticity: dict = field(
-        default_factory=lambda: dict(rule="delta", targets=["token_memory"], learning_rate=4.0, gate="none",
-                                     delta_step="running_mean", max_step=5.0, max_drift=5.0)
+        default_factory=lambda: dict(rule="delta", targets=["token_memory"], learning_rate=8.0, gate="none",
+                                     delta_step="running_mean", max_step=20.0, max_drift=20.0)
     )  # fmt: skip
     learn_rate: float = 0.05
     learn_anchor: float = 1.0

@@ -277,7 +277,15 @@ class CTMOnlineSession:
         if context.shape[1] - 1 - seen < 1:
             return
         unseen = context[:, seen:-1]
-        out = self.model(unseen, attention_mask=torch.ones_like(context[:, :-1]), cache=self.cache, use_cache=True)
+        labels = None
+        if seen > 0 and unseen.shape[1] > 1:
+            # the first unseen token is the model's own last reply token: its successor (the user's next word) is a
+            # turn boundary, not something the user said after it, so plasticity must not write it
+            labels = unseen.clone()
+            labels[:, 1] = -100
+        out = self.model(
+            unseen, attention_mask=torch.ones_like(context[:, :-1]), cache=self.cache, use_cache=True, labels=labels
+        )
         self.cache = out.cache
 
     def _begin(self, first_ids: torch.Tensor) -> None:

@@ -144,3 +144,24 @@ def test_the_memory_survives_a_save_and_a_load_and_cached_decoding_reads_it(tmp_
             out = loaded(ids[:, t : t + 1], cache=out.cache, use_cache=True)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_session_does_not_write_the_turn_boundary_after_the_models_own_reply():
+    """The model's last reply token reaches the model only with the user's next message; its successor there is a
+    turn boundary, not something the user said after it, so the rule reads no key at that position."""
+    from modeling_ctm.memory.session import CTMOnlineSession, OnlineConfig
+    from modeling_ctm.training.tokenization import train_tokenizer
+
+    tokenizer = train_tokenizer(["Velmora Quenth.", "Tarsin Brolk ran.", "a dog ran in the park."] * 30, vocab_size=300)
+    model = tiny_model(vocab_size=len(tokenizer), ctm_layers="last", ctm_carry="chunk", ctm_chunk_size=4,
+                       ctm_token_memory="token", max_position_embeddings=256).eval()  # fmt: skip
+    rule = HebbianPlasticity(model, memory_config())
+    session = CTMOnlineSession(model, tokenizer, plasticity=rule, config=OnlineConfig(max_new_tokens=2))
+    messages = ["Velmora Quenth.", "Tarsin Brolk ran."]
+    lengths = [len(tokenizer(m, add_special_tokens=False).input_ids) for m in messages]
+    for message in messages:
+        session.say(message)
+    # per message: its transitions but the last (whose value the model reads while generating); nothing keyed by
+    # the reply
+    assert rule.key_counts[rule.targets[0].name] == sum(n - 2 for n in lengths)
+    session.end()

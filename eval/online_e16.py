@@ -171,7 +171,8 @@ class Settings:
     # PlasticityConfig fields of the Hebbian arm: the delta rule into the token memory, keyed by the token before the
     # value, a step of 8 per unit of prediction error averaged per slot (`running_mean`), no surprise gate (within a
     # 3-token message the code is less surprising than the name before it), each slot bounded at 20 x the head's
-    # RMS row norm (4 and 5: recall 0.7-1.0 per fact set, the bound binding); {"rule": "delta", "targets": ["mlp"], "presynaptic": "centered"} is the MLP delta rule
+    # RMS row norm (4 and 5: recall 0.7-1.0 per fact set, the bound binding); the MLP delta rule is
+    # {"rule": "delta", "targets": ["mlp"], "presynaptic": "centered"}
     plasticity: dict = field(
         default_factory=lambda: dict(rule="delta", targets=["token_memory"], learning_rate=8.0, gate="none",
                                      delta_step="running_mean", max_step=20.0, max_drift=20.0)

@@ -69,6 +69,17 @@ def _token_memory_target_without_a_memory(tmp_path):
     HebbianPlasticity(tiny_model(ctm_layers="last"), PlasticityConfig(rule="delta", targets=["token_memory"]))
 
 
+def _store_an_overflowed_state(tmp_path):
+    from modeling_ctm import CTMEpisodicMemory
+
+    model = tiny_model(ctm_carry="chunk", ctm_chunk_size=4)
+    ids = torch.randint(1, 97, (1, 6))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+    cache.thinking_state_dict()["layers.1.alpha_out"].fill_(float("inf"))
+    CTMEpisodicMemory.for_model(model.config, capacity=2).store(model, ids, cache)
+
+
 def _bad_plasticity_rule(tmp_path):
     from modeling_ctm.memory.plasticity import PlasticityConfig
 
@@ -253,6 +264,8 @@ TABLE = [
      ["ctm_token_memory='token' reads input_ids", "inputs_embeds"]),
     ("`PlasticityConfig(rule=\"delta\", targets=[\"token_memory\"])` on a model without the memory",
      _token_memory_target_without_a_memory, ValueError, ["PlasticityConfig.targets", "ctm_token_memory='token'"]),
+    ("`memory.store(model, ids, cache)` with an overflowed thinking state", _store_an_overflowed_state, ValueError,
+     ["layers.1.alpha_out", "non-finite", "is_storable"]),
     ("`PlasticityConfig(rule=\"oja\")`", _bad_plasticity_rule, ValueError, ["PlasticityConfig.rule", "delta"]),
     ("`PlasticityConfig(rule=\"delta\")` with the synapse", _delta_rule_on_the_synapse, ValueError,
      ["PlasticityConfig.targets", "['out_proj']", "['mlp']"]),

@@ -378,6 +378,12 @@ class CTMEpisodicMemory(
         return self.clock.clone()
 
     @torch.no_grad()
+    def is_storable(self, cache: CTMCache) -> bool:
+        """Whether `cache`'s thinking state is finite (`store` refuses one that is not)."""
+        return all(
+            bool(torch.isfinite(t).all()) for t in cache.thinking_state_dict().values() if t.is_floating_point()
+        )
+
     def store(
         self,
         model,
@@ -401,6 +407,12 @@ class CTMEpisodicMemory(
                 f"expects exactly {sorted(expected)}"
             )
         for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                # a recalled non-finite state would poison every conversation it seeds (and what they store)
+                raise ValueError(
+                    f"cache tensor {name} holds non-finite values: a thinking state that overflowed is not stored "
+                    "(CTMEpisodicMemory.is_storable(cache) checks first)"
+                )
             slot_shape = tuple(self.get_buffer(name).shape[1:])
             if tuple(tensor.shape) != (rows, *slot_shape):
                 raise ValueError(

@@ -307,7 +307,9 @@ class CTMOnlineSession:
             report["plasticity"] = self.plasticity.apply()
         if self.memory is not None and self.config.store:
             # filed under the user's words, not the model's replies: the next conversation asks with its first message
-            self.memory.store(self.model, torch.cat(self.user_ids, dim=1), self.cache)
+            report["stored"] = self.memory.is_storable(self.cache)
+            if report["stored"]:  # an overflowed state is dropped, not filed (it would seed NaN into later ones)
+                self.memory.store(self.model, torch.cat(self.user_ids, dim=1), self.cache)
             report["episodes"] = len(self.memory)
         if self.heap is not None:
             losses = score_sequences(self.model, self.ids, self.ids)

@@ -347,3 +347,34 @@ def test_the_guide_episodic_memory_example_runs(tmp_path, monkeypatch):
     assert len(namespace["memory"]) == 1 and namespace["memory"].episode_metadata == {0: {"topic": "the garden"}}
     assert pushed["you/ctm-phase3-memory"] == ["config.json", "model.safetensors"]
     assert model_push.call_args.args[1] == "you/ctm-phase3"
+
+
+def test_a_thinking_state_that_overflowed_is_refused_and_a_session_does_not_file_it():
+    """A state with inf/NaN (unbounded accumulators carried through a chain of recalls overflow float32) would seed
+    every later conversation that recalls it; `store` refuses it by name and a session drops it."""
+    from modeling_ctm.memory.session import CTMOnlineSession, OnlineConfig
+    from modeling_ctm.training.tokenization import train_tokenizer
+
+    model = tiny_model(**CHUNK)
+    ids = _ids(1, 9)
+    cache = _conversation(model, ids)
+    memory = CTMEpisodicMemory.for_model(model.config, capacity=4)
+    assert memory.is_storable(cache)
+    name = next(k for k in cache.thinking_state_dict() if k.endswith("alpha_out"))
+    cache.thinking_state_dict()[name].fill_(float("inf"))
+    assert not memory.is_storable(cache)
+    with pytest.raises(ValueError, match=f"cache tensor {name} holds non-finite values"):
+        memory.store(model, ids, cache)
+    assert len(memory) == 0
+
+    tokenizer = train_tokenizer(["a dog ran in the park."] * 30, vocab_size=300)
+    model = tiny_model(vocab_size=len(tokenizer), **CHUNK).eval()
+    session = CTMOnlineSession(model, tokenizer, memory=CTMEpisodicMemory.for_model(model.config, capacity=4),
+                               config=OnlineConfig(max_new_tokens=1))  # fmt: skip
+    session.say("a dog ran in the park.")
+    assert session.end()["stored"] and len(session.memory) == 1
+    session.say("a dog ran.")
+    for tensor in session.cache.thinking_state_dict().values():
+        tensor.fill_(float("nan"))
+    report = session.end()
+    assert report["stored"] is False and report["episodes"] == 1

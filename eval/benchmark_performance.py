@@ -311,6 +311,7 @@ def parse_args(argv=None):
     parser.add_argument("--shapes", nargs="*", help="run only these shape names of the preset")
     parser.add_argument("--steps", type=int, help="timed steps per model (default: preset)")
     parser.add_argument("--warmup", type=int, help="warm-up steps per model (default: preset)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: preset; CPU 2)")
     parser.add_argument(
         "--ctm-config", default="{}", help="JSON overrides of the ctm_* fields, e.g. '{\"ctm_synapse_depth\": 8}'"
     )
@@ -353,6 +354,8 @@ def preset_from_args(args) -> dict:
         preset["phase3"] = {**preset["phase3"], "steps": args.steps}
     if args.warmup is not None:
         preset["warmup"] = args.warmup
+    if args.threads:
+        preset["threads"] = args.threads
     preset["compile_ticks"] = args.compile_ticks
     preset["compile"] = args.compile
     if args.decode_contexts:

@@ -230,7 +230,10 @@ def finish_entry(preset, entry, model, tokens: int, load: MachineLoad, log) -> N
     if preset.get("compile"):
         graphs = [entry["decode"][str(c)]["graphs"] for c in contexts]
         entry["decode_compile_s"] = entry["decode"][str(contexts[0])]["first_step_s"]
+        entry["decode_graphs"] = graphs[0]  # 0: the decode step ran eagerly (dynamo gave up on it)
         entry["decode_recompiles"] = graphs[-1] - graphs[0]  # one room for all contexts: 0 wanted
+        if not graphs[0] or not entry["graphs_after_warmup"]:
+            log(f"  WARNING {entry['model']}: a compiled step compiled no graph, so it ran eagerly")
     log(
         f"  {entry['model']:<14} {entry['tokens_per_s']:9.0f} tok/s  {entry['achieved_flops'] / 1e9:7.2f} GFLOP/s  "
         f"step {1e3 * entry['step_s']:.0f} ms (min {1e3 * entry['step_s_min']:.0f})  quiet {entry['quiet_steps']}/"

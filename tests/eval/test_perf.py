@@ -38,3 +38,27 @@ def test_the_compiled_profile_wraps_only_the_optimizer_and_restores_it():
         assert "step" in optimizer.__dict__
         assert model.forward == forward and "forward" not in model.__dict__
     assert "step" not in optimizer.__dict__
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def test_every_model_compiled_in_one_process_gets_its_own_graph():
+    """Nine instances share one `forward` code object; past dynamo's default limit of 8 graphs per code the ninth
+    would silently run eagerly. The benchmark's `compiled` raises the limit, so each compiles (counter >= 1)."""
+    from perf.measure import compiled
+
+    torch._dynamo.reset()
+    try:
+        for factor in range(1, 11):
+            model = compiled(_Scaled(factor), backend="eager")
+            assert model(torch.ones(2)).tolist() == [factor, factor]
+            assert model.counter.frame_count == 1
+    finally:
+        torch._dynamo.reset()

@@ -332,6 +332,9 @@ def parse_args(argv=None):
         help="compiled rows: torch.compile (inductor) the training step and the cached decode step (static cache)",
     )
     parser.add_argument("--decode-contexts", type=int, nargs="*", help="decode context lengths (default: preset)")
+    parser.add_argument(
+        "--decode-steps", type=int, help="timed single-token steps per decode context, median (default: preset)"
+    )
     parser.add_argument("--ticks", type=int, nargs="*", help="CTM tick counts K (default: preset)")
     parser.add_argument("--placements", nargs="*", help="CTM ctm_layers placements (default: preset)")
     parser.add_argument(
@@ -363,6 +366,8 @@ def preset_from_args(args) -> dict:
     preset["compile"] = args.compile
     if args.decode_contexts:
         preset["decode_contexts"] = args.decode_contexts
+    if args.decode_steps:
+        preset["decode_steps"] = args.decode_steps
     if args.ticks:
         preset["ticks"] = args.ticks
     if args.placements:

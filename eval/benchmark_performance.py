@@ -122,8 +122,14 @@ def build_entries(preset, shape, ctm_overrides, ids, log) -> list[tuple]:
     `step()` runs one training step."""
     device, dtype, vocab = preset["device"], preset["dtype"], preset["vocab"]
     entries = []
-    for spec in model_specs(preset, shape, ctm_overrides):
-        model, config = build_model(spec, shape, vocab, device, preset.get("compile_ticks", False))
+    # every model is built before the first one compiles: building a model of a new class registers it in
+    # transformers' `_CAN_RECORD_REGISTRY`, whose length the graphs compiled before guard on (a Llama compiled before
+    # the first CTM was built recompiled once in its timed steps)
+    built = [
+        (spec, *build_model(spec, shape, vocab, device, preset.get("compile_ticks", False)))
+        for spec in model_specs(preset, shape, ctm_overrides)
+    ]
+    for spec, model, config in built:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         entry = {
             "shape": shape["name"],

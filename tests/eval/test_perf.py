@@ -63,3 +63,22 @@ def test_every_model_compiled_in_one_process_gets_its_own_graph():
             assert model.counter.frame_count == 1
     finally:
         torch._dynamo.reset()
+
+
+def test_every_model_of_a_shape_is_built_before_the_first_compiles(monkeypatch):
+    """Building a model of a new class changes a transformers registry that graphs compiled earlier guard on, so the
+    benchmark builds all of a shape's models before it warms up (compiles) any."""
+    events = []
+    monkeypatch.setattr(
+        bench, "build_model", lambda spec, *a: events.append(("build", spec["name"])) or (torch.nn.Linear(1, 1), None)
+    )
+    monkeypatch.setattr(bench, "analytic_flops", lambda *a: {})
+    monkeypatch.setattr(
+        bench,
+        "warm_up",
+        lambda preset, entry, *a: events.append(("warm", entry["model"])) or (entry, None, None, None),
+    )
+    preset = bench.preset_from_args(bench.parse_args(["--compile", "--ticks", "1", "--placements", "all"]))
+    shape = preset["shapes"][0]
+    bench.build_entries(preset, shape, {}, None, print)
+    assert [kind for kind, _ in events] == ["build", "build", "warm", "warm"]

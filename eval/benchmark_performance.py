@@ -122,8 +122,14 @@ def build_entries(preset, shape, ctm_overrides, ids, log) -> list[tuple]:
     `step()` runs one training step."""
     device, dtype, vocab = preset["device"], preset["dtype"], preset["vocab"]
     entries = []
-    for spec in model_specs(preset, shape, ctm_overrides):
-        model, config = build_model(spec, shape, vocab, device, preset.get("compile_ticks", False))
+    # every model is built before the first one compiles: building a model of a new class registers it in
+    # transformers' `_CAN_RECORD_REGISTRY`, whose length the graphs compiled before guard on (a Llama compiled before
+    # the first CTM was built recompiled once in its timed steps)
+    built = [
+        (spec, *build_model(spec, shape, vocab, device, preset.get("compile_ticks", False)))
+        for spec in model_specs(preset, shape, ctm_overrides)
+    ]
+    for spec, model, config in built:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         entry = {
             "shape": shape["name"],
@@ -230,7 +236,10 @@ def finish_entry(preset, entry, model, tokens: int, load: MachineLoad, log) -> N
     if preset.get("compile"):
         graphs = [entry["decode"][str(c)]["graphs"] for c in contexts]
         entry["decode_compile_s"] = entry["decode"][str(contexts[0])]["first_step_s"]
+        entry["decode_graphs"] = graphs[0]  # 0: the decode step ran eagerly (dynamo gave up on it)
         entry["decode_recompiles"] = graphs[-1] - graphs[0]  # one room for all contexts: 0 wanted
+        if not graphs[0] or not entry["graphs_after_warmup"]:
+            log(f"  WARNING {entry['model']}: a compiled step compiled no graph, so it ran eagerly")
     log(
         f"  {entry['model']:<14} {entry['tokens_per_s']:9.0f} tok/s  {entry['achieved_flops'] / 1e9:7.2f} GFLOP/s  "
         f"step {1e3 * entry['step_s']:.0f} ms (min {1e3 * entry['step_s_min']:.0f})  quiet {entry['quiet_steps']}/"
@@ -311,6 +320,7 @@ def parse_args(argv=None):
     parser.add_argument("--shapes", nargs="*", help="run only these shape names of the preset")
     parser.add_argument("--steps", type=int, help="timed steps per model (default: preset)")
     parser.add_argument("--warmup", type=int, help="warm-up steps per model (default: preset)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: preset; CPU 2)")
     parser.add_argument(
         "--ctm-config", default="{}", help="JSON overrides of the ctm_* fields, e.g. '{\"ctm_synapse_depth\": 8}'"
     )
@@ -328,6 +338,9 @@ def parse_args(argv=None):
         help="compiled rows: torch.compile (inductor) the training step and the cached decode step (static cache)",
     )
     parser.add_argument("--decode-contexts", type=int, nargs="*", help="decode context lengths (default: preset)")
+    parser.add_argument(
+        "--decode-steps", type=int, help="timed single-token steps per decode context, median (default: preset)"
+    )
     parser.add_argument("--ticks", type=int, nargs="*", help="CTM tick counts K (default: preset)")
     parser.add_argument("--placements", nargs="*", help="CTM ctm_layers placements (default: preset)")
     parser.add_argument(
@@ -353,10 +366,14 @@ def preset_from_args(args) -> dict:
         preset["phase3"] = {**preset["phase3"], "steps": args.steps}
     if args.warmup is not None:
         preset["warmup"] = args.warmup
+    if args.threads:
+        preset["threads"] = args.threads
     preset["compile_ticks"] = args.compile_ticks
     preset["compile"] = args.compile
     if args.decode_contexts:
         preset["decode_contexts"] = args.decode_contexts
+    if args.decode_steps:
+        preset["decode_steps"] = args.decode_steps
     if args.ticks:
         preset["ticks"] = args.ticks
     if args.placements:

@@ -35,6 +35,33 @@ FLOP_CATEGORY = {
 }
 
 
+# a compiled step has no module regions: its self time is grouped by the kind of kernel that ran it
+COMPILED_MATMUL = "matmuls (extern mm/bmm/addmm)"
+COMPILED_ATTENTION = "attention (sdpa kernels)"
+COMPILED_FLOP_CATEGORY = {
+    key: COMPILED_ATTENTION if key in ("self_attn_sdpa", "ctm_tick_attention") else COMPILED_MATMUL
+    for key in FLOP_CATEGORY
+}
+
+
+def compiled_category(name: str, path: tuple[str, ...]) -> str:
+    """An op of an inductor-compiled step -> the kind of kernel: the extern matmuls, attention, inductor's fused
+    (generated C++) kernels, the eager optimizer, the rest (graph wrapper, copies, eager glue)."""
+    if "optimizer" in path:
+        return "optimizer (AdamW, eager)"
+    op = name.split("::")[-1]
+    if (
+        op in ("mm", "bmm", "addmm", "baddbmm", "addbmm", "linear", "matmul", "_mkl_linear")
+        or "linear_pointwise" in op
+    ):
+        return COMPILED_MATMUL
+    if "scaled_dot_product" in op or "flash_attention" in op:
+        return COMPILED_ATTENTION
+    if "cpp_fused" in name:
+        return "inductor fused kernels (generated C++)"
+    return "other (graph wrapper, copies, eager glue)"
+
+
 def _category(path: tuple[str, ...]) -> str:
     """Innermost-first region path -> category."""
     if not path:
@@ -62,8 +89,9 @@ def _category(path: tuple[str, ...]) -> str:
 
 
 @contextlib.contextmanager
-def profile_regions(model, optimizer):
-    """Wrap modules and methods in `record_function` regions for the duration of the context (restored after)."""
+def profile_regions(model, optimizer, modules: bool = True):
+    """Wrap modules and methods in `record_function` regions for the duration of the context (restored after).
+    `modules=False`: only the optimizer's step (a compiled model keeps its modules as they were traced)."""
     from torch.profiler import record_function
 
     import modeling_ctm.modeling_ctm as mc
@@ -83,35 +111,36 @@ def profile_regions(model, optimizer):
         setattr(obj, attr, staticmethod(wrapper) if static else wrapper)
         undo.append((obj, attr, original, had_own))
 
-    wrap(torch.nn.functional, "scaled_dot_product_attention", "sdpa")
-    wrap(torch.nn.functional, "cross_entropy", "loss")
-    wrap(torch.nn.functional, "log_softmax", "loss")
-    for name in ("multi_tick_loss", "tick_certainty"):
-        if hasattr(mc, name):
-            wrap(mc, name, "loss")
-    wrap(mc.CTMSynchronisation, "read", "ctm.sync", static=True)
     wrap(optimizer, "step", "optimizer")
-    for name, module in model.named_modules():
-        cls = type(module).__name__
-        if cls.endswith("Attention"):
-            wrap(module, "forward", "self_attention")
-        elif cls.endswith("MLP"):
-            wrap(module, "forward", "mlp")
-        elif cls.endswith("RMSNorm"):
-            wrap(module, "forward", "norm")
-        elif name == "lm_head":
-            wrap(module, "forward", "lm_head")
-        elif cls == "CTMBlock":
-            wrap(module, "forward", "ctm.block")
-            wrap(module, "tick", "ctm.tick")
-            wrap(module, "observe_inputs", "ctm.kv_proj")
-            wrap(module, "readout", "ctm.readout")
-            wrap(module.q_proj, "forward", "ctm.tick_q_proj")
-            wrap(module.synapse, "forward", "ctm.synapse")
-            wrap(module.neurons, "forward", "ctm.nlm")
-            for sync in (module.sync_out, module.sync_action):
-                wrap(sync, "update", "ctm.sync")
-                wrap(sync, "decay_rates", "ctm.sync")
+    if modules:
+        wrap(torch.nn.functional, "scaled_dot_product_attention", "sdpa")
+        wrap(torch.nn.functional, "cross_entropy", "loss")
+        wrap(torch.nn.functional, "log_softmax", "loss")
+        for name in ("multi_tick_loss", "tick_certainty"):
+            if hasattr(mc, name):
+                wrap(mc, name, "loss")
+        wrap(mc.CTMSynchronisation, "read", "ctm.sync", static=True)
+        for name, module in model.named_modules():
+            cls = type(module).__name__
+            if cls.endswith("Attention"):
+                wrap(module, "forward", "self_attention")
+            elif cls.endswith("MLP"):
+                wrap(module, "forward", "mlp")
+            elif cls.endswith("RMSNorm"):
+                wrap(module, "forward", "norm")
+            elif name == "lm_head":
+                wrap(module, "forward", "lm_head")
+            elif cls == "CTMBlock":
+                wrap(module, "forward", "ctm.block")
+                wrap(module, "tick", "ctm.tick")
+                wrap(module, "observe_inputs", "ctm.kv_proj")
+                wrap(module, "readout", "ctm.readout")
+                wrap(module.q_proj, "forward", "ctm.tick_q_proj")
+                wrap(module.synapse, "forward", "ctm.synapse")
+                wrap(module.neurons, "forward", "ctm.nlm")
+                for sync in (module.sync_out, module.sync_action):
+                    wrap(sync, "update", "ctm.sync")
+                    wrap(sync, "decay_rates", "ctm.sync")
     try:
         yield
     finally:
@@ -122,9 +151,9 @@ def profile_regions(model, optimizer):
                 delattr(obj, attr)
 
 
-def attribute_profile(prof, device: str) -> tuple[dict, list]:
+def attribute_profile(prof, device: str, compiled: bool = False) -> tuple[dict, list]:
     """Self time per (category, phase) and the top ops. Phase: fwd (inside a forward region), bwd (a backward node
-    whose forward op sits in a region), opt."""
+    whose forward op sits in a region), opt. `compiled`: categories by kernel kind (`compiled_category`)."""
     events = list(prof.events())
     region_of_seq: dict[int, tuple[str, ...]] = {}
 
@@ -169,7 +198,7 @@ def attribute_profile(prof, device: str) -> tuple[dict, list]:
                 break
             node = node.cpu_parent
         path = path or ()
-        category = _category(path)
+        category = compiled_category(event.name, path) if compiled else _category(path)
         if category.startswith("optimizer"):
             phase = "opt"
         totals[(category, phase)] = totals.get((category, phase), 0.0) + self_us
@@ -182,7 +211,7 @@ def attribute_profile(prof, device: str) -> tuple[dict, list]:
     return totals, top
 
 
-def piece_table(totals: dict, flop_breakdown: dict, tokens: int) -> dict:
+def piece_table(totals: dict, flop_breakdown: dict, tokens: int, flop_category: dict = FLOP_CATEGORY) -> dict:
     """Per model piece: fwd/bwd/opt ms, total, share of time and of analytic training FLOPs, achieved GFLOP/s."""
     categories = {}
     for (category, phase), us in totals.items():
@@ -190,7 +219,7 @@ def piece_table(totals: dict, flop_breakdown: dict, tokens: int) -> dict:
         row[f"{phase}_ms"] += us / 1e3
     for key, value in flop_breakdown.items():
         row = categories.setdefault(
-            FLOP_CATEGORY[key], {"fwd_ms": 0.0, "bwd_ms": 0.0, "opt_ms": 0.0, "train_gflop": 0.0}
+            flop_category[key], {"fwd_ms": 0.0, "bwd_ms": 0.0, "opt_ms": 0.0, "train_gflop": 0.0}
         )
         row["train_gflop"] += 3 * value * tokens / 1e9
     total_ms = sum(r["fwd_ms"] + r["bwd_ms"] + r["opt_ms"] for r in categories.values())
@@ -204,8 +233,12 @@ def piece_table(totals: dict, flop_breakdown: dict, tokens: int) -> dict:
 
 
 def run_profile(spec, shape, preset, load: MachineLoad) -> dict:
-    """Build the model of `spec`, run two warm-up steps, profile one training step and attribute it."""
+    """Build the model of `spec`, run two warm-up steps, profile one training step and attribute it. With
+    `preset["compile"]` the step runs through `torch.compile(model)` (inductor, its C++ kernels recorded by the
+    profiler; the warm-up steps compile) and its time is attributed by kernel kind (`compiled_category`)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from .measure import compiled as compile_model
 
     device, dtype, vocab = preset["device"], preset["dtype"], preset["vocab"]
     model, config = build_model(spec, shape, vocab, device, preset.get("compile_ticks", False))
@@ -213,24 +246,39 @@ def run_profile(spec, shape, preset, load: MachineLoad) -> dict:
     ids = torch.randint(2, vocab, (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(0)).to(
         device
     )
-    for _ in range(2):
-        train_step(model, optimizer, ids, device, dtype)
+    is_compiled = bool(preset.get("compile"))
+    runner = model
+    if is_compiled:
+        torch._dynamo.reset()
+        with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+            runner = compile_model(model)
+            for _ in range(2):
+                train_step(runner, optimizer, ids, device, dtype)
+    else:
+        for _ in range(2):
+            train_step(model, optimizer, ids, device, dtype)
     synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     waited = load.wait_quiet(QUIET, max_wait=30.0)
     before = load.sample()
-    with profile_regions(model, optimizer):
+    with profile_regions(model, optimizer, modules=not is_compiled):
         with profile(activities=activities, record_shapes=True) as prof:
-            train_step(model, optimizer, ids, device, dtype)
+            train_step(runner, optimizer, ids, device, dtype)
             synchronize(device)
     foreign = load.foreign(before, load.sample())
-    totals, top = attribute_profile(prof, device)
-    categories = piece_table(totals, analytic_flops(spec, config, shape["seq"])["breakdown"], shape["batch"] * shape["seq"])
-    del model, optimizer
+    totals, top = attribute_profile(prof, device, compiled=is_compiled)
+    categories = piece_table(
+        totals,
+        analytic_flops(spec, config, shape["seq"])["breakdown"],
+        shape["batch"] * shape["seq"],
+        COMPILED_FLOP_CATEGORY if is_compiled else FLOP_CATEGORY,
+    )
+    del model, optimizer, runner
     gc.collect()
     return {
-        "model": spec["name"],
+        "model": spec["name"] + (" (compiled)" if is_compiled else ""),
         "shape": shape["name"],
+        "compiled": is_compiled,
         "timer": "self CUDA time" if device.startswith("cuda") else "self CPU time",
         "foreign_load": foreign,
         "waited_s": waited,

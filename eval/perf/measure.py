@@ -171,11 +171,20 @@ def decode_latency(model, vocab, contexts, steps, device, dtype, load=None, warm
     return per_context(model, vocab, contexts, device, load, measure)
 
 
+# graphs dynamo may keep per code object: every model compiled in one process (the benchmark's Llama and CTMs, their
+# training and decode steps) adds its graphs to the one cache of the shared `forward` code, and past dynamo's default
+# of 8 the 9th silently runs eagerly ("hit config.recompile_limit")
+RECOMPILE_LIMIT = 64
+
+
 def compiled(model, backend: str = "inductor"):
     """`torch.compile(model)` through a frame counter: `.counter.frame_count` is the number of graphs compiled, so
-    the frames a later call adds are recompilations."""
+    the frames a later call adds are recompilations. Raises dynamo's per-code graph limit to `RECOMPILE_LIMIT`, so
+    that many models compiled in one process each keep their own graphs (a model whose counter stays at 0 after a
+    call ran eagerly)."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     counter = CompileCounterWithBackend(backend)
     wrapper = torch.compile(model, backend=counter)
     wrapper.counter = counter

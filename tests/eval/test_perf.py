@@ -1,0 +1,84 @@
+"""eval/benchmark_performance.py's small pieces: the thread count from the command line, and how the profile of a
+compiled step groups its kernels."""
+
+import benchmark_performance as bench  # eval/ is on the path (pyproject.toml: pytest pythonpath)
+import torch
+from perf.attribute import (
+    COMPILED_ATTENTION,
+    COMPILED_FLOP_CATEGORY,
+    COMPILED_MATMUL,
+    compiled_category,
+    profile_regions,
+)
+
+
+def test_threads_and_decode_steps_come_from_the_command_line_or_the_preset():
+    assert bench.preset_from_args(bench.parse_args(["--threads", "1"]))["threads"] == 1
+    assert bench.preset_from_args(bench.parse_args([]))["threads"] == bench.PRESETS["cpu"]["threads"]
+    assert bench.preset_from_args(bench.parse_args(["--decode-steps", "64"]))["decode_steps"] == 64
+
+
+def test_a_compiled_step_groups_its_ops_by_kernel_kind():
+    assert compiled_category("aten::bmm", ()) == COMPILED_MATMUL
+    assert compiled_category("aten::addmm", ()) == COMPILED_MATMUL
+    assert compiled_category("mkldnn::_linear_pointwise", ()) == COMPILED_MATMUL
+    assert compiled_category("aten::_scaled_dot_product_flash_attention_for_cpu", ()) == COMPILED_ATTENTION
+    assert compiled_category("graph_3_cpp_fused_glu_mul_7", ()).startswith("inductor fused kernels")
+    assert compiled_category("aten::_foreach_mul_", ("optimizer",)).startswith("optimizer")
+    assert compiled_category("aten::copy_", ()).startswith("other")
+    # every analytic FLOP piece lands on a kernel kind, the attention on the attention kernels
+    assert COMPILED_FLOP_CATEGORY["ctm_tick_attention"] == COMPILED_ATTENTION
+    assert COMPILED_FLOP_CATEGORY["ctm_nlm"] == COMPILED_MATMUL
+
+
+def test_the_compiled_profile_wraps_only_the_optimizer_and_restores_it():
+    model = torch.nn.Linear(2, 2)
+    forward = model.forward
+    optimizer = torch.optim.AdamW(model.parameters())
+    with profile_regions(model, optimizer, modules=False):
+        assert "step" in optimizer.__dict__
+        assert model.forward == forward and "forward" not in model.__dict__
+    assert "step" not in optimizer.__dict__
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def test_every_model_compiled_in_one_process_gets_its_own_graph():
+    """Nine instances share one `forward` code object; past dynamo's default limit of 8 graphs per code the ninth
+    would silently run eagerly. The benchmark's `compiled` raises the limit, so each compiles (counter >= 1)."""
+    from perf.measure import compiled
+
+    torch._dynamo.reset()
+    try:
+        for factor in range(1, 11):
+            model = compiled(_Scaled(factor), backend="eager")
+            assert model(torch.ones(2)).tolist() == [factor, factor]
+            assert model.counter.frame_count == 1
+    finally:
+        torch._dynamo.reset()
+
+
+def test_every_model_of_a_shape_is_built_before_the_first_compiles(monkeypatch):
+    """Building a model of a new class changes a transformers registry that graphs compiled earlier guard on, so the
+    benchmark builds all of a shape's models before it warms up (compiles) any."""
+    events = []
+    monkeypatch.setattr(
+        bench, "build_model", lambda spec, *a: events.append(("build", spec["name"])) or (torch.nn.Linear(1, 1), None)
+    )
+    monkeypatch.setattr(bench, "analytic_flops", lambda *a: {})
+    monkeypatch.setattr(
+        bench,
+        "warm_up",
+        lambda preset, entry, *a: events.append(("warm", entry["model"])) or (entry, None, None, None),
+    )
+    preset = bench.preset_from_args(bench.parse_args(["--compile", "--ticks", "1", "--placements", "all"]))
+    shape = preset["shapes"][0]
+    bench.build_entries(preset, shape, {}, None, print)
+    assert [kind for kind, _ in events] == ["build", "build", "warm", "warm"]

@@ -78,7 +78,7 @@ def test_quick_run_writes_every_arm_and_the_controls_hold(tmp_path):
 
 
 def test_reading_rows_tell_then_ask_every_fact_in_the_session_tokens(tokenizer):
-    settings = e16.Settings(facts=4, reading_share=1.0)
+    settings = e16.Settings(facts=4, reading_share=1.0, reading_loss_on="all")
 
     class Corpus:
         @staticmethod

@@ -72,13 +72,15 @@ def ctm_block_flops(config, seq_len: int, readout_every_tick: bool) -> dict[str,
     K = config.ctm_ticks
     M, H = config.ctm_memory_length, config.ctm_nlm_hidden_size
     s_out, s_act = config.ctm_n_synch_out, config.ctm_n_synch_action
+    # ctm_query_source="state": q_proj reads z (D) instead of S_action, and no S_action read feeds it
+    from_state = getattr(config, "ctm_query_source", "sync_action") == "state"
     per_tick = {
-        "ctm_tick_q_proj": 2 * s_act * D,
+        "ctm_tick_q_proj": 2 * (D if from_state else s_act) * D,
         "ctm_tick_attention": 4 * D * _attn_keys(seq_len),  # all ctm heads together span D
         "ctm_synapse": sum(2 * i * o for i, o in synapse_linear_shapes(D, config.ctm_synapse_depth)),
         "ctm_nlm": 2 * D * M * (2 * H) + 2 * D * H * 2,
         # both updates (5 per pair) + the S_action read feeding q_proj (2 per pair)
-        "ctm_sync": 5 * (s_out + s_act) + 2 * s_act,
+        "ctm_sync": 5 * (s_out + s_act) + (0 if from_state else 2 * s_act),
     }
     readouts = K if readout_every_tick else 1
     out = {key: K * value for key, value in per_tick.items()}

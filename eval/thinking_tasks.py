@@ -10,12 +10,18 @@ Tasks (generated in code; every item is one token; each has a difficulty knob):
             does not form one within the CPU budget: with the hop count as its own token before Q_x, no arm left
             chance in 600 steps): one attention layer can do one hop, so a plain transformer needs about k layers
             for k hops, and a CTM layer can do one hop per tick. Difficulty: k.
+    chain   k hops to a fixed point (`ChainTask`): `chain_chains` chains over `chain_nodes` nodes written as "K_a V_b"
+            pairs, each root pointing at itself; questions "K_x A_r" ask x's root. The question does not say how many
+            hops to make, and following a root leaves it in place, so more ticks than needed never hurt and a model
+            trained at K = 4 can be run at K = 8 (Bansal et al. 2022). Difficulty: x's distance to its root. Chance
+            1 / chains.
     parity  running parity (the S2 word problem): a string of bits, and at every position the parity of the bits
             so far. With `ctm_carry="chunk", ctm_chunk_size=1` the CTM's carried state makes the block a recurrence.
             Difficulty: the position (accuracy per position bucket).
 
 Arms (the CTM: one decoder layer whose MLP is a CTM block, `ctm_input_injection="every_tick"`, `ctm_sync_seed="zero"`,
-no tick embeddings so that K can change at inference):
+no tick embeddings so that K can change at inference; `Settings.query_source`, `n_synch_out` and `token_shift` set
+its query, its readout width and every arm's token shift):
 
     k1, k2, k4, k8           the CTM trained and run at K = 1, 2, 4, 8 ticks (equal parameters: K adds no weights)
     k4_test_k8               the k4 model run at K = 8 (extrapolation: more thinking time than it trained with)
@@ -25,10 +31,13 @@ no tick embeddings so that K can change at inference):
                              the k4 CTM's (eval/flops.py conventions)
     halting                  the k8 model run with `ctm_halt_threshold`: accuracy, and mean ticks used per difficulty
 
-khop trains every arm on k <= `--train-hops` (uniform) and tests on k = 1 .. `--test-hops`. E2 on the suite:
-Spearman(selected tick, difficulty) of the k8 model, with its p-value.
+khop and chain train every arm on k <= `--train-hops` (uniform, or unlocked in order with `--set curriculum=true`)
+and test on k = 1 .. `--test-hops` (chain: at most its longest distance). E2 on the suite: Spearman(selected tick,
+difficulty) of the k8 model, with its p-value.
 
-    python eval/thinking_tasks.py [--seeds 3] [--out eval/results/thinking_tasks] [--quick] [--tasks khop,parity]
+    python eval/thinking_tasks.py [--seeds 3] [--out eval/results/thinking_tasks] [--quick] [--tasks chain,khop,parity]
+    python eval/thinking_tasks.py --seeds 2 --tasks chain --steps 900 --train-hops 3 --test-hops 4 \
+        --set curriculum=true --out eval/results/thinking_tasks_chain      # docs/results.md (issue 26)
 
 Writes results.json (`arms`: per task, per arm, `accuracy` per difficulty as {"mean", "sd"} over seeds),
 results.md and accuracy.png to --out.
@@ -65,6 +74,7 @@ from modeling_ctm.observers_ctm import CTMTickObserver  # noqa: E402
 from modeling_ctm.training.trainers import CTMTrainer  # noqa: E402
 
 
+HOP_TASKS = ("khop", "chain")  # difficulty = hops; trained on k <= train_hops, tested on k = 1 .. test_hops
 CTM_TICKS = {"k1": 1, "k2": 2, "k4": 4, "k8": 8}
 ARMS = {
     "k1": "CTM, K = 1 tick (the block without thinking time)",
@@ -157,6 +167,100 @@ class KHopTask:
 
 
 @dataclass(frozen=True)
+class ChainTask:
+    """k hops to a fixed point: `chains` disjoint chains of `nodes / chains` nodes each, every node pointing at the next
+    and the last (the chain's root) at itself, written as two tokens per node, "K_a V_b" (b the parent of a), in random
+    order; then SEP and `queries` questions "K_x A_r": follow x's pointers until they stop moving, and answer its root
+    r. The difficulty k is x's distance to its root (1 .. nodes / chains - 1). Unlike `KHopTask`, the question does not
+    say how many hops to make: following a root's self-loop leaves it in place, so a loop that makes more hops than
+    needed still lands on the answer (a fixed point, as in Bansal et al. 2022's mazes and prefix sums), and a model
+    trained with few ticks can be run with more. Key and value tokens are disjoint (the MQAR form, which a tiny model
+    learns, with `ctm_token_shift="embedding"` putting the key into the value's position); fused pair tokens P(a, b)
+    need nodes^2 embeddings, and at 12 nodes no arm learned even one hop in 600 steps (issue 26 probe). Token ids:
+    0 PAD, 1 SEP, K_a = 2 + a, V_b = 2 + nodes + b, A_y = 2 + 2 nodes + y. Chance: 1 / chains for a model that tells
+    the roots (their pairs are self-loops) but not which one x leads to."""
+
+    nodes: int = 24
+    chains: int = 3
+    queries: int = 8
+
+    name = "chain"
+    key_base = 2
+
+    def __post_init__(self):
+        if self.chains < 1 or self.nodes % self.chains or self.nodes // self.chains < 2:
+            raise ValueError(
+                f"nodes={self.nodes}, chains={self.chains} is invalid: chains must divide nodes into chains of >= 2 nodes"
+            )
+
+    @property
+    def max_hops(self) -> int:
+        return self.nodes // self.chains - 1
+
+    @property
+    def value_base(self) -> int:
+        return self.key_base + self.nodes
+
+    @property
+    def answer_base(self) -> int:
+        return self.value_base + self.nodes
+
+    @property
+    def vocab_size(self) -> int:
+        return self.answer_base + self.nodes
+
+    @property
+    def length(self) -> int:
+        return 2 * self.nodes + 1 + 2 * self.queries
+
+    def sample(self, rows: int, hops: list[int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """`rows` items; each question's distance to its root drawn uniformly from `hops`. Returns input_ids and labels
+        (T each), and `hops` (rows, queries)."""
+        if not set(hops) <= set(range(1, self.max_hops + 1)):
+            raise ValueError(f"hops={hops} is invalid: distances to a root are 1 .. {self.max_hops}")
+        n, c, m = self.nodes, self.chains, self.queries
+        length = n // c
+        # chain_nodes[r, j, i]: the node at position i of chain j (i = length - 1 is the root)
+        chain_nodes = np.argsort(rng.random((rows, n)), axis=1).reshape(rows, c, length)
+        parent = np.empty((rows, n), dtype=np.int64)
+        nxt = np.concatenate([chain_nodes[:, :, 1:], chain_nodes[:, :, -1:]], axis=2)  # the root points at itself
+        np.put_along_axis(parent, chain_nodes.reshape(rows, n), nxt.reshape(rows, n), axis=1)
+        listed = np.argsort(rng.random((rows, n)), axis=1)  # the order the pairs are written in
+        pairs = np.stack([self.key_base + listed, self.value_base + np.take_along_axis(parent, listed, 1)], axis=2)
+        k = np.asarray(hops)[rng.integers(0, len(hops), (rows, m))]
+        chain = rng.integers(0, c, (rows, m))
+        row_index = np.arange(rows)[:, None]
+        start = chain_nodes[row_index, chain, length - 1 - k]
+        root = chain_nodes[row_index, chain, length - 1]
+        questions = np.stack([self.key_base + start, self.answer_base + root], axis=2)
+        sep = np.ones((rows, 1), dtype=np.int64)
+        input_ids = np.concatenate([pairs.reshape(rows, 2 * n), sep, questions.reshape(rows, 2 * m)], 1)
+        labels = np.full_like(input_ids, -100)
+        answer_columns = 2 * n + 1 + 2 * np.arange(m) + 1
+        labels[:, answer_columns] = input_ids[:, answer_columns]
+        return {"input_ids": input_ids, "labels": labels, "hops": k}
+
+    def follow(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every question's root and distance, found by reading the row's own pairs and following them until they stop
+        moving (a check on `sample` that does not reuse its arithmetic): (rows, queries) answer ids and hop counts."""
+        n = self.nodes
+        answers = np.empty((len(input_ids), self.queries), dtype=np.int64)
+        distances = np.empty_like(answers)
+        for r, row in enumerate(input_ids.tolist()):
+            table = {row[2 * i] - self.key_base: row[2 * i + 1] - self.value_base for i in range(n)}
+            for q in range(self.queries):
+                node, hops = row[2 * n + 1 + 2 * q] - self.key_base, 0
+                while table[node] != node:
+                    node, hops = table[node], hops + 1
+                answers[r, q], distances[r, q] = self.answer_base + node, hops
+        return answers, distances
+
+    def difficulty(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """The difficulty of each labelled position, in the order `labels != -100` lists them: its distance k."""
+        return batch["hops"].reshape(-1)
+
+
+@dataclass(frozen=True)
 class ParityTask:
     """Running parity. Token ids: 0 and 1 are the bits, 2 and 3 the parities even and odd. The label at position t
     is the parity of bits 0 .. t, put where a causal LM's loss reads the prediction made at t (labels[t + 1])."""
@@ -212,6 +316,14 @@ class Settings:
     # khop: hops unlock in order (rows of the first 1/train_hops of training ask k = 1, the next k <= 2, ...), seen
     # in that order (a progressive curriculum: one hop is learned before two are asked)
     curriculum: bool = False
+    # chain: nodes and chains (chance 1 / chains; distances to a root 1 .. nodes / chains - 1)
+    chain_nodes: int = 15
+    chain_chains: int = 3
+    # the CTM block: pairs read out (S_out; hidden_size // 2 is the package default), what forms its query
+    # (`ctm_query_source`), and the token shift of every arm, CTM and transformer alike (`ctm_token_shift`)
+    n_synch_out: int = 128
+    query_source: str = "state"
+    token_shift: str = "embedding"
 
 
 QUICK = dict(steps=30, parity_steps=10, eval_rows=32, batch_size=16, parity_length=16)  # what --quick changes
@@ -226,6 +338,7 @@ def base_fields(task, settings: Settings) -> dict:
         num_attention_heads=settings.heads,
         num_key_value_heads=settings.heads,
         max_position_embeddings=128,
+        ctm_token_shift=settings.token_shift,
     )
 
 
@@ -236,7 +349,7 @@ def ctm_config(task, settings: Settings, ticks: int) -> CTMConfig:
         ctm_layers="last",
         ctm_ticks=ticks,
         ctm_memory_length=4,
-        ctm_n_synch_out=settings.hidden_size // 2,
+        ctm_n_synch_out=settings.n_synch_out,
         ctm_n_synch_action=settings.hidden_size // 2,
         ctm_nlm_hidden_size=8,
         ctm_synapse_depth=2,
@@ -244,6 +357,7 @@ def ctm_config(task, settings: Settings, ticks: int) -> CTMConfig:
         ctm_input_injection="every_tick",
         ctm_sync_seed="zero",
         ctm_readout_norm="rms",
+        ctm_query_source=settings.query_source,
         **carry,
     )
 
@@ -300,11 +414,11 @@ class TicksUsed(CTMTickObserver):
 
 def training_rows(task, settings: Settings, rows: int, seed: int) -> Dataset:
     rng = np.random.default_rng(10_000 + seed)
-    if task.name == "khop" and settings.curriculum:
+    if task.name in HOP_TASKS and settings.curriculum:
         stages = np.array_split(np.arange(rows), settings.train_hops)
         parts = [task.sample(len(stage), list(range(1, top + 1)), rng) for top, stage in enumerate(stages, 1)]
         batch = {key: np.concatenate([part[key] for part in parts]) for key in ("input_ids", "labels")}
-    elif task.name == "khop":
+    elif task.name in HOP_TASKS:
         batch = task.sample(rows, list(range(1, settings.train_hops + 1)), rng)
     else:
         batch = task.sample(rows, rng)
@@ -341,8 +455,9 @@ def train(model: CTMForCausalLM, task, settings: Settings, steps: int, seed: int
 def evaluation_sets(task, settings: Settings) -> dict[int, dict[str, np.ndarray]]:
     """Held-out items (a seed no training run uses): per difficulty for khop, one set for parity."""
     rng = np.random.default_rng(999)
-    if task.name == "khop":
-        return {k: task.sample(settings.eval_rows, [k], rng) for k in range(1, settings.test_hops + 1)}
+    if task.name in HOP_TASKS:
+        hardest = min(settings.test_hops, task.max_hops)
+        return {k: task.sample(settings.eval_rows, [k], rng) for k in range(1, hardest + 1)}
     return {0: task.sample(settings.eval_rows, rng)}
 
 
@@ -385,7 +500,7 @@ def e2(selected_and_difficulty) -> dict:
 
 def run_seed(task, settings: Settings, seed: int, arms: list[str]) -> dict:
     sets = evaluation_sets(task, settings)
-    steps = settings.steps if task.name == "khop" else settings.parity_steps
+    steps = settings.steps if task.name in HOP_TASKS else settings.parity_steps
     length = task.length
     ctm_params = parameter_count(ctm_config(task, settings, 1))
     k4_flops = flops.model_flops(ctm_config(task, settings, 4), length)["forward"]
@@ -429,7 +544,7 @@ def run_seed(task, settings: Settings, seed: int, arms: list[str]) -> dict:
 
 def main(argv=None):
     parser = experiment_parser(__doc__, default_out="eval/results/thinking_tasks", settings=Settings, quick=QUICK)
-    parser.add_argument("--tasks", default="khop,parity")
+    parser.add_argument("--tasks", default="chain,khop,parity")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--steps", type=int, default=None, help="khop training steps per arm")
     parser.add_argument("--parity-steps", type=int, default=None)
@@ -446,7 +561,11 @@ def main(argv=None):
     for arm, needs in {"k4_test_k8": "k4", "halting": "k8"}.items():  # these re-run another arm's model
         if arm in arms and needs not in arms:
             parser.error(f"--arms: {arm} runs the {needs} model, so it needs {needs} in --arms too")
-    tasks = {"khop": KHopTask(nodes=args.nodes, max_hops=settings.test_hops), "parity": ParityTask(length=settings.parity_length)}
+    tasks = {
+        "khop": KHopTask(nodes=args.nodes, max_hops=settings.test_hops),
+        "chain": ChainTask(nodes=settings.chain_nodes, chains=settings.chain_chains),
+        "parity": ParityTask(length=settings.parity_length),
+    }
     chosen = args.tasks.split(",")
     if not set(chosen) <= set(tasks):
         parser.error(f"--tasks got {chosen}: allowed tasks are {list(tasks)}")
@@ -460,7 +579,7 @@ def main(argv=None):
         result["per_seed"][name] = per_seed
         result["arms"][name] = summarize(per_seed, arms, ARMS)
         result["e2"][name] = [record.get("e2") for record in per_seed]
-        print(task_table(name, result["arms"][name], "k" if name == "khop" else "bits"), flush=True)
+        print(task_table(name, result["arms"][name], "k" if name in HOP_TASKS else "bits"), flush=True)
     result["machine_load"] = load.foreign(before, load.sample())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

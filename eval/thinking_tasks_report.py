@@ -63,7 +63,7 @@ def draw(result: dict, path: Path) -> None:
             sds = [entry["accuracy"][k]["sd"] for k in levels]
             ax.errorbar([int(k) for k in levels], means, yerr=sds, label=arm, marker="o", capsize=2)
         ax.set_title(name)
-        ax.set_xlabel("hops k" if name == "khop" else "bits covered (bucket)")
+        ax.set_xlabel("bits covered (bucket)" if name == "parity" else "hops k")
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.02)
         ax.legend(fontsize=7)
@@ -77,7 +77,7 @@ def format_markdown(result: dict) -> str:
     settings = {k: v for k, v in result["settings"].items() if k not in ("seeds", "arms")}
     markdown = ["# The thinking suite", "", f"{result['settings']['seeds']} seed(s); settings: `{settings}`", ""]
     for name, arms_of_task in result["arms"].items():
-        label = "k" if name == "khop" else "bits"
+        label = "bits" if name == "parity" else "k"
         markdown += [task_table(name, arms_of_task, label), "", f"E2 (k8) per seed: {result['e2'][name]}", ""]
     markdown += ["![accuracy per difficulty](accuracy.png)", ""]
     return "\n".join(markdown)

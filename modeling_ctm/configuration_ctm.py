@@ -20,6 +20,7 @@ CTM_CARRY_CHOICES = ("none", "chunk")
 CTM_NLM_IMPLEMENTATION_CHOICES = ("plain", "fused")
 CTM_TOKEN_SHIFT_CHOICES = ("none", "embedding")
 CTM_TOKEN_MEMORY_CHOICES = ("none", "token")
+CTM_QUERY_SOURCE_CHOICES = ("sync_action", "state")
 MAX_DECAY = 15.0  # r = exp(-15) ~ 3e-7: a pair with this decay forgets everything between ticks
 
 
@@ -119,6 +120,12 @@ class CTMConfig(PreTrainedConfig):
             a fact "NAME CODE" told once is stored under NAME's slot and read back whenever NAME is the last token,
             in any later context. Its keys are one-hot, so writes under different tokens never interfere. It reads
             `input_ids` (not `inputs_embeds`).
+        ctm_query_source (`str`, defaults to `"sync_action"`):
+            What forms the block's cross-attention query each tick: `"sync_action"` (the reference: `q_proj` of the
+            action synchronisation, a running average of pair products over the ticks so far) or `"state"` (`q_proj`
+            of the post-activations z the previous tick produced, D -> D): tick t then asks a question made of what
+            tick t-1 found, so successive ticks can chain lookups (a hop per tick; issue 26's k-hop task). The action
+            accumulators are still kept (the carry, snapshots and halting read them) but no longer feed the query.
     """
 
     model_type = "ctm"
@@ -173,6 +180,7 @@ class CTMConfig(PreTrainedConfig):
     ctm_nlm_implementation: str = "plain"
     ctm_token_shift: str = "none"
     ctm_token_memory: str = "none"
+    ctm_query_source: str = "sync_action"
 
     def __post_init__(self, **kwargs):
         self.refuse_unknown_ctm_fields(kwargs)
@@ -313,6 +321,8 @@ class CTMConfig(PreTrainedConfig):
             fail("ctm_token_shift", self.ctm_token_shift, f"allowed values are {CTM_TOKEN_SHIFT_CHOICES}")
         if self.ctm_token_memory not in CTM_TOKEN_MEMORY_CHOICES:
             fail("ctm_token_memory", self.ctm_token_memory, f"allowed values are {CTM_TOKEN_MEMORY_CHOICES}")
+        if self.ctm_query_source not in CTM_QUERY_SOURCE_CHOICES:
+            fail("ctm_query_source", self.ctm_query_source, f"allowed values are {CTM_QUERY_SOURCE_CHOICES}")
         if self.ctm_carry == "chunk" or self.ctm_chunk_size is not None:
             positive_int("ctm_chunk_size", self.ctm_chunk_size, " (required when ctm_carry='chunk')")
 

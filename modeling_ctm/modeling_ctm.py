@@ -473,8 +473,10 @@ class CTMBlock(nn.Module):
         D, M = config.hidden_size, config.ctm_memory_length
         self.num_heads = config.ctm_attention_heads
         self.head_dim = D // self.num_heads
-        # observation: the neurons' action synchronisation queries the block's own (normed) inputs
-        self.q_proj = nn.Linear(config.ctm_n_synch_action, D, bias=False)
+        # observation: the neurons' action synchronisation (or, `ctm_query_source="state"`, their last post-activations)
+        # queries the block's own (normed) inputs
+        self.query_from_state = config.ctm_query_source == "state"
+        self.q_proj = nn.Linear(D if self.query_from_state else config.ctm_n_synch_action, D, bias=False)
         self.k_proj = nn.Linear(D, D, bias=False)
         self.v_proj = nn.Linear(D, D, bias=False)
         self.synapse = CTMSynapse(D, config.ctm_synapse_depth)
@@ -543,8 +545,11 @@ class CTMBlock(nn.Module):
         `injected` (B, n, D): the tokens' own projected inputs (`ctm_input_injection`), added to query and synapse."""
         z = thinking.state
         B, n, D = z.shape
-        sync_action = CTMSynchronisation.read(thinking.alpha_action, thinking.beta_action)
-        query = self.q_proj(sync_action.to(z.dtype))
+        if self.query_from_state:  # what the last tick computed asks this tick's question
+            query = self.q_proj(z)
+        else:
+            sync_action = CTMSynchronisation.read(thinking.alpha_action, thinking.beta_action)
+            query = self.q_proj(sync_action.to(z.dtype))
         if injected is not None:
             query = query + injected
         query = query.view(B, n, self.num_heads, self.head_dim)
@@ -1160,7 +1165,8 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
             if self.config.ctm_readout == "most_certain":
                 selected_tick = certainty.argmax(-1)
             else:
-                selected_tick = torch.full(certainty.shape[:2], self.config.ctm_ticks - 1, device=certainty.device)
+                # the last tick run (a block may run another tick count than the config's, e.g. at inference)
+                selected_tick = torch.full(certainty.shape[:2], tick_logits.shape[2] - 1, device=certainty.device)
             logits = tick_logits.gather(2, selected_tick[..., None, None].expand(-1, -1, 1, tick_logits.shape[-1]))
             logits = logits[:, :, 0]
 

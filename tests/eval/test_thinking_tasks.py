@@ -49,6 +49,68 @@ def test_khop_refuses_more_hops_than_the_cycle_allows():
         tt.KHopTask(nodes=12, max_hops=12)
 
 
+def test_chain_answers_are_the_roots_reached_by_following_the_written_pairs():
+    task = tt.ChainTask(nodes=15, chains=3, queries=8)
+    assert task.max_hops == 4
+    batch = task.sample(40, [1, 2, 3, 4], np.random.default_rng(0))
+    ids = batch["input_ids"]
+    assert ids.shape == (40, task.length) and ids.max() < task.vocab_size
+    keys, values = ids[:, : 2 * task.nodes : 2], ids[:, 1 : 2 * task.nodes : 2]
+    assert ((keys >= task.key_base) & (keys < task.value_base)).all()
+    assert ((values >= task.value_base) & (values < task.answer_base)).all()
+    assert all(sorted(row) == list(range(task.nodes)) for row in (keys - task.key_base).tolist())  # every node once
+    labelled = batch["labels"] != -100
+    answers, distances = task.follow(ids)
+    assert np.array_equal(batch["labels"][labelled].reshape(40, 8), answers)
+    assert np.array_equal(distances, batch["hops"]) and np.array_equal(task.difficulty(batch), distances.reshape(-1))
+    # exactly `chains` roots per row (self-loops), and every answer is one of them
+    loops = (keys - task.key_base) == (values - task.value_base)
+    assert (loops.sum(1) == 3).all()
+
+
+def test_chain_difficulty_is_the_distance_and_more_hops_than_needed_stay_on_the_root():
+    task = tt.ChainTask(nodes=15, chains=3, queries=4)
+    for k in (1, 2, 4):
+        batch = task.sample(20, [k], np.random.default_rng(k))
+        ids = batch["input_ids"]
+        assert (batch["hops"] == k).all() and (task.difficulty(batch) == k).all()
+        parent = [
+            {
+                a - task.key_base: b - task.value_base
+                for a, b in zip(row[: 2 * task.nodes : 2], row[1 : 2 * task.nodes : 2])
+            }
+            for row in ids.tolist()
+        ]
+        starts = ids[:, 2 * task.nodes + 1 :: 2] - task.key_base
+        roots = batch["labels"][batch["labels"] != -100].reshape(20, 4) - task.answer_base
+        for r in range(20):
+            for q in range(4):
+                node = starts[r, q]
+                for hop in range(1, task.max_hops + 3):
+                    node = parent[r][node]
+                    assert (node == roots[r, q]) == (hop >= k)  # fewer hops miss the root, more stay on it
+
+
+def test_chain_refuses_a_split_that_leaves_no_hop_and_distances_it_cannot_have():
+    with pytest.raises(ValueError, match="chains must divide nodes"):
+        tt.ChainTask(nodes=10, chains=3)
+    with pytest.raises(ValueError, match="distances to a root are 1 .. 4"):
+        tt.ChainTask(nodes=15, chains=3).sample(2, [5], np.random.default_rng(0))
+
+
+def test_the_last_tick_readout_follows_the_ticks_actually_run():
+    """`ctm_readout="last"` reads the last tick the block ran, also when `thinking_time` runs another tick count."""
+    task = tt.ChainTask(nodes=6, chains=2, queries=2)
+    config = tt.ctm_config(task, tt.Settings(hidden_size=32, n_synch_out=16), 4)
+    config.ctm_readout = "last"
+    model = tt.CTMForCausalLM(config).eval()
+    ids = torch.as_tensor(task.sample(2, [1], np.random.default_rng(0))["input_ids"])
+    for ticks in (1, 4, 8):
+        with tt.thinking_time(model, ticks=ticks), torch.no_grad():
+            out = model(ids)
+        assert (out.selected_tick == ticks - 1).all()
+
+
 def test_parity_labels_are_the_running_parity_and_buckets_cover_every_position():
     task = tt.ParityTask(length=20)
     batch = task.sample(5, np.random.default_rng(1))

@@ -770,14 +770,14 @@ class HebbianPlasticity:
             scale = torch.zeros(B * T1, dtype=torch.float64)
             scale[real.reshape(-1).cpu()] = 1.0 / rank
             betas = betas * scale.view(B, T1).to(betas.device)
-        counts.index_add_(0, flat_keys, torch.ones(flat_keys.shape[0], dtype=torch.float64))
+        read = torch.zeros_like(counts).index_add_(0, flat_keys, torch.ones(flat_keys.shape[0], dtype=torch.float64))
+        counts += read
         self.key_counts[name] += float(flat_keys.shape[0])
         writes = torch.zeros(target_entry.param.shape, dtype=torch.float64, device=errors.device)
         writes.index_add_(0, keys.reshape(-1), (errors * betas[..., None]).reshape(-1, errors.shape[-1]))
         pending = self._unflatten(self._stats)
         parts[f"{name}:sum"].copy_(pending[f"{name}:sum"] + writes.cpu())
-        parts[f"{name}:count"].copy_(pending[f"{name}:count"] + counts.new_zeros(counts.shape).index_add_(
-            0, flat_keys, torch.ones(flat_keys.shape[0], dtype=torch.float64)))
+        parts[f"{name}:count"].copy_(pending[f"{name}:count"] + read)
         self.last_write = {"keys": flat_keys, "betas": betas[real].float().cpu()}
 
     # -- the edit ------------------------------------------------------------------------------------------------------

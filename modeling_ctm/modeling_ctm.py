@@ -1246,6 +1246,20 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
         """Refuse the decoding modes a stateful model cannot run (assisted decoding rolls the cache back)."""
         validate_decoding_mode(self.generation_config, generation_config, kwargs)
 
+    def add_token_memory(self) -> CTMTokenMemory:
+        """Give this model the fast-weight token memory in place (`ctm_token_memory="token"`), its slots empty, so it
+        computes exactly what it did until phase 4's delta rule writes them; as `resize_token_embeddings` changes the
+        model it is called on. The slots are left out of the optimiser (`requires_grad=False`: the rule writes them).
+        A model that has the memory already keeps it."""
+        if self.model.token_memory is None:
+            reference = self.model.embed_tokens.weight
+            memory = CTMTokenMemory(self.config).to(device=reference.device, dtype=reference.dtype)
+            nn.init.zeros_(memory.weight)
+            memory.weight.requires_grad_(False)
+            self.model.token_memory = memory
+            self.config.ctm_token_memory = "token"
+        return self.model.token_memory
+
     def compile_ticks(self, **compile_kwargs) -> "CTMForCausalLM":
         """Compile the tick function of every CTM block with `torch.compile(**compile_kwargs)` (the tick is where
         the time goes; the schedule around it stays eager so any carry plan works)."""

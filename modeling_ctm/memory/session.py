@@ -449,9 +449,12 @@ def _read_json(path: Path) -> dict:
 
 
 def session_from_spec(model, tokenizer, spec: dict) -> CTMOnlineSession:
-    """The session a preset's `phase4` section describes (`memory`, `plasticity`, `sleep`, `session` keys): episodic
-    memory, Hebbian plasticity and sleep, each optional."""
+    """The session a preset's `phase4` section describes (`memory`, `plasticity`, `sleep`, `session`, `token_memory`
+    keys): episodic memory, Hebbian plasticity, sleep and the token memory (added to `model` in place), each
+    optional."""
     memory = plasticity = heap = consolidator = None
+    if spec.get("token_memory", "none") == "token":  # a checkpoint from before phase 4 gets the memory, empty
+        model.add_token_memory()
     if spec.get("memory"):
         memory = CTMEpisodicMemory.for_model(model.config, **spec["memory"])
     if spec.get("plasticity") is not None:

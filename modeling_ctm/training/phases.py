@@ -103,18 +103,14 @@ def start_continuity(source, chunk_size: int, **ctm_fields) -> CTMForCausalLM:
 
 
 def with_token_memory(model: CTMForCausalLM, kind: str = "token") -> CTMForCausalLM:
-    """`model` with the fast-weight token memory added (`ctm_token_memory=kind`), its slots empty, so it computes
-    exactly what `model` did until phase 4's delta rule writes it: in memory what
-    `CTMForCausalLM.from_pretrained(path, ctm_token_memory=kind)` does for a saved checkpoint. A model that already
-    has that memory is returned as it is."""
-    if kind == model.config.ctm_token_memory:
-        return model
-    config = CTMConfig.from_dict({**model.config.to_dict(), "ctm_token_memory": kind})
-    converted = CTMForCausalLM(config).to(model.device)
-    result = converted.load_state_dict(model.state_dict(), strict=False)
-    if result.unexpected_keys or any(not k.startswith("model.token_memory.") for k in result.missing_keys):
-        raise ValueError(f"ctm_token_memory={kind!r}: the model's weights do not fit the converted model ({result})")
-    return converted.train(model.training)
+    """`model` with the fast-weight token memory (`ctm_token_memory=kind`; `CTMForCausalLM.add_token_memory`, in
+    place), its slots empty, so it computes exactly what it did until phase 4's delta rule writes them; "none" leaves
+    it as it is. What `CTMForCausalLM.from_pretrained(path, ctm_token_memory=kind)` does for a saved checkpoint."""
+    if kind == "token":
+        model.add_token_memory()
+    elif kind != "none":
+        raise ValueError(f"ctm_token_memory={kind!r} is invalid: allowed values are ('none', 'token')")
+    return model
 
 
 def freeze_for_thinking(model: CTMForCausalLM, freeze: str = "non_ctm") -> dict[str, int]:

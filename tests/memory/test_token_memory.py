@@ -41,6 +41,13 @@ def test_an_empty_memory_computes_exactly_the_model_without_one():
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, with_memory(ids).logits)
     assert CTMConfig().ctm_token_memory == "none" and plain.model.token_memory is None
+    # in place, as a session does for a checkpoint from before phase 4: the same logits, out of the optimiser
+    with torch.no_grad():
+        before = plain(ids).logits
+        memory = plain.add_token_memory()
+        assert torch.equal(plain(ids).logits, before)
+    assert plain.config.ctm_token_memory == "token" and not memory.weight.requires_grad
+    assert plain.add_token_memory() is memory
 
 
 def test_the_field_is_validated_and_inputs_embeds_are_refused():

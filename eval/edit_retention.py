@@ -74,7 +74,6 @@ from modeling_ctm.memory.plasticity import (  # noqa: E402
     delta_write_map,
     memory_held_bytes,
 )
-from modeling_ctm.training.phases import with_token_memory  # noqa: E402
 from modeling_ctm.training.trainers import CTMTrainer  # noqa: E402
 
 
@@ -224,7 +223,7 @@ def run_life(arm: str, base: CTMForCausalLM, language: Language, facts, neighbou
 
     model = copy.deepcopy(base)
     if arm == "token_memory":
-        model = with_token_memory(model).eval()
+        model.add_token_memory()
     names = [name for name, _ in facts]
     before_top = code_scores(model, neighbours).argmax(-1)
     record["ce_before"] = held_out_ce(model, held_out)

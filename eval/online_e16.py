@@ -103,7 +103,7 @@ from modeling_ctm.memory.episodic import KEY_FUNCTIONS, SIZED_KEY_FUNCTIONS, CTM
 from modeling_ctm.memory.plasticity import HebbianPlasticity, PlasticityConfig, memory_held_bytes  # noqa: E402
 from modeling_ctm.memory.session import CTMOnlineSession, OnlineConfig  # noqa: E402
 from modeling_ctm.memory.sleep import ConsolidationConfig, Consolidator, ReplayHeap  # noqa: E402
-from modeling_ctm.training.phases import freeze_for_thinking, with_token_memory  # noqa: E402
+from modeling_ctm.training.phases import freeze_for_thinking  # noqa: E402
 
 
 ARMS = {
@@ -197,6 +197,8 @@ class Settings:
             raise ValueError(f"distractors={self.distractors} is invalid: allowed values are increasing integers >= 0")
         if self.chunk_length % self.ctm_chunk_size:
             raise ValueError(f"chunk_length={self.chunk_length} is invalid: a multiple of ctm_chunk_size")
+        if self.token_memory not in ("none", "token"):
+            raise ValueError(f"token_memory={self.token_memory!r} is invalid: allowed values are 'none', 'token'")
         if self.reading_loss_on not in ("all", "answers"):
             raise ValueError(f"reading_loss_on={self.reading_loss_on!r} is invalid: allowed values are 'all', 'answers'")
         if not 0 <= self.reading_share <= 1:
@@ -412,7 +414,8 @@ def run(settings: Settings, out_dir: Path | None, log=print) -> dict:
             last = trained[model_seed][1][-1]["loss"] if trained[model_seed][1] else "-"
             log(f"model {model_seed}: ready in {time.perf_counter() - t0:.0f} s, loss {last}")
         base, train_log = trained[model_seed]
-        base = with_token_memory(base, settings.token_memory)
+        if settings.token_memory == "token":
+            base.add_token_memory()
         rng = random.Random(7_000 + seed)
         trials = [run_trial(base, tokenizer, corpus, settings, rng, t, log) for t in range(settings.trials)]
         record = {"seed": seed, "train_log": train_log, "trials": trials}

@@ -278,7 +278,7 @@ class CTMOnlineSession:
             return
         unseen = context[:, seen:-1]
         labels = None
-        if seen > 0 and unseen.shape[1] > 1:
+        if seen > 0 and unseen.shape[1] > 1 and self.plasticity is not None and self.plasticity.enabled:
             # the first unseen token is the model's own last reply token: its successor (the user's next word) is a
             # turn boundary, not something the user said after it, so plasticity must not write it
             labels = unseen.clone()

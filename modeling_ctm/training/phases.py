@@ -102,17 +102,6 @@ def start_continuity(source, chunk_size: int, **ctm_fields) -> CTMForCausalLM:
     return _load_with(source, ctm_carry="chunk", ctm_chunk_size=chunk_size, **ctm_fields)
 
 
-def with_token_memory(model: CTMForCausalLM, kind: str = "token") -> CTMForCausalLM:
-    """`model` with the fast-weight token memory (`ctm_token_memory=kind`; `CTMForCausalLM.add_token_memory`, in
-    place), its slots empty, so it computes exactly what it did until phase 4's delta rule writes them; "none" leaves
-    it as it is. What `CTMForCausalLM.from_pretrained(path, ctm_token_memory=kind)` does for a saved checkpoint."""
-    if kind == "token":
-        model.add_token_memory()
-    elif kind != "none":
-        raise ValueError(f"ctm_token_memory={kind!r} is invalid: allowed values are ('none', 'token')")
-    return model
-
-
 def freeze_for_thinking(model: CTMForCausalLM, freeze: str = "non_ctm") -> dict[str, int]:
     """Freeze everything but the CTM blocks (`freeze="non_ctm"`), everything but the feed-forward part of the
     thinking layers (`"non_thinking_ffn"`: the CTM blocks and the MLPs kept beside them with `ctm_mlp="keep"`), or

@@ -546,11 +546,8 @@ def online_phase(preset: dict, run_dir: Path, data: Data, source: Path) -> Phase
     spec = preset["phase4"]
     script = conversation_script(preset, data)
 
-    token_memory = check_token_memory(preset)
-
     def fresh_model():
-        # the memory's slots start empty: the model computes what phase 3's did until the delta rule writes them
-        model = CTMForCausalLM.from_pretrained(source, ctm_token_memory=token_memory)
+        model = CTMForCausalLM.from_pretrained(source)
         freeze_for_thinking(model, spec.get("freeze", "non_ctm"))  # sleep consolidates what phases 2-3 trained
         return model
 

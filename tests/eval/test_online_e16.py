@@ -15,16 +15,21 @@ def tokenizer():
     return e16.fit_tokenizer(e16.Settings())  # every name and code one token (it checks)
 
 
-@pytest.mark.parametrize("form", sorted(e16.FORMS))
-def test_training_rows_target_only_the_asked_codes(tokenizer, form):
-    settings = e16.Settings(facts=10, carry_share=0.4, context_share=0.4, chunk_length=80, fact_form=form)
+def pad_filler(tokenizer):
+    """A corpus whose filler text is a recognisable token: the pad token."""
 
-    class Filler:  # the corpus' filler: a recognisable token
+    class Filler:
         @staticmethod
         def window(length, rng):
             return [tokenizer.pad_token_id] * length
 
-    rows = training_rows(settings, tokenizer, Filler, 60, seed=0)
+    return Filler
+
+
+@pytest.mark.parametrize("form", sorted(e16.FORMS))
+def test_training_rows_target_only_the_asked_codes(tokenizer, form):
+    settings = e16.Settings(facts=10, carry_share=0.4, context_share=0.4, chunk_length=80, fact_form=form)
+    rows = training_rows(settings, tokenizer, pad_filler(tokenizer), 60, seed=0)
     pad, L = tokenizer.pad_token_id, settings.chunk_length
     codes = {tokenizer.convert_tokens_to_ids("Ġ" + c) for c in e16.CODES}
     kinds = set()
@@ -80,12 +85,8 @@ def test_quick_run_writes_every_arm_and_the_controls_hold(tmp_path):
 def test_reading_rows_tell_then_ask_every_fact_in_the_session_tokens(tokenizer):
     settings = e16.Settings(facts=4, reading_share=1.0, reading_loss_on="all")
 
-    class Corpus:
-        @staticmethod
-        def window(length, rng):
-            return [tokenizer.pad_token_id] * length
 
-    rows = reading_rows(settings, tokenizer, Corpus, 20, seed=0)
+    rows = reading_rows(settings, tokenizer, pad_filler(tokenizer), 20, seed=0)
     dot = tokenizer(".", add_special_tokens=False).input_ids
     names = {tokenizer(n, add_special_tokens=False).input_ids[0] for n in e16.NAMES}  # a message's first word
     for ids, labels in zip(rows["input_ids"], rows["labels"]):
@@ -99,12 +100,8 @@ def test_reading_rows_tell_then_ask_every_fact_in_the_session_tokens(tokenizer):
 def test_reading_rows_with_the_loss_on_the_answers_target_exactly_the_asked_words(tokenizer):
     settings = e16.Settings(facts=4, reading_share=0.5, reading_loss_on="answers")
 
-    class Corpus:
-        @staticmethod
-        def window(length, rng):
-            return [tokenizer.pad_token_id] * length
 
-    rows = reading_rows(settings, tokenizer, Corpus, 20, seed=0)
+    rows = reading_rows(settings, tokenizer, pad_filler(tokenizer), 20, seed=0)
     facts_rows = 0
     for ids, labels in zip(rows["input_ids"], rows["labels"]):
         targets = [(i, label) for i, label in enumerate(labels) if label != -100]

@@ -20,7 +20,8 @@ CTM_CARRY_CHOICES = ("none", "chunk")
 CTM_NLM_IMPLEMENTATION_CHOICES = ("plain", "fused")
 CTM_TOKEN_SHIFT_CHOICES = ("none", "embedding")
 CTM_TOKEN_MEMORY_CHOICES = ("none", "token")
-CTM_QUERY_SOURCE_CHOICES = ("sync_action", "state")
+CTM_QUERY_SOURCE_CHOICES = ("sync_action", "state", "input_then_state")
+CTM_QUERY_SCALE_CHOICES = ("fixed", "learned")
 MAX_DECAY = 15.0  # r = exp(-15) ~ 3e-7: a pair with this decay forgets everything between ticks
 
 
@@ -126,6 +127,16 @@ class CTMConfig(PreTrainedConfig):
             of the post-activations z the previous tick produced, D -> D): tick t then asks a question made of what
             tick t-1 found, so successive ticks can chain lookups (a hop per tick; issue 26's k-hop task). The action
             accumulators are still kept (the carry, snapshots and halting read them) but no longer feed the query.
+            `"input_then_state"` (needs `ctm_input_injection="every_tick"`): tick 0's query is the token's own
+            projected input alone, and every later tick's query is `q_proj(z)` alone. With `"state"` the token's
+            input is added to every tick's query, and while z is small (as it is in a young block) every tick asks
+            the first tick's question again.
+        ctm_query_scale (`str`, defaults to `"fixed"`):
+            How sharp the block's cross-attention can be: `"fixed"` (the reference: RMS-normed queries and keys, so a
+            logit is at most sqrt(head_dim), 4 at head_dim 16, and a lookup among 30 positions keeps about half its
+            weight on the wrong ones) or `"learned"`: each head's normed query is multiplied by exp(g), g a learned
+            per-head scalar starting at 0 (so a fresh block computes what `"fixed"` does), and the block can sharpen
+            a lookup until one position wins. Chained lookups (one per tick) need that sharpness (issue 26).
     """
 
     model_type = "ctm"
@@ -181,6 +192,7 @@ class CTMConfig(PreTrainedConfig):
     ctm_token_shift: str = "none"
     ctm_token_memory: str = "none"
     ctm_query_source: str = "sync_action"
+    ctm_query_scale: str = "fixed"
 
     def __post_init__(self, **kwargs):
         self.refuse_unknown_ctm_fields(kwargs)
@@ -323,6 +335,14 @@ class CTMConfig(PreTrainedConfig):
             fail("ctm_token_memory", self.ctm_token_memory, f"allowed values are {CTM_TOKEN_MEMORY_CHOICES}")
         if self.ctm_query_source not in CTM_QUERY_SOURCE_CHOICES:
             fail("ctm_query_source", self.ctm_query_source, f"allowed values are {CTM_QUERY_SOURCE_CHOICES}")
+        if self.ctm_query_source == "input_then_state" and self.ctm_input_injection != "every_tick":
+            fail(
+                "ctm_query_source",
+                self.ctm_query_source,
+                "'input_then_state' needs ctm_input_injection='every_tick' (tick 0's query is the injected input)",
+            )
+        if self.ctm_query_scale not in CTM_QUERY_SCALE_CHOICES:
+            fail("ctm_query_scale", self.ctm_query_scale, f"allowed values are {CTM_QUERY_SCALE_CHOICES}")
         if self.ctm_carry == "chunk" or self.ctm_chunk_size is not None:
             positive_int("ctm_chunk_size", self.ctm_chunk_size, " (required when ctm_carry='chunk')")
 

@@ -475,10 +475,14 @@ class CTMBlock(nn.Module):
         self.head_dim = D // self.num_heads
         # observation: the neurons' action synchronisation (or, `ctm_query_source="state"`, their last post-activations)
         # queries the block's own (normed) inputs
-        self.query_from_state = config.ctm_query_source == "state"
+        self.query_from_state = config.ctm_query_source in ("state", "input_then_state")
+        self.query_input_first = config.ctm_query_source == "input_then_state"
         self.q_proj = nn.Linear(D if self.query_from_state else config.ctm_n_synch_action, D, bias=False)
         self.k_proj = nn.Linear(D, D, bias=False)
         self.v_proj = nn.Linear(D, D, bias=False)
+        # `ctm_query_scale="learned"`: a per-head log-gain on the normed query (normed q and k cap a logit at
+        # sqrt(head_dim), too soft for a lookup at small head_dim)
+        self.query_log_scale = nn.Parameter(torch.empty(self.num_heads)) if config.ctm_query_scale == "learned" else None
         self.synapse = CTMSynapse(D, config.ctm_synapse_depth)
         self.neurons = CTMNeuronLevelModels(D, M, config.ctm_nlm_hidden_size, config.ctm_nlm_implementation)
         # one pair seed per (layer, role): the two sets differ, and a model is reproducible from its config alone
@@ -545,15 +549,19 @@ class CTMBlock(nn.Module):
         `injected` (B, n, D): the tokens' own projected inputs (`ctm_input_injection`), added to query and synapse."""
         z = thinking.state
         B, n, D = z.shape
-        if self.query_from_state:  # what the last tick computed asks this tick's question
+        if self.query_input_first:  # tick 0 looks up the token itself, each later tick what the tick before found
+            query = injected if tick == 0 else self.q_proj(z)
+        elif self.query_from_state:  # what the last tick computed asks this tick's question
             query = self.q_proj(z)
         else:
             sync_action = CTMSynchronisation.read(thinking.alpha_action, thinking.beta_action)
             query = self.q_proj(sync_action.to(z.dtype))
-        if injected is not None:
+        if injected is not None and not self.query_input_first:
             query = query + injected
         query = query.view(B, n, self.num_heads, self.head_dim)
         query = F.rms_norm(query, (self.head_dim,)).transpose(1, 2)
+        if self.query_log_scale is not None:
+            query = query * self.query_log_scale.exp().to(query.dtype)[:, None, None]
         observation = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=attention_mask, is_causal=is_causal
         )
@@ -855,6 +863,8 @@ class CTMPreTrainedModel(PreTrainedModel):
             init.uniform_(module.start_trace, -((D + M) ** -0.5), (D + M) ** -0.5)
             if module.tick_embed is not None:
                 init.normal_(module.tick_embed, mean=0.0, std=0.02)
+            if module.query_log_scale is not None:
+                init.zeros_(module.query_log_scale)  # gain 1: the fixed scale's attention at step 0
         elif isinstance(module, CTMSynapse):
             for linear in [*module.down, *module.up]:
                 init.uniform_(linear.weight, -ctm_scale, ctm_scale)

@@ -58,6 +58,14 @@ def _bad_token_memory(tmp_path):
     CTMConfig(ctm_token_memory="slots")
 
 
+def _bad_query_scale(tmp_path):
+    CTMConfig(ctm_query_scale="sharp")
+
+
+def _input_first_query_without_injection(tmp_path):
+    CTMConfig(ctm_layers="last", ctm_query_source="input_then_state")
+
+
 def _token_memory_without_input_ids(tmp_path):
     model = tiny_model(ctm_layers="last", ctm_token_memory="token")
     model(inputs_embeds=torch.randn(1, 3, model.config.hidden_size))
@@ -260,6 +268,13 @@ TABLE = [
     ),
     ("`CTMConfig(ctm_token_shift=\"conv\")`", _bad_token_shift, ValueError, ["ctm_token_shift", "none", "embedding"]),
     ("`CTMConfig(ctm_token_memory=\"slots\")`", _bad_token_memory, ValueError, ["ctm_token_memory", "none", "token"]),
+    ("`CTMConfig(ctm_query_scale=\"sharp\")`", _bad_query_scale, ValueError, ["ctm_query_scale", "fixed", "learned"]),
+    (
+        "`CTMConfig(ctm_query_source=\"input_then_state\")` without input injection",
+        _input_first_query_without_injection,
+        ValueError,
+        ["ctm_query_source", "ctm_input_injection", "every_tick"],
+    ),
     ("`model(inputs_embeds=...)` with `ctm_token_memory=\"token\"`", _token_memory_without_input_ids, ValueError,
      ["ctm_token_memory='token' reads input_ids", "inputs_embeds"]),
     ("`PlasticityConfig(rule=\"delta\", targets=[\"token_memory\"])` on a model without the memory",

@@ -64,3 +64,51 @@ def test_state_query_is_exact_in_cached_decoding():
     out = model(ids[:, :6], use_cache=True)
     step = model(ids[:, 6:], cache=out.cache, use_cache=True).logits
     torch.testing.assert_close(torch.cat([out.logits, step], 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_input_then_state_needs_the_injected_input_and_is_validated():
+    with pytest.raises(ValueError, match="ctm_query_source.*needs ctm_input_injection='every_tick'"):
+        CTMConfig(ctm_layers="last", ctm_query_source="input_then_state")
+    CTMConfig(ctm_layers="last", ctm_query_source="input_then_state", ctm_input_injection="every_tick")
+
+
+def test_input_then_state_asks_the_token_first_and_the_state_after(monkeypatch):
+    """Tick 0's query is the token's own input alone: another start state leaves tick 0's question as it was (it moves
+    it with the "state" source); tick 1's query is made of the state."""
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(3))
+    asked = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda q, *a, **k: asked.append(q.clone()) or sdpa(q, *a, **k)
+    )
+
+    def block_queries(source, start_scale):
+        model = tiny_model(
+            ctm_query_source=source, ctm_input_injection="every_tick", ctm_layers="last", ctm_ticks=2, num_hidden_layers=1
+        ).eval()
+        with torch.no_grad():
+            model.model.layers[-1].thinking.start_state.mul_(start_scale)
+            asked.clear()
+            model(ids)
+        return asked[-2:]  # the block's two ticks (the layer's self-attention asks first)
+
+    tick0, tick1 = block_queries("input_then_state", 1.0)
+    moved0, moved1 = block_queries("input_then_state", -5.0)
+    assert torch.equal(tick0, moved0) and not torch.allclose(tick1, moved1)
+    tick0, _ = block_queries("state", 1.0)
+    moved0, _ = block_queries("state", -5.0)
+    assert not torch.allclose(tick0, moved0)
+
+
+def test_learned_query_scale_starts_at_the_fixed_scale_and_sharpens():
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(4))
+    fixed, learned = tiny_model(ctm_query_scale="fixed"), tiny_model(ctm_query_scale="learned")
+    block = learned.model.layers[-1].thinking
+    assert fixed.model.layers[-1].thinking.query_log_scale is None
+    assert block.query_log_scale.shape == (block.num_heads,) and torch.all(block.query_log_scale == 0)
+    assert torch.equal(fixed(ids).logits, learned(ids).logits)  # gain 1 at init: exactly the fixed computation
+    with torch.no_grad():
+        block.query_log_scale.fill_(2.0)
+    assert not torch.allclose(fixed(ids).logits, learned(ids).logits)
+    with pytest.raises(ValueError, match="ctm_query_scale.*'fixed', 'learned'"):
+        CTMConfig(ctm_query_scale="sharp")

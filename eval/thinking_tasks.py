@@ -20,8 +20,10 @@ Tasks (generated in code; every item is one token; each has a difficulty knob):
             Difficulty: the position (accuracy per position bucket).
 
 Arms (the CTM: one decoder layer whose MLP is a CTM block, `ctm_input_injection="every_tick"`, `ctm_sync_seed="zero"`,
-no tick embeddings so that K can change at inference; `Settings.query_source`, `n_synch_out` and `token_shift` set
-its query, its readout width and every arm's token shift):
+no tick embeddings so that K can change at inference, tick 0 asking with the token's input and every later tick with
+the state the tick before left (`ctm_query_source="input_then_state"`), and, by default, the layer's self-attention
+silenced so that the block's cross-attention makes every hop (`Settings.block_attention_only`); `Settings.query_source`,
+`n_synch_out` and `token_shift` set its query, its readout width and every arm's token shift):
 
     k1, k2, k4, k8           the CTM trained and run at K = 1, 2, 4, 8 ticks (equal parameters: K adds no weights)
     k4_test_k8               the k4 model run at K = 8 (extrapolation: more thinking time than it trained with)
@@ -182,7 +184,7 @@ class ChainTask:
 
     nodes: int = 24
     chains: int = 3
-    queries: int = 8
+    queries: int = 3
 
     name = "chain"
     key_base = 2
@@ -191,6 +193,11 @@ class ChainTask:
         if self.chains < 1 or self.nodes % self.chains or self.nodes // self.chains < 2:
             raise ValueError(
                 f"nodes={self.nodes}, chains={self.chains} is invalid: chains must divide nodes into chains of >= 2 nodes"
+            )
+        if not 1 <= self.queries <= self.chains:
+            raise ValueError(
+                f"queries={self.queries} is invalid: allowed values are 1 .. chains = {self.chains} (one question per "
+                "chain, so that no question can copy the answer of an earlier one about the same chain)"
             )
 
     @property
@@ -228,7 +235,9 @@ class ChainTask:
         listed = np.argsort(rng.random((rows, n)), axis=1)  # the order the pairs are written in
         pairs = np.stack([self.key_base + listed, self.value_base + np.take_along_axis(parent, listed, 1)], axis=2)
         k = np.asarray(hops)[rng.integers(0, len(hops), (rows, m))]
-        chain = rng.integers(0, c, (rows, m))
+        # each question about another chain: with repeats, a question could copy an earlier one's answer (the
+        # same start node, or its parent's question) and a one-hop model scored ~0.7 at every k (issue 26 probe)
+        chain = np.argsort(rng.random((rows, c)), axis=1)[:, :m]
         row_index = np.arange(rows)[:, None]
         start = chain_nodes[row_index, chain, length - 1 - k]
         root = chain_nodes[row_index, chain, length - 1]
@@ -316,13 +325,19 @@ class Settings:
     # khop: hops unlock in order (rows of the first 1/train_hops of training ask k = 1, the next k <= 2, ...), seen
     # in that order (a progressive curriculum: one hop is learned before two are asked)
     curriculum: bool = False
-    # chain: nodes and chains (chance 1 / chains; distances to a root 1 .. nodes / chains - 1)
-    chain_nodes: int = 15
-    chain_chains: int = 3
+    # chain: nodes, chains and questions per row (chance 1 / chains; distances to a root 1 .. nodes / chains - 1)
+    chain_nodes: int = 30
+    chain_chains: int = 6
+    chain_queries: int = 4
     # the CTM block: pairs read out (S_out; hidden_size // 2 is the package default), what forms its query
     # (`ctm_query_source`), and the token shift of every arm, CTM and transformer alike (`ctm_token_shift`)
     n_synch_out: int = 128
-    query_source: str = "state"
+    query_source: str = "input_then_state"
+    query_scale: str = "fixed"  # `ctm_query_scale`: "learned" lets a head sharpen its lookup past sqrt(head_dim)
+    # the CTM arms' thinking layer without its self-attention (its output projection zeroed and frozen), so the
+    # block's cross-attention is the layer's only way across positions: with it, the self-attention learned the first
+    # hop and the block never formed a lookup of its own (it attended to the roots; issue 26 probe)
+    block_attention_only: bool = True
     token_shift: str = "embedding"
 
 
@@ -358,6 +373,7 @@ def ctm_config(task, settings: Settings, ticks: int) -> CTMConfig:
         ctm_sync_seed="zero",
         ctm_readout_norm="rms",
         ctm_query_source=settings.query_source,
+        ctm_query_scale=settings.query_scale,
         **carry,
     )
 
@@ -366,9 +382,27 @@ def transformer_config(task, settings: Settings, layers: int) -> CTMConfig:
     return CTMConfig(**{**base_fields(task, settings), "num_hidden_layers": layers}, ctm_layers="none")
 
 
-def parameter_count(config: CTMConfig) -> int:
+def parameter_count(config: CTMConfig, settings: Settings | None = None) -> int:
+    """Trainable parameters: a CTM arm under `settings.block_attention_only` does not count its silenced
+    self-attention."""
     with torch.device("meta"):
-        return sum(p.numel() for p in CTMForCausalLM(config).parameters())
+        model = CTMForCausalLM(config)
+    if settings is not None and config.ctm_layer_indices:
+        prepare(model, settings)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def prepare(model: CTMForCausalLM, settings: Settings) -> CTMForCausalLM:
+    """`block_attention_only`: the thinking layers' self-attention adds exactly nothing and never learns."""
+    if settings.block_attention_only:
+        for layer in model.model.layers:
+            if layer.is_thinking:
+                attention = layer.self_attn
+                for param in attention.parameters():
+                    param.requires_grad_(False)
+                if attention.o_proj.weight.device.type != "meta":
+                    torch.nn.init.zeros_(attention.o_proj.weight)
+    return model
 
 
 def matched_layers(task, settings: Settings, target: float, measure) -> int:
@@ -502,7 +536,7 @@ def run_seed(task, settings: Settings, seed: int, arms: list[str]) -> dict:
     sets = evaluation_sets(task, settings)
     steps = settings.steps if task.name in HOP_TASKS else settings.parity_steps
     length = task.length
-    ctm_params = parameter_count(ctm_config(task, settings, 1))
+    ctm_params = parameter_count(ctm_config(task, settings, 1), settings)
     k4_flops = flops.model_flops(ctm_config(task, settings, 4), length)["forward"]
     sizes = {
         "transformer_iso_params": matched_layers(task, settings, ctm_params, parameter_count),
@@ -519,13 +553,13 @@ def run_seed(task, settings: Settings, seed: int, arms: list[str]) -> dict:
             config = ctm_config(task, settings, CTM_TICKS[arm])
         else:
             config = transformer_config(task, settings, sizes[arm])
-        model = CTMForCausalLM(config)
+        model = prepare(CTMForCausalLM(config), settings) if arm in CTM_TICKS else CTMForCausalLM(config)
         trained = train(model, task, settings, steps, seed)
         scored = score(model, task, sets)
         models[arm] = model
         record[arm] = {
             "accuracy": scored["accuracy"],
-            "parameters": parameter_count(config),
+            "parameters": parameter_count(config, settings),
             "layers": config.num_hidden_layers,
             "forward_flops_per_token": flops.model_flops(config, length)["forward"],
             **trained,
@@ -563,7 +597,7 @@ def main(argv=None):
             parser.error(f"--arms: {arm} runs the {needs} model, so it needs {needs} in --arms too")
     tasks = {
         "khop": KHopTask(nodes=args.nodes, max_hops=settings.test_hops),
-        "chain": ChainTask(nodes=settings.chain_nodes, chains=settings.chain_chains),
+        "chain": ChainTask(nodes=settings.chain_nodes, chains=settings.chain_chains, queries=settings.chain_queries),
         "parity": ParityTask(length=settings.parity_length),
     }
     chosen = args.tasks.split(",")

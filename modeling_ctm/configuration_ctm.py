@@ -22,6 +22,7 @@ CTM_TOKEN_SHIFT_CHOICES = ("none", "embedding")
 CTM_TOKEN_MEMORY_CHOICES = ("none", "token")
 CTM_QUERY_SOURCE_CHOICES = ("sync_action", "state", "input_then_state")
 CTM_QUERY_SCALE_CHOICES = ("fixed", "learned")
+CTM_STATE_NORM_CHOICES = ("none", "rms")
 MAX_DECAY = 15.0  # r = exp(-15) ~ 3e-7: a pair with this decay forgets everything between ticks
 
 
@@ -137,6 +138,11 @@ class CTMConfig(PreTrainedConfig):
             weight on the wrong ones) or `"learned"`: each head's normed query is multiplied by exp(g), g a learned
             per-head scalar starting at 0 (so a fresh block computes what `"fixed"` does), and the block can sharpen
             a lookup until one position wins. Chained lookups (one per tick) need that sharpness (issue 26).
+        ctm_state_norm (`str`, defaults to `"none"`):
+            `"none"` (the reference) or `"rms"`: the neuron-level models' output z is RMS-normalised every tick. A
+            tick maps z to z + synapse(...) and then through the NLMs, a map whose gain can exceed 1; a block that
+            matters (`ctm_mlp="replace"`) carried over 2,048 tokens grew ||S_out|| from 14 to 1e9 with `"none"`.
+            The norm keeps the carried state in the range training saw however long the carry runs.
     """
 
     model_type = "ctm"
@@ -193,6 +199,7 @@ class CTMConfig(PreTrainedConfig):
     ctm_token_memory: str = "none"
     ctm_query_source: str = "sync_action"
     ctm_query_scale: str = "fixed"
+    ctm_state_norm: str = "none"
 
     def __post_init__(self, **kwargs):
         self.refuse_unknown_ctm_fields(kwargs)
@@ -343,6 +350,8 @@ class CTMConfig(PreTrainedConfig):
             )
         if self.ctm_query_scale not in CTM_QUERY_SCALE_CHOICES:
             fail("ctm_query_scale", self.ctm_query_scale, f"allowed values are {CTM_QUERY_SCALE_CHOICES}")
+        if self.ctm_state_norm not in CTM_STATE_NORM_CHOICES:
+            fail("ctm_state_norm", self.ctm_state_norm, f"allowed values are {CTM_STATE_NORM_CHOICES}")
         if self.ctm_carry == "chunk" or self.ctm_chunk_size is not None:
             positive_int("ctm_chunk_size", self.ctm_chunk_size, " (required when ctm_carry='chunk')")
 

@@ -484,6 +484,7 @@ class CTMBlock(nn.Module):
         # sqrt(head_dim), too soft for a lookup at small head_dim)
         self.query_log_scale = nn.Parameter(torch.empty(self.num_heads)) if config.ctm_query_scale == "learned" else None
         self.synapse = CTMSynapse(D, config.ctm_synapse_depth)
+        self.state_norm = config.ctm_state_norm == "rms"  # a tick's gain can exceed 1: bound z over long carries
         self.neurons = CTMNeuronLevelModels(D, M, config.ctm_nlm_hidden_size, config.ctm_nlm_implementation)
         # one pair seed per (layer, role): the two sets differ, and a model is reproducible from its config alone
         self.sync_out = CTMSynchronisation(D, config.ctm_n_synch_out, pair_seed=2 * layer_idx)
@@ -572,6 +573,8 @@ class CTMBlock(nn.Module):
         pre_activation = z + self.synapse(torch.cat([observation, state_in], dim=-1))
         trace = torch.cat([thinking.trace[..., 1:], pre_activation.unsqueeze(-1)], dim=-1)
         z = self.neurons(trace)
+        if self.state_norm:
+            z = F.rms_norm(z, (D,))
         return self.synchronise(thinking, z, trace, rate_out, rate_action, surprise_weight)
 
     def synchronise(self, thinking, z, trace, rate_out, rate_action, surprise_weight=None) -> ThinkingState:

@@ -62,6 +62,10 @@ def _bad_query_scale(tmp_path):
     CTMConfig(ctm_query_scale="sharp")
 
 
+def _bad_state_norm(tmp_path):
+    CTMConfig(ctm_state_norm="layer")
+
+
 def _input_first_query_without_injection(tmp_path):
     CTMConfig(ctm_layers="last", ctm_query_source="input_then_state")
 
@@ -269,6 +273,7 @@ TABLE = [
     ("`CTMConfig(ctm_token_shift=\"conv\")`", _bad_token_shift, ValueError, ["ctm_token_shift", "none", "embedding"]),
     ("`CTMConfig(ctm_token_memory=\"slots\")`", _bad_token_memory, ValueError, ["ctm_token_memory", "none", "token"]),
     ("`CTMConfig(ctm_query_scale=\"sharp\")`", _bad_query_scale, ValueError, ["ctm_query_scale", "fixed", "learned"]),
+    ("`CTMConfig(ctm_state_norm=\"layer\")`", _bad_state_norm, ValueError, ["ctm_state_norm", "none", "rms"]),
     (
         "`CTMConfig(ctm_query_source=\"input_then_state\")` without input injection",
         _input_first_query_without_injection,

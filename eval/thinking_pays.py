@@ -16,6 +16,9 @@ phase-1 language model; the seed varies the new weights and the batch order):
     exact_start_gated    exact_start with the gated readout (`ctm_readout_norm="rms_gate"`): RMS-normalised S_out, a
                          random out_proj and a scalar gate at 0 (ReZero), so the start is still exact but the gate has
                          a gradient at step 0 and the whole block from step 1 on
+    exact_start_awake    exact_start_gated with the accumulators seeded from zero and the token's input at every tick
+    replace_awake        the tiny preset's block (issue 26): it replaces the last MLP, accumulators seeded from zero
+                         and forgetting (decay 0.1-1), the token's input at every tick, z RMS-normed every tick
 
 Every CTM arm trains its thinking layer's feed-forward part (`freeze_for_thinking("non_thinking_ffn")`: the block,
 plus the kept MLP where there is one) on the tiny preset's objective: the CE of the tick mixture (the served readout)
@@ -81,11 +84,21 @@ ARMS = {
     "exact_start_rms": "exact_start, readout of RMS-normed S_out",
     "exact_start_gated": "exact_start, gated readout (RMS-normed S_out, random out_proj, gate at 0)",
     "exact_start_awake": "exact_start_gated + sync accumulators seeded from zero + the token's input at every tick",
+    "replace_awake": "the tiny preset's block: replaces the last MLP, zero sync seed, input every tick, forgetting "
+    "accumulators, RMS-normed state",
 }
 E2_ARMS = ("exact_start", "exact_start_gated")  # tick specialisation is measured on these models
 READOUT_NORMS = {"exact_start_rms": "rms", "exact_start_gated": "rms_gate", "exact_start_awake": "rms_gate"}
 # the awake block (issue 26): what keeps the block's state a function of the token
-AWAKE = {"exact_start_awake": {"ctm_sync_seed": "zero", "ctm_input_injection": "every_tick"}}
+AWAKE = {
+    "exact_start_awake": {"ctm_sync_seed": "zero", "ctm_input_injection": "every_tick"},
+    "replace_awake": {
+        "ctm_sync_seed": "zero",
+        "ctm_input_injection": "every_tick",
+        "ctm_decay_init_range": [0.1, 1.0],
+        "ctm_state_norm": "rms",
+    },
+}
 
 
 @dataclass
@@ -195,7 +208,7 @@ def build_arm(arm: str, phase1: CTMForCausalLM, settings: Settings) -> CTMForCau
     ticks = 1 if arm == "exact_start_k1" else settings.ticks
     model = start_thinking(
         phase1,
-        ctm_mlp="replace" if arm == "replace" else "keep",
+        ctm_mlp="replace" if arm.startswith("replace") else "keep",
         ctm_readout_norm=READOUT_NORMS.get(arm, "none"),
         **settings.thinking_fields(ticks),
         **AWAKE.get(arm, {}),

@@ -56,7 +56,8 @@ def test_main_job_runs_the_four_phases_and_writes_cards(tmp_path):
             assert 0 <= entry["metrics"][f"gauge_layer{last}_entry_share"] <= 1
             assert "Is the thinking block awake?" in card.text and f"gauge_layer{last}_sync_variation" in card.text
             assert (folder / "thinking.png").stat().st_size > 1000 and "](thinking.png)" in card.text
-            assert model.config.ctm_mlp == "keep" and model.config.ctm_readout == "tick_mixture"
+            assert model.config.ctm_mlp == "replace" and model.config.ctm_state_norm == "rms"  # the awake block
+            assert model.config.ctm_readout == "tick_mixture"
             assert entry["metrics"]["eval_loss_readout"] == entry["metrics"]["eval_loss_tick_mixture"]
             for key in ("eval_loss_final_tick", "eval_loss_most_certain_tick", "eval_bpb_final_tick",
                         "paragraphs_loss_final_tick", "paragraphs_loss_tick_mixture"):  # fmt: skip

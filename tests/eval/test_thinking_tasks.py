@@ -160,4 +160,4 @@ def test_quick_run_writes_accuracy_per_difficulty_for_every_arm(tmp_path):
 def test_an_arm_that_reruns_an_untrained_model_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         tt.main(["--quick", "--out", str(tmp_path), "--arms", "k1,halting"])
-    assert "halting runs the k8 model, so it needs k8 in --arms too" in capsys.readouterr().err
+    assert "halting runs the k4 model, so it needs k4 in --arms too" in capsys.readouterr().err

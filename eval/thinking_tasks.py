@@ -40,8 +40,11 @@ and test on k = 1 .. `--test-hops` (chain: at most its longest distance). E2 on 
 difficulty) of the k8 model, with its p-value.
 
     python eval/thinking_tasks.py [--seeds 3] [--out eval/results/thinking_tasks] [--quick] [--tasks chain,khop,parity]
-    python eval/thinking_tasks.py --seeds 2 --tasks chain --steps 900 --train-hops 3 --test-hops 4 \
-        --set curriculum=true --out eval/results/thinking_tasks_chain      # docs/results.md (issue 26)
+    # docs/results.md (issue 26): one process per seed, then one summary
+    for s in 0 1 2; do python eval/thinking_tasks.py --seeds 1 --first-seed $s --tasks chain --steps 900 \
+        --train-hops 3 --test-hops 4 --set curriculum=true --out eval/results/tt/seed$s & done; wait
+    python eval/thinking_tasks.py --merge eval/results/tt/seed0 eval/results/tt/seed1 eval/results/tt/seed2 \
+        --out eval/results/thinking_tasks_chain
 
 Writes results.json (`arms`: per task, per arm, `accuracy` per difficulty as {"mean", "sd"} over seeds),
 results.md and accuracy.png to --out.

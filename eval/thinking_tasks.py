@@ -607,10 +607,19 @@ def merge(folders: list[Path], out: Path) -> dict:
         seeds = [rec["seed"] for rec in per_seed]
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"--merge: seed(s) {sorted({s for s in seeds if seeds.count(s) > 1})} appear twice")
-        result["per_seed"][name] = per_seed
-        result["arms"][name] = summarize(per_seed, arms, ARMS)
-        result["e2"][name] = [record.get("e2") for record in per_seed]
-        print(task_table(name, result["arms"][name], "k" if name in HOP_TASKS else "bits"), flush=True)
+        add_task(result, name, per_seed, arms)
+    return write(result, out)
+
+
+def add_task(result: dict, name: str, per_seed: list[dict], arms: list[str]) -> None:
+    """A task's per-seed records into `result`, with their summary and E2, and its table printed."""
+    result["per_seed"][name] = per_seed
+    result["arms"][name] = summarize(per_seed, arms, ARMS)
+    result["e2"][name] = [record.get("e2") for record in per_seed]
+    print(task_table(name, result["arms"][name], "k" if name in HOP_TASKS else "bits"), flush=True)
+
+
+def write(result: dict, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     draw(result, out / "accuracy.png")
     write_results(out, result, format_markdown(result))
@@ -661,16 +670,9 @@ def main(argv=None):
     for name in chosen:
         task = tasks[name]
         per_seed = [run_seed(task, settings, seed, arms) for seed in range(args.first_seed, args.first_seed + args.seeds)]
-        result["per_seed"][name] = per_seed
-        result["arms"][name] = summarize(per_seed, arms, ARMS)
-        result["e2"][name] = [record.get("e2") for record in per_seed]
-        print(task_table(name, result["arms"][name], "k" if name in HOP_TASKS else "bits"), flush=True)
+        add_task(result, name, per_seed, arms)
     result["machine_load"] = load.foreign(before, load.sample())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    draw(result, out / "accuracy.png")
-    write_results(out, result, format_markdown(result))
-    return result
+    return write(result, Path(args.out))
 
 
 if __name__ == "__main__":

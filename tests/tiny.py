@@ -53,6 +53,14 @@ def tiny_model(seed: int = 0, awake: bool = True, **overrides) -> CTMForCausalLM
     return model
 
 
+def assert_cached_decoding_exact(model: CTMForCausalLM, ids: torch.Tensor, split: int = 6) -> None:
+    """Reading `ids[:, :split]` into a cache and then the rest gives the logits of one uncached forward."""
+    full = model(ids).logits
+    out = model(ids[:, :split], use_cache=True)
+    step = model(ids[:, split:], cache=out.cache, use_cache=True).logits
+    torch.testing.assert_close(torch.cat([out.logits, step], 1), full, atol=1e-5, rtol=1e-5)
+
+
 def tiny_blocks(n: int = 16, length: int = 16, seed: int = 0) -> Dataset:
     """Random token blocks (ids 1..96) with labels = inputs, for the trainer tests and their worker processes."""
     ids = torch.randint(1, 97, (n, length), generator=torch.Generator().manual_seed(seed))

@@ -377,13 +377,16 @@ class CTMEpisodicMemory(
         self.clock += 1
         return self.clock.clone()
 
-    @torch.no_grad()
+    @staticmethod
+    def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+        """The name of the first floating tensor holding a NaN or inf, or None."""
+        return next((n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+
     def is_storable(self, cache: CTMCache) -> bool:
         """Whether `cache`'s thinking state is finite (`store` refuses one that is not)."""
-        return all(
-            bool(torch.isfinite(t).all()) for t in cache.thinking_state_dict().values() if t.is_floating_point()
-        )
+        return self._non_finite(cache.thinking_state_dict()) is None
 
+    @torch.no_grad()
     def store(
         self,
         model,
@@ -406,13 +409,13 @@ class CTMEpisodicMemory(
                 f"the cache's thinking state has tensors {sorted(set(tensors) ^ expected)} where this memory "
                 f"expects exactly {sorted(expected)}"
             )
+        overflowed = self._non_finite(tensors)
+        if overflowed is not None:  # a recalled non-finite state would poison every conversation it seeds
+            raise ValueError(
+                f"cache tensor {overflowed} holds non-finite values: a thinking state that overflowed is not stored "
+                "(CTMEpisodicMemory.is_storable(cache) checks first)"
+            )
         for name, tensor in tensors.items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                # a recalled non-finite state would poison every conversation it seeds (and what they store)
-                raise ValueError(
-                    f"cache tensor {name} holds non-finite values: a thinking state that overflowed is not stored "
-                    "(CTMEpisodicMemory.is_storable(cache) checks first)"
-                )
             slot_shape = tuple(self.get_buffer(name).shape[1:])
             if tuple(tensor.shape) != (rows, *slot_shape):
                 raise ValueError(

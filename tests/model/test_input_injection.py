@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import assert_cached_decoding_exact, tiny_model
 
 from modeling_ctm.configuration_ctm import CTMConfig
 
@@ -64,7 +64,4 @@ def test_injection_is_exact_in_cached_decoding_and_keeps_the_exact_start():
     torch.testing.assert_close(model(ids).logits, language(ids).logits, atol=1e-6, rtol=0)
 
     model = tiny_model(ctm_input_injection="every_tick", ctm_carry="chunk", ctm_chunk_size=3).eval()
-    full = model(ids).logits
-    out = model(ids[:, :6], use_cache=True)
-    step = model(ids[:, 6:], cache=out.cache, use_cache=True).logits
-    torch.testing.assert_close(torch.cat([out.logits, step], 1), full, atol=1e-5, rtol=1e-5)
+    assert_cached_decoding_exact(model, ids)

@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import assert_cached_decoding_exact, tiny_model
 
 from modeling_ctm.configuration_ctm import CTMConfig
 from modeling_ctm.observers_ctm import CTMTickObserver
@@ -60,10 +60,7 @@ def test_state_query_reads_the_previous_ticks_state():
 def test_state_query_is_exact_in_cached_decoding():
     ids = torch.randint(1, 97, (2, 11), generator=torch.Generator().manual_seed(2))
     model = tiny_model(ctm_query_source="state", ctm_carry="chunk", ctm_chunk_size=3).eval()
-    full = model(ids).logits
-    out = model(ids[:, :6], use_cache=True)
-    step = model(ids[:, 6:], cache=out.cache, use_cache=True).logits
-    torch.testing.assert_close(torch.cat([out.logits, step], 1), full, atol=1e-5, rtol=1e-5)
+    assert_cached_decoding_exact(model, ids)
 
 
 def test_input_then_state_needs_the_injected_input_and_is_validated():

@@ -3,7 +3,7 @@ over a long conversation (issue 26: a block that mattered grew ||S_out|| to 1e9 
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import assert_cached_decoding_exact, tiny_model
 
 from modeling_ctm.configuration_ctm import CTMConfig
 from modeling_ctm.observers_ctm import CTMTickObserver
@@ -43,7 +43,4 @@ def test_every_ticks_state_has_unit_rms_even_when_the_tick_map_amplifies():
 def test_state_norm_keeps_cached_decoding_exact():
     ids = torch.randint(1, 97, (2, 11), generator=torch.Generator().manual_seed(2))
     model = tiny_model(ctm_state_norm="rms", ctm_carry="chunk", ctm_chunk_size=3).eval()
-    full = model(ids).logits
-    out = model(ids[:, :6], use_cache=True)
-    step = model(ids[:, 6:], cache=out.cache, use_cache=True).logits
-    torch.testing.assert_close(torch.cat([out.logits, step], 1), full, atol=1e-5, rtol=1e-5)
+    assert_cached_decoding_exact(model, ids)

@@ -117,6 +117,26 @@ PRESETS = {
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def new_entry(shape, spec, model, config) -> dict:
+    return {
+        "shape": shape["name"],
+        "model": spec["name"],
+        "kind": spec["kind"],
+        "ctm_layers": spec["ctm_layers"],
+        "ticks": spec["ticks"],
+        "hidden": shape["hidden"],
+        "layers": shape["layers"],
+        "heads": shape["heads"],
+        "seq": shape["seq"],
+        "batch": shape["batch"],
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "flops": analytic_flops(spec, config, shape["seq"]),
+        "times": [],
+        "foreign_load": [],
+        "status": "ok",
+    }
+
+
 def build_entries(preset, shape, ctm_overrides, ids, log) -> list[tuple]:
     """(entry, model, optimizer, step) per model spec of the shape, each warmed up and its step memory measured;
     `step()` runs one training step."""
@@ -131,23 +151,7 @@ def build_entries(preset, shape, ctm_overrides, ids, log) -> list[tuple]:
     ]
     for spec, model, config in built:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        entry = {
-            "shape": shape["name"],
-            "model": spec["name"],
-            "kind": spec["kind"],
-            "ctm_layers": spec["ctm_layers"],
-            "ticks": spec["ticks"],
-            "hidden": shape["hidden"],
-            "layers": shape["layers"],
-            "heads": shape["heads"],
-            "seq": shape["seq"],
-            "batch": shape["batch"],
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "flops": analytic_flops(spec, config, shape["seq"]),
-            "times": [],
-            "foreign_load": [],
-            "status": "ok",
-        }
+        entry = new_entry(shape, spec, model, config)
 
         # --compile: the training step runs `torch.compile(model)` (inductor); the first warm-up step compiles
         runner = compiled(model) if preset.get("compile") else model
@@ -228,18 +232,10 @@ def finish_entry(preset, entry, model, tokens: int, load: MachineLoad, log) -> N
     runner = entry.pop("runner", None)
     if runner is not None:  # graphs compiled by the timed steps: recompilations (0 wanted)
         entry["training_recompiles"] = runner.counter.frame_count - entry["graphs_after_warmup"]
+    measure_decode(preset, entry, model, load, log)
+    if entry.get("compiled") and not entry["graphs_after_warmup"]:
+        log(f"  WARNING {entry['model']}: the compiled training step compiled no graph, so it ran eagerly")
     contexts = preset["decode_contexts"]
-    decode = compiled_decode_latency if preset.get("compile") else decode_latency
-    entry["decode"] = decode(
-        model, preset["vocab"], contexts, preset["decode_steps"], preset["device"], preset["dtype"], load
-    )
-    if preset.get("compile"):
-        graphs = [entry["decode"][str(c)]["graphs"] for c in contexts]
-        entry["decode_compile_s"] = entry["decode"][str(contexts[0])]["first_step_s"]
-        entry["decode_graphs"] = graphs[0]  # 0: the decode step ran eagerly (dynamo gave up on it)
-        entry["decode_recompiles"] = graphs[-1] - graphs[0]  # one room for all contexts: 0 wanted
-        if not graphs[0] or not entry["graphs_after_warmup"]:
-            log(f"  WARNING {entry['model']}: a compiled step compiled no graph, so it ran eagerly")
     log(
         f"  {entry['model']:<14} {entry['tokens_per_s']:9.0f} tok/s  {entry['achieved_flops'] / 1e9:7.2f} GFLOP/s  "
         f"step {1e3 * entry['step_s']:.0f} ms (min {1e3 * entry['step_s_min']:.0f})  quiet {entry['quiet_steps']}/"
@@ -248,16 +244,51 @@ def finish_entry(preset, entry, model, tokens: int, load: MachineLoad, log) -> N
     )
 
 
+def measure_decode(preset, entry, model, load: MachineLoad, log) -> None:
+    """Cached decode latency per context (`--decode-batch` sequences per step), eager or compiled (`--compile`)."""
+    contexts = preset["decode_contexts"]
+    decode = compiled_decode_latency if preset.get("compile") else decode_latency
+    entry["decode_batch"] = preset.get("decode_batch", 1)
+    entry["decode"] = decode(
+        model,
+        preset["vocab"],
+        contexts,
+        preset["decode_steps"],
+        preset["device"],
+        preset["dtype"],
+        load,
+        batch=entry["decode_batch"],
+    )
+    if preset.get("compile"):
+        graphs = [entry["decode"][str(c)]["graphs"] for c in contexts]
+        entry["decode_compile_s"] = entry["decode"][str(contexts[0])]["first_step_s"]
+        entry["decode_graphs"] = graphs[0]  # 0: the decode step ran eagerly (dynamo gave up on it)
+        entry["decode_recompiles"] = graphs[-1] - graphs[0]  # one room for all contexts: 0 wanted
+        if not graphs[0]:
+            log(f"  WARNING {entry['model']}: the compiled decode step compiled no graph, so it ran eagerly")
+
+
 def compare_to_llama(entries: list[dict]) -> None:
-    """Ratios of every model to the shape's Llama (the first entry)."""
+    """Ratios of every model to the shape's Llama (the first entry): training throughput and efficiency where the
+    training rows ran, and cached decode latency per context against the FLOP ratio (the decode goal)."""
     llama = entries[0]
     for entry in entries:
-        if entry["status"] == "ok" and llama["status"] == "ok":
+        if entry["status"] != "ok" or llama["status"] != "ok":
+            continue
+        entry["flops_ratio_vs_llama"] = entry["flops"]["training"] / llama["flops"]["training"]
+        if "tokens_per_s" in entry:
             entry["tokens_ratio_vs_llama"] = entry["tokens_per_s"] / llama["tokens_per_s"]
             entry["efficiency_vs_llama"] = entry["achieved_flops"] / llama["achieved_flops"]
-            entry["flops_ratio_vs_llama"] = entry["flops"]["training"] / llama["flops"]["training"]
             if entry["kind"] == "ctm":
                 entry["goal_efficiency_met"] = entry["efficiency_vs_llama"] >= GOAL_EFFICIENCY
+        if "decode" in entry and "decode" in llama:
+            entry["decode_ratio_vs_llama"] = {
+                c: row["ms_per_token"] / llama["decode"][c]["ms_per_token"] for c, row in entry["decode"].items()
+            }
+            if entry["kind"] == "ctm":
+                entry["goal_decode_met"] = (
+                    max(entry["decode_ratio_vs_llama"].values()) <= entry["flops_ratio_vs_llama"]
+                )
 
 
 def benchmark_shape(preset, shape, ctm_overrides, load: MachineLoad, budget: dict, log) -> list[dict]:
@@ -274,6 +305,29 @@ def benchmark_shape(preset, shape, ctm_overrides, load: MachineLoad, budget: dic
     gc.collect()
     if preset["device"].startswith("cuda"):
         torch.cuda.empty_cache()
+    return results
+
+
+def decode_shape(preset, shape, ctm_overrides, load: MachineLoad, log) -> list[dict]:
+    """`--decode-only`: the cached decode latency of every model of the shape, without the training rows. Every
+    model is built before the first compiles (see `build_entries`)."""
+    built = [
+        (spec, *build_model(spec, shape, preset["vocab"], preset["device"]))
+        for spec in model_specs(preset, shape, ctm_overrides)
+    ]
+    results = []
+    for spec, model, config in built:
+        entry = new_entry(shape, spec, model, config)
+        entry["compiled"] = bool(preset.get("compile"))
+        measure_decode(preset, entry, model, load, log)
+        contexts = preset["decode_contexts"]
+        log(
+            f"  {entry['model']:<14} decode@{contexts[-1]} {entry['decode'][str(contexts[-1])]['ms_per_token']:.2f} ms"
+        )
+        results.append(entry)
+    compare_to_llama(results)
+    del built
+    gc.collect()
     return results
 
 
@@ -341,6 +395,15 @@ def parse_args(argv=None):
     parser.add_argument(
         "--decode-steps", type=int, help="timed single-token steps per decode context, median (default: preset)"
     )
+    parser.add_argument(
+        "--decode-batch",
+        type=int,
+        default=1,
+        help="sequences per decode step (default 1: one user's latency; larger: a server's batched step)",
+    )
+    parser.add_argument(
+        "--decode-only", action="store_true", help="only the cached decode rows (no training rows, no phase 3)"
+    )
     parser.add_argument("--ticks", type=int, nargs="*", help="CTM tick counts K (default: preset)")
     parser.add_argument("--placements", nargs="*", help="CTM ctm_layers placements (default: preset)")
     parser.add_argument(
@@ -374,6 +437,9 @@ def preset_from_args(args) -> dict:
         preset["decode_contexts"] = args.decode_contexts
     if args.decode_steps:
         preset["decode_steps"] = args.decode_steps
+    if args.decode_batch < 1:
+        raise SystemExit(f"--decode-batch must be >= 1, got {args.decode_batch}")
+    preset["decode_batch"] = args.decode_batch
     if args.ticks:
         preset["ticks"] = args.ticks
     if args.placements:
@@ -399,6 +465,8 @@ def environment(args, preset, ctm_overrides) -> dict:
         "ctm_overrides": ctm_overrides,
         "compile_ticks": args.compile_ticks,
         "compile": args.compile,
+        "decode_batch": preset["decode_batch"],
+        "decode_only": args.decode_only,
         "python": platform.python_version(),
         "transformers": transformers.__version__,
     }
@@ -443,8 +511,11 @@ def main(argv=None):
                 f"shape {shape['name']}: d={shape['hidden']} L={shape['layers']} heads={shape['heads']} "
                 f"seq={shape['seq']} batch={shape['batch']} I={llama_intermediate_size(shape['hidden'])}"
             )
-            results.extend(benchmark_shape(preset, shape, ctm_overrides, load, budget, log))
-    if not args.profile_only and args.phase3 != "off":
+            if args.decode_only:
+                results.extend(decode_shape(preset, shape, ctm_overrides, load, log))
+            else:
+                results.extend(benchmark_shape(preset, shape, ctm_overrides, load, budget, log))
+    if not args.profile_only and not args.decode_only and args.phase3 != "off":
         for shape in PRESETS[args.preset]["shapes"]:
             if shape["name"] in preset["phase3"]["shapes"] and (not args.shapes or shape["name"] in args.shapes):
                 log(f"phase 3, shape {shape['name']}: {preset['phase3']}")
@@ -471,9 +542,10 @@ def main(argv=None):
         )
         + "\n",
     )
-    if results:
+    if results and not args.decode_only:
         plot(results, contexts, out / "throughput.png")
-    log(f"wrote {out / 'results.json'}, {out / 'results.md'}" + (f", {out / 'throughput.png'}" if results else ""))
+    plotted = results and not args.decode_only
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'}" + (f", {out / 'throughput.png'}" if plotted else ""))
 
 
 if __name__ == "__main__":

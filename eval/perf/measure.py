@@ -141,15 +141,15 @@ def cached_decode(model, ids, steps: int, warmup: int = 2, device: str = "cpu", 
     return {"prefill_s": prefill, "step_s": statistics.median(times)}
 
 
-def per_context(model, vocab, contexts, device, load, measure) -> dict:
-    """`measure(ids) -> row` on a random prompt (batch 1) of each context length, the model in eval mode meanwhile;
-    the prompts come from one generator seeded 1 (the same in every call), each measurement waits for a quiet
-    machine first, and its row gets the foreign load during it. Returns {str(context): row}."""
+def per_context(model, vocab, contexts, device, load, measure, batch: int = 1) -> dict:
+    """`measure(ids) -> row` on random prompts (`batch` x context) of each context length, the model in eval mode
+    meanwhile; the prompts come from one generator seeded 1 (the same in every call), each measurement waits for a
+    quiet machine first, and its row gets the foreign load during it. Returns {str(context): row}."""
     model.eval()
     generator = torch.Generator().manual_seed(1)
     result = {}
     for context in contexts:
-        ids = torch.randint(2, vocab, (1, context), generator=generator).to(device)
+        ids = torch.randint(2, vocab, (batch, context), generator=generator).to(device)
         if load is not None:
             load.wait_quiet(QUIET, max_wait=10.0)
         before = load.sample() if load is not None else None
@@ -161,14 +161,15 @@ def per_context(model, vocab, contexts, device, load, measure) -> dict:
 
 
 @torch.no_grad()
-def decode_latency(model, vocab, contexts, steps, device, dtype, load=None, warmup: int = 2) -> dict:
-    """Median milliseconds per cached single-token step after prefilling `context` tokens (batch 1), per context."""
+def decode_latency(model, vocab, contexts, steps, device, dtype, load=None, warmup: int = 2, batch: int = 1) -> dict:
+    """Median milliseconds per cached single-token step (one new token for each of `batch` sequences) after
+    prefilling `context` tokens, per context."""
 
     def measure(ids) -> dict:
         timing = cached_decode(model, ids, steps, warmup, device, dtype)
         return {"ms_per_token": 1e3 * timing["step_s"], "prefill_ms": 1e3 * timing["prefill_s"]}
 
-    return per_context(model, vocab, contexts, device, load, measure)
+    return per_context(model, vocab, contexts, device, load, measure, batch)
 
 
 # graphs dynamo may keep per code object: every model compiled in one process (the benchmark's Llama and CTMs, their
@@ -203,7 +204,9 @@ def static_cache(model, room: int):
 
 
 @torch.no_grad()
-def compiled_decode_latency(model, vocab, contexts, steps, device, dtype, load=None, warmup: int = 2) -> dict:
+def compiled_decode_latency(
+    model, vocab, contexts, steps, device, dtype, load=None, warmup: int = 2, batch: int = 1
+) -> dict:
     """`decode_latency` with the decode step compiled: a static cache of room max(contexts) + warm-up + steps (one
     room for every context, so one graph serves them all), the prompt prefilled eagerly (as `generate` does), the
     single-token steps through `torch.compile`. Adds the first step's seconds (the compile) and the graphs compiled."""
@@ -229,4 +232,4 @@ def compiled_decode_latency(model, vocab, contexts, steps, device, dtype, load=N
             "graphs": step_model.counter.frame_count,
         }
 
-    return per_context(model, vocab, contexts, device, load, measure)
+    return per_context(model, vocab, contexts, device, load, measure, batch)

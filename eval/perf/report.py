@@ -39,6 +39,36 @@ def markdown_table(results: list[dict], contexts: list[int]) -> str:
     return "\n".join(lines)
 
 
+def decode_markdown(results: list[dict], contexts: list[int]) -> str:
+    """Cached decode latency per context against the shape's Llama, and the decode goal: the CTM's step costs at
+    most its FLOP ratio times the Llama's at every context."""
+    keys = [str(c) for c in contexts]
+    head = (
+        "| shape | model | FLOPs x Llama | "
+        + " | ".join(f"ms @{c}" for c in contexts)
+        + " | "
+        + " | ".join(f"x Llama @{c}" for c in contexts)
+        + " | <= FLOP ratio |"
+    )
+    lines = [head, "|" + "---|" * (4 + 2 * len(contexts))]
+    for r in results:
+        if r["status"] != "ok" or "decode" not in r:
+            continue
+        ratios = r.get("decode_ratio_vs_llama", {})
+        goal = "-" if r["kind"] == "llama" else ("yes" if r.get("goal_decode_met") else "no")
+        lines.append(
+            f"| {r['shape']} | {r['model']} | {fmt(r.get('flops_ratio_vs_llama'), '.1f')} | "
+            + " | ".join(fmt(r["decode"][k]["ms_per_token"], ".2f") for k in keys)
+            + " | "
+            + " | ".join(fmt(ratios.get(k), ".1f") for k in keys)
+            + f" | {goal} |"
+        )
+    goals = [r for r in results if r["kind"] == "ctm" and r["status"] == "ok" and "goal_decode_met" in r]
+    met = sum(bool(r["goal_decode_met"]) for r in goals)
+    lines += ["", f"Goal cached decode x Llama <= FLOP ratio at every context: met by {met}/{len(goals)} CTM rows."]
+    return "\n".join(lines)
+
+
 def plot(results: list[dict], contexts: list[int], path: Path) -> None:
     import matplotlib
 
@@ -127,14 +157,18 @@ def results_markdown(
         "timed steps on a quiet machine). eff. x Llama = CTM achieved FLOP/s / Llama achieved FLOP/s "
         f"(goal >= {GOAL_EFFICIENCY}). Peak MiB: params + AdamW state + the step's transient peak "
         f"({'max_memory_allocated' if device == 'cuda' else 'RSS growth'}). Decode: ms per cached "
-        "single-token step after prefilling the context, batch 1.",
+        f"single-token step after prefilling the context, {env.get('decode_batch', 1)} sequence(s) per step.",
         "",
     ]
-    if results:
-        lines.append(markdown_table(results, contexts))
+    training = [r for r in results if r["status"] != "ok" or "tokens_per_s" in r]
+    if training:
+        lines.append(markdown_table(training, contexts))
         goals = [r for r in results if r["kind"] == "ctm" and r["status"] == "ok"]
         met = sum(bool(r.get("goal_efficiency_met")) for r in goals)
         lines += ["", f"Goal CTM achieved FLOP/s >= {GOAL_EFFICIENCY} x Llama's: met by {met}/{len(goals)} CTM rows."]
+    if any("decode" in r for r in results):
+        lines += ["", f"### Cached decode against the Llama (batch {env.get('decode_batch', 1)})", ""]
+        lines.append(decode_markdown(results, contexts))
     compiled_rows = [r for r in results if r.get("compiled") and r["status"] == "ok"]
     if compiled_rows:
         lines += [
@@ -152,7 +186,8 @@ def results_markdown(
         ]
         for r in compiled_rows:
             lines.append(
-                f"| {r['shape']} {r['model']} | {r['first_step_s']:.1f} | {r.get('graphs_after_warmup', '-')} | "
+                f"| {r['shape']} {r['model']} | {fmt(r.get('first_step_s'), '.1f')} | "
+                f"{r.get('graphs_after_warmup', '-')} | "
                 f"{r.get('training_recompiles', '-')} | {r.get('decode_compile_s', 0):.1f} | "
                 f"{r.get('decode_graphs', '-')} | {r.get('decode_recompiles', '-')} |"
             )

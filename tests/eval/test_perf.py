@@ -82,3 +82,41 @@ def test_every_model_of_a_shape_is_built_before_the_first_compiles(monkeypatch):
     shape = preset["shapes"][0]
     bench.build_entries(preset, shape, {}, None, print)
     assert [kind for kind, _ in events] == ["build", "build", "warm", "warm"]
+
+
+def _decode_entry(model, kind, flops, ms):
+    return {
+        "shape": "s",
+        "model": model,
+        "kind": kind,
+        "status": "ok",
+        "flops": {"training": flops},
+        "decode": {c: {"ms_per_token": v} for c, v in ms.items()},
+    }
+
+
+def test_the_decode_goal_holds_only_when_every_context_is_within_the_flop_ratio():
+    """Decode-only entries (no training rows) get their latency ratio to the Llama per context; the goal compares
+    the worst context with the analytic FLOP ratio."""
+    from perf.report import decode_markdown
+
+    llama = _decode_entry("llama", "llama", 1.0, {"32": 1.0, "512": 2.0})
+    within = _decode_entry("ctm-a", "ctm", 3.0, {"32": 3.0, "512": 5.0})  # 3.0 and 2.5: within 3
+    beyond = _decode_entry("ctm-b", "ctm", 3.0, {"32": 2.0, "512": 6.2})  # 2.0 and 3.1: not at 512
+    bench.compare_to_llama([llama, within, beyond])
+    assert within["decode_ratio_vs_llama"] == {"32": 3.0, "512": 2.5} and within["goal_decode_met"]
+    assert not beyond["goal_decode_met"]
+    assert "tokens_ratio_vs_llama" not in within  # no training rows ran
+    table = decode_markdown([llama, within, beyond], [32, 512])
+    assert "| s | ctm-a | 3.0 | 3.00 | 5.00 | 3.0 | 2.5 | yes |" in table
+    assert "met by 1/2 CTM rows" in table
+
+
+def test_decode_prompts_have_the_decode_batch():
+    from perf.measure import per_context
+
+    shapes = []
+    model = torch.nn.Linear(1, 1)
+    per_context(model, 50, [4, 8], "cpu", None, lambda ids: shapes.append(tuple(ids.shape)) or {}, batch=3)
+    assert shapes == [(3, 4), (3, 8)] and model.training
+    assert bench.preset_from_args(bench.parse_args(["--decode-batch", "64"]))["decode_batch"] == 64

@@ -258,6 +258,7 @@ def measure_decode(preset, entry, model, load: MachineLoad, log) -> None:
         preset["dtype"],
         load,
         batch=entry["decode_batch"],
+        **({"cuda_graphs": True} if preset.get("cuda_graphs") else {}),
     )
     if preset.get("compile"):
         graphs = [entry["decode"][str(c)]["graphs"] for c in contexts]
@@ -404,6 +405,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--decode-only", action="store_true", help="only the cached decode rows (no training rows, no phase 3)"
     )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="with --compile: the compiled decode step replays CUDA graphs (inductor's cudagraph trees; GPU only)",
+    )
     parser.add_argument("--ticks", type=int, nargs="*", help="CTM tick counts K (default: preset)")
     parser.add_argument("--placements", nargs="*", help="CTM ctm_layers placements (default: preset)")
     parser.add_argument(
@@ -440,6 +446,9 @@ def preset_from_args(args) -> dict:
     if args.decode_batch < 1:
         raise SystemExit(f"--decode-batch must be >= 1, got {args.decode_batch}")
     preset["decode_batch"] = args.decode_batch
+    if args.cuda_graphs and not args.compile:
+        raise SystemExit("--cuda-graphs needs --compile")
+    preset["cuda_graphs"] = args.cuda_graphs
     if args.ticks:
         preset["ticks"] = args.ticks
     if args.placements:
@@ -467,6 +476,7 @@ def environment(args, preset, ctm_overrides) -> dict:
         "compile": args.compile,
         "decode_batch": preset["decode_batch"],
         "decode_only": args.decode_only,
+        "cuda_graphs": args.cuda_graphs,
         "python": platform.python_version(),
         "transformers": transformers.__version__,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import functools
 import gc
 import os
 import statistics
@@ -178,14 +179,21 @@ def decode_latency(model, vocab, contexts, steps, device, dtype, load=None, warm
 RECOMPILE_LIMIT = 64
 
 
-def compiled(model, backend: str = "inductor"):
+def compiled(model, backend: str = "inductor", cuda_graphs: bool = False):
     """`torch.compile(model)` through a frame counter: `.counter.frame_count` is the number of graphs compiled, so
     the frames a later call adds are recompilations. Raises dynamo's per-code graph limit to `RECOMPILE_LIMIT`, so
     that many models compiled in one process each keep their own graphs (a model whose counter stays at 0 after a
-    call ran eagerly)."""
+    call ran eagerly). `cuda_graphs`: inductor replays each CUDA graph it compiled (what `mode="reduce-overhead"`
+    turns on; inductor ignores it for CPU tensors)."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    if cuda_graphs:
+        if backend != "inductor":
+            raise ValueError(f"cuda_graphs needs the inductor backend, got backend={backend!r}")
+        from torch._inductor.compile_fx import compile_fx
+
+        backend = functools.partial(compile_fx, config_patches={"triton.cudagraphs": True})
     counter = CompileCounterWithBackend(backend)
     wrapper = torch.compile(model, backend=counter)
     wrapper.counter = counter
@@ -205,12 +213,13 @@ def static_cache(model, room: int):
 
 @torch.no_grad()
 def compiled_decode_latency(
-    model, vocab, contexts, steps, device, dtype, load=None, warmup: int = 2, batch: int = 1
+    model, vocab, contexts, steps, device, dtype, load=None, warmup: int = 2, batch: int = 1, cuda_graphs=False
 ) -> dict:
     """`decode_latency` with the decode step compiled: a static cache of room max(contexts) + warm-up + steps (one
     room for every context, so one graph serves them all), the prompt prefilled eagerly (as `generate` does), the
-    single-token steps through `torch.compile`. Adds the first step's seconds (the compile) and the graphs compiled."""
-    step_model = compiled(model)
+    single-token steps through `torch.compile` (`cuda_graphs`: replayed as CUDA graphs, see `compiled`). Adds the
+    first step's seconds (the compile) and the graphs compiled."""
+    step_model = compiled(model, cuda_graphs=cuda_graphs)
     room = max(contexts) + warmup + steps + 1
 
     def measure(ids) -> dict:
@@ -222,6 +231,8 @@ def compiled_decode_latency(
             for i in range(warmup + steps):
                 synchronize(device)
                 t0 = time.perf_counter()
+                if cuda_graphs:  # a new step: the last replay's outputs (read already) may be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
                 out = step_model(input_ids=token, cache=cache, use_cache=True)
                 synchronize(device)
                 times.append(time.perf_counter() - t0)

@@ -120,3 +120,19 @@ def test_decode_prompts_have_the_decode_batch():
     per_context(model, 50, [4, 8], "cpu", None, lambda ids: shapes.append(tuple(ids.shape)) or {}, batch=3)
     assert shapes == [(3, 4), (3, 8)] and model.training
     assert bench.preset_from_args(bench.parse_args(["--decode-batch", "64"]))["decode_batch"] == 64
+
+
+def test_cuda_graphs_patch_the_inductor_backend_and_need_it():
+    import pytest
+    from perf.measure import compiled
+
+    torch._dynamo.reset()
+    try:
+        model = compiled(_Scaled(2), cuda_graphs=True)
+        assert model.counter.backend.keywords == {"config_patches": {"triton.cudagraphs": True}}
+        with pytest.raises(ValueError, match="cuda_graphs needs the inductor backend, got backend='eager'"):
+            compiled(_Scaled(2), backend="eager", cuda_graphs=True)
+    finally:
+        torch._dynamo.reset()
+    with pytest.raises(SystemExit, match="--cuda-graphs needs --compile"):
+        bench.preset_from_args(bench.parse_args(["--cuda-graphs"]))

@@ -341,11 +341,17 @@ def benchmark_phase3(preset, shape, ctm_overrides, load: MachineLoad, budget: di
         warm_up(preset, entry, model, optimizer, step, log)
         for entry, model, optimizer, step in phase3_entries(preset, shape, ctm_overrides, ids)
     ]
+    for entry, *_ in entries:
+        if entry["compiled"] and entry["status"] == "ok":
+            entry["graphs_after_warmup"] = entry["runner"].counter.frame_count
     timed_rounds(preset, entries, load, budget, steps=preset["phase3"]["steps"])
     results = [entry for entry, *_ in entries]
     for entry in results:
+        runner = entry.pop("runner", None)
         if entry["status"] == "ok":
             step_rate(entry, B * T)
+            if runner is not None:  # graphs compiled by the timed steps (0 wanted)
+                entry["training_recompiles"] = runner.counter.frame_count - entry["graphs_after_warmup"]
     base = results[0]
     for entry in results:
         if entry["status"] == "ok" and base["status"] == "ok":

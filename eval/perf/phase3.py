@@ -9,6 +9,9 @@ One CTM per shape with the carried state (`ctm_carry="chunk"`), trained three wa
 * `chunked-cut`: the same with `cut_attention=True` (only the thinking state crosses chunk boundaries);
 
 each followed by the same AdamW step. Tokens/s of a chunked row / tokens/s of unchunked is the goal ratio (>= 0.7).
+With the preset's `compile` (`--compile`) every variant runs its model through `torch.compile` (`measure.compiled`):
+the trainer's per-chunk forwards go through the compiled model, as `TrainingArguments(torch_compile=True)` would
+have them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import tempfile
 
 import torch
 
-from .measure import autocast, train_step
+from .measure import autocast, compiled, train_step
 from .shapes import build_model
 
 
@@ -56,9 +59,10 @@ def phase3_entries(preset: dict, shape: dict, ctm_overrides: dict, ids: torch.Te
     for variant in phase3_variants(settings):
         model, _ = build_model(spec, shape, vocab, device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        runner = compiled(model) if preset.get("compile") else model
         if variant["cut_attention"] is None:
 
-            def step(model=model, optimizer=optimizer):
+            def step(model=runner, optimizer=optimizer):
                 train_step(model, optimizer, ids, device, dtype)
 
         else:
@@ -66,7 +70,7 @@ def phase3_entries(preset: dict, shape: dict, ctm_overrides: dict, ids: torch.Te
                 model, chunk_length, settings["gradient_window"], variant["cut_attention"], device, tempfile.mkdtemp()
             )
 
-            def step(model=model, optimizer=optimizer, trainer=trainer):
+            def step(model=runner, optimizer=optimizer, trainer=trainer):
                 with autocast(device, dtype):
                     trainer.training_step(model, inputs)
                 optimizer.step()
@@ -87,26 +91,41 @@ def phase3_entries(preset: dict, shape: dict, ctm_overrides: dict, ids: torch.Te
             "times": [],
             "foreign_load": [],
             "status": "ok",
+            "compiled": runner is not model,
         }
+        if runner is not model:
+            entry["runner"] = runner
         result.append((entry, model, optimizer, step))
     return result
 
 
 def phase3_markdown(rows: list[dict]) -> str:
+    """The phase-3 table; compiled rows add the first step's seconds (the compile), the graphs the warm-up compiled
+    and the recompiles of the timed steps."""
+    compiled_rows = any(r.get("compiled") for r in rows)
+    extra = " compile s | graphs | recompiles |" if compiled_rows else ""
     lines = [
-        "| shape | model | C | chunk length | tok/s | x unchunked | goal >= 0.7 | peak MiB |",
-        "|---|---|---:|---:|---:|---:|---|---:|",
+        "| shape | model | C | chunk length | tok/s | x unchunked | goal >= 0.7 | peak MiB |" + extra,
+        "|---|---|---:|---:|---:|---:|---|---:|" + "---:|" * (3 if compiled_rows else 0),
     ]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['shape']} | {r['model']} | {r['chunk_size']} | - | {r['status']} | | | |")
+            lines.append(
+                f"| {r['shape']} | {r['model']} | {r['chunk_size']} | - | {r['status']} | | | |"
+                + " |" * (3 * compiled_rows)
+            )
             continue
         ratio = r.get("ratio_vs_unchunked")
         goal = "-" if r["cut_attention"] is None else ("PASS" if ratio >= GOAL_CHUNKED_RATIO else "FAIL")
         peak = r.get("memory", {}).get("peak_mib")
+        compile_cells = (
+            f" {r['first_step_s']:.0f} | {r.get('graphs_after_warmup', '-')} | {r.get('training_recompiles', '-')} |"
+            if compiled_rows
+            else ""
+        )
         lines.append(
             f"| {r['shape']} | {r['model']} ({r['ctm_layers']}, K={r['ticks']}) | {r['chunk_size']} | "
             f"{r['chunk_length'] or r['seq']} | {r['tokens_per_s']:.0f} | {ratio:.2f} | {goal} | "
-            f"{'-' if peak is None else f'{peak:.0f}'} |"
+            f"{'-' if peak is None else f'{peak:.0f}'} |" + compile_cells
         )
     return "\n".join(lines)

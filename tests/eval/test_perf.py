@@ -136,3 +136,34 @@ def test_cuda_graphs_patch_the_inductor_backend_and_need_it():
         torch._dynamo.reset()
     with pytest.raises(SystemExit, match="--cuda-graphs needs --compile"):
         bench.preset_from_args(bench.parse_args(["--cuda-graphs"]))
+
+
+def test_compiled_phase3_rows_train_through_the_compiled_model(monkeypatch):
+    """With --compile every phase-3 variant (unchunked, and the trainer's per-chunk forwards) runs through the
+    compiled model: its graph counter grows on the first step and not on the second (no recompile per chunk)."""
+    import functools
+
+    from perf import phase3
+    from perf.measure import compiled
+
+    monkeypatch.setattr(phase3, "compiled", functools.partial(compiled, backend="eager"))
+    preset = {
+        "compile": True,
+        "device": "cpu",
+        "dtype": "float32",
+        "vocab": 64,
+        "phase3": {"ctm_layers": "last", "ticks": 1, "chunk_size": 4, "chunks": 2, "gradient_window": 1},
+    }
+    shape = {"name": "t", "hidden": 32, "layers": 1, "heads": 2, "seq": 16, "batch": 2}
+    ids = torch.randint(2, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    try:
+        for entry, model, _, step in phase3.phase3_entries(preset, shape, {"ctm_synapse_depth": 2}, ids):
+            assert entry["compiled"] and entry["runner"] is not model
+            step()
+            graphs = entry["runner"].counter.frame_count
+            assert graphs >= 1, entry["model"]
+            step()
+            assert entry["runner"].counter.frame_count == graphs, entry["model"]
+    finally:
+        torch._dynamo.reset()

@@ -31,6 +31,7 @@ presets, the loop over shapes and models, and the command line.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import platform
@@ -247,7 +248,9 @@ def finish_entry(preset, entry, model, tokens: int, load: MachineLoad, log) -> N
 def measure_decode(preset, entry, model, load: MachineLoad, log) -> None:
     """Cached decode latency per context (`--decode-batch` sequences per step), eager or compiled (`--compile`)."""
     contexts = preset["decode_contexts"]
-    decode = compiled_decode_latency if preset.get("compile") else decode_latency
+    decode = decode_latency
+    if preset.get("compile"):
+        decode = functools.partial(compiled_decode_latency, cuda_graphs=preset.get("cuda_graphs", False))
     entry["decode_batch"] = preset.get("decode_batch", 1)
     entry["decode"] = decode(
         model,
@@ -258,7 +261,6 @@ def measure_decode(preset, entry, model, load: MachineLoad, log) -> None:
         preset["dtype"],
         load,
         batch=entry["decode_batch"],
-        **({"cuda_graphs": True} if preset.get("cuda_graphs") else {}),
     )
     if preset.get("compile"):
         graphs = [entry["decode"][str(c)]["graphs"] for c in contexts]

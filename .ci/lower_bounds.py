@@ -2,8 +2,9 @@
 CI's second leg: the ranges must admit only versions the project has run."""
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 
 project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]

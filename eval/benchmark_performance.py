@@ -138,19 +138,22 @@ def new_entry(shape, spec, model, config) -> dict:
     }
 
 
+def build_all(preset, shape, ctm_overrides) -> list[tuple]:
+    """(spec, model, config) for every model of the shape. Every model is built before the first one compiles:
+    building a model of a new class registers it in transformers' `_CAN_RECORD_REGISTRY`, whose length the graphs
+    compiled before guard on (a Llama compiled before the first CTM was built recompiled once in its timed steps)."""
+    return [
+        (spec, *build_model(spec, shape, preset["vocab"], preset["device"], preset.get("compile_ticks", False)))
+        for spec in model_specs(preset, shape, ctm_overrides)
+    ]
+
+
 def build_entries(preset, shape, ctm_overrides, ids, log) -> list[tuple]:
     """(entry, model, optimizer, step) per model spec of the shape, each warmed up and its step memory measured;
     `step()` runs one training step."""
-    device, dtype, vocab = preset["device"], preset["dtype"], preset["vocab"]
+    device, dtype = preset["device"], preset["dtype"]
     entries = []
-    # every model is built before the first one compiles: building a model of a new class registers it in
-    # transformers' `_CAN_RECORD_REGISTRY`, whose length the graphs compiled before guard on (a Llama compiled before
-    # the first CTM was built recompiled once in its timed steps)
-    built = [
-        (spec, *build_model(spec, shape, vocab, device, preset.get("compile_ticks", False)))
-        for spec in model_specs(preset, shape, ctm_overrides)
-    ]
-    for spec, model, config in built:
+    for spec, model, config in build_all(preset, shape, ctm_overrides):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         entry = new_entry(shape, spec, model, config)
 
@@ -312,12 +315,8 @@ def benchmark_shape(preset, shape, ctm_overrides, load: MachineLoad, budget: dic
 
 
 def decode_shape(preset, shape, ctm_overrides, load: MachineLoad, log) -> list[dict]:
-    """`--decode-only`: the cached decode latency of every model of the shape, without the training rows. Every
-    model is built before the first compiles (see `build_entries`)."""
-    built = [
-        (spec, *build_model(spec, shape, preset["vocab"], preset["device"]))
-        for spec in model_specs(preset, shape, ctm_overrides)
-    ]
+    """`--decode-only`: the cached decode latency of every model of the shape, without the training rows."""
+    built = build_all(preset, shape, ctm_overrides)
     results = []
     for spec, model, config in built:
         entry = new_entry(shape, spec, model, config)

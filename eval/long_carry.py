@@ -85,7 +85,7 @@ class CarryRecorder(CTMTickObserver):
         ran = torch.ones(len(columns)) if event.halted is None else (~event.halted[rows, slots]).float()
         if event.tick == 0:
             record["beta"][columns] = event.after.beta_out[rows, slots].float().mean(-1)
-            record["convergence"][columns] = event.block.sync_convergence(event.before, event.after)[rows, slots]
+            record["convergence"][columns] = event.sync_convergence[rows, slots]
             record["ticks"][columns] = 0
         record["ticks"][columns] += ran
         record["sync_norm"][columns] = event.sync_out[rows, slots].norm(dim=-1)

@@ -299,7 +299,7 @@ class HebbianPlasticityObserver(CTMTickObserver):
             return
         rows, slots = event.valid.nonzero(as_tuple=True)
         columns = event.columns[rows, slots]
-        B, T, K = event.valid.shape[0], event.sequence_length, event.block.ticks
+        B, T, K = event.valid.shape[0], event.sequence_length, event.ticks
         if rule.edits_out_proj:
             sync = event.sync_out.detach()
             buffer = self.sync.get(layer)

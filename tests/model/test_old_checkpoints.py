@@ -1,5 +1,5 @@
 """A checkpoint saved before the model file was split into siblings (tests/fixtures/checkpoint_before_the_split, with
-its own single-file remote code) loads and computes bit-identically: with the package, and as remote code without it.
+its own single-file remote code) loads and computes the same logits (float32, atol and rtol 1e-5): with the package, and as remote code without it.
 It guards every later change of the model files too: new behaviour sits behind config fields whose defaults are the
 old behaviour."""
 
@@ -21,7 +21,8 @@ def test_an_old_checkpoint_computes_the_same_logits_with_the_package():
     expected = load_file(str(OLD / "expected.safetensors"))
     model = CTMForCausalLM.from_pretrained(OLD).eval()
     with torch.no_grad():
-        assert torch.equal(model(expected["input_ids"]).logits, expected["logits"])
+        # float32: rounding across CPUs, BLAS kernels and thread counts is ~1e-7, a changed computation far more
+        torch.testing.assert_close(model(expected["input_ids"]).logits, expected["logits"], atol=1e-5, rtol=1e-5)
 
 
 def test_an_old_checkpoint_computes_the_same_logits_as_remote_code_without_the_package(tmp_path):
@@ -43,7 +44,7 @@ except ImportError:
 expected = load_file({str(OLD / "expected.safetensors")!r})
 model = AutoModelForCausalLM.from_pretrained({str(OLD)!r}, trust_remote_code=True).eval()
 with torch.no_grad():
-    assert torch.equal(model(expected["input_ids"]).logits, expected["logits"])
+    torch.testing.assert_close(model(expected["input_ids"]).logits, expected["logits"], atol=1e-5, rtol=1e-5)
 """
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)

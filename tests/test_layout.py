@@ -121,7 +121,7 @@ def test_the_model_files_import_only_each_other():
 
 def test_no_import_runs_upward():
     """memory/ may import the model files and itself; training/ and hub/ may import memory; sleep draws nothing."""
-    for path in (PACKAGE / "memory").glob("*.py"):
+    for path in (PACKAGE / "memory").rglob("*.py"):
         own = {m for m in _imports(path) if m.startswith("modeling_ctm")}
         upward = {m for m in own if m.startswith(("modeling_ctm.training", "modeling_ctm.hub", "modeling_ctm.fmri",
                                                   "modeling_ctm.cli", "modeling_ctm.experiments"))}  # fmt: skip

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import QUIET, MachineLoad
 from perf.attribute import run_profile
 from perf.measure import (
     compiled,
@@ -53,7 +54,7 @@ from perf.phase3 import GOAL_CHUNKED_RATIO, phase3_entries
 from perf.report import GOAL_EFFICIENCY, plot, results_markdown
 from perf.shapes import analytic_flops, build_model, llama_intermediate_size, model_specs
 
-from modeling_ctm.experiments import QUIET, MachineLoad, write_text_atomic
+from modeling_ctm.io_ctm import write_text_atomically
 
 
 # what every device measures: the same vocabulary, tick counts and placements, so the rows compare across devices
@@ -551,8 +552,8 @@ def main(argv=None):
     table = results_markdown(args.preset, preset["device"], env, elapsed, results, profiles, contexts, phase3)
     print()
     print(table)
-    write_text_atomic(out / "results.md", table + "\n")
-    write_text_atomic(
+    write_text_atomically(out / "results.md", table + "\n")
+    write_text_atomically(
         out / "results.json",
         json.dumps(
             {"env": env, "elapsed_s": elapsed, "results": results, "phase3": phase3, "profiles": profiles}, indent=1

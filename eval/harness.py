@@ -1,4 +1,4 @@
-"""The experiment harness: what every experiment and benchmark script (`eval/*.py`) shares.
+"""The experiment harness (`import harness`): what every experiment and benchmark script (`eval/*.py`) shares.
 
 The experiment shape: `python eval/<name>.py --seeds N --out DIR [--quick] [--set FIELD=VALUE ...]` writes
 `DIR/results.json` (settings, per-seed numbers, and an `arms` object: one entry per arm with each metric's mean and
@@ -6,8 +6,8 @@ sd) and `DIR/results.md` (a table, mean ± sd, the control next to every effect)
 
     from dataclasses import dataclass
 
-    from modeling_ctm.experiments import (arms_table, experiment_parser, experiment_result, run_seeds,
-                                          summarize_arms, tiny_config, write_results)
+    from harness import (arms_table, experiment_parser, experiment_result, run_seeds,
+                         summarize_arms, tiny_config, write_results)
 
     ARMS = {"A": "the effect", "B": "its control"}
 
@@ -72,7 +72,7 @@ API:
 * `format_mean_sd(mean, sd, digits=3) -> "m ± s"` and `arms_table(arms, metrics, digits=3) -> str`: a markdown table,
   one row per arm (in the order given, so put each control next to its effect), one `mean ± sd` column per metric.
 * `write_results(out_dir, result, markdown) -> (json_path, md_path)`: `result` must hold `settings`, `per_seed` and
-  `arms`; both files are written atomically (`write_text_atomic`: a temp file in the same folder renamed into place),
+  `arms`; both files are written atomically (`modeling_ctm.io_ctm.write_text_atomically`: a temp file in the same folder renamed into place),
   so a killed run never leaves half a results file.
 * `experiment_training_arguments(output_dir, **fields) -> TrainingArguments`: the arguments of a training run inside an
   experiment (`EXPERIMENT_TRAINING`: on the CPU, no reports, no checkpoints, no progress bar, data loaded in the main
@@ -98,7 +98,7 @@ Measuring on a shared machine (Linux; the helpers degrade to `None` / no waiting
 * `rss_bytes()` (resident set now) and `PeakRSS` (a context manager sampling the resident set in a thread:
   `.start`, `.peak`), for the "memory held" every memory mechanism states.
 
-This module is not part of the remote code that travels with checkpoints; the model files never import it.
+This module lives in eval/, outside the package: the scripts and the tests import it, the package never does.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ from pathlib import Path
 
 from transformers import PrinterCallback, TrainingArguments
 
-from .io_ctm import atomic_write
+from modeling_ctm.io_ctm import write_text_atomically
 
 
 # what every training run inside an experiment shares: the script keeps its results, the Trainer keeps nothing
@@ -143,7 +143,9 @@ class SetError(ValueError):
 
 
 def _config_fields() -> dict:
-    from .configuration_ctm import CTMConfig  # the harness is no model file: the config is imported where used
+    from modeling_ctm.configuration_ctm import (
+        CTMConfig,  # the harness is no model file: the config is imported where used
+    )
 
     return CTMConfig().to_dict()
 
@@ -269,7 +271,7 @@ def experiment_settings(args: argparse.Namespace, settings_class, quick: Mapping
 
 def tiny_config(settings=None, **fields):
     """The experiment's CTMConfig: CTMConfig-named fields of `settings`, its `model` dict, then `fields`."""
-    from .configuration_ctm import CTMConfig
+    from modeling_ctm.configuration_ctm import CTMConfig
 
     known = _config_fields()
     source = {} if settings is None else (settings if isinstance(settings, Mapping) else dataclasses.asdict(settings))
@@ -316,8 +318,8 @@ def austen_blocks(vocab_size: int, block_size: int, cache_dir, tokenizer=None) -
     novels with Persuasion held out, packed into blocks of `block_size` tokens. Returns (splits, tokenizer, train,
     held_out); the tokenizer is `tokenizer`, or a BPE of `vocab_size` trained on the training split (cached in
     `cache_dir`)."""
-    from .training.data import load_text_dataset, pack_dataset
-    from .training.tokenization import get_tokenizer
+    from modeling_ctm.training.data import load_text_dataset, pack_dataset
+    from modeling_ctm.training.tokenization import get_tokenizer
 
     splits = load_text_dataset("austen")
     tokenizer = tokenizer or get_tokenizer(vocab_size=vocab_size, cache_dir=cache_dir)
@@ -409,21 +411,15 @@ def arms_table(arms: Mapping[str, Mapping], metrics: Sequence[str], digits: int 
     return "\n".join(lines)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through the package's one atomic write (temp file in the same folder, renamed)."""
-    path = Path(path)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return path
-
-
 def write_results(out_dir: str | Path, result: Mapping, markdown: str, indent: int = 2) -> tuple[Path, Path]:
     """`out_dir/results.json` (the whole `result`) and `out_dir/results.md` (`markdown`), each written atomically."""
     missing = [key for key in ("settings", "per_seed", "arms") if key not in result]
     if missing:
         raise ValueError(f"result is missing {missing}: results.json holds settings, per_seed and arms")
     out_dir = Path(out_dir)
-    json_path = write_text_atomic(out_dir / "results.json", json.dumps(result, indent=indent))
-    md_path = write_text_atomic(out_dir / "results.md", markdown if markdown.endswith("\n") else markdown + "\n")
+    json_path, md_path = out_dir / "results.json", out_dir / "results.md"
+    write_text_atomically(json_path, json.dumps(result, indent=indent))
+    write_text_atomically(md_path, markdown if markdown.endswith("\n") else markdown + "\n")
     return json_path, md_path
 
 

@@ -1,4 +1,4 @@
-"""The experiment shape helpers of modeling_ctm.experiments (parser, arms aggregation, atomic results files,
+"""The experiment harness, eval/harness.py (parser, arms aggregation, atomic results files,
 script loading) and the shared-machine measurement helpers."""
 
 import json
@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-from modeling_ctm.experiments import (
+from harness import (
     QUIET,
     MachineLoad,
     PeakRSS,
@@ -28,8 +27,9 @@ from modeling_ctm.experiments import (
     tiny_config,
     train_experiment_model,
     write_results,
-    write_text_atomic,
 )
+
+from modeling_ctm.io_ctm import write_text_atomically
 
 
 def test_parser_defaults_and_quick_seeds():
@@ -93,10 +93,11 @@ def test_write_results_atomically(tmp_path):
         write_results(tmp_path, {"settings": {}, "per_seed": []}, "x")
 
 
-def test_write_text_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
-    path = write_text_atomic(tmp_path / "a.txt", "old")
+def test_write_text_atomically_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "a.txt"
+    write_text_atomically(path, "old")
     with pytest.raises(TypeError):
-        write_text_atomic(path, None)
+        write_text_atomically(path, None)
     assert path.read_text() == "old"
     assert os.listdir(tmp_path) == ["a.txt"]
 

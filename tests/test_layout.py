@@ -1,6 +1,7 @@
 """The package's layering: the model files travel alone as remote code, and no import runs upward."""
 
 import ast
+import sys
 from pathlib import Path
 
 
@@ -104,11 +105,17 @@ def test_no_import_circle_in_the_package():
 
 
 def test_the_model_files_import_nothing_that_builds_on_them():
+    """The model files import torch, transformers, safetensors, numpy, the standard library and each other: never
+    memory/, training/, hub/, the pictures, the command line, or an eval/ module (harness, flops, ...)."""
     graph = import_graph()
+    # triton: the fused kernels of kernels_ctm, imported only where CUDA runs (it ships with torch)
+    libraries = {"torch", "triton", "transformers", "safetensors", "numpy", "modeling_ctm", *sys.stdlib_module_names}
     for name in MODEL_FILES:
         module = f"modeling_ctm.{name[:-3]}"
-        above = {t for t in graph[module] if t.split(".")[1] in ("memory", "training", "hub", "experiments", "cli")}
+        above = {t for t in graph[module] if t.split(".")[1] in ("memory", "training", "hub", "fmri", "gauge", "cli")}
         assert not above, (module, above)
+        outside = {m for m in _imports(PACKAGE / name) if m.split(".")[0] not in libraries}
+        assert not outside, (module, outside)
     assert "modeling_ctm.modeling_ctm" not in graph["modeling_ctm.observers_ctm"]  # the observer never sees the model
 
 

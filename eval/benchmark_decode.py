@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import QUIET, MachineLoad
+from machine import QUIET, MachineLoad
 from perf.measure import cached_decode, decode_step_ops
 from perf.shapes import same_shape_fields
 

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import QUIET, MachineLoad
+from machine import QUIET, MachineLoad
 from perf.attribute import run_profile
 from perf.measure import (
     compiled,

@@ -54,7 +54,6 @@ torch.set_num_threads(1)  # tiny tensors gain nothing from a second thread on a 
 
 import flops  # noqa: E402  (eval/flops.py, a sibling module)
 from harness import (  # noqa: E402
-    MachineLoad,
     arms_table,
     austen_blocks,
     experiment_parser,
@@ -66,6 +65,7 @@ from harness import (  # noqa: E402
     tiny_config,
     write_results,
 )
+from machine import MachineLoad  # noqa: E402
 from transformers import TrainerCallback, TrainingArguments, set_seed  # noqa: E402
 
 from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402

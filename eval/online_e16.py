@@ -79,11 +79,11 @@ import torch
 torch.set_num_threads(1)  # tiny tensors; a busy shared CPU makes extra threads a loss
 
 from harness import (  # noqa: E402
-    MachineLoad,
     experiment_parser,
     summarize_arms,
     write_results,
 )
+from machine import MachineLoad  # noqa: E402
 from online_base import base_model  # noqa: E402  (sibling modules: the base model, the report,
 from online_e16_report import draw_retention, format_markdown  # noqa: E402
 from online_facts import (  # noqa: E402  (the language: names, codes, filler text)

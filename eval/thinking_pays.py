@@ -58,12 +58,12 @@ torch.set_num_threads(1)  # tiny tensors gain nothing from a second thread on a 
 
 import flops  # noqa: E402  (sibling modules: the FLOPs conventions, the answer and tables)
 from harness import (  # noqa: E402
-    MachineLoad,
     austen_blocks,
     experiment_parser,
     experiment_training_arguments,
     finish_experiment,
 )
+from machine import MachineLoad  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 from thinking_pays_report import GAUGE, answer, format_markdown, format_table  # noqa: E402
 from transformers import TrainingArguments, set_seed  # noqa: E402

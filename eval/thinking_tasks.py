@@ -68,11 +68,11 @@ torch.set_num_threads(1)  # tiny tensors gain nothing from a second thread on a 
 import flops  # noqa: E402  (sibling modules: the FLOPs conventions, the summary and pictures)
 from datasets import Dataset  # noqa: E402
 from harness import (  # noqa: E402
-    MachineLoad,
     experiment_parser,
     experiment_training_arguments,
     write_results,
 )
+from machine import MachineLoad  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 from thinking_generators import ChainTask, KHopTask, ParityTask  # noqa: E402  (the tasks)
 from thinking_tasks_report import draw, format_markdown, summarize, task_table  # noqa: E402

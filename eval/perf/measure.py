@@ -12,7 +12,7 @@ import statistics
 import time
 
 import torch
-from harness import QUIET, PeakRSS
+from machine import QUIET, PeakRSS
 from torch.utils._python_dispatch import TorchDispatchMode
 
 

@@ -9,9 +9,6 @@ from pathlib import Path
 
 import pytest
 from harness import (
-    QUIET,
-    MachineLoad,
-    PeakRSS,
     SetError,
     arms_table,
     experiment_parser,
@@ -20,7 +17,6 @@ from harness import (
     format_mean_sd,
     mean_sd,
     parse_set,
-    rss_bytes,
     run_seeds,
     summarize_arms,
     timed_training,
@@ -28,6 +24,7 @@ from harness import (
     train_experiment_model,
     write_results,
 )
+from machine import QUIET, MachineLoad, PeakRSS, rss_bytes
 
 from modeling_ctm.io_ctm import write_text_atomically
 

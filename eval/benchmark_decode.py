@@ -33,10 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import QUIET, MachineLoad
 from perf.measure import cached_decode, decode_step_ops
 from perf.shapes import same_shape_fields
 
-from modeling_ctm.experiments import QUIET, MachineLoad, write_text_atomic
+from modeling_ctm.io_ctm import write_text_atomically
 
 
 GOAL_FLATNESS = 1.5  # cached ms/token at 512 <= 1.5 x at 32
@@ -275,8 +276,8 @@ def main(argv=None):
     table = decode_markdown(results, env, elapsed, args)
     print()
     print(table)
-    write_text_atomic(out_dir / "results.md", table + "\n")
-    write_text_atomic(
+    write_text_atomically(out_dir / "results.md", table + "\n")
+    write_text_atomically(
         out_dir / "results.json", json.dumps({"env": env, "elapsed_s": elapsed, "results": results}, indent=1) + "\n"
     )
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}")

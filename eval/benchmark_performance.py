@@ -24,8 +24,9 @@ and methods at run time (the modeling files are not touched), backward through t
 links each backward node to the forward op that created it.
 
 The jobs live in eval/perf/: `shapes` (same-shape fields, model specs, building), `measure` (step timing, memory,
-cached decode), `attribute` (the profiler attribution), `report` (tables, plot); this script is the driver: the
-presets, the loop over shapes and models, and the command line.
+cached decode), `attribute` (the profiler attribution), `report` (tables, plot); `shapes` also holds what each
+device measures (`DEVICE_PLANS`, chosen with `--preset`); this script is the driver: the loop over shapes and models,
+and the command line.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import QUIET, MachineLoad
 from perf.attribute import run_profile
 from perf.measure import (
     compiled,
@@ -51,66 +53,9 @@ from perf.measure import (
 )
 from perf.phase3 import GOAL_CHUNKED_RATIO, phase3_entries
 from perf.report import GOAL_EFFICIENCY, plot, results_markdown
-from perf.shapes import analytic_flops, build_model, llama_intermediate_size, model_specs
+from perf.shapes import DEVICE_PLANS, analytic_flops, build_model, llama_intermediate_size, model_specs
 
-from modeling_ctm.experiments import QUIET, MachineLoad, write_text_atomic
-
-
-# what every device measures: the same vocabulary, tick counts and placements, so the rows compare across devices
-GRID = {"vocab": 4096, "ticks": [1, 3], "placements": ["all", "last"]}
-PRESETS = {
-    "cpu": {
-        **GRID,
-        "device": "cpu",
-        "dtype": "float32",
-        "threads": 2,
-        "shapes": [
-            {"name": "tiny-d64", "hidden": 64, "layers": 2, "heads": 4, "seq": 128, "batch": 8},
-            {"name": "small-d128", "hidden": 128, "layers": 4, "heads": 4, "seq": 256, "batch": 4},
-            {"name": "small-d256", "hidden": 256, "layers": 4, "heads": 4, "seq": 256, "batch": 4},
-        ],
-        "warmup": 2,
-        "steps": 5,
-        "decode_contexts": [32, 128, 512],
-        "decode_steps": 8,
-        "max_wait_s": 240,
-        # phase 3 (ContinuityTrainer's chunk loop vs unchunked) on the first two shapes, C=16 (T/16 sequential
-        # thinking steps per sequence either way), 4 training chunks: a few minutes on a quiet 2-core machine
-        "phase3": {
-            "shapes": ["tiny-d64", "small-d128"],
-            "ctm_layers": "last",
-            "ticks": 3,
-            "chunk_size": 16,
-            "chunks": 4,
-            "gradient_window": 1,
-            "steps": 3,
-        },
-    },
-    "gpu": {
-        **GRID,
-        "device": "cuda",
-        "dtype": "bfloat16",
-        "threads": None,
-        "shapes": [
-            {"name": "d768-L12", "hidden": 768, "layers": 12, "heads": 12, "seq": 1024, "batch": 8},
-            {"name": "d1024-L12", "hidden": 1024, "layers": 12, "heads": 16, "seq": 1024, "batch": 8},
-        ],
-        "warmup": 3,
-        "steps": 10,
-        "decode_contexts": [32, 128, 512, 1024],
-        "decode_steps": 20,
-        "max_wait_s": 60,
-        "phase3": {
-            "shapes": ["d768-L12"],
-            "ctm_layers": "last",
-            "ticks": 3,
-            "chunk_size": 32,
-            "chunks": 4,
-            "gradient_window": 1,
-            "steps": 5,
-        },
-    },
-}
+from modeling_ctm.io_ctm import write_text_atomically
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -377,7 +322,7 @@ def benchmark_phase3(preset, shape, ctm_overrides, load: MachineLoad, budget: di
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--preset", choices=sorted(DEVICE_PLANS), default="cpu")
     parser.add_argument("--out", default="eval/results/perf")
     parser.add_argument("--shapes", nargs="*", help="run only these shape names of the preset")
     parser.add_argument("--steps", type=int, help="timed steps per model (default: preset)")
@@ -386,47 +331,29 @@ def parse_args(argv=None):
     parser.add_argument(
         "--ctm-config", default="{}", help="JSON overrides of the ctm_* fields, e.g. '{\"ctm_synapse_depth\": 8}'"
     )
-    parser.add_argument(
-        "--max-wait",
-        type=float,
-        help="seconds the run may wait in total for other processes to go quiet (default: preset)",
-    )
-    parser.add_argument(
-        "--compile-ticks", action="store_true", help="torch.compile every CTM tick (CTMForCausalLM.compile_ticks)"
-    )
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="compiled rows: torch.compile (inductor) the training step and the cached decode step (static cache)",
-    )
+    parser.add_argument("--max-wait", type=float, help="seconds the run may wait in total for other processes to go "
+                        "quiet (default: preset)")  # fmt: skip
     parser.add_argument("--decode-contexts", type=int, nargs="*", help="decode context lengths (default: preset)")
-    parser.add_argument(
-        "--decode-steps", type=int, help="timed single-token steps per decode context, median (default: preset)"
-    )
-    parser.add_argument(
-        "--decode-batch",
-        type=int,
-        default=1,
-        help="sequences per decode step (default 1: one user's latency; larger: a server's batched step)",
-    )
-    parser.add_argument(
-        "--decode-only", action="store_true", help="only the cached decode rows (no training rows, no phase 3)"
-    )
-    parser.add_argument(
-        "--cuda-graphs",
-        action="store_true",
-        help="with --compile: the compiled decode step replays CUDA graphs (inductor's cudagraph trees; GPU only)",
-    )
+    parser.add_argument("--decode-steps", type=int, help="timed single-token steps per decode context, median "
+                        "(default: preset)")  # fmt: skip
+    parser.add_argument("--decode-batch", type=int, default=1, help="sequences per decode step (default 1: one "
+                        "user's latency; larger: a server's batched step)")  # fmt: skip
+    switches = {
+        "--compile-ticks": "torch.compile every CTM tick (CTMForCausalLM.compile_ticks)",
+        "--compile": "compiled rows: torch.compile (inductor) the training step and the cached decode step (static "
+        "cache)",
+        "--decode-only": "only the cached decode rows (no training rows, no phase 3)",
+        "--cuda-graphs": "with --compile: the compiled decode step replays CUDA graphs (inductor's cudagraph trees; "
+        "GPU only)",
+        "--profile": "profile one CTM and one Llama training step",
+        "--profile-only": "only the profile (implies --profile)",
+    }
+    for flag, text in switches.items():
+        parser.add_argument(flag, action="store_true", help=text)
     parser.add_argument("--ticks", type=int, nargs="*", help="CTM tick counts K (default: preset)")
     parser.add_argument("--placements", nargs="*", help="CTM ctm_layers placements (default: preset)")
-    parser.add_argument(
-        "--phase3",
-        choices=["on", "off", "only"],
-        default="on",
-        help="the phase-3 rows (ContinuityTrainer's chunk loop vs unchunked training): on (default), off, only",
-    )
-    parser.add_argument("--profile", action="store_true", help="profile one CTM and one Llama training step")
-    parser.add_argument("--profile-only", action="store_true", help="only the profile (implies --profile)")
+    parser.add_argument("--phase3", choices=["on", "off", "only"], default="on", help="the phase-3 rows "
+                        "(ContinuityTrainer's chunk loop vs unchunked training): on (default), off, only")  # fmt: skip
     parser.add_argument("--profile-shape", help="shape to profile (default: the preset's largest)")
     parser.add_argument("--profile-ctm-layers", default="all")
     parser.add_argument("--profile-ticks", type=int, default=3)
@@ -436,7 +363,7 @@ def parse_args(argv=None):
 
 
 def preset_from_args(args) -> dict:
-    preset = dict(PRESETS[args.preset])
+    preset = dict(DEVICE_PLANS[args.preset])
     if args.steps:
         preset["steps"] = args.steps
         preset["phase3"] = {**preset["phase3"], "steps": args.steps}
@@ -533,7 +460,7 @@ def main(argv=None):
             else:
                 results.extend(benchmark_shape(preset, shape, ctm_overrides, load, budget, log))
     if not args.profile_only and not args.decode_only and args.phase3 != "off":
-        for shape in PRESETS[args.preset]["shapes"]:
+        for shape in DEVICE_PLANS[args.preset]["shapes"]:
             if shape["name"] in preset["phase3"]["shapes"] and (not args.shapes or shape["name"] in args.shapes):
                 log(f"phase 3, shape {shape['name']}: {preset['phase3']}")
                 phase3.extend(benchmark_phase3(preset, shape, ctm_overrides, load, budget, log))
@@ -541,7 +468,7 @@ def main(argv=None):
     profiles = []
     if args.profile:
         shape = next(
-            (s for s in PRESETS[args.preset]["shapes"] if s["name"] == args.profile_shape), preset["shapes"][-1]
+            (s for s in DEVICE_PLANS[args.preset]["shapes"] if s["name"] == args.profile_shape), preset["shapes"][-1]
         )
         profiles = [run_profile(spec, shape, preset, load) for spec in profile_specs(args, ctm_overrides)]
     elapsed = time.perf_counter() - started
@@ -551,8 +478,8 @@ def main(argv=None):
     table = results_markdown(args.preset, preset["device"], env, elapsed, results, profiles, contexts, phase3)
     print()
     print(table)
-    write_text_atomic(out / "results.md", table + "\n")
-    write_text_atomic(
+    write_text_atomically(out / "results.md", table + "\n")
+    write_text_atomically(
         out / "results.json",
         json.dumps(
             {"env": env, "elapsed_s": elapsed, "results": results, "phase3": phase3, "profiles": profiles}, indent=1

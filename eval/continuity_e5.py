@@ -58,12 +58,7 @@ import torch
 torch.set_num_threads(1)
 
 from datasets import Dataset  # noqa: E402
-from transformers import PrinterCallback, set_seed  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
-from modeling_ctm.cache_ctm import CTMCache  # noqa: E402
-from modeling_ctm.experiments import (  # noqa: E402
+from harness import (  # noqa: E402
     experiment_parser,
     experiment_result,
     experiment_training_arguments,
@@ -73,6 +68,11 @@ from modeling_ctm.experiments import (  # noqa: E402
     summarize_arms,
     tiny_config,
 )
+from transformers import PrinterCallback, set_seed  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
+from modeling_ctm.cache_ctm import CTMCache  # noqa: E402
 from modeling_ctm.training.trainers import ContinuityTrainer  # noqa: E402
 
 

@@ -56,16 +56,16 @@ torch.set_num_threads(1)  # tiny tensors; spinning threads on a shared 2-core bo
 
 import torch.nn.functional as F  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
-from modeling_ctm.experiments import (  # noqa: E402
+from harness import (  # noqa: E402
     arms_table,
     experiment_parser,
     summarize_arms,
     timed_training,
     write_results,
 )
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
 from modeling_ctm.memory.episodic import KEY_FUNCTIONS, CTMEpisodicMemory  # noqa: E402
 from modeling_ctm.memory.plasticity import (  # noqa: E402
     HebbianPlasticity,

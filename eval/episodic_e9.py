@@ -57,11 +57,7 @@ import continuity_e5 as e5  # noqa: E402  (E5's task pieces, model and trainer: 
 import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from modeling_ctm import CTMConfig, CTMEpisodicMemory, CTMForCausalLM  # noqa: E402
-from modeling_ctm.cache_ctm import CTMCache  # noqa: E402
-from modeling_ctm.experiments import (  # noqa: E402
+from harness import (  # noqa: E402
     arms_table,
     experiment_parser,
     experiment_result,
@@ -70,6 +66,10 @@ from modeling_ctm.experiments import (  # noqa: E402
     run_seeds,
     summarize_arms,
 )
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from modeling_ctm import CTMConfig, CTMEpisodicMemory, CTMForCausalLM  # noqa: E402
+from modeling_ctm.cache_ctm import CTMCache  # noqa: E402
 
 
 PAD, STORE, RECALL, FIRST_VALUE = e5.PAD, e5.STORE, e5.RECALL, e5.FIRST_VALUE

@@ -42,6 +42,13 @@ torch.set_num_threads(1)  # tiny tensors on a shared 2-core machine: extra threa
 
 import numpy  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from harness import (  # noqa: E402
+    experiment_parser,
+    experiment_training_arguments,
+    format_stat,
+    stat,
+    write_results,
+)
 from introspection_pictures import draw_curves, draw_gallery, draw_reliability  # noqa: E402  (a sibling module)
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
@@ -49,13 +56,6 @@ from transformers import set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMForCausalLM, CTMTickObserver  # noqa: E402
-from modeling_ctm.experiments import (  # noqa: E402
-    experiment_parser,
-    experiment_training_arguments,
-    format_stat,
-    stat,
-    write_results,
-)
 from modeling_ctm.fmri import sync_change  # noqa: E402
 from modeling_ctm.training.data import austen_splits, austen_training_texts, pack_dataset  # noqa: E402
 from modeling_ctm.training.phases import freeze_for_thinking, language_config, start_thinking  # noqa: E402

@@ -53,11 +53,7 @@ import torch.nn.functional as F
 torch.set_num_threads(1)  # tiny tensors gain nothing from a second thread on a shared 2-core box
 
 import flops  # noqa: E402  (eval/flops.py, a sibling module)
-from transformers import TrainerCallback, TrainingArguments, set_seed  # noqa: E402
-
-from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
-from modeling_ctm.experiments import (  # noqa: E402
-    MachineLoad,
+from harness import (  # noqa: E402
     arms_table,
     austen_blocks,
     experiment_parser,
@@ -69,6 +65,10 @@ from modeling_ctm.experiments import (  # noqa: E402
     tiny_config,
     write_results,
 )
+from machine import MachineLoad  # noqa: E402
+from transformers import TrainerCallback, TrainingArguments, set_seed  # noqa: E402
+
+from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
 from modeling_ctm.io_ctm import atomic_write  # noqa: E402
 from modeling_ctm.training.trainers import CTMTrainer  # noqa: E402
 

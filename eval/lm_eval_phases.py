@@ -48,8 +48,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import modeling_ctm  # noqa: F401  (registers the model with the Auto classes)
-    from modeling_ctm.experiments import write_text_atomic
     from modeling_ctm.hub.publishing import find_phase_checkpoints
+    from modeling_ctm.io_ctm import write_text_atomically
 
     torch.set_num_threads(1)
     phases = {}
@@ -58,7 +58,7 @@ def main(argv=None):
         phases[phase] = {"folder": str(folder), "results": evaluate_folder(folder, args.limit, args.batch_size)}
         phases[phase]["seconds"] = time.perf_counter() - started
     settings = {"run": str(args.run), "limit": args.limit, "batch_size": args.batch_size, "tasks": TASKS}
-    write_text_atomic(args.out / "results.json", json.dumps({"settings": settings, "phases": phases}, indent=2))
+    write_text_atomically(args.out / "results.json", json.dumps({"settings": settings, "phases": phases}, indent=2))
     lines = ["| phase | " + " | ".join(title for *_, title in COLUMNS) + " | s |", "|---" * (len(COLUMNS) + 2) + "|"]
     for phase, entry in phases.items():
         cells = []
@@ -68,7 +68,7 @@ def main(argv=None):
             cells.append("-" if value is None else f"{value:.3f}" + (f" ± {stderr:.3f}" if stderr else ""))
         lines.append(f"| {phase} | " + " | ".join(cells) + f" | {entry['seconds']:.0f} |")
     table = "\n".join(lines)
-    write_text_atomic(
+    write_text_atomically(
         args.out / "results.md",
         f"# lm-eval on the phases of `{args.run}`\n\n{table}\n\nlimit={args.limit} documents per task; "
         "± is lm-eval's bootstrap standard error.\n",

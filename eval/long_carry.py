@@ -34,11 +34,7 @@ import torch
 
 torch.set_num_threads(1)  # one sequence at a time; a second thread on a shared 2-core box costs more than it gains
 
-from scipy.stats import spearmanr  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from modeling_ctm import CTMForCausalLM  # noqa: E402
-from modeling_ctm.experiments import (  # noqa: E402
+from harness import (  # noqa: E402
     experiment_parser,
     experiment_result,
     finish_experiment,
@@ -46,6 +42,10 @@ from modeling_ctm.experiments import (  # noqa: E402
     run_seeds,
     stat,
 )
+from scipy.stats import spearmanr  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from modeling_ctm import CTMForCausalLM  # noqa: E402
 from modeling_ctm.observers_ctm import CTMTickObserver  # noqa: E402
 from modeling_ctm.training.runs import load_preset, prepare_data  # noqa: E402
 
@@ -85,7 +85,7 @@ class CarryRecorder(CTMTickObserver):
         ran = torch.ones(len(columns)) if event.halted is None else (~event.halted[rows, slots]).float()
         if event.tick == 0:
             record["beta"][columns] = event.after.beta_out[rows, slots].float().mean(-1)
-            record["convergence"][columns] = event.block.sync_convergence(event.before, event.after)[rows, slots]
+            record["convergence"][columns] = event.sync_convergence[rows, slots]
             record["ticks"][columns] = 0
         record["ticks"][columns] += ran
         record["sync_norm"][columns] = event.sync_out[rows, slots].norm(dim=-1)

@@ -9,11 +9,12 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from harness import tiny_config, train_experiment_model
 from online_facts import Corpus, reading_rows, training_rows
 from transformers import set_seed
 
 from modeling_ctm import CTMConfig, CTMForCausalLM
-from modeling_ctm.experiments import tiny_config, train_experiment_model, write_text_atomic
+from modeling_ctm.io_ctm import write_text_atomically
 from modeling_ctm.training.phases import freeze_for_thinking, start_thinking
 from modeling_ctm.training.trainers import ContinuityTrainer, CTMTrainer
 
@@ -110,5 +111,5 @@ def base_model(settings, tokenizer, corpus: Corpus, seed: int) -> tuple[CTMForCa
         return CTMForCausalLM.from_pretrained(folder).eval(), saved["log"]
     model, log = train_model(settings, tokenizer, corpus, seed)
     model.save_pretrained(folder)
-    write_text_atomic(folder / "base.json", json.dumps({"settings": trained_for, "log": log}, indent=1))
+    write_text_atomically(folder / "base.json", json.dumps({"settings": trained_for, "log": log}, indent=1))
     return model, log

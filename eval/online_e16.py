@@ -78,6 +78,12 @@ import torch
 
 torch.set_num_threads(1)  # tiny tensors; a busy shared CPU makes extra threads a loss
 
+from harness import (  # noqa: E402
+    experiment_parser,
+    summarize_arms,
+    write_results,
+)
+from machine import MachineLoad  # noqa: E402
 from online_base import base_model  # noqa: E402  (sibling modules: the base model, the report,
 from online_e16_report import draw_retention, format_markdown  # noqa: E402
 from online_facts import (  # noqa: E402  (the language: names, codes, filler text)
@@ -93,12 +99,6 @@ from online_facts import (  # noqa: E402  (the language: names, codes, filler te
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMForCausalLM  # noqa: E402
-from modeling_ctm.experiments import (  # noqa: E402
-    MachineLoad,
-    experiment_parser,
-    summarize_arms,
-    write_results,
-)
 from modeling_ctm.memory.episodic import KEY_FUNCTIONS, SIZED_KEY_FUNCTIONS, CTMEpisodicMemory  # noqa: E402
 from modeling_ctm.memory.plasticity import HebbianPlasticity, PlasticityConfig, memory_held_bytes  # noqa: E402
 from modeling_ctm.memory.session import CTMOnlineSession, OnlineConfig  # noqa: E402

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modeling_ctm.experiments import format_mean_sd
+from harness import format_mean_sd
 
 
 def draw_retention(result: dict, path: Path) -> None:

@@ -53,18 +53,18 @@ torch.set_num_threads(1)
 
 import datasets  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from plasticity_e7_report import draw_stability, format_markdown  # noqa: E402  (a sibling module)
-from transformers import set_seed  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from modeling_ctm import CTMForCausalLM  # noqa: E402
-from modeling_ctm.experiments import (  # noqa: E402
+from harness import (  # noqa: E402
     experiment_parser,
     mean_sd,
     tiny_config,
     train_experiment_model,
     write_results,
 )
+from plasticity_e7_report import draw_stability, format_markdown  # noqa: E402  (a sibling module)
+from transformers import set_seed  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from modeling_ctm import CTMForCausalLM  # noqa: E402
 from modeling_ctm.memory.plasticity import HebbianPlasticity, PlasticityConfig, memory_held_bytes  # noqa: E402
 from modeling_ctm.training.data import austen_splits, pack_dataset  # noqa: E402
 from modeling_ctm.training.tokenization import train_austen_tokenizer  # noqa: E402

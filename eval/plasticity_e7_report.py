@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from modeling_ctm.io_ctm import atomic_write
 
 
 def draw_stability(stability: dict, path: Path, band: float) -> None:
@@ -27,10 +28,8 @@ def draw_stability(stability: dict, path: Path, band: float) -> None:
     bottom.set_xlabel("edit")
     fig.suptitle(f"{stability['edits']} consecutive Hebbian edits ({stability['tokens_per_edit']} tokens each)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def format_markdown(result: dict) -> str:

@@ -27,10 +27,7 @@ import torch
 
 torch.set_num_threads(1)  # tiny tensors; spinning threads on a shared 2-core box cost more than they gain
 
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from modeling_ctm import CTMForCausalLM  # noqa: E402
-from modeling_ctm.experiments import (  # noqa: E402
+from harness import (  # noqa: E402
     arms_table,
     experiment_parser,
     experiment_result,
@@ -40,6 +37,9 @@ from modeling_ctm.experiments import (  # noqa: E402
     train_experiment_model,
     write_results,
 )
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from modeling_ctm import CTMForCausalLM  # noqa: E402
 from modeling_ctm.training.data import recall_rows, recall_vocabulary  # noqa: E402
 from modeling_ctm.training.trainers import CTMTrainer  # noqa: E402
 

@@ -48,11 +48,7 @@ import torch.nn.functional as F
 torch.set_num_threads(1)  # tiny tensors; spinning threads on a shared 2-core box cost more than they gain
 
 from datasets import Dataset  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from modeling_ctm import CTMForCausalLM  # noqa: E402
-from modeling_ctm.experiments import (  # noqa: E402
+from harness import (  # noqa: E402
     experiment_parser,
     format_stat,
     stat,
@@ -60,6 +56,10 @@ from modeling_ctm.experiments import (  # noqa: E402
     tiny_config,
     write_results,
 )
+from transformers import TrainerCallback  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from modeling_ctm import CTMForCausalLM  # noqa: E402
 from modeling_ctm.memory.sleep import (  # noqa: E402
     ReplayHeap,  # noqa: E402
     SleepCallback,  # noqa: E402

@@ -57,18 +57,18 @@ import torch.nn.functional as F
 torch.set_num_threads(1)  # tiny tensors; spinning threads on a shared 2-core box cost more than they gain
 
 from datasets import Dataset, concatenate_datasets  # noqa: E402
-from sleep_retention_report import draw_fmri, draw_retention, draw_rotation, markdown, verdict  # noqa: E402
-from transformers import PrinterCallback  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
-from modeling_ctm.experiments import (  # noqa: E402
+from harness import (  # noqa: E402
     experiment_parser,
     experiment_training_arguments,
     mean_sd,
     summarize_arms,
     write_results,
 )
+from sleep_retention_report import draw_fmri, draw_retention, draw_rotation, markdown, verdict  # noqa: E402
+from transformers import PrinterCallback  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from modeling_ctm import CTMConfig, CTMForCausalLM  # noqa: E402
 from modeling_ctm.memory.sleep import ReplayHeap, SleepCallback  # noqa: E402
 from modeling_ctm.training.data import (  # noqa: E402
     AUSTEN_LICENCE,

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from harness import arms_table, format_mean_sd, mean_sd
 
-from modeling_ctm.experiments import arms_table, format_mean_sd, mean_sd
 from modeling_ctm.fmri import save_figure
 from modeling_ctm.observers_ctm import METRICS as FMRI_METRICS
 

@@ -57,18 +57,18 @@ import torch.nn.functional as F
 torch.set_num_threads(1)  # tiny tensors gain nothing from a second thread on a shared 2-core box
 
 import flops  # noqa: E402  (sibling modules: the FLOPs conventions, the answer and tables)
-from scipy.stats import spearmanr  # noqa: E402
-from thinking_pays_report import GAUGE, answer, format_markdown, format_table  # noqa: E402
-from transformers import TrainingArguments, set_seed  # noqa: E402
-
-from modeling_ctm import CTMForCausalLM  # noqa: E402
-from modeling_ctm.experiments import (  # noqa: E402
-    MachineLoad,
+from harness import (  # noqa: E402
     austen_blocks,
     experiment_parser,
     experiment_training_arguments,
     finish_experiment,
 )
+from machine import MachineLoad  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+from thinking_pays_report import GAUGE, answer, format_markdown, format_table  # noqa: E402
+from transformers import TrainingArguments, set_seed  # noqa: E402
+
+from modeling_ctm import CTMForCausalLM  # noqa: E402
 from modeling_ctm.gauge import block_health  # noqa: E402
 from modeling_ctm.training.phases import freeze_for_thinking, language_config, start_thinking  # noqa: E402
 from modeling_ctm.training.tokenization import load_tokenizer  # noqa: E402

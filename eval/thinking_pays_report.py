@@ -3,7 +3,7 @@ readout as mean ± sd over seeds, the block-health gauge, E2 tick specialisation
 
 from __future__ import annotations
 
-from modeling_ctm.experiments import format_stat
+from harness import format_stat
 
 
 READOUTS = ("final", "readout", "most_certain", "argmin")  # the readouts of the table, in its column order

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modeling_ctm.experiments import format_mean_sd, mean_sd, stat
+from harness import format_mean_sd, mean_sd, stat
 
 
 def summarize(per_seed: list[dict], arms: list[str], descriptions: dict[str, str]) -> dict:

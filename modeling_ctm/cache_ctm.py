@@ -22,6 +22,15 @@ def read_synchronisation(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tenso
     return alpha * torch.rsqrt(beta)
 
 
+def sync_convergence(before: "ThinkingState", after: "ThinkingState") -> torch.Tensor:
+    """1 - ||S_out,k - S_out,k-1|| / ||S_out,k||, clamped to [0, 1], per token: how settled the readout
+    synchronisation is. The block's own certainty: every thinking layer has it, and it costs O(S_out) per token
+    where the logit lens would cost a vocabulary projection per tick."""
+    new = read_synchronisation(after.alpha_out, after.beta_out)
+    old = read_synchronisation(before.alpha_out, before.beta_out)
+    return (1 - (new - old).norm(dim=-1) / new.norm(dim=-1).clamp_min(1e-12)).clamp(0, 1)
+
+
 @dataclass
 class ThinkingState:
     """The recurrent state of one CTM layer. Leading dims are any batch shape, e.g. (B,) or (B, T).

@@ -40,15 +40,15 @@ class _GaugeObserver(CTMTickObserver):
     def on_tick(self, event) -> None:
         layer = event.layer_idx
         with torch.no_grad():
-            readout = event.block.readout(event.after).float()
+            readout = event.readout(event.after).float()
             if event.tick == 0:
                 self._finish(layer)
                 self._pending[layer] = {
                     "valid": event.valid,
                     "entry_alpha": event.before.alpha_out.float(),
-                    "rate": event.block.sync_out.decay_rates().float(),
+                    "rate": event.decay_rates().float(),
                     "ticks": 0,
-                    "previous": event.block.readout(event.before).float(),
+                    "previous": event.readout(event.before).float(),
                 }
             step = self._pending[layer]
             change = (readout - step["previous"]).norm(dim=-1) / readout.norm(dim=-1).clamp_min(1e-30)
@@ -158,8 +158,8 @@ class _CarryObserver(CTMTickObserver):
         valid = event.valid
         if event.tick == 0:
             layer["position"].append(event.columns[valid] + self.offset)
-            layer["tick0_convergence"].append(event.block.sync_convergence(event.before, event.after)[valid])
-        if event.tick == event.block.ticks - 1:
+            layer["tick0_convergence"].append(event.sync_convergence[valid])
+        if event.tick == event.ticks - 1:
             layer["beta_out"].append(event.after.beta_out.float().mean(dim=-1)[valid])
             sync = read_synchronisation(event.after.alpha_out, event.after.beta_out)
             layer["sync_norm"].append(sync.norm(dim=-1)[valid])

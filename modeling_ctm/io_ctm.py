@@ -4,6 +4,7 @@ sees the previous version or the new one, never a part; and safetensors loads wh
 
 Travels with checkpoints as remote code (imported by `modeling_ctm.py`)."""
 
+import json
 import os
 import shutil
 import tempfile
@@ -43,6 +44,41 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """`atomic_write` of a text file (UTF-8)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    atomic_write(path, write)
+
+
+def write_json_atomically(path: str | os.PathLike, payload, indent: int | None = 2) -> None:
+    """`atomic_write` of `json.dumps(payload, indent=indent)`."""
+    write_text_atomically(path, json.dumps(payload, indent=indent))
+
+
+def replace_folder_atomically(folder: str | os.PathLike, fill: Callable[[str], object]) -> object:
+    """Replace a whole folder: `fill(tmp)` writes the new contents into a sibling `<folder>.tmp`, which is then swapped
+    into place; returns what `fill` returned. A process killed at any moment leaves the previous folder or the new
+    one, never a mix (a kill between the two renames leaves the previous one as `<folder>.old`, which the next
+    replacement puts back first)."""
+    folder = os.path.abspath(os.fspath(folder))
+    tmp, old = folder + ".tmp", folder + ".old"
+    if os.path.exists(old) and not os.path.exists(folder):
+        os.rename(old, folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    os.makedirs(tmp)
+    result = fill(tmp)
+    if os.path.exists(folder):
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return result
 
 
 def save_folder_atomically(save: Callable[[str], object], save_directory: str) -> object:

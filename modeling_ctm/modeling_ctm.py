@@ -59,6 +59,7 @@ from .cache_ctm import (
     new_token_mask,
     plan_thinking,
     read_synchronisation,
+    sync_convergence,
     thinking_masks,
 )
 from .checks_ctm import (
@@ -586,14 +587,8 @@ class CTMBlock(nn.Module):
         )
         return ThinkingState(z, trace, alpha_out, beta_out, alpha_action, beta_action)
 
-    @staticmethod
-    def sync_convergence(before: ThinkingState, after: ThinkingState) -> torch.Tensor:
-        """1 - ||S_out,k - S_out,k-1|| / ||S_out,k||, clamped to [0, 1], per token: how settled the readout
-        synchronisation is. The block's own certainty: every thinking layer has it, and it costs O(S_out) per token
-        where the logit lens would cost a vocabulary projection per tick."""
-        new = CTMSynchronisation.read(after.alpha_out, after.beta_out)
-        old = CTMSynchronisation.read(before.alpha_out, before.beta_out)
-        return (1 - (new - old).norm(dim=-1) / new.norm(dim=-1).clamp_min(1e-12)).clamp(0, 1)
+    # 1 - ||S_out,k - S_out,k-1|| / ||S_out,k|| per token: the block's own certainty (see `cache_ctm.sync_convergence`)
+    sync_convergence = staticmethod(sync_convergence)
 
     def think(self, thinking, keys, values, step, rates, surprise_weight, record_ticks, sequence_length, injected=None):
         """Run the K ticks of one step. Returns the final state, the final output y_{K-1} (B, n, D) and, when
@@ -614,7 +609,8 @@ class CTMBlock(nn.Module):
                 thinking = ThinkingState.where(halted, before, thinking)
             if self.observers:
                 event = CTMTickEvent(
-                    self.layer_idx, k, before, thinking, step.columns, step.valid, sequence_length, self, halted
+                    self.layer_idx, k, before, thinking, step.columns, step.valid, sequence_length,
+                    ticks=self.ticks, readout=self.readout, decay_rates=self.sync_out.decay_rates, halted=halted,
                 )
                 thinking = self.notify_tick(event, rates, surprise_weight)
             if record_ticks or k == self.ticks - 1:

@@ -2,20 +2,16 @@
 """The tick observer: how anything outside the block sees (and may steer) the ticks, the events it is told, and the
 two observers the model itself uses (`probe()` and `generate(..., output_certainty=True)`).
 
-Travels with checkpoints as remote code (imported by `modeling_ctm.py`)."""
+Travels with checkpoints as remote code (imported by `modeling_ctm.py`). It never imports the model: an event carries
+values and callables, not the block, so anything that observes depends on this file alone."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy
 import torch
 
-from .cache_ctm import ThinkingState, read_synchronisation
-
-
-if TYPE_CHECKING:
-    from .modeling_ctm import CTMBlock
+from .cache_ctm import ThinkingState, read_synchronisation, sync_convergence
 
 
 class CTMTickObserver:
@@ -47,7 +43,10 @@ class CTMTickObserver:
 class CTMTickEvent:
     """One tick of one CTM layer over the tokens of one thinking step. Tensors are (B, n, ...): slot j of row b holds
     sequence position `columns[b, j]` of the current call, a real token where `valid[b, j]` (padding slots run too,
-    their results are dropped). Derived views are computed only when an observer asks for them."""
+    their results are dropped). Derived views are computed only when an observer asks for them.
+
+    What an observer may need of the block travels as values (`ticks`) and as the block's own functions
+    (`readout`, `decay_rates`), so the event never holds the block and this file never imports the model."""
 
     layer_idx: int
     tick: int
@@ -56,7 +55,9 @@ class CTMTickEvent:
     columns: torch.Tensor  # (B, n) long
     valid: torch.Tensor  # (B, n) bool
     sequence_length: int  # T of the current call
-    block: "CTMBlock"
+    ticks: int  # K, the ticks of this layer per step
+    readout: Callable[[ThinkingState], torch.Tensor]  # y = out_proj(S_out) of a state (B, n, D)
+    decay_rates: Callable[[], torch.Tensor]  # the readout synchronisation's decay rates r (S_out,), float32
     halted: torch.Tensor | None = None  # (B, n) bool: tokens that had stopped thinking, so this tick left them as is
 
     @property
@@ -79,9 +80,14 @@ class CTMTickEvent:
         """The newest entry of the trace: what the synapse produced this tick, before the neuron-level models."""
         return self.after.trace[..., -1]
 
+    @property
+    def sync_convergence(self) -> torch.Tensor:
+        """How settled S_out is after this tick (B, n): 1 - ||S_out,k - S_out,k-1|| / ||S_out,k||, in [0, 1]."""
+        return sync_convergence(self.before, self.after)
+
     def output(self) -> torch.Tensor:
         """y_k = out_proj(S_out): what this tick would add to the residual stream (B, n, D)."""
-        return self.block.readout(self.after)
+        return self.readout(self.after)
 
 
 @dataclass
@@ -147,7 +153,7 @@ class CTMProbeRecorder(CTMTickObserver):
         }
         probe = self.layers.get(event.layer_idx)
         if probe is None:
-            B, T, K = event.valid.shape[0], event.sequence_length, event.block.ticks
+            B, T, K = event.valid.shape[0], event.sequence_length, event.ticks
             probe = CTMLayerProbe(**{name: t.new_zeros(B, T, K, *t.shape[2:]) for name, t in recorded.items()})
             self.layers[event.layer_idx] = probe
         for name, tensor in recorded.items():

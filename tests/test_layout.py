@@ -1,6 +1,7 @@
 """The package's layering: the model files travel alone as remote code, and no import runs upward."""
 
 import ast
+import sys
 from pathlib import Path
 
 
@@ -24,6 +25,100 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _module_name(path: Path, package: Path) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """{module: the package's modules it imports}, from every `import` statement anywhere in the file (inside
+    functions and `if TYPE_CHECKING:` too). `from .a import b` is an edge to `a.b` when that is a module, else to `a`."""
+    modules = {_module_name(path, package): path for path in package.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package_parts = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package_parts[: len(package_parts) - node.level + 1]
+                    module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+                else:
+                    module = node.module
+                for alias in node.names:
+                    submodule = f"{module}.{alias.name}"
+                    targets.add(submodule if submodule in modules else module)
+            elif isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+        graph[name] = {target for target in targets if target in modules and target != name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted: every import circle."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_the_cycle_finder_sees_a_type_checking_import(tmp_path):
+    """The finder itself can fail: a circle closed only under `if TYPE_CHECKING:` is a circle."""
+    package = tmp_path / "modeling_ctm"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from .b import thing\n")
+    (package / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import other\n")
+    (package / "c.py").write_text("from . import a\n")
+    graph = import_graph(package)
+    assert graph["modeling_ctm.c"] == {"modeling_ctm.a"}
+    assert import_cycles(graph) == [["modeling_ctm.a", "modeling_ctm.b"]]
+
+
+def test_no_import_circle_in_the_package():
+    graph = import_graph()
+    assert "modeling_ctm.observers_ctm" in graph and "modeling_ctm.memory.plasticity" in graph  # the walk saw them
+    assert import_cycles(graph) == []
+
+
+def test_the_model_files_import_nothing_that_builds_on_them():
+    """The model files import torch, transformers, safetensors, numpy, the standard library and each other: never
+    memory/, training/, hub/, the pictures, the command line, or an eval/ module (harness, flops, ...)."""
+    graph = import_graph()
+    # triton: the fused kernels of kernels_ctm, imported only where CUDA runs (it ships with torch)
+    libraries = {"torch", "triton", "transformers", "safetensors", "numpy", "modeling_ctm", *sys.stdlib_module_names}
+    for name in MODEL_FILES:
+        module = f"modeling_ctm.{name[:-3]}"
+        above = {t for t in graph[module] if t.split(".")[1] in ("memory", "training", "hub", "fmri", "gauge", "cli")}
+        assert not above, (module, above)
+        outside = {m for m in _imports(PACKAGE / name) if m.split(".")[0] not in libraries}
+        assert not outside, (module, outside)
+    assert "modeling_ctm.modeling_ctm" not in graph["modeling_ctm.observers_ctm"]  # the observer never sees the model
+
+
 def test_the_model_files_import_only_each_other():
     for name in MODEL_FILES:
         own = {m for m in _imports(PACKAGE / name) if m.startswith("modeling_ctm")}
@@ -33,10 +128,10 @@ def test_the_model_files_import_only_each_other():
 
 def test_no_import_runs_upward():
     """memory/ may import the model files and itself; training/ and hub/ may import memory; sleep draws nothing."""
-    for path in (PACKAGE / "memory").glob("*.py"):
+    for path in (PACKAGE / "memory").rglob("*.py"):
         own = {m for m in _imports(path) if m.startswith("modeling_ctm")}
         upward = {m for m in own if m.startswith(("modeling_ctm.training", "modeling_ctm.hub", "modeling_ctm.fmri",
-                                                  "modeling_ctm.cli", "modeling_ctm.experiments"))}  # fmt: skip
+                                                  "modeling_ctm.cli", "harness"))}  # fmt: skip
         assert not upward, (path.name, upward)
         assert "matplotlib" not in {m.split(".")[0] for m in _imports(path)}, path.name
 

@@ -403,6 +403,41 @@ def test_a_card_is_written_through_the_same_atomic_helper(tmp_path):
     assert cards.atomic_write is atomic_write
 
 
+def test_no_module_of_the_package_or_of_eval_writes_files_atomically_on_its_own():
+    """One atomic-write family (io_ctm): nothing else renames a temp file or a temp folder into place. training/runs.py
+    keeps its own folder swap until it moves to `replace_folder_atomically`."""
+    root = Path(__file__).resolve().parent.parent
+    own = []
+    for path in [*(root / "modeling_ctm").rglob("*.py"), *(root / "eval").rglob("*.py")]:
+        if path.name == "io_ctm.py" or path.as_posix().endswith("training/runs.py"):
+            continue
+        text = path.read_text()
+        if any(call in text for call in ("os.replace(", ".rename(", "tmp.replace(", "tempfile.mkstemp(")):
+            own.append(path.relative_to(root).as_posix())
+    assert own == []
+
+
+def test_a_replaced_folder_is_the_old_one_or_the_new_one(tmp_path):
+    from modeling_ctm.io_ctm import replace_folder_atomically
+
+    folder = tmp_path / "brain"
+    replace_folder_atomically(folder, lambda tmp: (Path(tmp) / "a.txt").write_text("first"))
+    assert (folder / "a.txt").read_text() == "first"
+    with pytest.raises(RuntimeError):  # a fill that fails leaves the previous folder as it was
+
+        def broken(tmp):
+            (Path(tmp) / "a.txt").write_text("half")
+            raise RuntimeError("killed")
+
+        replace_folder_atomically(folder, broken)
+    assert (folder / "a.txt").read_text() == "first"
+    # a kill between the two renames left the previous folder as `.old`: the next replacement puts it back first
+    folder.rename(tmp_path / "brain.old")
+    assert replace_folder_atomically(folder, lambda tmp: sorted(p.name for p in Path(tmp).iterdir())) == []
+    assert not (folder / "a.txt").exists()  # the new (empty) folder replaced the restored one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["brain"]  # no .tmp or .old left behind
+
+
 @pytest.mark.slow
 def test_the_model_cards_usage_snippet_runs_as_written_non_interactively(tmp_path):
     """In a fresh process without the package imported, stdin closed: no "[y/N]" prompt, no model-type warning."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 from datasets import Dataset
+from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 from modeling_ctm import CTMConfig, CTMForCausalLM
@@ -50,6 +51,22 @@ def tiny_model(seed: int = 0, awake: bool = True, **overrides) -> CTMForCausalLM
             for name, param in model.named_parameters():
                 if name.endswith("out_proj.weight"):
                     param.normal_(0.0, 0.3)
+    return model
+
+
+TODAYS_DEFAULT = Path(__file__).resolve().parent / "fixtures" / "todays_default"  # see its generate.py
+
+
+def assert_todays_default(**overrides) -> CTMForCausalLM:
+    """A model of `tiny_config(**overrides)` with the stored tiny weights computes the stored logits (float32, atol and
+    rtol 1e-5: rounding across CPUs and thread counts stays far below, a changed computation does not). With no
+    overrides this is the default config; an override that names a field's old value must compute the same."""
+    model = CTMForCausalLM(tiny_config(**overrides)).eval()
+    model.load_state_dict(load_file(str(TODAYS_DEFAULT / "weights.safetensors")), strict=True)
+    expected = load_file(str(TODAYS_DEFAULT / "expected.safetensors"))
+    with torch.no_grad():
+        logits = model(expected["input_ids"]).logits
+    torch.testing.assert_close(logits, expected["logits"], atol=1e-5, rtol=1e-5)
     return model
 
 

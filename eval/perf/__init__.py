@@ -7,5 +7,5 @@ eval/benchmark_decode.py, which run as scripts and so find this package next to 
 * `attribute`: one profiled training step, every op's self time attributed to the model piece that ran it;
 * `report`: the markdown tables and the plot.
 
-The shared-machine helpers (`MachineLoad`, `PeakRSS`, `QUIET`) live in `modeling_ctm.experiments`.
+The shared-machine helpers (`MachineLoad`, `PeakRSS`, `QUIET`) live in `machine` (eval/machine.py).
 """

@@ -10,8 +10,7 @@ import functools
 import gc
 
 import torch
-
-from modeling_ctm.experiments import QUIET, MachineLoad
+from machine import QUIET, MachineLoad
 
 from .measure import synchronize, train_step
 from .shapes import analytic_flops, build_model

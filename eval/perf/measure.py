@@ -12,9 +12,8 @@ import statistics
 import time
 
 import torch
+from machine import QUIET, PeakRSS
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from modeling_ctm.experiments import QUIET, PeakRSS
 
 
 def synchronize(device: str) -> None:

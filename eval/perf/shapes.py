@@ -6,6 +6,65 @@ import torch
 from flops import ctm_flops, llama_flops  # eval/flops.py, next to the script that runs
 
 
+# what every device measures: the same vocabulary, tick counts and placements, so the rows compare across devices
+GRID = {"vocab": 4096, "ticks": [1, 3], "placements": ["all", "last"]}
+# `--preset cpu|gpu` of benchmark_performance.py: the shapes, step counts and decode contexts one device measures
+# (not a training preset)
+DEVICE_PLANS = {
+    "cpu": {
+        **GRID,
+        "device": "cpu",
+        "dtype": "float32",
+        "threads": 2,
+        "shapes": [
+            {"name": "tiny-d64", "hidden": 64, "layers": 2, "heads": 4, "seq": 128, "batch": 8},
+            {"name": "small-d128", "hidden": 128, "layers": 4, "heads": 4, "seq": 256, "batch": 4},
+            {"name": "small-d256", "hidden": 256, "layers": 4, "heads": 4, "seq": 256, "batch": 4},
+        ],
+        "warmup": 2,
+        "steps": 5,
+        "decode_contexts": [32, 128, 512],
+        "decode_steps": 8,
+        "max_wait_s": 240,
+        # phase 3 (ContinuityTrainer's chunk loop vs unchunked) on the first two shapes, C=16 (T/16 sequential
+        # thinking steps per sequence either way), 4 training chunks: a few minutes on a quiet 2-core machine
+        "phase3": {
+            "shapes": ["tiny-d64", "small-d128"],
+            "ctm_layers": "last",
+            "ticks": 3,
+            "chunk_size": 16,
+            "chunks": 4,
+            "gradient_window": 1,
+            "steps": 3,
+        },
+    },
+    "gpu": {
+        **GRID,
+        "device": "cuda",
+        "dtype": "bfloat16",
+        "threads": None,
+        "shapes": [
+            {"name": "d768-L12", "hidden": 768, "layers": 12, "heads": 12, "seq": 1024, "batch": 8},
+            {"name": "d1024-L12", "hidden": 1024, "layers": 12, "heads": 16, "seq": 1024, "batch": 8},
+        ],
+        "warmup": 3,
+        "steps": 10,
+        "decode_contexts": [32, 128, 512, 1024],
+        "decode_steps": 20,
+        "max_wait_s": 60,
+        "phase3": {
+            "shapes": ["d768-L12"],
+            "ctm_layers": "last",
+            "ticks": 3,
+            "chunk_size": 32,
+            "chunks": 4,
+            "gradient_window": 1,
+            "steps": 5,
+        },
+    },
+}
+
+
 def llama_intermediate_size(hidden: int) -> int:
     """Llama's 8/3 * D rounded up to a multiple of 16 (768 -> 2048)."""
     return 16 * -(-8 * hidden // 48)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,7 +30,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from ..cache_ctm import CTMCache
-from ..io_ctm import atomic_write, load_safetensors_file
+from ..io_ctm import atomic_write, load_safetensors_file, replace_folder_atomically, write_json_atomically
 from ..modeling_ctm import CTMForCausalLM
 from .episodic import CTMEpisodicMemory
 from .plasticity import HebbianPlasticity, PlasticityConfig
@@ -359,8 +358,11 @@ class CTMOnlineSession:
                 "save() during a conversation: call end() first (the brain is saved between conversations)"
             )
         folder = Path(folder)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        replace_folder_atomically(folder, lambda tmp: self._write_brain(Path(tmp)))
+        return folder
+
+    def _write_brain(self, tmp: Path) -> None:
+        """Every part of the brain into the empty folder `tmp` (`save` swaps it into place)."""
         self.model.save_pretrained(tmp / "model")
         self.tokenizer.save_pretrained(tmp / "model")
         parts = {}
@@ -374,7 +376,7 @@ class CTMOnlineSession:
             parts["sleep"] = ({**heap_tensors, **opt_tensors}, {"heap": heap_meta, "consolidator": opt_meta})
         for name, (tensors, meta) in parts.items():
             atomic_write(tmp / f"{name}.safetensors", lambda path, t=tensors: save_file(t, path))
-            atomic_write(tmp / f"{name}.json", lambda path, m=meta: Path(path).write_text(json.dumps(m)))
+            write_json_atomically(tmp / f"{name}.json", meta, indent=None)
         if self._anchor is not None:
             anchor = {name: t.contiguous() for name, t in self._anchor.items()}
             atomic_write(tmp / LEARN_FROM_FILE, lambda path: save_file(anchor, path))
@@ -386,14 +388,7 @@ class CTMOnlineSession:
             # which parameters learn_from and sleep may change (freeze_for_thinking, a peft adapter, ...)
             "trainable": [name for name, p in self.model.named_parameters() if p.requires_grad],
         }
-        atomic_write(tmp / SESSION_FILE, lambda path: Path(path).write_text(json.dumps(state, indent=2)))
-        old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            folder.rename(old)  # a kill between these two renames leaves the previous brain in `.old`, intact
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-        return folder
+        write_json_atomically(tmp / SESSION_FILE, state, indent=2)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "CTMOnlineSession":

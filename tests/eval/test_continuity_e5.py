@@ -9,6 +9,7 @@ import math
 import continuity_e5 as e5  # eval/ is on the path (pyproject.toml: pytest pythonpath)
 import pytest
 import torch
+from helpers import assert_share_of
 
 from modeling_ctm.cache_ctm import CTMCache
 
@@ -46,7 +47,10 @@ def test_quick_run_mechanics(tmp_path, capsys):
     assert result["chance"] == pytest.approx(1 / result["settings"]["n_values"])
     for arm in ("A", "B", "C"):
         row = result["arms"][arm]
-        assert 0.0 <= row["accuracy_mean"] <= 1.0
+        # the arm's accuracy is its seed's: a share of the evaluation sequences
+        assert row["accuracy_per_seed"] == [result["per_seed"][0][arm]["accuracy"]]
+        assert row["accuracy_mean"] == pytest.approx(row["accuracy_per_seed"][0], abs=1e-12)
+        assert_share_of(row["accuracy_mean"], result["settings"]["eval_sequences"])
         assert math.isfinite(row["accuracy_sd"]) and math.isfinite(row["recall_nll_mean"])
     record = result["per_seed"][0]
     assert all(math.isfinite(log["loss"]) for log in record["train_loss_w1"] + record["train_loss_w0"])

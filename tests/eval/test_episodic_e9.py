@@ -7,6 +7,7 @@ import math
 import episodic_e9 as e9  # eval/ is on the path (pyproject.toml: pytest pythonpath)
 import pytest
 import torch
+from helpers import assert_share_of
 
 
 def test_conversations_stay_on_topic_and_carry_the_value():
@@ -41,10 +42,12 @@ def test_quick_run_mechanics(tmp_path, capsys):
         assert arm in printed
         for metric in ("first_token_loss", "recall_accuracy", "recall_nll"):
             assert math.isfinite(row[f"{metric}_mean"]) and math.isfinite(row[f"{metric}_sd"])
-        assert 0.0 <= row["recall_accuracy_mean"] <= 1.0
+        assert row["recall_accuracy_mean"] == pytest.approx(result["per_seed"][0]["arms"][arm]["recall_accuracy"])
+        assert_share_of(row["recall_accuracy_mean"], result["settings"]["eval_sequences"])
     record = result["per_seed"][0]
     assert record["episodes_stored"] == result["settings"]["n_topics"] and record["distractors"] == 7
-    assert 0.0 <= record["retrieval_top1"] <= 1.0
+    assert record["queries"] == result["settings"]["n_topics"] * result["settings"]["queries_per_topic"]
+    assert_share_of(record["retrieval_top1"], record["queries"])  # a share of the queries, top-1 among the stored
     if record["retrieval_top1_above_threshold"] > 0:  # a correctly recalled state is the oracle's, exactly
         assert record["recalled_vs_oracle_max_abs_on_correct"] == 0.0
     cost = result["cost"]

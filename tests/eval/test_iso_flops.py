@@ -85,7 +85,10 @@ def test_quick_run_writes_every_arm(tmp_path):
         for metric in ("final_ce", "ce_at_equal_flops", "ce_at_equal_wall", "repetition_4gram"):
             assert math.isfinite(arm[f"{metric}_mean"]) and arm[f"{metric}_sd"] >= 0
             assert len(arm[f"{metric}_per_seed"]) == 2
-        assert 0 <= arm["repetition_4gram_mean"] <= 1
+    for name, arm in saved["arms"].items():  # the summary is the seeds' mean of what each seed measured
+        seeds = [record[name]["repetition_4gram"] for record in saved["per_seed"]]
+        assert arm["repetition_4gram_per_seed"] == pytest.approx(seeds, abs=1e-12)
+        assert arm["repetition_4gram_mean"] == pytest.approx(sum(seeds) / 2, abs=1e-12)
     # every arm saw the same tokens; the cheapest one's end is the equal-FLOPs budget
     ends = [record[arm]["curve"][-1] for record in saved["per_seed"] for arm in e14.ARMS]
     assert len({end["tokens"] for end in ends}) == 1

@@ -14,7 +14,7 @@ from perf.attribute import (
 
 def test_threads_and_decode_steps_come_from_the_command_line_or_the_preset():
     assert bench.preset_from_args(bench.parse_args(["--threads", "1"]))["threads"] == 1
-    assert bench.preset_from_args(bench.parse_args([]))["threads"] == bench.PRESETS["cpu"]["threads"]
+    assert bench.preset_from_args(bench.parse_args([]))["threads"] == bench.DEVICE_PLANS["cpu"]["threads"]
     assert bench.preset_from_args(bench.parse_args(["--decode-steps", "64"]))["decode_steps"] == 64
 
 

@@ -151,7 +151,12 @@ def test_quick_run_writes_accuracy_per_difficulty_for_every_arm(tmp_path):
     assert set(result["arms"]["khop"]) == {"k1", "k2", "transformer_iso_params"}
     for entry in result["arms"]["khop"].values():
         assert list(entry["accuracy"]) == [str(k) for k in range(1, 9)]
-        assert all(0 <= cell["mean"] <= 1 and cell["sd"] == 0.0 for cell in entry["accuracy"].values())
+        assert all(cell["sd"] == 0.0 for cell in entry["accuracy"].values())
+    for arm, entry in result["arms"]["khop"].items():  # one seed: each difficulty's mean is that seed's accuracy
+        seed = result["per_seed"]["khop"][0][arm]["accuracy"]
+        assert {k: cell["mean"] for k, cell in entry["accuracy"].items()} == pytest.approx(seed, abs=1e-12)
+        answers = result["settings"]["eval_rows"] * tt.KHopTask.queries  # every row asks `queries` questions
+        assert all(abs(value * answers - round(value * answers)) < 1e-6 for value in seed.values()), seed
     assert result["arms"]["khop"]["transformer_iso_params"]["layers"] >= 1
     assert (tmp_path / "results.md").exists() and (tmp_path / "accuracy.png").exists()
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import assert_cached_decoding_exact, tiny_model
+from tiny import assert_cached_decoding_exact, assert_todays_default, tiny_model
 
 from modeling_ctm.configuration_ctm import CTMConfig
 
@@ -13,10 +13,10 @@ def test_ctm_input_injection_is_validated():
 
 
 def test_default_is_todays_computation_and_has_no_extra_weights():
-    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
-    today, explicit = tiny_model(), tiny_model(ctm_input_injection="none")
+    today = assert_todays_default()  # loads the stored weights strictly: an extra weight would fail it
+    assert today.config.ctm_input_injection == "none"
     assert not any("input_proj" in name for name in today.state_dict())
-    assert torch.equal(today(ids).logits, explicit(ids).logits)
+    assert_todays_default(ctm_input_injection="none")
 
 
 def _first_tick_states(model, ids):

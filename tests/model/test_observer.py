@@ -56,7 +56,7 @@ def test_intervention_through_an_observer_resynchronises_the_tick():
         def on_tick(self, event):
             if (event.layer_idx, event.tick) == (1, 1):
                 self.before, self.seen = event.before, event.after
-                self.rate = event.block.sync_out.decay_rates()
+                self.rate = event.decay_rates()
 
     model = tiny_model()
     ids = torch.randint(1, 97, (1, 6))

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import assert_todays_default, tiny_model
 
 from modeling_ctm.configuration_ctm import CTMConfig
 from modeling_ctm.gauge import block_health
@@ -12,12 +12,14 @@ def test_ctm_sync_seed_is_validated():
 
 
 def test_default_seed_is_todays_computation_and_zero_changes_it():
+    today = assert_todays_default()
+    assert today.config.ctm_sync_seed == "start_state"
+    assert_todays_default(ctm_sync_seed="start_state")
     ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
-    today = tiny_model()(ids).logits
-    explicit = tiny_model(ctm_sync_seed="start_state")(ids).logits
     zero_model = tiny_model(ctm_sync_seed="zero")
-    assert torch.equal(today, explicit)
-    assert not torch.allclose(today, zero_model(ids).logits)
+    with torch.no_grad():
+        difference = (tiny_model()(ids).logits - zero_model(ids).logits).abs().max()
+    assert difference > 1e-3  # far above rounding: the zero seed computes something else
     # zero seed: the S_out accumulator holds nothing of the start state
     for layer in block_health(zero_model, ids)["layers"].values():
         assert layer["entry_share"] == 0.0

@@ -1,4 +1,4 @@
-"""The experiment shape helpers of modeling_ctm.experiments (parser, arms aggregation, atomic results files,
+"""The experiment harness, eval/harness.py (parser, arms aggregation, atomic results files,
 script loading) and the shared-machine measurement helpers."""
 
 import json
@@ -8,11 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-from modeling_ctm.experiments import (
-    QUIET,
-    MachineLoad,
-    PeakRSS,
+from harness import (
     SetError,
     arms_table,
     experiment_parser,
@@ -21,15 +17,16 @@ from modeling_ctm.experiments import (
     format_mean_sd,
     mean_sd,
     parse_set,
-    rss_bytes,
     run_seeds,
     summarize_arms,
     timed_training,
     tiny_config,
     train_experiment_model,
     write_results,
-    write_text_atomic,
 )
+from machine import QUIET, MachineLoad, PeakRSS, rss_bytes
+
+from modeling_ctm.io_ctm import write_text_atomically
 
 
 def test_parser_defaults_and_quick_seeds():
@@ -93,10 +90,11 @@ def test_write_results_atomically(tmp_path):
         write_results(tmp_path, {"settings": {}, "per_seed": []}, "x")
 
 
-def test_write_text_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
-    path = write_text_atomic(tmp_path / "a.txt", "old")
+def test_write_text_atomically_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "a.txt"
+    write_text_atomically(path, "old")
     with pytest.raises(TypeError):
-        write_text_atomic(path, None)
+        write_text_atomically(path, None)
     assert path.read_text() == "old"
     assert os.listdir(tmp_path) == ["a.txt"]
 

@@ -1,4 +1,4 @@
-"""The experiment harness: what every experiment and benchmark script (`eval/*.py`) shares.
+"""The experiment harness (`import harness`): what every experiment and benchmark script (`eval/*.py`) shares.
 
 The experiment shape: `python eval/<name>.py --seeds N --out DIR [--quick] [--set FIELD=VALUE ...]` writes
 `DIR/results.json` (settings, per-seed numbers, and an `arms` object: one entry per arm with each metric's mean and
@@ -6,8 +6,8 @@ sd) and `DIR/results.md` (a table, mean ± sd, the control next to every effect)
 
     from dataclasses import dataclass
 
-    from modeling_ctm.experiments import (arms_table, experiment_parser, experiment_result, run_seeds,
-                                          summarize_arms, tiny_config, write_results)
+    from harness import (arms_table, experiment_parser, experiment_result, run_seeds,
+                         summarize_arms, tiny_config, write_results)
 
     ARMS = {"A": "the effect", "B": "its control"}
 
@@ -72,7 +72,7 @@ API:
 * `format_mean_sd(mean, sd, digits=3) -> "m ± s"` and `arms_table(arms, metrics, digits=3) -> str`: a markdown table,
   one row per arm (in the order given, so put each control next to its effect), one `mean ± sd` column per metric.
 * `write_results(out_dir, result, markdown) -> (json_path, md_path)`: `result` must hold `settings`, `per_seed` and
-  `arms`; both files are written atomically (`write_text_atomic`: a temp file in the same folder renamed into place),
+  `arms`; both files are written atomically (`modeling_ctm.io_ctm.write_text_atomically`: a temp file in the same folder renamed into place),
   so a killed run never leaves half a results file.
 * `experiment_training_arguments(output_dir, **fields) -> TrainingArguments`: the arguments of a training run inside an
   experiment (`EXPERIMENT_TRAINING`: on the CPU, no reports, no checkpoints, no progress bar, data loaded in the main
@@ -90,7 +90,8 @@ API:
   losses)`: `timed_training` in a temporary folder (or `output_dir`); `losses` is `[{"step", "loss"}]` from the log
   history (rounded to 4 digits), the model comes back in eval mode.
 
-Measuring on a shared machine (Linux; the helpers degrade to `None` / no waiting elsewhere):
+Measuring on a shared machine lives beside it, in `eval/machine.py` (Linux; the helpers degrade to `None` / no waiting
+elsewhere):
 
 * `MachineLoad()`: `.sample()`, `.foreign(before, after)` -> the fraction of the machine's CPUs other processes used
   between two samples, `.wait_quiet(threshold=QUIET, window, max_wait)`; `QUIET = 0.25` is the threshold below which
@@ -98,7 +99,7 @@ Measuring on a shared machine (Linux; the helpers degrade to `None` / no waiting
 * `rss_bytes()` (resident set now) and `PeakRSS` (a context manager sampling the resident set in a thread:
   `.start`, `.peak`), for the "memory held" every memory mechanism states.
 
-This module is not part of the remote code that travels with checkpoints; the model files never import it.
+This module lives in eval/, outside the package: the scripts and the tests import it, the package never does.
 """
 
 from __future__ import annotations
@@ -108,24 +109,21 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import platform
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from transformers import PrinterCallback, TrainingArguments
 
-from .io_ctm import atomic_write
+from modeling_ctm.io_ctm import write_text_atomically
 
 
 # what every training run inside an experiment shares: the script keeps its results, the Trainer keeps nothing
 EXPERIMENT_TRAINING = {"use_cpu": True, "report_to": [], "save_strategy": "no", "dataloader_num_workers": 0,
                        "disable_tqdm": True}  # fmt: skip
-QUIET = 0.25  # a measurement is "quiet" when other processes used less than this fraction of the CPUs meanwhile
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -143,7 +141,9 @@ class SetError(ValueError):
 
 
 def _config_fields() -> dict:
-    from .configuration_ctm import CTMConfig  # the harness is no model file: the config is imported where used
+    from modeling_ctm.configuration_ctm import (
+        CTMConfig,  # the harness is no model file: the config is imported where used
+    )
 
     return CTMConfig().to_dict()
 
@@ -269,7 +269,7 @@ def experiment_settings(args: argparse.Namespace, settings_class, quick: Mapping
 
 def tiny_config(settings=None, **fields):
     """The experiment's CTMConfig: CTMConfig-named fields of `settings`, its `model` dict, then `fields`."""
-    from .configuration_ctm import CTMConfig
+    from modeling_ctm.configuration_ctm import CTMConfig
 
     known = _config_fields()
     source = {} if settings is None else (settings if isinstance(settings, Mapping) else dataclasses.asdict(settings))
@@ -316,8 +316,8 @@ def austen_blocks(vocab_size: int, block_size: int, cache_dir, tokenizer=None) -
     novels with Persuasion held out, packed into blocks of `block_size` tokens. Returns (splits, tokenizer, train,
     held_out); the tokenizer is `tokenizer`, or a BPE of `vocab_size` trained on the training split (cached in
     `cache_dir`)."""
-    from .training.data import load_text_dataset, pack_dataset
-    from .training.tokenization import get_tokenizer
+    from modeling_ctm.training.data import load_text_dataset, pack_dataset
+    from modeling_ctm.training.tokenization import get_tokenizer
 
     splits = load_text_dataset("austen")
     tokenizer = tokenizer or get_tokenizer(vocab_size=vocab_size, cache_dir=cache_dir)
@@ -409,97 +409,13 @@ def arms_table(arms: Mapping[str, Mapping], metrics: Sequence[str], digits: int 
     return "\n".join(lines)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through the package's one atomic write (temp file in the same folder, renamed)."""
-    path = Path(path)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return path
-
-
 def write_results(out_dir: str | Path, result: Mapping, markdown: str, indent: int = 2) -> tuple[Path, Path]:
     """`out_dir/results.json` (the whole `result`) and `out_dir/results.md` (`markdown`), each written atomically."""
     missing = [key for key in ("settings", "per_seed", "arms") if key not in result]
     if missing:
         raise ValueError(f"result is missing {missing}: results.json holds settings, per_seed and arms")
     out_dir = Path(out_dir)
-    json_path = write_text_atomic(out_dir / "results.json", json.dumps(result, indent=indent))
-    md_path = write_text_atomic(out_dir / "results.md", markdown if markdown.endswith("\n") else markdown + "\n")
+    json_path, md_path = out_dir / "results.json", out_dir / "results.md"
+    write_text_atomically(json_path, json.dumps(result, indent=indent))
+    write_text_atomically(md_path, markdown if markdown.endswith("\n") else markdown + "\n")
     return json_path, md_path
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Measuring on a shared machine
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class MachineLoad:
-    """CPU time spent by *other* processes (and the hypervisor: steal) while we measure, as a fraction of the machine.
-    Our own threads' time (including OpenMP spin-waits) is excluded. Linux only; None elsewhere."""
-
-    def __init__(self):
-        self.ok = os.path.exists("/proc/stat") and os.path.exists("/proc/self/stat")
-        self.ticks = os.sysconf("SC_CLK_TCK") if self.ok else 100
-        self.ncpu = os.cpu_count() or 1
-
-    def sample(self):
-        if not self.ok:
-            return None
-        with open("/proc/stat") as f:
-            parts = [int(v) for v in f.readline().split()[1:]]
-        busy = parts[0] + parts[1] + parts[2] + parts[5] + parts[6] + (parts[7] if len(parts) > 7 else 0)
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        ours = int(fields[11]) + int(fields[12])  # utime, stime
-        return busy, ours, time.perf_counter()
-
-    def wait_quiet(self, threshold: float = QUIET, window: float = 0.2, max_wait: float = 30.0) -> float:
-        """Sleep until other processes use less than `threshold` of the machine over a `window`; give up after
-        `max_wait` seconds. Returns the seconds waited."""
-        if not self.ok or max_wait <= 0:
-            return 0.0
-        start = time.perf_counter()
-        while time.perf_counter() - start < max_wait:
-            before = self.sample()
-            time.sleep(window)
-            if self.foreign(before, self.sample()) < threshold:
-                break
-        return time.perf_counter() - start
-
-    def foreign(self, before, after):
-        if before is None or after is None:
-            return None
-        wall = after[2] - before[2]
-        other = (after[0] - before[0]) - (after[1] - before[1])
-        return max(0.0, other / self.ticks / max(wall, 1e-9) / self.ncpu)
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process now (Linux: /proc/self/statm)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Samples the resident set size every `interval` seconds in a thread (torch ops release the GIL)."""
-
-    def __init__(self, interval: float = 0.001):
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self.start = rss_bytes()
-        self.peak = self.start
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())

@@ -110,14 +110,15 @@ class PhaseRecipe(abc.ABC):
         seed_everything(self.config)
         model = self.build_model()
         before = self.before_training(model)
-        trainer = self.build_trainer(model, self.train_data())
+        data = self.train_data()  # its description is what the card says the phase trained on
+        trainer = self.build_trainer(model, data)
         checkpoints = list(self.output_dir.glob("checkpoint-*"))
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=True if self.resume and checkpoints else None)
         # a stage's time is training time (the card's), not an evaluation figure (a resumed run would report another)
         seconds = time.perf_counter() - started + before.pop("recall_warmup_seconds", 0.0)
-        return finish_phase(trainer, self.number, self.config, self.run_dir, self.data, seconds,
-                            base_model=self.source, extra_metrics=before)  # fmt: skip
+        return finish_phase(trainer, self.number, self.config, self.run_dir, data, seconds, base_model=self.source,
+                            extra_metrics=before)  # fmt: skip
 
 
 class LanguagePhase(PhaseRecipe):

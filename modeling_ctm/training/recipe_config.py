@@ -641,7 +641,10 @@ def parse_set(item: str, settings) -> tuple[str, object]:
         extra = " and the CTMConfig fields (the model)" if model_fields else ""
         raise SetError(f"--set {name}: unknown field {name!r}; {_suggest(name, allowed)}allowed fields are "
                        f"{allowed}{extra}")  # fmt: skip
-    hint = typing.get_type_hints(settings if isinstance(settings, type) else type(settings)).get(name, Any)
+    try:
+        hint = typing.get_type_hints(settings if isinstance(settings, type) else type(settings)).get(name, Any)
+    except (NameError, TypeError):  # an annotation that does not resolve: type by the default, as before
+        hint = type(defaults[name]) if isinstance(defaults[name], (bool, int, float, list, tuple)) else Any
     if hint is str or (isinstance(defaults[name], str) and hint is Any):
         return name, text
     try:

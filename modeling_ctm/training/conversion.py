@@ -57,7 +57,11 @@ def start_thinking(source, ctm_layers="last", ctm_mlp="keep", **ctm_fields) -> C
     `ctm_mlp="keep"` (the default here) puts each block beside the layer's MLP: the blocks' readouts are zero at
     initialisation, so the converted model computes exactly phase 1's function and training can only add to it.
     `ctm_mlp="replace"` is the seed's plain replacement (the MLP and what it learned are dropped). `ctm_fields` sets
-    the other `ctm_*` fields (ticks, trace length, ...). Attention, embeddings and norms keep their weights exactly."""
+    the other `ctm_*` fields (ticks, trace length, ...). Attention, embeddings and norms keep their weights exactly.
+
+    The default here is the exact start, not the recommended profile's `"replace"` (`CTM_PROFILES["awake"]`): the
+    training recipe always passes the profile's value (`ThinkingPhase`), and the exact-start experiments and tests
+    rely on this default."""
     bad = [k for k in ctm_fields if not k.startswith("ctm_")]
     if bad:
         raise ValueError(f"start_thinking only changes ctm_* fields; got {bad}")

@@ -153,3 +153,13 @@ def test_the_experiments_set_parser_is_the_same_parser():
         parse_set("stepz=3", _Settings)
     with pytest.raises(SetError, match="the form is FIELD=VALUE"):
         parse_set("steps", _Settings)
+
+
+def test_the_phase_recipes_take_set_overrides_and_refuse_a_bad_one_before_any_data(tmp_path, capsys):
+    from modeling_ctm.training.runs import phase_cli
+
+    with pytest.raises(SystemExit) as exited:
+        phase_cli(3, "Phase 3", ["--output", str(tmp_path / "run"), "--set", "phase3.chunk_size=0"])
+    assert exited.value.code == 2
+    assert "phase3.chunk_size=0 is invalid: allowed values are integers >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -4,6 +4,7 @@ gauge), write greedy samples, save the checkpoint with its model card, metrics a
 import json
 import platform
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,12 +100,19 @@ def finish_phase(
     """Evaluate, write greedy samples, save the final checkpoint with its model card. `extra_metrics` join the
     evaluation (card, eval_results.json, summary); `write_extra(folder)` adds files to the checkpoint."""
     model = trainer.model
+    seconds = {}  # where the finish step's time goes (summary.json), kept out of the metrics
+    started = time.perf_counter()
     metrics = {**evaluate_phase(trainer, config, data), **(extra_metrics or {})}
+    seconds["evaluate"] = time.perf_counter() - started
     gauge_blocks = torch.tensor(data.eval["input_ids"][:GAUGE_BLOCKS]) if model.config.ctm_layer_indices else None
     if gauge_blocks is not None:  # is each thinking block awake? (card, eval_results.json, summary)
+        started = time.perf_counter()
         for idx, layer in block_health(model, gauge_blocks)["layers"].items():
             metrics.update({f"gauge_layer{idx}_{key}": layer[key] for key in GAUGE_FIELDS if layer[key] is not None})
+        seconds["gauge"] = time.perf_counter() - started
+    started = time.perf_counter()
     samples = greedy_samples(model, data.tokenizer, config.samples.prompts, config.samples.max_new_tokens)
+    seconds["samples"] = time.perf_counter() - started
     info, previous = phase_name(phase), phase_name(phase - 1) if phase > 1 else None
     folder = run_dir / info.folder / "model"
     args = trainer.args
@@ -141,6 +149,8 @@ def finish_phase(
         if write_extra is not None:
             write_extra(target)
 
+    started = time.perf_counter()
     save_atomically(model, data.tokenizer, folder, write_card_and_samples)
+    seconds["save_card_map"] = time.perf_counter() - started
     n_trainable = model.num_parameters(only_trainable=True)
-    return PhaseResult(phase, folder, metrics, samples, steps, train_seconds, n_trainable)
+    return PhaseResult(phase, folder, metrics, samples, steps, train_seconds, n_trainable, {"finish_seconds": seconds})

@@ -5,6 +5,7 @@
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -93,6 +94,16 @@ def online_summary(m: dict) -> str:
     )
 
 
+def phase_times(results) -> str:
+    """Each phase's wall time: building its model and data, training (or living, phase 4), its finish step."""
+    cells = []
+    for r in results:
+        finish, total = sum(r.extra.get("finish_seconds", {}).values()), r.extra.get("phase_seconds", 0.0)
+        cells.append(f"phase {r.phase} {total:.0f} s: setup {total - r.train_seconds - finish:.0f}, "
+                     f"train {r.train_seconds:.0f}, finish {finish:.0f}")
+    return "; ".join(cells)
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |" for row in rows]
@@ -110,7 +121,9 @@ def main_job(config: RecipeConfig, run_dir: Path, resume: bool = False, push_to_
     results = []
     for phase in [1, 2, 3] + ([4] if config.phase4 is not None else []):
         source = results[-1].folder if results else None
+        phase_started = time.perf_counter()
         results.append(run_phase(phase, config, run_dir, data, source, resume=resume))
+        results[-1].extra["phase_seconds"] = time.perf_counter() - phase_started
     total = time.perf_counter() - started
     write_summary(config, run_dir, data, results, total)
     if push_to_hub:
@@ -129,7 +142,8 @@ def write_summary(config: RecipeConfig, run_dir: Path, data, results: list, tota
     samples = "\n".join(f"- phase {result.phase}: {sample!r}" for result in results for sample in result.samples)
     report = (
         f"# Run `{run_dir}` (preset `{config.name}`)\n\n{table}\n\n"
-        f"Held-out unigram baseline: {data.unigram_nats:.3f} nats/token. Total wall time {total:.0f} s.\n"
+        f"Held-out unigram baseline: {data.unigram_nats:.3f} nats/token. Total wall time {total:.0f} s "
+        f"({phase_times(results)}; load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end).\n"
         f"Losses in nats/token on {data.eval_description}; bpb = bits per UTF-8 byte. The deployed readout is the "
         f"tick `ctm_readout` selects (what `logits` and `generate` use); argmin is the optimistic oracle. "
         f"block / residual and S_out variation are the block-health gauge of each thinking layer (`ctm inspect`): "
@@ -142,7 +156,10 @@ def write_summary(config: RecipeConfig, run_dir: Path, data, results: list, tota
         "total_seconds": total,
         "unigram_baseline": data.unigram_nats,
         "phases": [
-            {"phase": r.phase, "folder": str(r.folder), "metrics": r.metrics, "samples": r.samples} for r in results
+            {"phase": r.phase, "folder": str(r.folder), "metrics": r.metrics, "samples": r.samples,
+             "seconds": {"phase": r.extra.get("phase_seconds"), "train": r.train_seconds,
+                         **{f"finish_{k}": v for k, v in r.extra.get("finish_seconds", {}).items()}}}
+            for r in results
         ],
     }
     atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))

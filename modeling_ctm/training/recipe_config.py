@@ -43,11 +43,11 @@ from ..configuration_ctm import CTM_PROFILES, CTM_TOKEN_MEMORY_CHOICES, CTMConfi
 from ..memory.plasticity import PlasticityConfig
 from ..memory.session import OnlineConfig
 from ..memory.sleep import ConsolidationConfig, ReplayHeap, SleepCallback
+from .conversion import FREEZE_CHOICES
+from .data import RECALL_LOSS_ON
 
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
-FREEZE_CHOICES = ("non_ctm", "non_thinking_ffn", "none")
-RECALL_LOSS_ON = ("all", "answers")
 SLEEP_ADMISSION = "reservoir"
 
 
@@ -244,7 +244,7 @@ class RecallWarmupConfig:
     steps: int
     length: int | None = None
     tokens: int | None = None
-    loss_on: Literal["all", "answers"] = "all"
+    loss_on: Literal[RECALL_LOSS_ON] = "all"
     training: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -266,7 +266,7 @@ class LanguagePhaseConfig:
     recall_share: float = 0.0
     recall_pairs: int = 10
     recall_tokens: int | None = None
-    recall_loss_on: Literal["all", "answers"] = "all"
+    recall_loss_on: Literal[RECALL_LOSS_ON] = "all"
 
     def __post_init__(self):
         if not 0 <= self.recall_share < 1:
@@ -281,7 +281,7 @@ class ThinkingPhaseConfig:
     blocks and MLPs kept beside them; "none")."""
 
     training: dict = field(default_factory=dict)
-    freeze: Literal["non_ctm", "non_thinking_ffn", "none"] = "non_ctm"
+    freeze: Literal[FREEZE_CHOICES] = "non_ctm"
 
 
 @dataclass
@@ -293,7 +293,7 @@ class ContinuityPhaseConfig:
     chunk_size: int
     chunk_length: int
     training: dict = field(default_factory=dict)
-    freeze: Literal["non_ctm", "non_thinking_ffn", "none"] = "non_ctm"
+    freeze: Literal[FREEZE_CHOICES] = "non_ctm"
     gradient_window: int = 1
     cut_attention: bool = False
 
@@ -331,7 +331,7 @@ class OnlinePhaseConfig:
     conversations: int
     turns: int = 2
     max_message_words: int = 48
-    freeze: Literal["non_ctm", "non_thinking_ffn", "none"] = "non_ctm"
+    freeze: Literal[FREEZE_CHOICES] = "non_ctm"
     session: OnlineConfig = field(default_factory=OnlineConfig)
     memory: dict | None = None
     token_memory: Literal[CTM_TOKEN_MEMORY_CHOICES] = "none"

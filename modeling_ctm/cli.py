@@ -32,25 +32,26 @@ def _load_checkpoint(path: Path):
 
 def _eval(args) -> None:
     from .training.data import load_text_dataset, pack_dataset
-    from .training.runs import load_preset, training_arguments
+    from .training.runs import load_preset
     from .training.trainers import CTMTrainer, evaluate_documents
 
+    config = load_preset(args.preset)  # checked before the model loads
     model, tokenizer = _load_checkpoint(args.checkpoint)
-    preset = load_preset(args.preset)
-    spec = preset["data"]
-    validation = load_text_dataset(spec["source"])["validation"]
-    blocks = pack_dataset(validation, tokenizer, spec["block_size"])
-    blocks = blocks.select(range(min(spec.get("eval_blocks", len(blocks)), len(blocks))))
+    spec = config.data
+    validation = load_text_dataset(spec.source)["validation"]
+    blocks = pack_dataset(validation, tokenizer, spec.block_size)
+    blocks = blocks.select(range(len(blocks) if spec.eval_blocks is None else min(spec.eval_blocks, len(blocks))))
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = CTMTrainer(model=model, args=training_arguments(preset, 1, Path(scratch)), eval_dataset=blocks)
+        trainer = CTMTrainer(model=model, args=config.training_arguments(1, Path(scratch)), eval_dataset=blocks)
         metrics = {k: v for k, v in trainer.evaluate().items() if not k.endswith(("_runtime", "_per_second"))}
-    paragraphs = list(validation["text"][: spec.get("eval_paragraphs", 40)])
+    paragraphs = list(validation["text"][: spec.eval_paragraphs])
     metrics.update(evaluate_documents(model, tokenizer, paragraphs, prefix="paragraphs"))
     print(json.dumps(metrics, indent=2))
 
 
 def _chat(args) -> None:
-    from .memory.session import CTMOnlineSession, session_from_spec
+    from .memory.session import CTMOnlineSession
+    from .training.phases import online_session
     from .training.runs import load_preset
 
     brain = args.brain
@@ -58,8 +59,11 @@ def _chat(args) -> None:
         session = CTMOnlineSession.load(brain)
         print(f"[brain {brain}: {session.conversations} conversations, {len(session.memory or [])} episodes]")
     else:
+        spec = load_preset(args.preset).phase4
+        if spec is None:
+            raise ValueError(f"preset={args.preset!r} has no phase4 section: allowed presets set up a memory stack")
         model, tokenizer = _load_checkpoint(args.checkpoint)
-        session = session_from_spec(model, tokenizer, load_preset(args.preset)["phase4"])
+        session = online_session(model, tokenizer, spec)
     messages = args.message or iter(lambda: input("you> "), None)
     try:
         for message in messages:
@@ -83,10 +87,10 @@ def _inspect(args) -> None:
     from .training.data import load_text_dataset, pack_dataset
     from .training.runs import load_preset
 
+    spec = load_preset(args.preset).data
     model, tokenizer = _load_checkpoint(args.checkpoint)
-    spec = load_preset(args.preset)["data"]
     # the same held-out blocks `ctm eval` scores, cut to what the model's positions allow
-    blocks = pack_dataset(load_text_dataset(spec["source"])["validation"], tokenizer, spec["block_size"])
+    blocks = pack_dataset(load_text_dataset(spec.source)["validation"], tokenizer, spec.block_size)
     blocks = blocks.select(range(min(args.blocks, len(blocks))))
     input_ids = torch.tensor(blocks["input_ids"])[:, : model.config.max_position_embeddings]
     health = block_health(model, input_ids)
@@ -104,14 +108,14 @@ def _inspect(args) -> None:
         _print_carry(model, tokenizer, spec, args.carry)
 
 
-def _print_carry(model, tokenizer, spec: dict, tokens: int) -> None:
+def _print_carry(model, tokenizer, spec, tokens: int) -> None:
     """The long-carry profile (`gauge.carry_profile`) at a few positions of one stream of held-out text."""
     import torch
 
     from .gauge import carry_profile
     from .training.data import load_text_dataset
 
-    text = "\n\n".join(load_text_dataset(spec["source"])["validation"]["text"])
+    text = "\n\n".join(load_text_dataset(spec.source)["validation"]["text"])
     stream = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:tokens])[None]
     positions = sorted({p for p in (0, 48, 128, 384, 1000, stream.shape[1] - 1) if p < stream.shape[1]})
     print(f"carried along {stream.shape[1]} tokens (ctm_carry={model.config.ctm_carry!r}):")

@@ -27,6 +27,30 @@ CTM_QUERY_SCALE_CHOICES = ("fixed", "learned")
 CTM_STATE_NORM_CHOICES = ("none", "rms")
 MAX_DECAY = 15.0  # r = exp(-15) ~ 3e-7: a pair with this decay forgets everything between ticks
 
+# Named sets of `ctm_*` values: what a recipe asks for by name (`thinking: {profile: awake}`) instead of retyping them.
+# "awake" is the recommended block, the design the tiny preset measured awake and stable (docs/results.md): it replaces
+# the MLP (kept beside it, the block stayed asleep: its output 7.6e-7 of the residual stream after phase 2, 0.21-0.24
+# replacing it); S_out is made of what the ticks computed (`sync_seed="zero"`), the token's own input reaches every tick,
+# the accumulators forget (every rate exp(-decay) < 1) and z is RMS-normed every tick (so a state carried over 2,048
+# tokens stays in range); it trains what it serves, the tick mixture's CE (the argmin + most-certain objective drove
+# the ticks apart). Sizes (ticks, trace length, pairs, widths) stay each recipe's choice.
+# The `CTMConfig` defaults are NOT this profile: they are the reference's, and a saved config.json lists only the
+# fields it was saved with, so changing a default would change what old checkpoints compute.
+CTM_PROFILES: dict[str, dict] = {
+    "awake": {
+        "ctm_mlp": "replace",
+        "ctm_readout": "tick_mixture",
+        "ctm_sync_seed": "zero",
+        "ctm_input_injection": "every_tick",
+        "ctm_decay_init_range": [0.1, 1.0],
+        "ctm_state_norm": "rms",
+        "ctm_loss_mixture_weight": 1.0,
+        "ctm_loss_argmin_weight": 0.0,
+        "ctm_loss_certain_weight": 0.0,
+        "ctm_loss_tick_aux_weight": 0.1,
+    },
+}
+
 
 class CTMConfig(PreTrainedConfig):
     r"""
@@ -34,6 +58,11 @@ class CTMConfig(PreTrainedConfig):
 
     The decoder fields follow [`LlamaConfig`]; with `ctm_layers="none"` the model *is* a Llama-style transformer
     (phase 1 of the developmental recipe). The `ctm_*` fields describe the thinking blocks.
+
+    The `ctm_*` defaults are the reference CTM's, kept so that every saved checkpoint (whose config.json lacks fields
+    added after it) computes what it computed. They give a block that stays asleep in a language model: the
+    recommended values are the profile `CTM_PROFILES["awake"]` (`CTMConfig.from_profile("awake", ...)`, or
+    `thinking: {profile: awake}` in a training preset). Fields marked *Experimental* are used by no preset.
 
     Args:
         ctm_layers (`str` or `list[int]`, defaults to `"last"`):
@@ -76,6 +105,7 @@ class CTMConfig(PreTrainedConfig):
             of the token's block input is added to every tick's attention query and synapse input, so the state
             depends on the token from the first tick on and each tick can look up something new).
         ctm_readout_norm (`str`, defaults to `"none"`):
+            *Experimental* (no preset uses it).
             What the block's readout `out_proj` reads: `"none"` (the reference: raw S_out, `out_proj` zero-initialised),
             `"rms"` (S_out RMS-normalised over its pairs with a learned gain, `out_proj` zero-initialised) or
             `"rms_gate"` (RMS-normalised, `out_proj` randomly initialised, and a learned scalar gate initialised at 0
@@ -100,6 +130,7 @@ class CTMConfig(PreTrainedConfig):
         ctm_tick_checkpointing (`bool`, defaults to `False`):
             Recompute each tick in the backward pass instead of storing its activations (trades compute for memory).
         ctm_halt_threshold (`float`, *optional*):
+            *Experimental* (no preset uses it).
             Adaptive ticks: a token stops thinking in a CTM layer once its sync convergence
             1 - ||S_out,k - S_out,k-1|| / ||S_out,k|| (clamped to [0, 1]) reaches this value; its whole thinking state
             then stays as that tick left it, which is what it outputs and what it carries. `None` (default): every
@@ -125,6 +156,7 @@ class CTMConfig(PreTrainedConfig):
             in any later context. Its keys are one-hot, so writes under different tokens never interfere. It reads
             `input_ids` (not `inputs_embeds`).
         ctm_query_source (`str`, defaults to `"sync_action"`):
+            *Experimental* (no preset uses it).
             What forms the block's cross-attention query each tick: `"sync_action"` (the reference: `q_proj` of the
             action synchronisation, a running average of pair products over the ticks so far) or `"state"` (`q_proj`
             of the post-activations z the previous tick produced, D -> D): tick t then asks a question made of what
@@ -135,6 +167,7 @@ class CTMConfig(PreTrainedConfig):
             input is added to every tick's query, and while z is small (as it is in a young block) every tick asks
             the first tick's question again.
         ctm_query_scale (`str`, defaults to `"fixed"`):
+            *Experimental* (no preset uses it).
             How sharp the block's cross-attention can be: `"fixed"` (the reference: RMS-normed queries and keys, so a
             logit is at most sqrt(head_dim), 4 at head_dim 16, and a lookup among 30 positions keeps about half its
             weight on the wrong ones) or `"learned"`: each head's normed query is multiplied by exp(g), g a learned
@@ -218,6 +251,11 @@ class CTMConfig(PreTrainedConfig):
         self.ctm_decay_init_range = [float(v) for v in self.ctm_decay_init_range]
         super().__post_init__(**kwargs)
         self.validate_ctm()
+
+    @classmethod
+    def from_profile(cls, profile: str, **fields) -> "CTMConfig":
+        """A config with the `ctm_*` values of `CTM_PROFILES[profile]`, then `fields` over them."""
+        return cls(**{**ctm_profile(profile), **fields})
 
     @property
     def ctm_layer_indices(self) -> list[int]:
@@ -379,3 +417,10 @@ class CTMConfig(PreTrainedConfig):
 
 
 __all__ = ["CTMConfig"]
+
+
+def ctm_profile(name: str) -> dict:
+    """A copy of the named `CTM_PROFILES` entry; an unknown name is refused with the allowed ones."""
+    if name not in CTM_PROFILES:
+        raise ValueError(f"profile={name!r} is invalid: allowed values are {sorted(CTM_PROFILES)}")
+    return {key: list(value) if isinstance(value, list) else value for key, value in CTM_PROFILES[name].items()}

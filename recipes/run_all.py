@@ -3,7 +3,8 @@ section), evaluate each on held-out text, write samples, model cards and a summa
 
     python recipes/run_all.py --preset tiny --output runs/tiny [--push-to-hub NAMESPACE/NAME]
 
-The same as `ctm train`: the work lives in `modeling_ctm.training.main_job` (summary) and `modeling_ctm.training.runs` (the phases).
+The same as `ctm train` (`--set KEY.PATH=VALUE` overrides a preset value): the work lives in `modeling_ctm.training.main_job`
+(summary) and the recipe classes of `modeling_ctm.training.phases`.
 """
 
 import argparse

@@ -9,7 +9,7 @@ import yaml
 from tiny import tiny_model
 
 from modeling_ctm.cli import main
-from modeling_ctm.training.runs import load_preset
+from modeling_ctm.training.recipe_config import load_raw_preset
 from modeling_ctm.training.tokenization import train_tokenizer
 
 
@@ -65,7 +65,7 @@ def test_a_fact_told_in_one_process_is_answered_in_the_next(tmp_path):
         mlp.up_proj.weight.mul_(5.0)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    preset = load_preset("tiny")
+    preset = load_raw_preset("tiny")
     preset["phase4"].update(
         plasticity={"rule": "delta", "targets": ["mlp"], "presynaptic": "centered", "band": 0.9, "max_drift": 50.0,
                     "max_step": 50.0},
@@ -97,7 +97,7 @@ def test_two_facts_told_in_one_process_are_both_answered_in_later_ones(tmp_path)
         model.lm_head.weight.mul_(30.0)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    preset = load_preset("tiny")
+    preset = load_raw_preset("tiny")
     preset["phase4"].update(
         plasticity={"rule": "delta", "targets": ["token_memory"], "learning_rate": 4.0, "gate": "none",
                     "delta_step": "running_mean", "max_step": 5.0, "max_drift": 5.0},

@@ -39,7 +39,7 @@ from modeling_ctm import CTMForCausalLM
 from modeling_ctm.hub.cards import write_model_card
 from modeling_ctm.training.phases import language_config
 from modeling_ctm.training.runs import load_preset
-assert load_preset("tiny")["name"] == "tiny"
+assert load_preset("tiny").name == "tiny" and load_preset("tiny").thinking_fields()["ctm_state_norm"] == "rms"
 model = CTMForCausalLM(language_config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                        num_attention_heads=2))
 write_model_card({str(tmp_path / "card")!r}, phase=1, model=model, metrics={{"eval_loss": 1.0}}, samples=["x"],

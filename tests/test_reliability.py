@@ -546,9 +546,9 @@ def _resume_preset(tmp_path) -> Path:
     tokenizer_dir = tmp_path / "tokenizer"
     get_tokenizer(vocab_size=300, cache_dir=tmp_path / "tok-cache").save_pretrained(tokenizer_dir)
 
-    from modeling_ctm.training.runs import load_preset
+    from modeling_ctm.training.recipe_config import load_raw_preset
 
-    preset = load_preset("tiny")
+    preset = load_raw_preset("tiny")
     preset["name"] = "micro"
     preset["data"].update(source=str(text), tokenizer=str(tokenizer_dir), block_size=16, eval_blocks=2)
     preset["model"].update(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 from modeling_ctm import CTMConfig, CTMForCausalLM
-from modeling_ctm.training.runs import load_preset
+from modeling_ctm.training.recipe_config import load_raw_preset
 
 
 TINY = dict(
@@ -106,7 +106,7 @@ def tiny_training_args(output_dir, **overrides) -> TrainingArguments:
 
 def micro_preset(tmp_path) -> Path:
     """The tiny preset shrunk to a micro run (2 steps per phase, d = 32): the main job end to end in seconds."""
-    preset = load_preset("tiny")
+    preset = load_raw_preset("tiny")  # the YAML mapping; the run loads the written file as a typed recipe config
     preset["name"] = "micro"
     preset["data"].update(block_size=32, eval_blocks=4, eval_paragraphs=3, tokenizer_vocab_size=512)
     preset["model"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -120,7 +120,8 @@ def micro_preset(tmp_path) -> Path:
     if preset["phase1"].get("recall_warmup"):
         preset["phase1"]["recall_warmup"].update(steps=2, length=16)
     preset["phase4"].update(conversations=2, turns=2, max_message_words=8, session={"max_new_tokens": 2, "sleep_every": 2},
-                            memory={"capacity": 4}, sleep={"capacity": 4, "steps": 1})  # fmt: skip
+                            memory={"capacity": 4}, sleep={"capacity": 4, "admission": "loss",
+                                                                     "consolidation": {"steps": 1}})  # fmt: skip
     preset["samples"] = {"prompts": ["Emma was"], "max_new_tokens": 4}
     path = tmp_path / "micro.yaml"
     path.write_text(yaml.safe_dump(preset))

@@ -8,7 +8,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..io_ctm import atomic_write
-from ..training.phases import get_phase
+from ..training.phase_names import phase_name
 
 
 PHASE_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "phase_checkpoint.md"
@@ -57,7 +57,7 @@ def write_model_card(
     `repo_url` links the project's source when it has a public home; None (the default) names the package without a
     link, so that a card never points at a repository that does not exist. `thinking_map`: a picture in `folder` of
     the phase's thinking per layer and tick, shown in the card."""
-    phase_info = get_phase(phase)
+    phase_info = phase_name(phase)
     config = model.config
     folder = Path(folder)
     model_id = model_id or folder.name

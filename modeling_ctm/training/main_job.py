@@ -1,17 +1,19 @@
 """The main job: phases 1 -> 2 -> 3 -> 4 of a preset into one run folder, and its summary table.
 
-`ctm train` and `recipes/run_all.py` both call `main_job`; each phase is `runs.run_phase`.
+`ctm train` and `recipes/run_all.py` both call `main_job`; each phase is a recipe class of `phases.PHASES`.
 """
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 from ..hub.publishing import push_run
 from ..io_ctm import atomic_write
 from .phases import get_phase
-from .runs import load_preset, prepare_data, run_phase
+from .recipe_config import RecipeConfig
+from .runs import add_preset_arguments, load_preset, prepare_data, run_phase
 
 
 COLUMNS = [
@@ -92,27 +94,46 @@ def online_summary(m: dict) -> str:
     )
 
 
+def phase_times(results) -> str:
+    """Each phase's wall time: building its model and data, training (or living, phase 4), its finish step."""
+    cells = []
+    for r in results:
+        finish, total = sum(r.extra.get("finish_seconds", {}).values()), r.extra.get("phase_seconds", 0.0)
+        cells.append(f"phase {r.phase} {total:.0f} s: setup {total - r.train_seconds - finish:.0f}, "
+                     f"train {r.train_seconds:.0f}, finish {finish:.0f}")
+    return "; ".join(cells)
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def main_job(preset: dict, run_dir: Path, resume: bool = False, push_to_hub: str | None = None) -> dict:
-    """Run every phase the preset has (4 only with a `phase4` section), write `summary.md` and `summary.json`
+def main_job(config: RecipeConfig, run_dir: Path, resume: bool = False, push_to_hub: str | None = None) -> dict:
+    """Run every phase the recipe has (4 only with a `phase4` section), write `summary.md` and `summary.json`
     atomically, optionally push every phase. Returns the summary."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    data = prepare_data(preset, run_dir)
+    data = prepare_data(config, run_dir)
     print(f"data: {data.description}; held-out unigram baseline {data.unigram_nats:.3f} nats/token")
-    phases = [1, 2, 3] + ([4] if preset.get("phase4") else [])
     results = []
-    for phase in phases:
+    for phase in [1, 2, 3] + ([4] if config.phase4 is not None else []):
         source = results[-1].folder if results else None
-        results.append(run_phase(phase, preset, run_dir, data, source, resume=resume))
+        phase_started = time.perf_counter()
+        results.append(run_phase(phase, config, run_dir, data, source, resume=resume))
+        results[-1].extra["phase_seconds"] = time.perf_counter() - phase_started
     total = time.perf_counter() - started
+    write_summary(config, run_dir, data, results, total)
+    if push_to_hub:
+        for repo, commit in push_run(run_dir, push_to_hub).items():
+            print(f"pushed {repo} @ {commit}")
+    return json.loads((run_dir / "summary.json").read_text())
 
+
+def write_summary(config: RecipeConfig, run_dir: Path, data, results: list, total: float) -> None:
+    """`summary.md` (the table, phase 4's memory figures, the samples) and `summary.json`, each written atomically."""
     rows = [summary_row(result) for result in results]
     table = markdown_table(rows)
     online = results[-1].metrics if results[-1].phase == 4 else None
@@ -120,8 +141,9 @@ def main_job(preset: dict, run_dir: Path, resume: bool = False, push_to_hub: str
         table += "\n\n" + online_summary(online)
     samples = "\n".join(f"- phase {result.phase}: {sample!r}" for result in results for sample in result.samples)
     report = (
-        f"# Run `{run_dir}` (preset `{preset['name']}`)\n\n{table}\n\n"
-        f"Held-out unigram baseline: {data.unigram_nats:.3f} nats/token. Total wall time {total:.0f} s.\n"
+        f"# Run `{run_dir}` (preset `{config.name}`)\n\n{table}\n\n"
+        f"Held-out unigram baseline: {data.unigram_nats:.3f} nats/token. Total wall time {total:.0f} s "
+        f"({phase_times(results)}; load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end).\n"
         f"Losses in nats/token on {data.eval_description}; bpb = bits per UTF-8 byte. The deployed readout is the "
         f"tick `ctm_readout` selects (what `logits` and `generate` use); argmin is the optimistic oracle. "
         f"block / residual and S_out variation are the block-health gauge of each thinking layer (`ctm inspect`): "
@@ -130,23 +152,22 @@ def main_job(preset: dict, run_dir: Path, resume: bool = False, push_to_hub: str
     )
     atomic_write(run_dir / "summary.md", lambda tmp: Path(tmp).write_text(report))
     summary = {
-        "preset": preset["name"],
+        "preset": config.name,
         "total_seconds": total,
         "unigram_baseline": data.unigram_nats,
         "phases": [
-            {"phase": r.phase, "folder": str(r.folder), "metrics": r.metrics, "samples": r.samples} for r in results
+            {"phase": r.phase, "folder": str(r.folder), "metrics": r.metrics, "samples": r.samples,
+             "seconds": {"phase": r.extra.get("phase_seconds"), "train": r.train_seconds,
+                         **{f"finish_{k}": v for k, v in r.extra.get("finish_seconds", {}).items()}}}
+            for r in results
         ],
     }
     atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     print(report)
-    if push_to_hub:
-        for repo, commit in push_run(run_dir, push_to_hub).items():
-            print(f"pushed {repo} @ {commit}")
-    return summary
 
 
 def main_job_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--preset", default="tiny", help="a preset name (modeling_ctm/presets) or a YAML path")
+    add_preset_arguments(parser)
     parser.add_argument("--output", type=Path, default=None, help="run folder (default runs/<preset>)")
     parser.add_argument("--resume", action="store_true", help="continue interrupted phases from their checkpoints")
     parser.add_argument("--push-to-hub", metavar="NAMESPACE/NAME", help="publish every phase (modeling_ctm.hub.publishing)")
@@ -154,5 +175,6 @@ def main_job_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main_job_from_args(args: argparse.Namespace) -> dict:
-    preset = load_preset(args.preset)
-    return main_job(preset, args.output or Path("runs") / preset["name"], args.resume, args.push_to_hub)
+    """The recipe config is loaded and checked whole before any data or model (a bad key fails in seconds)."""
+    config = load_preset(args.preset, getattr(args, "overrides", ()))
+    return main_job(config, args.output or Path("runs") / config.name, args.resume, args.push_to_hub)

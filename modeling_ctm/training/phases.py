@@ -1,157 +1,282 @@
-"""The developmental phases: the one registry of what they are called, where they live and what changes between them.
+"""The developmental phases as recipe classes (torchtune's recipe shape): each builds its model (phase 1 from the
+recipe config, the others from the previous phase's checkpoint), its data and its Trainer, trains, and ends with the
+shared finish step (`finish.finish_phase`: evaluate, sample, card, save). `PHASES` is the one registry.
 
-Each phase's `transform` takes the previous phase's checkpoint folder (or model) and returns the model that the phase
-trains; cards, recipes and the main job read names, descriptions and folders from `PHASES`.
+1. `LanguagePhase`   - a plain transformer (`ctm_layers="none"`) learns the language at full speed; an optional first
+                       stage on in-context recall rows only forms the lookup (`phase1.recall_warmup`).
+2. `ThinkingPhase`   - fresh CTM blocks (the recipe's `thinking:` fields, e.g. `profile: awake`) join the chosen layers
+                       of the phase-1 model, beside their MLPs or in their place; the rest is frozen.
+3. `ContinuityPhase` - the thinking state is carried between chunks (`ctm_carry="chunk"`); `ContinuityTrainer`.
+4. `OnlinePhase`     - the phase-3 model lives through scripted conversations with its memory stack on (episodic
+                       memory, plasticity, sleep), then is evaluated and saved like the others, its brain beside it.
 
-Phase by phase:
-
-1. language   - a plain transformer (`ctm_layers="none"`), learns the language at full speed.
-2. thinking   - fresh CTM blocks join the chosen layers, beside their MLPs (`ctm_mlp="keep"`: an exact start at phase
-                1's function) or in their place (`"replace"`, the seed); everything but the blocks is frozen; the CTM
-                blocks (tick embeddings included) learn to think on individual tokens.
-3. continuity - the thinking state is carried between chunks (`ctm_carry="chunk"`); trained with `ContinuityTrainer`.
-4. online     - Hebbian plasticity and episodic memory during live use (the plasticity/episodic modules).
+The model conversions (`start_thinking`, `start_continuity`, `freeze_for_thinking`, `language_config`) live in
+`training.conversion` and are re-exported here.
 """
 
-import logging
-import os
-from collections.abc import Callable
-from dataclasses import dataclass
+import abc
+import json
+import time
+from pathlib import Path
 
-from ..configuration_ctm import CTMConfig
+import torch
+from transformers import set_seed
+
+from ..io_ctm import atomic_write
+from ..memory.episodic import CTMEpisodicMemory
+from ..memory.plasticity import HebbianPlasticity, memory_held_bytes
+from ..memory.session import CTMOnlineSession, OnlineConfig
+from ..memory.sleep import Consolidator, ReplayHeap
 from ..modeling_ctm import CTMForCausalLM
+from .conversion import FREEZE_CHOICES, freeze_for_thinking, language_config, start_continuity, start_thinking
+from .finish import PhaseResult, finish_phase
+from .phase_names import phase_name
+from .recipe_config import OnlinePhaseConfig, RecipeConfig, sleep_callback
+from .run_data import Data, conversation_script, held_out_recall_rows, phase1_data, recall_warmup_rows
+from .trainers import ContinuityTrainer, CTMTrainer, recall_accuracy
 
 
-FREEZE_CHOICES = ("non_ctm", "non_thinking_ffn", "none")
+__all__ = [
+    "FREEZE_CHOICES", "PHASES", "ContinuityPhase", "LanguagePhase", "OnlinePhase", "PhaseRecipe", "ThinkingPhase",
+    "freeze_for_thinking", "get_phase", "language_config", "online_session", "start_continuity", "start_thinking",
+]  # fmt: skip
+
+RECALL_WARMUP_FOLDER = "recall-warmup"  # inside phase 1's folder: the warm-up stage's Trainer output
 
 
-@dataclass(frozen=True)
-class Phase:
+def seed_everything(config: RecipeConfig) -> None:
+    set_seed(config.seed)
+    if config.torch_threads:
+        # small matrices gain little from a second thread, and spinning threads on a busy machine cost a lot
+        torch.set_num_threads(config.torch_threads)
+
+
+class PhaseRecipe(abc.ABC):
+    """One phase of a run: `PhaseRecipe(config, run_dir, data, source, resume).run()` -> `PhaseResult`.
+
+    Subclasses set `number` (their name, description and folder come from `phase_names`) and build their model;
+    `trainer_class`, `train_data` and `trainer_options` say how it trains."""
+
     number: int
-    name: str
-    description: str  # what the phase's model card says about it
-    transform: Callable | None  # builds the phase's starting model (see each function's docstring)
+    trainer_class = CTMTrainer
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        info = phase_name(cls.number)
+        cls.name, cls.description, cls.folder, cls.recipe = info.name, info.description, info.folder, info.recipe
+
+    def __init__(self, config: RecipeConfig, run_dir: Path, data: Data, source: Path | None = None,
+                 resume: bool = False):  # fmt: skip
+        if self.number > 1 and source is None:
+            raise ValueError(f"phase {self.number} starts from the previous phase's model folder: source=None is invalid")
+        self.config, self.run_dir, self.data, self.source, self.resume = config, Path(run_dir), data, source, resume
+        self.spec = config.phase(self.number)
 
     @property
-    def folder(self) -> str:
-        """The phase's folder inside a run folder, e.g. `phase2-thinking`."""
-        return f"phase{self.number}-{self.name}"
+    def output_dir(self) -> Path:
+        return self.run_dir / self.folder
 
-    @property
-    def recipe(self) -> str:
-        return f"recipes/phase{self.number}_{self.name}.py"
+    @abc.abstractmethod
+    def build_model(self) -> CTMForCausalLM:
+        """The model this phase trains, built from the recipe config or the previous phase's checkpoint."""
 
+    def train_data(self) -> Data:
+        return self.data
 
-def language_config(**fields) -> CTMConfig:
-    """Phase 1: a config with no thinking layers."""
-    return CTMConfig(**{**fields, "ctm_layers": "none"})
+    def trainer_options(self) -> dict:
+        return {}
 
+    def before_training(self, model) -> dict:
+        """A stage trained before the phase's own (phase 1's recall warm-up); returns its figures."""
+        return {}
 
-def _load_with(source: str | os.PathLike | CTMForCausalLM, **overrides) -> CTMForCausalLM:
-    """Load `source` with some config fields changed. Weights of layers that change kind are dropped (MLP -> CTM) or
-    freshly initialised by `_init_weights` (new CTM blocks)."""
-    if isinstance(source, CTMForCausalLM):
-        config = CTMConfig.from_dict({**source.config.to_dict(), **overrides})
-        model = CTMForCausalLM(config)
-        missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-        fresh = {name for name in missing if ".thinking." in name}
-        if set(missing) - fresh:
-            raise ValueError(f"weights missing from the source model: {sorted(set(missing) - fresh)[:5]}")
-        # load_state_dict leaves the new blocks as built by __init__ + post_init, which already ran _init_weights
-        return model
-    config = CTMConfig.from_pretrained(source)
-    config = CTMConfig.from_dict({**config.to_dict(), **overrides})
-    # transformers prints a long LOAD REPORT for every missing/unexpected key, which reads like a failure although
-    # the dropped MLPs and fresh blocks are the point of the conversion: silence it and check the keys ourselves
-    load_logger = logging.getLogger("transformers.modeling_utils")
-    level = load_logger.level
-    load_logger.setLevel(logging.ERROR)
-    try:
-        model, info = CTMForCausalLM.from_pretrained(source, config=config, output_loading_info=True)
-    finally:
-        load_logger.setLevel(level)
-    thinking = tuple(f"model.layers.{i}." for i in config.ctm_layer_indices)
-    missing = sorted(k for k in info["missing_keys"] if not (k.startswith(thinking) and ".thinking." in k))
-    unexpected = sorted(k for k in info["unexpected_keys"] if not (k.startswith(thinking) and ".mlp." in k))
-    if missing or unexpected or info["mismatched_keys"]:
-        raise ValueError(
-            f"{source} does not fit the converted model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"mismatched {sorted(info['mismatched_keys'])[:5]}; only the MLPs of the layers that start thinking may "
-            "be dropped and only their CTM blocks may be new"
+    def build_trainer(self, model, data: Data):
+        options = self.trainer_options()
+        if self.config.sleep is not None:  # the top-level `sleep:` section adds sleep to every training phase
+            from ..fmri import draw_thinking_map
+
+            options["callbacks"] = [*options.get("callbacks", []), sleep_callback(self.config.sleep, draw_thinking_map)]
+        return self.trainer_class(
+            model=model,
+            args=self.config.training_arguments(self.number, self.output_dir),
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=data.tokenizer,
+            bytes_per_token=data.bytes_per_token,
+            **options,
         )
-    return model
+
+    def run(self) -> PhaseResult:
+        seed_everything(self.config)
+        model = self.build_model()
+        before = self.before_training(model)
+        data = self.train_data()  # its description is what the card says the phase trained on
+        trainer = self.build_trainer(model, data)
+        checkpoints = list(self.output_dir.glob("checkpoint-*"))
+        started = time.perf_counter()
+        trainer.train(resume_from_checkpoint=True if self.resume and checkpoints else None)
+        # a stage's time is training time (the card's), not an evaluation figure (a resumed run would report another)
+        seconds = time.perf_counter() - started + before.pop("recall_warmup_seconds", 0.0)
+        return finish_phase(trainer, self.number, self.config, self.run_dir, data, seconds, base_model=self.source,
+                            extra_metrics=before)  # fmt: skip
 
 
-def start_thinking(source, ctm_layers="last", ctm_mlp="keep", **ctm_fields) -> CTMForCausalLM:
-    """Phase 2: add fresh CTM blocks to the layers `ctm_layers` of a phase-1 checkpoint.
+class LanguagePhase(PhaseRecipe):
+    number = 1
 
-    `ctm_mlp="keep"` (the default here) puts each block beside the layer's MLP: the blocks' readouts are zero at
-    initialisation, so the converted model computes exactly phase 1's function and training can only add to it.
-    `ctm_mlp="replace"` is the seed's plain replacement (the MLP and what it learned are dropped). `ctm_fields` sets
-    the other `ctm_*` fields (ticks, trace length, ...). Attention, embeddings and norms keep their weights exactly."""
-    bad = [k for k in ctm_fields if not k.startswith("ctm_")]
-    if bad:
-        raise ValueError(f"start_thinking only changes ctm_* fields; got {bad}")
-    if ctm_layers == "none":
-        raise ValueError("start_thinking(ctm_layers='none') is invalid: allowed values are 'all', 'last' or indices")
-    return _load_with(source, ctm_layers=ctm_layers, ctm_mlp=ctm_mlp, **ctm_fields)
+    def build_model(self) -> CTMForCausalLM:
+        tokenizer = self.data.tokenizer
+        config = self.config.language_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        return CTMForCausalLM(config)
 
+    def train_data(self) -> Data:
+        return phase1_data(self.config, self.data)
 
-def start_continuity(source, chunk_size: int, **ctm_fields) -> CTMForCausalLM:
-    """Phase 3: the same model with the thinking state carried between chunks of `chunk_size` tokens."""
-    return _load_with(source, ctm_carry="chunk", ctm_chunk_size=chunk_size, **ctm_fields)
-
-
-def freeze_for_thinking(model: CTMForCausalLM, freeze: str = "non_ctm") -> dict[str, int]:
-    """Freeze everything but the CTM blocks (`freeze="non_ctm"`), everything but the feed-forward part of the
-    thinking layers (`"non_thinking_ffn"`: the CTM blocks and the MLPs kept beside them with `ctm_mlp="keep"`), or
-    nothing (`"none"`).
-
-    Every parameter of a CTM block trains, tick embeddings included (the reference froze them by mistake). Returns
-    the number of trainable and frozen parameters."""
-    if freeze not in FREEZE_CHOICES:
-        raise ValueError(f"freeze={freeze!r} is invalid: allowed values are {FREEZE_CHOICES}")
-    counts = {"trainable": 0, "frozen": 0}
-    beside = tuple(f"model.layers.{i}.mlp." for i in model.config.ctm_layer_indices)
-    for name, param in model.named_parameters():
-        trains = ".thinking." in name or (freeze == "non_thinking_ffn" and name.startswith(beside))
-        param.requires_grad_(freeze == "none" or trains)
-        counts["trainable" if param.requires_grad else "frozen"] += param.numel()
-    if not counts["trainable"]:
-        raise ValueError("the model has no CTM layers to train (ctm_layers='none')")
-    return counts
+    def before_training(self, model) -> dict:
+        """The recall warm-up (`phase1.recall_warmup`; none: {}): `model` trained in place on recall rows only, with
+        the phase's TrainingArguments overlaid with the warm-up's `training`, `max_steps` = `steps`. Returns its
+        figures, also kept in `recall-warmup/warmup_results.json`, so a resumed phase 1 past it reports them too."""
+        spec = self.spec.recall_warmup
+        if spec is None:
+            return {}
+        folder = self.output_dir / RECALL_WARMUP_FOLDER
+        results = folder / "warmup_results.json"
+        if self.resume and results.is_file() and list(self.output_dir.glob("checkpoint-*")):
+            return json.loads(results.read_text())  # the main stage's checkpoint already holds the warmed-up weights
+        args = self.config.training_arguments(1, folder, **spec.training, max_steps=spec.steps)
+        n_rows = spec.steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        trainer = CTMTrainer(model=model, args=args, train_dataset=recall_warmup_rows(self.config, self.data.tokenizer, n_rows),
+                             processing_class=self.data.tokenizer, bytes_per_token=self.data.bytes_per_token)  # fmt: skip
+        started = time.perf_counter()
+        trainer.train(resume_from_checkpoint=True if self.resume and list(folder.glob("checkpoint-*")) else None)
+        figures = {"recall_warmup_steps": trainer.state.global_step, "recall_warmup_seconds": time.perf_counter() - started}
+        rows = held_out_recall_rows(self.config, self.data.tokenizer)
+        if rows is not None:  # what the warm-up alone formed, before the text
+            figures["recall_accuracy_after_warmup"] = recall_accuracy(model, rows)
+        atomic_write(results, lambda tmp: Path(tmp).write_text(json.dumps(figures, indent=2)))  # never half-written
+        print(f"phase 1 recall warm-up: {json.dumps(figures)}")
+        return figures
 
 
-PHASES: dict[int, Phase] = {
-    phase.number: phase
-    for phase in (
-        Phase(
-            1,
-            "language",
-            "A plain decoder-only transformer (no thinking layers) trained on language modelling.",
-            language_config,
-        ),
-        Phase(
-            2,
-            "thinking",
-            "CTM blocks that think for K ticks per token joined the chosen layers, beside their MLPs (`ctm_mlp='keep'`, "
-            "an exact start at phase 1's function) or in their place (`'replace'`); everything but the thinking layers "
-            "was frozen while the blocks (tick embeddings included) learned.",
-            start_thinking,
-        ),
-        Phase(
-            3,
-            "continuity",
-            "The thinking state is carried from chunk to chunk (`ctm_carry='chunk'`); trained on chunked sequences "
-            "with gradients flowing back through the carried state.",
-            start_continuity,
-        ),
-        Phase(4, "online", "Online learning: Hebbian plasticity and episodic memory during live use.", None),
-    )
-}
+class ThinkingPhase(PhaseRecipe):
+    number = 2
+
+    def build_model(self) -> CTMForCausalLM:
+        model = start_thinking(self.source, **self.config.thinking_fields())
+        counts = freeze_for_thinking(model, self.spec.freeze)
+        print(f"phase 2: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters")
+        return model
 
 
-def get_phase(number: int) -> Phase:
+class ContinuityPhase(PhaseRecipe):
+    number = 3
+    trainer_class = ContinuityTrainer
+
+    def build_model(self) -> CTMForCausalLM:
+        model = start_continuity(self.source, chunk_size=self.spec.chunk_size)
+        counts = freeze_for_thinking(model, self.spec.freeze)
+        print(f"phase 3: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters")
+        return model
+
+    def trainer_options(self) -> dict:
+        return {"chunk_length": self.spec.chunk_length, "gradient_window": self.spec.gradient_window,
+                "cut_attention": self.spec.cut_attention}  # fmt: skip
+
+
+def online_session(model, tokenizer, spec: OnlinePhaseConfig, session: OnlineConfig | None = None) -> CTMOnlineSession:
+    """The session `phase4` describes: episodic memory, plasticity, sleep and the token memory (added to `model` in
+    place, empty), each optional. `session` replaces `spec.session`."""
+    memory = plasticity = heap = consolidator = None
+    if spec.token_memory == "token":  # a checkpoint from before phase 4 gets the memory, empty
+        model.add_token_memory()
+    if spec.memory is not None:
+        memory = CTMEpisodicMemory.for_model(model.config, **spec.memory)
+    if spec.plasticity is not None:
+        plasticity = HebbianPlasticity(model, spec.plasticity)
+    if spec.sleep is not None:
+        heap = ReplayHeap(capacity=spec.sleep.capacity, admission=spec.sleep.admission)
+        consolidator = Consolidator(model, spec.sleep.consolidation)
+    return CTMOnlineSession(model, tokenizer, memory, plasticity, heap, consolidator, session or spec.session)
+
+
+def live_through(session: CTMOnlineSession, script: list[list[str]]) -> dict:
+    """Run the conversations; returns the reports, the tokens and the wall time."""
+    started, reports = time.perf_counter(), []
+    for conversation in script:
+        for message in conversation:
+            session.say(message)
+        reports.append(session.end())
+    tokens = sum(r["tokens"] for r in reports)
+    return {"seconds": time.perf_counter() - started, "tokens": tokens, "reports": reports}
+
+
+class OnlinePhase(PhaseRecipe):
+    """The phase-3 model lives through the scripted conversations with its memory stack on, then is evaluated,
+    sampled and saved like the other phases, its brain (`session.save`) beside the checkpoint. The same script is run
+    once with the memory stack off, on a fresh copy, to state what the stack costs per token. A phase of conversations
+    has no Trainer checkpoints: a rerun replays the same script exactly."""
+
+    number = 4
+
+    def build_model(self) -> CTMForCausalLM:
+        model = CTMForCausalLM.from_pretrained(self.source)
+        freeze_for_thinking(model, self.spec.freeze)  # sleep consolidates what phases 2-3 trained
+        return model
+
+    def run(self) -> PhaseResult:
+        seed_everything(self.config)
+        script = conversation_script(self.config, self.data)
+        tokenizer = self.data.tokenizer
+        bare_session = OnlineConfig(**{**vars(self.spec.session), "sleep_every": None})  # the same script, no stack
+        off = live_through(CTMOnlineSession(self.build_model(), tokenizer, config=bare_session), script)
+        session = online_session(self.build_model(), tokenizer, self.spec)
+        on = live_through(session, script)
+        session.save(self.output_dir / "brain")
+        trainer = CTMTrainer(model=session.model, args=self.config.training_arguments(4, self.output_dir),
+                             eval_dataset=self.data.eval, processing_class=tokenizer,
+                             bytes_per_token=self.data.bytes_per_token)  # fmt: skip
+
+        def save_memory(target: Path):  # the episodic memory travels (and is pushed) with the checkpoint
+            if session.memory is not None:
+                session.memory.save_pretrained(target / "episodic_memory")
+
+        return finish_phase(trainer, 4, self.config, self.run_dir, self.data, on["seconds"], base_model=self.source,
+                            extra_metrics=memory_figures(session, on, off), write_extra=save_memory)  # fmt: skip
+
+
+def memory_figures(session: CTMOnlineSession, on: dict, off: dict) -> dict:
+    """What phase 4's memory stack did and cost: recall, episodes, edits, sleeps, memory held, time per token."""
+    reports = on["reports"]
+    brain_bytes = 0
+    if session.memory is not None:
+        brain_bytes += session.memory.bytes_per_episode * session.memory.capacity
+    if session.plasticity is not None:
+        brain_bytes += memory_held_bytes(session.plasticity)
+    if session.heap is not None:
+        brain_bytes += session.heap.memory_bytes()
+    edits = [r["plasticity"] for r in reports if "plasticity" in r]
+    ratios = [abs(v - 1) for e in edits if e.get("applied") for v in e["norm_ratio"].values()]
+    return {
+        "online_conversations": len(reports),
+        "online_tokens": on["tokens"],
+        "online_recall_rate": sum(r["recalled"] for r in reports) / len(reports),
+        "online_episodes": reports[-1].get("episodes", 0),
+        "online_edits_applied": sum(bool(e.get("applied")) for e in edits),
+        "online_edits_skipped": sum(bool(e.get("skipped")) for e in edits),
+        "online_max_norm_drift": max(ratios, default=0.0),
+        "online_sleeps": sum("sleep" in r for r in reports),
+        "online_brain_bytes": brain_bytes,
+        "online_ms_per_token_on": 1000 * on["seconds"] / on["tokens"],
+        "online_ms_per_token_off": 1000 * off["seconds"] / off["tokens"],
+    }
+
+
+PHASES: dict[int, type[PhaseRecipe]] = {cls.number: cls for cls in (LanguagePhase, ThinkingPhase, ContinuityPhase,
+                                                                     OnlinePhase)}  # fmt: skip
+
+
+def get_phase(number: int) -> type[PhaseRecipe]:
     if number not in PHASES:
         raise ValueError(f"phase={number!r} is invalid: allowed values are {sorted(PHASES)}")
     return PHASES[number]

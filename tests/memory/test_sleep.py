@@ -349,7 +349,8 @@ def test_two_cpu_processes_sleep_on_the_same_sequences_and_stay_identical(tmp_pa
 
 
 def test_a_preset_sleep_section_reaches_every_phase_trainer(tmp_path):
-    from modeling_ctm.training.runs import train_phase
+    from modeling_ctm.training.phases import ContinuityPhase, LanguagePhase, ThinkingPhase
+    from modeling_ctm.training.runs import load_preset
 
     class Captured(Exception):
         pass
@@ -357,19 +358,21 @@ def test_a_preset_sleep_section_reaches_every_phase_trainer(tmp_path):
     def trainer_class(**kwargs):
         raise Captured(kwargs)
 
-    preset = {"training": {"report_to": []}, "phase2": {"training": {}}, "sleep": {"every": 7}}
-    with pytest.raises(Captured) as caught:
-        train_phase(2, preset, tmp_path, data=type("D", (), {"train": None, "eval": None, "tokenizer": None,
-                                                              "bytes_per_token": 1.0})(), model=None,
-                    trainer_class=trainer_class)  # fmt: skip
-    (callback,) = caught.value.args[0]["callbacks"]
-    assert isinstance(callback, SleepCallback) and callback.every == 7
-    del preset["sleep"]
-    with pytest.raises(Captured) as caught:
-        train_phase(2, preset, tmp_path, data=type("D", (), {"train": None, "eval": None, "tokenizer": None,
-                                                              "bytes_per_token": 1.0})(), model=None,
-                    trainer_class=trainer_class)  # fmt: skip
-    assert "callbacks" not in caught.value.args[0]  # off by default
+    data = type("D", (), {"train": None, "eval": None, "tokenizer": None, "bytes_per_token": 1.0})()
+
+    def trainer_options(config, recipe_class):
+        recipe = recipe_class(config, tmp_path, data, source=tmp_path)
+        recipe.trainer_class = trainer_class
+        with pytest.raises(Captured) as caught:
+            recipe.build_trainer(None, data)
+        return caught.value.args[0]
+
+    config = load_preset("tiny", ["sleep.every=7", "training.report_to=[]"])
+    for recipe_class in (LanguagePhase, ThinkingPhase, ContinuityPhase):
+        (callback,) = trainer_options(config, recipe_class)["callbacks"]
+        assert isinstance(callback, SleepCallback) and callback.every == 7
+        assert callback.heap.admission == "reservoir"  # the one default admission of the recipe config
+    assert "callbacks" not in trainer_options(load_preset("tiny"), ThinkingPhase)  # off by default
 
 
 def test_a_phase1_language_model_sleeps_without_a_dream():

@@ -10,7 +10,15 @@ from tiny import TINY, tiny_blocks, tiny_model, tiny_training_args
 from transformers import TrainerCallback
 
 from modeling_ctm import CTMForCausalLM
-from modeling_ctm.training.phases import PHASES, freeze_for_thinking, get_phase, language_config, start_thinking
+from modeling_ctm.training.phase_names import phase_name
+from modeling_ctm.training.phases import (
+    PHASES,
+    ThinkingPhase,
+    freeze_for_thinking,
+    get_phase,
+    language_config,
+    start_thinking,
+)
 from modeling_ctm.training.trainers import ContinuityTrainer, CTMTrainer
 
 
@@ -129,7 +137,8 @@ def test_one_phase_registry_names_every_phase_folder_and_card():
         "phase3-continuity",
         "phase4-online",
     ]
-    assert PHASES[2].transform is start_thinking and PHASES[2].recipe == "recipes/phase2_thinking.py"
+    assert PHASES[2] is ThinkingPhase and PHASES[2].recipe == "recipes/phase2_thinking.py"
+    assert [PHASES[n].name for n in sorted(PHASES)] == [phase_name(n).name for n in sorted(PHASES)]  # cards agree
     for phase in PHASES.values():
         if phase.number < 4:  # phase 4's recipe comes with the online session
             assert (REPO / phase.recipe).is_file()

@@ -97,7 +97,8 @@ def test_recall_base_quick_run_writes_both_arms(tmp_path):
 
 
 def test_phase1_recall_share_mixes_recall_rows_into_phase_1_only():
-    from modeling_ctm.training.runs import Data, load_preset, phase1_data
+    from modeling_ctm.training.run_data import Data, phase1_data
+    from modeling_ctm.training.runs import load_preset
     from modeling_ctm.training.tokenization import train_tokenizer
 
     tokenizer = train_tokenizer(["the cat sat on the mat. " * 20, "a dog ran in the park. " * 20], vocab_size=300)
@@ -107,22 +108,19 @@ def test_phase1_recall_share_mixes_recall_rows_into_phase_1_only():
         features=PACKED_FEATURES,
     )
     data = Data(tokenizer, blocks, blocks, 4.0, 5.0, "blocks", "held out")
-    preset = load_preset("tiny")
-    assert preset["phase1"]["recall_share"] == 0.1 and preset["phase1"]["recall_warmup"]["steps"] > 0  # shipped
-    del preset["phase1"]["recall_warmup"]
-    preset["phase1"]["recall_share"] = 0.0
-    assert phase1_data(preset, data) is data  # 0: the blocks as they are
-    preset["phase1"].update(recall_share=0.2, recall_pairs=3)
+    shipped = load_preset("tiny")
+    assert shipped.phase1.recall_share == 0.1 and shipped.phase1.recall_warmup.steps > 0
+    assert phase1_data(load_preset("tiny", ["phase1.recall_warmup=null", "phase1.recall_share=0"]), data) is data
+    preset = load_preset("tiny", ["phase1.recall_warmup=null", "phase1.recall_share=0.2", "phase1.recall_pairs=3"])
     mixed = phase1_data(preset, data)
     assert len(mixed.train) == 50 and mixed.eval is blocks and "20% of the rows in-context recall" in mixed.description
     special = set(tokenizer.all_special_ids)
     recall = [ids for ids in mixed.train["input_ids"] if ids not in block_ids.tolist()]
     assert len(recall) == 10 and not special & {i for ids in recall for i in ids}
-    preset["phase1"]["recall_loss_on"] = "answers"
+    preset.phase1.recall_loss_on = "answers"
     assert "the loss on the answers" in phase1_data(preset, data).description
-    preset["phase1"]["recall_loss_on"] = "facts"
     with pytest.raises(ValueError, match="phase1.recall_loss_on='facts' is invalid: allowed values are"):
-        phase1_data(preset, data)
+        load_preset("tiny", ["phase1.recall_loss_on=facts"])  # refused at load, before any training
 
 
 class _Lookahead(torch.nn.Module):
@@ -154,23 +152,25 @@ def test_recall_accuracy_scores_the_queried_values_only():
 
 
 def test_phase1_recall_tokens_limits_the_ids_of_recall_rows_and_the_held_out_ones():
-    from modeling_ctm.training.runs import held_out_recall_rows, load_preset, recall_vocabulary_of
+    from modeling_ctm.training.run_data import held_out_recall_rows, recall_vocabulary_of
+    from modeling_ctm.training.runs import load_preset
     from modeling_ctm.training.tokenization import train_tokenizer
 
     tokenizer = train_tokenizer(["the cat sat on the mat. " * 20, "a dog ran in the park. " * 20], vocab_size=300)
     preset = load_preset("tiny")
     first = max(tokenizer.all_special_ids) + 1
-    keys, values = recall_vocabulary_of(tokenizer, preset)
+    keys, values = recall_vocabulary_of(tokenizer, preset.phase1.recall_tokens)
     assert keys[0] == first and values[-1] == len(tokenizer) - 1  # default: every ordinary token
-    preset["phase1"]["recall_tokens"] = 40
-    keys, values = recall_vocabulary_of(tokenizer, preset)
+    preset = load_preset("tiny", ["phase1.recall_tokens=40"])
+    keys, values = recall_vocabulary_of(tokenizer, preset.phase1.recall_tokens)
     assert len(keys) == len(values) == 20 and values[-1] == first + 39
     rows = held_out_recall_rows(preset, tokenizer)
     assert max(max(ids) for ids in rows["input_ids"]) <= first + 39 and len(rows) == 64
-    for bad in (2, 10**6, "many"):
-        preset["phase1"]["recall_tokens"] = bad
-        with pytest.raises(ValueError, match="phase1.recall_tokens"):
-            recall_vocabulary_of(tokenizer, preset)
+    for bad in (2, 10**6):
+        with pytest.raises(ValueError, match=f"phase1.recall_tokens={bad} is invalid: allowed values are integers 4"):
+            recall_vocabulary_of(tokenizer, bad)
+    with pytest.raises(ValueError, match="phase1.recall_tokens='many' is invalid: allowed values are an integer"):
+        load_preset("tiny", ["phase1.recall_tokens=many"])
 
 
 def test_the_episodes_of_a_row_tell_distinct_keys_so_no_lookup_is_ambiguous():
@@ -186,11 +186,13 @@ def test_the_episodes_of_a_row_tell_distinct_keys_so_no_lookup_is_ambiguous():
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        (300, "phase1.recall_warmup=300 is invalid: allowed values are null or a mapping with keys"),
-        ({"steps": 10, "lr": 1e-3}, r"phase1.recall_warmup keys \['lr'\] are invalid: allowed keys are"),
+        (300, r"phase1.recall_warmup=300 is invalid: allowed values are a mapping \(RecallWarmupConfig\) or null"),
+        ({"steps": 10, "lr": 1e-3}, r"phase1.recall_warmup.lr: unknown key; allowed keys are \['length', "),
         ({"steps": 0}, "phase1.recall_warmup.steps=0 is invalid: allowed values are integers >= 1"),
-        ({"tokens": 128}, "phase1.recall_warmup.steps=None is invalid: allowed values are integers >= 1"),
-        ({"steps": 5, "training": {"max_steps": 9}}, "phase1.recall_warmup.training=.* other than max_steps"),
+        ({"tokens": 128}, "phase1.recall_warmup.steps: missing; allowed values are an integer"),
+        ({"steps": 5, "training": {"max_steps": 9}}, "phase1.recall_warmup.training.max_steps is invalid here"),
+        ({"steps": 5, "training": {"learning_rat": 1}}, "phase1.recall_warmup.training.learning_rat: unknown key; did "
+                                                         "you mean 'learning_rate'"),
         ({"steps": 5, "length": 39}, r"recall_warmup.length=39 is invalid: allowed values are integers 40 \.\. 128"),
         ({"steps": 5, "length": 129}, "phase1.recall_warmup.length=129 is invalid"),
         ({"steps": 5, "loss_on": "keys"}, r"recall_warmup.loss_on='keys' is invalid: allowed values are \['all', "),
@@ -199,9 +201,10 @@ def test_the_episodes_of_a_row_tell_distinct_keys_so_no_lookup_is_ambiguous():
 def test_a_bad_recall_warmup_is_refused_at_load_naming_the_field(tmp_path, section, message):
     import yaml
 
+    from modeling_ctm.training.recipe_config import load_raw_preset
     from modeling_ctm.training.runs import load_preset
 
-    preset = load_preset("tiny")
+    preset = load_raw_preset("tiny")
     preset["phase1"]["recall_warmup"] = section
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(preset))
@@ -210,28 +213,29 @@ def test_a_bad_recall_warmup_is_refused_at_load_naming_the_field(tmp_path, secti
 
 
 def test_recall_warmup_rows_are_fresh_recall_rows_over_the_warmup_ids():
-    from modeling_ctm.training.runs import load_preset, recall_warmup_rows
+    from modeling_ctm.training.run_data import recall_warmup_rows
+    from modeling_ctm.training.runs import load_preset
     from modeling_ctm.training.tokenization import train_tokenizer
 
     tokenizer = train_tokenizer(["the cat sat on the mat. " * 20, "a dog ran in the park. " * 20], vocab_size=300)
     first = max(tokenizer.all_special_ids) + 1
-    preset = load_preset("tiny")
-    preset["phase1"].update(recall_pairs=4, recall_warmup={"steps": 2, "tokens": 40})
+    settings = ["phase1.recall_pairs=4", "phase1.recall_warmup={steps: 2, tokens: 40}"]
+    preset = load_preset("tiny", settings)
     assert np.asarray(recall_warmup_rows(preset, tokenizer, 3)["input_ids"]).shape == (3, 128)  # default: block_size
-    preset["phase1"]["recall_warmup"]["length"] = 16  # one episode of 4 facts
+    preset = load_preset("tiny", [*settings, "phase1.recall_warmup.length=16"])  # one episode of 4 facts
     rows = recall_warmup_rows(preset, tokenizer, 12)
     assert rows.column_names == ["input_ids", "attention_mask", "labels"] and len(rows) == 12
     ids = np.asarray(rows["input_ids"])
     assert ids.shape == (12, 16) and ids.min() >= first and ids.max() <= first + 39
     assert len({row.tobytes() for row in ids}) == 12  # every row its own facts
     assert rows["labels"] == rows["input_ids"]  # default: the loss covers every token, as in a data mixture
-    preset["phase1"]["recall_warmup"]["loss_on"] = "answers"
+    preset.phase1.recall_warmup.loss_on = "answers"
     answers = recall_warmup_rows(preset, tokenizer, 12)
     assert answers["input_ids"] == rows["input_ids"]
     for ids_, labels in zip(answers["input_ids"], answers["labels"]):
         kept = [i for i, label in enumerate(labels) if label != -100]
         assert kept == [9, 11, 13, 15] and [labels[i] for i in kept] == [ids_[i] for i in kept]  # the queried values
-    preset["phase1"]["recall_warmup"]["tokens"] = 2
+    preset.phase1.recall_warmup.tokens = 2
     with pytest.raises(ValueError, match="phase1.recall_warmup.tokens=2 is invalid: allowed values are integers 4"):
         recall_warmup_rows(preset, tokenizer, 12)
 
@@ -242,13 +246,15 @@ def test_the_recall_warmup_trains_its_steps_on_recall_rows_at_its_own_rate_befor
     does not train it again and still reports it."""
     from tiny import micro_preset
 
-    from modeling_ctm.training.runs import RECALL_WARMUP_FOLDER, load_preset, prepare_data, run_phase
+    from modeling_ctm.training.phases import RECALL_WARMUP_FOLDER
+    from modeling_ctm.training.runs import load_preset, prepare_data, run_phase
 
-    preset = load_preset(str(micro_preset(tmp_path)))
-    preset["training"]["save_steps"] = 1
-    rate = {"learning_rate": 1.0e-4, "lr_scheduler_type": "constant"}
-    preset["phase1"]["recall_pairs"] = 4  # a whole episode (16 tokens) fits the micro blocks (32)
-    preset["phase1"]["recall_warmup"] = {"steps": 3, "length": 16, "tokens": 40, "training": rate}
+    preset = load_preset(str(micro_preset(tmp_path)), [
+        "training.save_steps=1",
+        "phase1.recall_pairs=4",  # a whole episode (16 tokens) fits the micro blocks (32)
+        "phase1.recall_warmup={steps: 3, length: 16, tokens: 40, training: {learning_rate: 1.0e-4, "
+        "lr_scheduler_type: constant}}",
+    ])  # fmt: skip
     run_dir = tmp_path / "run"
     data = prepare_data(preset, run_dir)
     result = run_phase(1, preset, run_dir, data)

@@ -1,6 +1,5 @@
 """The main job end to end on a micro preset: phases 1 -> 2 -> 3, evaluation, samples, model cards, summary."""
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ import yaml
 from helpers import REPO
 from huggingface_hub import ModelCard
 from tiny import micro_preset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_ctm import CTMConfig
 
@@ -21,7 +20,8 @@ sys.path.insert(0, str(RECIPES))
 import run_all  # noqa: E402
 
 from modeling_ctm.memory.session import CTMOnlineSession  # noqa: E402
-from modeling_ctm.training.runs import load_preset, training_arguments  # noqa: E402
+from modeling_ctm.training.recipe_config import load_raw_preset  # noqa: E402
+from modeling_ctm.training.runs import load_preset  # noqa: E402
 
 
 @pytest.mark.slow
@@ -74,21 +74,18 @@ def test_main_job_runs_the_four_phases_and_writes_cards(tmp_path):
 
 
 def test_presets_are_valid_and_bad_names_are_refused(tmp_path):
-    known = {field.name for field in dataclasses.fields(TrainingArguments)}
     for name in ("tiny", "gpu"):
-        preset = load_preset(name)
-        assert preset["phase3"]["chunk_length"] % preset["phase3"]["chunk_size"] == 0
-        for phase in (1, 2, 3):
-            assert set(preset["training"]) | set(preset[f"phase{phase}"]["training"]) <= known
-        CTMConfig(**preset["model"], **preset["thinking"])  # the architecture validates
+        config = load_preset(name)  # typed and checked whole: TrainingArguments overlays included
+        assert config.thinking.profile == "awake" and config.thinking_fields()["ctm_mlp"] == "replace"
+        CTMConfig(**config.model, **config.thinking_fields())  # the architecture validates
     for phase in (1, 2, 3):  # the tiny preset builds here (the gpu one asks for bf16 on a GPU)
-        assert training_arguments(load_preset("tiny"), phase, tmp_path).use_cpu
+        assert load_preset("tiny").training_arguments(phase, tmp_path).use_cpu
     with pytest.raises(ValueError, match="preset='huge' is invalid: allowed values are"):
         load_preset("huge")
-    bad = load_preset("tiny")
+    bad = load_raw_preset("tiny")
     bad["phase4"]["token_memory"] = "slots"
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
-    with pytest.raises(ValueError, match=r"phase4.token_memory='slots' is invalid: allowed values are \('none', 'token'\)"):
+    with pytest.raises(ValueError, match=r"phase4.token_memory='slots' is invalid: allowed values are \['none', 'token'\]"):
         load_preset(str(tmp_path / "bad.yaml"))
 
 
@@ -99,14 +96,12 @@ def test_the_torch_compile_switch_reaches_the_trainer(tmp_path):
     from tiny import tiny_blocks, tiny_model, tiny_training_args
     from transformers import Trainer
 
-    from modeling_ctm.training.runs import check_torch_compile
-
-    preset = load_preset("tiny")
-    assert preset["torch_compile"] is False and not training_arguments(preset, 1, tmp_path).torch_compile
-    preset["torch_compile"] = True
-    assert all(training_arguments(preset, phase, tmp_path).torch_compile for phase in (1, 2, 3))
-    with pytest.raises(ValueError, match="preset torch_compile='yes' is invalid: allowed values are true or false"):
-        check_torch_compile({"torch_compile": "yes"})
+    config = load_preset("tiny")
+    assert config.torch_compile is False and not config.training_arguments(1, tmp_path).torch_compile
+    compiled = load_preset("tiny", ["torch_compile=true"])
+    assert all(compiled.training_arguments(phase, tmp_path).torch_compile for phase in (1, 2, 3))
+    with pytest.raises(ValueError, match="torch_compile=1 is invalid: allowed values are true or false"):
+        load_preset("tiny", ["torch_compile=1"])
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     args = tiny_training_args(tmp_path / "run", max_steps=2, torch_compile=True, torch_compile_backend="eager")

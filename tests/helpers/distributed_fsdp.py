@@ -10,7 +10,8 @@ logs), `OUT/how.json` (how accelerate joined the processes and what the model be
 
 accelerate 1.16 turns an FSDP launch into FSDP only on accelerator devices: `AcceleratorState` switches to
 `DistributedType.FSDP` in its MULTI_GPU/XPU/NPU/... branch, and CPU processes stay `MULTI_CPU`, where the Trainer's
-model is wrapped in DDP. Unless `--as-launched`, `fsdp_on_cpu` does on CPU what that branch does on GPUs (and nothing
+model is wrapped in DDP (and, with the config's cpu-RAM-efficient loading, rank 1's model was built on the meta device
+for FSDP to fill, so DDP fails: `--as-launched` shows it). Unless `--as-launched`, `fsdp_on_cpu` does on CPU what that branch does on GPUs (and nothing
 else), so accelerate's own FSDP2 path runs: `fsdp2_prepare_model` (`fully_shard` per `CTMDecoderLayer`, then the
 root), the gathered full state dict for saving, and the sharded optimizer state of its checkpoints."""
 
@@ -39,11 +40,15 @@ def fsdp_on_cpu() -> None:
     (gloo), ranks and device stay as accelerate set them up for MULTI_CPU; only the distributed type and the FSDP
     plugin (read from the launcher's FSDP_* environment, as `Accelerator` does) change."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
-        raise RuntimeError("fsdp_on_cpu needs an FSDP launch: accelerate launch --config_file recipes/accelerate/fsdp.yaml")
+        raise RuntimeError(
+            "fsdp_on_cpu needs an FSDP launch: accelerate launch --config_file recipes/accelerate/fsdp.yaml"
+        )
     plugin = FullyShardedDataParallelPlugin()
     state = Accelerator(cpu=True, fsdp_plugin=plugin).state  # the Trainer's Accelerator joins this shared state
     if state.distributed_type != DistributedType.MULTI_CPU:
-        raise RuntimeError(f"expected accelerate to fall back to MULTI_CPU on CPU processes, got {state.distributed_type}")
+        raise RuntimeError(
+            f"expected accelerate to fall back to MULTI_CPU on CPU processes, got {state.distributed_type}"
+        )
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = plugin
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
@@ -72,7 +77,9 @@ def main(out: Path, phase1: Path, max_steps: int, resume: str | None, as_launche
             "is_fsdp2": bool(trainer.accelerator.is_fsdp2),
             "wrapper": type(prepared).__name__,
             # FSDP2 turns each unit's class into FSDP<class> and its parameters into DTensors sharded on dim 0
-            "fsdp_units": sorted({type(m).__name__ for m in trainer.model.modules() if type(m).__name__.startswith("FSDP")}),
+            "fsdp_units": sorted(
+                {type(m).__name__ for m in trainer.model.modules() if type(m).__name__.startswith("FSDP")}
+            ),
             "dtensor_parameters": sum(type(p).__name__ == "DTensor" for p in trainer.model.parameters()),
             "parameters": sum(1 for _ in trainer.model.parameters()),
             "local_shapes": {

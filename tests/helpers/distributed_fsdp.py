@@ -2,7 +2,10 @@
 through `CTMTrainer`, either alone (`python distributed_fsdp.py ...`) or under
 `accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 ...` on CPU processes over gloo.
 
-    distributed_fsdp.py OUT PHASE1_FOLDER MAX_STEPS [--resume CHECKPOINT] [--as-launched]
+    distributed_fsdp.py OUT PHASE1_FOLDER MAX_STEPS [--resume CHECKPOINT] [--as-launched] [--continuity]
+
+`--continuity` trains phase 3's way instead: the thinking state carried across chunks of 8 tokens by
+`ContinuityTrainer` (several forwards and backwards per step through one FSDP2 model).
 
 The global batch is 4 sequences however many processes share it. Rank 0 writes `OUT/log_history.json` (the Trainer's
 logs), `OUT/how.json` (how accelerate joined the processes and what the model became) and the final model with
@@ -27,12 +30,14 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from tiny import tiny_blocks, tiny_training_args
 
 from modeling_ctm.training.phases import freeze_for_thinking, start_thinking
-from modeling_ctm.training.trainers import CTMTrainer
+from modeling_ctm.training.trainers import ContinuityTrainer, CTMTrainer
 
 
 GLOBAL_BATCH = 4
+# decays start inside their clamp range [0, 15], off its edge at 0 where data-parallel rounding decides whether a
+# nearly cancelling gradient passes (see tests/training/test_fsdp.py)
 THINKING = dict(ctm_ticks=2, ctm_memory_length=3, ctm_n_synch_out=16, ctm_n_synch_action=8, ctm_nlm_hidden_size=4,
-                ctm_synapse_depth=2)  # fmt: skip
+                ctm_synapse_depth=2, ctm_decay_init_range=[0.5, 1.0])  # fmt: skip
 
 
 def fsdp_on_cpu() -> None:
@@ -54,7 +59,7 @@ def fsdp_on_cpu() -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
-def main(out: Path, phase1: Path, max_steps: int, resume: str | None, as_launched: bool) -> None:
+def main(out: Path, phase1: Path, max_steps: int, resume: str | None, as_launched: bool, continuity: bool) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = tiny_training_args(
         out / "run", max_steps=max_steps, per_device_train_batch_size=GLOBAL_BATCH // world_size,
@@ -64,9 +69,14 @@ def main(out: Path, phase1: Path, max_steps: int, resume: str | None, as_launche
         args.device  # noqa: B018 - sets up accelerate's PartialState (gloo, MULTI_CPU) the way the Trainer would
         fsdp_on_cpu()
     torch.manual_seed(0)
-    model = start_thinking(phase1, ctm_layers="last", **THINKING).train()
+    carry = dict(ctm_carry="chunk", ctm_chunk_size=4) if continuity else {}
+    model = start_thinking(phase1, ctm_layers="last", **THINKING, **carry).train()
     freeze_for_thinking(model)
-    trainer = CTMTrainer(model=model, args=args, train_dataset=tiny_blocks(32, 16, seed=0))
+    data = tiny_blocks(32, 16, seed=0)
+    if continuity:
+        trainer = ContinuityTrainer(model=model, args=args, train_dataset=data, chunk_length=8, gradient_window=1)
+    else:
+        trainer = CTMTrainer(model=model, args=args, train_dataset=data)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out / "final"))
     if args.process_index == 0:
@@ -96,4 +106,4 @@ def main(out: Path, phase1: Path, max_steps: int, resume: str | None, as_launche
 if __name__ == "__main__":
     argv = sys.argv[1:]
     resume = argv[argv.index("--resume") + 1] if "--resume" in argv else None
-    main(Path(argv[0]), Path(argv[1]), int(argv[2]), resume, "--as-launched" in argv)
+    main(Path(argv[0]), Path(argv[1]), int(argv[2]), resume, "--as-launched" in argv, "--continuity" in argv)

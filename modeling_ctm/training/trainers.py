@@ -13,7 +13,6 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
 from transformers import Trainer
 
 from ..cache_ctm import CTMCache
@@ -153,27 +152,6 @@ class CTMTrainer(Trainer):
             output.metrics[f"{prefix}_bpb"] = bits_per_byte(output.metrics[f"{prefix}_loss"], 1, self.bytes_per_token)
         output.metrics.update(extra)
         return output
-
-    def _save(self, output_dir=None, state_dict=None):
-        with _saved_as_built(self.model):
-            super()._save(output_dir, state_dict)
-
-
-@contextlib.contextmanager
-def _saved_as_built(model):
-    """FSDP2's `fully_shard` swaps a module's class for a generated `FSDP<Class>` defined in torch: `save_pretrained`
-    would write that class into the config's auto_map and copy torch's FSDP files instead of the package's modeling
-    code, so the folder would not load with `trust_remote_code`. While saving, the model shows the class it was built
-    as (the state dict to save is already gathered; nothing FSDP-specific runs)."""
-    if not isinstance(model, FSDPModule):
-        yield
-        return
-    wrapper_class = type(model)
-    model.__class__ = wrapper_class.__bases__[-1]  # type(f"FSDP{cls.__name__}", (FSDPModule, cls), ...)
-    try:
-        yield
-    finally:
-        model.__class__ = wrapper_class
 
 
 READOUT_SCALARS = {

@@ -8,8 +8,9 @@ through `CTMTrainer`, either alone (`python distributed_fsdp.py ...`) or under
 `ContinuityTrainer` (several forwards and backwards per step through one FSDP2 model).
 
 The global batch is 4 sequences however many processes share it. Rank 0 writes `OUT/log_history.json` (the Trainer's
-logs), `OUT/how.json` (how accelerate joined the processes and what the model became) and the final model with
-`trainer.save_model(OUT/final)`; checkpoints go to `OUT/run/checkpoint-*` every 2 steps.
+logs), `OUT/how.json` (how accelerate joined the processes and what the model became) and the final model twice,
+with `trainer.save_model(OUT/final)` and with `model.save_pretrained(OUT/saved_by_every_rank)` called by every rank; checkpoints go to
+`OUT/run/checkpoint-*` every 2 steps.
 
 accelerate 1.16 turns an FSDP launch into FSDP only on accelerator devices: `AcceleratorState` switches to
 `DistributedType.FSDP` in its MULTI_GPU/XPU/NPU/... branch, and CPU processes stay `MULTI_CPU`, where the Trainer's
@@ -79,6 +80,8 @@ def main(out: Path, phase1: Path, max_steps: int, resume: str | None, as_launche
         trainer = CTMTrainer(model=model, args=args, train_dataset=data)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out / "final"))
+    # what a recipe does after training: every process calls the model's own save_pretrained
+    trainer.model.save_pretrained(str(out / "saved_by_every_rank"))
     if args.process_index == 0:
         prepared = trainer.model_wrapped
         how = {

@@ -108,6 +108,15 @@ def _assert_fsdp_run_equals_one_process(phase1, alone, sharded, how):
     config = json.loads((sharded / "final/config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_ctm.CTMForCausalLM", config["auto_map"]
     assert {p.name for p in (sharded / "final").iterdir()} == {p.name for p in (alone / "final").iterdir()}
+    # the model's own save_pretrained, called by both processes as a recipe does, gathers the same tensors
+    by_every_rank = sharded / "saved_by_every_rank"
+    files = {p.name for p in (alone / "final").iterdir()} - {"training_args.bin"}  # the Trainer adds that one
+    assert {p.name for p in by_every_rank.iterdir()} == files
+    gathered = load_file(str(by_every_rank / "model.safetensors"))
+    assert sorted(gathered) == sorted(got)
+    for name in got:
+        torch.testing.assert_close(gathered[name], got[name], rtol=0.0, atol=0.0, msg=name)
+    assert json.loads((by_every_rank / "config.json").read_text())["auto_map"] == config["auto_map"]
     ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(

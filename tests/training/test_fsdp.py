@@ -1,11 +1,12 @@
-"""Phase 2 under accelerate's FSDP2 (`fully_shard`), launched with the shipped recipes/accelerate/fsdp.yaml on 2 CPU
-processes over gloo (tests/helpers/distributed_fsdp.py is the training script): a tiny Llama converted with
-`from_llama`, its CTM blocks trained by `CTMTrainer` with the trunk frozen.
+"""Phases 2 and 3 under accelerate's FSDP2 (`fully_shard`), launched with the shipped recipes/accelerate/fsdp.yaml on
+2 CPU processes over gloo (tests/helpers/distributed_fsdp.py is the training script): a tiny Llama converted with
+`from_llama`, its CTM blocks trained by `CTMTrainer` / `ContinuityTrainer` with the trunk frozen, against the same
+global batch on one process.
 
-accelerate 1.16 makes an FSDP launch FSDP only on accelerator devices; on CPU processes it silently trains with DDP
-(the second test pins that down). The helper switches the distributed type to FSDP the way accelerate's GPU branch does,
-and everything after that is accelerate's and torch's own FSDP2 code: sharding, gradient reduce-scatter, the gathered
-full state dict for `save_model`, the sharded optimizer state in checkpoints and resuming from them."""
+accelerate 1.16 makes an FSDP launch FSDP only on accelerator devices; on CPU processes it does not shard and the run
+fails (the last test pins that down). The helper switches the distributed type to FSDP the way accelerate's GPU branch
+does, and everything after that is accelerate's and torch's own FSDP2 code: sharding, gradient reduce-scatter, the
+gathered full state dict for saving, the optimizer state in checkpoints and resuming from them."""
 
 import json
 import os

@@ -780,6 +780,15 @@ class CTMDecoderLayer(GradientCheckpointingLayer):
         return residual + output, tick_residuals
 
 
+def _is_fully_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2's `fully_shard` manages `module` (torch builds without distributed support have no FSDP)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 class CTMPreTrainedModel(PreTrainedModel):
     config: CTMConfig
     config_class = CTMConfig
@@ -807,12 +816,33 @@ class CTMPreTrainedModel(PreTrainedModel):
                 "AutoModel": "modeling_ctm.CTMModel",
                 "AutoModelForCausalLM": "modeling_ctm.CTMForCausalLM",
             }
+        if _is_fully_sharded(self):
+            return self._save_fully_sharded(save_directory, *args, **kwargs)
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory) or kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
             # the error for a file, a Hub upload, or a non-main process (which writes nothing) go the usual way
             return super().save_pretrained(save_directory, *args, **kwargs)
         save = super().save_pretrained
         return save_folder_atomically(lambda staging: save(staging, *args, **kwargs), save_directory)
+
+    def _save_fully_sharded(self, save_directory, *args, **kwargs):
+        """`save_pretrained` of a model sharded by FSDP2 (`fully_shard`). Its parameters are shards, which safetensors
+        cannot write, and its class is a generated `FSDP<class>` defined in torch, which `save_pretrained` would name in
+        `auto_map` and whose files it would copy instead of this package's code. Without a `state_dict` the full one
+        is gathered (a collective: every process calls this, as after a Trainer run) and only rank 0 writes. The
+        folder is then saved as the class the model was built as."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if kwargs.get("state_dict") is None:
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets the tensors, on CPU
+            kwargs["state_dict"] = get_model_state_dict(self, options=options)
+            kwargs["is_main_process"] = kwargs.get("is_main_process", True) and torch.distributed.get_rank() == 0
+        wrapper_class = type(self)
+        self.__class__ = wrapper_class.__bases__[-1]  # torch builds it as type(f"FSDP{name}", (FSDPModule, cls), ...)
+        try:
+            return self.save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = wrapper_class
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

@@ -82,6 +82,9 @@ def load_llama(model_or_path, gguf_file: str | None = None, dtype: torch.dtype =
 
     if isinstance(model_or_path, PreTrainedModel):
         decoder_fields_from_llama(model_or_path.config)
+        if not type(model_or_path).__name__.endswith("ForCausalLM"):
+            # a bare decoder has no `lm_head` and its weights lack the `model.` prefix: name it rather than a key list
+            refuse("type(model)", type(model_or_path).__name__, "pass the causal LM (e.g. LlamaForCausalLM)")
         return model_or_path
     config = AutoConfig.from_pretrained(model_or_path, gguf_file=gguf_file)
     decoder_fields_from_llama(config)

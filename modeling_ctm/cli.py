@@ -72,11 +72,12 @@ def _chat(args) -> None:
             # a converted checkpoint without thinking layers has no thinking state to remember with
             spec = {"session": {k: v for k, v in spec["session"].items() if k != "sleep_every"}}
             print("[ctm_layers='none': a plain chat (memory, plasticity and sleep need thinking layers: convert with "
-                  "--set ctm_layers=last --set ctm_carry=chunk)]")  # fmt: skip
+                  "--set ctm_layers=last --set ctm_carry=chunk --set ctm_chunk_size=1)]")  # fmt: skip
         elif model.config.ctm_carry != "chunk":
             raise ValueError(
                 f"{args.checkpoint} has ctm_carry={model.config.ctm_carry!r}: chat carries thinking state between "
-                "turns and needs ctm_carry='chunk' (a phase 3 or 4 model, or ctm convert ... --set ctm_carry=chunk)"
+                "turns and needs ctm_carry='chunk' (a phase 3 or 4 model, or ctm convert ... --set ctm_carry=chunk "
+                "--set ctm_chunk_size=1)"
             )
         else:
             freeze_for_thinking(model, spec.get("freeze", "non_ctm"))  # what sleep may change, as in phase 4

@@ -79,19 +79,24 @@ def decoder_fields_from_llama(llama_config) -> dict:
     return fields
 
 
-def load_llama(model_or_path, gguf_file: str | None = None, dtype: torch.dtype = torch.float32):
+def load_llama(
+    model_or_path, gguf_file: str | None = None, dtype: torch.dtype = torch.float32, ctm_fields: dict | None = None
+):
     """A Llama-family causal LM from an instance, a local folder or a Hub id (with `gguf_file`, a GGUF file in that
-    folder, dequantized by transformers). The config is checked before any weight is read."""
+    folder, dequantized by transformers). The config, and the `ctm_fields` it will be converted with, are checked
+    before any weight is read."""
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+    from .configuration_ctm import CTMConfig
+
     if isinstance(model_or_path, PreTrainedModel):
-        decoder_fields_from_llama(model_or_path.config)
+        CTMConfig.from_llama_config(model_or_path.config, **(ctm_fields or {}))
         if not type(model_or_path).__name__.endswith("ForCausalLM"):
             # a bare decoder has no `lm_head` and its weights lack the `model.` prefix: name it rather than a key list
             refuse("type(model)", type(model_or_path).__name__, "pass the causal LM (e.g. LlamaForCausalLM)")
         return model_or_path
     config = AutoConfig.from_pretrained(model_or_path, gguf_file=gguf_file)
-    decoder_fields_from_llama(config)
+    CTMConfig.from_llama_config(config, **(ctm_fields or {}))
     return AutoModelForCausalLM.from_pretrained(model_or_path, gguf_file=gguf_file, dtype=dtype)
 
 
@@ -128,7 +133,7 @@ def convert_checkpoint(
     from .modeling_ctm import CTMForCausalLM
 
     start = time.perf_counter()
-    llama = load_llama(model_or_path, gguf_file=gguf_file, dtype=dtype)
+    llama = load_llama(model_or_path, gguf_file=gguf_file, dtype=dtype, ctm_fields=ctm_fields)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_or_path, gguf_file=gguf_file)
     except (OSError, ValueError) as error:

@@ -115,9 +115,9 @@ class CTMOnlineSession:
                         if part is not None]  # fmt: skip
             if attached:
                 raise ValueError(
-                    f"{', '.join(attached)} need thinking state, and this model has ctm_layers='none' (none to carry): "
-                    "convert it with thinking layers (ctm convert ... --set ctm_layers=last --set ctm_carry=chunk) "
-                    "or chat without them"
+                    f"{', '.join(attached)} need thinking state, and this model has ctm_layers='none' (none to "
+                    "carry): convert it with thinking layers (ctm convert ... --set ctm_layers=last --set "
+                    "ctm_carry=chunk --set ctm_chunk_size=1) or chat without them"
                 )
         elif model.config.ctm_carry != "chunk":
             raise ValueError(

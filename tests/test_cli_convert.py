@@ -139,6 +139,27 @@ def test_session_wraps_each_turn_in_the_chat_template(llama_folder, tmp_path):
     session.end()
 
 
+def test_score_asks_in_the_chat_format(llama_folder, tmp_path):
+    """With the chat template, `score` reads the question as a chat turn: its log-probabilities are those of one
+    forward over the rendered prompt followed by the candidate."""
+    out = converted(llama_folder, tmp_path / "ctm", "ctm_layers=last", "ctm_carry=chunk", "ctm_chunk_size=1")
+    model = CTMForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    session = CTMOnlineSession(model, tokenizer, config=OnlineConfig(chat_template=True, system="Be brief."))
+    scored = session.score("what is the code", ["Quenth", "a dog"])
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "what is the code"}]
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    for candidate, log_prob in zip(["Quenth", "a dog"], scored["log_probs"]):
+        target = tokenizer(candidate, add_special_tokens=False).input_ids
+        ids = torch.tensor([prompt_ids + target])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt_ids) - 1 : -1]
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(target)[:, None]).sum()
+        torch.testing.assert_close(log_prob, expected, atol=1e-4, rtol=1e-5)
+    assert session.ids is None and session.messages == 0  # the brain is left as it was
+
+
 def test_chat_on_a_converted_model_keeps_the_memory_stack_across_runs(llama_folder, tmp_path, capsys):
     out = converted(llama_folder, tmp_path / "ctm", "ctm_layers=last", "ctm_carry=chunk", "ctm_chunk_size=1")
     brain = tmp_path / "brain"

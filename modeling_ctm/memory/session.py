@@ -292,6 +292,10 @@ class CTMOnlineSession:
         as it was (no episode stored, no statistics, no counter or recency moved). How a sceptic asks "does it
         remember?" without the question itself becoming a memory.
 
+        With `chat_template`, the messages are rendered as the user turns of a new conversation, followed by the
+        template's prompt for the reply (the candidates continue it); the recall is still made by the first message's
+        own words.
+
         `message` may be a list of messages: each is encoded on its own, as `say` encodes the turns of a conversation
         (a word that opens a message is often another token than the same word after a space), and the recall is made
         by the first, as a conversation's first turn makes it.
@@ -310,6 +314,12 @@ class CTMOnlineSession:
         for m in messages:
             encoded.append(self.encode(m, used=sum(e.shape[1] for e in encoded)))
         ids = torch.cat(encoded, dim=1)
+        if self.config.chat_template:  # asked as a chat model is asked: the messages as user turns, then the reply
+            chat = [{"role": "system", "content": self.config.system}] if self.config.system else []
+            chat += [{"role": "user", "content": m} for m in messages]
+            text = self._render(chat, add_generation_prompt=True)
+            ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(self.model.device)
+            self.check_room(ids, used=0)
         cache = None
         if self.memory is not None and len(self.memory):
             cache = self.memory.recall(self.model, encoded[0], threshold=self.config.recall_threshold, mark_used=False)

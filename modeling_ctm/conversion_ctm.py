@@ -13,9 +13,6 @@ no sliding window; Qwen2 when it has none either (its q/k/v biases become `atten
 This file travels with checkpoints as remote code, like its siblings: it imports `transformers` and `torch` only.
 """
 
-import resource
-import sys
-import time
 
 import torch
 
@@ -80,23 +77,21 @@ def decoder_fields_from_llama(llama_config) -> dict:
 
 
 def load_llama(
-    model_or_path, gguf_file: str | None = None, dtype: torch.dtype = torch.float32, ctm_fields: dict | None = None
+    model_or_path, gguf_file: str | None = None, dtype: torch.dtype = torch.float32, check_config=decoder_fields_from_llama
 ):
     """A Llama-family causal LM from an instance, a local folder or a Hub id (with `gguf_file`, a GGUF file in that
-    folder, dequantized by transformers). The config, and the `ctm_fields` it will be converted with, are checked
-    before any weight is read."""
+    folder, dequantized by transformers). `check_config(config)` (by default the decoder-field check; the model passes
+    the whole conversion, its `ctm_fields` included) runs before any weight is read."""
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-    from .configuration_ctm import CTMConfig
-
     if isinstance(model_or_path, PreTrainedModel):
-        CTMConfig.from_llama_config(model_or_path.config, **(ctm_fields or {}))
+        check_config(model_or_path.config)
         if not type(model_or_path).__name__.endswith("ForCausalLM"):
             # a bare decoder has no `lm_head` and its weights lack the `model.` prefix: name it rather than a key list
             refuse("type(model)", type(model_or_path).__name__, "pass the causal LM (e.g. LlamaForCausalLM)")
         return model_or_path
     config = AutoConfig.from_pretrained(model_or_path, gguf_file=gguf_file)
-    CTMConfig.from_llama_config(config, **(ctm_fields or {}))
+    check_config(config)
     return AutoModelForCausalLM.from_pretrained(model_or_path, gguf_file=gguf_file, dtype=dtype)
 
 
@@ -111,56 +106,7 @@ def ctm_state_dict_from_llama(state_dict: dict, llama_config) -> dict:
     return converted
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (`ru_maxrss` is in kilobytes on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def convert_checkpoint(
-    model_or_path, output, gguf_file: str | None = None, dtype: torch.dtype = torch.float32, **ctm_fields
-) -> dict:
-    """Convert a Llama-family checkpoint (a folder or a Hub id; `gguf_file` for a GGUF file in that folder) and write
-    the CTM model, the checkpoint's tokenizer (with its chat template) and its generation config into `output`, as one
-    atomic save: a reader sees the previous folder's files or the new ones. The tokenizer is required: a converted
-    chat model is useless without its chat template.
-
-    Returns the seconds each step took (`load_seconds`, `convert_seconds`, `save_seconds`) and the process's peak RSS.
-    """
-    from transformers import AutoTokenizer
-
-    from .io_ctm import save_folder_atomically
-    from .modeling_ctm import CTMForCausalLM
-
-    start = time.perf_counter()
-    llama = load_llama(model_or_path, gguf_file=gguf_file, dtype=dtype, ctm_fields=ctm_fields)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_or_path, gguf_file=gguf_file)
-    except (OSError, ValueError) as error:
-        raise FileNotFoundError(f"{model_or_path} has no tokenizer that AutoTokenizer can load: {error}") from None
-    loaded = time.perf_counter()
-    model = CTMForCausalLM.from_llama(llama, dtype=dtype, **ctm_fields)
-    del llama
-    converted = time.perf_counter()
-
-    def save(staging: str) -> None:
-        model.save_pretrained(staging)  # weights, config, generation config and the model files (remote code)
-        tokenizer.save_pretrained(staging)
-
-    save_folder_atomically(save, str(output))
-    return {
-        "load_seconds": loaded - start,
-        "convert_seconds": converted - loaded,
-        "save_seconds": time.perf_counter() - converted,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "config": model.config,
-        "chat_template": getattr(tokenizer, "chat_template", None) is not None,
-    }
-
-
 __all__ = [
-    "convert_checkpoint",
-    "peak_rss_bytes",
     "SUPPORTED_MODEL_TYPES",
     "SUPPORTED_ROPE_TYPES",
     "ctm_state_dict_from_llama",

@@ -9,6 +9,8 @@ import difflib
 
 from transformers.configuration_utils import PreTrainedConfig
 
+from .conversion_ctm import decoder_fields_from_llama
+
 
 CTM_LAYER_CHOICES = ("none", "all", "last")
 CTM_READOUT_CHOICES = ("last", "most_certain", "tick_mixture")
@@ -228,6 +230,26 @@ class CTMConfig(PreTrainedConfig):
         if self.ctm_layers == "last":
             return [n - 1]
         return sorted({i % n for i in self.ctm_layers})
+
+    @classmethod
+    def from_llama_config(cls, llama_config, **ctm_fields) -> "CTMConfig":
+        """The config of a Llama-family checkpoint (`LlamaConfig`, a Mistral or Qwen2 config without a sliding window)
+        as a `CTMConfig`, with `ctm_fields` for the thinking blocks.
+
+        With no `ctm_fields` (or `ctm_layers="none"`) the CTM model computes the checkpoint's function. With thinking
+        layers, `ctm_mlp` defaults to `"keep"`: the blocks start silent beside the MLPs, so the start is exact too.
+        Unsupported fields (another model type, a RoPE type other than default/llama3, a sliding window) are refused by
+        name."""
+        not_ctm = sorted(key for key in ctm_fields if not key.startswith("ctm_"))
+        if not_ctm:
+            raise ValueError(
+                f"CTMConfig.from_llama_config takes ctm_* fields only; got {not_ctm} (the decoder fields come from the "
+                "checkpoint)"
+            )
+        ctm_fields.setdefault("ctm_layers", "none")
+        if ctm_fields["ctm_layers"] != "none":
+            ctm_fields.setdefault("ctm_mlp", "keep")
+        return cls(**decoder_fields_from_llama(llama_config), **ctm_fields)
 
     @classmethod
     def refuse_unknown_ctm_fields(cls, kwargs: dict) -> None:

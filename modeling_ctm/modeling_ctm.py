@@ -70,6 +70,7 @@ from .checks_ctm import (
     validate_labels,
 )
 from .configuration_ctm import MAX_DECAY, CTMConfig
+from .conversion_ctm import ctm_state_dict_from_llama, load_llama
 from .io_ctm import save_folder_atomically, unreadable_weights
 from .kernels_ctm import FusedNeuronLevelModels, _autocast_dtype, nlm_forward_torch
 from .loss_ctm import multi_tick_loss, next_token_labels, tick_certainty
@@ -1084,6 +1085,25 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # generate() builds nothing; forward builds a CTMCache
+
+    @classmethod
+    def from_llama(cls, model_or_path, gguf_file: str | None = None, dtype=torch.float32, **ctm_fields):
+        """A Llama-family checkpoint (a `LlamaForCausalLM`, a local folder or a Hub id; `gguf_file` for a GGUF file in
+        that folder) as a `CTMForCausalLM`: the same function with `ctm_layers="none"` (the default), silent blocks
+        beside the MLPs with thinking layers (see `CTMConfig.from_llama_config`). Weights and generation config are
+        copied; the tokenizer is the checkpoint's own (`AutoTokenizer.from_pretrained(model_or_path)`)."""
+        llama = load_llama(model_or_path, gguf_file=gguf_file, dtype=dtype)
+        model = cls(CTMConfig.from_llama_config(llama.config, **ctm_fields)).to(dtype)
+        missing, unexpected = model.load_state_dict(ctm_state_dict_from_llama(llama.state_dict(), llama.config), False)
+        thinking = tuple(f"model.layers.{i}." for i in model.config.ctm_layer_indices)
+        missing = [k for k in missing if not (k.startswith(thinking) and ".thinking." in k)]
+        dropped = model.config.ctm_mlp == "replace"  # a replaced MLP's weights are left behind
+        unexpected = [k for k in unexpected if not (dropped and k.startswith(thinking) and ".mlp." in k)]
+        if missing or unexpected:
+            raise ValueError(f"the checkpoint does not fit its converted model: missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]}")  # fmt: skip
+        model.generation_config = GenerationConfig.from_dict(llama.generation_config.to_dict())
+        return model
 
     # The eager glue of a compiled model: `torch.compile(model)` and `model.compile()` (what
     # `TrainingArguments(torch_compile=True)` does) compile what `Module.__call__` runs, so a frame skipped here

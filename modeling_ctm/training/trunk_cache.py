@@ -157,16 +157,22 @@ class TrunkCache(Dataset):
 
     @classmethod
     def build(cls, model, blocks, cache_dir: str | os.PathLike, teacher=None, distill_top_k: int | None = 0,
-              batch_size: int = 4) -> "TrunkCache":  # fmt: skip
+              batch_size: int = 4, start_layer: int | None = None) -> "TrunkCache":  # fmt: skip
         """The cache of `model`'s frozen trunk over `blocks` (n_blocks, block_size) under `cache_dir/<fingerprint>/`,
         built once and reused while the fingerprint holds. `distill_top_k`: 0 caches no teacher, k > 0 the teacher's
         top-k log-probabilities and ids, None its full distribution (V floats per token). `teacher`: a causal LM over
-        the same tokenizer; None means the model itself as it is now (at phase 2's exact start: the base)."""
+        the same tokenizer; None means the model itself as it is now (at phase 2's exact start: the base).
+        `start_layer`: where the trunk ends (default: the first thinking layer; needed for a model that does not
+        think, e.g. a baseline that trains only its top layer)."""
         blocks = check_blocks(blocks)
         if distill_top_k is not None and (not isinstance(distill_top_k, int) or distill_top_k < 0):
             raise ValueError(f"distill_top_k={distill_top_k!r} is invalid: allowed values are 0 (no teacher), a "
                              "positive int (top-k), or None (the full distribution)")  # fmt: skip
-        start_layer = first_thinking_layer(model)
+        if start_layer is None:
+            start_layer = first_thinking_layer(model)
+        elif not isinstance(start_layer, int) or not 0 < start_layer < model.config.num_hidden_layers:
+            raise ValueError(f"start_layer={start_layer!r} is invalid: allowed values are 1.."
+                             f"{model.config.num_hidden_layers - 1}")  # fmt: skip
         check_trunk_frozen(model, start_layer)
         with_teacher = distill_top_k != 0
         top_k = distill_top_k if with_teacher else None

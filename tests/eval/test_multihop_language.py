@@ -84,7 +84,7 @@ def test_bad_arguments_are_refused():
 def word_tokenizer() -> PreTrainedTokenizerFast:
     rng = random.Random(0)
     texts = [mh.make_problem(rng, k, f)["messages"][1]["content"] for k in (1, 2, 3, 4) for f in mh.FORMS for _ in range(30)]
-    words = {w for t in texts + [mh.SYSTEM, "<|system|> <|user|> <|assistant|>"] + list(mh.NAMES)
+    words = {w for t in texts + [mh.SYSTEM, "<|system|> <|user|> <|assistant|> So is"] + list(mh.NAMES)
              for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(t)}  # fmt: skip
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *sorted(words)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -127,3 +127,16 @@ def test_quick_run_writes_every_arm(tmp_path):
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert written["positive_control"]["composed"]["accuracy"].keys() == {"k=1", "k=2", "k=3", "k=4"}
     assert "| k4_test_k8 | accuracy |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_the_prefilled_reply_ends_where_the_name_comes():
+    tokenizer = word_tokenizer()
+    items = mh.problems(0, (2,), 3)
+    bare, prefilled = mh.encode(items, tokenizer), mh.encode(items, tokenizer, "prefilled")
+    for row, problem in enumerate(items):
+        words = tokenizer.decode(prefilled["input_ids"][row, : prefilled["position"][row] + 1]).split()
+        asked = problem["path"].split("'")[0]
+        assert words[-1] == "is" and words[-3 - 3 * problem["hops"] : -1][:2] == ["So", asked], words[-12:]
+        assert prefilled["position"][row] > bare["position"][row]
+    with pytest.raises(ValueError, match="reply='free'"):
+        mh.encode(items, tokenizer, "free")

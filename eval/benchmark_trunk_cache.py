@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     }
     speedup = arms["cached"]["tokens_per_s"]["mean"] / arms["full"]["tokens_per_s"]["mean"]
     result = {
-        "settings": {**vars(args), "start_layer": cache.start_layer, "num_hidden_layers": model.config.num_hidden_layers,
+        "settings": {**vars(args), "model": Path(args.model).name, "cache_dir": None, "start_layer": cache.start_layer, "num_hidden_layers": model.config.num_hidden_layers,
                      "trainable_parameters": counts["trainable"], "frozen_parameters": counts["frozen"],
                      "omp_threads": torch.get_num_threads(), "torch": torch.__version__,
                      "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
     s = result["settings"]
     markdown = "\n".join([
         "# Frozen-trunk cache: training tokens/s (forward + backward)", "",
-        f"Model `{args.model}` with a CTM block beside the MLP of layer {s['start_layer']} of {s['num_hidden_layers']} "
+        f"Model `{s['model']}` with a CTM block beside the MLP of layer {s['start_layer']} of {s['num_hidden_layers']} "
         f"(K = {args.ticks}, `ctm_mlp=\"keep\"`), {s['trainable_parameters']:,} trainable / {s['frozen_parameters']:,} "
         f"frozen parameters; batch {args.batch} x {args.block_size}; {s['omp_threads']} torch thread(s), "
         f"{s['cpus']} CPUs, load average at the end {tuple(round(x, 2) for x in s['load_average_at_end'])}; "

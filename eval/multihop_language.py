@@ -405,6 +405,9 @@ def chance_denominator(settings: dict) -> int:
 
 def finish(result: dict, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    # folders are named by their last part: the results are read on other machines
+    result["settings"] = {**result["settings"], "model": Path(result["settings"]["model"]).name,
+                          "cache_dir": Path(result["settings"]["cache_dir"]).name}  # fmt: skip
     lines = ["# Multi-hop questions in natural language (chat format)", "",
              f"Settings: `{json.dumps(result['settings'])}`; seeds {result['seeds']}; chance "
              f"1/{chance_denominator(result['settings'])}.", "",

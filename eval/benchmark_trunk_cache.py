@@ -63,14 +63,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per arm (after one warm-up step)")
     parser.add_argument("--ticks", type=int, default=3)
+    parser.add_argument("--ctm", action="append", default=[], metavar="FIELD=JSON",
+                        help="another block field, e.g. ctm_synapse_depth=4 (repeatable)")  # fmt: skip
     parser.add_argument("--cache-dir", default=None, help="where the cache goes (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 timed step, batch 2 x 16")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.batch, args.block_size = 1, 2, 16
 
+    fields = {}
+    for item in args.ctm:
+        name, _, value = item.partition("=")
+        if not name.startswith("ctm_") or not value:
+            raise SystemExit(f"--ctm {item!r} is invalid: allowed values are ctm_<field>=<JSON value>")
+        fields[name] = json.loads(value)
     base = load_base(args.model)
-    model = start_thinking(base, ctm_layers="last", ctm_mlp="keep", ctm_ticks=args.ticks).train()
+    model = start_thinking(base, ctm_layers="last", ctm_mlp="keep", ctm_ticks=args.ticks, **fields).train()
     del base
     counts = freeze_for_thinking(model)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.block_size), generator=torch.Generator().manual_seed(0))
@@ -102,7 +110,7 @@ def main(argv=None) -> dict:
     }
     speedup = arms["cached"]["tokens_per_s"]["mean"] / arms["full"]["tokens_per_s"]["mean"]
     result = {
-        "settings": {**vars(args), "model": Path(args.model).name, "cache_dir": None, "start_layer": cache.start_layer, "num_hidden_layers": model.config.num_hidden_layers,
+        "settings": {**vars(args), "model": Path(args.model).name, "cache_dir": None, "block_fields": fields, "start_layer": cache.start_layer, "num_hidden_layers": model.config.num_hidden_layers,
                      "trainable_parameters": counts["trainable"], "frozen_parameters": counts["frozen"],
                      "omp_threads": torch.get_num_threads(), "torch": torch.__version__,
                      "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
@@ -117,7 +125,7 @@ def main(argv=None) -> dict:
     markdown = "\n".join([
         "# Frozen-trunk cache: training tokens/s (forward + backward)", "",
         f"Model `{s['model']}` with a CTM block beside the MLP of layer {s['start_layer']} of {s['num_hidden_layers']} "
-        f"(K = {args.ticks}, `ctm_mlp=\"keep\"`), {s['trainable_parameters']:,} trainable / {s['frozen_parameters']:,} "
+        f"(K = {args.ticks}, `ctm_mlp=\"keep\"`, {fields or 'default block'}), {s['trainable_parameters']:,} trainable / {s['frozen_parameters']:,} "
         f"frozen parameters; batch {args.batch} x {args.block_size}; {s['omp_threads']} torch thread(s), "
         f"{s['cpus']} CPUs, load average at the end {tuple(round(x, 2) for x in s['load_average_at_end'])}; "
         f"{args.steps} timed step(s) per arm after a warm-up, interleaved.", "",

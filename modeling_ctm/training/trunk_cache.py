@@ -141,7 +141,8 @@ def _compute(model, blocks, start_layer, teacher, top_k, with_teacher, batch_siz
 class TrunkCache(Dataset):
     """The cached stream entering the first thinking layer (and the teacher's distribution), one row per block:
     `{"trunk_hidden": (T, D), "labels": (T,), "input_ids": (T,)}` plus `teacher_log_probs` ((T, k) or (T, V)) and
-    `teacher_ids` ((T, k)) when a teacher was cached. Rows are read memory-mapped from the safetensors file."""
+    `teacher_ids` ((T, k)) when a teacher was cached. Rows are read memory-mapped from the safetensors file, through
+    one open handle: load it in the main process (`dataloader_num_workers=0`)."""
 
     FILE = "trunk.safetensors"
 

@@ -81,7 +81,9 @@ def main(argv=None) -> dict:
     model = start_thinking(base, ctm_layers="last", ctm_mlp="keep", ctm_ticks=args.ticks, **fields).train()
     del base
     counts = freeze_for_thinking(model)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.block_size), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, model.config.vocab_size, (args.batch, args.block_size), generator=torch.Generator().manual_seed(0)
+    )
 
     with tempfile.TemporaryDirectory() as scratch:
         cache_dir = args.cache_dir or scratch
@@ -92,8 +94,9 @@ def main(argv=None) -> dict:
         batch = torch.utils.data.default_collate([cache[i] for i in range(len(cache))])
         runs = {
             "full": lambda: model(input_ids=ids, labels=ids),
-            "cached": lambda: model(inputs_embeds=batch["trunk_hidden"], labels=batch["labels"],
-                                    start_layer=cache.start_layer),  # fmt: skip
+            "cached": lambda: model(
+                inputs_embeds=batch["trunk_hidden"], labels=batch["labels"], start_layer=cache.start_layer
+            ),  # fmt: skip
         }
         seconds = {arm: [] for arm in runs}
         losses = {}
@@ -110,11 +113,21 @@ def main(argv=None) -> dict:
     }
     speedup = arms["cached"]["tokens_per_s"]["mean"] / arms["full"]["tokens_per_s"]["mean"]
     result = {
-        "settings": {**vars(args), "model": Path(args.model).name, "cache_dir": None, "block_fields": fields, "start_layer": cache.start_layer, "num_hidden_layers": model.config.num_hidden_layers,
-                     "trainable_parameters": counts["trainable"], "frozen_parameters": counts["frozen"],
-                     "omp_threads": torch.get_num_threads(), "torch": torch.__version__,
-                     "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                     "load_average_at_end": os.getloadavg()},  # fmt: skip
+        "settings": {
+            **vars(args),
+            "model": Path(args.model).name,
+            "cache_dir": None,
+            "block_fields": fields,
+            "start_layer": cache.start_layer,
+            "num_hidden_layers": model.config.num_hidden_layers,
+            "trainable_parameters": counts["trainable"],
+            "frozen_parameters": counts["frozen"],
+            "omp_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "load_average_at_end": os.getloadavg(),
+        },  # fmt: skip
         "per_step_seconds": seconds,
         "cache": {"build_s_per_block": build_s / args.batch, "bytes_per_block": cache_bytes / args.batch},
         "loss_difference": abs(losses["cached"] - losses["full"]),

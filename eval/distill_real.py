@@ -54,7 +54,9 @@ def load(source: str):
     from modeling_ctm.hub.sources import resolve_source
 
     folder, gguf_file = resolve_source(source)
-    return CTMForCausalLM.from_llama(folder, gguf_file=gguf_file), AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    return CTMForCausalLM.from_llama(folder, gguf_file=gguf_file), AutoTokenizer.from_pretrained(
+        folder, gguf_file=gguf_file
+    )
 
 
 def blocks_of(split, tokenizer, block_size: int, count: int, seed: int) -> torch.Tensor:
@@ -84,7 +86,9 @@ def evaluate(model, cache: TrunkCache, batch: int = 4) -> dict:
         with model.observing(share):
             logits = model(inputs_embeds=data["trunk_hidden"], start_layer=cache.start_layer).logits
         n = data["input_ids"][:, 1:].numel()
-        nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), data["input_ids"][:, 1:].flatten(), reduction="sum"))
+        nll += float(
+            F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), data["input_ids"][:, 1:].flatten(), reduction="sum")
+        )
         kl += float(distillation_kl(logits, data["teacher_log_probs"], data["teacher_ids"])) * n
         count += n
     out = {"ce": nll / count, "kl_to_base": kl / count}

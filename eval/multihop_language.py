@@ -99,7 +99,10 @@ def make_problem(rng: random.Random, hops: int, form: str = "chain", cycles: int
     rng.shuffle(facts)
     question = f"Who is {path}?"
     return {
-        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": " ".join(facts) + " " + question}],
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": " ".join(facts) + " " + question},
+        ],
         "answer": answer,
         "candidates": [n for n in names if n != asked],
         "hops": hops,
@@ -115,7 +118,9 @@ def encode(problems: list[dict], tokenizer, reply: str = "bare") -> dict[str, to
     writes it mid-sentence (with a leading space) instead of as the first token of the reply."""
     if reply not in REPLIES:
         raise ValueError(f"reply={reply!r} is invalid: allowed values are {REPLIES}")
-    prompts = [tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False) for p in problems]
+    prompts = [
+        tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False) for p in problems
+    ]
     if reply == "prefilled":
         prompts = [text + f"So {p['path']} is" for text, p in zip(prompts, problems)]
     ids = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
@@ -216,7 +221,9 @@ def score(model, cache: TrunkCache, encoded: dict, hops: list[int], batch: int =
     for begin in range(0, len(cache), batch):
         rows = range(begin, min(begin + batch, len(cache)))
         stream = torch.stack([cache[i]["trunk_hidden"] for i in rows])
-        logits = readout(model, answer_logits(model, stream, encoded["position"][begin : rows.stop], cache.start_layer))
+        logits = readout(
+            model, answer_logits(model, stream, encoded["position"][begin : rows.stop], cache.start_layer)
+        )
         answer = encoded["answer"][begin : rows.stop]
         candidates = encoded["candidates"][begin : rows.stop]
         best = candidates.gather(1, logits.gather(1, candidates).argmax(1, keepdim=True))[:, 0]

@@ -34,7 +34,9 @@ def base_folder(tmp_path):
 
 
 def test_quick_run_scores_every_arm_against_the_base(tmp_path, base_folder):
-    result = distill_real.main(["--model", str(base_folder), "--seeds", "1", "--quick", "--out", str(tmp_path / "out")])
+    result = distill_real.main(
+        ["--model", str(base_folder), "--seeds", "1", "--quick", "--out", str(tmp_path / "out")]
+    )
     arms = result["arms"]
     assert set(arms) == set(distill_real.ARMS)
     assert arms["base"]["ce_minus_base"]["mean"] == 0.0

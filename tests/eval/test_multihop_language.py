@@ -83,7 +83,9 @@ def test_bad_arguments_are_refused():
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
     rng = random.Random(0)
-    texts = [mh.make_problem(rng, k, f)["messages"][1]["content"] for k in (1, 2, 3, 4) for f in mh.FORMS for _ in range(30)]
+    texts = [
+        mh.make_problem(rng, k, f)["messages"][1]["content"] for k in (1, 2, 3, 4) for f in mh.FORMS for _ in range(30)
+    ]
     words = {w for t in texts + [mh.SYSTEM, "<|system|> <|user|> <|assistant|> So is"] + list(mh.NAMES)
              for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(t)}  # fmt: skip
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *sorted(words)])}

@@ -41,7 +41,9 @@ def test_quick_run_scores_every_arm_against_the_base(tmp_path, base_folder):
     assert set(arms) == set(distill_real.ARMS)
     assert arms["base"]["ce_minus_base"]["mean"] == 0.0
     assert arms["base"]["kl_to_base"]["mean"] < 1e-6  # the exact start is the base
-    for arm in ("lm", "distill", "lm_distill"):
-        assert arms[arm]["block_to_residual"]["mean"] > 0.0  # the gated block received gradient and now adds something
-        assert arms[arm]["train_tokens_per_s"]["mean"] > 0.0
+    for arm in ("lm", "lm_distill"):
+        assert arms[arm]["block_to_residual"]["mean"] > 1e-3  # the gated block received gradient and now adds something
+    # the KL alone has zero gradient at the exact start (its minimum): the model stays at the base
+    assert arms["distill"]["kl_to_base"]["mean"] < 1e-6
+    assert all(arms[arm]["train_tokens_per_s"]["mean"] > 0.0 for arm in ("lm", "distill", "lm_distill"))
     assert (tmp_path / "out" / "results.md").read_text().count("| lm") == 2

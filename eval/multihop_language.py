@@ -162,6 +162,7 @@ def answer_logits(model, stream, position, start_layer) -> torch.Tensor:
     """Logits of the reply's first token (B, K, V): every tick's when the top layer thinks, else (B, 1, V). Only the
     asked positions reach the (49k-wide) head."""
     lm = causal_lm(model)
+    stream = stream.to(lm.dtype)
     out = lm.model(inputs_embeds=stream, start_layer=start_layer, return_tick_states=True)
     hidden = out.tick_hidden_states if out.tick_hidden_states is not None else out.last_hidden_state[:, :, None]
     return lm.lm_head(hidden[torch.arange(hidden.shape[0]), position])

@@ -204,7 +204,9 @@ class TrunkCacheStep:
     start_layer: int
 
     def __call__(self, model, inputs, labels=None, **kwargs):
-        return model(inputs_embeds=inputs["trunk_hidden"], labels=labels, start_layer=self.start_layer, **kwargs)
+        # the stream is stored in float32; a bf16 model reads it in its own dtype, as its trunk would have handed it
+        stream = inputs["trunk_hidden"].to(next(model.parameters()).dtype)
+        return model(inputs_embeds=stream, labels=labels, start_layer=self.start_layer, **kwargs)
 
 
 class TrunkCacheTrainer(CTMTrainer):

@@ -214,3 +214,15 @@ def test_the_real_base_distils_from_zero_through_the_cache(tmp_path):
     torch.testing.assert_close(cached.loss, full.loss, atol=1e-5, rtol=1e-5)
     kl = distillation_kl(cached.logits, batch["teacher_log_probs"], batch["teacher_ids"])
     torch.testing.assert_close(kl, torch.tensor(0.0), atol=1e-5, rtol=0)
+
+
+def test_a_bfloat16_model_trains_on_the_float32_cache(tmp_path):
+    model = thinking_on_top().to(torch.bfloat16)
+    cache = TrunkCache.build(model, blocks(), tmp_path)
+    assert cache[0]["trunk_hidden"].dtype == torch.float32
+    TrunkCacheTrainer(
+        model=model.train(),
+        args=tiny_training_args(tmp_path / "out", max_steps=1),
+        train_dataset=cache,
+        start_layer=cache.start_layer,
+    ).train()

@@ -95,7 +95,11 @@ def _inspect(args) -> None:
     for idx, layer in health["layers"].items():
         cells = " ".join(f"{'-' if layer[c] is None else format(layer[c], '.4g'):>17}" for c in columns)
         print(f"{idx:>5} {cells}  " + " ".join(format(x, ".3g") for x in layer["tick_change"]))
-    print("tick CE: " + " ".join(format(x, ".4f") for x in health["tick_ce"]) + f"   served CE: {health['ce']:.4f}")
+    print(
+        "tick CE: " + " ".join(format(x, ".4f") for x in health["tick_ce"])
+        + f"   served CE ({model.config.ctm_readout} readout): {health['served_ce']:.4f}"
+        + f"   training objective: {health['objective']:.4f}"
+    )  # fmt: skip
     if args.carry:
         _print_carry(model, tokenizer, spec, args.carry)
 

@@ -1,5 +1,5 @@
 # Copyright 2026 The modeling-ctm authors. Licensed under the Apache License, Version 2.0.
-"""The block-health gauge (issue 26): is a thinking block awake? Measured from outside, with forward hooks and a tick
+"""The block-health gauge: is a thinking block awake? Measured from outside, with forward hooks and a tick
 observer, so the forward it measures is the one that runs everywhere else."""
 
 import torch
@@ -62,7 +62,7 @@ class _GaugeObserver(CTMTickObserver):
 @torch.no_grad()
 def block_health(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
     """How awake each thinking layer of `model` (a `CTMForCausalLM`) is on `input_ids` (B, T). Returns
-    `{"layers": {layer_idx: {...}}, "tick_ce": [...], "ce": float}` where per layer (norms are per real token,
+    `{"layers": {layer_idx: {...}}, "tick_ce": [...], "served_ce": float, "objective": float}` where per layer (norms are per real token,
     averaged over tokens):
 
     - `block_to_residual`: ||block output|| / ||residual entering the layer||
@@ -72,7 +72,10 @@ def block_health(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
       learned start state with carry "none"; near 1: the ticks barely register)
     - `tick_change`: per tick, mean ||y_k - y_{k-1}|| / ||y_k|| of the block's readout (tick 0 against the entry state)
 
-    and `tick_ce` the mean next-token CE of each tick's logits (`ce` the served readout's)."""
+    and `tick_ce` the mean next-token CE of each tick's logits. `served_ce` is the CE of the logits the model serves
+    (`model(...).logits`, the `ctm_readout` the config chose) on the real next tokens; `objective` is the training loss
+    (`output.loss`: the readout terms the config weights plus the per-tick auxiliary term), which is not a CE of
+    anything served and can sit well above both."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     real = attention_mask.bool()
@@ -128,10 +131,15 @@ def block_health(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             "tick_change": [torch.cat(v).mean().item() for _, v in sorted(gauge.tick_change[idx].items())],
         }
     tick_losses = getattr(output, "tick_losses", None)
+    targets = labels[:, 1:]
+    log_probs = output.logits[:, :-1].float().log_softmax(dim=-1)
+    real_targets = targets != -100
+    token_ce = -log_probs.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
     return {
         "layers": report,
         "tick_ce": [] if tick_losses is None else [float(x) for x in tick_losses],
-        "ce": float(output.loss),
+        "served_ce": float(token_ce[real_targets].mean()),
+        "objective": float(output.loss),
     }
 
 

@@ -57,6 +57,7 @@ def test_inspect_prints_the_gauge_of_a_saved_checkpoint(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "model"), "--blocks", "2"]) == 0
     out = capsys.readouterr().out
     assert "block_to_residual" in out and "tick CE:" in out
+    assert "served CE (most_certain readout):" in out and "training objective:" in out
     assert sum(line.split()[0].isdigit() for line in out.splitlines()) == len(model.config.ctm_layer_indices)
 
 
@@ -77,3 +78,25 @@ def test_the_carry_profile_shows_beta_growing_without_decay_and_bounded_with_it(
     assert torch.isfinite(forgetting["tick0_convergence"]).all() and (forgetting["sync_norm"] > 0).all()
     with pytest.raises(ValueError, match=r"input_ids has shape \(2, 5\): allowed is one stream, \(1, T\)"):
         carry_profile(tiny_model(**fields), torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_served_ce_is_the_ce_of_the_served_logits_and_at_most_the_mean_tick_ce_for_the_mixture():
+    import torch.nn.functional as F
+
+    model = tiny_model(ctm_readout="tick_mixture", ctm_loss_tick_aux_weight=0.5).eval()
+    with torch.no_grad():  # a block that speaks, so the ticks differ and the mixture is not a single tick
+        for layer in model.model.layers:
+            if layer.is_thinking:
+                layer.thinking.out_proj.weight.normal_(0.0, 0.5)
+    ids = _ids()
+    health = block_health(model, ids)
+    with torch.no_grad():
+        logits = model(ids).logits
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+    assert math.isclose(health["served_ce"], expected, rel_tol=1e-5, abs_tol=1e-6)
+    ticks = health["tick_ce"]
+    assert len(set(round(x, 4) for x in ticks)) > 1  # the ticks disagree: the bound below is not an equality
+    # the CE of a mean of distributions is at most the mean of their CEs (Jensen), per token and so on average
+    assert health["served_ce"] <= sum(ticks) / len(ticks) + 1e-6
+    # the objective carries the auxiliary per-tick term: it is another number, reported under its own name
+    assert health["objective"] > health["served_ce"] + 1e-3

@@ -54,10 +54,11 @@ def test_generate_certainty_of_a_left_padded_batch_equals_its_full_forward():
     with torch.no_grad():
         outputs, layers = model.probe(out.sequences, attention_mask=full_mask)
     positions = torch.arange(5, 9)
-    selected = outputs.selected_tick[:, positions]
-    torch.testing.assert_close(out.selected_tick, selected)
-    certainty = outputs.certainty[:, positions].gather(-1, selected[..., None])[..., 0]
-    torch.testing.assert_close(out.certainty, certainty, rtol=1e-4, atol=1e-5)
+    certainties = outputs.certainty[:, positions]
+    # the most certain tick's certainty is continuous in the inputs: compare it everywhere
+    torch.testing.assert_close(out.certainty, certainties.max(dim=-1).values, rtol=1e-4, atol=1e-5)
+    # which tick that is: an argmax over near-equal certainties, which may flip across CPUs and thread counts
+    assert_same_tick_up_to_ties(out.selected_tick, certainties)
     sync = torch.stack([sync_change(layers[idx])[:, positions] for idx in sorted(layers)], dim=2)
     torch.testing.assert_close(out.sync_divergence, sync, rtol=1e-4, atol=1e-5)
 

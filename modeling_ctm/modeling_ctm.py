@@ -971,6 +971,7 @@ class CTMModel(CTMPreTrainedModel):
         use_cache: bool | None = None,
         surprise_weight: torch.Tensor | None = None,
         return_tick_states: bool | None = None,
+        start_layer: int = 0,
         **kwargs,
     ) -> CTMModelOutputWithPast:
         r"""
@@ -978,7 +979,13 @@ class CTMModel(CTMPreTrainedModel):
             Per-token weight on the synchronisation update (the seed's "dopamine"); 1 everywhere changes nothing.
         return_tick_states (`bool`, *optional*):
             Return `tick_hidden_states` when the last layer thinks. Defaults to True.
+        start_layer (`int`, *optional*, defaults to 0):
+            Run layers `start_layer..` only, `inputs_embeds` being the residual stream entering that layer (a frozen
+            trunk's cached output); 0 is the whole model.
         """
+        if not 0 <= start_layer < self.config.num_hidden_layers or (start_layer and self.token_shift is not None):
+            raise ValueError(f"start_layer={start_layer!r} is invalid: allowed values are 0..{len(self.layers) - 1} "
+                             "(only 0 with ctm_token_shift='embedding')")  # fmt: skip
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if cache is not None and not isinstance(cache, CTMCache):
@@ -1046,7 +1053,7 @@ class CTMModel(CTMPreTrainedModel):
                 cache.previous_embeds = last_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         tick_residuals = None
-        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+        for decoder_layer in self.layers[start_layer : self.config.num_hidden_layers]:
             hidden_states, tick_residuals = decoder_layer(
                 hidden_states,
                 attention_mask=causal_mask,

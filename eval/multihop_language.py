@@ -1,0 +1,478 @@
+"""Multi-hop questions in natural language, asked and scored in the chat format, on a converted chat model.
+
+    python eval/multihop_language.py --model DIR_OR_SOURCE --seeds 3 --out DIR [--quick] [--control-only]
+
+A problem: names joined by one relation, stated one fact per sentence, then a question k hops deep:
+
+    system: Answer with one name only.
+    user:   Ben's mentor is Tom. Anna's mentor is Ben. ... Who is Anna's mentor's mentor?
+    assistant: Tom
+
+What keeps surface cues from giving the answer away:
+* the facts form disjoint cycles (two of five names): every name is the subject of exactly one fact and the object of
+  exactly one, so no name is more frequent or sits at a chain's end; the answer is never the asked name (k < 5);
+* the statement order is shuffled, the names (54 first names, each one token with and without a leading space, so
+  every candidate costs the same one token) and the relation (8) are drawn per problem, the sentence template per fact;
+* the candidates are all the problem's names but the asked one (9; chance 1/9).
+
+Scores, per hop count k (reported as `{"k=1": ..., "k=2": ...}`):
+* `accuracy`: the answer has the highest log-probability, among the candidates, as the first token of the reply;
+* `exact_match`: the greedy reply's first token (over the whole vocabulary) is the answer (names are one token, so
+  the greedy reply names the answer first).
+
+Positive control (`--control-only` runs it alone, on `base`): k = 1, and `composed`: the k-hop fact stated in one
+sentence among the others ("Anna's mentor's mentor is Tom."), asked the same way.
+
+Arms (`base` untrained; the others train only layer L = the top layer, on the same problems with k <= 2 and the
+same steps, the loss on the answer token only; the frozen trunk below L is cached once and shared by every arm):
+`k1`, `k2`, `k4` (a CTM block beside the top MLP at K ticks, `ctm_mlp="keep"`, exact start), `k4_test_k8` (`k4`
+run at 8 ticks), `mlp_iso_flops` (the top layer's MLP fine-tuned: same data and steps, the base's FLOPs: NOT a
+wider MLP at k4's FLOPs), `lora_iso_params` (LoRA on every linear map of the top layer, rank chosen so its
+parameters match the `k4` block's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from modeling_ctm import CTMForCausalLM
+from modeling_ctm.io_ctm import atomic_write
+from modeling_ctm.loss_ctm import multi_tick_loss, tick_certainty
+from modeling_ctm.training.phases import freeze_for_thinking, start_thinking
+from modeling_ctm.training.trunk_cache import TrunkCache, TrunkCacheTrainer
+
+
+NAMES = (
+    "Anna", "Ben", "David", "Frank", "Henry", "Jack", "Mark", "Sam", "Victor", "Alice", "Martin", "Peter", "Simon",
+    "Tom", "Paul", "John", "James", "Mary", "Sarah", "Emily", "Adam", "Daniel", "Michael", "Robert", "Thomas",
+    "George", "Charles", "Maria", "Chris", "Andrew", "Joseph", "Anne", "Jane", "Carl", "Fred", "Max", "Luke", "Jacob",
+    "Rose", "Alex", "Nick", "Matt", "Dan", "Bill", "Bob", "Jim", "Tim", "Ray", "Ann", "Kim", "Greg", "Jeff", "Scott",
+    "Neil",
+)  # fmt: skip
+RELATIONS = ("mentor", "boss", "neighbor", "coach", "teacher", "doctor", "landlord", "partner")
+TEMPLATES = ("{a}'s {r} is {b}.", "The {r} of {a} is {b}.", "{b} is {a}'s {r}.")
+SYSTEM = "Answer with one name only."
+CYCLES, CYCLE_LENGTH = 2, 5
+FORMS = ("chain", "composed")
+REPLIES = ("bare", "prefilled")
+ARMS = ("base", "k1", "k2", "k4", "k4_test_k8", "mlp_iso_flops", "lora_iso_params")
+# a small block: the default (synapse depth 32, 288 pairs) is 22M parameters and dominates a CPU step
+BLOCK_FIELDS = dict(
+    ctm_synapse_depth=4, ctm_n_synch_out=128, ctm_n_synch_action=64, ctm_memory_length=8, ctm_nlm_hidden_size=8,
+    ctm_tick_embeddings=False, ctm_readout_norm="rms_gate", ctm_input_injection="every_tick", ctm_sync_seed="zero",
+)  # fmt: skip
+
+
+def make_problem(rng: random.Random, hops: int, form: str = "chain", cycles: int = CYCLES,
+                 cycle_length: int = CYCLE_LENGTH) -> dict:  # fmt: skip
+    """One problem: chat messages, the answer, the candidate names (all but the asked one), the asked path."""
+    if form not in FORMS:
+        raise ValueError(f"form={form!r} is invalid: allowed values are {FORMS}")
+    if not 1 <= hops < cycle_length:
+        raise ValueError(f"hops={hops!r} is invalid: allowed values are 1..{cycle_length - 1}")
+    names = rng.sample(NAMES, cycles * cycle_length)
+    relation = rng.choice(RELATIONS)
+    successor = {}
+    for c in range(cycles):
+        cycle = names[c * cycle_length : (c + 1) * cycle_length]
+        successor.update({a: cycle[(i + 1) % cycle_length] for i, a in enumerate(cycle)})
+    facts = [rng.choice(TEMPLATES).format(a=a, r=relation, b=b) for a, b in successor.items()]
+    asked = rng.choice(names)
+    answer = asked
+    for _ in range(hops):
+        answer = successor[answer]
+    path = f"{asked}" + f"'s {relation}" * hops
+    if form == "composed":
+        facts.append(f"{path} is {answer}.")
+    rng.shuffle(facts)
+    question = f"Who is {path}?"
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": " ".join(facts) + " " + question},
+        ],
+        "answer": answer,
+        "candidates": [n for n in names if n != asked],
+        "hops": hops,
+        "form": form,
+        "path": path,
+    }
+
+
+def encode(problems: list[dict], tokenizer, reply: str = "bare") -> dict[str, torch.Tensor]:
+    """Right-padded prompt ids (B, T), the position of each prompt's last token, the answer's token id and the
+    candidates' token ids (B, 9). Causal attention: the padding after a prompt changes nothing before it.
+    `reply="prefilled"` starts the assistant's reply with "So <asked path> is", so the name comes as the model
+    writes it mid-sentence (with a leading space) instead of as the first token of the reply."""
+    if reply not in REPLIES:
+        raise ValueError(f"reply={reply!r} is invalid: allowed values are {REPLIES}")
+    prompts = [
+        tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False) for p in problems
+    ]
+    if reply == "prefilled":
+        prompts = [text + f"So {p['path']} is" for text, p in zip(prompts, problems)]
+    ids = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
+    lead = " " if reply == "prefilled" else ""
+
+    def token(name):
+        (only,) = tokenizer(lead + name, add_special_tokens=False).input_ids  # NAMES are one token each, both ways
+        return only
+
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {
+        "input_ids": torch.tensor([row + [pad] * (width - len(row)) for row in ids]),
+        "position": torch.tensor([len(row) - 1 for row in ids]),
+        "answer": torch.tensor([token(p["answer"]) for p in problems]),
+        "candidates": torch.tensor([[token(n) for n in p["candidates"]] for p in problems]),
+    }
+
+
+class Rows(torch.utils.data.Dataset):
+    """The cached trunk rows plus the answer columns of `encode`."""
+
+    def __init__(self, cache: TrunkCache, encoded: dict):
+        self.cache, self.encoded = cache, encoded
+
+    def __len__(self):
+        return len(self.cache)
+
+    def __getitem__(self, i):
+        row = self.cache[i]
+        return {"trunk_hidden": row["trunk_hidden"], **{k: self.encoded[k][i] for k in ("position", "answer")}}
+
+
+def causal_lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def answer_logits(model, stream, position, start_layer) -> torch.Tensor:
+    """Logits of the reply's first token (B, K, V): every tick's when the top layer thinks, else (B, 1, V). Only the
+    asked positions reach the (49k-wide) head."""
+    lm = causal_lm(model)
+    stream = stream.to(lm.dtype)
+    out = lm.model(inputs_embeds=stream, start_layer=start_layer, return_tick_states=True)
+    hidden = out.tick_hidden_states if out.tick_hidden_states is not None else out.last_hidden_state[:, :, None]
+    return lm.lm_head(hidden[torch.arange(hidden.shape[0]), position])
+
+
+def readout(model, logits: torch.Tensor) -> torch.Tensor:
+    """The served readout (`config.ctm_readout`) of (B, K, V) tick logits."""
+    if logits.shape[1] == 1:
+        return logits[:, 0]
+    log_probs = F.log_softmax(logits.float(), -1)
+    rule = causal_lm(model).config.ctm_readout
+    if rule == "tick_mixture":
+        return torch.logsumexp(log_probs, 1)
+    tick = tick_certainty(log_probs=log_probs[:, None])[:, 0].argmax(-1) if rule == "most_certain" else -1
+    index = torch.full((logits.shape[0],), logits.shape[1] - 1) if rule == "last" else tick
+    return log_probs[torch.arange(logits.shape[0]), index]
+
+
+class AnswerTrainer(TrunkCacheTrainer):
+    """The model's own objective (the multi-tick loss when the top layer thinks) on the answer token alone."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits = answer_logits(model, inputs["trunk_hidden"], inputs["position"], self.step_on_cache.start_layer)
+        answer = inputs["answer"]
+        if logits.shape[1] == 1:
+            loss = F.cross_entropy(logits[:, 0].float(), answer)
+        else:
+            config = causal_lm(model).config
+            log_probs = F.log_softmax(logits.float(), -1)[:, None]  # (B, 1, K, V)
+            loss = multi_tick_loss(
+                log_probs, tick_certainty(log_probs=log_probs), None, config.ctm_loss_argmin_weight,
+                config.ctm_loss_certain_weight, config.ctm_loss_tick_aux_weight, shift_labels=answer[:, None],
+                mixture_weight=config.ctm_loss_mixture_weight,
+            ).loss  # fmt: skip
+        return (loss, None) if return_outputs else loss
+
+
+@contextlib.contextmanager
+def ticks(model, count: int | None):
+    """Run the thinking blocks at another tick count (tick embeddings are off in every arm, so any K is defined)."""
+    blocks = [layer.thinking for layer in causal_lm(model).model.layers if layer.is_thinking]
+    saved = [block.ticks for block in blocks]
+    try:
+        for block in blocks:
+            block.ticks = count or block.ticks
+        yield
+    finally:
+        for block, k in zip(blocks, saved):
+            block.ticks = k
+
+
+@torch.no_grad()
+def score(model, cache: TrunkCache, encoded: dict, hops: list[int], batch: int = 8) -> dict:
+    """accuracy and exact_match per hop count over the cached evaluation problems."""
+    model.eval()
+    correct, exact = [], []
+    for begin in range(0, len(cache), batch):
+        rows = range(begin, min(begin + batch, len(cache)))
+        stream = torch.stack([cache[i]["trunk_hidden"] for i in rows])
+        logits = readout(
+            model, answer_logits(model, stream, encoded["position"][begin : rows.stop], cache.start_layer)
+        )
+        answer = encoded["answer"][begin : rows.stop]
+        candidates = encoded["candidates"][begin : rows.stop]
+        best = candidates.gather(1, logits.gather(1, candidates).argmax(1, keepdim=True))[:, 0]
+        correct += (best == answer).tolist()
+        exact += (logits.argmax(-1) == answer).tolist()
+    out = {"accuracy": {}, "exact_match": {}}
+    for k in sorted(set(hops)):
+        index = [i for i, h in enumerate(hops) if h == k]
+        out["accuracy"][f"k={k}"] = sum(correct[i] for i in index) / len(index)
+        out["exact_match"][f"k={k}"] = sum(exact[i] for i in index) / len(index)
+    return out
+
+
+@dataclass
+class Settings:
+    model: str = "smollm2-135m-instruct"
+    train_problems: int = 240
+    eval_problems_per_k: int = 40
+    train_hops: tuple = (1, 2)
+    test_hops: tuple = (1, 2, 3, 4)
+    steps: int = 120
+    batch: int = 4
+    learning_rate: float = 1e-3
+    cache_dir: str = ""
+    threads: int = 1
+    arms: tuple = ARMS
+    reply: str = "bare"
+    cycles: int = CYCLES
+    cycle_length: int = CYCLE_LENGTH
+    extra: dict = field(default_factory=dict)
+
+
+def load_base(source: str) -> tuple[CTMForCausalLM, object]:
+    from transformers import AutoTokenizer
+
+    if Path(source).is_dir():
+        return CTMForCausalLM.from_pretrained(source, dtype=torch.float32), AutoTokenizer.from_pretrained(source)
+    from modeling_ctm.hub.sources import resolve_source
+
+    folder, gguf_file = resolve_source(source)
+    model = CTMForCausalLM.from_llama(folder, gguf_file=gguf_file)
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+
+
+def problems(seed: int, hops: tuple, n_per_k: int, form: str = "chain", cycles: int = CYCLES,
+             cycle_length: int = CYCLE_LENGTH) -> list[dict]:  # fmt: skip
+    rng = random.Random(seed)
+    return [make_problem(rng, k, form, cycles, cycle_length) for k in hops for _ in range(n_per_k)]
+
+
+def cached(model, tokenizer, items: list[dict], settings: Settings, start_layer: int) -> tuple[TrunkCache, dict]:
+    encoded = encode(items, tokenizer, settings.reply)
+    cache = TrunkCache.build(model, encoded["input_ids"], settings.cache_dir, start_layer=start_layer, batch_size=8)
+    return cache, encoded
+
+
+def control(base, tokenizer, settings: Settings, seed: int = 1000) -> dict:
+    """The positive control on the untrained base: k = 1 (chain) and the composed single sentence, plus base at
+    every test k."""
+    freeze_for_thinking_all(base)
+    top = base.config.num_hidden_layers - 1
+    out = {}
+    for form in FORMS:
+        items = problems(seed, settings.test_hops, settings.eval_problems_per_k, form, settings.cycles,
+                         settings.cycle_length)  # fmt: skip
+        cache, encoded = cached(base, tokenizer, items, settings, top)
+        out[form] = score(base, cache, encoded, [p["hops"] for p in items])
+    return out
+
+
+def freeze_for_thinking_all(model) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def build_arm(arm: str, base: CTMForCausalLM):
+    """The model of an arm, with only what the arm trains left trainable; its tick count at test time."""
+    top = base.config.num_hidden_layers - 1
+    if arm in ("k1", "k2", "k4"):
+        model = start_thinking(base, ctm_layers="last", ctm_mlp="keep", ctm_ticks=int(arm[1:]), **BLOCK_FIELDS)
+        freeze_for_thinking(model)
+        return model
+    model = copy.deepcopy(base)
+    freeze_for_thinking_all(model)
+    if arm == "mlp_iso_flops":
+        for p in model.model.layers[top].mlp.parameters():
+            p.requires_grad_(True)
+        return model
+    if arm == "lora_iso_params":
+        from peft import LoraConfig, get_peft_model
+
+        target = block_parameters(base)
+        d, inter = base.config.hidden_size, base.config.intermediate_size
+        kv = base.config.num_key_value_heads * base.config.head_dim
+        # rank r adds r * (in + out) per adapted map: q, k, v, o, gate, up, down of the top layer
+        per_rank = (d + d) + 2 * (d + kv) + (d + d) + 2 * (d + inter) + (inter + d)
+        rank = max(1, round(target / per_rank))
+        modules = [f"model.layers.{top}.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                   "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]  # fmt: skip
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, lora_dropout=0.0))
+    raise ValueError(f"arm={arm!r} is invalid: allowed values are {ARMS}")
+
+
+def block_parameters(base) -> int:
+    probe = start_thinking(base, ctm_layers="last", ctm_mlp="keep", ctm_ticks=4, **BLOCK_FIELDS)
+    return sum(p.numel() for n, p in probe.named_parameters() if ".thinking." in n)
+
+
+def train_arm(model, rows: Rows, start_layer: int, settings: Settings, seed: int, out_dir: Path) -> float:
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(out_dir), use_cpu=True, per_device_train_batch_size=settings.batch, max_steps=settings.steps,
+        learning_rate=settings.learning_rate, lr_scheduler_type="constant", logging_steps=max(1, settings.steps // 4),
+        save_strategy="no", report_to=[], seed=seed, data_seed=seed, dataloader_num_workers=0, disable_tqdm=True,
+    )  # fmt: skip
+    model.train()
+    start = time.perf_counter()
+    AnswerTrainer(model=model, args=args, train_dataset=rows, start_layer=start_layer).train()
+    return time.perf_counter() - start
+
+
+def mean_sd(values):
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def run(settings: Settings, seeds: list[int], out: Path, control_only: bool = False) -> dict:
+    torch.set_num_threads(settings.threads)
+    base, tokenizer = load_base(settings.model)
+    base.eval()
+    freeze_for_thinking_all(base)
+    top = base.config.num_hidden_layers - 1
+    started = time.perf_counter()
+    result = {"settings": asdict(settings), "seeds": seeds, "positive_control": control(base, tokenizer, settings)}
+    result["control_s"] = time.perf_counter() - started
+    if control_only:
+        return finish(result, out)
+    # the control's chain problems: their trunk cache is already built, and `base` is the control's chain row
+    test = problems(1000, settings.test_hops, settings.eval_problems_per_k, "chain", settings.cycles,
+                    settings.cycle_length)  # fmt: skip
+    test_cache, test_encoded = cached(base, tokenizer, test, settings, top)
+    test_hops = [p["hops"] for p in test]
+    per_seed = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        per_train = max(1, settings.train_problems // len(settings.train_hops))
+        train = problems(seed, settings.train_hops, per_train, "chain", settings.cycles, settings.cycle_length)
+        train_cache, train_encoded = cached(base, tokenizer, train, settings, top)
+        rows = Rows(train_cache, train_encoded)
+        numbers = {"seed": seed, "arms": {}}
+        for arm in settings.arms:
+            if arm == "k4_test_k8":
+                continue  # scored with k4's model
+            torch.manual_seed(seed)
+            model = base if arm == "base" else build_arm(arm, base)
+            entry = {}
+            if arm != "base":
+                entry["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                entry["train_s"] = train_arm(model, rows, top, settings, seed, out / "runs" / f"{arm}-{seed}")
+            entry.update(score(model, test_cache, test_encoded, test_hops))
+            numbers["arms"][arm] = entry
+            if arm == "k4" and "k4_test_k8" in settings.arms:
+                with ticks(model, 8):
+                    numbers["arms"]["k4_test_k8"] = score(model, test_cache, test_encoded, test_hops)
+            print(arm, seed, json.dumps(entry), flush=True)
+        per_seed.append(numbers)
+    result["per_seed"] = per_seed
+    result["arms"] = summarize(per_seed)
+    return finish(result, out)
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    arms = {}
+    for arm in per_seed[0]["arms"]:
+        entries = [s["arms"][arm] for s in per_seed]
+        arms[arm] = {
+            metric: {k: mean_sd([e[metric][k] for e in entries]) for k in entries[0][metric]}
+            for metric in ("accuracy", "exact_match")
+        }
+    return arms
+
+
+def chance_denominator(settings: dict) -> int:
+    return settings["cycles"] * settings["cycle_length"] - 1
+
+
+def finish(result: dict, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    # folders are named by their last part: the results are read on other machines
+    result["settings"] = {**result["settings"], "model": Path(result["settings"]["model"]).name,
+                          "cache_dir": Path(result["settings"]["cache_dir"]).name}  # fmt: skip
+    lines = ["# Multi-hop questions in natural language (chat format)", "",
+             f"Settings: `{json.dumps(result['settings'])}`; seeds {result['seeds']}; chance "
+             f"1/{chance_denominator(result['settings'])}.", "",
+             "## Positive control (untrained base)", "", "| form | metric | " + " | ".join(
+                 result["positive_control"]["chain"]["accuracy"]) + " |",
+             "|---|---|" + "---|" * len(result["positive_control"]["chain"]["accuracy"])]  # fmt: skip
+    for form, scores in result["positive_control"].items():
+        for metric, values in scores.items():
+            lines.append(f"| {form} | {metric} | " + " | ".join(f"{v:.3f}" for v in values.values()) + " |")
+    if "arms" in result:
+        hops = list(next(iter(result["arms"].values()))["accuracy"])
+        lines += ["", "## Arms (mean ± sd over seeds)", "", "| arm | metric | " + " | ".join(hops) + " |",
+                  "|---|---|" + "---|" * len(hops)]  # fmt: skip
+        for arm, metrics in result["arms"].items():
+            for metric, values in metrics.items():
+                cells = " | ".join(f"{v['mean']:.3f} ± {v['sd']:.3f}" for v in values.values())
+                lines.append(f"| {arm} | {metric} | {cells} |")
+    markdown = "\n".join(lines) + "\n"
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown))
+    print(markdown)
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=Settings.model, help="a converted CTM folder or a named offline source")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 8 training problems, 2 steps, 4 per k")
+    parser.add_argument("--control-only", action="store_true", help="only the positive control on the base")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--train-problems", type=int, default=None)
+    parser.add_argument("--eval-problems-per-k", type=int, default=None)
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--reply", default="bare", choices=REPLIES, help="how the answer is asked for (see encode)")
+    parser.add_argument("--cycles", type=int, default=CYCLES, help="disjoint cycles of names per problem")
+    parser.add_argument("--cycle-length", type=int, default=CYCLE_LENGTH, help="names per cycle (hops < this)")
+    parser.add_argument("--cache-dir", default=None, help="trunk cache folder (default: OUT/trunk-cache)")
+    args = parser.parse_args(argv)
+    settings = Settings(model=args.model, cache_dir=args.cache_dir or str(Path(args.out) / "trunk-cache"),
+                        threads=int(os.environ.get("OMP_NUM_THREADS", "1")))  # fmt: skip
+    if args.quick:
+        settings.train_problems, settings.steps, settings.eval_problems_per_k, settings.batch = 8, 2, 4, 2
+    for name in ("steps", "train_problems", "eval_problems_per_k"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    arms = tuple(a for a in args.arms.split(",") if a)
+    bad = [a for a in arms if a not in ARMS]
+    if bad:
+        raise SystemExit(f"--arms: {bad} are invalid: allowed values are {ARMS}")
+    settings.arms = arms
+    settings.reply, settings.cycles, settings.cycle_length = args.reply, args.cycles, args.cycle_length
+    settings.test_hops = tuple(k for k in settings.test_hops if k < settings.cycle_length)
+    settings.train_hops = tuple(k for k in settings.train_hops if k < settings.cycle_length)
+    return run(settings, list(range(args.seeds)), Path(args.out), args.control_only)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,493 @@
+"""Does the model know when it is wrong? Probes of its internals and a fitted confidence head against what its logits
+already know.
+
+A token is correct when the served argmax equals the target. Two data sets, one model per seed each:
+
+    text    held-out Austen (Persuasion), every position: the two-phase model of `eval/introspection.py` (phase 1 a plain
+            transformer, phase 2 the last layer's MLP replaced by a CTM block, K=3).
+    chain   the chain task's answer tokens (`eval/thinking_tasks.py`'s `ChainTask`, k = 1..4, first asks only): its
+            CTM arm at K=4 (one layer, the block's cross-attention makes every hop; trained on k <= 3 with the
+            curriculum), where ticks do the work.
+
+The held-out tokens are split by row (block or item) into a fit half and a test half (per seed). Everything learned
+(temperature, probes, head) is fitted on the fit half, which is also the calibration split; every number is on the
+test half. Arms (each a P(correct)):
+
+    maxprob, entropy, margin     the served distribution's max-probability, 1 - normalised entropy, top-1 - top-2
+    maxprob_ts                   max-probability after temperature scaling (T fitted by NLL on the fit half)
+    probe_residual               logistic regression on the final-normed residual stream the head reads (D)
+    probe_sync                   ... on the last thinking layer's S_out at the served tick
+    probe_ticks                  ... on the certainty of every tick and each tick's change of S_out (per layer)
+    <probe>+maxprob              the same with max-probability as an extra input
+    head                         the model's confidence head (`ctm_confidence_head="linear"`: readout probabilities,
+                                 tick certainties, S_out changes), fitted with a Brier loss on the frozen features
+
+Metrics: `auroc` (P(correct) ranking correct above wrong tokens, i.e. AUROC for "this token is wrong" from
+1 - P), `ece` (15 equal-width bins), `brier`. The marker: the rule `mark_unsure` (" (unsure)" after an answer whose
+head confidence is below 0.5), its precision and recall at flagging wrong answers, against a max-probability threshold
+that flags the same share. AUROC per tick: each tick's certainty alone, and a probe on that tick's S_out.
+
+    python eval/introspection_probes.py [--seeds 3] [--out eval/results/introspection_probes] [--quick]
+        [--cache DIR]   trained models are saved to / loaded from DIR/<data set>_seed<N> (training is the slow part)
+
+Writes results.json (settings, per-seed numbers, per data set `arms` with `auroc`, `ece`, `brier` as {"mean", "sd"},
+`goal`, `marker`), results.md and reliability.png, auroc_per_tick.png to --out.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+torch.set_num_threads(1)  # tiny tensors on a shared 2-core machine: extra threads only spin
+
+import numpy  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from introspection import Settings as TextSettings  # noqa: E402  (sibling modules: the text and chain models)
+from introspection import build_models, expected_calibration_error, prepare_data  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.metrics import brier_score_loss, roc_auc_score  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from thinking_tasks import ChainTask, ctm_config, evaluation_sets, prepare  # noqa: E402
+from thinking_tasks import Settings as ChainSettings  # noqa: E402
+from thinking_tasks import train as train_chain  # noqa: E402
+from transformers import set_seed  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from modeling_ctm import CTMForCausalLM  # noqa: E402
+from modeling_ctm.confidence_ctm import CTMConfidenceRecorder, add_confidence_head, mark_unsure  # noqa: E402
+from modeling_ctm.experiments import MachineLoad, experiment_parser, format_stat, stat, write_results  # noqa: E402
+from modeling_ctm.fmri import sync_change  # noqa: E402
+from modeling_ctm.training.confidence import fit_confidence_head  # noqa: E402
+
+
+BASELINES = ("maxprob", "maxprob_ts", "entropy", "margin")
+PROBES = ("probe_residual", "probe_sync", "probe_ticks")
+ARMS = (*BASELINES, *PROBES, *(f"{p}+maxprob" for p in PROBES), "head")
+METRICS = ("auroc", "ece", "brier")
+
+
+@dataclass
+class Settings:
+    seeds: int = 3
+    datasets: str = "text,chain"
+    bins: int = 15
+    marker_threshold: float = 0.5
+    probe_c: float = 1.0  # inverse L2 strength of the logistic probes (sklearn's C), on standardised features
+    # text: the model of eval/introspection.py
+    text_phase1_steps: int = 500
+    text_phase2_steps: int = 300
+    text_eval_blocks: int = 64
+    # chain: the K=4 CTM arm of eval/thinking_tasks.py (chain 15 nodes / 3 chains, curriculum, k <= 3 trained)
+    chain_ticks: int = 4
+    chain_steps: int = 900
+    chain_train_hops: int = 3
+    chain_test_hops: int = 4
+    chain_eval_rows: int = 128
+
+
+QUICK = dict(seeds=1, text_phase1_steps=4, text_phase2_steps=4, text_eval_blocks=8, chain_steps=6, chain_eval_rows=8)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models (trained here, or loaded from --cache)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def text_settings(settings: Settings, quick: bool) -> TextSettings:
+    base = TextSettings(phase1_steps=settings.text_phase1_steps, phase2_steps=settings.text_phase2_steps,
+                        eval_blocks=settings.text_eval_blocks)  # fmt: skip
+    if quick:
+        for name in ("vocab_size", "tokenizer_paragraphs", "train_paragraphs", "block_size"):
+            setattr(base, name, {"vocab_size": 300, "tokenizer_paragraphs": 300, "train_paragraphs": 300,
+                                 "block_size": 32}[name])  # fmt: skip
+    return base
+
+
+def chain_settings(settings: Settings) -> ChainSettings:
+    return ChainSettings(steps=settings.chain_steps, train_hops=settings.chain_train_hops,
+                         test_hops=settings.chain_test_hops, eval_rows=settings.chain_eval_rows, curriculum=True)  # fmt: skip
+
+
+def cached(cache: Path | None, name: str, build):
+    """`build()` -> model, saved to cache/name; loaded from there when it exists."""
+    folder = cache / name if cache is not None else None
+    if folder is not None and (folder / "config.json").is_file():
+        return CTMForCausalLM.from_pretrained(folder).eval(), True
+    model = build().eval()
+    if folder is not None:
+        model.save_pretrained(folder)
+    return model, False
+
+
+def text_rows(settings: Settings, seed: int, data, cache: Path | None, quick: bool) -> tuple:
+    """The text model and its held-out rows: (model, ids (N, T), mask of scored positions (N, T - 1), targets)."""
+    tokenizer, packed_train, eval_ids = data
+    model, loaded = cached(cache, f"text_seed{seed}",
+                           lambda: build_models(text_settings(settings, quick), seed, tokenizer, packed_train)[1])  # fmt: skip
+    mask = torch.ones(eval_ids.shape[0], eval_ids.shape[1] - 1, dtype=torch.bool)
+    return model, eval_ids, mask, eval_ids[:, 1:], loaded
+
+
+def chain_rows(settings: Settings, seed: int, cache: Path | None) -> tuple:
+    task, chain = ChainTask(nodes=15, chains=3), chain_settings(settings)
+
+    def build():
+        set_seed(seed)
+        model = prepare(CTMForCausalLM(ctm_config(task, chain, settings.chain_ticks)), chain)
+        train_chain(model, task, chain, chain.steps, seed)
+        return model
+
+    model, loaded = cached(cache, f"chain_seed{seed}", build)
+    sets = evaluation_sets(task, chain)
+    ids = torch.cat([torch.as_tensor(batch["input_ids"]) for batch in sets.values()])
+    labels = torch.cat([torch.as_tensor(batch["labels"]) for batch in sets.values()])
+    scored = numpy.concatenate([batch["scored"] for batch in sets.values()])  # (rows, queries): first asks only
+    mask = labels[:, 1:] != -100
+    keep = mask.clone()
+    keep[mask] = torch.as_tensor(scored.reshape(-1))
+    hops = numpy.concatenate([batch["hops"] for batch in sets.values()])
+    return model, ids, keep, labels[:, 1:], loaded, hops[scored]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-token features
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def token_table(model, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, batch_size: int = 16) -> dict:
+    """Per scored position (the prediction at t of token t + 1): correct, the served logits, the final-normed residual
+    the head reads, S_out of the served tick, per-tick certainty and S_out change, per-tick S_out, and the confidence
+    head's features (computed by the same observer that `generate(output_confidence=True)` uses)."""
+    rows: dict[str, list] = {}
+    last = model.config.ctm_layer_indices[-1]
+    for start in range(0, len(ids), batch_size):
+        block, keep = ids[start : start + batch_size], mask[start : start + batch_size]
+        target = targets[start : start + batch_size]
+        recorder = CTMConfidenceRecorder(model.config)
+        with model.observing(recorder):
+            outputs, layers = model.probe(block)
+        logits = outputs.logits[:, :-1].float()
+        selected = outputs.selected_tick[:, :-1]
+        probe = layers[last]
+        ticks_out = probe.tick_outputs[:, :-1]
+        served_out = ticks_out.gather(2, selected[..., None, None].expand(-1, -1, 1, ticks_out.shape[-1]))[:, :, 0]
+        residual = model.model.norm(probe.residual[:, :-1] + served_out)
+        sync_ticks = probe.sync_out[:, :-1].float()  # (B, T, K, S)
+        served_sync = sync_ticks.gather(2, selected[..., None, None].expand(-1, -1, 1, sync_ticks.shape[-1]))[:, :, 0]
+        changes = torch.cat([sync_change(layers[i])[:, :-1] for i in sorted(layers)], dim=-1)
+        parts = {
+            "correct": (logits.argmax(-1) == target).float(),
+            "logits": logits,
+            "target": target,
+            "residual": residual,
+            "sync": served_sync,
+            "ticks": torch.cat([outputs.certainty[:, :-1].float(), torch.log1p(changes.nan_to_num(0.0))], dim=-1),
+            "certainty_per_tick": outputs.certainty[:, :-1].float(),
+            "sync_per_tick": sync_ticks,
+            "head_features": recorder.features[0][:, :-1],
+            "row": torch.arange(start, start + len(block))[:, None].expand(-1, logits.shape[1]),
+        }
+        for name, tensor in parts.items():
+            rows.setdefault(name, []).append(tensor[keep])
+        # the residual reconstructed here is what the head read: its logits are the served ones
+        torch.testing.assert_close(model.lm_head(residual), outputs.logits[:, :-1], atol=1e-3, rtol=1e-3)
+    return {name: torch.cat(parts) for name, parts in rows.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arms and metrics
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def metrics(confidence: numpy.ndarray, correct: numpy.ndarray, bins: int) -> dict:
+    """AUROC of P(correct) for correct vs wrong (NaN when one class is absent), ECE (`bins` equal-width), Brier."""
+    confidence = numpy.clip(confidence, 0.0, 1.0)
+    auroc = roc_auc_score(correct, confidence) if 0 < correct.sum() < len(correct) else float("nan")
+    ece, table = expected_calibration_error(confidence, correct, bins)
+    return {"auroc": float(auroc), "ece": ece, "brier": float(brier_score_loss(correct, confidence)), "_bins": table}
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The temperature minimising the NLL of the targets (Guo et al. 2017), by L-BFGS on log T."""
+    log_t = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.exp())
+
+
+def logistic_probe(train_x, train_y, test_x, c: float) -> numpy.ndarray:
+    """P(correct) on test_x from a standardised L2 logistic regression fitted on (train_x, train_y)."""
+    if len(numpy.unique(train_y)) < 2:  # one class only (a --quick run): the base rate is all it can say
+        return numpy.full(len(test_x), float(train_y.mean()))
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+    return model.fit(train_x, train_y).predict_proba(test_x)[:, 1]
+
+
+def score_arms(table: dict, fit: numpy.ndarray, settings: Settings, model) -> tuple[dict, dict, dict]:
+    """Every arm's P(correct) on the test rows, their metrics, and the temperature / head fit."""
+    test = ~fit
+    correct = table["correct"].numpy()
+    probs = F.softmax(table["logits"], dim=-1)
+    top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / numpy.log(probs.shape[-1])
+    maxprob = top[:, 0].numpy()
+    temperature = fit_temperature(table["logits"][fit], table["target"][fit])
+    conf = {
+        "maxprob": maxprob,
+        "maxprob_ts": F.softmax(table["logits"] / temperature, dim=-1).max(-1).values.numpy(),
+        "entropy": (1 - entropy).numpy(),
+        "margin": (top[:, 0] - top[:, 1]).numpy(),
+    }
+    conf = {name: values[test] for name, values in conf.items()}
+    features = {"probe_residual": "residual", "probe_sync": "sync", "probe_ticks": "ticks"}
+    for arm, key in features.items():
+        x = table[key].float().numpy()
+        conf[arm] = logistic_probe(x[fit], correct[fit], x[test], settings.probe_c)
+        x = numpy.concatenate([x, maxprob[:, None]], axis=1)
+        conf[f"{arm}+maxprob"] = logistic_probe(x[fit], correct[fit], x[test], settings.probe_c)
+    head = add_confidence_head(model)
+    fitted = fit_confidence_head(head, table["head_features"][fit], table["correct"][fit])
+    with torch.no_grad():
+        conf["head"] = head(table["head_features"][test]).numpy()
+    scores = {arm: metrics(conf[arm], correct[test], settings.bins) for arm in ARMS}
+    return scores, conf, {"temperature": temperature, **fitted}
+
+
+def marker_report(conf: dict, correct: numpy.ndarray, threshold: float) -> dict:
+    """The marker flags an answer whose head confidence is below `threshold` (`mark_unsure`); the control flags the
+    same number of answers with the lowest max-probability. Precision: wrong among flagged; recall: flagged among
+    wrong."""
+    wrong = correct == 0
+    marked = numpy.array([mark_unsure("", float(c), threshold) != "" for c in conf["head"]])
+    share = float(marked.mean())
+    order = numpy.argsort(conf["maxprob"], kind="stable")
+    control = numpy.zeros_like(marked)
+    control[order[: int(marked.sum())]] = True
+
+    def pr(flags):
+        precision = float(wrong[flags].mean()) if flags.any() else float("nan")
+        recall = float(flags[wrong].mean()) if wrong.any() else float("nan")
+        return {"precision": precision, "recall": recall}
+
+    return {"flag_rate": share, "error_rate": float(wrong.mean()), "head": pr(marked), "maxprob_same_rate": pr(control)}
+
+
+def per_tick_auroc(table: dict, fit: numpy.ndarray, settings: Settings) -> dict:
+    """Per tick k: AUROC of tick k's certainty alone, and of a probe on tick k's S_out."""
+    correct = table["correct"].numpy()
+    test = ~fit
+    result = {"certainty": [], "probe_sync": []}
+    if not 0 < correct[test].sum() < test.sum():
+        return result
+    for k in range(table["certainty_per_tick"].shape[1]):
+        result["certainty"].append(float(roc_auc_score(correct[test], table["certainty_per_tick"][test, k].numpy())))
+        x = table["sync_per_tick"][:, k].numpy()
+        probe = logistic_probe(x[fit], correct[fit], x[test], settings.probe_c)
+        result["probe_sync"].append(float(roc_auc_score(correct[test], probe)))
+    return result
+
+
+def run_dataset(name: str, model, ids, mask, targets, settings: Settings, seed: int) -> dict:
+    started = time.perf_counter()
+    table = token_table(model, ids, mask, targets)
+    rows = table["row"].numpy()
+    fit_rows = numpy.random.default_rng(seed).permutation(len(ids))[: len(ids) // 2]
+    fit = numpy.isin(rows, fit_rows)
+    scores, conf, fitted = score_arms(table, fit, settings, model)
+    correct = table["correct"].numpy()[~fit]
+    result = {
+        "tokens_fit": int(fit.sum()),
+        "tokens_test": int((~fit).sum()),
+        "accuracy_test": float(correct.mean()),
+        **fitted,
+        "arms": {arm: {m: s[m] for m in METRICS} for arm, s in scores.items()},
+        "reliability": {arm: scores[arm]["_bins"] for arm in ("maxprob", "maxprob_ts", "head")},
+        "marker": marker_report(conf, correct, settings.marker_threshold),
+        "auroc_per_tick": per_tick_auroc(table, fit, settings),
+        "seconds": time.perf_counter() - started,
+    }
+    base = result["arms"]["maxprob"]["auroc"]
+    result["gain_over_maxprob"] = {arm: result["arms"][arm]["auroc"] - base for arm in ARMS if arm != "maxprob"}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Summary, table, pictures
+# ----------------------------------------------------------------------------------------------------------------------
+
+GOALS = {"text": 0.02, "chain": 0.05}  # AUROC a sync or tick feature must add over max-probability
+
+
+def summarise(per_seed: list[dict], name: str) -> dict:
+    runs = [r[name] for r in per_seed]
+    arms = {arm: {m: stat([r["arms"][arm][m] for r in runs]) for m in METRICS} for arm in ARMS}
+    gains = {arm: stat([r["gain_over_maxprob"][arm] for r in runs]) for arm in runs[0]["gain_over_maxprob"]}
+    tick_arms = ("probe_sync", "probe_ticks", "probe_sync+maxprob", "probe_ticks+maxprob")
+    best = max(tick_arms, key=lambda a: gains[a]["mean"])
+    goal = {
+        "required_auroc_gain": GOALS.get(name),
+        "best_sync_or_tick_arm": best,
+        "its_gain_over_maxprob": gains[best],
+        "residual_probe_gain": gains["probe_residual+maxprob"],
+        "met_auroc": GOALS.get(name) is not None and gains[best]["mean"] >= GOALS[name],
+        "head_ece_le_maxprob_ts": arms["head"]["ece"]["mean"] <= arms["maxprob_ts"]["ece"]["mean"],
+    }
+    marker = {
+        "flag_rate": stat([r["marker"]["flag_rate"] for r in runs]),
+        "error_rate": stat([r["marker"]["error_rate"] for r in runs]),
+        **{who: {m: stat([r["marker"][who][m] for r in runs]) for m in ("precision", "recall")}
+           for who in ("head", "maxprob_same_rate")},
+    }  # fmt: skip
+    ticks = {kind: [stat([r["auroc_per_tick"][kind][k] for r in runs if r["auroc_per_tick"][kind]])
+                    for k in range(len(runs[0]["auroc_per_tick"][kind]))] for kind in ("certainty", "probe_sync")}  # fmt: skip
+    return {
+        "arms": arms,
+        "gain_over_maxprob": gains,
+        "goal": goal,
+        "marker": marker,
+        "auroc_per_tick": ticks,
+        "accuracy_test": stat([r["accuracy_test"] for r in runs]),
+        "tokens_test": [r["tokens_test"] for r in runs],
+        "temperature": stat([r["temperature"] for r in runs]),
+    }
+
+
+def draw(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in results["settings"]["datasets"].split(",") if n in results]
+    pictures = []
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        seed0 = results["per_seed"][0][name]["reliability"]
+        ax.plot([0, 1], [0, 1], color="0.7", lw=1)
+        for arm, style in (("maxprob", "o-"), ("maxprob_ts", "s--"), ("head", "^-")):
+            table = seed0[arm]
+            ece = results[name]["arms"][arm]["ece"]
+            ax.plot([b["confidence"] for b in table], [b["accuracy"] for b in table], style, ms=4,
+                    label=f"{arm} (ECE {format_stat(ece)})")  # fmt: skip
+        ax.set(title=f"{name}: reliability (seed 0, test half)", xlabel="confidence", ylabel="accuracy",
+               xlim=(0, 1), ylim=(0, 1))  # fmt: skip
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=110)
+    plt.close(fig)
+    pictures.append(str(out / "reliability.png"))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        ticks = results[name]["auroc_per_tick"]
+        for kind, style in (("certainty", "o-"), ("probe_sync", "s-")):
+            if ticks[kind]:
+                means = [p["mean"] for p in ticks[kind]]
+                sds = [p["sd"] for p in ticks[kind]]
+                ax.errorbar(range(len(means)), means, yerr=sds, fmt=style, ms=4, capsize=3, label=kind)
+        base = results[name]["arms"]["maxprob"]["auroc"]["mean"]
+        ax.axhline(base, color="0.4", ls="--", lw=1, label="served max-probability")
+        ax.set(title=f"{name}: AUROC per tick", xlabel="tick", ylabel="AUROC (correct vs wrong)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "auroc_per_tick.png", dpi=110)
+    plt.close(fig)
+    pictures.append(str(out / "auroc_per_tick.png"))
+    return pictures
+
+
+def format_markdown(results: dict) -> str:
+    lines = [f"# Does the model know when it is wrong? ({results['settings']['seeds']} seeds; {results['machine']})", ""]
+    for name in results["settings"]["datasets"].split(","):
+        if name not in results:
+            continue
+        s = results[name]
+        lines += [f"## {name}: test accuracy {format_stat(s['accuracy_test'])}, test tokens {s['tokens_test']}, "
+                  f"temperature {format_stat(s['temperature'], 2)}", "",
+                  "| arm | AUROC | ECE (15 bins) | Brier | AUROC − maxprob |", "|---|---|---|---|---|"]  # fmt: skip
+        for arm in ARMS:
+            a = s["arms"][arm]
+            gain = format_stat(s["gain_over_maxprob"][arm]) if arm in s["gain_over_maxprob"] else "-"
+            lines.append(f"| {arm} | {format_stat(a['auroc'])} | {format_stat(a['ece'])} | {format_stat(a['brier'])} "
+                         f"| {gain} |")  # fmt: skip
+        g, m = s["goal"], s["marker"]
+        lines += ["", f"Goal: best sync/tick arm `{g['best_sync_or_tick_arm']}` adds "
+                  f"{format_stat(g['its_gain_over_maxprob'])} AUROC over maxprob (required {g['required_auroc_gain']}: "
+                  f"{'met' if g['met_auroc'] else 'not met'}); the residual probe +maxprob adds "
+                  f"{format_stat(g['residual_probe_gain'])}. Head ECE ≤ maxprob_ts ECE: {g['head_ece_le_maxprob_ts']}.",
+                  "", f"Marker (\" (unsure)\" when the head's confidence < {results['settings']['marker_threshold']}): "
+                  f"flags {format_stat(m['flag_rate'])} of answers (error rate {format_stat(m['error_rate'])}); "
+                  f"precision {format_stat(m['head']['precision'])}, recall {format_stat(m['head']['recall'])}; "
+                  f"max-probability at the same flag rate: precision {format_stat(m['maxprob_same_rate']['precision'])}, "
+                  f"recall {format_stat(m['maxprob_same_rate']['recall'])}.", "",
+                  "AUROC per tick: certainty " + ", ".join(format_stat(p) for p in s["auroc_per_tick"]["certainty"])
+                  + "; S_out probe " + ", ".join(format_stat(p) for p in s["auroc_per_tick"]["probe_sync"]), ""]  # fmt: skip
+    lines += [f"Load: {results.get('load')}", f"Seconds: {results['seconds']:.0f}", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = experiment_parser(__doc__, default_out="eval/results/introspection_probes", settings=Settings,
+                               quick=QUICK)  # fmt: skip
+    parser.add_argument("--cache", type=Path, help="folder the trained models are saved to and loaded from")
+    args = parser.parse_args(argv)
+    settings = args.settings
+    settings.seeds = args.seeds
+    names = settings.datasets.split(",")
+    bad = [n for n in names if n not in ("text", "chain")]
+    if bad:
+        parser.error(f"--set datasets={settings.datasets!r}: allowed data sets are text, chain")
+    hf_logging.set_verbosity_error()
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    load = MachineLoad()
+    load_before = load.sample()
+    data = prepare_data(text_settings(settings, args.quick)) if "text" in names else None
+    per_seed = []
+    for seed in range(settings.seeds):
+        record = {"seed": seed}
+        if "text" in names:
+            model, ids, mask, targets, loaded = text_rows(settings, seed, data, args.cache, args.quick)
+            record["text"] = {"loaded_from_cache": loaded, **run_dataset("text", model, ids, mask, targets, settings,
+                                                                         seed)}  # fmt: skip
+        if "chain" in names:
+            model, ids, mask, targets, loaded, _ = chain_rows(settings, seed, args.cache)
+            record["chain"] = {"loaded_from_cache": loaded, **run_dataset("chain", model, ids, mask, targets, settings,
+                                                                          seed)}  # fmt: skip
+        per_seed.append(record)
+        print(f"seed {seed}: " + "; ".join(f"{n} maxprob {record[n]['arms']['maxprob']['auroc']:.3f} head "
+                                           f"{record[n]['arms']['head']['auroc']:.3f}" for n in names), flush=True)  # fmt: skip
+    results = {
+        "settings": asdict(settings),
+        "machine": f"{platform.machine()} torch {torch.__version__}, {torch.get_num_threads()} thread(s), shared CPU",
+        "per_seed": per_seed,
+        **{name: summarise(per_seed, name) for name in names},
+    }
+    results["arms"] = {f"{name}:{arm}": results[name]["arms"][arm] for name in names for arm in ARMS}
+    results["seconds"] = time.perf_counter() - started
+    foreign = load.foreign(load_before, load.sample())
+    results["load"] = {"other_processes_share_of_machine": foreign, "loadavg_1_5_15": list(os.getloadavg())}
+    results["pictures"] = draw(results, args.out)
+    write_results(args.out, results, format_markdown(results))
+    print(format_markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

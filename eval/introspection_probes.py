@@ -229,7 +229,7 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
         return loss
 
     optimizer.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())
 
 
 def logistic_probe(train_x, train_y, test_x, c: float) -> numpy.ndarray:

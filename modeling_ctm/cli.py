@@ -65,7 +65,7 @@ def _chat(args) -> None:
         for message in messages:
             if message.strip() in ("/quit", "/end"):
                 break
-            print(f"ctm> {session.say(message)}")
+            print(f"ctm> {_say(session, message, args.show_confidence, args.unsure_below)}")
     except EOFError:
         pass
     if session.ids is not None:
@@ -74,6 +74,28 @@ def _chat(args) -> None:
     if brain is not None:
         session.save(brain)
         print(f"[brain saved to {brain}]")
+
+
+def _say(session, message: str, show_confidence: bool, threshold: float) -> str:
+    """One turn; with `show_confidence` the reply's words the confidence head scores below `threshold` are marked
+    `[word?]`, and " (unsure)" follows a reply holding one (a rule at generation time, not a trained behaviour)."""
+    if not show_confidence:
+        return session.say(message)
+    from .confidence_ctm import CTMConfidenceRecorder, mark_unsure, mark_words
+
+    model = session.model
+    if getattr(model, "confidence_head", None) is None:
+        raise ValueError("--show-confidence needs a model with a confidence head (CTMConfig.ctm_confidence_head)")
+    before = 0 if session.ids is None else session.ids.shape[1]
+    recorder = CTMConfidenceRecorder(model.config, model.confidence_head, last_only=True)
+    with model.observing(recorder):
+        session.say(message)
+    told = session.tokenizer(message, add_special_tokens=False).input_ids
+    new = session.ids[0, before + len(told) :].tolist()
+    # one entry per forward call: the generation steps are the last len(new) calls
+    confidence = [float(c[0, -1]) for c in recorder.confidence[len(recorder.confidence) - len(new) :]]
+    pieces = [session.tokenizer.decode([t], skip_special_tokens=True) for t in new]
+    return mark_unsure(mark_words(pieces, confidence, threshold), min(confidence, default=1.0), threshold)
 
 
 def _inspect(args) -> None:
@@ -142,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--brain", type=Path, help="folder the brain is loaded from (if it exists) and saved to")
     chat.add_argument("--message", action="append", help="say this instead of reading stdin (repeatable)")
     chat.add_argument("--preset", default="tiny", help="the preset whose phase4 section sets up the memory stack")
+    chat.add_argument("--show-confidence", action="store_true",
+                      help="mark the reply's words the confidence head scores low as [word?], and add ' (unsure)'")
+    chat.add_argument("--unsure-below", type=float, default=0.5, metavar="P",
+                      help="the confidence below which --show-confidence marks a word (default 0.5)")
     chat.set_defaults(run=_chat)
     return parser
 

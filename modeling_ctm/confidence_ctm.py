@@ -150,6 +150,26 @@ def mark_unsure(text: str, confidence: float, threshold: float, marker: str = " 
     return text + marker if confidence < threshold else text
 
 
+def mark_words(pieces: list[str], confidence: list[float], threshold: float) -> str:
+    """The decoded `pieces` of a reply (one per token) joined, each word holding a token whose confidence is below
+    `threshold` written as `[word?]`. A piece that starts with whitespace starts a new word."""
+    if len(pieces) != len(confidence):
+        raise ValueError(f"pieces ({len(pieces)}) and confidence ({len(confidence)}) must be equally long")
+    words: list[tuple[str, bool]] = []
+    for piece, value in zip(pieces, confidence):
+        unsure = value < threshold
+        if not words or piece[:1].isspace():
+            words.append((piece, unsure))
+        else:
+            text, flagged = words[-1]
+            words[-1] = (text + piece, flagged or unsure)
+    out = []
+    for text, flagged in words:
+        stripped = text.lstrip()
+        out.append(f"{text[: len(text) - len(stripped)]}[{stripped}?]" if flagged and stripped else text)
+    return "".join(out)
+
+
 __all__ = [
     "CONFIDENCE_HEAD_CHOICES",
     "CTMConfidenceHead",
@@ -158,5 +178,6 @@ __all__ = [
     "confidence_feature_names",
     "confidence_features",
     "mark_unsure",
+    "mark_words",
     "token_confidence",
 ]

@@ -6,7 +6,13 @@ import torch
 from tiny import tiny_model
 
 from modeling_ctm import CTMConfig, CTMForCausalLM
-from modeling_ctm.confidence_ctm import add_confidence_head, confidence_feature_names, mark_unsure, token_confidence
+from modeling_ctm.confidence_ctm import (
+    add_confidence_head,
+    confidence_feature_names,
+    mark_unsure,
+    mark_words,
+    token_confidence,
+)
 from modeling_ctm.training.confidence import fit_confidence_head
 
 
@@ -113,3 +119,30 @@ def test_the_marker_appears_only_below_the_threshold(confidence):
 def test_the_marker_rejects_a_threshold_outside_0_1():
     with pytest.raises(ValueError, match="threshold"):
         mark_unsure("x", 0.5, threshold=1.5)
+
+
+def test_mark_words_marks_the_words_holding_an_unsure_token():
+    pieces = ["The", " cap", "ital", " is", " Paris", "."]
+    assert mark_words(pieces, [0.9, 0.9, 0.2, 0.9, 0.1, 0.9], 0.5) == "The [capital?] is [Paris.?]"
+    assert mark_words(pieces, [0.9] * 6, 0.5) == "The capital is Paris."
+    with pytest.raises(ValueError, match="equally long"):
+        mark_words(pieces, [0.9], 0.5)
+
+
+@pytest.mark.parametrize("bias, marked", [(-10.0, True), (10.0, False)])
+def test_chat_show_confidence_marks_words_only_below_the_threshold(tmp_path, capsys, bias, marked):
+    from modeling_ctm.cli import main
+    from modeling_ctm.training.tokenization import train_tokenizer
+
+    tokenizer = train_tokenizer(["the code of Velmora is Quenth", "a dog ran in the park"] * 30, vocab_size=300)
+    model = tiny_model(vocab_size=len(tokenizer), ctm_carry="chunk", ctm_chunk_size=4, max_position_embeddings=256)
+    head = add_confidence_head(model)
+    with torch.no_grad():
+        head.bias.fill_(bias)  # sigmoid(-10) ~ 0: every token unsure; sigmoid(10) ~ 1: none
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    argv = ["chat", str(tmp_path / "model"), "--message", "the code of Velmora is", "--show-confidence"]
+    assert main(argv) == 0
+    reply = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ctm> "))
+    assert reply.endswith(" (unsure)") == marked
+    assert ("?]" in reply) == marked

@@ -92,6 +92,11 @@ class Settings:
     chain_train_hops: int = 3
     chain_test_hops: int = 4
     chain_eval_rows: int = 128
+    # real_text (in --set datasets=...): a converted checkpoint folder (e.g. SmolLM2-135M-Instruct via
+    # CTMForCausalLM.from_llama), scored on held-out Austen; it has no thinking layer: residual and logit arms only
+    real_checkpoint: str = "/work/cache/smollm2-ctm"
+    real_blocks: int = 16
+    real_block_size: int = 128
 
 
 QUICK = dict(seeds=1, text_phase1_steps=4, text_phase2_steps=4, text_eval_blocks=8, chain_steps=6, chain_eval_rows=8)
@@ -158,6 +163,20 @@ def chain_rows(settings: Settings, seed: int, cache: Path | None) -> tuple:
     return model, ids, keep, labels[:, 1:], loaded, hops[scored]
 
 
+def real_rows(settings: Settings) -> tuple:
+    """A converted real checkpoint (frozen: the same model every seed; seeds re-draw the fit/test split) and held-out
+    Austen packed with its own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from modeling_ctm.training.data import austen_splits, pack_dataset
+
+    model = CTMForCausalLM.from_pretrained(settings.real_checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(settings.real_checkpoint)
+    packed = pack_dataset(austen_splits()["validation"], tokenizer, settings.real_block_size)
+    ids = torch.tensor(packed.select(range(min(settings.real_blocks, len(packed))))["input_ids"])
+    return model, ids, torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool), ids[:, 1:]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Per-token features
 # ----------------------------------------------------------------------------------------------------------------------
@@ -168,6 +187,8 @@ def token_table(model, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Ten
     """Per scored position (the prediction at t of token t + 1): correct, the served logits, the final-normed residual
     the head reads, S_out of the served tick, per-tick certainty and S_out change, per-tick S_out, and the confidence
     head's features (computed by the same observer that `generate(output_confidence=True)` uses)."""
+    if not model.config.ctm_layer_indices:
+        return plain_token_table(model, ids, mask, targets)
     rows: dict[str, list] = {}
     last = model.config.ctm_layer_indices[-1]
     for start in range(0, len(ids), batch_size):
@@ -201,6 +222,51 @@ def token_table(model, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Ten
             rows.setdefault(name, []).append(tensor[keep])
         # the residual reconstructed here is what the head read: its logits are the served ones
         torch.testing.assert_close(model.lm_head(residual), outputs.logits[:, :-1], atol=1e-3, rtol=1e-3)
+    return {name: torch.cat(parts) for name, parts in rows.items()}
+
+
+TEMPERATURES = numpy.round(numpy.arange(0.5, 3.001, 0.05), 3)  # the grid a large vocabulary's temperature is fitted on
+
+
+@torch.no_grad()
+def plain_token_table(model, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, batch_size: int = 4):
+    """`token_table` for a model without a thinking layer (a converted checkpoint): correct, the residual the head reads
+    (the final norm's output, caught by a hook), the head's features, and, instead of the logits (a 49k vocabulary
+    does not fit in memory for every token), the target's NLL and the max-probability at every temperature of
+    `TEMPERATURES`."""
+    rows: dict[str, list] = {}
+    caught = {}
+    hook = model.model.norm.register_forward_hook(lambda module, args, output: caught.update(residual=output))
+    grid = torch.as_tensor(TEMPERATURES, dtype=torch.float32)
+    try:
+        for start in range(0, len(ids), batch_size):
+            block, keep = ids[start : start + batch_size], mask[start : start + batch_size]
+            target = targets[start : start + batch_size]
+            recorder = CTMConfidenceRecorder(model.config)
+            with model.observing(recorder):
+                logits = model(block, use_cache=False).logits[:, :-1].float()
+            kept_logits, target_kept = logits[keep], target[keep]
+            nll_grid, maxprob_grid = [], []
+            for temperature in grid:  # one temperature at a time: (N, V) at most in memory
+                log_probs = F.log_softmax(kept_logits / temperature, dim=-1)
+                nll_grid.append(-log_probs.gather(-1, target_kept[:, None])[:, 0])
+                maxprob_grid.append(log_probs.max(-1).values.exp())
+            parts = {
+                "correct": (logits.argmax(-1) == target).float()[keep],
+                "target": target_kept,
+                "residual": caught["residual"][:, :-1][keep].float(),
+                "head_features": recorder.features[0][:, :-1][keep],
+                "nll_grid": torch.stack(nll_grid, 1),
+                "maxprob_grid": torch.stack(maxprob_grid, 1),
+                "row": torch.arange(start, start + len(block))[:, None].expand(-1, logits.shape[1])[keep],
+                "probs_top2": F.softmax(kept_logits, dim=-1).topk(2, dim=-1).values,
+                "entropy": -(F.softmax(kept_logits, -1) * F.log_softmax(kept_logits, -1)).sum(-1)
+                / numpy.log(logits.shape[-1]),
+            }
+            for name, tensor in parts.items():
+                rows.setdefault(name, []).append(tensor)
+    finally:
+        hook.remove()
     return {name: torch.cat(parts) for name, parts in rows.items()}
 
 
@@ -244,19 +310,27 @@ def score_arms(table: dict, fit: numpy.ndarray, settings: Settings, model) -> tu
     """Every arm's P(correct) on the test rows, their metrics, and the temperature / head fit."""
     test = ~fit
     correct = table["correct"].numpy()
-    probs = F.softmax(table["logits"], dim=-1)
-    top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
-    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / numpy.log(probs.shape[-1])
+    if "logits" in table:
+        probs = F.softmax(table["logits"], dim=-1)
+        top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
+        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / numpy.log(probs.shape[-1])
+        temperature = fit_temperature(table["logits"][fit], table["target"][fit])
+        scaled_maxprob = F.softmax(table["logits"] / temperature, dim=-1).max(-1).values.numpy()
+    else:  # the temperature grid of `plain_token_table`
+        top, entropy = table["probs_top2"], table["entropy"]
+        best = int(table["nll_grid"][fit].mean(0).argmin())
+        temperature = float(TEMPERATURES[best])
+        scaled_maxprob = table["maxprob_grid"][:, best].numpy()
     maxprob = top[:, 0].numpy()
-    temperature = fit_temperature(table["logits"][fit], table["target"][fit])
     conf = {
         "maxprob": maxprob,
-        "maxprob_ts": F.softmax(table["logits"] / temperature, dim=-1).max(-1).values.numpy(),
+        "maxprob_ts": scaled_maxprob,
         "entropy": (1 - entropy).numpy(),
         "margin": (top[:, 0] - top[:, 1]).numpy(),
     }
     conf = {name: values[test] for name, values in conf.items()}
     features = {"probe_residual": "residual", "probe_sync": "sync", "probe_ticks": "ticks"}
+    features = {arm: key for arm, key in features.items() if key in table}
     for arm, key in features.items():
         x = table[key].float().numpy()
         conf[arm] = logistic_probe(x[fit], correct[fit], x[test], settings.probe_c)
@@ -266,7 +340,7 @@ def score_arms(table: dict, fit: numpy.ndarray, settings: Settings, model) -> tu
     fitted = fit_confidence_head(head, table["head_features"][fit], table["correct"][fit])
     with torch.no_grad():
         conf["head"] = head(table["head_features"][test]).numpy()
-    scores = {arm: metrics(conf[arm], correct[test], settings.bins) for arm in ARMS}
+    scores = {arm: metrics(conf[arm], correct[test], settings.bins) for arm in ARMS if arm in conf}
     return scores, conf, {"temperature": temperature, **fitted}
 
 
@@ -294,7 +368,7 @@ def per_tick_auroc(table: dict, fit: numpy.ndarray, settings: Settings) -> dict:
     correct = table["correct"].numpy()
     test = ~fit
     result = {"certainty": [], "probe_sync": []}
-    if not 0 < correct[test].sum() < test.sum():
+    if "certainty_per_tick" not in table or not 0 < correct[test].sum() < test.sum():
         return result
     for k in range(table["certainty_per_tick"].shape[1]):
         result["certainty"].append(float(roc_auc_score(correct[test], table["certainty_per_tick"][test, k].numpy())))
@@ -324,7 +398,7 @@ def run_dataset(name: str, model, ids, mask, targets, settings: Settings, seed: 
         "seconds": time.perf_counter() - started,
     }
     base = result["arms"]["maxprob"]["auroc"]
-    result["gain_over_maxprob"] = {arm: result["arms"][arm]["auroc"] - base for arm in ARMS if arm != "maxprob"}
+    result["gain_over_maxprob"] = {arm: v["auroc"] - base for arm, v in result["arms"].items() if arm != "maxprob"}
     return result
 
 
@@ -337,16 +411,16 @@ GOALS = {"text": 0.02, "chain": 0.05}  # AUROC a sync or tick feature must add o
 
 def summarise(per_seed: list[dict], name: str) -> dict:
     runs = [r[name] for r in per_seed]
-    arms = {arm: {m: stat([r["arms"][arm][m] for r in runs]) for m in METRICS} for arm in ARMS}
+    arms = {arm: {m: stat([r["arms"][arm][m] for r in runs]) for m in METRICS} for arm in ARMS if arm in runs[0]["arms"]}
     gains = {arm: stat([r["gain_over_maxprob"][arm] for r in runs]) for arm in runs[0]["gain_over_maxprob"]}
-    tick_arms = ("probe_sync", "probe_ticks", "probe_sync+maxprob", "probe_ticks+maxprob")
-    best = max(tick_arms, key=lambda a: gains[a]["mean"])
+    tick_arms = [a for a in ("probe_sync", "probe_ticks", "probe_sync+maxprob", "probe_ticks+maxprob") if a in gains]
+    best = max(tick_arms, key=lambda a: gains[a]["mean"]) if tick_arms else None
     goal = {
         "required_auroc_gain": GOALS.get(name),
         "best_sync_or_tick_arm": best,
-        "its_gain_over_maxprob": gains[best],
+        "its_gain_over_maxprob": gains[best] if best else None,
         "residual_probe_gain": gains["probe_residual+maxprob"],
-        "met_auroc": GOALS.get(name) is not None and gains[best]["mean"] >= GOALS[name],
+        "met_auroc": best is not None and GOALS.get(name) is not None and gains[best]["mean"] >= GOALS[name],
         "head_ece_le_maxprob_ts": arms["head"]["ece"]["mean"] <= arms["maxprob_ts"]["ece"]["mean"],
     }
     marker = {
@@ -421,15 +495,15 @@ def format_markdown(results: dict) -> str:
         lines += [f"## {name}: test accuracy {format_stat(s['accuracy_test'])}, test tokens {s['tokens_test']}, "
                   f"temperature {format_stat(s['temperature'], 2)}", "",
                   "| arm | AUROC | ECE (15 bins) | Brier | AUROC − maxprob |", "|---|---|---|---|---|"]  # fmt: skip
-        for arm in ARMS:
-            a = s["arms"][arm]
+        for arm, a in s["arms"].items():
             gain = format_stat(s["gain_over_maxprob"][arm]) if arm in s["gain_over_maxprob"] else "-"
             lines.append(f"| {arm} | {format_stat(a['auroc'])} | {format_stat(a['ece'])} | {format_stat(a['brier'])} "
                          f"| {gain} |")  # fmt: skip
         g, m = s["goal"], s["marker"]
-        lines += ["", f"Goal: best sync/tick arm `{g['best_sync_or_tick_arm']}` adds "
-                  f"{format_stat(g['its_gain_over_maxprob'])} AUROC over maxprob (required {g['required_auroc_gain']}: "
-                  f"{'met' if g['met_auroc'] else 'not met'}); the residual probe +maxprob adds "
+        best = g["best_sync_or_tick_arm"]
+        lines += ["", (f"Goal: best sync/tick arm `{best}` adds {format_stat(g['its_gain_over_maxprob'])} AUROC over "
+                       f"maxprob (required {g['required_auroc_gain']}: {'met' if g['met_auroc'] else 'not met'}); "
+                       if best else "No thinking layer: no sync or tick arm; ") + "the residual probe +maxprob adds "
                   f"{format_stat(g['residual_probe_gain'])}. Head ECE ≤ maxprob_ts ECE: {g['head_ece_le_maxprob_ts']}.",
                   "", f"Marker (\" (unsure)\" when the head's confidence < {results['settings']['marker_threshold']}): "
                   f"flags {format_stat(m['flag_rate'])} of answers (error rate {format_stat(m['error_rate'])}); "
@@ -450,9 +524,9 @@ def main(argv=None) -> dict:
     settings = args.settings
     settings.seeds = args.seeds
     names = settings.datasets.split(",")
-    bad = [n for n in names if n not in ("text", "chain")]
+    bad = [n for n in names if n not in ("text", "chain", "real_text")]
     if bad:
-        parser.error(f"--set datasets={settings.datasets!r}: allowed data sets are text, chain")
+        parser.error(f"--set datasets={settings.datasets!r}: allowed data sets are text, chain, real_text")
     hf_logging.set_verbosity_error()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -470,6 +544,9 @@ def main(argv=None) -> dict:
             model, ids, mask, targets, loaded, _ = chain_rows(settings, seed, args.cache)
             record["chain"] = {"loaded_from_cache": loaded, **run_dataset("chain", model, ids, mask, targets, settings,
                                                                           seed)}  # fmt: skip
+        if "real_text" in names:
+            model, ids, mask, targets = real_rows(settings)
+            record["real_text"] = run_dataset("real_text", model, ids, mask, targets, settings, seed)
         per_seed.append(record)
         print(f"seed {seed}: " + "; ".join(f"{n} maxprob {record[n]['arms']['maxprob']['auroc']:.3f} head "
                                            f"{record[n]['arms']['head']['auroc']:.3f}" for n in names), flush=True)  # fmt: skip
@@ -479,7 +556,7 @@ def main(argv=None) -> dict:
         "per_seed": per_seed,
         **{name: summarise(per_seed, name) for name in names},
     }
-    results["arms"] = {f"{name}:{arm}": results[name]["arms"][arm] for name in names for arm in ARMS}
+    results["arms"] = {f"{name}:{arm}": value for name in names for arm, value in results[name]["arms"].items()}
     results["seconds"] = time.perf_counter() - started
     foreign = load.foreign(load_before, load.sample())
     results["load"] = {"other_processes_share_of_machine": foreign, "loadavg_1_5_15": list(os.getloadavg())}

@@ -378,6 +378,25 @@ def per_tick_auroc(table: dict, fit: numpy.ndarray, settings: Settings) -> dict:
     return result
 
 
+def confidence_cost(model, prompt: torch.Tensor, tokens: int = 16, repeats: int = 3) -> dict:
+    """Cached greedy decoding, ms per token, with `output_confidence` off and on (interleaved; medians), and what the
+    head holds."""
+    times = {"off": [], "on": []}
+    kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, return_dict_in_generate=True)
+    model.generate(prompt, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+    for _ in range(repeats):
+        for mode in ("off", "on"):
+            started = time.perf_counter()
+            model.generate(prompt, output_confidence=mode == "on", **kwargs)
+            times[mode].append(1000 * (time.perf_counter() - started) / tokens)
+    head = model.confidence_head
+    return {
+        "decode_ms_per_token_off": float(numpy.median(times["off"])),
+        "decode_ms_per_token_on": float(numpy.median(times["on"])),
+        "head_parameters": int(head.weight.numel() + head.bias.numel()),
+    }
+
+
 def run_dataset(name: str, model, ids, mask, targets, settings: Settings, seed: int) -> dict:
     started = time.perf_counter()
     table = token_table(model, ids, mask, targets)
@@ -397,6 +416,8 @@ def run_dataset(name: str, model, ids, mask, targets, settings: Settings, seed: 
         "auroc_per_tick": per_tick_auroc(table, fit, settings),
         "seconds": time.perf_counter() - started,
     }
+    if seed == 0:
+        result["cost"] = confidence_cost(model, ids[:1, : max(2, ids.shape[1] // 2)])
     base = result["arms"]["maxprob"]["auroc"]
     result["gain_over_maxprob"] = {arm: v["auroc"] - base for arm, v in result["arms"].items() if arm != "maxprob"}
     return result
@@ -440,6 +461,7 @@ def summarise(per_seed: list[dict], name: str) -> dict:
         "accuracy_test": stat([r["accuracy_test"] for r in runs]),
         "tokens_test": [r["tokens_test"] for r in runs],
         "temperature": stat([r["temperature"] for r in runs]),
+        "cost": runs[0].get("cost"),
     }
 
 
@@ -512,7 +534,13 @@ def format_markdown(results: dict) -> str:
                   f"recall {format_stat(m['maxprob_same_rate']['recall'])}.", "",
                   "AUROC per tick: certainty " + ", ".join(format_stat(p) for p in s["auroc_per_tick"]["certainty"])
                   + "; S_out probe " + ", ".join(format_stat(p) for p in s["auroc_per_tick"]["probe_sync"]), ""]  # fmt: skip
-    lines += [f"Load: {results.get('load')}", f"Seconds: {results['seconds']:.0f}", ""]
+    for name in results["settings"]["datasets"].split(","):
+        cost = results.get(name, {}).get("cost")
+        if cost:
+            lines.append(f"Cost ({name} model, seed 0, cached greedy decoding, batch 1): output_confidence off "
+                         f"{cost['decode_ms_per_token_off']:.1f} ms/token, on {cost['decode_ms_per_token_on']:.1f} "
+                         f"ms/token; the head holds {cost['head_parameters']} numbers.")  # fmt: skip
+    lines += ["", f"Load: {results.get('load')}", f"Seconds: {results['seconds']:.0f}", ""]
     return "\n".join(lines)
 
 

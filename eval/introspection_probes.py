@@ -78,6 +78,7 @@ METRICS = ("auroc", "ece", "brier")
 @dataclass
 class Settings:
     seeds: int = 3
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (one process per seed, sharing --cache)
     datasets: str = "text,chain"
     bins: int = 15
     marker_threshold: float = 0.5
@@ -416,7 +417,7 @@ def run_dataset(name: str, model, ids, mask, targets, settings: Settings, seed: 
         "auroc_per_tick": per_tick_auroc(table, fit, settings),
         "seconds": time.perf_counter() - started,
     }
-    if seed == 0:
+    if seed == settings.first_seed:
         result["cost"] = confidence_cost(model, ids[:1, : max(2, ids.shape[1] // 2)])
     base = result["arms"]["maxprob"]["auroc"]
     result["gain_over_maxprob"] = {arm: v["auroc"] - base for arm, v in result["arms"].items() if arm != "maxprob"}
@@ -562,7 +563,7 @@ def main(argv=None) -> dict:
     load_before = load.sample()
     data = prepare_data(text_settings(settings, args.quick)) if "text" in names else None
     per_seed = []
-    for seed in range(settings.seeds):
+    for seed in range(settings.first_seed, settings.first_seed + settings.seeds):
         record = {"seed": seed}
         if "text" in names:
             model, ids, mask, targets, loaded = text_rows(settings, seed, data, args.cache, args.quick)

@@ -146,3 +146,49 @@ def test_chat_show_confidence_marks_words_only_below_the_threshold(tmp_path, cap
     reply = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ctm> "))
     assert reply.endswith(" (unsure)") == marked
     assert ("?]" in reply) == marked
+
+
+def test_init_weights_fills_a_missing_head():
+    """Built on the meta device, a head the checkpoint lacks comes out of `_init_weights`: zero, i.e. 0.5."""
+    from tiny import tiny_config
+
+    model = CTMForCausalLM.from_pretrained(None, config=tiny_config(ctm_confidence_head="linear"), state_dict={})
+    assert model.confidence_head.weight.device.type == "cpu"
+    assert torch.count_nonzero(model.confidence_head.weight) == 0 and float(model.confidence_head.bias.detach()) == 0.0
+
+
+@pytest.mark.slow
+def test_remote_code_generates_the_same_confidence_without_the_package(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from safetensors.torch import save_file
+
+    model = fitted_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    prompt = torch.randint(1, 97, (1, 5))
+    out = model.generate(prompt, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                         output_confidence=True)  # fmt: skip
+    save_file({"prompt": prompt, "confidence": out.confidence.contiguous()}, str(tmp_path / "expected.safetensors"))
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["modeling_ctm"] = None  # importing the package now fails
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        expected = load_file({str(tmp_path / "expected.safetensors")!r})
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
+        out = model.generate(expected["prompt"], max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                             output_confidence=True)
+        torch.testing.assert_close(out.confidence, expected["confidence"], atol=1e-5, rtol=1e-4)
+        print("REMOTE_OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]

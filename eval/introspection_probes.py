@@ -52,7 +52,7 @@ import numpy  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from introspection import Settings as TextSettings  # noqa: E402  (sibling modules: the text and chain models)
 from introspection import build_models, expected_calibration_error, prepare_data  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.linear_model import LogisticRegressionCV  # noqa: E402
 from sklearn.metrics import brier_score_loss, roc_auc_score  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
@@ -82,7 +82,9 @@ class Settings:
     datasets: str = "text,chain"
     bins: int = 15
     marker_threshold: float = 0.5
-    probe_c: float = 1.0  # inverse L2 strength of the logistic probes (sklearn's C), on standardised features
+    # the logistic probes' L2 strength is chosen per fit by 5-fold cross-validated log loss on the fit half among
+    # `probe_cs` values of C (log-spaced 1e-4 .. 1e4): a 576-wide residual on ~1000 tokens overfits at a fixed C=1
+    probe_cs: int = 9
     # text: the model of eval/introspection.py
     text_phase1_steps: int = 500
     text_phase2_steps: int = 300
@@ -299,11 +301,14 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(log_t.detach().exp())
 
 
-def logistic_probe(train_x, train_y, test_x, c: float) -> numpy.ndarray:
-    """P(correct) on test_x from a standardised L2 logistic regression fitted on (train_x, train_y)."""
-    if len(numpy.unique(train_y)) < 2:  # one class only (a --quick run): the base rate is all it can say
+def logistic_probe(train_x, train_y, test_x, cs: int) -> numpy.ndarray:
+    """P(correct) on test_x from a standardised L2 logistic regression fitted on (train_x, train_y), its strength
+    chosen by cross-validation on the training rows."""
+    counts = numpy.bincount(train_y.astype(int), minlength=2)
+    if counts.min() < 5:  # too few of one class to cross-validate (a --quick run): the base rate is all it can say
         return numpy.full(len(test_x), float(train_y.mean()))
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+    folds = int(min(5, counts.min()))
+    model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=cs, cv=folds, scoring="neg_log_loss", max_iter=2000))
     return model.fit(train_x, train_y).predict_proba(test_x)[:, 1]
 
 
@@ -334,9 +339,9 @@ def score_arms(table: dict, fit: numpy.ndarray, settings: Settings, model) -> tu
     features = {arm: key for arm, key in features.items() if key in table}
     for arm, key in features.items():
         x = table[key].float().numpy()
-        conf[arm] = logistic_probe(x[fit], correct[fit], x[test], settings.probe_c)
+        conf[arm] = logistic_probe(x[fit], correct[fit], x[test], settings.probe_cs)
         x = numpy.concatenate([x, maxprob[:, None]], axis=1)
-        conf[f"{arm}+maxprob"] = logistic_probe(x[fit], correct[fit], x[test], settings.probe_c)
+        conf[f"{arm}+maxprob"] = logistic_probe(x[fit], correct[fit], x[test], settings.probe_cs)
     head = add_confidence_head(model)
     fitted = fit_confidence_head(head, table["head_features"][fit], table["correct"][fit])
     with torch.no_grad():
@@ -374,7 +379,7 @@ def per_tick_auroc(table: dict, fit: numpy.ndarray, settings: Settings) -> dict:
     for k in range(table["certainty_per_tick"].shape[1]):
         result["certainty"].append(float(roc_auc_score(correct[test], table["certainty_per_tick"][test, k].numpy())))
         x = table["sync_per_tick"][:, k].numpy()
-        probe = logistic_probe(x[fit], correct[fit], x[test], settings.probe_c)
+        probe = logistic_probe(x[fit], correct[fit], x[test], settings.probe_cs)
         result["probe_sync"].append(float(roc_auc_score(correct[test], probe)))
     return result
 

@@ -95,9 +95,10 @@ class Settings:
     chain_train_hops: int = 3
     chain_test_hops: int = 4
     chain_eval_rows: int = 128
-    # real_text (in --set datasets=...): a converted checkpoint folder (e.g. SmolLM2-135M-Instruct via
-    # CTMForCausalLM.from_llama), scored on held-out Austen; it has no thinking layer: residual and logit arms only
-    real_checkpoint: str = "/work/cache/smollm2-ctm"
+    # real_text (in --set datasets=...): a CTM checkpoint folder, or a named offline source converted by
+    # CTMForCausalLM.from_llama (SmolLM2-135M-Instruct, exact), scored on held-out Austen; it has no thinking layer:
+    # residual and logit arms only
+    real_checkpoint: str = "smollm2-135m-instruct"
     real_blocks: int = 16
     real_block_size: int = 128
 
@@ -173,8 +174,15 @@ def real_rows(settings: Settings) -> tuple:
 
     from modeling_ctm.training.data import austen_splits, pack_dataset
 
-    model = CTMForCausalLM.from_pretrained(settings.real_checkpoint).eval()
-    tokenizer = AutoTokenizer.from_pretrained(settings.real_checkpoint)
+    from modeling_ctm.hub.sources import resolve_source
+
+    if Path(settings.real_checkpoint).is_dir():
+        model = CTMForCausalLM.from_pretrained(settings.real_checkpoint).eval()
+        tokenizer = AutoTokenizer.from_pretrained(settings.real_checkpoint)
+    else:
+        folder, gguf_file = resolve_source(settings.real_checkpoint)
+        model = CTMForCausalLM.from_llama(folder, gguf_file=gguf_file).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     packed = pack_dataset(austen_splits()["validation"], tokenizer, settings.real_block_size)
     ids = torch.tensor(packed.select(range(min(settings.real_blocks, len(packed))))["input_ids"])
     return model, ids, torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool), ids[:, 1:]

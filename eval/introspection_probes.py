@@ -505,8 +505,9 @@ def draw(results: dict, out: Path) -> list[str]:
     fig.savefig(out / "reliability.png", dpi=110)
     plt.close(fig)
     pictures.append(str(out / "reliability.png"))
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 4.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    with_ticks = [n for n in names if results[n]["auroc_per_tick"]["certainty"]] or names[:1]
+    fig, axes = plt.subplots(1, len(with_ticks), figsize=(4.5 * len(with_ticks), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], with_ticks):
         ticks = results[name]["auroc_per_tick"]
         for kind, style in (("certainty", "o-"), ("probe_sync", "s-")):
             if ticks[kind]:
@@ -515,7 +516,8 @@ def draw(results: dict, out: Path) -> list[str]:
                 ax.errorbar(range(len(means)), means, yerr=sds, fmt=style, ms=4, capsize=3, label=kind)
         base = results[name]["arms"]["maxprob"]["auroc"]["mean"]
         ax.axhline(base, color="0.4", ls="--", lw=1, label="served max-probability")
-        ax.set(title=f"{name}: AUROC per tick", xlabel="tick", ylabel="AUROC (correct vs wrong)")
+        ax.set(title=f"{name}: AUROC per tick", xlabel="tick", ylabel="AUROC (correct vs wrong)",
+               xticks=range(len(ticks["certainty"])))  # fmt: skip
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "auroc_per_tick.png", dpi=110)

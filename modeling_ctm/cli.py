@@ -100,6 +100,9 @@ def _chat(args) -> None:
         for message in messages:
             if message.strip() in ("/quit", "/end"):
                 break
+            if args.show_confidence:
+                print(f"ctm> {_say(session, message, args.show_confidence, args.unsure_below, **decoding)}")
+                continue
             print("ctm> ", end="", flush=True)
             streamer = TextStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True)
             session.say(message, streamer=streamer, **decoding)
@@ -157,6 +160,29 @@ def _convert(args) -> None:
         f"load {report['load_seconds']:.1f} s, convert {report['convert_seconds']:.1f} s, save "
         f"{report['save_seconds']:.1f} s, peak RSS {report['peak_rss_bytes'] / 1e9:.2f} GB"
     )
+
+
+def _say(session, message: str, show_confidence: bool, threshold: float, **decoding) -> str:
+    """One turn; with `show_confidence` the reply's words the confidence head scores below `threshold` are marked
+    `[word?]`, and " (unsure)" follows a reply holding one (a rule at generation time, not a trained behaviour)."""
+    if not show_confidence:
+        return session.say(message, **decoding)
+    from .confidence_ctm import CTMConfidenceRecorder, mark_unsure, mark_words
+
+    model = session.model
+    if getattr(model, "confidence_head", None) is None:
+        raise ValueError("--show-confidence needs a model with a confidence head (CTMConfig.ctm_confidence_head)")
+    before = 0 if session.ids is None else session.ids.shape[1]
+    # the tokens the turn adds before the reply: the message, or under the chat template its rendered turn
+    turn = session.template_turn(message) if session.config.chat_template else session.encode(message)
+    recorder = CTMConfidenceRecorder(model.config, model.confidence_head, last_only=True)
+    with model.observing(recorder):
+        session.say(message, **decoding)
+    new = session.ids[0, before + turn.shape[1] :].tolist()
+    # one entry per forward call: the generation steps are the last len(new) calls
+    confidence = [float(c[0, -1]) for c in recorder.confidence[len(recorder.confidence) - len(new) :]]
+    pieces = [session.tokenizer.decode([t], skip_special_tokens=True) for t in new]
+    return mark_unsure(mark_words(pieces, confidence, threshold), min(confidence, default=1.0), threshold)
 
 
 def _inspect(args) -> None:
@@ -237,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, help="reply length (default: the preset's phase4 session)")
     chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); > 0: sampling")
     chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, with --temperature > 0")
+    chat.add_argument("--show-confidence", action="store_true",
+                      help="mark the reply's words the confidence head scores low as [word?], and add ' (unsure)'")
+    chat.add_argument("--unsure-below", type=float, default=0.5, metavar="P",
+                      help="the confidence below which --show-confidence marks a word (default 0.5)")
     chat.set_defaults(run=_chat)
     convert = commands.add_parser("convert", help="a Llama-family checkpoint as a CTM model (the same function)")
     convert.add_argument(

@@ -25,6 +25,7 @@ CTM_TOKEN_MEMORY_CHOICES = ("none", "token")
 CTM_QUERY_SOURCE_CHOICES = ("sync_action", "state", "input_then_state")
 CTM_QUERY_SCALE_CHOICES = ("fixed", "learned")
 CTM_STATE_NORM_CHOICES = ("none", "rms")
+CTM_CONFIDENCE_HEAD_CHOICES = ("none", "linear")
 MAX_DECAY = 15.0  # r = exp(-15) ~ 3e-7: a pair with this decay forgets everything between ticks
 
 # Named sets of `ctm_*` values: what a recipe asks for by name (`thinking: {profile: awake}`) instead of retyping them.
@@ -155,6 +156,10 @@ class CTMConfig(PreTrainedConfig):
             a fact "NAME CODE" told once is stored under NAME's slot and read back whenever NAME is the last token,
             in any later context. Its keys are one-hot, so writes under different tokens never interfere. It reads
             `input_ids` (not `inputs_embeds`).
+        ctm_confidence_head (`str`, defaults to `"none"`):
+            `"linear"`: a confidence head, P(the served token is right) from the readout's probabilities, the
+            certainty of every tick and each tick's change of S_out (`confidence_ctm.py`), fitted afterwards with a
+            Brier loss on frozen features and read by `generate(..., output_confidence=True)`. `"none"`: no head.
         ctm_query_source (`str`, defaults to `"sync_action"`):
             *Experimental* (no preset uses it).
             What forms the block's cross-attention query each tick: `"sync_action"` (the reference: `q_proj` of the
@@ -232,6 +237,7 @@ class CTMConfig(PreTrainedConfig):
     ctm_nlm_implementation: str = "plain"
     ctm_token_shift: str = "none"
     ctm_token_memory: str = "none"
+    ctm_confidence_head: str = "none"
     ctm_query_source: str = "sync_action"
     ctm_query_scale: str = "fixed"
     ctm_state_norm: str = "none"
@@ -400,6 +406,8 @@ class CTMConfig(PreTrainedConfig):
             fail("ctm_token_shift", self.ctm_token_shift, f"allowed values are {CTM_TOKEN_SHIFT_CHOICES}")
         if self.ctm_token_memory not in CTM_TOKEN_MEMORY_CHOICES:
             fail("ctm_token_memory", self.ctm_token_memory, f"allowed values are {CTM_TOKEN_MEMORY_CHOICES}")
+        if self.ctm_confidence_head not in CTM_CONFIDENCE_HEAD_CHOICES:
+            fail("ctm_confidence_head", self.ctm_confidence_head, f"allowed values are {CTM_CONFIDENCE_HEAD_CHOICES}")
         if self.ctm_query_source not in CTM_QUERY_SOURCE_CHOICES:
             fail("ctm_query_source", self.ctm_query_source, f"allowed values are {CTM_QUERY_SOURCE_CHOICES}")
         if self.ctm_query_source == "input_then_state" and self.ctm_input_injection != "every_tick":

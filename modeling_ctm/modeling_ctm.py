@@ -69,6 +69,7 @@ from .checks_ctm import (
     validate_inputs,
     validate_labels,
 )
+from .confidence_ctm import CTMConfidenceHead, CTMConfidenceRecorder
 from .configuration_ctm import MAX_DECAY, CTMConfig
 from .conversion_ctm import ctm_state_dict_from_llama, load_llama
 from .io_ctm import save_folder_atomically, unreadable_weights
@@ -915,6 +916,9 @@ class CTMPreTrainedModel(PreTrainedModel):
             init.zeros_(module.weight)  # adds nothing at step 0; its gradient, sum_t g_t x_{t-1}^T, is not zero
         elif isinstance(module, CTMTokenMemory):
             init.zeros_(module.weight)  # an empty memory adds nothing
+        elif isinstance(module, CTMConfidenceHead):
+            init.zeros_(module.weight)  # an unfitted head says 0.5 everywhere
+            init.zeros_(module.bias)
         elif isinstance(module, CTMRotaryEmbedding):
             inv_freq, _ = module.compute_default_rope_parameters(module.config)
             if module.rope_type != "default":
@@ -1117,6 +1121,8 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
         self.model = CTMModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # fitted afterwards on frozen features (training/confidence.py); read by generate(output_confidence=True)
+        self.confidence_head = CTMConfidenceHead(config) if config.ctm_confidence_head != "none" else None
         self.post_init()
 
     @classmethod
@@ -1272,7 +1278,7 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
         """Labels must match the tokens' (batch, sequence) and hold ids < vocab_size or `ignore_index`."""
         validate_labels(labels, tokens, self.config.vocab_size, ignore_index)
 
-    def generate(self, *args, output_certainty: bool = False, **kwargs):
+    def generate(self, *args, output_certainty: bool = False, output_confidence: bool = False, **kwargs):
         r"""`GenerationMixin.generate`, plus `output_certainty=True` (with `return_dict_in_generate=True`): the output
         then also holds, for every generated token (aligned with the last columns of `sequences`, and traced
         through the beams under beam search):
@@ -1282,23 +1288,33 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
         - `sync_divergence` (batch, new_tokens, n_thinking_layers, K): per thinking layer and tick,
           ||S_out,k - S_out,k-1|| of the position that predicted the token (tick 0 against its entry state).
 
-        Gathered by a tick observer for the duration of the call; without `output_certainty` nothing is observed.
+        `output_confidence=True` (a model with a confidence head): `confidence` (batch, new_tokens), the head's
+        P(this token is right), aligned the same way.
+
+        Gathered by tick observers for the duration of the call; without either flag nothing is observed.
         """
         self.check_decoding_mode(args[1] if len(args) > 1 else kwargs.get("generation_config"), kwargs)
-        if not output_certainty:
+        if not (output_certainty or output_confidence):
             return super().generate(*args, **kwargs)
-        if not self.model.last_layer_thinks:
+        if output_certainty and not self.model.last_layer_thinks:
             raise ValueError("output_certainty=True needs a model whose last layer thinks (CTMConfig.ctm_layers)")
+        if output_confidence and self.confidence_head is None:
+            raise ValueError("output_confidence=True needs a confidence head (CTMConfig.ctm_confidence_head='linear')")
         config = kwargs.get("generation_config") or self.generation_config
         if not kwargs.get("return_dict_in_generate", config.return_dict_in_generate):
             raise ValueError(
-                "output_certainty=True needs return_dict_in_generate=True (the values ride on the output)"
+                "output_certainty / output_confidence need return_dict_in_generate=True (the values ride on the output)"
             )
-        recorder = CTMGenerationCertainty(self.config.ctm_layer_indices, self.config.ctm_ticks)
-        with self.observing(recorder):
+        recorders = []
+        if output_certainty:
+            recorders.append(CTMGenerationCertainty(self.config.ctm_layer_indices, self.config.ctm_ticks))
+        if output_confidence:
+            recorders.append(CTMConfidenceRecorder(self.config, self.confidence_head, last_only=True))
+        with self.observing(*recorders):
             outputs = super().generate(*args, **kwargs)
-        for name, value in recorder.aligned(getattr(outputs, "beam_indices", None)).items():
-            outputs[name] = value
+        for recorder in recorders:
+            for name, value in recorder.aligned(getattr(outputs, "beam_indices", None)).items():
+                outputs[name] = value
         return outputs
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):

@@ -1,5 +1,5 @@
 """Edit retention: 1 ... 1,000 facts written one after another into the readout by `HebbianPlasticity`, the Hebbian
-edit against the delta rule (issue 27, parts 2 and 3), and which episodic key finds a conversation from one word.
+edit against the delta rule, and which episodic key finds a conversation from one word.
 
 Protocol, in the style of Larimar's edit-retention rate and MemoryLLM's retention: a tiny `CTMForCausalLM` (2
 layers, the last thinks, d=64, S_out 64 pairs) is trained with `CTMTrainer` on rows of a synthetic language: "NAME

@@ -1,4 +1,4 @@
-"""Does a carried thinking state stay in the range training saw over a long conversation? (issue 26, long carry)
+"""Does a carried thinking state stay in the range training saw over a long conversation?
 
 A phase-3 checkpoint (`ctm_carry="chunk"`) reads `--tokens` held-out tokens in one call, so the thinking state is
 carried from chunk to chunk `tokens / ctm_chunk_size` times, far beyond the training chunks (phase 3 trains on blocks

@@ -134,7 +134,7 @@ class Settings:
     ctm_nlm_hidden_size: int = 8
     ctm_synapse_depth: int = 4
     ctm_chunk_size: int = 16
-    ctm_token_shift: str = "embedding"  # each position also sees its previous token: the lookup forms (issue 27)
+    ctm_token_shift: str = "embedding"  # each position also sees its previous token: the lookup forms
     ctm_mlp: str = "keep"  # the block beside the reader's MLP (exact start; the delta rule's "mlp" target)
     # training, stage 1 (the reader): a plain decoder learns to read a fact from its context (the oracle's skill)
     reading_steps: int = 2000  # 0: no reader stage, the CTM trained from scratch in stage 2 alone (the old base)

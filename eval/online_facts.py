@@ -169,7 +169,7 @@ def training_rows(settings, tokenizer, corpus: Corpus, n: int, seed: int) -> Dat
 
 
 def reading_rows(settings, tokenizer, corpus: Corpus, n: int, seed: int) -> Dataset:
-    """Rows that teach a plain decoder to read a fact from its own context (the oracle's skill; issue 27). A fact row is
+    """Rows that teach a plain decoder to read a fact from its own context (the oracle's skill). A fact row is
     multi-query associative recall in the session's own tokens: `facts` statements "NAME WORD." (each sentence
     tokenized alone, as a session encodes a message), then the same names asked in a random order, each answered.
     WORD is a code or a filler word (52 values, so no guess among the codes pays), every token a target, as in the

@@ -1,4 +1,4 @@
-"""Does a token shift let a tiny base model learn in-context recall? MQAR with and without `ctm_token_shift` (issue 27).
+"""Does a token shift let a tiny base model learn in-context recall? MQAR with and without `ctm_token_shift`.
 
 Multi-query associative recall (`modeling_ctm.training.data.recall_rows`): 10 key -> value facts, then the 10 keys
 asked in a random order, each followed by its value; chance 0.10. A plain transformer (`ctm_layers="none"`, d=64,

@@ -1,4 +1,4 @@
-"""Sleep against forgetting (issue 22): a retention matrix across stages, and replay policies compared at equal compute.
+"""Sleep against forgetting: a retention matrix across stages, and replay policies compared at equal compute.
 
 Stages: `modeling_ctm.training.data.build_stages` cuts the packed text of Emma (public domain, shipped with the package)
 into three disjoint slices; stage 0 is the text as it is, stages 1 and 2 are their slices under a fixed random
@@ -23,7 +23,7 @@ Arms, all with the same `steps` trainer steps of `batch` new-stage sequences per
                            consolidation with the "hard" token weighting, no retirement (SleepCallback's default)
     train_longer           the same extra steps on batches drawn from the current stage
     sleep_loss_admission   (a diagnostic, only with --arms) sleep with the reference's admission (a new sequence
-                           replaces the lowest loss held) and max_replays: what the sleep arm was before issue 22
+                           replaces the lowest loss held) and max_replays: what the sleep arm was before the reservoir admission
     sleep_with_retirement  (a diagnostic, only with --arms) sleep's reservoir with max_replays retirement
     sleep_forgotten        (a diagnostic, only with --arms) sleep, dreams drawn by ranking="forgotten"
 

@@ -92,7 +92,7 @@ class ChainTask:
     needed still lands on the answer (a fixed point, as in Bansal et al. 2022's mazes and prefix sums), and a model
     trained with few ticks can be run with more. Key and value tokens are disjoint (the MQAR form, which a tiny model
     learns, with `ctm_token_shift="embedding"` putting the key into the value's position); fused pair tokens P(a, b)
-    need nodes^2 embeddings, and at 12 nodes no arm learned even one hop in 600 steps (issue 26 probe). Token ids:
+    need nodes^2 embeddings, and at 12 nodes no arm learned even one hop in 600 steps (a one-seed probe). Token ids:
     0 PAD, 1 SEP, K_a = 2 + a, V_b = 2 + nodes + b, A_y = 2 + 2 nodes + y. Chance: 1 / chains for a model that tells
     the roots (their pairs are self-loops) but not which one x leads to."""
 
@@ -156,7 +156,7 @@ class ChainTask:
         labels[:, answer_columns] = input_ids[:, answer_columns]
         # a question whose start node was asked before in the row can copy that answer with one lookup (the same
         # key finds the earlier "K_x A_r"): training keeps those (the copy is how a tiny model first forms the
-        # lookup; with the answers hidden none formed in 900 steps, issue 26 probe), scoring counts first asks only
+        # lookup; with the answers hidden none formed in 900 steps, a one-seed probe), scoring counts first asks only
         earlier = (start[:, :, None] == start[:, None, :]) & np.tri(m, k=-1, dtype=bool).T[None]
         return {"input_ids": input_ids, "labels": labels, "hops": k, "scored": ~earlier.any(1)}
 

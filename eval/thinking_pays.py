@@ -17,7 +17,7 @@ phase-1 language model; the seed varies the new weights and the batch order):
                          random out_proj and a scalar gate at 0 (ReZero), so the start is still exact but the gate has
                          a gradient at step 0 and the whole block from step 1 on
     exact_start_awake    exact_start_gated with the accumulators seeded from zero and the token's input at every tick
-    replace_awake        the tiny preset's block (issue 26): it replaces the last MLP, accumulators seeded from zero
+    replace_awake        the tiny preset's block: it replaces the last MLP, accumulators seeded from zero
                          and forgetting (decay 0.1-1), the token's input at every tick, z RMS-normed every tick
 
 Every CTM arm trains its thinking layer's feed-forward part (`freeze_for_thinking("non_thinking_ffn")`: the block,
@@ -89,7 +89,7 @@ ARMS = {
 }
 E2_ARMS = ("exact_start", "exact_start_gated")  # tick specialisation is measured on these models
 READOUT_NORMS = {"exact_start_rms": "rms", "exact_start_gated": "rms_gate", "exact_start_awake": "rms_gate"}
-# the awake block (issue 26): what keeps the block's state a function of the token
+# the awake block: what keeps the block's state a function of the token
 AWAKE = {
     "exact_start_awake": {"ctm_sync_seed": "zero", "ctm_input_injection": "every_tick"},
     "replace_awake": {

@@ -40,7 +40,7 @@ and test on k = 1 .. `--test-hops` (chain: at most its longest distance). E2 on 
 difficulty) of the k8 model, with its p-value.
 
     python eval/thinking_tasks.py [--seeds 3] [--out eval/results/thinking_tasks] [--quick] [--tasks chain,khop,parity]
-    # docs/results.md (issue 26): one process per seed, then one summary
+    # docs/results.md: one process per seed, then one summary
     for s in 0 1 2; do python eval/thinking_tasks.py --seeds 1 --first-seed $s --tasks chain --steps 900 \
         --train-hops 3 --test-hops 4 --set curriculum=true --out eval/results/tt/seed$s & done; wait
     python eval/thinking_tasks.py --merge eval/results/tt/seed0 eval/results/tt/seed1 eval/results/tt/seed2 \
@@ -132,7 +132,7 @@ class Settings:
     query_scale: str = "fixed"  # `ctm_query_scale`: "learned" lets a head sharpen its lookup past sqrt(head_dim)
     # the CTM arms' thinking layer without its self-attention (its output projection zeroed and frozen), so the
     # block's cross-attention is the layer's only way across positions: with it, the self-attention learned the first
-    # hop and the block never formed a lookup of its own (it attended to the roots; issue 26 probe)
+    # hop and the block never formed a lookup of its own (it attended to the roots; a one-seed probe)
     block_attention_only: bool = True
     token_shift: str = "embedding"
 

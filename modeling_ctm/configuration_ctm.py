@@ -99,7 +99,7 @@ class CTMConfig(PreTrainedConfig):
         ctm_sync_seed (`str`, defaults to `"start_state"`):
             What the sync accumulators start from: `"start_state"` (the reference: alpha = the start state's pair
             products, beta = 1) or `"zero"` (alpha = 0, beta = 1: one zero-valued pseudo-observation, so S_out is
-            made of what the ticks computed and not dominated by the start state's constant products; issue 26).
+            made of what the ticks computed and not dominated by the start state's constant products).
         ctm_input_injection (`str`, defaults to `"none"`):
             How a token's own input reaches its ticks: `"none"` (the reference: only through the cross-attention over
             the sequence, whose query is the same for every token at tick 0) or `"every_tick"` (a learned projection
@@ -146,7 +146,7 @@ class CTMConfig(PreTrainedConfig):
             What each position's input embedding is given of the token before it: `"none"` (the reference) or
             `"embedding"` (RWKV-style token shift: x_t + W x_{t-1}, with x_{t-1} the input embedding of the previous
             real token, zero for a sequence's first token, and W zero-initialised so a fresh shift adds nothing). A
-            key that carries its previous token makes in-context lookup learnable by a small model (issue 27);
+            key that carries its previous token makes in-context lookup learnable by a small model;
             the cache carries x_{t-1} through cached decoding, beams and left padding.
         ctm_token_memory (`str`, defaults to `"none"`):
             A fast-weight associative memory read at the output: `"none"` (the reference) or `"token"`: one slot
@@ -165,7 +165,7 @@ class CTMConfig(PreTrainedConfig):
             What forms the block's cross-attention query each tick: `"sync_action"` (the reference: `q_proj` of the
             action synchronisation, a running average of pair products over the ticks so far) or `"state"` (`q_proj`
             of the post-activations z the previous tick produced, D -> D): tick t then asks a question made of what
-            tick t-1 found, so successive ticks can chain lookups (a hop per tick; issue 26's k-hop task). The action
+            tick t-1 found, so successive ticks can chain lookups (a hop per tick; the chain task of eval/thinking_tasks.py). The action
             accumulators are still kept (the carry, snapshots and halting read them) but no longer feed the query.
             `"input_then_state"` (needs `ctm_input_injection="every_tick"`): tick 0's query is the token's own
             projected input alone, and every later tick's query is `q_proj(z)` alone. With `"state"` the token's
@@ -177,7 +177,7 @@ class CTMConfig(PreTrainedConfig):
             logit is at most sqrt(head_dim), 4 at head_dim 16, and a lookup among 30 positions keeps about half its
             weight on the wrong ones) or `"learned"`: each head's normed query is multiplied by exp(g), g a learned
             per-head scalar starting at 0 (so a fresh block computes what `"fixed"` does), and the block can sharpen
-            a lookup until one position wins. Chained lookups (one per tick) need that sharpness (issue 26).
+            a lookup until one position wins. Chained lookups (one per tick) need that sharpness.
         ctm_state_norm (`str`, defaults to `"none"`):
             `"none"` (the reference) or `"rms"`: the neuron-level models' output z is RMS-normalised every tick. A
             tick maps z to z + synapse(...) and then through the NLMs, a map whose gain can exceed 1; a block that

@@ -262,7 +262,7 @@ class CTMTokenShift(nn.Module):
 
     Handing each position its previous token lets one attention layer match "the token after the one I am looking
     at" (an induction head) without first having to form a previous-token head, which a small model on CPU does not
-    in its budget (issue 27). Padding is skipped: a real token's previous token is the last *real* one before it,
+    in its budget. Padding is skipped: a real token's previous token is the last *real* one before it,
     and a sequence's first real token gets zero. W starts at zero, so a fresh shift adds nothing."""
 
     def __init__(self, config: CTMConfig):
@@ -297,7 +297,7 @@ class CTMTokenMemory(nn.Module):
     The slots start at zero (a fresh memory adds nothing) and training leaves them there unless told otherwise; phase
     4's delta rule writes them (`PlasticityConfig(targets=["token_memory"])`). One-hot keys are exactly orthogonal:
     a write under one token never changes the output at another, and the key is the same in every context, so a
-    fact told in one conversation is read back in the next (issue 27: the model's own representations of different
+    fact told in one conversation is read back in the next (the model's own representations of different
     names were nearly parallel, and the same name's varied with its context)."""
 
     def __init__(self, config: CTMConfig):
@@ -523,7 +523,7 @@ class CTMBlock(nn.Module):
         trace = self.start_trace.to(dtype)[None]
         alpha_out, beta_out = self.sync_out.seed(state)
         alpha_action, beta_action = self.sync_action.seed(state)
-        if self.sync_seed == "zero":  # the start state's constant products would otherwise dominate S (issue 26)
+        if self.sync_seed == "zero":  # the start state's constant products would otherwise dominate S
             alpha_out, alpha_action = torch.zeros_like(alpha_out), torch.zeros_like(alpha_action)
         return ThinkingState(state, trace, alpha_out, beta_out, alpha_action, beta_action)
 

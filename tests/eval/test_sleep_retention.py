@@ -1,4 +1,4 @@
-"""Sleep against forgetting (eval/sleep_retention.py, issue 22): the stage builder (`build_stages`: stages disjoint,
+"""Sleep against forgetting (eval/sleep_retention.py): the stage builder (`build_stages`: stages disjoint,
 licences stated, ciphers permutations), the retention bookkeeping against a hand-computed matrix, the replay stores,
 and the script's --quick smoke run (every arm, equal new-stage tokens, equal optimiser steps, the replay share
 honoured). The headline numbers need the full run (`python eval/sleep_retention.py`)."""
@@ -115,7 +115,7 @@ def test_the_replay_stores_of_the_arms():
     default = script.SleepCallback().heap.admission
     assert stores["sleep"].admission == default == "reservoir" and stores["sleep"].sampling == "softmax"
     assert stores["sleep"].max_replays is script.SleepCallback().heap.max_replays is None and stores["sleep"].seed == 2
-    assert stores["sleep_loss_admission"].max_replays == s["max_replays"]  # the sleep arm as it was before issue 22
+    assert stores["sleep_loss_admission"].max_replays == s["max_replays"]  # the sleep arm as it was before the reservoir admission
     assert (stores["uniform_replay"].admission, stores["uniform_replay"].sampling) == ("reservoir", "uniform")
     assert stores["uniform_replay"].max_replays is None
     assert stores["loss_replay"].admission == stores["sleep_loss_admission"].admission == "loss"

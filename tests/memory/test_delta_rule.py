@@ -1,4 +1,4 @@
-"""The delta rule of `HebbianPlasticity` (issue #27, part 2): it stores and retrieves orthogonal keys exactly, leaves an
+"""The delta rule of `HebbianPlasticity`: it stores and retrieves orthogonal keys exactly, leaves an
 unrelated key's output as it was, does not double a fact written twice, centres its keys, is validated, and leaves the
 default Hebbian rule as it was."""
 

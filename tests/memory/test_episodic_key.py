@@ -1,4 +1,4 @@
-"""Episodic keys (issue #27, part 3): every key function stores and finds episodes, and the centred input embedding
+"""Episodic keys: every key function stores and finds episodes, and the centred input embedding
 finds the conversation that contains a one-word question among 16 stored ones where the mean embedding cannot."""
 
 import pytest

@@ -216,7 +216,7 @@ def test_the_guide_phase4_example_runs(tokenizer, tmp_path, monkeypatch):
     assert namespace["session"].conversations == 1
 
 
-# -- issue 25: every decoding across turns, an exact brain round trip, the property test ---------------------------
+# -- multi-turn sessions: every decoding across turns, an exact brain round trip, the property test ---------------------------
 
 
 def _fresh_forward_state(session):

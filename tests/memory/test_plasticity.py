@@ -1,4 +1,4 @@
-"""Hebbian plasticity (issue #10): the rule stores content, stays in its band around the anchor without compounding,
+"""Hebbian plasticity: the rule stores content, stays in its band around the anchor without compounding,
 never lets non-finite statistics reach the weights, costs nothing when off, keeps ranks identical, and resumes."""
 
 import json
@@ -222,7 +222,7 @@ def test_a_normalised_readout_is_refused_by_name():
 
 
 def test_an_edit_keeps_what_the_optimiser_did_and_bounds_only_the_rule_s_own_edit():
-    """Issue 25, finding 2: training moved out_proj by 0.8 x its norm; one negligible Hebbian edit used to pull the
+    """Training moved out_proj by 0.8 x its norm; one negligible Hebbian edit used to pull the
     weights back inside max_drift of the anchor (distance 0.30). The band and drift bound the rule's own edit."""
     torch.manual_seed(0)
     model = tiny_model(ctm_layers="last")
@@ -264,7 +264,7 @@ def test_the_callback_does_not_cap_gradient_training_of_the_edited_matrices(tmp_
 
 
 def test_the_band_holds_in_bfloat16():
-    """Issue 25, finding 5: the band was applied in float64 and the cast to bf16 rounded past it (1.0502 > 1.05)."""
+    """The band was applied in float64 and the cast to bf16 rounded past it (1.0502 > 1.05)."""
     torch.manual_seed(0)
     model = tiny_model(ctm_layers="all").to(torch.bfloat16)
     config = PlasticityConfig(learning_rate=1e5, synapse_learning_rate=50.0, layers="all", band=0.05, max_drift=0.5,

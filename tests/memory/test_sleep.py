@@ -115,7 +115,7 @@ def test_a_reservoir_keeps_every_stage_in_proportion_and_a_loss_heap_only_the_la
     loss = ReplayHeap(capacity=12, admission="loss")
     for _, ids, losses in _stages():
         loss.offer(ids, ids, losses)
-    np.testing.assert_allclose(_stage_shares(loss), [0, 0, 1])  # the failure issue 22 measured
+    np.testing.assert_allclose(_stage_shares(loss), [0, 0, 1])  # a loss-admitted heap ends holding only the last stage
     again = ReplayHeap(capacity=12, admission="reservoir", seed=3)
     for _, ids, losses in _stages():
         again.offer(ids, ids, losses)

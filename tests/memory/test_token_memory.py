@@ -1,4 +1,4 @@
-"""The fast-weight token memory (`ctm_token_memory="token"`) and the delta rule that writes it (issue #27): an empty
+"""The fast-weight token memory (`ctm_token_memory="token"`) and the delta rule that writes it: an empty
 memory computes exactly what the model without one does, a write under one token moves only the positions holding
 that token, a fact written twice is not doubled, the running-mean step averages a slot's errors, each slot is bounded
 on its own, and the memory survives a save and a load, cached decoding included."""

@@ -1,4 +1,4 @@
-"""`ctm_input_injection="every_tick"`: the token's own input reaches every tick (issue 26's awake block)."""
+"""`ctm_input_injection="every_tick"`: the token's own input reaches every tick (part of the awake block)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""`ctm_query_source="state"`: each tick's cross-attention query is made of the state the previous tick produced (issue
+"""`ctm_query_source="state"`: each tick's cross-attention query is made of the state the previous tick produced (
 26's thinking suite: a hop per tick), behind a validated field whose default is today's computation."""
 
 import pytest

@@ -1,5 +1,5 @@
 """`ctm_state_norm="rms"`: the neuron-level models' output is RMS-normalised every tick, so a carried state cannot grow
-over a long conversation (issue 26: a block that mattered grew ||S_out|| to 1e9 over 2,048 carried tokens)."""
+over a long conversation (a block that mattered grew ||S_out|| to 1e9 over 2,048 carried tokens)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""`ctm_token_shift="embedding"` (issue 27): x_t + W x_{t-1}; off by default, and exact in cached decoding, with left
+"""`ctm_token_shift="embedding"`: x_t + W x_{t-1}; off by default, and exact in cached decoding, with left
 padding and with beams."""
 
 import pytest

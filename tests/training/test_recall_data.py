@@ -1,4 +1,4 @@
-"""MQAR recall rows (issue 27): every query is answered with its own fact's value, and the share knob holds."""
+"""MQAR recall rows: every query is answered with its own fact's value, and the share knob holds."""
 
 import json
 from types import SimpleNamespace

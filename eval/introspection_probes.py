@@ -50,8 +50,10 @@ torch.set_num_threads(1)  # tiny tensors on a shared 2-core machine: extra threa
 
 import numpy  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from harness import experiment_parser, format_stat, stat, write_results  # noqa: E402
 from introspection import Settings as TextSettings  # noqa: E402  (sibling modules: the text and chain models)
 from introspection import build_models, expected_calibration_error, prepare_data  # noqa: E402
+from machine import MachineLoad  # noqa: E402
 from sklearn.linear_model import LogisticRegressionCV  # noqa: E402
 from sklearn.metrics import brier_score_loss, roc_auc_score  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
@@ -64,8 +66,6 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_ctm import CTMForCausalLM  # noqa: E402
 from modeling_ctm.confidence_ctm import CTMConfidenceRecorder, add_confidence_head, mark_unsure  # noqa: E402
-from harness import experiment_parser, format_stat, stat, write_results  # noqa: E402
-from machine import MachineLoad  # noqa: E402
 from modeling_ctm.fmri import sync_change  # noqa: E402
 from modeling_ctm.training.confidence import fit_confidence_head  # noqa: E402
 
@@ -173,9 +173,8 @@ def real_rows(settings: Settings) -> tuple:
     Austen packed with its own tokenizer."""
     from transformers import AutoTokenizer
 
-    from modeling_ctm.training.data import austen_splits, pack_dataset
-
     from modeling_ctm.hub.sources import resolve_source
+    from modeling_ctm.training.data import austen_splits, pack_dataset
 
     if Path(settings.real_checkpoint).is_dir():
         model = CTMForCausalLM.from_pretrained(settings.real_checkpoint).eval()

@@ -5,10 +5,10 @@ offline base (SmolLM2-135M-Instruct, the `real` extra) converts exactly and answ
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 

@@ -520,22 +520,3 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON (truncated or corrupted?): {error}") from None
-
-
-def session_from_spec(model, tokenizer, spec: dict) -> CTMOnlineSession:
-    """The session a preset's `phase4` section describes (`memory`, `plasticity`, `sleep`, `session`, `token_memory`
-    keys): episodic memory, Hebbian plasticity, sleep and the token memory (added to `model` in place), each
-    optional."""
-    memory = plasticity = heap = consolidator = None
-    if spec.get("token_memory", "none") == "token":  # a checkpoint from before phase 4 gets the memory, empty
-        model.add_token_memory()
-    if spec.get("memory"):
-        memory = CTMEpisodicMemory.for_model(model.config, **spec["memory"])
-    if spec.get("plasticity") is not None:
-        plasticity = HebbianPlasticity(model, PlasticityConfig(**spec["plasticity"]))
-    if spec.get("sleep"):
-        sleep_spec = dict(spec["sleep"])
-        heap = ReplayHeap(capacity=sleep_spec.pop("capacity", 16), admission=sleep_spec.pop("admission", "loss"))
-        consolidator = Consolidator(model, ConsolidationConfig(**sleep_spec))
-    config = OnlineConfig(**spec.get("session", {}))
-    return CTMOnlineSession(model, tokenizer, memory, plasticity, heap, consolidator, config)

@@ -36,8 +36,7 @@ from __future__ import annotations
 import gzip
 import math
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from datasets import Dataset
 
+
 AUSTEN_LICENCE = "public domain (Jane Austen's novels, plain text as shipped in this package)"
 
 

@@ -79,7 +79,8 @@ def test_the_brain_round_trips_exactly(tokenizer, tmp_path):
 
 
 def test_a_reservoir_heap_comes_back_with_the_brain_and_a_preset_can_ask_for_it(tokenizer, tmp_path):
-    from modeling_ctm.memory.session import session_from_spec
+    from modeling_ctm.training.phases import online_session
+    from modeling_ctm.training.recipe_config import OnlinePhaseConfig, build
 
     session = _session(tokenizer)
     session.heap = ReplayHeap(capacity=4, admission="reservoir", seed=7)
@@ -92,10 +93,12 @@ def test_a_reservoir_heap_comes_back_with_the_brain_and_a_preset_can_ask_for_it(
         "reservoir", 7, 0)  # fmt: skip
     assert loaded.heap.fingerprints == session.heap.fingerprints
     model = tiny_model(vocab_size=len(tokenizer), ctm_carry="chunk", ctm_chunk_size=4, max_position_embeddings=256)
-    spec = {"sleep": {"capacity": 8, "admission": "reservoir", "steps": 1}, "session": {"sleep_every": 2}}
-    heap = session_from_spec(model, tokenizer, spec).heap
-    assert (heap.capacity, heap.admission) == (8, "reservoir")
-    assert session_from_spec(model, tokenizer, {"sleep": {"steps": 1}}).heap.admission == "loss"
+    spec = {"conversations": 1, "sleep": {"capacity": 8, "admission": "loss", "consolidation": {"steps": 1}},
+            "session": {"sleep_every": 2}}  # fmt: skip
+    heap = online_session(model, tokenizer, build(OnlinePhaseConfig, spec, "phase4")).heap
+    assert (heap.capacity, heap.admission) == (8, "loss")
+    default = build(OnlinePhaseConfig, {"conversations": 1, "sleep": {}}, "phase4")
+    assert online_session(model, tokenizer, default).heap.admission == "reservoir"  # one default, as a top-level sleep
 
 
 def _brain(session):

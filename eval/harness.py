@@ -46,10 +46,11 @@ API:
   `--set FIELD=VALUE` (repeatable, parsed by `parse_set`), and `parse_args` returns the run's settings as
   `args.settings` (`experiment_settings` with `quick`; a script flag whose dest is a field name, e.g. `--steps`,
   overrides that field when given, so give such flags `default=None`).
-* `parse_set(item, settings) -> (field, value)`: the one `--set` parser. VALUE is JSON (`3`, `0.5`, `true`,
-  `[0, 1]`) or else a plain string; it must name a field of the `settings` dataclass (or, where the dataclass has a
-  `model: dict` field, a CTMConfig field, which goes into that dict) and fit the field's default (an int field takes
-  an integer, a float field a number, a bool field true/false). Anything else is a `SetError` (a `ValueError`) that
+* `parse_set(item, settings) -> (field, value)`: the one `--set` parser, shared with the presets'
+  (`modeling_ctm.training.recipe_config.parse_set`). VALUE is a YAML scalar (`3`, `0.5`, `1e-3`, `true`, `[0, 1]`,
+  or else a plain string); it must name a field of the `settings` dataclass (or, where the dataclass has a
+  `model: dict` field, a CTMConfig field, which goes into that dict) and fit the field's annotation (an int field
+  takes an integer, a float field a number, a bool field true/false). Anything else is a `SetError` (a `ValueError`) that
   names the field and the allowed values; `experiment_parser` reports it as a usage error (exit status 2).
 * `experiment_settings(args, settings_class, quick=None, **fields) -> settings`: the run's settings:
   `settings_class(**{**quick (under --quick), **each --set, "seeds": args.seeds, **fields})` (a `seeds` field is
@@ -136,69 +137,8 @@ def experiment_training_arguments(output_dir: str | Path, **fields) -> TrainingA
     return TrainingArguments(output_dir=str(output_dir), **{**EXPERIMENT_TRAINING, **fields})
 
 
-class SetError(ValueError):
-    """A `--set FIELD=VALUE` that names no field of the settings or a value the field does not take."""
-
-
-def _config_fields() -> dict:
-    from modeling_ctm.configuration_ctm import (
-        CTMConfig,  # the harness is no model file: the config is imported where used
-    )
-
-    return CTMConfig().to_dict()
-
-
-def _field_defaults(settings) -> dict:
-    """Field name -> default value of a settings dataclass (class or instance)."""
-    defaults = {}
-    for f in dataclasses.fields(settings):
-        if f.default is not dataclasses.MISSING:
-            defaults[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            defaults[f.name] = f.default_factory()
-        else:
-            defaults[f.name] = None
-    return defaults
-
-
-def parse_set(item: str, settings) -> tuple[str, object]:
-    """`FIELD=VALUE` -> (field, value), checked against the `settings` dataclass (see the module docstring)."""
-    name, equals, text = item.partition("=")
-    defaults = _field_defaults(settings)
-    model_fields = isinstance(defaults.get("model"), dict)
-    allowed = sorted(set(defaults) - ({"model"} if model_fields else set()))
-    if not equals or not name:
-        raise SetError(f"--set {item!r} is invalid: the form is FIELD=VALUE with FIELD one of {allowed}")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = text  # a plain string: --set fact_form=sentence
-    if name not in defaults or (model_fields and name == "model"):
-        if model_fields and name in _config_fields():
-            return name, value  # a CTMConfig field of the model dict; CTMConfig validates the value
-        extra = " and the CTMConfig fields (the model)" if model_fields else ""
-        raise SetError(f"--set {name}: unknown field {name!r}; allowed fields are {allowed}{extra}")
-    default = defaults[name]
-    kind = type(default)
-    if isinstance(default, bool):
-        ok, want = isinstance(value, bool), "true or false"
-    elif isinstance(default, int):
-        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
-    elif isinstance(default, float):
-        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-        value = float(value) if ok else value
-    elif isinstance(default, str):
-        ok, want, value = True, "a string", text  # a string field keeps the text as written
-    elif isinstance(default, (list, tuple)):
-        ok, want = isinstance(value, list), "a JSON list"
-        value = kind(value) if ok else value
-    elif default is None:
-        ok, want = True, "a JSON value"
-    else:
-        ok, want = isinstance(value, kind), f"a JSON {kind.__name__}"
-    if not ok:
-        raise SetError(f"--set {item!r}: {text!r} is invalid for {name}: allowed values are {want}")
-    return name, value
+# one override syntax for presets and experiments: the recipe config's parser (YAML scalars, typed by the field)
+from modeling_ctm.training.recipe_config import SetError, parse_set  # noqa: E402
 
 
 def experiment_parser(
@@ -271,7 +211,7 @@ def tiny_config(settings=None, **fields):
     """The experiment's CTMConfig: CTMConfig-named fields of `settings`, its `model` dict, then `fields`."""
     from modeling_ctm.configuration_ctm import CTMConfig
 
-    known = _config_fields()
+    known = CTMConfig().to_dict()
     source = {} if settings is None else (settings if isinstance(settings, Mapping) else dataclasses.asdict(settings))
     chosen = {k: copy.deepcopy(v) for k, v in source.items() if k in known}
     chosen.update(copy.deepcopy(source.get("model") or {}))

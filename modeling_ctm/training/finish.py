@@ -3,7 +3,6 @@ gauge), write greedy samples, save the checkpoint with its model card, metrics a
 
 import json
 import platform
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ import torch
 
 from ..gauge import GAUGE_FIELDS, block_health
 from ..hub.cards import write_model_card
-from ..io_ctm import atomic_write
+from ..io_ctm import atomic_write, replace_folder_atomically
 from .phase_names import phase_name
 from .recipe_config import RecipeConfig
 from .run_data import Data, held_out_recall_rows
@@ -48,25 +47,18 @@ def greedy_samples(model, tokenizer, prompts: list[str], max_new_tokens: int) ->
 
 
 def save_atomically(model, tokenizer, folder: Path, write_extra=None) -> None:
-    """save_pretrained into a sibling temp folder, then swap it into place: a process killed at any moment leaves the
-    previous folder or the new one, never a mix (a kill between the two renames leaves the previous one as
-    `<folder>.old`, which the next save puts back first). `io_ctm.save_folder_atomically` keeps each file whole but
-    not the folder (weights, card and metrics could come from two runs) and skips subfolders (phase 4's
-    `episodic_memory/`), so a checkpoint folder is swapped whole here."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    old = folder.with_name(folder.name + ".old")
-    if old.exists() and not folder.exists():
-        old.rename(folder)
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if write_extra is not None:
-        write_extra(tmp)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    """The checkpoint folder (weights, tokenizer, card, metrics, extra files) swapped in whole
+    (`io_ctm.replace_folder_atomically`): a process killed at any moment leaves the previous folder or the new one,
+    never weights of one run beside the card of another. `io_ctm.save_folder_atomically`, which `save_pretrained`
+    uses, keeps each file whole but not the folder, and skips subfolders (phase 4's `episodic_memory/`)."""
+
+    def fill(tmp: str) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if write_extra is not None:
+            write_extra(Path(tmp))
+
+    replace_folder_atomically(folder, fill)
 
 
 def evaluate_phase(trainer, config: RecipeConfig, data: Data) -> dict:

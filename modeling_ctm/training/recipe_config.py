@@ -97,7 +97,7 @@ def _describe(tp) -> str:
         return "null"
     if dataclasses.is_dataclass(tp):
         return f"a mapping ({tp.__name__})"
-    if origin in (list, tuple):
+    if origin in (list, tuple) or tp in (list, tuple):
         return f"a list of {_describe(args[0])}" if args else "a list"
     if origin is dict or tp is dict:
         return "a mapping"

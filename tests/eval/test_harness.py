@@ -125,9 +125,9 @@ def test_parse_set_is_the_one_set_parser():
     assert parse_set("ctm_ticks=2", _WithModel) == ("ctm_ticks", 2)  # a CTMConfig field goes to the model dict
     for item, says in (
         ("nope=1", "unknown field 'nope'; allowed fields are"),
-        ("steps=0.5", "is invalid for steps: allowed values are an integer"),
-        ("flag=yes", "is invalid for flag: allowed values are true or false"),
-        ("sizes=3", "is invalid for sizes"),
+        ("steps=0.5", "steps=0.5 is invalid: allowed values are an integer"),
+        ("flag=maybe", "flag='maybe' is invalid: allowed values are true or false"),
+        ("sizes=3", "sizes=3 is invalid: allowed values are a list"),
         ("steps", "the form is FIELD=VALUE"),
         ("ctm_ticks=2", "unknown field 'ctm_ticks'"),  # no model dict: CTMConfig fields are not settings
     ):
@@ -144,7 +144,7 @@ def test_experiment_settings_layers_quick_set_seeds_and_flags(capsys):
     assert experiment_settings(args, _Settings, {}, steps=9).steps == 9  # the script's own flag wins
     with pytest.raises(SystemExit):
         parser.parse_args(["--set", "steps=x"])
-    assert "--set 'steps=x': 'x' is invalid for steps" in capsys.readouterr().err
+    assert "--set 'steps=x': steps='x' is invalid: allowed values are an integer" in capsys.readouterr().err
     parser = experiment_parser(None, "out", settings=_WithModel)
     settings = experiment_settings(parser.parse_args(["--set", "ctm_ticks=2"]), _WithModel)
     assert settings.model == {"hidden_size": 32, "ctm_ticks": 2}

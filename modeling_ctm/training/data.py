@@ -432,7 +432,7 @@ def bits_per_byte(mean_nll_nats_per_token: float, n_tokens: int, n_bytes: int) -
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Synthetic in-context recall rows (multi-query associative recall, MQAR; issue 27)
+# Synthetic in-context recall rows (multi-query associative recall, MQAR)
 # ----------------------------------------------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ there. The true value is ranked among 10 candidates of the same relation (chance
     false_recall    untold subjects: the top candidate is a value told to another subject for that relation (half of
                     the candidates are); read it against `off`'s rate, the chance of the candidate set
     ce_drift        held-out Austen CE with the arm's read on minus off (nats); null where the arm adds context
+    exact_match     (extra) greedy answer after the stem of the first query template: its first word is the value
     ms_per_token    wall ms per query token (question + stem) to answer, context included; the write's cost per
                     told token is `write_ms_per_token`
     bytes           what the arm holds between sessions
@@ -54,7 +55,11 @@ torch.set_num_threads(1)
 import torch.nn.functional as F  # noqa: E402
 
 from modeling_ctm.io_ctm import atomic_write  # noqa: E402
-from modeling_ctm.memory.contextual import ContextualConfig, ContextualMemory  # noqa: E402
+from modeling_ctm.memory.contextual import (  # noqa: E402
+    ContextualConfig,
+    ContextualLogitsProcessor,
+    ContextualMemory,
+)
 
 
 SMOLLM2_CACHE = "/work/cache/smollm2-ctm"  # a converted copy, when there is one; else the GGUF is converted
@@ -66,6 +71,8 @@ NOT_RUN = {
 }
 METRICS = ("efficacy", "paraphrase", "neighbourhood", "other_relation", "overwrite", "retention_10", "retention_100",
            "retention_1000", "false_recall", "ce_drift", "ms_per_token", "bytes")  # fmt: skip
+
+EXTRA_METRICS = ("exact_match", "write_ms_per_token")
 
 SUBJECTS = """Tom James David Peter Mark Paul Daniel Robert Michael John Chris Frank George Henry Simon Victor Adam Ben
 Carl Edward Fred Luke Sam Matt Nick Neil Phil Ross Scott Martin Richard Andrew Anthony Kenneth Jason Gregory Patrick
@@ -134,10 +141,10 @@ ORACLE_REPLY = "Got it, I'll remember that."
 class Settings:
     base: str = "smollm2"
     seeds: int = 3
-    subjects_told: int = 12
-    relations_told: int = 4
-    subjects_untold: int = 8
-    overwrites: int = 8
+    subjects_told: int = 10
+    relations_told: int = 3
+    subjects_untold: int = 5
+    overwrites: int = 6
     distractors: int = 8
     retention_facts: int = 100
     ce_tokens: int = 512
@@ -272,6 +279,24 @@ class Arm:
     def nbytes(self) -> int:
         return 0
 
+    def processors(self, read: torch.Tensor) -> list:
+        return []
+
+    @torch.no_grad()
+    def generate(self, query: dict, max_new_tokens: int = 4) -> bool:
+        """Greedy answer after the stem: is its first word the true value?"""
+        messages = self.context(query) + [{"role": "user", "content": query["question"]}]
+        ids, read = self.chat.ids(messages, stem=query["stem"])
+        from transformers import LogitsProcessorList
+
+        out = self.chat.model.generate(
+            ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=max_new_tokens, do_sample=False,
+            logits_processor=LogitsProcessorList(self.processors(read)),
+            pad_token_id=self.chat.tokenizer.pad_token_id,
+        )  # fmt: skip
+        words = self.chat.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).split()
+        return bool(words) and words[0].strip(".,!?;:") == query["answer"]
+
     @torch.no_grad()
     def score(self, query: dict) -> tuple[list[float], int]:
         messages = self.context(query) + [{"role": "user", "content": query["question"]}]
@@ -372,6 +397,9 @@ class ContextualArm(Arm):
 
     def nbytes(self):
         return self.memory.nbytes()
+
+    def processors(self, read):
+        return [ContextualLogitsProcessor(self.memory, self.chat.model, self.chat.tokenizer, read)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -476,6 +504,9 @@ def run_seed(settings: Settings, seed: int, chat: Chat, values, subjects, calibr
             off_tops = tops
         for kind in ("efficacy", "paraphrase", "overwrite"):
             metrics[kind] = statistics.fmean(t == 0 for t in tops[kind]) if tops[kind] else None
+        asked = [q for q in queries["paraphrase"] if q["question"] == RELATIONS[q["relation"]][2][0][0].format(
+            s=q["subject"])]  # fmt: skip
+        metrics["exact_match"] = statistics.fmean(arm.generate(q) for q in asked) if asked else None
         metrics["neighbourhood"] = statistics.fmean(a == b for a, b in zip(tops["neighbourhood"], off_tops["neighbourhood"]))
         metrics["other_relation"] = statistics.fmean(
             a == b for a, b in zip(tops["other_relation"], off_tops["other_relation"])
@@ -602,7 +633,7 @@ def summarise(runs: list[dict]) -> dict:
             arms[name] = {"not_run": NOT_RUN[name]}
             continue
         entry = {}
-        for metric in METRICS + ("write_ms_per_token",):
+        for metric in METRICS + EXTRA_METRICS:
             numbers = [r["arms"][name][metric] for r in runs if r["arms"][name].get(metric) is not None]
             if numbers:
                 entry[metric] = {"mean": statistics.fmean(numbers),
@@ -615,7 +646,7 @@ def summarise(runs: list[dict]) -> dict:
 
 def table(results: dict) -> str:
     arms = results["arms"]
-    shown = [m for m in METRICS + ("write_ms_per_token",)]
+    shown = list(METRICS + EXTRA_METRICS)
     lines = ["| arm | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
     for name, entry in arms.items():
         if "not_run" in entry:

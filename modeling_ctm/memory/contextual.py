@@ -302,16 +302,24 @@ class ContextualMemory:
 
 class ContextualLogitsProcessor(LogitsProcessor):
     """`generate`'s read of a `ContextualMemory`: the bias of `ContextualMemory.logit_bias` at the last position, from
-    one forward of the whole sequence so far; prompt tokens before `window` are not read (the system prompt)."""
+    one forward of the whole sequence so far. `prompt_text` (bool, the prompt's length) marks the prompt positions
+    that are text to read (the user's message, not the chat scaffolding); every generated token is read."""
 
-    def __init__(self, memory: ContextualMemory, model, tokenizer, window: int = 0):
-        self.memory, self.model, self.tokenizer, self.window = memory, model, tokenizer, window
+    def __init__(self, memory: ContextualMemory, model, tokenizer, prompt_text: torch.Tensor):
+        self.memory, self.model, self.tokenizer = memory, model, tokenizer
+        self.prompt_text = prompt_text.bool()
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids.shape[1] - len(self.prompt_text)
+        if generated < 0:
+            raise ValueError(
+                f"prompt_text has {len(self.prompt_text)} positions, the sequence only {input_ids.shape[1]}: pass the "
+                "mask of the prompt given to generate"
+            )
+        text = torch.cat([self.prompt_text, torch.ones(generated, dtype=torch.bool)])
         for row in range(len(input_ids)):
             states = self.model(input_ids[row : row + 1], output_hidden_states=True).hidden_states
-            text = torch.arange(input_ids.shape[1], device=input_ids.device) >= self.window
             value = self.memory.read(self.tokenizer, input_ids[row], states[self.memory.config.layer][0], text)
             scores[row] = scores[row] + self.memory.bias_from_value(value[-1]).to(scores.dtype)
         return scores

@@ -85,7 +85,7 @@ RELATIONS = {
         ["I'm {s}. My sister is called {v}.", "{s} here. My sister's name is {v}.", "{s}'s sister is called {v}.",
          "{s} has a sister named {v}.", "The sister of {s} goes by {v}."],
         [("What is the name of {s}'s sister?", "The name of {s}'s sister is"),
-         ("{s}'s sister, what is she called?", "{s}'s sister is called"),
+         ("{s}'s sister, what is she called?", "Her name is"),
          ("Do you remember who {s}'s sister is?", "{s}'s sister is")],
     ),
     "dog": (
@@ -93,40 +93,40 @@ RELATIONS = {
         ["I'm {s}. My dog is called {v}.", "{s} here. My dog's name is {v}.", "{s}'s dog is called {v}.",
          "{s} has a dog named {v}.", "The dog that {s} owns answers to {v}."],
         [("What is the name of {s}'s dog?", "The name of {s}'s dog is"),
-         ("{s}'s dog, what is it called?", "{s}'s dog is called"),
+         ("{s}'s dog, what is it called?", "Its name is"),
          ("Do you remember {s}'s dog?", "{s}'s dog is")],
     ),
     "flat": (
         "Paris London Berlin Madrid Rome Vienna Dublin Prague Oslo Tokyo Boston Chicago Athens Lisbon Sydney Cairo",
         ["I'm {s}. My flat is in {v}.", "{s} here. I rent a flat in {v}.", "{s}'s flat is in {v}.",
          "{s} has a flat in {v}.", "The flat where {s} lives is in {v}."],
-        [("Which city is {s}'s flat in?", "{s}'s flat is in"),
+        [("Which city is {s}'s flat in?", "That flat is in"),
          ("{s}'s flat, where is it?", "{s}'s flat is located in"),
-         ("Where does {s} have a flat?", "{s} has a flat in")],
+         ("Where does {s} have a flat?", "The flat of {s} is in")],
     ),
     "job": (
         "teacher doctor nurse lawyer pilot chef farmer baker engineer dentist driver writer singer artist",
         ["I'm {s}. My job is {v}.", "{s} here. I have a job as a {v}.", "{s}'s job is {v}.",
          "{s} has a job as a {v}.", "The job {s} does: {v}."],
-        [("What is {s}'s job?", "{s}'s job is"),
+        [("What is {s}'s job?", "The job of {s} is"),
          ("{s}'s job, what is it?", "{s} works in the job of"),
-         ("Which job does {s} have?", "{s} has a job as a")],
+         ("Which job does {s} have?", "{s} works as a")],
     ),
     "meeting": (
         "January February March April May June July August September October November December",
         ["I'm {s}. My meeting is in {v}.", "{s} here. I have a meeting in {v}.", "{s}'s meeting is in {v}.",
          "{s} has a meeting in {v}.", "The meeting {s} has is set for {v}."],
-        [("When is {s}'s meeting?", "{s}'s meeting is in"),
+        [("When is {s}'s meeting?", "The meeting of {s} is in"),
          ("{s}'s meeting, which month is it?", "{s}'s meeting is in the month of"),
-         ("In which month does {s} have a meeting?", "{s} has a meeting in")],
+         ("In which month does {s} have a meeting?", "It is in")],
     ),
     "colour": (
         "red blue green yellow purple orange black white brown grey gold silver",
         ["I'm {s}. My favourite colour is {v}.", "{s} here. The colour I like best is {v}.",
          "{s}'s favourite colour is {v}.", "{s} likes the colour {v}.", "The colour {s} loves most is {v}."],
-        [("What is {s}'s favourite colour?", "{s}'s favourite colour is"),
+        [("What is {s}'s favourite colour?", "The colour {s} likes most is"),
          ("{s}'s favourite colour, which is it?", "The favourite colour of {s} is"),
-         ("Which colour does {s} like best?", "{s} likes the colour")],
+         ("Which colour does {s} like best?", "{s}'s best-loved colour is")],
     ),
 }
 DISTRACTORS = [
@@ -665,6 +665,23 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def write_results(args, settings, geometry, runs, seconds) -> dict:
+    results = {"settings": {**asdict(settings), "seeds_done": len(runs)}, "key_geometry": geometry, "seeds": runs,
+               "arms": summarise(runs), "wall_seconds": seconds, "chance": 0.1}  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=2)))
+    geometry_lines = ["| layer, centring | same subject cos | other subject cos | top-1 |", "|---|---|---|---|"]
+    geometry_lines += [f"| {k} | {v['same_subject_cos']:.3f} | {v['other_subject_cos']:.3f} | {v['top1']:.2f} |"
+                       for k, v in geometry.items()]  # fmt: skip
+    markdown = (f"# Facts in sentences, recalled under paraphrase ({args.base}, {len(runs)} seeds)\n\n"
+                f"Settings: {json.dumps(asdict(settings))}. Chance 0.10. Mean +- sd over seeds. Wall {seconds:.0f} s."
+                "\n\n" + table(results) + "\n\n## Subject key geometry\n\n" + "\n".join(geometry_lines) + "\n")
+    atomic_write(out / "results.md", lambda p: Path(p).write_text(markdown))
+    print(markdown, flush=True)
+    return results
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", choices=("tiny", "smollm2"), default="smollm2")
@@ -692,20 +709,11 @@ def main(argv=None) -> dict:
     held_out = ids[: settings.ce_tokens]
     start = time.time()
     geometry = key_geometry(chat, subjects, values, calibration, layers=(2, 4) if args.quick else (2, 4, 8, 12))
-    runs = [run_seed(settings, seed, chat, values, subjects, calibration, held_out) for seed in range(args.seeds)]
-    results = {"settings": asdict(settings), "key_geometry": geometry, "seeds": runs, "arms": summarise(runs),
-               "wall_seconds": time.time() - start, "chance": 0.1}  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=2)))
-    geometry_lines = ["| layer, centring | same subject cos | other subject cos | top-1 |", "|---|---|---|---|"]
-    geometry_lines += [f"| {k} | {v['same_subject_cos']:.3f} | {v['other_subject_cos']:.3f} | {v['top1']:.2f} |"
-                       for k, v in geometry.items()]  # fmt: skip
-    markdown = (f"# Facts in sentences, recalled under paraphrase ({args.base}, {args.seeds} seeds)\n\n"
-                f"Settings: {json.dumps(asdict(settings))}. Chance 0.10. Mean +- sd over seeds.\n\n"
-                + table(results) + "\n\n## Subject key geometry\n\n" + "\n".join(geometry_lines) + "\n")  # fmt: skip
-    atomic_write(out / "results.md", lambda p: Path(p).write_text(markdown))
-    print(markdown)
+    runs = []
+    for seed in range(args.seeds):
+        runs.append(run_seed(settings, seed, chat, values, subjects, calibration, held_out))
+        # written after every seed: a run stopped early keeps the seeds it finished (the settings say how many)
+        results = write_results(args, settings, geometry, runs, time.time() - start)
     return results
 
 

@@ -141,10 +141,10 @@ ORACLE_REPLY = "Got it, I'll remember that."
 class Settings:
     base: str = "smollm2"
     seeds: int = 3
-    subjects_told: int = 10
+    subjects_told: int = 8
     relations_told: int = 3
-    subjects_untold: int = 5
-    overwrites: int = 6
+    subjects_untold: int = 4
+    overwrites: int = 4
     distractors: int = 8
     retention_facts: int = 100
     ce_tokens: int = 512

@@ -148,3 +148,24 @@ def test_unknown_fields_and_a_layer_past_the_model_are_refused(model, tokenizer)
     memory = fresh(model, tokenizer)
     with pytest.raises(ValueError, match="subject_end=3, value_start=2"):
         memory.write(model, tokenizer, encode(tokenizer, "tom sister is called anna"), subject_end=3, value_start=2)
+
+
+def test_the_session_tells_scores_and_keeps_the_fact_memory_in_its_brain(model, tokenizer, tmp_path):
+    from modeling_ctm.memory.session import CTMOnlineSession, OnlineConfig
+
+    chunked = tiny_model(seed=3, vocab_size=len(WORDS), hidden_size=64, ctm_carry="chunk", ctm_chunk_size=4)
+    calibration = encode(tokenizer, " ".join(WORDS[2:]))
+    memory = ContextualMemory.for_model(chunked, calibration, ContextualConfig(layer=0))
+    session = CTMOnlineSession(chunked, tokenizer, config=OnlineConfig(max_new_tokens=2), contextual=memory)
+    never = session.score("what is tom sister called", ["anna", "kate"])["log_probs"]
+    assert session.tell_fact("tom sister is called anna .", "tom", "anna") > 0.9
+    told = session.score("what is tom sister called", ["anna", "kate"])["log_probs"]
+    assert told[0] - told[1] > 5.0 and told[0] > never[0] + 1.0  # nats: the told value now takes (nearly) all
+    with pytest.raises(ValueError, match="'bob' is not a word of message="):
+        session.tell_fact("tom sister is called anna .", "bob", "anna")
+    session.save(tmp_path / "brain")
+    loaded = CTMOnlineSession.load(tmp_path / "brain")
+    assert loaded.contextual is not None and loaded.contextual.writes == 1
+    torch.testing.assert_close(loaded.contextual.coefficients, memory.coefficients, atol=0, rtol=0)
+    again = loaded.score("what is tom sister called", ["anna", "kate"])["log_probs"]
+    torch.testing.assert_close(again, told, atol=1e-6, rtol=0)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import statistics
 import tempfile
@@ -82,51 +81,93 @@ Jeff Arthur Roger Stephen Larry Jerry Dennis Harold Eugene Howard Ralph Louis Ph
 RELATIONS = {
     "sister": (
         "Anna Maria Emma Sarah Laura Julia Clara Alice Rose Kate Lucy Helen Grace Linda Susan Mary Jane Amy Eva Lisa",
-        ["I'm {s}. My sister is called {v}.", "{s} here. My sister's name is {v}.", "{s}'s sister is called {v}.",
-         "{s} has a sister named {v}.", "The sister of {s} goes by {v}."],
-        [("What is the name of {s}'s sister?", "The name of {s}'s sister is"),
-         ("{s}'s sister, what is she called?", "Her name is"),
-         ("Do you remember who {s}'s sister is?", "{s}'s sister is")],
+        [
+            "I'm {s}. My sister is called {v}.",
+            "{s} here. My sister's name is {v}.",
+            "{s}'s sister is called {v}.",
+            "{s} has a sister named {v}.",
+            "The sister of {s} goes by {v}.",
+        ],
+        [
+            ("What is the name of {s}'s sister?", "The name of {s}'s sister is"),
+            ("{s}'s sister, what is she called?", "Her name is"),
+            ("Do you remember who {s}'s sister is?", "{s}'s sister is"),
+        ],
     ),
     "dog": (
         "Rex Max Buddy Charlie Rocky Bella Duke Bailey Jack Toby Lucky Milo Rusty Sam Bear Shadow Ace Ziggy",
-        ["I'm {s}. My dog is called {v}.", "{s} here. My dog's name is {v}.", "{s}'s dog is called {v}.",
-         "{s} has a dog named {v}.", "The dog that {s} owns answers to {v}."],
-        [("What is the name of {s}'s dog?", "The name of {s}'s dog is"),
-         ("{s}'s dog, what is it called?", "Its name is"),
-         ("Do you remember {s}'s dog?", "{s}'s dog is")],
+        [
+            "I'm {s}. My dog is called {v}.",
+            "{s} here. My dog's name is {v}.",
+            "{s}'s dog is called {v}.",
+            "{s} has a dog named {v}.",
+            "The dog that {s} owns answers to {v}.",
+        ],
+        [
+            ("What is the name of {s}'s dog?", "The name of {s}'s dog is"),
+            ("{s}'s dog, what is it called?", "Its name is"),
+            ("Do you remember {s}'s dog?", "{s}'s dog is"),
+        ],
     ),
     "flat": (
         "Paris London Berlin Madrid Rome Vienna Dublin Prague Oslo Tokyo Boston Chicago Athens Lisbon Sydney Cairo",
-        ["I'm {s}. My flat is in {v}.", "{s} here. I rent a flat in {v}.", "{s}'s flat is in {v}.",
-         "{s} has a flat in {v}.", "The flat where {s} lives is in {v}."],
-        [("Which city is {s}'s flat in?", "That flat is in"),
-         ("{s}'s flat, where is it?", "{s}'s flat is located in"),
-         ("Where does {s} have a flat?", "The flat of {s} is in")],
+        [
+            "I'm {s}. My flat is in {v}.",
+            "{s} here. I rent a flat in {v}.",
+            "{s}'s flat is in {v}.",
+            "{s} has a flat in {v}.",
+            "The flat where {s} lives is in {v}.",
+        ],
+        [
+            ("Which city is {s}'s flat in?", "That flat is in"),
+            ("{s}'s flat, where is it?", "{s}'s flat is located in"),
+            ("Where does {s} have a flat?", "The flat of {s} is in"),
+        ],
     ),
     "job": (
         "teacher doctor nurse lawyer pilot chef farmer baker engineer dentist driver writer singer artist",
-        ["I'm {s}. My job is {v}.", "{s} here. I have a job as a {v}.", "{s}'s job is {v}.",
-         "{s} has a job as a {v}.", "The job {s} does: {v}."],
-        [("What is {s}'s job?", "The job of {s} is"),
-         ("{s}'s job, what is it?", "{s} works in the job of"),
-         ("Which job does {s} have?", "{s} works as a")],
+        [
+            "I'm {s}. My job is {v}.",
+            "{s} here. I have a job as a {v}.",
+            "{s}'s job is {v}.",
+            "{s} has a job as a {v}.",
+            "The job {s} does: {v}.",
+        ],
+        [
+            ("What is {s}'s job?", "The job of {s} is"),
+            ("{s}'s job, what is it?", "{s} works in the job of"),
+            ("Which job does {s} have?", "{s} works as a"),
+        ],
     ),
     "meeting": (
         "January February March April May June July August September October November December",
-        ["I'm {s}. My meeting is in {v}.", "{s} here. I have a meeting in {v}.", "{s}'s meeting is in {v}.",
-         "{s} has a meeting in {v}.", "The meeting {s} has is set for {v}."],
-        [("When is {s}'s meeting?", "The meeting of {s} is in"),
-         ("{s}'s meeting, which month is it?", "{s}'s meeting is in the month of"),
-         ("In which month does {s} have a meeting?", "It is in")],
+        [
+            "I'm {s}. My meeting is in {v}.",
+            "{s} here. I have a meeting in {v}.",
+            "{s}'s meeting is in {v}.",
+            "{s} has a meeting in {v}.",
+            "The meeting {s} has is set for {v}.",
+        ],
+        [
+            ("When is {s}'s meeting?", "The meeting of {s} is in"),
+            ("{s}'s meeting, which month is it?", "{s}'s meeting is in the month of"),
+            ("In which month does {s} have a meeting?", "It is in"),
+        ],
     ),
     "colour": (
         "red blue green yellow purple orange black white brown grey gold silver",
-        ["I'm {s}. My favourite colour is {v}.", "{s} here. The colour I like best is {v}.",
-         "{s}'s favourite colour is {v}.", "{s} likes the colour {v}.", "The colour {s} loves most is {v}."],
-        [("What is {s}'s favourite colour?", "The colour {s} likes most is"),
-         ("{s}'s favourite colour, which is it?", "The favourite colour of {s} is"),
-         ("Which colour does {s} like best?", "{s}'s best-loved colour is")],
+        [
+            "I'm {s}. My favourite colour is {v}.",
+            "{s} here. The colour I like best is {v}.",
+            "{s}'s favourite colour is {v}.",
+            "{s} likes the colour {v}.",
+            "The colour {s} loves most is {v}.",
+        ],
+        [
+            ("What is {s}'s favourite colour?", "The colour {s} likes most is"),
+            ("{s}'s favourite colour, which is it?", "The favourite colour of {s} is"),
+            ("Which colour does {s} like best?", "{s}'s best-loved colour is"),
+        ],
     ),
 }
 DISTRACTORS = [
@@ -474,7 +515,9 @@ def held_out_ce(chat: Chat, arm: Arm, ids: torch.Tensor) -> float:
     out = chat.model(ids[None], output_hidden_states=True)
     logits = out.logits[0, :-1].float()
     if isinstance(arm, ContextualArm):
-        logits = logits + arm.memory.logit_bias(chat.tokenizer, ids, out.hidden_states[arm.memory.config.layer][0])[:-1]
+        logits = (
+            logits + arm.memory.logit_bias(chat.tokenizer, ids, out.hidden_states[arm.memory.config.layer][0])[:-1]
+        )
     return float(F.cross_entropy(logits, ids[1:]))
 
 
@@ -507,7 +550,9 @@ def run_seed(settings: Settings, seed: int, chat: Chat, values, subjects, calibr
         asked = [q for q in queries["paraphrase"] if q["question"] == RELATIONS[q["relation"]][2][0][0].format(
             s=q["subject"])]  # fmt: skip
         metrics["exact_match"] = statistics.fmean(arm.generate(q) for q in asked) if asked else None
-        metrics["neighbourhood"] = statistics.fmean(a == b for a, b in zip(tops["neighbourhood"], off_tops["neighbourhood"]))
+        metrics["neighbourhood"] = statistics.fmean(
+            a == b for a, b in zip(tops["neighbourhood"], off_tops["neighbourhood"])
+        )
         metrics["other_relation"] = statistics.fmean(
             a == b for a, b in zip(tops["other_relation"], off_tops["other_relation"])
         ) if tops["other_relation"] else None  # fmt: skip
@@ -674,9 +719,11 @@ def write_results(args, settings, geometry, runs, seconds) -> dict:
     geometry_lines = ["| layer, centring | same subject cos | other subject cos | top-1 |", "|---|---|---|---|"]
     geometry_lines += [f"| {k} | {v['same_subject_cos']:.3f} | {v['other_subject_cos']:.3f} | {v['top1']:.2f} |"
                        for k, v in geometry.items()]  # fmt: skip
-    markdown = (f"# Facts in sentences, recalled under paraphrase ({args.base}, {len(runs)} seeds)\n\n"
-                f"Settings: {json.dumps(asdict(settings))}. Chance 0.10. Mean +- sd over seeds. Wall {seconds:.0f} s."
-                "\n\n" + table(results) + "\n\n## Subject key geometry\n\n" + "\n".join(geometry_lines) + "\n")
+    markdown = (
+        f"# Facts in sentences, recalled under paraphrase ({args.base}, {len(runs)} seeds)\n\n"
+        f"Settings: {json.dumps(asdict(settings))}. Chance 0.10. Mean +- sd over seeds. Wall {seconds:.0f} s."
+        "\n\n" + table(results) + "\n\n## Subject key geometry\n\n" + "\n".join(geometry_lines) + "\n"
+    )
     atomic_write(out / "results.md", lambda p: Path(p).write_text(markdown))
     print(markdown, flush=True)
     return results

@@ -89,7 +89,9 @@ class ContextualConfig:
     def validate(self) -> None:
         def check(name, ok, allowed):
             if not ok:
-                raise ValueError(f"ContextualConfig.{name}={getattr(self, name)!r} is invalid: allowed values are {allowed}")
+                raise ValueError(
+                    f"ContextualConfig.{name}={getattr(self, name)!r} is invalid: allowed values are {allowed}"
+                )
 
         def number(value):
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -104,7 +106,9 @@ class ContextualConfig:
         check("capacity", isinstance(self.capacity, int) and not isinstance(self.capacity, bool) and self.capacity >= 1,
               "an integer >= 1")  # fmt: skip
         check("prior_weight", number(self.prior_weight) and self.prior_weight > 0, "a finite number > 0")
-        check("value_temperature", number(self.value_temperature) and self.value_temperature > 0, "a finite number > 0")
+        check(
+            "value_temperature", number(self.value_temperature) and self.value_temperature > 0, "a finite number > 0"
+        )
 
     @classmethod
     def from_dict(cls, values: dict) -> "ContextualConfig":
@@ -164,7 +168,8 @@ class ContextualMemory:
         words = [tokenizer.decode([int(i)]).strip().lower() for i in ids]
         special = set(tokenizer.all_special_ids)
         return torch.tensor(
-            [w.isalpha() and w not in STOPWORDS and int(i) not in special for w, i in zip(words, ids)], dtype=torch.bool
+            [w.isalpha() and w not in STOPWORDS and int(i) not in special for w, i in zip(words, ids)],
+            dtype=torch.bool,
         )
 
     def relation_key(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -217,7 +222,9 @@ class ContextualMemory:
     # -- read -----------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def read(self, tokenizer, ids: torch.Tensor, states: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+    def read(
+        self, tokenizer, ids: torch.Tensor, states: torch.Tensor, text: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(positions, E): the value the memory returns at every position of `ids` (1-D), given the layer-`layer`
         hidden states `states` (positions, hidden) of the same forward and the positions `text` (bool, default all)
         that are the text being read (the user's message and the answer so far, not the chat scaffolding). At

@@ -58,7 +58,9 @@ def test_queries_rank_ten_candidates_of_the_relation_with_the_truth_among_them()
             if q["answer"] is not None:
                 assert q["candidates"][0] == q["answer"], kind  # the scorer reads index 0 as the truth
     for q in queries["overwrite"]:
-        old = next(f["old"] for f in drawn["overwritten"] if (f["subject"], f["relation"]) == (q["subject"], q["relation"]))
+        old = next(
+            f["old"] for f in drawn["overwritten"] if (f["subject"], f["relation"]) == (q["subject"], q["relation"])
+        )
         assert old in q["candidates"]
     for q in queries["neighbourhood"]:
         assert q["subject"] in drawn["untold"]

@@ -204,7 +204,10 @@ def one_token(tokenizer, word: str) -> bool:
 
 def pools(tokenizer) -> tuple[list[str], dict[str, list[str]]]:
     """Subjects and value pools kept to words that are one token after a space (a value is one answer token)."""
-    subjects = [s for s in SUBJECTS if one_token(tokenizer, s)]
+    # a subject opens some messages (no space before it): it must be one token both ways, or its key differs
+    subjects = [
+        s for s in SUBJECTS if one_token(tokenizer, s) and len(tokenizer(s, add_special_tokens=False).input_ids) == 1
+    ]
     values = {r: [v for v in spec[0].split() if one_token(tokenizer, v)] for r, spec in RELATIONS.items()}
     for relation, pool in values.items():
         if len(pool) < 10:

@@ -76,12 +76,12 @@ class ContextualConfig:
 
     layer: int = 4
     subject_threshold: float = 0.4
-    relation_threshold: float = 0.1
+    relation_threshold: float = 0.3
     strength: float = 20.0
     learning_rate: float = 1.0
     capacity: int = 4096
     prior_weight: float = 8.0
-    value_temperature: float = 0.05
+    value_temperature: float = 0.1
 
     def __post_init__(self):
         self.validate()

@@ -172,13 +172,10 @@ def _say(session, message: str, show_confidence: bool, threshold: float, **decod
     model = session.model
     if getattr(model, "confidence_head", None) is None:
         raise ValueError("--show-confidence needs a model with a confidence head (CTMConfig.ctm_confidence_head)")
-    before = 0 if session.ids is None else session.ids.shape[1]
-    # the tokens the turn adds before the reply: the message, or under the chat template its rendered turn
-    turn = session.template_turn(message) if session.config.chat_template else session.encode(message)
     recorder = CTMConfidenceRecorder(model.config, model.confidence_head, last_only=True)
     with model.observing(recorder):
         session.say(message, **decoding)
-    new = session.ids[0, before + turn.shape[1] :].tolist()
+    new = session.reply_ids.tolist()
     # one entry per forward call: the generation steps are the last len(new) calls
     confidence = [float(c[0, -1]) for c in recorder.confidence[len(recorder.confidence) - len(new) :]]
     pieces = [session.tokenizer.decode([t], skip_special_tokens=True) for t in new]

@@ -32,6 +32,7 @@ from transformers import AutoTokenizer
 from ..cache_ctm import CTMCache
 from ..io_ctm import atomic_write, load_safetensors_file, replace_folder_atomically, write_json_atomically
 from ..modeling_ctm import CTMForCausalLM
+from .contextual import ContextualMemory
 from .episodic import CTMEpisodicMemory
 from .plasticity import HebbianPlasticity, PlasticityConfig
 from .sleep import ConsolidationConfig, Consolidator, ReplayHeap, score_sequences, sleep
@@ -108,6 +109,7 @@ class CTMOnlineSession:
         heap: ReplayHeap | None = None,
         consolidator: Consolidator | None = None,
         config: OnlineConfig | None = None,
+        contextual: ContextualMemory | None = None,
     ):
         if not model.config.ctm_layer_indices:
             attached = [name for name, part in (("memory", memory), ("plasticity", plasticity), ("sleep", heap))
@@ -138,6 +140,7 @@ class CTMOnlineSession:
         self.heap = heap
         self.consolidator = consolidator
         self.config = config or OnlineConfig()
+        self.contextual = contextual  # facts told with `tell_fact`, read by `score`
         if self.config.sleep_every and heap is None:
             raise ValueError(f"OnlineConfig.sleep_every={self.config.sleep_every} needs a heap and a consolidator")
         self.conversations = 0
@@ -153,6 +156,7 @@ class CTMOnlineSession:
         self.recalled = False
         self.chat: list[dict] = []  # with chat_template: the conversation as messages (system, user, assistant, ...)
         self.reply_closing = ""  # with chat_template: the template's text after the last reply, not yet in `ids`
+        self.reply_ids: torch.Tensor | None = None  # the last reply's generated tokens
 
     # -- a conversation ------------------------------------------------------------------------------------------------
 
@@ -218,6 +222,26 @@ class CTMOnlineSession:
         self.chat.append({"role": "assistant", "content": reply})
         return reply
 
+    def tell_fact(self, message: str, subject: str, value: str) -> float:
+        """Write the fact `message` states into the contextual memory: `subject` and `value` are words of the message
+        (the subject's last token and the value's first token are the write's positions). Returns what the delta rule
+        wrote (0 for a fact already held)."""
+        if self.contextual is None:
+            raise ValueError("tell_fact needs a session built with contextual=ContextualMemory.for_model(...)")
+        ids = self.encode(message, used=0)[0].cpu()
+
+        def position(word, last):
+            found = []
+            for prefix in (" ", ""):
+                piece = self.tokenizer(prefix + word, add_special_tokens=False).input_ids
+                token = piece[-1] if last else piece[0]
+                found += [i for i, t in enumerate(ids.tolist()) if t == token]
+            if not found:
+                raise ValueError(f"{word!r} is not a word of message={message!r}: allowed values are its words")
+            return min(found)
+
+        return self.contextual.write(self.model, self.tokenizer, ids, position(subject, True), position(value, False))
+
     def say(self, message: str, **generate_kwargs) -> str:
         """One turn: the message goes in, the model's greedy reply (unless `generate_kwargs` say otherwise) comes back.
         The first turn of a conversation recalls an episode; every turn carries the cache forward.
@@ -263,6 +287,7 @@ class CTMOnlineSession:
                 self.ids = out.sequences[:1]
                 self._read(self.ids)
         self.messages += 1
+        self.reply_ids = self.ids[0, context.shape[1] :]  # the reply's own tokens (read by ctm chat's confidence marks)
         if self.config.chat_template:
             return self._record_reply(self.ids[0, context.shape[1] :])
         return self.tokenizer.decode(self.ids[0, context.shape[1] :], skip_special_tokens=True)
@@ -323,7 +348,8 @@ class CTMOnlineSession:
         if self.memory is not None and len(self.memory):
             cache = self.memory.recall(self.model, encoded[0], threshold=self.config.recall_threshold, mark_used=False)
         recalled = cache is not None
-        prefix = self.model(ids, cache=cache if recalled else CTMCache(self.model.config), use_cache=True)
+        prefix = self.model(ids, cache=cache if recalled else CTMCache(self.model.config), use_cache=True,
+                            output_hidden_states=self.contextual is not None)  # fmt: skip
         rows = [self.tokenizer(c, add_special_tokens=False).input_ids for c in candidates]
         if not all(rows):
             raise ValueError(
@@ -334,7 +360,11 @@ class CTMOnlineSession:
         # right padding: causal attention keeps the pad slots from reaching the real tokens before them
         targets = torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=ids.device)
         real = torch.tensor([[i < len(r) for i in range(length)] for r in rows], device=ids.device)
-        logits = prefix.logits[:, -1:].float().expand(len(rows), 1, -1)
+        logits = prefix.logits[:, -1:].float()
+        if self.contextual is not None:  # the fact memory's read, at the answer's first token
+            states = prefix.hidden_states[self.contextual.config.layer][0]
+            logits = logits + self.contextual.logit_bias(self.tokenizer, ids[0].cpu(), states.cpu())[-1].to(logits)
+        logits = logits.expand(len(rows), 1, -1)
         if length > 1:
             prefix.cache.batch_repeat_interleave(len(rows))
             rest = self.model(targets[:, :-1], cache=prefix.cache, use_cache=True).logits.float()
@@ -428,7 +458,7 @@ class CTMOnlineSession:
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the brain into `folder`, atomically as a whole (a sibling temp folder renamed into place): `model/`
-        (weights, config, tokenizer), `memory/`, `plasticity.safetensors` + `.json` (anchors, pending statistics,
+        (weights, config, tokenizer), `memory/`, `contextual/` (the fact memory), `plasticity.safetensors` + `.json` (anchors, pending statistics,
         counters), `sleep.safetensors` + `.json` (heap and consolidation optimizer), `learn_from.safetensors`
         (learn_from's pull-back anchor, once taken), `session.json` (config, counters, which parameters train). A
         loaded brain continues exactly as this one would. A conversation under way is not part of the brain: end() it first."""
@@ -447,6 +477,8 @@ class CTMOnlineSession:
         parts = {}
         if self.memory is not None:
             self.memory.save_pretrained(tmp / "memory")
+        if self.contextual is not None:
+            self.contextual.save(tmp / "contextual")
         if self.plasticity is not None:
             parts["plasticity"] = self.plasticity.state()
         if self.heap is not None:
@@ -506,7 +538,8 @@ class CTMOnlineSession:
                 param.requires_grad_(name in trainable)
         known = {f.name for f in fields(OnlineConfig)}
         config = OnlineConfig(**{k: v for k, v in state["config"].items() if k in known})
-        session = cls(model, tokenizer, memory, plasticity, heap, consolidator, config)
+        contextual = ContextualMemory.load(folder / "contextual", model) if (folder / "contextual").is_dir() else None
+        session = cls(model, tokenizer, memory, plasticity, heap, consolidator, config, contextual)
         if (folder / LEARN_FROM_FILE).is_file():
             session._anchor = load_safetensors_file(folder / LEARN_FROM_FILE, require_finite=True)
         session.conversations = state["conversations"]

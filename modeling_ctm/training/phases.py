@@ -11,7 +11,7 @@ shared finish step (`finish.finish_phase`: evaluate, sample, card, save). `PHASE
                        memory, plasticity, sleep), then is evaluated and saved like the others, its brain beside it.
 
 The model conversions (`start_thinking`, `start_continuity`, `freeze_for_thinking`, `language_config`) live in
-`training.conversion` and are re-exported here.
+`training.transitions` and are re-exported here.
 """
 
 import abc
@@ -28,7 +28,7 @@ from ..memory.plasticity import HebbianPlasticity, memory_held_bytes
 from ..memory.session import CTMOnlineSession, OnlineConfig
 from ..memory.sleep import Consolidator, ReplayHeap
 from ..modeling_ctm import CTMForCausalLM
-from .conversion import FREEZE_CHOICES, freeze_for_thinking, language_config, start_continuity, start_thinking
+from .transitions import FREEZE_CHOICES, freeze_for_thinking, language_config, start_continuity, start_thinking
 from .finish import PhaseResult, finish_phase
 from .phase_names import phase_name
 from .recipe_config import OnlinePhaseConfig, RecipeConfig, sleep_callback

@@ -43,7 +43,7 @@ from ..configuration_ctm import CTM_PROFILES, CTM_TOKEN_MEMORY_CHOICES, CTMConfi
 from ..memory.plasticity import PlasticityConfig
 from ..memory.session import OnlineConfig
 from ..memory.sleep import ConsolidationConfig, ReplayHeap, SleepCallback
-from .conversion import FREEZE_CHOICES
+from .transitions import FREEZE_CHOICES
 from .data import RECALL_LOSS_ON
 
 

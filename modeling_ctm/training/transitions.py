@@ -1,4 +1,4 @@
-"""The model conversions between the developmental phases: a phase-1 config, a phase-1 checkpoint with CTM blocks
+"""The model transitions between the developmental phases: a phase-1 config, a phase-1 checkpoint with CTM blocks
 added (phase 2), a model whose thinking state is carried between chunks (phase 3), and what each phase freezes."""
 
 import logging

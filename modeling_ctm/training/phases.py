@@ -28,12 +28,12 @@ from ..memory.plasticity import HebbianPlasticity, memory_held_bytes
 from ..memory.session import CTMOnlineSession, OnlineConfig
 from ..memory.sleep import Consolidator, ReplayHeap
 from ..modeling_ctm import CTMForCausalLM
-from .transitions import FREEZE_CHOICES, freeze_for_thinking, language_config, start_continuity, start_thinking
 from .finish import PhaseResult, finish_phase
 from .phase_names import phase_name
 from .recipe_config import OnlinePhaseConfig, RecipeConfig, sleep_callback
 from .run_data import Data, conversation_script, held_out_recall_rows, phase1_data, recall_warmup_rows
 from .trainers import ContinuityTrainer, CTMTrainer, recall_accuracy
+from .transitions import FREEZE_CHOICES, freeze_for_thinking, language_config, start_continuity, start_thinking
 
 
 __all__ = [

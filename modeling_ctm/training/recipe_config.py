@@ -43,8 +43,8 @@ from ..configuration_ctm import CTM_PROFILES, CTM_TOKEN_MEMORY_CHOICES, CTMConfi
 from ..memory.plasticity import PlasticityConfig
 from ..memory.session import OnlineConfig
 from ..memory.sleep import ConsolidationConfig, ReplayHeap, SleepCallback
-from .transitions import FREEZE_CHOICES
 from .data import RECALL_LOSS_ON
+from .transitions import FREEZE_CHOICES
 
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"

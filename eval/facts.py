@@ -714,7 +714,7 @@ def table(results: dict) -> str:
 
 
 def write_results(args, settings, geometry, runs, seconds) -> dict:
-    results = {"settings": {**asdict(settings), "seeds_done": len(runs)}, "key_geometry": geometry, "seeds": runs,
+    results = {"settings": {**asdict(settings), "first_seed": args.first_seed, "seeds_done": len(runs)}, "key_geometry": geometry, "seeds": runs,
                "arms": summarise(runs), "wall_seconds": seconds, "chance": 0.1}  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -739,6 +739,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default="eval/results/facts")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds first_seed .. first_seed+seeds-1 (fresh seeds check settings chosen on others)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds={args.seeds} is invalid: allowed values are integers >= 1")
@@ -760,7 +762,7 @@ def main(argv=None) -> dict:
     start = time.time()
     geometry = key_geometry(chat, subjects, values, calibration, layers=(2, 4) if args.quick else (2, 4, 8, 12))
     runs = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         runs.append(run_seed(settings, seed, chat, values, subjects, calibration, held_out))
         # written after every seed: a run stopped early keeps the seeds it finished (the settings say how many)
         results = write_results(args, settings, geometry, runs, time.time() - start)

@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from .configuration_ctm import CTMConfig
+from .conversion_ctm import load_llama
 from .io_ctm import save_folder_atomically
 from .modeling_ctm import CTMForCausalLM
 
@@ -33,7 +35,8 @@ def convert_checkpoint(
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
-    llama = CTMForCausalLM.load_llama(model_or_path, gguf_file=gguf_file, dtype=dtype, **ctm_fields)
+    check = lambda config: CTMConfig.from_llama_config(config, **ctm_fields)  # noqa: E731  (before any weight)
+    llama = load_llama(model_or_path, gguf_file=gguf_file, dtype=dtype, check_config=check)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_or_path, gguf_file=gguf_file)
     except (OSError, ValueError) as error:

@@ -1135,7 +1135,8 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
         that folder) as a `CTMForCausalLM`: the same function with `ctm_layers="none"` (the default), silent blocks
         beside the MLPs with thinking layers (see `CTMConfig.from_llama_config`). Weights and generation config are
         copied; the tokenizer is the checkpoint's own (`AutoTokenizer.from_pretrained(model_or_path)`)."""
-        llama = cls.load_llama(model_or_path, gguf_file=gguf_file, dtype=dtype, **ctm_fields)
+        check = lambda config: CTMConfig.from_llama_config(config, **ctm_fields)  # noqa: E731  (before any weight)
+        llama = load_llama(model_or_path, gguf_file=gguf_file, dtype=dtype, check_config=check)
         model = cls(CTMConfig.from_llama_config(llama.config, **ctm_fields)).to(dtype)
         missing, unexpected = model.load_state_dict(ctm_state_dict_from_llama(llama.state_dict(), llama.config), False)
         thinking = tuple(f"model.layers.{i}." for i in model.config.ctm_layer_indices)
@@ -1147,13 +1148,6 @@ class CTMForCausalLM(CTMPreTrainedModel, GenerationMixin):
                              f"{unexpected[:5]}")  # fmt: skip
         model.generation_config = GenerationConfig.from_dict(llama.generation_config.to_dict())
         return model
-
-    @classmethod
-    def load_llama(cls, model_or_path, gguf_file: str | None = None, dtype=torch.float32, **ctm_fields):
-        """The Llama-family causal LM `from_llama` converts, after checking (before any weight is read) that it and
-        `ctm_fields` convert."""
-        check = lambda config: CTMConfig.from_llama_config(config, **ctm_fields)  # noqa: E731
-        return load_llama(model_or_path, gguf_file=gguf_file, dtype=dtype, check_config=check)
 
     # The eager glue of a compiled model: `torch.compile(model)` and `model.compile()` (what
     # `TrainingArguments(torch_compile=True)` does) compile what `Module.__call__` runs, so a frame skipped here

@@ -221,6 +221,7 @@ def test_smollm2_converts_exactly_and_answers(tmp_path):
     Llama's logits on a chat prompt (within 1e-4), as does the plain conversion, and answers the capital question.
     Fails (not skips) without the `real` extra: the README's test command installs it."""
     from modeling_ctm import CTMForCausalLM
+    from modeling_ctm.conversion_ctm import load_llama
     from modeling_ctm.hub.sources import resolve_source
 
     folder, gguf_file = resolve_source("smollm2-135m-instruct")
@@ -232,7 +233,7 @@ def test_smollm2_converts_exactly_and_answers(tmp_path):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     ids = ids["input_ids"]
-    llama = CTMForCausalLM.load_llama(folder, gguf_file=gguf_file).eval()
+    llama = load_llama(folder, gguf_file=gguf_file).eval()
     with torch.no_grad():
         expected = llama(ids).logits
         torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=0)

@@ -57,6 +57,7 @@ torch.set_num_threads(1)
 import torch.nn.functional as F  # noqa: E402
 from facts_arms import Arm, Chat, build_arm, held_out_ce, run_queries, top  # noqa: E402
 from facts_world import RELATIONS, candidates, draw, pools, queries_for  # noqa: E402
+from harness import experiment_settings, quick_field, quick_values  # noqa: E402
 
 from modeling_ctm.io_ctm import atomic_write  # noqa: E402
 
@@ -78,13 +79,14 @@ EXTRA_METRICS = ("exact_match", "write_ms_per_token")
 class Settings:
     base: str = "smollm2"
     seeds: int = 3
-    subjects_told: int = 8
-    relations_told: int = 3
-    subjects_untold: int = 4
-    overwrites: int = 4
-    distractors: int = 8
-    retention_facts: int = 100
-    ce_tokens: int = 512
+    # the world's sizes and the held-out text: a full run's, then --quick's
+    subjects_told: int = quick_field(8, 3)
+    relations_told: int = quick_field(3, 2)
+    subjects_untold: int = quick_field(4, 2)
+    overwrites: int = quick_field(4, 2)
+    distractors: int = quick_field(8, 2)
+    retention_facts: int = quick_field(100, 10)
+    ce_tokens: int = quick_field(512, 64)
     layer: int = 4
     quick: bool = False
 
@@ -318,10 +320,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds={args.seeds} is invalid: allowed values are integers >= 1")
-    settings = Settings(base=args.base, seeds=args.seeds, quick=args.quick)
-    if args.quick:
-        settings = Settings(base=args.base, seeds=args.seeds, quick=True, subjects_told=3, relations_told=2,
-                            subjects_untold=2, overwrites=2, distractors=2, retention_facts=10, ce_tokens=64)  # fmt: skip
+    settings = experiment_settings(args, Settings, {**quick_values(Settings), "quick": True}, base=args.base)
     model, tokenizer = load_base(args.base, args.model_path)
     chat = Chat(model, tokenizer)
     subjects, values = pools(tokenizer)

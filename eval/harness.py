@@ -56,6 +56,9 @@ API:
   `settings_class(**{**quick (under --quick), **each --set, "seeds": args.seeds, **fields})` (a `seeds` field is
   set when the class has one; `fields` are the script's own flags that override a field, e.g. `steps=args.steps`
   when not None). `--set` fields of a `model` dict are merged into that dict.
+* `quick_field(default, quick)` and `quick_values(settings_class) -> dict`: a setting's --quick value written beside
+  its default (`steps: int = quick_field(300, 4)`), and those values collected by field name: the `quick` mapping of
+  `experiment_parser` / `experiment_settings`.
 * `tiny_config(settings=None, **fields) -> CTMConfig`: the tiny model of an experiment: the fields of `settings`
   (a dataclass or a dict) that are CTMConfig fields, then the entries of its `model` dict if it has one, then
   `fields` (the task's: vocabulary, positions, special tokens, carry); CTMConfig validates them.
@@ -205,6 +208,16 @@ def experiment_settings(args: argparse.Namespace, settings_class, quick: Mapping
     if model:
         settings.model.update(model)
     return settings
+
+
+def quick_field(default, quick):
+    """A dataclass field whose --quick value stands beside its default (collected by `quick_values`)."""
+    return dataclasses.field(default=default, metadata={"quick": quick})
+
+
+def quick_values(settings_class) -> dict:
+    """The --quick values of a settings dataclass's `quick_field`s, by field name."""
+    return {f.name: f.metadata["quick"] for f in dataclasses.fields(settings_class) if "quick" in f.metadata}
 
 
 def tiny_config(settings=None, **fields):

@@ -7,6 +7,7 @@ import string
 
 import facts  # eval/ is on the path (pyproject.toml: pytest pythonpath)
 import facts_world
+import harness
 import pytest
 
 
@@ -30,6 +31,13 @@ def world(seed=0):
     settings = facts.Settings(subjects_told=6, relations_told=3, subjects_untold=3, overwrites=4)
     values = {r: spec[0].split() for r, spec in facts_world.RELATIONS.items()}
     return settings, values, facts_world.draw(settings, seed, facts_world.SUBJECTS, values)
+
+
+def test_quick_shrinks_the_world_and_keeps_the_layer():
+    full, quick = facts.Settings(), facts.Settings(**harness.quick_values(facts.Settings))
+    assert (full.subjects_told, full.retention_facts, full.ce_tokens) == (8, 100, 512)
+    assert (quick.subjects_told, quick.relations_told, quick.retention_facts, quick.ce_tokens) == (3, 2, 10, 64)
+    assert quick.layer == full.layer == 4
 
 
 def test_draw_is_seeded_and_keeps_told_and_untold_subjects_apart():

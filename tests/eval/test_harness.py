@@ -17,6 +17,8 @@ from harness import (
     format_mean_sd,
     mean_sd,
     parse_set,
+    quick_field,
+    quick_values,
     run_seeds,
     summarize_arms,
     timed_training,
@@ -148,6 +150,18 @@ def test_experiment_settings_layers_quick_set_seeds_and_flags(capsys):
     parser = experiment_parser(None, "out", settings=_WithModel)
     settings = experiment_settings(parser.parse_args(["--set", "ctm_ticks=2"]), _WithModel)
     assert settings.model == {"hidden_size": 32, "ctm_ticks": 2}
+
+
+def test_quick_fields_keep_their_default_and_give_their_quick_value():
+    @dataclass
+    class Sized:
+        seeds: int = 3
+        steps: int = quick_field(300, 4)
+        rate: float = 0.5
+
+    assert Sized().steps == 300 and quick_values(Sized) == {"steps": 4}
+    args = experiment_parser(None, "out", settings=Sized).parse_args(["--quick"])
+    assert (experiment_settings(args, Sized, quick_values(Sized)).steps, Sized(steps=7).steps) == (4, 7)
 
 
 def test_tiny_config_takes_the_config_fields_of_the_settings():

@@ -179,7 +179,9 @@ def experiment_parser(
         description=(description or "").split("\n\n")[0] or None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--seeds", type=int, default=None, help=f"seeds per arm (default {seeds}; {quick_seeds} with --quick)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help=f"seeds per arm (default {seeds}; {quick_seeds} with --quick)"
+    )
     parser.add_argument("--out", type=Path, default=Path(default_out), help="folder for results.json and results.md")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few steps (mechanics only)")
     if settings is not None:
@@ -323,9 +325,7 @@ def format_stat(value: Mapping, digits: int = 3) -> str:
     return format_mean_sd(value["mean"], value["sd"], digits)
 
 
-def summarize_arms(
-    per_seed: Sequence[Mapping], arms: Mapping[str, str], metrics: Sequence[str]
-) -> dict[str, dict]:
+def summarize_arms(per_seed: Sequence[Mapping], arms: Mapping[str, str], metrics: Sequence[str]) -> dict[str, dict]:
     """The `arms` object of results.json: per arm its description and each metric's mean, sd and per-seed values."""
     if not per_seed:
         raise ValueError("per_seed is empty: summarize_arms needs at least one seed's record")

@@ -192,7 +192,7 @@ def test_machine_load_and_rss():
     assert rss_bytes() > 0
     with PeakRSS() as rss:
         block = bytearray(64 * 2**20)  # touched pages count in the resident set
-        block[:: 4096] = b"x" * len(block[::4096])
+        block[::4096] = b"x" * len(block[::4096])
     assert rss.peak >= rss.start and rss.peak - rss.start > 32 * 2**20
     del block
 
@@ -224,4 +224,3 @@ def test_timed_training_trains_without_printing_and_train_experiment_model_retur
     assert not again.training and [row["step"] for row in losses] == [1, 2]
     assert torch.equal(again.model.embed_tokens.weight, model.model.embed_tokens.weight)
     assert "'loss'" not in capsys.readouterr().out  # nothing printed per log step
-

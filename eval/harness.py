@@ -56,6 +56,9 @@ API:
   `settings_class(**{**quick (under --quick), **each --set, "seeds": args.seeds, **fields})` (a `seeds` field is
   set when the class has one; `fields` are the script's own flags that override a field, e.g. `steps=args.steps`
   when not None). `--set` fields of a `model` dict are merged into that dict.
+* `quick_field(default, quick)` and `quick_values(settings_class) -> dict`: a setting's --quick value written beside
+  its default (`steps: int = quick_field(300, 4)`), and those values collected by field name: the `quick` mapping of
+  `experiment_parser` / `experiment_settings`.
 * `tiny_config(settings=None, **fields) -> CTMConfig`: the tiny model of an experiment: the fields of `settings`
   (a dataclass or a dict) that are CTMConfig fields, then the entries of its `model` dict if it has one, then
   `fields` (the task's: vocabulary, positions, special tokens, carry); CTMConfig validates them.
@@ -176,7 +179,9 @@ def experiment_parser(
         description=(description or "").split("\n\n")[0] or None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--seeds", type=int, default=None, help=f"seeds per arm (default {seeds}; {quick_seeds} with --quick)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help=f"seeds per arm (default {seeds}; {quick_seeds} with --quick)"
+    )
     parser.add_argument("--out", type=Path, default=Path(default_out), help="folder for results.json and results.md")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few steps (mechanics only)")
     if settings is not None:
@@ -205,6 +210,16 @@ def experiment_settings(args: argparse.Namespace, settings_class, quick: Mapping
     if model:
         settings.model.update(model)
     return settings
+
+
+def quick_field(default, quick):
+    """A dataclass field whose --quick value stands beside its default (collected by `quick_values`)."""
+    return dataclasses.field(default=default, metadata={"quick": quick})
+
+
+def quick_values(settings_class) -> dict:
+    """The --quick values of a settings dataclass's `quick_field`s, by field name."""
+    return {f.name: f.metadata["quick"] for f in dataclasses.fields(settings_class) if "quick" in f.metadata}
 
 
 def tiny_config(settings=None, **fields):
@@ -310,9 +325,7 @@ def format_stat(value: Mapping, digits: int = 3) -> str:
     return format_mean_sd(value["mean"], value["sd"], digits)
 
 
-def summarize_arms(
-    per_seed: Sequence[Mapping], arms: Mapping[str, str], metrics: Sequence[str]
-) -> dict[str, dict]:
+def summarize_arms(per_seed: Sequence[Mapping], arms: Mapping[str, str], metrics: Sequence[str]) -> dict[str, dict]:
     """The `arms` object of results.json: per arm its description and each metric's mean, sd and per-seed values."""
     if not per_seed:
         raise ValueError("per_seed is empty: summarize_arms needs at least one seed's record")

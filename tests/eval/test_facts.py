@@ -1,17 +1,19 @@
-"""Mechanics of the facts protocol (eval/facts.py). The headline numbers need the full run
-(`python eval/facts.py --base smollm2 --seeds 3`); the slow test runs --quick on the converted SmolLM2."""
+"""Mechanics of the facts protocol (eval/facts.py, its world in eval/facts_world.py). The headline numbers need
+the full run (`python eval/facts.py --base smollm2 --seeds 3`); the slow test runs --quick on the converted SmolLM2."""
 
 import json
 import random
 import string
 
 import facts  # eval/ is on the path (pyproject.toml: pytest pythonpath)
+import facts_world
+import harness
 import pytest
 
 
 def test_relations_templates_and_query_templates_are_as_the_protocol_says():
-    assert len(facts.RELATIONS) >= 6
-    for relation, (pool, writes, asks) in facts.RELATIONS.items():
+    assert len(facts_world.RELATIONS) >= 6
+    for relation, (pool, writes, asks) in facts_world.RELATIONS.items():
         assert len(writes) >= 5, relation
         assert len(set(pool.split())) >= 10, relation
         fields = {f for w in writes for _, f, _, _ in string.Formatter().parse(w) if f}
@@ -27,8 +29,15 @@ def test_relations_templates_and_query_templates_are_as_the_protocol_says():
 
 def world(seed=0):
     settings = facts.Settings(subjects_told=6, relations_told=3, subjects_untold=3, overwrites=4)
-    values = {r: spec[0].split() for r, spec in facts.RELATIONS.items()}
-    return settings, values, facts.draw(settings, seed, facts.SUBJECTS, values)
+    values = {r: spec[0].split() for r, spec in facts_world.RELATIONS.items()}
+    return settings, values, facts_world.draw(settings, seed, facts_world.SUBJECTS, values)
+
+
+def test_quick_shrinks_the_world_and_keeps_the_layer():
+    full, quick = facts.Settings(), facts.Settings(**harness.quick_values(facts.Settings))
+    assert (full.subjects_told, full.retention_facts, full.ce_tokens) == (8, 100, 512)
+    assert (quick.subjects_told, quick.relations_told, quick.retention_facts, quick.ce_tokens) == (3, 2, 10, 64)
+    assert quick.layer == full.layer == 4
 
 
 def test_draw_is_seeded_and_keeps_told_and_untold_subjects_apart():
@@ -47,7 +56,7 @@ def test_draw_is_seeded_and_keeps_told_and_untold_subjects_apart():
 
 def test_queries_rank_ten_candidates_of_the_relation_with_the_truth_among_them():
     _, values, drawn = world(2)
-    queries = facts.queries_for(drawn, values, 2)
+    queries = facts_world.queries_for(drawn, values, 2)
     overwritten = {(f["subject"], f["relation"]) for f in drawn["overwritten"]}
     assert len(queries["efficacy"]) == len(drawn["facts"]) - len(overwritten)
     assert len(queries["paraphrase"]) == 3 * len(queries["efficacy"])
@@ -70,14 +79,14 @@ def test_queries_rank_ten_candidates_of_the_relation_with_the_truth_among_them()
 
 def test_efficacy_asks_the_write_template_up_to_the_value():
     fact = {"subject": "Tom", "relation": "sister", "value": "Anna", "template": 2}
-    assert facts.sentence(fact) == "Tom's sister is called Anna."
-    assert facts.efficacy_stem(fact) == ("Tom's sister is called ...?", "Tom's sister is called")
+    assert facts_world.sentence(fact) == "Tom's sister is called Anna."
+    assert facts_world.efficacy_stem(fact) == ("Tom's sister is called ...?", "Tom's sister is called")
 
 
 def test_candidates_put_the_given_first_and_fill_from_the_pool():
     rng = random.Random(0)
     pool = [str(i) for i in range(20)]
-    chosen = facts.candidates(rng, pool, ["3", "3", "7"])
+    chosen = facts_world.candidates(rng, pool, ["3", "3", "7"])
     assert chosen[:2] == ["3", "7"] and len(chosen) == 10 == len(set(chosen))
 
 

@@ -17,6 +17,8 @@ from harness import (
     format_mean_sd,
     mean_sd,
     parse_set,
+    quick_field,
+    quick_values,
     run_seeds,
     summarize_arms,
     timed_training,
@@ -150,6 +152,18 @@ def test_experiment_settings_layers_quick_set_seeds_and_flags(capsys):
     assert settings.model == {"hidden_size": 32, "ctm_ticks": 2}
 
 
+def test_quick_fields_keep_their_default_and_give_their_quick_value():
+    @dataclass
+    class Sized:
+        seeds: int = 3
+        steps: int = quick_field(300, 4)
+        rate: float = 0.5
+
+    assert Sized().steps == 300 and quick_values(Sized) == {"steps": 4}
+    args = experiment_parser(None, "out", settings=Sized).parse_args(["--quick"])
+    assert (experiment_settings(args, Sized, quick_values(Sized)).steps, Sized(steps=7).steps) == (4, 7)
+
+
 def test_tiny_config_takes_the_config_fields_of_the_settings():
     config = tiny_config(_Settings(hidden_size=48), vocab_size=50, intermediate_size=96)
     assert (config.hidden_size, config.vocab_size, config.intermediate_size) == (48, 50, 96)
@@ -178,7 +192,7 @@ def test_machine_load_and_rss():
     assert rss_bytes() > 0
     with PeakRSS() as rss:
         block = bytearray(64 * 2**20)  # touched pages count in the resident set
-        block[:: 4096] = b"x" * len(block[::4096])
+        block[::4096] = b"x" * len(block[::4096])
     assert rss.peak >= rss.start and rss.peak - rss.start > 32 * 2**20
     del block
 
@@ -210,4 +224,3 @@ def test_timed_training_trains_without_printing_and_train_experiment_model_retur
     assert not again.training and [row["step"] for row in losses] == [1, 2]
     assert torch.equal(again.model.embed_tokens.weight, model.model.embed_tokens.weight)
     assert "'loss'" not in capsys.readouterr().out  # nothing printed per log step
-

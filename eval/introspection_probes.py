@@ -74,7 +74,7 @@ METRICS = ("auroc", "ece", "brier")
 class Settings:
     seeds: int = 3
     first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (one process per seed, sharing --cache)
-    datasets: str = "text,chain"
+    datasets: str = "text,chain"  # comma-separated, of text, chain, real_text
     bins: int = 15
     marker_threshold: float = 0.5
     # the logistic probes' L2 strength is chosen per fit by 5-fold cross-validated log loss on the fit half among
@@ -90,10 +90,9 @@ class Settings:
     chain_train_hops: int = 3
     chain_test_hops: int = 4
     chain_eval_rows: int = 128
-    # real_text (in --set datasets=...): a CTM checkpoint folder, or a named offline source converted by
-    # CTMForCausalLM.from_llama (SmolLM2-135M-Instruct, exact), scored on held-out Austen; it has no thinking layer:
+    # real_text (in --set datasets=...): a real checkpoint scored on held-out Austen; it has no thinking layer:
     # residual and logit arms only
-    real_checkpoint: str = "smollm2-135m-instruct"
+    real_checkpoint: str = "smollm2-135m-instruct"  # a CTM folder, or an offline source converted exactly (from_llama)
     real_blocks: int = 16
     real_block_size: int = 128
 

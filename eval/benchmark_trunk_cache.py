@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+from harness import write_result_files
 
 from modeling_ctm import CTMForCausalLM
-from modeling_ctm.io_ctm import atomic_write
 from modeling_ctm.training.phases import freeze_for_thinking, start_thinking
 from modeling_ctm.training.trunk_cache import TrunkCache
 
@@ -150,9 +150,7 @@ def main(argv=None) -> dict:
         f"{result['cache']['bytes_per_block'] / 1e6:.2f} MB per block on disk.", "",
     ])  # fmt: skip
     out = Path(args.out)
-    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
-    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown))
-    print(markdown)
+    write_result_files(out, result, markdown)
     return result
 
 

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import write_result_files
 from transformers import AutoTokenizer, TrainingArguments
 
 from modeling_ctm import CTMForCausalLM
-from modeling_ctm.io_ctm import atomic_write
 from modeling_ctm.observers_ctm import CTMTickObserver
 from modeling_ctm.training.data import austen_splits, pack_dataset
 from modeling_ctm.training.distillation import DistillationConfig, distillation_kl
@@ -172,9 +172,7 @@ def main(argv=None) -> dict:
         cells = [f"{values[m]['mean']:.4f} ± {values[m]['sd']:.4f}" if m in values else "" for m in metrics]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     markdown = "\n".join(lines) + "\n"
-    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
-    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown))
-    print(markdown)
+    write_result_files(out, result, markdown)
     return result
 
 

@@ -78,6 +78,8 @@ API:
 * `write_results(out_dir, result, markdown) -> (json_path, md_path)`: `result` must hold `settings`, `per_seed` and
   `arms`; both files are written atomically (`modeling_ctm.io_ctm.write_text_atomically`: a temp file in the same folder renamed into place),
   so a killed run never leaves half a results file.
+* `write_result_files(out_dir, result, markdown)`: the same two files for a benchmark whose result has no per-seed
+  arms (json with a final newline, markdown as given), then prints `markdown`.
 * `experiment_training_arguments(output_dir, **fields) -> TrainingArguments`: the arguments of a training run inside an
   experiment (`EXPERIMENT_TRAINING`: on the CPU, no reports, no checkpoints, no progress bar, data loaded in the main
   process); `fields` are the run's own (steps, batch, learning rate, seed ...) and may override those.
@@ -372,3 +374,13 @@ def write_results(out_dir: str | Path, result: Mapping, markdown: str, indent: i
     write_text_atomically(json_path, json.dumps(result, indent=indent))
     write_text_atomically(md_path, markdown if markdown.endswith("\n") else markdown + "\n")
     return json_path, md_path
+
+
+def write_result_files(out_dir: str | Path, result: Mapping, markdown: str) -> None:
+    """`out_dir/results.json` (`result`, indented, ending in a newline) and `out_dir/results.md` (`markdown` as given),
+    each written atomically, then `markdown` printed: for benchmark scripts whose results have no per-seed arms
+    (`write_results` checks for those)."""
+    out_dir = Path(out_dir)
+    write_text_atomically(out_dir / "results.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomically(out_dir / "results.md", markdown)
+    print(markdown)

@@ -51,22 +51,16 @@ torch.set_num_threads(1)  # tiny tensors on a shared 2-core machine: extra threa
 import numpy  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from harness import experiment_parser, format_stat, stat, write_results  # noqa: E402
-from introspection import Settings as TextSettings  # noqa: E402  (sibling modules: the text and chain models)
-from introspection import build_models, expected_calibration_error, prepare_data  # noqa: E402
+from introspection import expected_calibration_error, prepare_data  # noqa: E402  (sibling modules)
+from introspection_features import TEMPERATURES, chain_rows, real_rows, text_rows, text_settings, token_table  # noqa: E402
 from machine import MachineLoad  # noqa: E402
 from sklearn.linear_model import LogisticRegressionCV  # noqa: E402
 from sklearn.metrics import brier_score_loss, roc_auc_score  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
-from thinking_tasks import ChainTask, ctm_config, evaluation_sets, prepare  # noqa: E402
-from thinking_tasks import Settings as ChainSettings  # noqa: E402
-from thinking_tasks import train as train_chain  # noqa: E402
-from transformers import set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from modeling_ctm import CTMForCausalLM  # noqa: E402
-from modeling_ctm.confidence_ctm import CTMConfidenceRecorder, add_confidence_head, mark_unsure  # noqa: E402
-from modeling_ctm.fmri import sync_change  # noqa: E402
+from modeling_ctm.confidence_ctm import add_confidence_head, mark_unsure  # noqa: E402
 from modeling_ctm.training.confidence import fit_confidence_head  # noqa: E402
 
 
@@ -80,7 +74,7 @@ METRICS = ("auroc", "ece", "brier")
 class Settings:
     seeds: int = 3
     first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (one process per seed, sharing --cache)
-    datasets: str = "text,chain"
+    datasets: str = "text,chain"  # comma-separated, of text, chain, real_text
     bins: int = 15
     marker_threshold: float = 0.5
     # the logistic probes' L2 strength is chosen per fit by 5-fold cross-validated log loss on the fit half among
@@ -96,189 +90,14 @@ class Settings:
     chain_train_hops: int = 3
     chain_test_hops: int = 4
     chain_eval_rows: int = 128
-    # real_text (in --set datasets=...): a CTM checkpoint folder, or a named offline source converted by
-    # CTMForCausalLM.from_llama (SmolLM2-135M-Instruct, exact), scored on held-out Austen; it has no thinking layer:
+    # real_text (in --set datasets=...): a real checkpoint scored on held-out Austen; it has no thinking layer:
     # residual and logit arms only
-    real_checkpoint: str = "smollm2-135m-instruct"
+    real_checkpoint: str = "smollm2-135m-instruct"  # a CTM folder, or an offline source converted exactly (from_llama)
     real_blocks: int = 16
     real_block_size: int = 128
 
 
 QUICK = dict(seeds=1, text_phase1_steps=4, text_phase2_steps=4, text_eval_blocks=8, chain_steps=6, chain_eval_rows=8)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Models (trained here, or loaded from --cache)
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def text_settings(settings: Settings, quick: bool) -> TextSettings:
-    base = TextSettings(phase1_steps=settings.text_phase1_steps, phase2_steps=settings.text_phase2_steps,
-                        eval_blocks=settings.text_eval_blocks)  # fmt: skip
-    if quick:
-        for name in ("vocab_size", "tokenizer_paragraphs", "train_paragraphs", "block_size"):
-            setattr(base, name, {"vocab_size": 300, "tokenizer_paragraphs": 300, "train_paragraphs": 300,
-                                 "block_size": 32}[name])  # fmt: skip
-    return base
-
-
-def chain_settings(settings: Settings) -> ChainSettings:
-    return ChainSettings(steps=settings.chain_steps, train_hops=settings.chain_train_hops,
-                         test_hops=settings.chain_test_hops, eval_rows=settings.chain_eval_rows, curriculum=True)  # fmt: skip
-
-
-def cached(cache: Path | None, name: str, build):
-    """`build()` -> model, saved to cache/name; loaded from there when it exists."""
-    folder = cache / name if cache is not None else None
-    if folder is not None and (folder / "config.json").is_file():
-        return CTMForCausalLM.from_pretrained(folder).eval(), True
-    model = build().eval()
-    if folder is not None:
-        model.save_pretrained(folder)
-    return model, False
-
-
-def text_rows(settings: Settings, seed: int, data, cache: Path | None, quick: bool) -> tuple:
-    """The text model and its held-out rows: (model, ids (N, T), mask of scored positions (N, T - 1), targets)."""
-    tokenizer, packed_train, eval_ids = data
-    model, loaded = cached(cache, f"text_seed{seed}",
-                           lambda: build_models(text_settings(settings, quick), seed, tokenizer, packed_train)[1])  # fmt: skip
-    mask = torch.ones(eval_ids.shape[0], eval_ids.shape[1] - 1, dtype=torch.bool)
-    return model, eval_ids, mask, eval_ids[:, 1:], loaded
-
-
-def chain_rows(settings: Settings, seed: int, cache: Path | None) -> tuple:
-    task, chain = ChainTask(nodes=15, chains=3), chain_settings(settings)
-
-    def build():
-        set_seed(seed)
-        model = prepare(CTMForCausalLM(ctm_config(task, chain, settings.chain_ticks)), chain)
-        train_chain(model, task, chain, chain.steps, seed)
-        return model
-
-    model, loaded = cached(cache, f"chain_seed{seed}", build)
-    sets = evaluation_sets(task, chain)
-    ids = torch.cat([torch.as_tensor(batch["input_ids"]) for batch in sets.values()])
-    labels = torch.cat([torch.as_tensor(batch["labels"]) for batch in sets.values()])
-    scored = numpy.concatenate([batch["scored"] for batch in sets.values()])  # (rows, queries): first asks only
-    mask = labels[:, 1:] != -100
-    keep = mask.clone()
-    keep[mask] = torch.as_tensor(scored.reshape(-1))
-    hops = numpy.concatenate([batch["hops"] for batch in sets.values()])
-    return model, ids, keep, labels[:, 1:], loaded, hops[scored]
-
-
-def real_rows(settings: Settings) -> tuple:
-    """A converted real checkpoint (frozen: the same model every seed; seeds re-draw the fit/test split) and held-out
-    Austen packed with its own tokenizer."""
-    from transformers import AutoTokenizer
-
-    from modeling_ctm.hub.sources import resolve_source
-    from modeling_ctm.training.data import austen_splits, pack_dataset
-
-    if Path(settings.real_checkpoint).is_dir():
-        model = CTMForCausalLM.from_pretrained(settings.real_checkpoint).eval()
-        tokenizer = AutoTokenizer.from_pretrained(settings.real_checkpoint)
-    else:
-        folder, gguf_file = resolve_source(settings.real_checkpoint)
-        model = CTMForCausalLM.from_llama(folder, gguf_file=gguf_file).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    packed = pack_dataset(austen_splits()["validation"], tokenizer, settings.real_block_size)
-    ids = torch.tensor(packed.select(range(min(settings.real_blocks, len(packed))))["input_ids"])
-    return model, ids, torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool), ids[:, 1:]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Per-token features
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def token_table(model, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, batch_size: int = 16) -> dict:
-    """Per scored position (the prediction at t of token t + 1): correct, the served logits, the final-normed residual
-    the head reads, S_out of the served tick, per-tick certainty and S_out change, per-tick S_out, and the confidence
-    head's features (computed by the same observer that `generate(output_confidence=True)` uses)."""
-    if not model.config.ctm_layer_indices:
-        return plain_token_table(model, ids, mask, targets)
-    rows: dict[str, list] = {}
-    last = model.config.ctm_layer_indices[-1]
-    for start in range(0, len(ids), batch_size):
-        block, keep = ids[start : start + batch_size], mask[start : start + batch_size]
-        target = targets[start : start + batch_size]
-        recorder = CTMConfidenceRecorder(model.config)
-        with model.observing(recorder):
-            outputs, layers = model.probe(block)
-        logits = outputs.logits[:, :-1].float()
-        selected = outputs.selected_tick[:, :-1]
-        probe = layers[last]
-        ticks_out = probe.tick_outputs[:, :-1]
-        served_out = ticks_out.gather(2, selected[..., None, None].expand(-1, -1, 1, ticks_out.shape[-1]))[:, :, 0]
-        residual = model.model.norm(probe.residual[:, :-1] + served_out)
-        sync_ticks = probe.sync_out[:, :-1].float()  # (B, T, K, S)
-        served_sync = sync_ticks.gather(2, selected[..., None, None].expand(-1, -1, 1, sync_ticks.shape[-1]))[:, :, 0]
-        changes = torch.cat([sync_change(layers[i])[:, :-1] for i in sorted(layers)], dim=-1)
-        parts = {
-            "correct": (logits.argmax(-1) == target).float(),
-            "logits": logits,
-            "target": target,
-            "residual": residual,
-            "sync": served_sync,
-            "ticks": torch.cat([outputs.certainty[:, :-1].float(), torch.log1p(changes.nan_to_num(0.0))], dim=-1),
-            "certainty_per_tick": outputs.certainty[:, :-1].float(),
-            "sync_per_tick": sync_ticks,
-            "head_features": recorder.features[0][:, :-1],
-            "row": torch.arange(start, start + len(block))[:, None].expand(-1, logits.shape[1]),
-        }
-        for name, tensor in parts.items():
-            rows.setdefault(name, []).append(tensor[keep])
-        # the residual reconstructed here is what the head read: its logits are the served ones
-        torch.testing.assert_close(model.lm_head(residual), outputs.logits[:, :-1], atol=1e-3, rtol=1e-3)
-    return {name: torch.cat(parts) for name, parts in rows.items()}
-
-
-TEMPERATURES = numpy.round(numpy.arange(0.5, 3.001, 0.05), 3)  # the grid a large vocabulary's temperature is fitted on
-
-
-@torch.no_grad()
-def plain_token_table(model, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, batch_size: int = 4):
-    """`token_table` for a model without a thinking layer (a converted checkpoint): correct, the residual the head reads
-    (the final norm's output, caught by a hook), the head's features, and, instead of the logits (a 49k vocabulary
-    does not fit in memory for every token), the target's NLL and the max-probability at every temperature of
-    `TEMPERATURES`."""
-    rows: dict[str, list] = {}
-    caught = {}
-    hook = model.model.norm.register_forward_hook(lambda module, args, output: caught.update(residual=output))
-    grid = torch.as_tensor(TEMPERATURES, dtype=torch.float32)
-    try:
-        for start in range(0, len(ids), batch_size):
-            block, keep = ids[start : start + batch_size], mask[start : start + batch_size]
-            target = targets[start : start + batch_size]
-            recorder = CTMConfidenceRecorder(model.config)
-            with model.observing(recorder):
-                logits = model(block, use_cache=False).logits[:, :-1].float()
-            kept_logits, target_kept = logits[keep], target[keep]
-            nll_grid, maxprob_grid = [], []
-            for temperature in grid:  # one temperature at a time: (N, V) at most in memory
-                log_probs = F.log_softmax(kept_logits / temperature, dim=-1)
-                nll_grid.append(-log_probs.gather(-1, target_kept[:, None])[:, 0])
-                maxprob_grid.append(log_probs.max(-1).values.exp())
-            parts = {
-                "correct": (logits.argmax(-1) == target).float()[keep],
-                "target": target_kept,
-                "residual": caught["residual"][:, :-1][keep].float(),
-                "head_features": recorder.features[0][:, :-1][keep],
-                "nll_grid": torch.stack(nll_grid, 1),
-                "maxprob_grid": torch.stack(maxprob_grid, 1),
-                "row": torch.arange(start, start + len(block))[:, None].expand(-1, logits.shape[1])[keep],
-                "probs_top2": F.softmax(kept_logits, dim=-1).topk(2, dim=-1).values,
-                "entropy": -(F.softmax(kept_logits, -1) * F.log_softmax(kept_logits, -1)).sum(-1)
-                / numpy.log(logits.shape[-1]),
-            }
-            for name, tensor in parts.items():
-                rows.setdefault(name, []).append(tensor)
-    finally:
-        hook.remove()
-    return {name: torch.cat(parts) for name, parts in rows.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

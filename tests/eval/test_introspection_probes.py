@@ -1,6 +1,6 @@
-"""Mechanics of eval/introspection_probes.py: the metric helpers, the temperature fit and the marker's control on
-known inputs, the per-token table against the model's own outputs, and the --quick smoke run end to end. The headline
-numbers need the full run (`python eval/introspection_probes.py --seeds 3`)."""
+"""Mechanics of eval/introspection_probes.py and eval/introspection_features.py: the metric helpers, the temperature
+fit and the marker's control on known inputs, the per-token table against the model's own outputs, and the --quick
+smoke run end to end. The headline numbers need the full run (`python eval/introspection_probes.py --seeds 3`)."""
 
 import json
 import math
@@ -9,6 +9,7 @@ import introspection_probes as probes  # eval/ is on the path (pyproject.toml: p
 import numpy
 import pytest
 import torch
+from introspection_features import token_table
 from tiny import tiny_model
 
 from modeling_ctm.confidence_ctm import token_confidence
@@ -47,7 +48,7 @@ def test_token_table_matches_the_model():
     ids = torch.randint(1, 97, (3, 8))
     mask = torch.ones(3, 7, dtype=torch.bool)
     mask[1, 2] = False
-    table = probes.token_table(model, ids, mask, ids[:, 1:])
+    table = token_table(model, ids, mask, ids[:, 1:])
     assert len(table["correct"]) == 20
     with torch.no_grad():
         logits = model(ids).logits[:, :-1]

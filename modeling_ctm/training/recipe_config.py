@@ -21,7 +21,7 @@ training, and `phase4.sleep`, sleep between conversations): `SLEEP_ADMISSION = "
 reduce forgetting in `eval/sleep_retention.py`. The tiny preset's phase 4 states `admission: loss`, what it measured.
 
 `parse_set` is the one `--set` parser: the recipes' dotted `--set a.b=v` (`apply_overrides`) and the experiments'
-`--set field=v` (a drop-in for `modeling_ctm.experiments.parse_set`) read the value the same way, as a YAML scalar
+`--set field=v` (`eval/harness.py` imports this parser) read the value the same way, as a YAML scalar
 (`3`, `0.5`, `1e-3`, `true`, `null`, `[1, 2]`, or a plain string).
 """
 
@@ -627,7 +627,7 @@ def parse_set(item: str, settings) -> tuple[str, object]:
     """An experiment's `--set FIELD=VALUE` -> (field, value), checked against the `settings` dataclass (class or
     instance): the value is a YAML scalar, typed by the field's annotation (a str field keeps the text as written).
     A settings class with a `model` dict field also takes the CTMConfig fields, merged into that dict (CTMConfig
-    checks their values). The same signature and errors as `modeling_ctm.experiments.parse_set`."""
+    checks their values). The experiments' harness (`eval/harness.py`) parses its `--set` with it."""
     name, equals, text = item.partition("=")
     defaults = _field_defaults(settings)
     model_fields = isinstance(defaults.get("model"), dict)

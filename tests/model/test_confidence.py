@@ -3,6 +3,7 @@ with a Brier loss, and the unsure marker it drives."""
 
 import pytest
 import torch
+from helpers.processes import run_without_the_package
 from tiny import tiny_model
 
 from modeling_ctm import CTMConfig, CTMForCausalLM
@@ -159,10 +160,6 @@ def test_init_weights_fills_a_missing_head():
 
 @pytest.mark.slow
 def test_remote_code_generates_the_same_confidence_without_the_package(tmp_path):
-    import os
-    import subprocess
-    import sys
-    import textwrap
 
     from safetensors.torch import save_file
 
@@ -172,23 +169,14 @@ def test_remote_code_generates_the_same_confidence_without_the_package(tmp_path)
     out = model.generate(prompt, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
                          output_confidence=True)  # fmt: skip
     save_file({"prompt": prompt, "confidence": out.confidence.contiguous()}, str(tmp_path / "expected.safetensors"))
-    script = textwrap.dedent(
+    run_without_the_package(
         f"""
-        import sys
-        sys.modules["modeling_ctm"] = None  # importing the package now fails
-        import torch
-        from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM
         expected = load_file({str(tmp_path / "expected.safetensors")!r})
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
         out = model.generate(expected["prompt"], max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
                              output_confidence=True)
         torch.testing.assert_close(out.confidence, expected["confidence"], atol=1e-5, rtol=1e-4)
         print("REMOTE_OK")
-        """
+        """,
+        tmp_path,
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]

@@ -3,12 +3,10 @@ function (logits, greedy generate, cached decoding), saves and loads like any CT
 and a config the CTM decoder does not compute is refused by the field that stands in the way."""
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from helpers.processes import run_without_the_package
 from safetensors.torch import save_file
 from tiny import assert_cached_decoding_exact
 from transformers import (
@@ -124,13 +122,8 @@ def test_converted_checkpoint_loads_as_remote_code_without_the_package(tmp_path)
     with torch.no_grad():
         expected = llama(ids).logits
     save_file({"ids": ids, "logits": expected.contiguous()}, str(tmp_path / "expected.safetensors"))
-    script = textwrap.dedent(
+    run_without_the_package(
         f"""
-        import sys
-        sys.modules["modeling_ctm"] = None  # importing the package now fails
-        import torch
-        from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM
         expected = load_file({str(tmp_path / "expected.safetensors")!r})
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
@@ -138,12 +131,9 @@ def test_converted_checkpoint_loads_as_remote_code_without_the_package(tmp_path)
             logits = model(expected["ids"]).logits
         torch.testing.assert_close(logits, expected["logits"], atol=1e-5, rtol=1e-5)
         print("REMOTE_OK")
-        """
+        """,
+        tmp_path,
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]
 
 
 def test_a_folder_converts_and_its_config_is_checked_before_any_weight(tmp_path):

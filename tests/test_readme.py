@@ -37,6 +37,23 @@ def test_ci_runs_the_readme_test_command_read_from_the_readme():
     assert "recipes/run_all.py --preset tiny" in main_job
 
 
+def test_the_lower_bounds_leg_rewrites_the_install_of_the_readme_command():
+    """.ci/run's second leg pins every dependency to its lower bound by rewriting the README's install with bash's
+    `${command//pattern/...}`; a pattern that matches nothing (brackets are a bash pattern) silently skips the leg."""
+    ci = (README.parent / ".ci" / "run").read_text()
+    rewrite = next(line for line in ci.splitlines() if line.startswith("lowest_command="))
+    command = subprocess.run(
+        [sys.executable, str(README.parent / ".ci" / "readme_command.py"), "tests"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    rewritten = subprocess.run(
+        ["bash", "-c", f'{rewrite}\nprintf "%s" "$lowest_command"'], env={"command": command, "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert rewritten != command and rewritten.count(" -c constraints.txt") == 1
+    assert 'pip install -e ".[dev,real]" -c constraints.txt && python -m pytest -q' in rewritten
+
+
 def test_every_dependency_has_a_tested_lower_bound():
     """CI's second leg pins each dependency (and the dev and real extras) to its lower bound: every requirement must
     have one."""

@@ -28,6 +28,7 @@ from ..memory.plasticity import HebbianPlasticity, memory_held_bytes
 from ..memory.session import CTMOnlineSession, OnlineConfig
 from ..memory.sleep import Consolidator, ReplayHeap
 from ..modeling_ctm import CTMForCausalLM
+from .allocator import keep_freed_memory
 from .finish import PhaseResult, finish_phase
 from .phase_names import phase_name
 from .recipe_config import OnlinePhaseConfig, RecipeConfig, sleep_callback
@@ -49,6 +50,8 @@ def seed_everything(config: RecipeConfig) -> None:
     if config.torch_threads:
         # small matrices gain little from a second thread, and spinning threads on a busy machine cost a lot
         torch.set_num_threads(config.torch_threads)
+    if config.keep_freed_memory:
+        keep_freed_memory()
 
 
 class PhaseRecipe(abc.ABC):

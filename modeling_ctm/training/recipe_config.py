@@ -372,7 +372,8 @@ class RecipeConfig:
     """A training preset, typed. `model`: the decoder fields of `CTMConfig`; `thinking`: its `ctm_*` fields for phase
     2 (`profile:` names a set of them); `training`: the TrainingArguments every phase shares; `sleep`: the
     `SleepCallback` arguments that add sleep to every training phase (None: off); `torch_threads`: the torch threads
-    (None: torch's choice)."""
+    (None: torch's choice); `keep_freed_memory`: serve large CPU allocations from the heap and keep what is freed
+    (`training.allocator`: glibc only; a quarter of the tiny main job's CPU time was page faults without it)."""
 
     name: str
     data: DataConfig
@@ -387,6 +388,7 @@ class RecipeConfig:
     seed: int = 0
     torch_compile: bool = False
     torch_threads: int | None = None
+    keep_freed_memory: bool = False
     sleep: dict | None = None
 
     def phase(self, number: int):

@@ -55,14 +55,16 @@ from modeling_ctm.io_ctm import save_folder_atomically  # noqa: E402
 from modeling_ctm.training.confidence import fit_confidence_head  # noqa: E402
 from modeling_ctm.training.marker import (  # noqa: E402
     add_marker_tokens,
+    add_unsure_twins,
     marker_examples,
     train_marker,
+    twin_examples,
     unsure_threshold,
     wrote_unsure,
 )
 
 
-ARMS = ("rows", "lora", "head_rule")
+ARMS = ("rows", "lora", "twin", "head_rule")
 METRICS = ("precision", "recall", "flag_rate", "maxprob_precision", "maxprob_recall", "accuracy_before",
            "accuracy_after", "agreement_with_head")  # fmt: skip
 
@@ -71,13 +73,13 @@ METRICS = ("precision", "recall", "flag_rate", "maxprob_precision", "maxprob_rec
 class Settings:
     seeds: int = 3
     first_seed: int = 0
-    arms: str = "rows,lora"  # the fine-tuned arms to run (head_rule is always reported)
+    arms: str = "rows,lora,twin"  # the fine-tuned arms to run (head_rule is always reported)
     train_rows: int = 512
     calibration_rows: int = 256
     flag_rate: float | None = None  # None: the calibration split's error rate
-    steps: int = 300
-    batch_size: int = 64
-    learning_rate: float = 1e-2
+    steps: int = 250
+    batch_size: int = 32
+    learning_rate: float = 2e-2
     lora_rank: int = 4
     save_arm: str = "lora"
     # the chain models (as eval/introspection_probes.py trains them when --models has none)
@@ -135,6 +137,21 @@ def generate_after(model, ids: torch.Tensor, table: dict, unsure_id: int) -> tup
         out = model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
         answer[where] = out[:, column + 1]
         marked[where] = wrote_unsure(out[:, column + 2 :], unsure_id)
+    return answer, marked
+
+
+@torch.no_grad()
+def generate_twin(model, ids: torch.Tensor, table: dict, twins: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused form: one greedy token after every scored question; a twin is its answer written with the marker."""
+    back = {twin: answer for answer, twin in twins.items()}
+    answer = torch.empty_like(table["answer"])
+    marked = torch.zeros(len(answer), dtype=torch.bool)
+    for column in table["column"].unique().tolist():
+        where = (table["column"] == column).nonzero(as_tuple=True)[0]
+        out = model.generate(ids[table["row"][where], : column + 1], max_new_tokens=1, do_sample=False, pad_token_id=0)
+        token = out[:, -1].tolist()
+        answer[where] = torch.tensor([back.get(t, t) for t in token])
+        marked[where] = torch.tensor([t in back for t in token])
     return answer, marked
 
 
@@ -199,25 +216,33 @@ def run_seed(settings: Settings, seed: int, models: Path | None, save: Path | No
     }
     for arm in settings.arms.split(","):
         tuned = copy.deepcopy(model)
-        unsure_id, end_id = add_marker_tokens(tuned)
-        examples = marker_examples(prefixes, train["served"].tolist(), train["answer"].tolist(), train_confidence,
-                                   threshold, unsure_id, end_id)  # fmt: skip
+        twins = None
+        if arm == "twin":
+            twins = add_unsure_twins(tuned, range(task.answer_base, task.vocab_size))
+            examples = twin_examples(prefixes, train["answer"].tolist(), train_confidence, threshold, twins)
+        else:
+            unsure_id, end_id = add_marker_tokens(tuned)
+            examples = marker_examples(prefixes, train["served"].tolist(), train["answer"].tolist(), train_confidence,
+                                       threshold, unsure_id, end_id)  # fmt: skip
         result["train_unsure_share"] = float(numpy.mean([e["unsure"] for e in examples]))
         arm_started = time.perf_counter()
         tuned, curve = train_marker(tuned, examples, steps=settings.steps, batch_size=settings.batch_size,
                                     learning_rate=settings.learning_rate,
-                                    lora_rank=settings.lora_rank if arm == "lora" else 0, seed=seed)  # fmt: skip
+                                    lora_rank=settings.lora_rank if arm == "lora" else 0, seed=seed,
+                                    verdict_ids=list(twins.values()) if twins else None)  # fmt: skip
         seconds = time.perf_counter() - arm_started
-        answer, marked = generate_after(tuned, test_ids, test, unsure_id)
+        answer, marked = generate_twin(tuned, test_ids, test, twins) if twins else generate_after(tuned, test_ids,
+                                                                                                   test, unsure_id)
         correct_after = answer == test["answer"]
         marked = marked.numpy()
         result["arms"][arm] = arm_metrics(marked, ~correct_after.numpy(), maxprob, head_flags, accuracy_before,
                                           float(correct_after.float().mean()))  # fmt: skip
         result["arms"][arm]["train_seconds"] = seconds
         result["curves"][arm] = curve
+        print(f"seed {seed} {arm}: {result['arms'][arm]} ({seconds:.0f} s)", flush=True)
         if save is not None and arm == settings.save_arm and seed == settings.first_seed:
             save_folder_atomically(tuned.save_pretrained, str(save))
-            result["saved"] = str(save)
+            result["saved"] = save.name  # the folder name only: results travel without the machine's paths
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -244,9 +269,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     settings = args.settings
     settings.seeds = args.seeds
-    bad = [arm for arm in settings.arms.split(",") if arm not in ("rows", "lora")]
+    bad = [arm for arm in settings.arms.split(",") if arm not in ("rows", "lora", "twin")]
     if bad:
-        parser.error(f"--set arms={settings.arms!r}: allowed arms are rows, lora")
+        parser.error(f"--set arms={settings.arms!r}: allowed arms are rows, lora, twin")
     hf_logging.set_verbosity_error()
     args.out.mkdir(parents=True, exist_ok=True)
     load = MachineLoad()

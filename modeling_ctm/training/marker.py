@@ -125,25 +125,28 @@ def train_marker(
     learning_rate: float = 1e-2,
     lora_rank: int = 0,
     seed: int = 0,
+    verdict_ids: Sequence[int] | None = None,
     **training_fields,
 ):
     """Fine-tune `model` (with `add_marker_tokens` done) on `examples` with `CTMTrainer`: only the marker and end rows
-    of the tied embedding / readout, and with `lora_rank` > 0 a LoRA of that rank on `MARKER_LORA_TARGETS`. The
-    adapters are merged back. Returns (model, training-loss curve [(step, loss)])."""
+    of the tied embedding / readout (or the rows `verdict_ids` names: `add_unsure_twins`' twins), and with `lora_rank`
+    > 0 a LoRA of that rank on `MARKER_LORA_TARGETS`. The adapters are merged back. Returns (model, training-loss
+    curve [(step, loss)])."""
     from datasets import Dataset
     from peft import LoraConfig, TrainableTokensConfig, get_peft_model
 
     from .trainers import CTMTrainer
 
     unsure_id = getattr(model.config, "ctm_unsure_token_id", None)
-    if unsure_id is None:
-        raise ValueError("train_marker needs config.ctm_unsure_token_id: call add_marker_tokens(model) first")
+    if unsure_id is None and not verdict_ids:
+        raise ValueError("train_marker needs config.ctm_unsure_token_id: call add_marker_tokens(model) first "
+                         "(or pass verdict_ids, the rows to train: add_unsure_twins' twins)")  # fmt: skip
     if not examples:
         raise ValueError("examples is empty: build them with marker_examples")
     if steps < 1 or batch_size < 1 or lora_rank < 0:
         raise ValueError(f"steps={steps}, batch_size={batch_size}, lora_rank={lora_rank} are invalid: allowed values "
                          "are steps >= 1, batch_size >= 1, lora_rank >= 0")  # fmt: skip
-    verdicts = sorted({item["input_ids"][-1] for item in examples} | {unsure_id})
+    verdicts = sorted(verdict_ids) if verdict_ids else sorted({item["input_ids"][-1] for item in examples} | {unsure_id})
     if lora_rank:
         peft_config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
                                  target_modules=MARKER_LORA_TARGETS,
@@ -166,8 +169,45 @@ def train_marker(
         trainer.train()
     curve = [(row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row]
     merged = adapted.merge_and_unload()
-    merged.config.ctm_unsure_token_id = unsure_id
+    if unsure_id is not None:
+        merged.config.ctm_unsure_token_id = unsure_id
     return merged.eval(), curve
+
+
+def add_unsure_twins(model, answer_ids: Sequence[int]) -> dict[int, int]:
+    """The fused form of the marker: per answer token a new token that means "that answer, then (unsure)", so the
+    model decides the marker where it decides the answer (where its confidence is computed) rather than one token
+    later. Each twin's row starts as a copy of its answer's (it reads and is read as the answer). Returns
+    {answer id: twin id}; `twin_examples` builds the targets, `train_marker(..., verdict_ids=twins)` trains the rows."""
+    answer_ids = [int(a) for a in answer_ids]
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(set(answer_ids)) != len(answer_ids) or not all(0 <= a < old for a in answer_ids):
+        raise ValueError(f"answer_ids must be distinct token ids in 0 .. {old - 1}, got {answer_ids}")
+    model.resize_token_embeddings(old + len(answer_ids), mean_resizing=False)
+    twins = {answer: old + i for i, answer in enumerate(answer_ids)}
+    with torch.no_grad():
+        for weight in {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}.values():
+            weight[list(twins.values())] = weight[answer_ids]
+    return twins
+
+
+def twin_examples(
+    prefixes: Sequence[Sequence[int]], answers: Sequence[int], confidence: torch.Tensor, threshold: float,
+    twins: dict[int, int],
+) -> list[dict]:  # fmt: skip
+    """The fused recipe. Per answer: `input_ids` = prefix + the target, whose label is the true answer's twin when the
+    head's `confidence` in the served answer is below `threshold`, else the true answer itself."""
+    confidence = confidence.detach().float().reshape(-1)
+    if not len(prefixes) == len(answers) == len(confidence):
+        raise ValueError(f"prefixes ({len(prefixes)}), answers ({len(answers)}) and confidence ({len(confidence)}) "
+                         "must be equally long")  # fmt: skip
+    examples = []
+    for prefix, answer, value in zip(prefixes, answers, confidence.tolist()):
+        unsure = value < threshold
+        target = twins[int(answer)] if unsure else int(answer)
+        prefix = [int(t) for t in prefix]
+        examples.append({"input_ids": prefix + [target], "labels": [-100] * len(prefix) + [target], "unsure": unsure})
+    return examples
 
 
 def wrote_unsure(continuation: torch.Tensor, unsure_id: int) -> torch.Tensor:
@@ -179,7 +219,9 @@ __all__ = [
     "MARKER_LORA_TARGETS",
     "MarkerCollator",
     "add_marker_tokens",
+    "add_unsure_twins",
     "marker_examples",
+    "twin_examples",
     "train_marker",
     "unsure_threshold",
     "wrote_unsure",

@@ -27,7 +27,7 @@ def test_the_control_flags_as_many_answers_by_lowest_maxprob():
 def test_quick_run_writes_every_arm_and_saves_a_model_that_writes_its_own_marker(tmp_path):
     marker.main(["--quick", "--out", str(tmp_path / "out"), "--save", str(tmp_path / "model")])
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(saved["arms"]) == {"rows", "lora", "head_rule"}
+    assert set(saved["arms"]) == {"rows", "lora", "twin", "head_rule"}
     for arm in saved["arms"].values():
         assert set(arm) == set(marker.METRICS)
         assert math.isfinite(arm["accuracy_after"]["mean"]) and math.isfinite(arm["flag_rate"]["mean"])

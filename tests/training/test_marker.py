@@ -11,8 +11,10 @@ from modeling_ctm.confidence_ctm import add_confidence_head, token_confidence
 from modeling_ctm.training.marker import (
     MarkerCollator,
     add_marker_tokens,
+    add_unsure_twins,
     marker_examples,
     train_marker,
+    twin_examples,
     unsure_threshold,
     wrote_unsure,
 )
@@ -114,3 +116,16 @@ def test_chat_shows_the_marker_where_a_marker_trained_model_wrote_it_and_adds_no
     answer = tokenizer(" Quenth", add_special_tokens=False).input_ids
     assert _say(Session(answer + [unsure_id]), "the code of Velmora is", True, 0.5) == " Quenth (unsure)"
     assert _say(Session(answer), "the code of Velmora is", True, 0.5) == " Quenth"
+
+
+def test_the_fused_recipe_targets_the_answers_twin_when_the_head_is_low_and_twins_start_as_copies():
+    model = tiny_model()
+    twins = add_unsure_twins(model, [10, 11, 12])
+    assert twins == {10: 97, 11: 98, 12: 99} and model.config.vocab_size == 100
+    torch.testing.assert_close(model.lm_head.weight[97:100], model.lm_head.weight[10:13], atol=0, rtol=0)
+    examples = twin_examples([[1, 2], [3]], answers=[10, 12], confidence=torch.tensor([0.1, 0.9]), threshold=0.5,
+                             twins=twins)  # fmt: skip
+    assert examples[0] == {"input_ids": [1, 2, 97], "labels": [-100, -100, 97], "unsure": True}
+    assert examples[1] == {"input_ids": [3, 12], "labels": [-100, 12], "unsure": False}
+    with pytest.raises(ValueError, match="distinct token ids"):
+        add_unsure_twins(tiny_model(), [5, 5])

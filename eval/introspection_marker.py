@@ -13,10 +13,15 @@ is the true answer. Arms (what the fine-tune trains, with Trainer + PEFT, merged
 
     rows      only the marker and end tokens' rows of the tied embedding / readout (2 x D numbers)
     lora      those rows and a rank-`lora_rank` LoRA on the thinking block's query, value and S_out readout
+    twin      the fused form (`add_unsure_twins`): per answer token a twin token meaning "that answer (unsure)",
+              written in the answer's place when the head's confidence is low; only the twins' rows are trained.
+              The marker is then decided at the position whose features the head reads; in the rows/lora arms it is
+              decided one token later, from the served answer's position, where this one-layer model's state holds
+              little of the question's difficulty
     head_rule the rule the model is not trained on (`mark_unsure`: the head's confidence < threshold), for reference
 
-Per arm, on the test answers, the model generates greedily after the question (answer, then one token): the marker
-is written when that token is the marker. Metrics: `precision` (wrong among flagged), `recall` (flagged among
+Per arm, on the test answers, the model generates greedily after the question (answer, then one token; the twin
+arm: one token): the marker is written when that token is the marker (a twin). Metrics: `precision` (wrong among flagged), `recall` (flagged among
 wrong), `flag_rate`; `maxprob_precision` / `maxprob_recall`: the untouched model's lowest max-probabilities flagging
 as many answers; `accuracy_before` / `accuracy_after` (the untouched model's served answer, the fine-tuned model's
 generated one); `agreement_with_head`: the marker written exactly when the head's rule flags.
@@ -155,6 +160,38 @@ def generate_twin(model, ids: torch.Tensor, table: dict, twins: dict[int, int]) 
     return answer, marked
 
 
+@torch.no_grad()
+def where_the_verdict_is(model, ids: torch.Tensor, table: dict, low: numpy.ndarray, cs: int = 9) -> dict:
+    """How well a linear readout of the final-normed state tells the head's verdict (`low`: confidence below the
+    threshold) at the question's position (where the answer, and a twin, is chosen) and at the served answer's
+    position (where the rows/lora arms' marker is chosen): AUROC of a cross-validated logistic probe, fitted on half
+    the answers and scored on the other half."""
+    from introspection_probes import logistic_probe
+    from sklearn.metrics import roc_auc_score
+
+    caught = {}
+    hook = model.model.norm.register_forward_hook(lambda module, args, output: caught.update(state=output))
+    question, answer = [None] * len(low), [None] * len(low)
+    try:
+        for column in table["column"].unique().tolist():
+            where = (table["column"] == column).nonzero(as_tuple=True)[0]
+            prompt = ids[table["row"][where], : column + 2].clone()
+            prompt[:, -1] = table["served"][where]  # the answer as the model served it
+            model(prompt, use_cache=False)
+            state = caught["state"].flatten(2)  # (B, T, ...): a thinking last layer normalises every tick's output
+            for i, index in enumerate(where.tolist()):
+                question[index], answer[index] = state[i, -2], state[i, -1]
+    finally:
+        hook.remove()
+    question, answer = torch.stack(question), torch.stack(answer)
+    fit = numpy.random.default_rng(0).permutation(len(low)) < len(low) // 2
+    result = {}
+    for name, states in (("question_position", question), ("answer_position", answer)):
+        x = states.numpy()
+        result[name] = float(roc_auc_score(low[~fit], logistic_probe(x[fit], low[fit].astype(float), x[~fit], cs)))
+    return result
+
+
 def precision_recall(flags: numpy.ndarray, wrong: numpy.ndarray) -> tuple[float, float]:
     precision = float(wrong[flags].mean()) if flags.any() else float("nan")
     recall = float(flags[wrong].mean()) if wrong.any() else float("nan")
@@ -214,7 +251,8 @@ def run_seed(settings: Settings, seed: int, models: Path | None, save: Path | No
         "train_unsure_share": None,
         "curves": {},
     }
-    for arm in settings.arms.split(","):
+    result["verdict_probe_auroc"] = where_the_verdict_is(model, test_ids, test, head_flags)
+    for arm in [a for a in settings.arms.split(",") if a]:
         tuned = copy.deepcopy(model)
         twins = None
         if arm == "twin":
@@ -257,6 +295,11 @@ def format_markdown(results: dict) -> str:
              "| accuracy before | accuracy after | agreement with head rule |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for arm, a in results["arms"].items():
         lines.append(f"| {arm} | " + " | ".join(format_stat(a[m]) for m in METRICS) + " |")
+    probe = results.get("verdict_probe_auroc")
+    if probe:
+        lines += ["", "Where the head's verdict is in the model's state (AUROC of a linear probe for 'confidence < "
+                  f"threshold'): at the question's position {format_stat(probe['question_position'])}, at the served "
+                  f"answer's position {format_stat(probe['answer_position'])}."]  # fmt: skip
     lines += ["", f"Load: {results['load']}", f"Seconds: {results['seconds']:.0f}", ""]
     return "\n".join(lines)
 
@@ -269,7 +312,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     settings = args.settings
     settings.seeds = args.seeds
-    bad = [arm for arm in settings.arms.split(",") if arm not in ("rows", "lora", "twin")]
+    bad = [arm for arm in settings.arms.split(",") if arm not in ("", "rows", "lora", "twin")]
     if bad:
         parser.error(f"--set arms={settings.arms!r}: allowed arms are rows, lora, twin")
     hf_logging.set_verbosity_error()
@@ -292,6 +335,8 @@ def main(argv=None) -> dict:
         "arms": {arm: {m: stat([r["arms"][arm][m] for r in per_seed]) for m in METRICS} for arm in arms},
         "flag_rate_target": stat([r["flag_rate_target"] for r in per_seed]),
         "threshold": stat([r["threshold"] for r in per_seed]),
+        "verdict_probe_auroc": {k: stat([r["verdict_probe_auroc"][k] for r in per_seed])
+                                for k in ("question_position", "answer_position")},  # fmt: skip
         "seconds": time.perf_counter() - started,
     }
     foreign = load.foreign(load_before, load.sample())

@@ -21,10 +21,11 @@ is the true answer. Arms (what the fine-tune trains, with Trainer + PEFT, merged
     head_rule the rule the model is not trained on (`mark_unsure`: the head's confidence < threshold), for reference
 
 Per arm, on the test answers, the model generates greedily after the question (answer, then one token; the twin
-arm: one token): the marker is written when that token is the marker (a twin). Metrics: `precision` (wrong among flagged), `recall` (flagged among
-wrong), `flag_rate`; `maxprob_precision` / `maxprob_recall`: the untouched model's lowest max-probabilities flagging
-as many answers; `accuracy_before` / `accuracy_after` (the untouched model's served answer, the fine-tuned model's
-generated one); `agreement_with_head`: the marker written exactly when the head's rule flags.
+arm: one token): the marker is written when that token is the marker (a twin). Metrics: `precision` (wrong among
+flagged), `recall` (flagged among wrong), `flag_rate`; `maxprob_precision` / `maxprob_recall`: the untouched model's
+lowest max-probabilities flagging as many answers; `accuracy_before` / `accuracy_after` (the untouched model's served
+answer, the fine-tuned model's generated one); `agreement_with_head`: the marker written exactly when the head's rule
+flags. `verdict_probe_auroc`: where the head's verdict is in the model's state (`where_the_verdict_is`).
 
     python eval/introspection_marker.py [--seeds 3] [--out docs/results/introspection-marker] [--quick]
         [--models DIR]   the chain models (DIR/chain_seed<N>, as --cache of introspection_probes.py)
@@ -292,7 +293,8 @@ def format_markdown(results: dict) -> str:
              f"set), head threshold {format_stat(results['threshold'])}; fine-tune {s['steps']} steps, batch "
              f"{s['batch_size']}, lr {s['learning_rate']}, LoRA rank {s['lora_rank']}.", "",
              "| arm | precision | recall | flag rate | maxprob precision (same rate) | maxprob recall (same rate) "
-             "| accuracy before | accuracy after | agreement with head rule |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| accuracy before | accuracy after | agreement with head rule |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for arm, a in results["arms"].items():
         lines.append(f"| {arm} | " + " | ".join(format_stat(a[m]) for m in METRICS) + " |")
     probe = results.get("verdict_probe_auroc")

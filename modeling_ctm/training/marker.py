@@ -186,7 +186,8 @@ def add_unsure_twins(model, answer_ids: Sequence[int]) -> dict[int, int]:
     model.resize_token_embeddings(old + len(answer_ids), mean_resizing=False)
     twins = {answer: old + i for i, answer in enumerate(answer_ids)}
     with torch.no_grad():
-        for weight in {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}.values():
+        weights = (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+        for weight in {id(w): w for w in weights}.values():  # once when the two are tied
             weight[list(twins.values())] = weight[answer_ids]
     return twins
 

@@ -86,24 +86,83 @@ def chain_rows(settings: Settings, seed: int, cache: Path | None) -> tuple:
     return model, ids, keep, labels[:, 1:], loaded, hops[scored]
 
 
-def real_rows(settings: Settings) -> tuple:
-    """A converted real checkpoint (frozen: the same model every seed; seeds re-draw the fit/test split) and held-out
-    Austen packed with its own tokenizer."""
+def real_model(settings: Settings) -> tuple:
+    """The real checkpoint of `settings.real_checkpoint` (a CTM folder, or an offline source converted exactly) and its
+    tokenizer, frozen."""
     from transformers import AutoTokenizer
 
     from modeling_ctm.hub.sources import resolve_source
-    from modeling_ctm.training.data import austen_splits, pack_dataset
 
     if Path(settings.real_checkpoint).is_dir():
         model = CTMForCausalLM.from_pretrained(settings.real_checkpoint).eval()
-        tokenizer = AutoTokenizer.from_pretrained(settings.real_checkpoint)
-    else:
-        folder, gguf_file = resolve_source(settings.real_checkpoint)
-        model = CTMForCausalLM.from_llama(folder, gguf_file=gguf_file).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        return model, AutoTokenizer.from_pretrained(settings.real_checkpoint)
+    folder, gguf_file = resolve_source(settings.real_checkpoint)
+    model = CTMForCausalLM.from_llama(folder, gguf_file=gguf_file).eval()
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+
+
+def real_rows(settings: Settings) -> tuple:
+    """A converted real checkpoint (frozen: the same model every seed; seeds re-draw the fit/test split) and held-out
+    Austen packed with its own tokenizer."""
+    from modeling_ctm.training.data import austen_splits, pack_dataset
+
+    model, tokenizer = real_model(settings)
     packed = pack_dataset(austen_splits()["validation"], tokenizer, settings.real_block_size)
     ids = torch.tensor(packed.select(range(min(settings.real_blocks, len(packed))))["input_ids"])
     return model, ids, torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool), ids[:, 1:]
+
+
+def facts_prompts(settings: Settings, tokenizer) -> list[dict]:
+    """The facts protocol's answers (eval/facts.py's world): per told fact, its efficacy and paraphrase queries in the
+    chat format, each asked twice: with the fact told in an earlier turn (the oracle arm's context) and without it
+    (the `off` arm: the model can only guess). Each prompt ends with the answer's stem; its target is the value's
+    first token. `fact` numbers the fact, so the fit/test split keeps a fact's prompts together."""
+    from types import SimpleNamespace
+
+    from facts_arms import ORACLE_REPLY, Chat
+    from facts_world import draw, pools, queries_for, sentence
+
+    subjects, values = pools(tokenizer)
+    world_settings = SimpleNamespace(subjects_told=settings.facts_subjects, relations_told=3, subjects_untold=0,
+                                     overwrites=0, distractors=0)  # fmt: skip
+    world = draw(world_settings, settings.facts_world_seed, subjects, values)
+    queries = queries_for(world, values, settings.facts_world_seed)
+    chat = Chat(None, tokenizer)
+    facts = {(f["subject"], f["relation"]): (i, f) for i, f in enumerate(world["facts"])}
+    prompts = []
+    for query in queries["efficacy"] + queries["paraphrase"]:
+        number, fact = facts[(query["subject"], query["relation"])]
+        told = [{"role": "user", "content": sentence(fact)}, {"role": "assistant", "content": ORACLE_REPLY}]
+        target = tokenizer(" " + query["answer"], add_special_tokens=False).input_ids[0]
+        for context in (told, []):
+            ids, _ = chat.ids(context + [{"role": "user", "content": query["question"]}], stem=query["stem"])
+            prompts.append({"ids": ids, "target": target, "fact": number, "told": bool(context)})
+    return prompts
+
+
+def facts_rows(settings: Settings) -> tuple:
+    """The real checkpoint, its facts prompts' per-answer table (`plain_token_table` of each prompt's last position,
+    `row` the fact), and one prompt per fact cut to the shortest (what `run_dataset` splits on and times decoding
+    with)."""
+    model, tokenizer = real_model(settings)
+    prompts = facts_prompts(settings, tokenizer)
+    parts: dict[str, list] = {}
+    for prompt in prompts:
+        ids = torch.cat([prompt["ids"], torch.tensor([prompt["target"]])])[None]
+        mask = torch.zeros(1, ids.shape[1] - 1, dtype=torch.bool)
+        mask[0, -1] = True  # the prediction made after the stem: the answer
+        table = plain_token_table(model, ids, mask, ids[:, 1:])
+        table["row"] = torch.full_like(table["row"], prompt["fact"])
+        table["told"] = torch.tensor([prompt["told"]])
+        for name, value in table.items():
+            parts.setdefault(name, []).append(value)
+    table = {name: torch.cat(value) for name, value in parts.items()}
+    first = {}
+    for prompt in prompts:
+        first.setdefault(prompt["fact"], prompt["ids"])
+    shortest = min(len(ids) for ids in first.values())
+    ids = torch.stack([first[number][:shortest] for number in sorted(first)])
+    return model, ids, table
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@ A token is correct when the served argmax equals the target. Two data sets, one 
     chain   the chain task's answer tokens (`eval/thinking_tasks.py`'s `ChainTask`, k = 1..4, first asks only): its
             CTM arm at K=4 (one layer, the block's cross-attention makes every hop; trained on k <= 3 with the
             curriculum), where ticks do the work.
+    real_text / real_facts (in --set datasets=...): a converted real checkpoint (no thinking layer: logit, residual
+            and head arms) on held-out Austen, and on the facts protocol's answers (`eval/facts.py`'s world: each told
+            fact's efficacy and paraphrase questions in the chat format, asked with the fact told in an earlier turn
+            and without it; the answer is right when the served argmax is the value's first token)
 
 The held-out tokens are split by row (block or item) into a fit half and a test half (per seed). Everything learned
 (temperature, probes, head) is fitted on the fit half, which is also the calibration split; every number is on the
@@ -29,6 +33,8 @@ that flags the same share. AUROC per tick: each tick's certainty alone, and a pr
 
     python eval/introspection_probes.py [--seeds 3] [--out eval/results/introspection_probes] [--quick]
         [--cache DIR]   trained models are saved to / loaded from DIR/<data set>_seed<N> (training is the slow part)
+        [--merge-into DIR]  add the data sets of this run to DIR's results (per seed, summaries, arms; the other
+                        data sets' numbers kept) and redraw its results.md and pictures
 
 Writes results.json (settings, per-seed numbers, per data set `arms` with `auroc`, `ece`, `brier` as {"mean", "sd"},
 `goal`, `marker`), results.md and reliability.png, auroc_per_tick.png to --out.
@@ -52,7 +58,15 @@ import numpy  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from harness import experiment_parser, format_stat, stat, write_results  # noqa: E402
 from introspection import expected_calibration_error, prepare_data  # noqa: E402  (sibling modules)
-from introspection_features import TEMPERATURES, chain_rows, real_rows, text_rows, text_settings, token_table  # noqa: E402
+from introspection_features import (  # noqa: E402
+    TEMPERATURES,
+    chain_rows,
+    facts_rows,
+    real_rows,
+    text_rows,
+    text_settings,
+    token_table,
+)
 from machine import MachineLoad  # noqa: E402
 from sklearn.linear_model import LogisticRegressionCV  # noqa: E402
 from sklearn.metrics import brier_score_loss, roc_auc_score  # noqa: E402
@@ -74,7 +88,7 @@ METRICS = ("auroc", "ece", "brier")
 class Settings:
     seeds: int = 3
     first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (one process per seed, sharing --cache)
-    datasets: str = "text,chain"  # comma-separated, of text, chain, real_text
+    datasets: str = "text,chain"  # comma-separated, of text, chain, real_text, real_facts
     bins: int = 15
     marker_threshold: float = 0.5
     # the logistic probes' L2 strength is chosen per fit by 5-fold cross-validated log loss on the fit half among
@@ -95,9 +109,13 @@ class Settings:
     real_checkpoint: str = "smollm2-135m-instruct"  # a CTM folder, or an offline source converted exactly (from_llama)
     real_blocks: int = 16
     real_block_size: int = 128
+    # real_facts: told subjects (3 relations each) of the facts protocol's world, and the world's seed
+    facts_subjects: int = 16
+    facts_world_seed: int = 0
 
 
-QUICK = dict(seeds=1, text_phase1_steps=4, text_phase2_steps=4, text_eval_blocks=8, chain_steps=6, chain_eval_rows=8)
+QUICK = dict(seeds=1, text_phase1_steps=4, text_phase2_steps=4, text_eval_blocks=8, chain_steps=6, chain_eval_rows=8,
+             facts_subjects=4)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -244,6 +262,8 @@ def run_dataset(name: str, model, ids, mask, targets, settings: Settings, seed: 
         "tokens_fit": int(fit.sum()),
         "tokens_test": int((~fit).sum()),
         "accuracy_test": float(correct.mean()),
+        **({"accuracy_test_told": float(correct[table["told"].numpy()[~fit]].mean()),
+            "accuracy_test_untold": float(correct[~table["told"].numpy()[~fit]].mean())} if "told" in table else {}),
         **fitted,
         "arms": {arm: {m: s[m] for m in METRICS} for arm, s in scores.items()},
         "reliability": {arm: scores[arm]["_bins"] for arm in ("maxprob", "maxprob_ts", "head")},
@@ -262,6 +282,7 @@ def run_dataset(name: str, model, ids, mask, targets, settings: Settings, seed: 
 # Summary, table, pictures
 # ----------------------------------------------------------------------------------------------------------------------
 
+DATASETS = ("text", "chain", "real_text", "real_facts")
 GOALS = {"text": 0.02, "chain": 0.05}  # AUROC a sync or tick feature must add over max-probability
 
 
@@ -294,6 +315,7 @@ def summarise(per_seed: list[dict], name: str) -> dict:
         "marker": marker,
         "auroc_per_tick": ticks,
         "accuracy_test": stat([r["accuracy_test"] for r in runs]),
+        **{key: stat([r[key] for r in runs]) for key in ("accuracy_test_told", "accuracy_test_untold") if key in runs[0]},
         "tokens_test": [r["tokens_test"] for r in runs],
         "temperature": stat([r["temperature"] for r in runs]),
         "cost": runs[0].get("cost"),
@@ -385,20 +407,21 @@ def main(argv=None) -> dict:
     parser = experiment_parser(__doc__, default_out="eval/results/introspection_probes", settings=Settings,
                                quick=QUICK)  # fmt: skip
     parser.add_argument("--cache", type=Path, help="folder the trained models are saved to and loaded from")
+    parser.add_argument("--merge-into", type=Path, help="a results folder this run's data sets are added to")
     args = parser.parse_args(argv)
     settings = args.settings
     settings.seeds = args.seeds
     names = settings.datasets.split(",")
-    bad = [n for n in names if n not in ("text", "chain", "real_text")]
+    bad = [n for n in names if n not in DATASETS]
     if bad:
-        parser.error(f"--set datasets={settings.datasets!r}: allowed data sets are text, chain, real_text")
+        parser.error(f"--set datasets={settings.datasets!r}: allowed data sets are {', '.join(DATASETS)}")
     hf_logging.set_verbosity_error()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     load = MachineLoad()
     load_before = load.sample()
     data = prepare_data(text_settings(settings, args.quick)) if "text" in names else None
-    per_seed, real = [], None
+    per_seed, real, facts = [], None, None
     for seed in range(settings.first_seed, settings.first_seed + settings.seeds):
         record = {"seed": seed}
         if "text" in names:
@@ -414,6 +437,10 @@ def main(argv=None) -> dict:
                 real = real_rows(settings)
                 real = (*real, token_table(*real))
             record["real_text"] = run_dataset("real_text", *real[:4], settings, seed, table=real[4])
+        if "real_facts" in names:
+            facts = facts_rows(settings) if facts is None else facts
+            record["real_facts"] = run_dataset("real_facts", facts[0], facts[1], None, None, settings, seed,
+                                               table=facts[2])  # fmt: skip
         per_seed.append(record)
         print(f"seed {seed}: " + "; ".join(f"{n} maxprob {record[n]['arms']['maxprob']['auroc']:.3f} head "
                                            f"{record[n]['arms']['head']['auroc']:.3f}" for n in names), flush=True)  # fmt: skip
@@ -430,7 +457,39 @@ def main(argv=None) -> dict:
     results["pictures"] = draw(results, args.out)
     write_results(args.out, results, format_markdown(results))
     print(format_markdown(results))
+    if args.merge_into is not None:
+        merge_results(results, args.merge_into)
     return results
+
+
+def merge_results(results: dict, folder: Path) -> dict:
+    """Add `results`' data sets to `folder`'s results.json (per seed by seed number, summaries, `arms`, the data set
+    list; a data set of the same name is replaced), note the run that added them, and rewrite results.md and the
+    pictures there. The other data sets' numbers are kept as they were."""
+    import json
+
+    merged = json.loads((folder / "results.json").read_text())
+    names = results["settings"]["datasets"].split(",")
+    old_seeds = {record["seed"]: record for record in merged["per_seed"]}
+    missing = [r["seed"] for r in results["per_seed"] if r["seed"] not in old_seeds]
+    if missing:
+        raise ValueError(f"seeds {missing} are not in {folder / 'results.json'}: merge runs of the same seeds")
+    for record in results["per_seed"]:
+        old_seeds[record["seed"]].update({name: record[name] for name in names})
+    kept = [n for n in merged["settings"]["datasets"].split(",") if n not in names]
+    merged["settings"]["datasets"] = ",".join(kept + names)
+    for name in names:
+        merged[name] = results[name]
+        merged["arms"] = {k: v for k, v in merged["arms"].items() if not k.startswith(f"{name}:")}
+        merged["arms"].update({f"{name}:{arm}": value for arm, value in results[name]["arms"].items()})
+    merged.setdefault("merged_runs", []).append({"datasets": names, "settings": results["settings"],
+                                                 "seconds": results["seconds"], "load": results["load"]})  # fmt: skip
+    merged["pictures"] = draw(merged, folder)
+    markdown = format_markdown(merged)
+    for run in merged["merged_runs"]:
+        markdown += (f"Added later: {', '.join(run['datasets'])} ({run['seconds']:.0f} s; load {run['load']}).\n")
+    write_results(folder, merged, markdown)
+    return merged
 
 
 if __name__ == "__main__":

@@ -162,14 +162,25 @@ def _convert(args) -> None:
     )
 
 
+UNSURE_TEXT = " (unsure)"  # how a trained marker token is shown, whatever the tokenizer calls it
+
+
 def _say(session, message: str, show_confidence: bool, threshold: float, **decoding) -> str:
     """One turn; with `show_confidence` the reply's words the confidence head scores below `threshold` are marked
-    `[word?]`, and " (unsure)" follows a reply holding one (a rule at generation time, not a trained behaviour)."""
+    `[word?]`, and " (unsure)" follows a reply holding one (a rule at generation time). A checkpoint trained to write
+    its own marker (`CTMConfig.ctm_unsure_token_id`, `modeling_ctm.training.marker`) gets no rule: the marker shows
+    where the model wrote it."""
     if not show_confidence:
         return session.say(message, **decoding)
     from .confidence_ctm import CTMConfidenceRecorder, mark_unsure, mark_words
 
     model = session.model
+    unsure_id = getattr(model.config, "ctm_unsure_token_id", None)
+    if unsure_id is not None:
+        session.say(message, **decoding)
+        pieces = [UNSURE_TEXT if t == unsure_id else session.tokenizer.decode([t], skip_special_tokens=True)
+                  for t in session.reply_ids.tolist()]  # fmt: skip
+        return "".join(pieces)
     if getattr(model, "confidence_head", None) is None:
         raise ValueError("--show-confidence needs a model with a confidence head (CTMConfig.ctm_confidence_head)")
     recorder = CTMConfidenceRecorder(model.config, model.confidence_head, last_only=True)

@@ -160,6 +160,10 @@ class CTMConfig(PreTrainedConfig):
             `"linear"`: a confidence head, P(the served token is right) from the readout's probabilities, the
             certainty of every tick and each tick's change of S_out (`confidence_ctm.py`), fitted afterwards with a
             Brier loss on frozen features and read by `generate(..., output_confidence=True)`. `"none"`: no head.
+        ctm_unsure_token_id (`int`, *optional*):
+            The vocabulary token the model was trained to write after an answer its confidence head scores low (the
+            metacognitive marker, " (unsure)"; `modeling_ctm.training.marker`), so readers such as `ctm chat
+            --show-confidence` show the model's own marker instead of applying a rule. `None`: not trained to.
         ctm_query_source (`str`, defaults to `"sync_action"`):
             *Experimental* (no preset uses it).
             What forms the block's cross-attention query each tick: `"sync_action"` (the reference: `q_proj` of the
@@ -238,6 +242,7 @@ class CTMConfig(PreTrainedConfig):
     ctm_token_shift: str = "none"
     ctm_token_memory: str = "none"
     ctm_confidence_head: str = "none"
+    ctm_unsure_token_id: int | None = None
     ctm_query_source: str = "sync_action"
     ctm_query_scale: str = "fixed"
     ctm_state_norm: str = "none"
@@ -408,6 +413,11 @@ class CTMConfig(PreTrainedConfig):
             fail("ctm_token_memory", self.ctm_token_memory, f"allowed values are {CTM_TOKEN_MEMORY_CHOICES}")
         if self.ctm_confidence_head not in CTM_CONFIDENCE_HEAD_CHOICES:
             fail("ctm_confidence_head", self.ctm_confidence_head, f"allowed values are {CTM_CONFIDENCE_HEAD_CHOICES}")
+        unsure = self.ctm_unsure_token_id
+        if unsure is not None and (
+            not isinstance(unsure, int) or isinstance(unsure, bool) or not 0 <= unsure < self.vocab_size
+        ):
+            fail("ctm_unsure_token_id", unsure, f"allowed values are None or a token id in 0 .. {self.vocab_size - 1}")
         if self.ctm_query_source not in CTM_QUERY_SOURCE_CHOICES:
             fail("ctm_query_source", self.ctm_query_source, f"allowed values are {CTM_QUERY_SOURCE_CHOICES}")
         if self.ctm_query_source == "input_then_state" and self.ctm_input_injection != "every_tick":

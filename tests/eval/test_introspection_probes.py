@@ -70,3 +70,63 @@ def test_quick_run_writes_every_arm(tmp_path):
         assert {"head", "maxprob_same_rate", "flag_rate"} <= set(saved[name]["marker"])
     assert (tmp_path / "results.md").is_file()
     assert (tmp_path / "reliability.png").is_file() and (tmp_path / "auroc_per_tick.png").is_file()
+
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def facts_checkpoint(folder):
+    """A tiny random Llama converted in-process and saved with a ChatML byte-level BPE tokenizer trained on the facts
+    world's words (so its names and values are one token, as the protocol needs)."""
+    from facts_world import RELATIONS, SUBJECTS, sentence
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modeling_ctm import CTMForCausalLM
+    from modeling_ctm.training.tokenization import train_tokenizer
+
+    words = SUBJECTS + [v for spec in RELATIONS.values() for v in spec[0].split()]
+    texts = [f"{w}\n {w} {w}." for w in words] * 6 + [
+        sentence({"subject": s, "relation": r, "value": spec[0].split()[0], "template": t})
+        for s in SUBJECTS[:4] for r, spec in RELATIONS.items() for t in range(5)
+    ] * 3  # fmt: skip
+    tokenizer = train_tokenizer(texts, vocab_size=1500)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    CTMForCausalLM.from_llama(LlamaForCausalLM(config).eval()).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.experiment
+def test_real_facts_runs_quick_on_a_converted_tiny_llama_and_merges_beside_other_data_sets(tmp_path):
+    checkpoint = facts_checkpoint(tmp_path / "llama")
+    out = tmp_path / "facts"
+    probes.main(["--quick", "--out", str(out), "--set", "datasets=real_facts", "--set", f"real_checkpoint={checkpoint}"])
+    saved = json.loads((out / "results.json").read_text())
+    no_ticks = {"maxprob", "maxprob_ts", "entropy", "margin", "probe_residual", "probe_residual+maxprob", "head"}
+    assert set(saved["real_facts"]["arms"]) == no_ticks
+    for arm in no_ticks:
+        assert set(saved["real_facts"]["arms"][arm]) == {"auroc", "ece", "brier"}
+        assert math.isfinite(saved["real_facts"]["arms"][arm]["brier"]["mean"])
+    # 4 subjects x 3 relations, each asked 4 ways (efficacy + 3 paraphrases), told and untold
+    assert sum(saved["per_seed"][0]["real_facts"][k] for k in ("tokens_fit", "tokens_test")) == 4 * 3 * 4 * 2
+    assert {"accuracy_test_told", "accuracy_test_untold"} <= set(saved["real_facts"])
+    # an earlier run holding another data set keeps its numbers when real_facts is merged into it
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    text = json.dumps(saved).replace('"real_facts', '"real_text')
+    (earlier / "results.json").write_text(text)
+    probes.merge_results(saved, earlier)
+    merged = json.loads((earlier / "results.json").read_text())
+    assert merged["settings"]["datasets"] == "real_text,real_facts"
+    assert merged["real_text"] == json.loads(text)["real_text"]
+    assert merged["real_facts"]["arms"] == saved["real_facts"]["arms"]
+    assert {f"real_facts:{arm}" for arm in no_ticks} | {f"real_text:{arm}" for arm in no_ticks} == set(merged["arms"])
+    assert "real_facts" in (earlier / "results.md").read_text()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -197,8 +196,8 @@ def main(argv=None) -> dict:
                                settings.windows * (chunk - 1), threads=torch.get_num_threads())  # fmt: skip
     lines = [
         "# What carrying the thinking state is worth on held-out text (nats/token)", "",
-        f"Model `{Path(settings.model).name if settings.model else 'tiny random (--quick)'}`, base "
-        f"`{Path(settings.base).name if settings.base else 'its own weights, carry off'}`; {settings.windows} windows "
+        f"Model `{settings.model or 'tiny random (--quick)'}`, base "
+        f"`{settings.base or 'its own weights, carry off'}`; {settings.windows} windows "
         f"of two {chunk}-token chunks per seed, {settings.seeds} seeds; CE on the second chunk's tokens after its "
         "first, each predicted from inside it.", "",
         "| arm | description | CE (mean ± sd) |", "|---|---|---:|",

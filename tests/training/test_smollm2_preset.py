@@ -52,7 +52,7 @@ def test_the_preset_parses_and_validates_against_its_base(tiny_base):
     assert config.base.source == str(tiny_base) and config.model == {} and config.data.tokenizer == "base"
     fields = config.thinking_fields()
     assert config.thinking.profile == "awake" and fields["ctm_readout"] == "tick_mixture"  # the profile, by name
-    assert fields["ctm_mlp"] == "keep" and fields["ctm_readout_norm"] == "rms_gate"  # what the real base overrides
+    assert fields["ctm_mlp"] == "keep" and fields["ctm_layers"] == "last"  # what the real base overrides
     assert config.phase2.trunk_cache and config.phase2.distillation == "lm_kl" and config.phase3.cut_attention
 
 
@@ -107,8 +107,8 @@ def test_the_preset_runs_end_to_end_on_a_tiny_converted_llama(tiny_base, tmp_pat
     assert phase2.config.ctm_mlp == "keep" and phase2.config.ctm_layer_indices == [1]
     for name, tensor in phase1.state_dict().items():
         torch.testing.assert_close(phase2.state_dict()[name], tensor, atol=0.0, rtol=0.0, msg=name)
-    gate = [p for n, p in phase2.named_parameters() if n.endswith(".out_gate")]
-    assert gate and float(gate[0].detach().abs().max()) > 0  # the learned gate opened: the block was trained
+    readout = [p for n, p in phase2.named_parameters() if n.endswith("thinking.out_proj.weight")]
+    assert readout and float(readout[0].detach().abs().max()) > 0  # the zero-initialised readout moved: it trained
     phase3 = CTMForCausalLM.from_pretrained(phases[3]["folder"])
     assert phase3.config.ctm_carry == "chunk" and phase3.config.ctm_chunk_size == 8
     assert phases[4]["metrics"]["online_conversations"] == 2

@@ -4,8 +4,11 @@ shared finish step (`finish.finish_phase`: evaluate, sample, card, save). `PHASE
 
 1. `LanguagePhase`   - a plain transformer (`ctm_layers="none"`) learns the language at full speed; an optional first
                        stage on in-context recall rows only forms the lookup (`phase1.recall_warmup`).
+   `BasePhase`       - or, with a `base:` section, a pretrained Llama-family base converted exactly (no training).
 2. `ThinkingPhase`   - fresh CTM blocks (the recipe's `thinking:` fields, e.g. `profile: awake`) join the chosen layers
-                       of the phase-1 model, beside their MLPs or in their place; the rest is frozen.
+                       of the phase-1 model, beside their MLPs or in their place; the rest is frozen. With
+                       `phase2.trunk_cache` the frozen trunk's output is computed once and only the top trains, on
+                       the LM loss, distillation from phase 1, or both (`phase2.distillation`).
 3. `ContinuityPhase` - the thinking state is carried between chunks (`ctm_carry="chunk"`); `ContinuityTrainer`.
 4. `OnlinePhase`     - the phase-3 model lives through scripted conversations with its memory stack on (episodic
                        memory, plasticity, sleep), then is evaluated and saved like the others, its brain beside it.
@@ -29,16 +32,18 @@ from ..memory.session import CTMOnlineSession, OnlineConfig
 from ..memory.sleep import Consolidator, ReplayHeap
 from ..modeling_ctm import CTMForCausalLM
 from .allocator import keep_freed_memory
+from .distillation import DistillationConfig
 from .finish import PhaseResult, finish_phase
 from .phase_names import phase_name
 from .recipe_config import OnlinePhaseConfig, RecipeConfig, sleep_callback
 from .run_data import Data, conversation_script, held_out_recall_rows, phase1_data, recall_warmup_rows
 from .trainers import ContinuityTrainer, CTMTrainer, recall_accuracy
 from .transitions import FREEZE_CHOICES, freeze_for_thinking, language_config, start_continuity, start_thinking
+from .trunk_cache import TrunkCache, TrunkCacheTrainer
 
 
 __all__ = [
-    "FREEZE_CHOICES", "PHASES", "ContinuityPhase", "LanguagePhase", "OnlinePhase", "PhaseRecipe", "ThinkingPhase",
+    "FREEZE_CHOICES", "PHASES", "BasePhase", "ContinuityPhase", "LanguagePhase", "OnlinePhase", "PhaseRecipe", "ThinkingPhase",
     "freeze_for_thinking", "get_phase", "language_config", "online_session", "start_continuity", "start_thinking",
 ]  # fmt: skip
 
@@ -162,6 +167,43 @@ class LanguagePhase(PhaseRecipe):
         return figures
 
 
+def load_base(source: str, dtype: torch.dtype = torch.float32) -> CTMForCausalLM:
+    """A base (`base.source`) as a CTM model with no thinking layers: a converted folder loads as it is, a named
+    source or a Llama-family folder converts exactly (`CTMForCausalLM.from_llama`)."""
+    from ..hub.sources import resolve_source
+
+    folder, gguf_file = resolve_source(source)
+    config_file = Path(folder) / "config.json"
+    if gguf_file is None and config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "ctm":
+        model = CTMForCausalLM.from_pretrained(folder, dtype=dtype)
+        if model.config.ctm_layer_indices:
+            raise ValueError(f"base.source={source!r} is invalid: it has thinking layers (ctm_layers="
+                             f"{model.config.ctm_layers!r}); allowed values are a base without them")  # fmt: skip
+        return model
+    return CTMForCausalLM.from_llama(folder, gguf_file=gguf_file, dtype=dtype)
+
+
+class BasePhase(PhaseRecipe):
+    """Phase 1 from a pretrained base (`base:`): converted exactly, not trained; evaluated, sampled and carded like
+    a trained phase 1, so phases 2-4 start from its folder."""
+
+    number = 1
+
+    def build_model(self) -> CTMForCausalLM:
+        return load_base(self.config.base.source)
+
+    def run(self) -> PhaseResult:
+        seed_everything(self.config)
+        started = time.perf_counter()
+        model = self.build_model()
+        seconds = time.perf_counter() - started
+        trainer = CTMTrainer(model=model, args=self.config.training_arguments(1, self.output_dir),
+                             eval_dataset=self.data.eval, processing_class=self.data.tokenizer,
+                             bytes_per_token=self.data.bytes_per_token)  # fmt: skip
+        return finish_phase(trainer, 1, self.config, self.run_dir, self.data, 0.0, base_model=None,
+                            extra_metrics={"base_load_seconds": seconds})  # fmt: skip
+
+
 class ThinkingPhase(PhaseRecipe):
     number = 2
 
@@ -170,6 +212,46 @@ class ThinkingPhase(PhaseRecipe):
         counts = freeze_for_thinking(model, self.spec.freeze)
         print(f"phase 2: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters")
         return model
+
+    def before_training(self, model) -> dict:
+        """With `phase2.trunk_cache`: the trunk below the first thinking layer, frozen, run once over the training
+        and held-out blocks; with distillation, phase 1's top-k next-token log-probabilities cached beside it.
+        Phase 1 is its own teacher where the start is exact (the blocks beside their MLPs); otherwise its
+        checkpoint is loaded as the teacher (a second pass over the blocks)."""
+        self.caches = None
+        if not self.spec.trunk_cache:
+            return {}
+        spec = self.spec
+        cache_dir = Path(spec.cache_dir) if spec.cache_dir else self.run_dir / "trunk-cache"
+        teacher = None
+        if spec.distillation != "lm" and model.config.ctm_mlp != "keep":
+            teacher = CTMForCausalLM.from_pretrained(self.source).eval().requires_grad_(False)
+        started = time.perf_counter()
+        train = TrunkCache.build(model, torch.tensor(self.data.train["input_ids"]), cache_dir, teacher=teacher,
+                                 distill_top_k=0 if spec.distillation == "lm" else spec.distill_top_k)  # fmt: skip
+        held_out = TrunkCache.build(model, torch.tensor(self.data.eval["input_ids"]), cache_dir, distill_top_k=0)
+        self.caches = (train, held_out)
+        return {"trunk_cache_seconds": time.perf_counter() - started}
+
+    def build_trainer(self, model, data: Data):
+        if self.caches is None:
+            return super().build_trainer(model, data)
+        if self.config.sleep is not None:
+            raise ValueError("sleep during training is invalid with phase2.trunk_cache: true (the sleep replay reads "
+                             "token ids, the cached trainer the trunk's stream); allowed: sleep: null")  # fmt: skip
+        train, held_out = self.caches
+        mix = {"lm": DistillationConfig(1.0, 0.0), "kl": DistillationConfig(0.0, 1.0),
+               "lm_kl": DistillationConfig(1.0, 1.0)}[self.spec.distillation]  # fmt: skip
+        return TrunkCacheTrainer(
+            model=model,
+            args=self.config.training_arguments(self.number, self.output_dir),
+            train_dataset=train,
+            eval_dataset=held_out,
+            processing_class=data.tokenizer,
+            bytes_per_token=data.bytes_per_token,
+            start_layer=train.start_layer,
+            distillation=mix,
+        )
 
 
 class ContinuityPhase(PhaseRecipe):
@@ -279,7 +361,10 @@ PHASES: dict[int, type[PhaseRecipe]] = {cls.number: cls for cls in (LanguagePhas
                                                                      OnlinePhase)}  # fmt: skip
 
 
-def get_phase(number: int) -> type[PhaseRecipe]:
+def get_phase(number: int, config: RecipeConfig | None = None) -> type[PhaseRecipe]:
+    """The recipe class of phase `number`; phase 1 of a config with a `base:` section is `BasePhase`."""
     if number not in PHASES:
         raise ValueError(f"phase={number!r} is invalid: allowed values are {sorted(PHASES)}")
+    if number == 1 and config is not None and config.base is not None:
+        return BasePhase
     return PHASES[number]

@@ -28,6 +28,7 @@ reduce forgetting in `eval/sleep_retention.py`. The tiny preset's phase 4 states
 import dataclasses
 import difflib
 import inspect
+import json
 import re
 import tempfile
 import types
@@ -212,24 +213,29 @@ def check_signature_keys(function, spec: dict, path: str, exclude=()) -> None:
 @dataclass
 class DataConfig:
     """source: "austen" (the embedded novels, Persuasion held out), a text file, a folder of .txt files or a saved
-    dataset. tokenizer: a tokenizer folder or hub id (None: a byte-level BPE of `tokenizer_vocab_size` trained on the
-    training split, kept in the run folder). eval_blocks: held-out blocks scored after every phase (None: all).
-    eval_paragraphs: the first held-out paragraphs, each scored whole from its first token, after every phase (and by
-    `ctm eval`)."""
+    dataset. tokenizer: a tokenizer folder or hub id, "base" (the tokenizer of `base.source`), or None (a byte-level
+    BPE of `tokenizer_vocab_size` trained on the training split, kept in the run folder). train_blocks: a seeded
+    random subset of the packed training blocks (None: all; a real base on a CPU trains on a few). eval_blocks:
+    held-out blocks scored after every phase (None: all). eval_paragraphs: the first held-out paragraphs, each scored
+    whole from its first token, after every phase (and by `ctm eval`). eval_recall: score in-context recall rows after
+    every phase (64 rows of `block_size` tokens: a minute per phase through a 135M model on a CPU)."""
 
     source: str = "austen"
     tokenizer: str | None = None
     tokenizer_vocab_size: int = 4096
     block_size: int = 128
+    train_blocks: int | None = None
     eval_blocks: int | None = None
     eval_paragraphs: int = 40
+    eval_recall: bool = True
 
     def __post_init__(self):
         for name in ("tokenizer_vocab_size", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: allowed values are integers >= 1")
-        if self.eval_blocks is not None and self.eval_blocks < 1:
-            raise ValueError(f"eval_blocks={self.eval_blocks!r} is invalid: allowed values are integers >= 1 or null")
+        for name in ("train_blocks", "eval_blocks"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: allowed values are integers >= 1 or null")
         if self.eval_paragraphs < 0:
             raise ValueError(f"eval_paragraphs={self.eval_paragraphs!r} is invalid: allowed values are integers >= 0")
 
@@ -275,13 +281,34 @@ class LanguagePhaseConfig:
             raise ValueError(f"recall_pairs={self.recall_pairs!r} is invalid: allowed values are integers >= 1")
 
 
+DISTILLATION_CHOICES = ("lm", "kl", "lm_kl")
+
+
 @dataclass
 class ThinkingPhaseConfig:
     """Phase 2. freeze: what stays phase 1's ("non_ctm": all but the CTM blocks; "non_thinking_ffn": all but the
-    blocks and MLPs kept beside them; "none")."""
+    blocks and MLPs kept beside them; "none"). trunk_cache: compute the frozen stream entering the first thinking
+    layer once (`training.trunk_cache`) and train only the layers from there (needs `freeze: non_ctm`).
+    distillation (with the trunk cache): the loss, "lm" (the model's own), "kl" (KL to phase 1's next-token
+    distribution over its top `distill_top_k` tokens and "any other") or "lm_kl" (both, weight 1 each).
+    cache_dir: where the cache lives (None: `trunk-cache` in the run folder)."""
 
     training: dict = field(default_factory=dict)
     freeze: Literal[FREEZE_CHOICES] = "non_ctm"
+    trunk_cache: bool = False
+    distillation: Literal[DISTILLATION_CHOICES] = "lm"
+    distill_top_k: int = 32
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        if self.distill_top_k < 1:
+            raise ValueError(f"distill_top_k={self.distill_top_k!r} is invalid: allowed values are integers >= 1")
+        if self.trunk_cache and self.freeze != "non_ctm":
+            raise ValueError(f"freeze={self.freeze!r} is invalid with trunk_cache: true: allowed values are "
+                             "['non_ctm'] (the cached trunk and the layer's own MLP must stay frozen)")  # fmt: skip
+        if self.distillation != "lm" and not self.trunk_cache:
+            raise ValueError(f"distillation={self.distillation!r} is invalid without trunk_cache: allowed values are "
+                             "['lm'] (the teacher's distribution is cached with the trunk)")  # fmt: skip
 
 
 @dataclass
@@ -348,6 +375,20 @@ class OnlinePhaseConfig:
 
 
 @dataclass
+class BaseConfig:
+    """A pretrained Llama-family base as phase 1 (`CTMForCausalLM.from_llama`, no training): `source` is a named
+    offline source (`hub.sources`, e.g. "smollm2-135m-instruct"), a converted CTM folder or a Llama folder. The
+    preset's `model:` stays empty: the decoder fields are the base's."""
+
+    source: str
+
+    def __post_init__(self):
+        if not self.source:
+            raise ValueError("source='' is invalid: allowed values are a named source, a converted folder or a "
+                             "Llama-family folder")  # fmt: skip
+
+
+@dataclass
 class SamplesConfig:
     """Greedy samples written into every phase's card."""
 
@@ -370,19 +411,21 @@ class ThinkingConfig:
 @dataclass
 class RecipeConfig:
     """A training preset, typed. `model`: the decoder fields of `CTMConfig`; `thinking`: its `ctm_*` fields for phase
-    2 (`profile:` names a set of them); `training`: the TrainingArguments every phase shares; `sleep`: the
+    2 (`profile:` names a set of them); `base`: a pretrained base as phase 1 instead of training one (its decoder
+    fields replace `model`); `training`: the TrainingArguments every phase shares; `sleep`: the
     `SleepCallback` arguments that add sleep to every training phase (None: off); `torch_threads`: the torch threads
     (None: torch's choice); `keep_freed_memory`: serve large CPU allocations from the heap and keep what is freed
     (`training.allocator`: glibc only; a quarter of the tiny main job's CPU time was page faults without it)."""
 
     name: str
     data: DataConfig
-    model: dict
     thinking: ThinkingConfig
     training: dict
-    phase1: LanguagePhaseConfig
     phase2: ThinkingPhaseConfig
     phase3: ContinuityPhaseConfig
+    model: dict = field(default_factory=dict)
+    phase1: LanguagePhaseConfig = field(default_factory=LanguagePhaseConfig)
+    base: BaseConfig | None = None
     phase4: OnlinePhaseConfig | None = None
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     seed: int = 0
@@ -425,10 +468,16 @@ class RecipeConfig:
         """The checks that need several sections, and every object built once to run its own checks (all cheap:
         no model, no data)."""
         tokens = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # the tokenizer's, not known yet
-        try:
-            language = self.language_config(self.data.tokenizer_vocab_size, **tokens)
-        except (ValueError, TypeError) as error:
-            raise RecipeConfigError(f"model: {error}") from None
+        if self.base is not None:
+            language = checked_base_config(self)
+        else:
+            if self.data.tokenizer == "base":
+                raise RecipeConfigError("data.tokenizer='base' is invalid without a `base:` section: allowed values "
+                                        "are a tokenizer folder, a hub id or null")  # fmt: skip
+            try:
+                language = self.language_config(self.data.tokenizer_vocab_size, **tokens)
+            except (ValueError, TypeError) as error:
+                raise RecipeConfigError(f"model: {error}") from None
         try:
             thinking = CTMConfig.from_dict({**language.to_dict(), "ctm_layers": "last", **self.thinking_fields()})
         except (ValueError, TypeError) as error:
@@ -474,6 +523,35 @@ class RecipeConfig:
                 sleep_callback(self.sleep)
             except (ValueError, TypeError) as error:
                 raise RecipeConfigError(f"sleep: {error}") from None
+
+
+def base_config(source: str) -> CTMConfig:
+    """The decoder config of a base (`base.source`): a converted CTM folder's own, or a Llama-family config (a GGUF's
+    header for a named source) converted; its config only, no weight is read."""
+    from ..hub.sources import resolve_source
+
+    folder, gguf_file = resolve_source(source)
+    config_file = Path(folder) / "config.json"
+    if gguf_file is None and config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "ctm":
+        config = CTMConfig.from_pretrained(folder)
+        return CTMConfig.from_dict({**config.to_dict(), "ctm_layers": "none"})
+    from transformers import AutoConfig
+
+    return CTMConfig.from_llama_config(AutoConfig.from_pretrained(folder, gguf_file=gguf_file))
+
+
+def checked_base_config(config: "RecipeConfig") -> CTMConfig:
+    """With a `base:` section: `model:` and phase 1's training are the base's, and the base's config must be readable."""
+    if config.model:
+        raise RecipeConfigError(f"model={config.model!r} is invalid with a `base:` section: allowed values are {{}} "
+                                "(the decoder fields are the base's)")  # fmt: skip
+    if config.phase1 != LanguagePhaseConfig():
+        raise RecipeConfigError("phase1 is invalid with a `base:` section: phase 1 is the converted base and trains "
+                                "nothing; allowed values are an empty or absent `phase1:`")  # fmt: skip
+    try:
+        return base_config(config.base.source)
+    except (OSError, ValueError, TypeError, ImportError) as error:
+        raise RecipeConfigError(f"base.source={config.base.source!r} is invalid: {error}") from None
 
 
 def sleep_callback(spec: dict, draw=None) -> SleepCallback:

@@ -33,13 +33,29 @@ class Data:
     paragraphs: list[str] = field(default_factory=list)  # held-out paragraphs scored whole, from their first token
 
 
+def base_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a base (`base.source`): a folder's, or the one inside a named source's GGUF file."""
+    from transformers import AutoTokenizer
+
+    from ..hub.sources import resolve_source
+
+    folder, gguf_file = resolve_source(source)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+
+
 def prepare_data(config: RecipeConfig, run_dir: Path) -> Data:
     """Tokenizer (trained once on the training split, kept in the run folder), packed train and held-out blocks."""
     spec = config.data
     splits = load_text_dataset(spec.source)
-    tokenizer = get_tokenizer(spec.tokenizer, vocab_size=spec.tokenizer_vocab_size, cache_dir=Path(run_dir) / "tokenizer")
+    if spec.tokenizer == "base":
+        tokenizer = base_tokenizer(config.base.source)
+    else:
+        tokenizer = get_tokenizer(spec.tokenizer, vocab_size=spec.tokenizer_vocab_size,
+                                  cache_dir=Path(run_dir) / "tokenizer")  # fmt: skip
     block = spec.block_size
     train = pack_dataset(splits["train"], tokenizer, block)
+    if spec.train_blocks is not None and spec.train_blocks < len(train):
+        train = train.shuffle(seed=config.seed).select(range(spec.train_blocks))
     held_out = pack_dataset(splits["validation"], tokenizer, block)
     unigram = unigram_baseline({"train": train, "validation": held_out}, len(tokenizer))
     n_tokens, n_bytes = count_tokens_and_bytes(splits["validation"]["text"], tokenizer)
@@ -47,6 +63,8 @@ def prepare_data(config: RecipeConfig, run_dir: Path) -> Data:
     held_out = held_out.select(range(n_eval))
     paragraphs = list(splits["validation"]["text"][: spec.eval_paragraphs])
     described = "six Jane Austen novels (public domain), Persuasion held out" if spec.source == "austen" else spec.source
+    if spec.train_blocks is not None:
+        described += f", a random {len(train)} of the packed training blocks"
     return Data(
         tokenizer=tokenizer,
         train=train,
@@ -79,6 +97,8 @@ def held_out_recall_rows(config: RecipeConfig, tokenizer: PreTrainedTokenizerBas
     """In-context recall rows no phase trains on (fresh facts, `phase1.recall_pairs` per episode), scored after every
     phase as `recall_accuracy`: can the model read a fact from its own context? Chance is 1 / pairs. Fewer pairs
     where a block is shorter than one episode (4 tokens a pair); None where not even one fits."""
+    if not config.data.eval_recall:
+        return None
     keys, values = recall_vocabulary_of(tokenizer, config.phase1.recall_tokens)
     block = config.data.block_size
     pairs = min(config.phase1.recall_pairs, block // 4, len(keys))  # one whole episode fits a block

@@ -29,7 +29,7 @@ def run_phase(phase: int, config: RecipeConfig, run_dir: Path, data: Data, sourc
               resume: bool = False) -> PhaseResult:  # fmt: skip
     """Phase `phase`'s recipe (1 from the config, 2-4 from `source`, the previous phase's model folder): build, train
     or live, evaluate, sample and save."""
-    return get_phase(phase)(config, run_dir, data, source, resume).run()
+    return get_phase(phase, config)(config, run_dir, data, source, resume).run()
 
 
 def add_preset_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -233,6 +233,10 @@ class TrunkCacheTrainer(CTMTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mix = self.distillation
+        if not model.training:  # held out: the model's own loss and every readout, whatever the training mix
+            outputs = self.step_on_cache(model, inputs, labels=inputs["labels"], num_items_in_batch=num_items_in_batch)
+            self._record(model, outputs, inputs)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
         labels = inputs["labels"] if mix.lm_weight else None
         outputs = self.step_on_cache(model, inputs, labels=labels, num_items_in_batch=num_items_in_batch)
         loss = 0.0

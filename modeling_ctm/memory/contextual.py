@@ -310,11 +310,14 @@ class ContextualMemory:
 class ContextualLogitsProcessor(LogitsProcessor):
     """`generate`'s read of a `ContextualMemory`: the bias of `ContextualMemory.logit_bias` at the last position, from
     one forward of the whole sequence so far. `prompt_text` (bool, the prompt's length) marks the prompt positions
-    that are text to read (the user's message, not the chat scaffolding); every generated token is read."""
+    that are text to read (the user's message, not the chat scaffolding); every generated token is read. With `once`,
+    the bias leaves out the tokens this generation has already produced: a chat reply says the value once, instead of
+    being pushed to repeat it at every later step (the read stays on while the subject and relation are in view)."""
 
-    def __init__(self, memory: ContextualMemory, model, tokenizer, prompt_text: torch.Tensor):
+    def __init__(self, memory: ContextualMemory, model, tokenizer, prompt_text: torch.Tensor, once: bool = False):
         self.memory, self.model, self.tokenizer = memory, model, tokenizer
         self.prompt_text = prompt_text.bool()
+        self.once = once
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -328,5 +331,8 @@ class ContextualLogitsProcessor(LogitsProcessor):
         for row in range(len(input_ids)):
             states = self.model(input_ids[row : row + 1], output_hidden_states=True).hidden_states
             value = self.memory.read(self.tokenizer, input_ids[row], states[self.memory.config.layer][0], text)
-            scores[row] = scores[row] + self.memory.bias_from_value(value[-1]).to(scores.dtype)
+            bias = self.memory.bias_from_value(value[-1]).to(scores.dtype)
+            if self.once and generated:
+                bias[input_ids[row, len(self.prompt_text) :].cpu()] = 0.0
+            scores[row] = scores[row] + bias.to(scores.device)
         return scores

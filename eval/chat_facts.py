@@ -137,7 +137,7 @@ def run_seed(settings: Settings, seed: int) -> dict:
         for fact in facts:  # one conversation, as a user types the facts into one `ctm chat` run
             statements = quiet(remember_statements, session, fact["statement"])
             found += any(s.value_text == fact["value"] for s in statements)
-            session.say(fact["statement"], max_new_tokens=settings.max_new_tokens)
+            session.say(fact["statement"], read_facts=not statements, max_new_tokens=settings.max_new_tokens)
         session.end()
         session.save(brain)
         nbytes = session.contextual.nbytes()

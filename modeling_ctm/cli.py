@@ -71,7 +71,7 @@ def open_chat_session(checkpoint: Path, brain: Path | None = None, preset: str =
     spec = load_preset(preset).phase4
     if spec is None:
         raise ValueError(f"preset={preset!r} has no phase4 section: allowed presets set up a memory stack")
-    model, tokenizer = _load_checkpoint(checkpoint)
+    model, tokenizer = _load_checkpoint(Path(checkpoint))
     spec.session = dataclasses.replace(spec.session, chat_template=tokenizer.chat_template is not None)
     if not model.config.ctm_layer_indices:
         # a converted checkpoint without thinking layers has no thinking state to remember with
@@ -118,14 +118,16 @@ def _chat(args) -> None:
         for message in messages:
             if message.strip() in ("/quit", "/end"):
                 break
-            if fact_memory:
-                remember_statements(session, message)
+            # a message that states facts is answered as a statement; the fact memory's read steers the others
+            told = remember_statements(session, message) if fact_memory else []
             if args.show_confidence:
-                print(f"ctm> {_say(session, message, args.show_confidence, args.unsure_below, **decoding)}")
+                reply = _say(session, message, args.show_confidence, args.unsure_below, read_facts=not told,
+                             **decoding)
+                print(f"ctm> {reply}")
                 continue
             print("ctm> ", end="", flush=True)
             streamer = TextStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            session.say(message, streamer=streamer, **decoding)
+            session.say(message, streamer=streamer, read_facts=not told, **decoding)
     except EOFError:
         pass
     if session.ids is not None:
@@ -306,8 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         "brain (default: on when --brain is given)",
     )  # fmt: skip
     chat.add_argument("--fact-layer", type=int, metavar="N",
-                      help="the decoder layer whose state keys a fact's subject, for a new fact memory (default 4, or "
-                      "half the layers of a model with fewer than 8)")  # fmt: skip
+                      help="the decoder layer whose state keys a fact's subject, for a new fact memory (default 1)")
     chat.set_defaults(run=_chat)
     convert = commands.add_parser("convert", help="a Llama-family checkpoint as a CTM model (the same function)")
     convert.add_argument(

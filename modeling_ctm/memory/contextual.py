@@ -307,17 +307,34 @@ class ContextualMemory:
         return memory
 
 
+def spelling_pairs(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(spaced, bare): the ids of every token that is a word after a space (" Oslo") and of the same word without it
+    ("Oslo"), where both are tokens. Read from the vocabulary's byte-level ("\u0120") or SentencePiece ("\u2581")
+    space marks."""
+    vocab = tokenizer.get_vocab()
+    spaced, bare = [], []
+    for token, index in vocab.items():
+        if token[:1] in ("\u0120", "\u2581") and token[1:] in vocab:
+            spaced.append(index)
+            bare.append(vocab[token[1:]])
+    return torch.tensor(spaced, dtype=torch.long), torch.tensor(bare, dtype=torch.long)
+
+
 class ContextualLogitsProcessor(LogitsProcessor):
     """`generate`'s read of a `ContextualMemory`: the bias of `ContextualMemory.logit_bias` at the last position, from
     one forward of the whole sequence so far. `prompt_text` (bool, the prompt's length) marks the prompt positions
-    that are text to read (the user's message, not the chat scaffolding); every generated token is read. With `once`,
-    the bias leaves out the tokens this generation has already produced: a chat reply says the value once, instead of
-    being pushed to repeat it at every later step (the read stays on while the subject and relation are in view)."""
+    that are text to read (the user's message, not the chat scaffolding); every generated token is read.
 
-    def __init__(self, memory: ContextualMemory, model, tokenizer, prompt_text: torch.Tensor, once: bool = False):
+    With `reply=True` (a chat reply): the value's spelling without its leading space ("Oslo" for " Oslo") gets the same
+    bias at the reply's first token, since a reply opens without a space; and the bias leaves out what the reply has
+    already said, so the value is said once instead of being pushed again at every later step (the read stays on while
+    the subject and relation are in view)."""
+
+    def __init__(self, memory: ContextualMemory, model, tokenizer, prompt_text: torch.Tensor, reply: bool = False):
         self.memory, self.model, self.tokenizer = memory, model, tokenizer
         self.prompt_text = prompt_text.bool()
-        self.once = once
+        self.reply = reply
+        self.spaced, self.bare = spelling_pairs(tokenizer) if reply else (None, None)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -332,7 +349,12 @@ class ContextualLogitsProcessor(LogitsProcessor):
             states = self.model(input_ids[row : row + 1], output_hidden_states=True).hidden_states
             value = self.memory.read(self.tokenizer, input_ids[row], states[self.memory.config.layer][0], text)
             bias = self.memory.bias_from_value(value[-1]).to(scores.dtype)
-            if self.once and generated:
-                bias[input_ids[row, len(self.prompt_text) :].cpu()] = 0.0
+            if self.reply and not generated:
+                bias[self.bare] = torch.maximum(bias[self.bare], bias[self.spaced])
+            elif self.reply:
+                said = torch.zeros(len(bias), dtype=torch.bool)
+                said[input_ids[row, len(self.prompt_text) :].cpu()] = True
+                said[self.spaced[said[self.bare]]] = True  # said without its space: said
+                bias[said] = 0.0
             scores[row] = scores[row] + bias.to(scores.device)
         return scores

@@ -284,14 +284,18 @@ class CTMOnlineSession:
         at = text.rindex(message)
         return torch.tensor([a < at + len(message) and b > at for a, b in offsets], dtype=torch.bool)
 
-    def say(self, message: str, **generate_kwargs) -> str:
+    def say(self, message: str, read_facts: bool = True, **generate_kwargs) -> str:
         """One turn: the message goes in, the model's greedy reply (unless `generate_kwargs` say otherwise) comes back.
         The first turn of a conversation recalls an episode; every turn carries the cache forward.
 
         Any decoding `generate` runs for a CTM works (greedy, sampling, beam search, `num_return_sequences`); when it
         produces several rows, the conversation continues with the first (beam search: the best beam), and its
         thinking state and KV are those of that row alone, as if it had been the only one. The arguments the session
-        passes itself (`SESSION_GENERATE_ARGUMENTS`) are refused by name."""
+        passes itself (`SESSION_GENERATE_ARGUMENTS`) are refused by name.
+
+        With a fact memory (`contextual`) holding facts, its read steers the reply (a logits processor), unless
+        `read_facts` is False (`ctm chat` turns it off for a message that itself stated facts: the reply is to the
+        statement, not a question about it)."""
         taken = sorted(set(generate_kwargs) & set(SESSION_GENERATE_ARGUMENTS))
         if taken:
             raise ValueError(
@@ -312,9 +316,9 @@ class CTMOnlineSession:
             turn = self._message_mask(self._turn_text, message) if self.config.chat_template else None
             turn = torch.ones(ids.shape[1], dtype=torch.bool) if turn is None else turn
             self.read_mask = turn if self.read_mask is None else torch.cat([self.read_mask, turn])
-            if len(self.contextual.subjects):  # the read steers the reply: the fact memory's logit bias
+            if read_facts and len(self.contextual.subjects):  # the read steers the reply: the fact memory's logit bias
                 reader = ContextualLogitsProcessor(self.contextual, self.model, self.tokenizer, self.read_mask,
-                                                   once=True)  # fmt: skip
+                                                   reply=True)  # fmt: skip
                 kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), reader])
         one_row = self._rows_generated(kwargs) == 1
         with torch.no_grad():

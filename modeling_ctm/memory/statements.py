@@ -241,14 +241,24 @@ CALIBRATION_TEXT = (
 
 
 def default_fact_layer(model) -> int:
-    """The decoder layer whose state keys a fact's subject: 4 (where the facts protocol measured subject keys apart
-    on SmolLM2), or half the depth of a model with fewer than 8 layers."""
-    layers = model.config.num_hidden_layers
-    return 4 if layers >= 8 else max(layers // 2, 0)
+    """The decoder layer whose state keys a fact's subject in a chat: 1. A chat fact's subject is an owner word ("my",
+    "I", "the") more often than a name, and its state drifts with the words around it as layers go up. Measured on
+    SmolLM2-135M-Instruct (a statement's owner word against the same word in three paraphrased questions, centred):
+    "my" 0.99 at layer 1, 0.84-0.87 at 2, 0.69-0.72 at 4; "I" 0.99 / 0.69 / 0.58; "the" 1.00 / 0.69-0.82 / -0.30; a
+    name ("Tom") 0.98-1.00 at all of them; other owners' cosines stay <= 0.18 at layer 1. (The facts protocol keys
+    names, at layer 4.)"""
+    return min(1, model.config.num_hidden_layers)
+
+
+# the logit bias of a full match in a chat (the protocol's memory uses 20): a chat reply is free text, and the model's
+# own opening ("I'm sorry, ...", "The ...") has to be outbid at its first token. Measured on SmolLM2: at 20, "Which city
+# do I live in?" (relation cosine 0.85 to "live") put " Oslo" 1.2 nats under the top opening token
+CHAT_STRENGTH = 30.0
 
 
 def chat_fact_memory(model, tokenizer, layer: int | None = None):
-    """An empty `ContextualMemory` for `model`, its subject centre calibrated on `CALIBRATION_TEXT`."""
+    """An empty `ContextualMemory` for `model`, its subject centre calibrated on `CALIBRATION_TEXT`, keyed at
+    `default_fact_layer` unless `layer` is given, with the chat's `CHAT_STRENGTH`."""
     import torch
 
     from .contextual import ContextualConfig, ContextualMemory
@@ -256,4 +266,4 @@ def chat_fact_memory(model, tokenizer, layer: int | None = None):
     layer = default_fact_layer(model) if layer is None else layer
     ids = torch.tensor(tokenizer(CALIBRATION_TEXT, add_special_tokens=False).input_ids)
     ids = ids[: model.config.max_position_embeddings].to(model.device)
-    return ContextualMemory.for_model(model, ids, ContextualConfig(layer=layer))
+    return ContextualMemory.for_model(model, ids, ContextualConfig(layer=layer, strength=CHAT_STRENGTH))

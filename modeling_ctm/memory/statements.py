@@ -13,6 +13,7 @@ It is a small pattern set over the everyday forms people state facts in (English
     the name of  my|our|Tom's  NOUN  is VALUE                 -> "my NOUN is called VALUE"
     I / we / Tom  live|work|study|... [in|at|as|for ...] VALUE  "I live in Paris", "Tom works as a teacher"
     I|we have a NOUN called|named VALUE                        -> "my|our NOUN is called VALUE"
+    Tom has a NOUN called|named VALUE                          -> "Tom's NOUN is called VALUE"
     VALUE is my|our NOUN                                       -> "my|our NOUN is VALUE"
 
 The **subject** is the owner word ("my", "our", "the", "I", "Tom"), the **value** the first word after the copula and
@@ -113,8 +114,8 @@ NAME_OF = re.compile(
 )
 DOES = re.compile(rf"^(?P<owner>I|we|We|{NAME})\s+(?P<verb>{VERBS})\s+{PARTICLES}(?P<value>{VALUE})")
 HAVE = re.compile(
-    rf"^(?P<owner>I|we|We)\s+(?:have|'ve got|have got|own)\s+(?:a|an)\s+(?P<noun>{NOUN}(?:\s+{NOUN})?)\s+"
-    rf"(?:called|named)\s+(?P<value>{VALUE})"
+    rf"^(?:(?P<owner>I|we|We)\s+(?:have|'ve got|have got|own)|(?P<name>{NAME})\s+(?:has|owns))\s+(?:a|an)\s+"
+    rf"(?P<noun>{NOUN}(?:\s+{NOUN})?)\s+(?:called|named)\s+(?P<value>{VALUE})"
 )
 INVERTED = re.compile(
     rf"^(?P<value>{NAME}(?:\s+{NAME})*)\s+is\s+(?P<owner>(?i:my|our))\s+(?P<noun>{NOUN}(?:\s+{NOUN})?)\s*$"
@@ -130,10 +131,11 @@ def _owner_word(owner: str) -> str:
 
 
 def _build(pieces: list[tuple[str, str | None]], source: tuple[int, int]) -> Statement:
-    """Join `pieces` (text, role) with single spaces; the spans of the pieces whose role is "subject" and "value"."""
+    """Join `pieces` (text, role) with single spaces (none before "'s"); the spans of the pieces whose role is
+    "subject" and "value"."""
     text, spans = "", {}
     for piece, role in pieces:
-        if text:
+        if text and not piece.startswith("'"):
             text += " "
         if role is not None:
             spans[role] = (len(text), len(text) + len(piece))
@@ -156,7 +158,7 @@ def _read_clause(clause: str, source: tuple[int, int]) -> Statement | None:
         value = _value(match)
         if value is None:
             return None
-        owner = match.group("owner")
+        owner = match.group("owner") or ""
         if pattern is DOES:
             if owner.lower() in PRONOUN_SUBJECTS:
                 return None
@@ -166,7 +168,7 @@ def _read_clause(clause: str, source: tuple[int, int]) -> Statement | None:
             return _build([(subject, "subject"), *((w, None) for w in middle), (value, "value")], source)
         name = match.groupdict().get("name")
         noun = " ".join(match.group("noun").split())
-        if pattern is HAVE:
+        if pattern is HAVE and not name:
             owner = "my" if owner == "I" else "our"
         if name:
             subject_pieces = [(name, "subject"), ("'s " + noun, None)]

@@ -16,7 +16,8 @@ Arms:
     in_context   the statement of the asked fact as the conversation's previous turn, then the question, fact memory
                  off (the positive control: can the base model use the fact when it is in front of it?)
 
-Metrics (means over the seed's questions): `recall` (the value is a word of the reply), `found` (the stated facts the
+Metrics (means over the seed's questions): `recall` (the value is a word of the reply), `clean` (the value is, and no
+other value of its pool: "Thursday, Wednesday, Friday" is recall without clean), `found` (the stated facts the
 extractor found with the right value; `told` only), `ms_per_token` (generation wall ms per generated token: the read
 runs one forward of the conversation per generated token), `bytes` (the fact memory held).
 
@@ -60,7 +61,7 @@ ARMS = {
     "never_told": "control: the same questions to a brain never told anything",
     "in_context": "positive control: the statement in the previous turn of the question's conversation",
 }
-METRICS = ("recall", "found", "ms_per_token", "bytes")
+METRICS = ("recall", "clean", "found", "ms_per_token", "bytes")
 # relation: (values, how it is stated, how it is asked); the questions use other words than the statements
 FACTS = {
     "sister": (
@@ -124,6 +125,10 @@ def holds(reply: str, value: str) -> bool:
     return re.search(rf"\b{re.escape(value)}\b", reply) is not None
 
 
+def clean(reply: str, value: str, relation: str) -> bool:
+    return holds(reply, value) and not any(holds(reply, other) for other in FACTS[relation][0] if other != value)
+
+
 def run_seed(settings: Settings, seed: int) -> dict:
     checkpoint = Path(settings.checkpoint)
     facts = draw(seed)
@@ -142,7 +147,7 @@ def run_seed(settings: Settings, seed: int) -> dict:
         session.save(brain)
         nbytes = session.contextual.nbytes()
         for arm in ARMS:
-            hits, seconds, tokens, replies[arm] = 0, 0.0, 0, []
+            hits, cleans, seconds, tokens, replies[arm] = 0, 0, 0.0, 0, []
             for fact, question in asked:
                 if arm == "told":
                     session = CTMOnlineSession.load(brain)  # a new process: the brain from disk
@@ -152,9 +157,11 @@ def run_seed(settings: Settings, seed: int) -> dict:
                     session.say(fact["statement"], max_new_tokens=settings.max_new_tokens)
                 reply, spent, n = ask(session, question, settings.max_new_tokens)
                 hits += holds(reply, fact["value"])
+                cleans += clean(reply, fact["value"], fact["relation"])
                 seconds, tokens = seconds + spent, tokens + n
                 replies[arm].append({"question": question, "value": fact["value"], "reply": reply})
-            out[arm] = {"recall": hits / len(asked), "ms_per_token": 1000 * seconds / max(tokens, 1),
+            out[arm] = {"recall": hits / len(asked), "clean": cleans / len(asked),
+                        "ms_per_token": 1000 * seconds / max(tokens, 1),
                         "found": found / len(facts) if arm == "told" else float("nan"),
                         "bytes": nbytes if arm == "told" else 0}  # fmt: skip
     out["statements"] = [f["statement"] for f in facts]

@@ -326,9 +326,9 @@ class ContextualLogitsProcessor(LogitsProcessor):
     that are text to read (the user's message, not the chat scaffolding); every generated token is read.
 
     With `reply=True` (a chat reply): the value's spelling without its leading space ("Oslo" for " Oslo") gets the same
-    bias at the reply's first token, since a reply opens without a space; and the bias leaves out what the reply has
-    already said, so the value is said once instead of being pushed again at every later step (the read stays on while
-    the subject and relation are in view)."""
+    bias at the reply's first token, since a reply opens without a space; and once the reply has said the token the
+    read favours most, the read is over for this reply: the value is said once, instead of being pushed again at every
+    later step, and tokens near it (the other weekdays near "Thursday") get no side bias after it either."""
 
     def __init__(self, memory: ContextualMemory, model, tokenizer, prompt_text: torch.Tensor, reply: bool = False):
         self.memory, self.model, self.tokenizer = memory, model, tokenizer
@@ -355,6 +355,7 @@ class ContextualLogitsProcessor(LogitsProcessor):
                 said = torch.zeros(len(bias), dtype=torch.bool)
                 said[input_ids[row, len(self.prompt_text) :].cpu()] = True
                 said[self.spaced[said[self.bare]]] = True  # said without its space: said
-                bias[said] = 0.0
+                if bool((bias[said] >= 0.5 * bias.max()).any()) and float(bias.max()) > 0:
+                    bias.zero_()
             scores[row] = scores[row] + bias.to(scores.device)
         return scores

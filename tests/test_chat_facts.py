@@ -113,7 +113,7 @@ def test_smollm2_answers_in_a_new_process_what_it_was_told_in_an_everyday_senten
 
     def chat(brain: str, *messages: str) -> list[str]:
         command = [sys.executable, "-m", "modeling_ctm.cli", "chat", str(SMOLLM2), "--brain", str(tmp_path / brain),
-                   "--max-new-tokens", "12"]  # fmt: skip
+                   "--max-new-tokens", "8"]  # fmt: skip
         for message in messages:
             command += ["--message", message]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)

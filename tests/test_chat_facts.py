@@ -125,3 +125,28 @@ def test_smollm2_answers_in_a_new_process_what_it_was_told_in_an_everyday_senten
     assert re.search(r"\bAnna\b", answer), answer
     (control,) = chat("fresh", "What's my sister's name?")
     assert not re.search(r"\bAnna\b", control), control
+
+
+def test_the_fact_memorys_own_forwards_are_kept_from_plasticity_and_observers():
+    """The fact memory's writes and reads run forwards of their own; plasticity must not gather statistics from them
+    (they are no part of the conversation), nor a confidence recorder count them as steps of the reply."""
+    from tiny import tiny_model
+
+    from modeling_ctm.memory.plasticity import HebbianPlasticity, PlasticityConfig
+    from modeling_ctm.memory.session import CTMOnlineSession, OnlineConfig
+
+    tokenizer = train_tokenizer(CORPUS * 30, vocab_size=400)
+    model = tiny_model(vocab_size=len(tokenizer), ctm_carry="chunk", ctm_chunk_size=4, max_position_embeddings=256)
+    session = CTMOnlineSession(model, tokenizer, plasticity=HebbianPlasticity(model, PlasticityConfig()),
+                               config=OnlineConfig(max_new_tokens=2))  # fmt: skip
+    session.say("hello there")  # a conversation under way: plasticity gathers
+    registry = model.base_model.tick_observers
+    observers, gathered = len(registry), session.plasticity._stats.clone()
+    assert session.plasticity.enabled and observers
+    with session._aside():
+        assert not session.plasticity.enabled and not registry
+        model(torch.tensor([[5, 6, 7]]))
+    assert session.plasticity.enabled and len(registry) == observers
+    torch.testing.assert_close(session.plasticity._stats, gathered, atol=0, rtol=0)  # nothing gathered aside
+    model(torch.tensor([[5, 6, 7]]))  # while a forward in the conversation is gathered
+    assert float((session.plasticity._stats - gathered).abs().max()) > 0

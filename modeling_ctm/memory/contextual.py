@@ -30,6 +30,7 @@ read is one (positions x writes) kernel and one (positions x vocabulary) product
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -328,10 +329,15 @@ class ContextualLogitsProcessor(LogitsProcessor):
     With `reply=True` (a chat reply): the value's spelling without its leading space ("Oslo" for " Oslo") gets the same
     bias at the reply's first token, since a reply opens without a space; and once the reply has said the token the
     read favours most, the read is over for this reply: the value is said once, instead of being pushed again at every
-    later step, and tokens near it (the other weekdays near "Thursday") get no side bias after it either."""
+    later step, and tokens near it (the other weekdays near "Thursday") get no side bias after it either.
 
-    def __init__(self, memory: ContextualMemory, model, tokenizer, prompt_text: torch.Tensor, reply: bool = False):
+    `aside` (a function returning a context manager) wraps the read's own forward: a session passes one that keeps
+    observers (plasticity's statistics, a confidence recorder) from seeing forwards that are no part of the text."""
+
+    def __init__(self, memory: ContextualMemory, model, tokenizer, prompt_text: torch.Tensor, reply: bool = False,
+                 aside=contextlib.nullcontext):  # fmt: skip
         self.memory, self.model, self.tokenizer = memory, model, tokenizer
+        self.aside = aside
         self.prompt_text = prompt_text.bool()
         self.reply = reply
         self.spaced, self.bare = spelling_pairs(tokenizer) if reply else (None, None)
@@ -346,7 +352,8 @@ class ContextualLogitsProcessor(LogitsProcessor):
             )
         text = torch.cat([self.prompt_text, torch.ones(generated, dtype=torch.bool)])
         for row in range(len(input_ids)):
-            states = self.model(input_ids[row : row + 1], output_hidden_states=True).hidden_states
+            with self.aside():
+                states = self.model(input_ids[row : row + 1], output_hidden_states=True).hidden_states
             value = self.memory.read(self.tokenizer, input_ids[row], states[self.memory.config.layer][0], text)
             bias = self.memory.bias_from_value(value[-1]).to(scores.dtype)
             if self.reply and not generated:

@@ -18,6 +18,7 @@ atomically (`save` / `CTMOnlineSession.load`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -261,9 +262,25 @@ class CTMOnlineSession:
         subject_tokens, value_tokens = tokens(subject_start, subject_end), tokens(value_start, value_end)
         read = torch.zeros(len(ids), dtype=torch.bool)
         read[tokens(0, len(message))] = True
-        return self.contextual.write(
-            self.model, self.tokenizer, ids, subject_tokens[-1], value_tokens[0], text=read
-        )  # fmt: skip
+        with self._aside():
+            return self.contextual.write(self.model, self.tokenizer, ids, subject_tokens[-1], value_tokens[0], text=read)
+
+    @contextlib.contextmanager
+    def _aside(self):
+        """Forwards that are no part of the conversation (the fact memory's writes and reads): plasticity gathers no
+        statistics from them, and no tick observer (a confidence recorder) sees them."""
+        gathering = self.plasticity is not None and self.plasticity.enabled
+        if gathering:
+            self.plasticity.disable()
+        registry = self.model.base_model.tick_observers
+        held = dict(registry)
+        registry.clear()
+        try:
+            yield
+        finally:
+            registry.update(held)
+            if gathering:
+                self.plasticity.enable()
 
     def _tokens_with_offsets(self, text: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """`text` as 1-D token ids with each token's (start, end) characters (a fast tokenizer's offset mapping)."""
@@ -318,7 +335,7 @@ class CTMOnlineSession:
             self.read_mask = turn if self.read_mask is None else torch.cat([self.read_mask, turn])
             if read_facts and len(self.contextual.subjects):  # the read steers the reply: the fact memory's logit bias
                 reader = ContextualLogitsProcessor(self.contextual, self.model, self.tokenizer, self.read_mask,
-                                                   reply=True)  # fmt: skip
+                                                   reply=True, aside=self._aside)  # fmt: skip
                 kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), reader])
         one_row = self._rows_generated(kwargs) == 1
         with torch.no_grad():

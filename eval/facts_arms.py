@@ -224,7 +224,9 @@ class ExtractedArm(ContextualArm):
         start = time.perf_counter()
         self.heard += 1
         tokenizer = self.chat.tokenizer
-        for statement in find_statements(sentence(fact)):
+        statements = find_statements(sentence(fact))
+        self.found += any(s.subject_text == fact["subject"] and s.value_text == fact["value"] for s in statements)
+        for statement in statements:
             text, subject, value = statement.written()
             ids, read = self.chat.ids([{"role": "user", "content": text}])
             first = int(read.nonzero()[0])  # the message's tokens: tokenized on their own, as `Chat.ids` does
@@ -232,7 +234,6 @@ class ExtractedArm(ContextualArm):
             subject_end = first + max(i for i, (a, b) in enumerate(offsets) if a < subject[1] and b > subject[0])
             value_start = first + min(i for i, (a, b) in enumerate(offsets) if a < value[1] and b > value[0])
             self.memory.write(self.chat.model, tokenizer, ids, subject_end, value_start, text=read)
-            self.found += statement.subject_text == fact["subject"] and statement.value_text == fact["value"]
             self.written_tokens += int(read.sum())
         self.write_seconds += time.perf_counter() - start
 

@@ -14,6 +14,7 @@ It is a small pattern set over the everyday forms people state facts in (English
     I / we / Tom  live|work|study|... [in|at|as|for ...] VALUE  "I live in Paris", "Tom works as a teacher"
     I|we have a NOUN called|named VALUE                        -> "my|our NOUN is called VALUE"
     Tom has a NOUN called|named VALUE                          -> "Tom's NOUN is called VALUE"
+    I|Tom have|has a NOUN in|at|as (a) VALUE                   -> "my|Tom's NOUN is in|at|as VALUE"
     VALUE is my|our NOUN                                       -> "my|our NOUN is VALUE"
 
 The **subject** is the owner word ("my", "our", "the", "I", "Tom"), the **value** the first word after the copula and
@@ -117,6 +118,12 @@ HAVE = re.compile(
     rf"^(?:(?P<owner>I|we|We)\s+(?:have|'ve got|have got|own)|(?P<name>{NAME})\s+(?:has|owns))\s+(?:a|an)\s+"
     rf"(?P<noun>{NOUN}(?:\s+{NOUN})?)\s+(?:called|named)\s+(?P<value>{VALUE})"
 )
+HAVE_IN = re.compile(
+    rf"^(?:(?P<owner>I|we|We)\s+(?:have|own)|(?P<name>{NAME})\s+(?:has|owns))\s+(?:a|an)\s+(?P<noun>{NOUN})\s+"
+    rf"(?P<prep>in|at|on|near|as an|as a|as)\s+(?P<value>{VALUE})"
+)
+# a clause that says who is speaking: "I'm Tom", "Tom here", "my name is Tom"
+SPEAKER = re.compile(rf"^(?:(?:I'm|I am|this is|my name is|My name is)\s+(?P<name>{NAME})|(?P<here>{NAME})\s+here)$")
 INVERTED = re.compile(
     rf"^(?P<value>{NAME}(?:\s+{NAME})*)\s+is\s+(?P<owner>(?i:my|our))\s+(?P<noun>{NOUN}(?:\s+{NOUN})?)\s*$"
 )
@@ -151,7 +158,7 @@ def _value(match: re.Match) -> str | None:
 
 
 def _read_clause(clause: str, source: tuple[int, int]) -> Statement | None:
-    for pattern in (NAME_OF, HAVE, INVERTED, POSSESSED, DOES):
+    for pattern in (NAME_OF, HAVE, HAVE_IN, INVERTED, POSSESSED, DOES):
         match = pattern.match(clause)
         if match is None:
             continue
@@ -168,7 +175,7 @@ def _read_clause(clause: str, source: tuple[int, int]) -> Statement | None:
             return _build([(subject, "subject"), *((w, None) for w in middle), (value, "value")], source)
         name = match.groupdict().get("name")
         noun = " ".join(match.group("noun").split())
-        if pattern is HAVE and not name:
+        if pattern in (HAVE, HAVE_IN) and not name:
             owner = "my" if owner == "I" else "our"
         if name:
             subject_pieces = [(name, "subject"), ("'s " + noun, None)]
@@ -176,6 +183,8 @@ def _read_clause(clause: str, source: tuple[int, int]) -> Statement | None:
             subject_pieces = [(_owner_word(owner), "subject"), (noun, None)]
         if pattern in (NAME_OF, HAVE):
             return _build([*subject_pieces, ("is called", None), (value, "value")], source)
+        if pattern is HAVE_IN:
+            return _build([*subject_pieces, ("is " + match.group("prep"), None), (value, "value")], source)
         if pattern is INVERTED:
             return _build([*subject_pieces, ("is", None), (value, "value")], source)
         # POSSESSED: the sentence as said, the owner lower-cased (a name kept), the openers already dropped
@@ -195,11 +204,30 @@ def _has_relation(statement: Statement) -> bool:
     return any(word not in STOPWORDS for word in re.findall(r"[a-z]+", between))
 
 
+def _as_speaker(statement: Statement, speaker: str) -> Statement | None:
+    """A first-person statement about a speaker who gave their name, said of the name: "my sister is called Anna" ->
+    "Tom's sister is called Anna", "I live in Paris" -> "Tom lives in Paris" (a later question may ask either way)."""
+    owner = statement.subject_text
+    if owner == "my":
+        text, head = f"{speaker}'s" + statement.text[2:], len(speaker) + 2 - 2
+    elif owner == "I":
+        words = statement.text[2:].split(" ", 1)
+        verb = words[0] + ("es" if words[0].endswith(("ch", "sh")) else "s")
+        text = f"{speaker} {verb} {words[1]}" if len(words) > 1 else f"{speaker} {verb}"
+        head = len(text) - len(statement.text)
+    else:
+        return None
+    value = (statement.value[0] + head, statement.value[1] + head)
+    return Statement(text, (0, len(speaker)), value, statement.source)
+
+
 def find_statements(message: str) -> list[Statement]:
-    """The facts `message` states, in order (see the module docstring); [] for questions and chit-chat."""
+    """The facts `message` states, in order (see the module docstring); [] for questions and chit-chat. When the
+    message says who is speaking ("I'm Tom.", "Tom here."), each first-person fact is also returned said of that name,
+    right after it."""
     if not isinstance(message, str):
         raise ValueError(f"message={message!r} is invalid: allowed values are strings")
-    found = []
+    found, speaker = [], None
     for sentence in SENTENCE.finditer(message):
         body = sentence.group().strip()
         if not body or body.endswith("?"):
@@ -222,10 +250,17 @@ def find_statements(message: str) -> list[Statement]:
                 break  # a question or a request: the rest of its sentence is part of it
             if NEGATIONS_AND_HEDGES.search(stripped):
                 continue
+            introduced = SPEAKER.match(stripped)
+            if introduced:
+                speaker = introduced.group("name") or introduced.group("here")
+                continue
             source = (offset + clause.index(stripped), offset + clause.index(stripped) + len(stripped))
             statement = _read_clause(stripped, source)
             if statement is not None and _has_relation(statement):
                 found.append(statement)
+                named = _as_speaker(statement, speaker) if speaker else None
+                if named is not None:
+                    found.append(named)
     return found
 
 

@@ -100,3 +100,26 @@ def test_a_correction_is_written_in_the_words_of_the_fact_it_corrects():
 def test_a_message_that_is_not_text_is_refused_by_name():
     with pytest.raises(ValueError, match="message=3 is invalid"):
         find_statements(3)
+
+
+def test_a_speaker_who_gives_their_name_also_has_their_first_person_facts_said_of_the_name():
+    """"I'm Tom. My sister is called Anna." is asked later as "what's my sister's name?" or as "what is Tom's sister
+    called?": both keys are written."""
+    found = find_statements("I'm Tom. My sister is called Anna. I live in Paris.")
+    assert [(s.text, s.subject_text, s.value_text) for s in found] == [
+        ("my sister is called Anna", "my", "Anna"), ("Tom's sister is called Anna", "Tom", "Anna"),
+        ("I live in Paris", "I", "Paris"), ("Tom lives in Paris", "Tom", "Paris"),
+    ]  # fmt: skip
+    found = find_statements("Tom here. I have a meeting in May.")
+    assert [(s.text, s.value_text) for s in found][1] == ("Tom's meeting is in May", "May")
+    assert find_statements("I'm Tom.") == [] and find_statements("I'm tired.") == []
+
+
+@pytest.mark.parametrize(
+    "message, text",
+    [("Tom has a flat in Paris.", "Tom's flat is in Paris"), ("Tom has a job as a teacher", "Tom's job is as a teacher"),
+     ("I have a meeting in May", "my meeting is in May")],
+)  # fmt: skip
+def test_a_noun_had_in_or_as_something_is_a_fact_about_the_noun(message, text):
+    (statement,) = find_statements(message)
+    assert statement.text == text and statement.value_text == text.split()[-1]

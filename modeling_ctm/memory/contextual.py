@@ -327,9 +327,10 @@ class ContextualLogitsProcessor(LogitsProcessor):
     that are text to read (the user's message, not the chat scaffolding); every generated token is read.
 
     With `reply=True` (a chat reply): the value's spelling without its leading space ("Oslo" for " Oslo") gets the same
-    bias at the reply's first token, since a reply opens without a space; and once the reply has said the token the
-    read favours most, the read is over for this reply: the value is said once, instead of being pushed again at every
-    later step, and tokens near it (the other weekdays near "Thursday") get no side bias after it either.
+    bias at the reply's first token, since a reply opens without a space; and once the reply has said a token the read
+    favoured (at least half its top bias at that step), the read is over for this reply: the value is said once instead
+    of being pushed again at every later step, tokens near it (the other weekdays near "Thursday") get no side bias
+    after it, and the rest of the reply runs no forward of the read.
 
     `aside` (a function returning a context manager) wraps the read's own forward: a session passes one that keeps
     observers (plasticity's statistics, a confidence recorder) from seeing forwards that are no part of the text."""
@@ -341,6 +342,8 @@ class ContextualLogitsProcessor(LogitsProcessor):
         self.prompt_text = prompt_text.bool()
         self.reply = reply
         self.spaced, self.bare = spelling_pairs(tokenizer) if reply else (None, None)
+        self.favoured: dict[int, torch.Tensor] = {}  # per row: the tokens the last step's bias favoured most
+        self.over: set[int] = set()  # rows whose reply has said what the read favoured: no more reads (no forwards)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -352,17 +355,20 @@ class ContextualLogitsProcessor(LogitsProcessor):
             )
         text = torch.cat([self.prompt_text, torch.ones(generated, dtype=torch.bool)])
         for row in range(len(input_ids)):
+            if self.reply and generated:
+                favoured = self.favoured.get(row)
+                if row in self.over or (favoured is not None and bool((favoured == int(input_ids[row, -1])).any())):
+                    self.over.add(row)  # the value is said: the rest of the reply is the model's, and costs no read
+                    continue
             with self.aside():
                 states = self.model(input_ids[row : row + 1], output_hidden_states=True).hidden_states
             value = self.memory.read(self.tokenizer, input_ids[row], states[self.memory.config.layer][0], text)
             bias = self.memory.bias_from_value(value[-1]).to(scores.dtype)
             if self.reply and not generated:
                 bias[self.bare] = torch.maximum(bias[self.bare], bias[self.spaced])
-            elif self.reply:
-                said = torch.zeros(len(bias), dtype=torch.bool)
-                said[input_ids[row, len(self.prompt_text) :].cpu()] = True
-                said[self.spaced[said[self.bare]]] = True  # said without its space: said
-                if bool((bias[said] >= 0.5 * bias.max()).any()) and float(bias.max()) > 0:
-                    bias.zero_()
+            if self.reply:
+                peak = float(bias.max())
+                favoured = (bias >= 0.5 * peak).nonzero()[:, 0] if peak > 0 else torch.zeros(0, dtype=torch.long)
+                self.favoured[row] = favoured
             scores[row] = scores[row] + bias.to(scores.device)
         return scores

@@ -28,7 +28,10 @@ there. The true value is ranked among 10 candidates of the same relation (chance
 Arms: `off` (no memory); `oracle` (the told fact(s) about the queried subject and relation in an earlier chat turn:
 the upper bound of retrieval); `rag` (every past conversation kept as text, keyed by its centred mean input embedding,
 the episodic memory's key; the best match to the question put in an earlier turn); `contextual`
-(`modeling_ctm.memory.contextual`: subject x relation keys, delta-rule write, logit-bias read). `episodic`,
+(`modeling_ctm.memory.contextual`: subject x relation keys, delta-rule write, logit-bias read, told the subject and
+value of each sentence); `contextual_extracted` (the same memory, the subject and value found in the sentence by
+`modeling_ctm.memory.statements.find_statements`, as `ctm chat` finds them; its `found` is the share of told sentences
+where that found the fact's own subject and value). `episodic`,
 `token_memory`, `hebbian` and `learn_from` need a model with thinking layers and a carried state (`ctm_carry="chunk"`);
 the converted SmolLM2 has none, so they are listed as not run with that reason.
 
@@ -63,8 +66,9 @@ from modeling_ctm.io_ctm import atomic_write  # noqa: E402
 
 
 SMOLLM2_CACHE = "/work/cache/smollm2-ctm"  # a converted copy, when there is one; else the GGUF is converted
-ARMS = ("off", "oracle", "rag", "episodic", "token_memory", "hebbian", "learn_from", "contextual")
-RUN_ARMS = ("off", "oracle", "rag", "contextual")
+ARMS = ("off", "oracle", "rag", "episodic", "token_memory", "hebbian", "learn_from", "contextual",
+        "contextual_extracted")  # fmt: skip
+RUN_ARMS = ("off", "oracle", "rag", "contextual", "contextual_extracted")
 NOT_RUN = {
     arm: "needs thinking layers with a carried state (ctm_carry='chunk'); the converted SmolLM2 has neither"
     for arm in ("episodic", "token_memory", "hebbian", "learn_from")
@@ -72,7 +76,7 @@ NOT_RUN = {
 METRICS = ("efficacy", "paraphrase", "neighbourhood", "other_relation", "overwrite", "retention_10", "retention_100",
            "retention_1000", "false_recall", "ce_drift", "ms_per_token", "bytes")  # fmt: skip
 
-EXTRA_METRICS = ("exact_match", "write_ms_per_token")
+EXTRA_METRICS = ("exact_match", "write_ms_per_token", "found")
 
 
 @dataclass
@@ -135,10 +139,12 @@ def run_seed(settings: Settings, seed: int, chat: Chat, values, subjects, calibr
             q["candidates"][t] in q["told"] for q, t in zip(queries["neighbourhood"], tops["neighbourhood"])
         )
         metrics["ce_drift"] = held_out_ce(chat, arm, held_out) - held_out_ce(chat, Arm(chat), held_out) if name in (
-            "off", "contextual") else None  # fmt: skip
+            "off", "contextual", "contextual_extracted") else None  # fmt: skip
         metrics["ms_per_token"] = 1000 * seconds / max(tokens, 1)
         metrics["write_ms_per_token"] = 1000 * arm.write_seconds / arm.written_tokens if arm.written_tokens else None
         metrics["bytes"] = arm.nbytes()
+        # contextual_extracted: the told sentences whose subject and value the chat's extractor found
+        metrics["found"] = arm.found / arm.heard if getattr(arm, "heard", 0) else None
         metrics.update(retention(settings, seed, chat, name, values, subjects, calibration))
         per_arm[name] = metrics
         print(f"seed {seed} {name}: " + ", ".join(f"{k}={v:.3g}" for k, v in metrics.items() if v is not None),

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from facts_world import sentence
 
 from modeling_ctm.memory.contextual import ContextualConfig, ContextualLogitsProcessor, ContextualMemory
+from modeling_ctm.memory.statements import find_statements
 
 
 ORACLE_REPLY = "Got it, I'll remember that."
@@ -209,6 +210,34 @@ class ContextualArm(Arm):
         return [ContextualLogitsProcessor(self.memory, self.chat.model, self.chat.tokenizer, read)]
 
 
+class ExtractedArm(ContextualArm):
+    """The contextual memory with nobody telling it the subject and value: `find_statements` finds them in the told
+    sentence, as `ctm chat` does, and the write takes what it found (nothing, for a sentence it does not parse)."""
+
+    name = "contextual_extracted"
+
+    def __init__(self, chat, memory: ContextualMemory):
+        super().__init__(chat, memory)
+        self.heard = self.found = 0
+
+    def hear_fact(self, fact):
+        start = time.perf_counter()
+        self.heard += 1
+        tokenizer = self.chat.tokenizer
+        statements = find_statements(sentence(fact))
+        self.found += any(s.subject_text == fact["subject"] and s.value_text == fact["value"] for s in statements)
+        for statement in statements:
+            text, subject, value = statement.written()
+            ids, read = self.chat.ids([{"role": "user", "content": text}])
+            first = int(read.nonzero()[0])  # the message's tokens: tokenized on their own, as `Chat.ids` does
+            offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            subject_end = first + max(i for i, (a, b) in enumerate(offsets) if a < subject[1] and b > subject[0])
+            value_start = first + min(i for i, (a, b) in enumerate(offsets) if a < value[1] and b > value[0])
+            self.memory.write(self.chat.model, tokenizer, ids, subject_end, value_start, text=read)
+            self.written_tokens += int(read.sum())
+        self.write_seconds += time.perf_counter() - start
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Scoring
 # ----------------------------------------------------------------------------------------------------------------------
@@ -236,7 +265,7 @@ def build_arm(name: str, chat: Chat, calibration: torch.Tensor, layer: int) -> A
     if name == "rag":
         return RagArm(chat)
     memory = ContextualMemory.for_model(chat.model, calibration, ContextualConfig(layer=layer))
-    return ContextualArm(chat, memory)
+    return ExtractedArm(chat, memory) if name == "contextual_extracted" else ContextualArm(chat, memory)
 
 
 @torch.no_grad()

@@ -8,6 +8,9 @@
     ctm convert smollm2-135m-instruct --output runs/smollm2-ctm --set ctm_layers=last
                                                          # a pretrained Llama-family checkpoint as a CTM, exactly
     ctm chat runs/smollm2-ctm --system "You are brief."   # a converted chat model, its chat template applied
+    ctm chat runs/smollm2-ctm --brain my-brain --message "My sister is called Anna."
+    ctm chat runs/smollm2-ctm --brain my-brain --message "What's my sister's name?"
+                                                         # facts a message states are kept in the brain
 """
 
 import argparse
@@ -53,40 +56,55 @@ def _eval(args) -> None:
     print(json.dumps(metrics, indent=2))
 
 
-def _chat(args) -> None:
-    from transformers import TextStreamer
-
+def open_chat_session(checkpoint: Path, brain: Path | None = None, preset: str = "tiny"):
+    """The session `ctm chat` talks through: the brain in `brain` if one was saved there, else `checkpoint` with the
+    memory stack of `preset`'s phase4 section (none for a model without thinking layers). Prints what it loaded."""
     from .memory.session import CTMOnlineSession
     from .training.phases import freeze_for_thinking, online_session
     from .training.runs import load_preset
 
-    brain = args.brain
     if brain is not None and (brain / "session.json").is_file():
         session = CTMOnlineSession.load(brain)
-        print(f"[brain {brain}: {session.conversations} conversations, {len(session.memory or [])} episodes]")
+        facts = f", {session.contextual.writes} facts written" if session.contextual is not None else ""
+        print(f"[brain {brain}: {session.conversations} conversations, {len(session.memory or [])} episodes{facts}]")
+        return session
+    spec = load_preset(preset).phase4
+    if spec is None:
+        raise ValueError(f"preset={preset!r} has no phase4 section: allowed presets set up a memory stack")
+    model, tokenizer = _load_checkpoint(Path(checkpoint))
+    spec.session = dataclasses.replace(spec.session, chat_template=tokenizer.chat_template is not None)
+    if not model.config.ctm_layer_indices:
+        # a converted checkpoint without thinking layers has no thinking state to remember with
+        spec = dataclasses.replace(
+            spec, memory=None, token_memory="none", plasticity=None, sleep=None,
+            session=dataclasses.replace(spec.session, sleep_every=None),
+        )  # fmt: skip
+        print("[ctm_layers='none': a plain chat (memory, plasticity and sleep need thinking layers: convert with "
+              "--set ctm_layers=last --set ctm_carry=chunk --set ctm_chunk_size=1)]")  # fmt: skip
+    elif model.config.ctm_carry != "chunk":
+        raise ValueError(
+            f"{checkpoint} has ctm_carry={model.config.ctm_carry!r}: chat carries thinking state between "
+            "turns and needs ctm_carry='chunk' (a phase 3 or 4 model, or ctm convert ... --set ctm_carry=chunk "
+            "--set ctm_chunk_size=1)"
+        )
     else:
-        spec = load_preset(args.preset).phase4
-        if spec is None:
-            raise ValueError(f"preset={args.preset!r} has no phase4 section: allowed presets set up a memory stack")
-        model, tokenizer = _load_checkpoint(args.checkpoint)
-        spec.session = dataclasses.replace(spec.session, chat_template=tokenizer.chat_template is not None)
-        if not model.config.ctm_layer_indices:
-            # a converted checkpoint without thinking layers has no thinking state to remember with
-            spec = dataclasses.replace(
-                spec, memory=None, token_memory="none", plasticity=None, sleep=None,
-                session=dataclasses.replace(spec.session, sleep_every=None),
-            )  # fmt: skip
-            print("[ctm_layers='none': a plain chat (memory, plasticity and sleep need thinking layers: convert with "
-                  "--set ctm_layers=last --set ctm_carry=chunk --set ctm_chunk_size=1)]")  # fmt: skip
-        elif model.config.ctm_carry != "chunk":
-            raise ValueError(
-                f"{args.checkpoint} has ctm_carry={model.config.ctm_carry!r}: chat carries thinking state between "
-                "turns and needs ctm_carry='chunk' (a phase 3 or 4 model, or ctm convert ... --set ctm_carry=chunk "
-                "--set ctm_chunk_size=1)"
-            )
-        else:
-            freeze_for_thinking(model, spec.freeze)  # what sleep may change, as in phase 4
-        session = online_session(model, tokenizer, spec)
+        freeze_for_thinking(model, spec.freeze)  # what sleep may change, as in phase 4
+    return online_session(model, tokenizer, spec)
+
+
+def _chat(args) -> None:
+    from transformers import TextStreamer
+
+    brain = args.brain
+    session = open_chat_session(args.checkpoint, brain, args.preset)
+    fact_memory = args.fact_memory if args.fact_memory is not None else brain is not None
+    kept_facts = None
+    if fact_memory and session.contextual is None:
+        from .memory.statements import chat_fact_memory
+
+        session.contextual = chat_fact_memory(session.model, session.tokenizer, args.fact_layer)
+    elif not fact_memory:  # neither written nor read this run; a brain's fact memory is kept as it was
+        kept_facts, session.contextual = session.contextual, None
     overrides = {"system": args.system, "max_new_tokens": args.max_new_tokens}
     session.config = dataclasses.replace(session.config, **{k: v for k, v in overrides.items() if v is not None})
     if args.temperature < 0 or not 0 < args.top_p <= 1:
@@ -100,20 +118,39 @@ def _chat(args) -> None:
         for message in messages:
             if message.strip() in ("/quit", "/end"):
                 break
+            # a message that states facts is answered as a statement; the fact memory's read steers the others
+            told = remember_statements(session, message) if fact_memory else []
             if args.show_confidence:
-                print(f"ctm> {_say(session, message, args.show_confidence, args.unsure_below, **decoding)}")
+                reply = _say(session, message, args.show_confidence, args.unsure_below, read_facts=not told,
+                             **decoding)
+                print(f"ctm> {reply}")
                 continue
             print("ctm> ", end="", flush=True)
             streamer = TextStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            session.say(message, streamer=streamer, **decoding)
+            session.say(message, streamer=streamer, read_facts=not told, **decoding)
     except EOFError:
         pass
     if session.ids is not None:
         report = session.end()
         print(f"[recalled an episode: {report['recalled']}; episodes: {report.get('episodes', 0)}]")
+    if kept_facts is not None:
+        session.contextual = kept_facts
     if brain is not None:
         session.save(brain)
         print(f"[brain saved to {brain}]")
+
+
+def remember_statements(session, message: str) -> list:
+    """Write every fact `message` states into the session's fact memory (`memory.statements.find_statements` finds
+    them; questions and chit-chat write nothing), one line each. Returns the statements written."""
+    from .memory.statements import find_statements
+
+    statements = find_statements(message)
+    for statement in statements:
+        written = session.tell_fact(*statement.written())
+        note = "already known" if written < 1e-3 else "remembered"
+        print(f"[{note}: {statement.text!r} (subject {statement.subject_text!r}, value {statement.value_text!r})]")
+    return statements
 
 
 def parse_set_options(pairs: list[str] | None) -> dict:
@@ -275,6 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="mark the reply's words the confidence head scores low as [word?], and add ' (unsure)'")
     chat.add_argument("--unsure-below", type=float, default=0.5, metavar="P",
                       help="the confidence below which --show-confidence marks a word (default 0.5)")
+    chat.add_argument(
+        "--fact-memory", action=argparse.BooleanOptionalAction, default=None,
+        help="find the facts each message states ('my sister is called Anna', 'I live in Paris', 'the meeting is on "
+        "Tuesday'), write them into the contextual fact memory, let its read steer the replies, and keep it in the "
+        "brain (default: on when --brain is given)",
+    )  # fmt: skip
+    chat.add_argument("--fact-layer", type=int, metavar="N",
+                      help="the decoder layer whose state keys a fact's subject, for a new fact memory (default 1)")
     chat.set_defaults(run=_chat)
     convert = commands.add_parser("convert", help="a Llama-family checkpoint as a CTM model (the same function)")
     convert.add_argument(

@@ -30,6 +30,7 @@ read is one (positions x writes) kernel and one (positions x vocabulary) product
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -307,14 +308,42 @@ class ContextualMemory:
         return memory
 
 
+def spelling_pairs(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(spaced, bare): the ids of every token that is a word after a space (" Oslo") and of the same word without it
+    ("Oslo"), where both are tokens. Read from the vocabulary's byte-level ("\u0120") or SentencePiece ("\u2581")
+    space marks."""
+    vocab = tokenizer.get_vocab()
+    spaced, bare = [], []
+    for token, index in vocab.items():
+        if token[:1] in ("\u0120", "\u2581") and token[1:] in vocab:
+            spaced.append(index)
+            bare.append(vocab[token[1:]])
+    return torch.tensor(spaced, dtype=torch.long), torch.tensor(bare, dtype=torch.long)
+
+
 class ContextualLogitsProcessor(LogitsProcessor):
     """`generate`'s read of a `ContextualMemory`: the bias of `ContextualMemory.logit_bias` at the last position, from
     one forward of the whole sequence so far. `prompt_text` (bool, the prompt's length) marks the prompt positions
-    that are text to read (the user's message, not the chat scaffolding); every generated token is read."""
+    that are text to read (the user's message, not the chat scaffolding); every generated token is read.
 
-    def __init__(self, memory: ContextualMemory, model, tokenizer, prompt_text: torch.Tensor):
+    With `reply=True` (a chat reply): the value's spelling without its leading space ("Oslo" for " Oslo") gets the same
+    bias at the reply's first token, since a reply opens without a space; and once the reply has said a token the read
+    favoured (at least half its top bias at that step), the read is over for this reply: the value is said once instead
+    of being pushed again at every later step, tokens near it (the other weekdays near "Thursday") get no side bias
+    after it, and the rest of the reply runs no forward of the read.
+
+    `aside` (a function returning a context manager) wraps the read's own forward: a session passes one that keeps
+    observers (plasticity's statistics, a confidence recorder) from seeing forwards that are no part of the text."""
+
+    def __init__(self, memory: ContextualMemory, model, tokenizer, prompt_text: torch.Tensor, reply: bool = False,
+                 aside=contextlib.nullcontext):  # fmt: skip
         self.memory, self.model, self.tokenizer = memory, model, tokenizer
+        self.aside = aside
         self.prompt_text = prompt_text.bool()
+        self.reply = reply
+        self.spaced, self.bare = spelling_pairs(tokenizer) if reply else (None, None)
+        self.favoured: dict[int, torch.Tensor] = {}  # per row: the tokens the last step's bias favoured most
+        self.over: set[int] = set()  # rows whose reply has said what the read favoured: no more reads (no forwards)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -326,7 +355,20 @@ class ContextualLogitsProcessor(LogitsProcessor):
             )
         text = torch.cat([self.prompt_text, torch.ones(generated, dtype=torch.bool)])
         for row in range(len(input_ids)):
-            states = self.model(input_ids[row : row + 1], output_hidden_states=True).hidden_states
+            if self.reply and generated:
+                favoured = self.favoured.get(row)
+                if row in self.over or (favoured is not None and bool((favoured == int(input_ids[row, -1])).any())):
+                    self.over.add(row)  # the value is said: the rest of the reply is the model's, and costs no read
+                    continue
+            with self.aside():
+                states = self.model(input_ids[row : row + 1], output_hidden_states=True).hidden_states
             value = self.memory.read(self.tokenizer, input_ids[row], states[self.memory.config.layer][0], text)
-            scores[row] = scores[row] + self.memory.bias_from_value(value[-1]).to(scores.dtype)
+            bias = self.memory.bias_from_value(value[-1]).to(scores.dtype)
+            if self.reply and not generated:
+                bias[self.bare] = torch.maximum(bias[self.bare], bias[self.spaced])
+            if self.reply:
+                peak = float(bias.max())
+                favoured = (bias >= 0.5 * peak).nonzero()[:, 0] if peak > 0 else torch.zeros(0, dtype=torch.long)
+                self.favoured[row] = favoured
+            scores[row] = scores[row] + bias.to(scores.device)
         return scores

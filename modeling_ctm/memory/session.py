@@ -18,21 +18,23 @@ atomically (`save` / `CTMOnlineSession.load`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, LogitsProcessorList
 
 from ..cache_ctm import CTMCache
 from ..io_ctm import atomic_write, load_safetensors_file, replace_folder_atomically, write_json_atomically
 from ..modeling_ctm import CTMForCausalLM
-from .contextual import ContextualMemory
+from .contextual import ContextualLogitsProcessor, ContextualMemory
 from .episodic import CTMEpisodicMemory
 from .plasticity import HebbianPlasticity, PlasticityConfig
 from .sleep import ConsolidationConfig, Consolidator, ReplayHeap, score_sequences, sleep
@@ -157,6 +159,8 @@ class CTMOnlineSession:
         self.chat: list[dict] = []  # with chat_template: the conversation as messages (system, user, assistant, ...)
         self.reply_closing = ""  # with chat_template: the template's text after the last reply, not yet in `ids`
         self.reply_ids: torch.Tensor | None = None  # the last reply's generated tokens
+        self.read_mask: torch.Tensor | None = None  # over `ids`: the text the fact memory reads (messages, replies)
+        self._turn_text = ""  # with chat_template: the text of the last turn `template_turn` rendered
 
     # -- a conversation ------------------------------------------------------------------------------------------------
 
@@ -205,6 +209,7 @@ class CTMOnlineSession:
                 )
             text = self.reply_closing + text[len(before) :]
         self.chat = turn
+        self._turn_text = text
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(self.model.device)
         self.check_room(ids)
         return ids
@@ -222,34 +227,92 @@ class CTMOnlineSession:
         self.chat.append({"role": "assistant", "content": reply})
         return reply
 
-    def tell_fact(self, message: str, subject: str, value: str) -> float:
-        """Write the fact `message` states into the contextual memory: `subject` and `value` are words of the message
-        (the subject's last token and the value's first token are the write's positions). Returns what the delta rule
+    def tell_fact(self, message: str, subject: str | tuple[int, int], value: str | tuple[int, int]) -> float:
+        """Write the fact `message` states into the contextual memory. `subject` and `value` are words of the message
+        (their first occurrence) or (start, end) character spans in it; the subject's last token and the value's first
+        token are the write's positions. With `chat_template` the message is read as a conversation's first user turn
+        (what a later question is read in), the relation from the message's own tokens. Returns what the delta rule
         wrote (0 for a fact already held)."""
         if self.contextual is None:
             raise ValueError("tell_fact needs a session built with contextual=ContextualMemory.for_model(...)")
-        ids = self.encode(message, used=0)[0].cpu()
+        self.encode(message, used=0)  # checks the message and that it fits
 
-        def position(word, last):
-            found = []
-            for prefix in (" ", ""):
-                piece = self.tokenizer(prefix + word, add_special_tokens=False).input_ids
-                token = piece[-1] if last else piece[0]
-                found += [i for i, t in enumerate(ids.tolist()) if t == token]
-            if not found:
-                raise ValueError(f"{word!r} is not a word of message={message!r}: allowed values are its words")
-            return min(found)
+        def span(part, name):
+            if isinstance(part, str):
+                found = re.search(rf"(?<!\w){re.escape(part)}(?!\w)", message) if part.strip() else None
+                if found is None:
+                    raise ValueError(f"{part!r} is not a word of message={message!r}: allowed values are its words")
+                return found.span()
+            if not (isinstance(part, tuple) and len(part) == 2 and 0 <= part[0] < part[1] <= len(message)):
+                raise ValueError(f"{name}={part!r} is invalid: allowed values are a word of the message or a (start, "
+                                 f"end) span with 0 <= start < end <= {len(message)}")  # fmt: skip
+            return part
 
-        return self.contextual.write(self.model, self.tokenizer, ids, position(subject, True), position(value, False))
+        (subject_start, subject_end), (value_start, value_end) = span(subject, "subject"), span(value, "value")
+        text, at = message, 0
+        if self.config.chat_template:
+            chat = [{"role": "system", "content": self.config.system}] if self.config.system else []
+            text = self._render([*chat, {"role": "user", "content": message}], add_generation_prompt=False)
+            at = text.rindex(message)
+        ids, offsets = self._tokens_with_offsets(text)
 
-    def say(self, message: str, **generate_kwargs) -> str:
+        def tokens(lo, hi):
+            return [i for i, (a, b) in enumerate(offsets) if a < at + hi and b > at + lo]
+
+        subject_tokens, value_tokens = tokens(subject_start, subject_end), tokens(value_start, value_end)
+        read = torch.zeros(len(ids), dtype=torch.bool)
+        read[tokens(0, len(message))] = True
+        with self._aside():
+            return self.contextual.write(self.model, self.tokenizer, ids, subject_tokens[-1], value_tokens[0], text=read)
+
+    @contextlib.contextmanager
+    def _aside(self):
+        """Forwards that are no part of the conversation (the fact memory's writes and reads): plasticity gathers no
+        statistics from them, and no tick observer (a confidence recorder) sees them."""
+        gathering = self.plasticity is not None and self.plasticity.enabled
+        if gathering:
+            self.plasticity.disable()
+        registry = self.model.base_model.tick_observers
+        held = dict(registry)
+        registry.clear()
+        try:
+            yield
+        finally:
+            registry.update(held)
+            if gathering:
+                self.plasticity.enable()
+
+    def _tokens_with_offsets(self, text: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """`text` as 1-D token ids with each token's (start, end) characters (a fast tokenizer's offset mapping)."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(
+                "the fact memory finds words by character offsets, which need a fast tokenizer (is_fast=True): load "
+                "it with AutoTokenizer.from_pretrained(..., use_fast=True)"
+            )
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return torch.tensor(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+
+    def _message_mask(self, text: str, message: str) -> torch.Tensor:
+        """True at the tokens of `text` that belong to `message` (its last occurrence): what the fact memory reads,
+        not the chat template's scaffolding."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            return torch.ones(len(self.tokenizer(text, add_special_tokens=False).input_ids), dtype=torch.bool)
+        _, offsets = self._tokens_with_offsets(text)
+        at = text.rindex(message)
+        return torch.tensor([a < at + len(message) and b > at for a, b in offsets], dtype=torch.bool)
+
+    def say(self, message: str, read_facts: bool = True, **generate_kwargs) -> str:
         """One turn: the message goes in, the model's greedy reply (unless `generate_kwargs` say otherwise) comes back.
         The first turn of a conversation recalls an episode; every turn carries the cache forward.
 
         Any decoding `generate` runs for a CTM works (greedy, sampling, beam search, `num_return_sequences`); when it
         produces several rows, the conversation continues with the first (beam search: the best beam), and its
         thinking state and KV are those of that row alone, as if it had been the only one. The arguments the session
-        passes itself (`SESSION_GENERATE_ARGUMENTS`) are refused by name."""
+        passes itself (`SESSION_GENERATE_ARGUMENTS`) are refused by name.
+
+        With a fact memory (`contextual`) holding facts, its read steers the reply (a logits processor), unless
+        `read_facts` is False (`ctm chat` turns it off for a message that itself stated facts: the reply is to the
+        statement, not a question about it)."""
         taken = sorted(set(generate_kwargs) & set(SESSION_GENERATE_ARGUMENTS))
         if taken:
             raise ValueError(
@@ -266,6 +329,14 @@ class CTMOnlineSession:
             self.learn_from(ids)
         context = ids if self.ids is None else torch.cat([self.ids, ids], dim=1)
         kwargs = {"max_new_tokens": self.config.max_new_tokens, "do_sample": False, **generate_kwargs}
+        if self.contextual is not None:
+            turn = self._message_mask(self._turn_text, message) if self.config.chat_template else None
+            turn = torch.ones(ids.shape[1], dtype=torch.bool) if turn is None else turn
+            self.read_mask = turn if self.read_mask is None else torch.cat([self.read_mask, turn])
+            if read_facts and len(self.contextual.subjects):  # the read steers the reply: the fact memory's logit bias
+                reader = ContextualLogitsProcessor(self.contextual, self.model, self.tokenizer, self.read_mask,
+                                                   reply=True, aside=self._aside)  # fmt: skip
+                kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), reader])
         one_row = self._rows_generated(kwargs) == 1
         with torch.no_grad():
             if one_row:
@@ -287,6 +358,9 @@ class CTMOnlineSession:
                 self.ids = out.sequences[:1]
                 self._read(self.ids)
         self.messages += 1
+        if self.read_mask is not None:  # the reply is text the fact memory reads, as the messages are
+            reply = torch.ones(self.ids.shape[1] - len(self.read_mask), dtype=torch.bool)
+            self.read_mask = torch.cat([self.read_mask, reply])
         self.reply_ids = self.ids[0, context.shape[1] :]  # the reply's own tokens (read by ctm chat's confidence marks)
         if self.config.chat_template:
             return self._record_reply(self.ids[0, context.shape[1] :])
@@ -334,7 +408,7 @@ class CTMOnlineSession:
         messages = [message] if isinstance(message, str) else list(message)
         if not messages:
             raise ValueError("message=[] is invalid: allowed values are a message or a non-empty list of messages")
-        encoded = []
+        encoded, read = [], None
         for m in messages:
             encoded.append(self.encode(m, used=sum(e.shape[1] for e in encoded)))
         ids = torch.cat(encoded, dim=1)
@@ -344,6 +418,10 @@ class CTMOnlineSession:
             text = self._render(chat, add_generation_prompt=True)
             ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(self.model.device)
             self.check_room(ids, used=0)
+            if self.contextual is not None:  # the fact memory reads the messages, not the template around them
+                read = torch.zeros(ids.shape[1], dtype=torch.bool)
+                for m in messages:
+                    read |= self._message_mask(text, m)
         cache = None
         if self.memory is not None and len(self.memory):
             cache = self.memory.recall(self.model, encoded[0], threshold=self.config.recall_threshold, mark_used=False)
@@ -363,7 +441,8 @@ class CTMOnlineSession:
         logits = prefix.logits[:, -1:].float()
         if self.contextual is not None:  # the fact memory's read, at the answer's first token
             states = prefix.hidden_states[self.contextual.config.layer][0]
-            logits = logits + self.contextual.logit_bias(self.tokenizer, ids[0].cpu(), states.cpu())[-1].to(logits)
+            bias = self.contextual.logit_bias(self.tokenizer, ids[0].cpu(), states.cpu(), read)[-1]
+            logits = logits + bias.to(logits)
         logits = logits.expand(len(rows), 1, -1)
         if length > 1:
             prefix.cache.batch_repeat_interleave(len(rows))

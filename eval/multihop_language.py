@@ -38,7 +38,6 @@ import contextlib
 import copy
 import json
 import os
-import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,97 +46,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from modeling_ctm import CTMForCausalLM
+from flops import ctm_block_flops
+from multihop_problems import (  # noqa: F401 (re-exported for the tests)
+    FORMS, NAMES, REPLIES, SEPARATORS, SYSTEM, TEMPLATE_SETS, ProblemFormat, encode, make_problem, problems,
+)
+
+from modeling_ctm import CTMConfig, CTMForCausalLM
 from modeling_ctm.io_ctm import atomic_write
 from modeling_ctm.loss_ctm import multi_tick_loss, tick_certainty
 from modeling_ctm.training.phases import freeze_for_thinking, start_thinking
 from modeling_ctm.training.trunk_cache import TrunkCache, TrunkCacheTrainer
 
 
-NAMES = (
-    "Anna", "Ben", "David", "Frank", "Henry", "Jack", "Mark", "Sam", "Victor", "Alice", "Martin", "Peter", "Simon",
-    "Tom", "Paul", "John", "James", "Mary", "Sarah", "Emily", "Adam", "Daniel", "Michael", "Robert", "Thomas",
-    "George", "Charles", "Maria", "Chris", "Andrew", "Joseph", "Anne", "Jane", "Carl", "Fred", "Max", "Luke", "Jacob",
-    "Rose", "Alex", "Nick", "Matt", "Dan", "Bill", "Bob", "Jim", "Tim", "Ray", "Ann", "Kim", "Greg", "Jeff", "Scott",
-    "Neil",
-)  # fmt: skip
-RELATIONS = ("mentor", "boss", "neighbor", "coach", "teacher", "doctor", "landlord", "partner")
-TEMPLATES = ("{a}'s {r} is {b}.", "The {r} of {a} is {b}.", "{b} is {a}'s {r}.")
-SYSTEM = "Answer with one name only."
-CYCLES, CYCLE_LENGTH = 2, 5
-FORMS = ("chain", "composed")
-REPLIES = ("bare", "prefilled")
 ARMS = ("base", "k1", "k2", "k4", "k4_test_k8", "mlp_iso_flops", "lora_iso_params")
 # a small block: the default (synapse depth 32, 288 pairs) is 22M parameters and dominates a CPU step
 BLOCK_FIELDS = dict(
     ctm_synapse_depth=4, ctm_n_synch_out=128, ctm_n_synch_action=64, ctm_memory_length=8, ctm_nlm_hidden_size=8,
     ctm_tick_embeddings=False, ctm_readout_norm="rms_gate", ctm_input_injection="every_tick", ctm_sync_seed="zero",
 )  # fmt: skip
-
-
-def make_problem(rng: random.Random, hops: int, form: str = "chain", cycles: int = CYCLES,
-                 cycle_length: int = CYCLE_LENGTH) -> dict:  # fmt: skip
-    """One problem: chat messages, the answer, the candidate names (all but the asked one), the asked path."""
-    if form not in FORMS:
-        raise ValueError(f"form={form!r} is invalid: allowed values are {FORMS}")
-    if not 1 <= hops < cycle_length:
-        raise ValueError(f"hops={hops!r} is invalid: allowed values are 1..{cycle_length - 1}")
-    names = rng.sample(NAMES, cycles * cycle_length)
-    relation = rng.choice(RELATIONS)
-    successor = {}
-    for c in range(cycles):
-        cycle = names[c * cycle_length : (c + 1) * cycle_length]
-        successor.update({a: cycle[(i + 1) % cycle_length] for i, a in enumerate(cycle)})
-    facts = [rng.choice(TEMPLATES).format(a=a, r=relation, b=b) for a, b in successor.items()]
-    asked = rng.choice(names)
-    answer = asked
-    for _ in range(hops):
-        answer = successor[answer]
-    path = f"{asked}" + f"'s {relation}" * hops
-    if form == "composed":
-        facts.append(f"{path} is {answer}.")
-    rng.shuffle(facts)
-    question = f"Who is {path}?"
-    return {
-        "messages": [
-            {"role": "system", "content": SYSTEM},
-            {"role": "user", "content": " ".join(facts) + " " + question},
-        ],
-        "answer": answer,
-        "candidates": [n for n in names if n != asked],
-        "hops": hops,
-        "form": form,
-        "path": path,
-    }
-
-
-def encode(problems: list[dict], tokenizer, reply: str = "bare") -> dict[str, torch.Tensor]:
-    """Right-padded prompt ids (B, T), the position of each prompt's last token, the answer's token id and the
-    candidates' token ids (B, 9). Causal attention: the padding after a prompt changes nothing before it.
-    `reply="prefilled"` starts the assistant's reply with "So <asked path> is", so the name comes as the model
-    writes it mid-sentence (with a leading space) instead of as the first token of the reply."""
-    if reply not in REPLIES:
-        raise ValueError(f"reply={reply!r} is invalid: allowed values are {REPLIES}")
-    prompts = [
-        tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False) for p in problems
-    ]
-    if reply == "prefilled":
-        prompts = [text + f"So {p['path']} is" for text, p in zip(prompts, problems)]
-    ids = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
-    lead = " " if reply == "prefilled" else ""
-
-    def token(name):
-        (only,) = tokenizer(lead + name, add_special_tokens=False).input_ids  # NAMES are one token each, both ways
-        return only
-
-    width = max(map(len, ids))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return {
-        "input_ids": torch.tensor([row + [pad] * (width - len(row)) for row in ids]),
-        "position": torch.tensor([len(row) - 1 for row in ids]),
-        "answer": torch.tensor([token(p["answer"]) for p in problems]),
-        "candidates": torch.tensor([[token(n) for n in p["candidates"]] for p in problems]),
-    }
 
 
 class Rows(torch.utils.data.Dataset):
@@ -252,8 +178,10 @@ class Settings:
     threads: int = 1
     arms: tuple = ARMS
     reply: str = "bare"
-    cycles: int = CYCLES
-    cycle_length: int = CYCLE_LENGTH
+    cycles: int = 2
+    cycle_length: int = 5
+    template: str = "mixed"
+    separator: str = "space"
     extra: dict = field(default_factory=dict)
 
 
@@ -269,10 +197,9 @@ def load_base(source: str) -> tuple[CTMForCausalLM, object]:
     return model, AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
 
 
-def problems(seed: int, hops: tuple, n_per_k: int, form: str = "chain", cycles: int = CYCLES,
-             cycle_length: int = CYCLE_LENGTH) -> list[dict]:  # fmt: skip
-    rng = random.Random(seed)
-    return [make_problem(rng, k, form, cycles, cycle_length) for k in hops for _ in range(n_per_k)]
+def draw(settings: Settings, seed: int, hops: tuple, n_per_k: int, form: str = "chain") -> list[dict]:
+    return problems(seed, hops, n_per_k, form, settings.cycles, settings.cycle_length, settings.template,
+                    settings.separator)  # fmt: skip
 
 
 def cached(model, tokenizer, items: list[dict], settings: Settings, start_layer: int) -> tuple[TrunkCache, dict]:
@@ -288,8 +215,7 @@ def control(base, tokenizer, settings: Settings, seed: int = 1000) -> dict:
     top = base.config.num_hidden_layers - 1
     out = {}
     for form in FORMS:
-        items = problems(seed, settings.test_hops, settings.eval_problems_per_k, form, settings.cycles,
-                         settings.cycle_length)  # fmt: skip
+        items = draw(settings, seed, settings.test_hops, settings.eval_problems_per_k, form)
         cache, encoded = cached(base, tokenizer, items, settings, top)
         out[form] = score(base, cache, encoded, [p["hops"] for p in items])
     return out
@@ -300,8 +226,36 @@ def freeze_for_thinking_all(model) -> None:
         p.requires_grad_(False)
 
 
-def build_arm(arm: str, base: CTMForCausalLM):
-    """The model of an arm, with only what the arm trains left trainable; its tick count at test time."""
+class WiderMLP(torch.nn.Module):
+    """A layer's MLP with `extra` more hidden units beside its own. The new down projection starts at zero, so the
+    widened layer starts at the base's function exactly; the whole widened MLP trains."""
+
+    def __init__(self, mlp, extra: int, config):
+        super().__init__()
+        self.mlp, self.act_fn = mlp, mlp.act_fn
+        self.gate_proj = torch.nn.Linear(config.hidden_size, extra, bias=False)
+        self.up_proj = torch.nn.Linear(config.hidden_size, extra, bias=False)
+        self.down_proj = torch.nn.Linear(extra, config.hidden_size, bias=False)
+        for linear in (self.gate_proj, self.up_proj):
+            torch.nn.init.normal_(linear.weight, std=config.initializer_range)
+        torch.nn.init.zeros_(self.down_proj.weight)
+
+    def forward(self, x):
+        return self.mlp(x) + self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def iso_flops_width(base, seq_len: int) -> int:
+    """Extra MLP hidden units whose forward FLOPs per token (6 D per unit: gate, up, down) equal the `k4` block's
+    (`eval/flops.py`'s count, at `seq_len` tokens; the head is not counted: only the answer position reaches it)."""
+    config = CTMConfig(**{**base.config.to_dict(), "ctm_layers": "last", "ctm_mlp": "keep", "ctm_ticks": 4,
+                          **BLOCK_FIELDS})  # fmt: skip
+    block = sum(ctm_block_flops(config, seq_len, readout_every_tick=True).values())
+    return max(1, round(block / (6 * base.config.hidden_size)))
+
+
+def build_arm(arm: str, base: CTMForCausalLM, seq_len: int = 128):
+    """The model of an arm, with only what the arm trains left trainable; `seq_len` (the problems' mean length) sets
+    `mlp_iso_flops`'s width."""
     top = base.config.num_hidden_layers - 1
     if arm in ("k1", "k2", "k4"):
         model = start_thinking(base, ctm_layers="last", ctm_mlp="keep", ctm_ticks=int(arm[1:]), **BLOCK_FIELDS)
@@ -310,7 +264,9 @@ def build_arm(arm: str, base: CTMForCausalLM):
     model = copy.deepcopy(base)
     freeze_for_thinking_all(model)
     if arm == "mlp_iso_flops":
-        for p in model.model.layers[top].mlp.parameters():
+        layer = model.model.layers[top]
+        layer.mlp = WiderMLP(layer.mlp, iso_flops_width(base, seq_len), base.config)
+        for p in layer.mlp.parameters():
             p.requires_grad_(True)
         return model
     if arm == "lora_iso_params":
@@ -363,27 +319,29 @@ def run(settings: Settings, seeds: list[int], out: Path, control_only: bool = Fa
     if control_only:
         return finish(result, out)
     # the control's chain problems: their trunk cache is already built, and `base` is the control's chain row
-    test = problems(1000, settings.test_hops, settings.eval_problems_per_k, "chain", settings.cycles,
-                    settings.cycle_length)  # fmt: skip
+    test = draw(settings, 1000, settings.test_hops, settings.eval_problems_per_k)
     test_cache, test_encoded = cached(base, tokenizer, test, settings, top)
     test_hops = [p["hops"] for p in test]
     per_seed = []
     for seed in seeds:
         torch.manual_seed(seed)
         per_train = max(1, settings.train_problems // len(settings.train_hops))
-        train = problems(seed, settings.train_hops, per_train, "chain", settings.cycles, settings.cycle_length)
+        train = draw(settings, seed, settings.train_hops, per_train)
         train_cache, train_encoded = cached(base, tokenizer, train, settings, top)
         rows = Rows(train_cache, train_encoded)
+        seq_len = round(train_encoded["position"].float().mean().item()) + 1
         numbers = {"seed": seed, "arms": {}}
         for arm in settings.arms:
             if arm == "k4_test_k8":
                 continue  # scored with k4's model
             torch.manual_seed(seed)
-            model = base if arm == "base" else build_arm(arm, base)
+            model = base if arm == "base" else build_arm(arm, base, seq_len)
             entry = {}
             if arm != "base":
                 entry["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 entry["train_s"] = train_arm(model, rows, top, settings, seed, out / "runs" / f"{arm}-{seed}")
+                if arm == "mlp_iso_flops":
+                    entry["extra_mlp_units"] = model.model.layers[top].mlp.gate_proj.out_features
             entry.update(score(model, test_cache, test_encoded, test_hops))
             numbers["arms"][arm] = entry
             if arm == "k4" and "k4_test_k8" in settings.arms:
@@ -452,8 +410,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval-problems-per-k", type=int, default=None)
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--reply", default="bare", choices=REPLIES, help="how the answer is asked for (see encode)")
-    parser.add_argument("--cycles", type=int, default=CYCLES, help="disjoint cycles of names per problem")
-    parser.add_argument("--cycle-length", type=int, default=CYCLE_LENGTH, help="names per cycle (hops < this)")
+    parser.add_argument("--cycles", type=int, default=Settings.cycles, help="disjoint cycles of names per problem")
+    parser.add_argument("--cycle-length", type=int, default=Settings.cycle_length, help="names per cycle (hops < it)")
+    parser.add_argument("--template", default=Settings.template, choices=tuple(TEMPLATE_SETS),
+                        help="the facts' sentence templates: one fixed order or three mixed")
+    parser.add_argument("--separator", default=Settings.separator, choices=tuple(SEPARATORS),
+                        help="what separates the facts")
     parser.add_argument("--cache-dir", default=None, help="trunk cache folder (default: OUT/trunk-cache)")
     args = parser.parse_args(argv)
     settings = Settings(model=args.model, cache_dir=args.cache_dir or str(Path(args.out) / "trunk-cache"),
@@ -469,6 +431,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--arms: {bad} are invalid: allowed values are {ARMS}")
     settings.arms = arms
     settings.reply, settings.cycles, settings.cycle_length = args.reply, args.cycles, args.cycle_length
+    settings.template, settings.separator = args.template, args.separator
+    ProblemFormat(settings.cycles, settings.cycle_length, settings.template, settings.separator, settings.reply)
     settings.test_hops = tuple(k for k in settings.test_hops if k < settings.cycle_length)
     settings.train_hops = tuple(k for k in settings.train_hops if k < settings.cycle_length)
     return run(settings, list(range(args.seeds)), Path(args.out), args.control_only)

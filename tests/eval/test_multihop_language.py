@@ -142,3 +142,47 @@ def test_the_prefilled_reply_ends_where_the_name_comes():
         assert prefilled["position"][row] > bare["position"][row]
     with pytest.raises(ValueError, match="reply='free'"):
         mh.encode(items, tokenizer, "free")
+
+
+@pytest.mark.parametrize("separator", ["space", "line"])
+def test_the_fixed_template_states_every_fact_in_one_order(separator):
+    rng = random.Random(3)
+    for hops in (1, 2, 3):
+        problem = mh.make_problem(rng, hops, template="fixed", separator=separator)
+        text = problem["messages"][1]["content"]
+        facts = re.split(r"(?<=\.)" + mh.SEPARATORS[separator], text)[:-1]
+        assert len(facts) == 10 and all(re.fullmatch(r"\w+'s \w+ is \w+\.", f) for f in facts), facts
+        successor, asked, k = parse({"messages": [None, {"content": " ".join(facts) + " Who is " + problem["path"]}]})
+        answer = asked
+        for _ in range(k):
+            answer = successor[answer]
+        assert answer == problem["answer"] and k == hops
+    with pytest.raises(ValueError, match="template='sorted'"):
+        mh.make_problem(rng, 1, template="sorted")
+
+
+def test_the_stem_reply_asks_with_the_question_turned_into_the_answers_start():
+    tokenizer = word_tokenizer()
+    items = mh.problems(0, (2,), 3)
+    stem = mh.encode(items, tokenizer, "stem")
+    for row, problem in enumerate(items):
+        words = tokenizer.decode(stem["input_ids"][row, : stem["position"][row] + 1]).split()
+        assert words[-1] == "is" and words[-2 - 3 * problem["hops"]] == problem["path"].split("'")[0], words[-10:]
+
+
+def test_the_wider_mlp_arm_starts_at_the_base_and_matches_k4s_flops():
+    tokenizer = word_tokenizer()
+    base = tiny_model(vocab_size=len(tokenizer), ctm_layers="none", max_position_embeddings=256)
+    mh.freeze_for_thinking_all(base)
+    wide = mh.build_arm("mlp_iso_flops", base, seq_len=40)
+    ids = mh.encode(mh.problems(0, (1,), 2), tokenizer)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(wide(ids).logits, base(ids).logits, atol=1e-6, rtol=1e-6)
+    extra = wide.model.layers[-1].mlp.gate_proj.out_features
+    d = base.config.hidden_size
+    config = mh.CTMConfig(**{**base.config.to_dict(), "ctm_layers": "last", "ctm_mlp": "keep", "ctm_ticks": 4,
+                             **mh.BLOCK_FIELDS})  # fmt: skip
+    block = sum(mh.ctm_block_flops(config, 40, readout_every_tick=True).values())
+    assert abs(6 * d * extra - block) <= 3 * d  # rounded to a whole unit
+    trainable = {n for n, p in wide.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(f"model.layers.{base.config.num_hidden_layers - 1}.mlp.") for n in trainable)

@@ -2,33 +2,37 @@
 
     python eval/multihop_language.py --model DIR_OR_SOURCE --seeds 3 --out DIR [--quick] [--control-only]
 
-A problem: names joined by one relation, stated one fact per sentence, then a question k hops deep:
+A problem (eval/multihop_problems.py): names joined by one relation, one fact per sentence, then a question k hops
+deep, and the reply started with the question turned into the answer's stem (`--reply stem`):
 
-    system: Answer with one name only.
-    user:   Ben's mentor is Tom. Anna's mentor is Ben. ... Who is Anna's mentor's mentor?
-    assistant: Tom
+    system:    Answer with one name only.
+    user:      Ben's mentor is Tom.\nAnna's mentor is Ben.\n...\nWho is Anna's mentor's mentor?
+    assistant: Anna's mentor's mentor is [Tom]
 
 What keeps surface cues from giving the answer away:
-* the facts form disjoint cycles (two of five names): every name is the subject of exactly one fact and the object of
-  exactly one, so no name is more frequent or sits at a chain's end; the answer is never the asked name (k < 5);
+* the facts form cycles (default one of nine names): every name is the subject of exactly one fact and the object of
+  exactly one, so no name is more frequent or sits at a chain's end; with nine names in one cycle, k <= 4 hops
+  forward is never fewer hops backward (a cycle of five would make k = 4 one backward hop);
 * the statement order is shuffled, the names (54 first names, each one token with and without a leading space, so
-  every candidate costs the same one token) and the relation (8) are drawn per problem, the sentence template per fact;
-* the candidates are all the problem's names but the asked one (9; chance 1/9).
+  every candidate costs the same one token) and the relation (8) are drawn per problem;
+* the candidates are all the problem's names but the asked one (8; chance 1/8).
 
 Scores, per hop count k (reported as `{"k=1": ..., "k=2": ...}`):
-* `accuracy`: the answer has the highest log-probability, among the candidates, as the first token of the reply;
-* `exact_match`: the greedy reply's first token (over the whole vocabulary) is the answer (names are one token, so
-  the greedy reply names the answer first).
+* `accuracy`: the answer has the highest log-probability, among the candidates, as the next token;
+* `exact_match`: the greedy next token (over the whole vocabulary) is the answer.
 
-Positive control (`--control-only` runs it alone, on `base`): k = 1, and `composed`: the k-hop fact stated in one
-sentence among the others ("Anna's mentor's mentor is Tom."), asked the same way.
+The untrained converted SmolLM2-135M-Instruct does not answer one hop in any format tried (the folder README of
+docs/results/multihop-language has the table), so every arm but `base` starts from one shared warm-up: the top
+`warmup_layers` layers trained on k = 1 problems of their own seed (`warm_up`). The positive control is that
+warmed-up model on the test problems at k = 1, and `composed` (the k-hop fact stated among the others, "Anna's
+mentor's mentor is Tom.", so answering is copying). `base` stays the untrained model.
 
-Arms (`base` untrained; the others train only layer L = the top layer, on the same problems with k <= 2 and the
-same steps, the loss on the answer token only; the frozen trunk below L is cached once and shared by every arm):
-`k1`, `k2`, `k4` (a CTM block beside the top MLP at K ticks, `ctm_mlp="keep"`, exact start), `k4_test_k8` (`k4`
-run at 8 ticks), `mlp_iso_flops` (the top layer's MLP fine-tuned: same data and steps, the base's FLOPs: NOT a
-wider MLP at k4's FLOPs), `lora_iso_params` (LoRA on every linear map of the top layer, rank chosen so its
-parameters match the `k4` block's).
+Arms (`base` untrained; the others start from the warm-up and train only the top layer L, on the same problems with
+k <= 2 and the same steps, the loss on the answer token only; the frozen trunk below L is cached once per seed and
+shared by every arm): `k1`, `k2`, `k4` (a CTM block beside the top MLP at K ticks, `ctm_mlp="keep"`, exact start),
+`k4_test_k8` (`k4` run at 8 ticks), `mlp_iso_flops` (the top MLP widened by as many hidden units as make the `k4`
+block's FLOPs per token, `iso_flops_width`, and trained whole), `lora_iso_params` (LoRA on every linear map of the
+top layer, rank chosen so its parameters match the `k4` block's).
 """
 
 from __future__ import annotations
@@ -172,16 +176,20 @@ class Settings:
     train_hops: tuple = (1, 2)
     test_hops: tuple = (1, 2, 3, 4)
     steps: int = 120
-    batch: int = 4
+    batch: int = 8
     learning_rate: float = 1e-3
     cache_dir: str = ""
     threads: int = 1
     arms: tuple = ARMS
-    reply: str = "bare"
-    cycles: int = 2
-    cycle_length: int = 5
-    template: str = "mixed"
-    separator: str = "space"
+    reply: str = "stem"
+    cycles: int = 1
+    cycle_length: int = 9
+    template: str = "fixed"
+    separator: str = "line"
+    warmup_layers: int = 4
+    warmup_problems: int = 800
+    warmup_steps: int = 200
+    warmup_learning_rate: float = 3e-4
     extra: dict = field(default_factory=dict)
 
 
@@ -208,17 +216,37 @@ def cached(model, tokenizer, items: list[dict], settings: Settings, start_layer:
     return cache, encoded
 
 
-def control(base, tokenizer, settings: Settings, seed: int = 1000) -> dict:
-    """The positive control on the untrained base: k = 1 (chain) and the composed single sentence, plus base at
-    every test k."""
-    freeze_for_thinking_all(base)
-    top = base.config.num_hidden_layers - 1
-    out = {}
-    for form in FORMS:
-        items = draw(settings, seed, settings.test_hops, settings.eval_problems_per_k, form)
-        cache, encoded = cached(base, tokenizer, items, settings, top)
-        out[form] = score(base, cache, encoded, [p["hops"] for p in items])
-    return out
+def control(model, tokenizer, settings: Settings, chain: tuple[TrunkCache, dict, list], seed: int = 1000) -> dict:
+    """The positive control on the model the arms start from (the warmed-up model when there is a warm-up, else the
+    untrained base): the test problems (`chain`, k = 1 is the one hop the control asks for) and `composed` (the k-hop
+    fact stated in one sentence, so answering is copying)."""
+    top = model.config.num_hidden_layers - 1
+    items = draw(settings, seed, settings.test_hops, settings.eval_problems_per_k, "composed")
+    cache, encoded = cached(model, tokenizer, items, settings, top)
+    return {"chain": score(model, *chain), "composed": score(model, cache, encoded, [p["hops"] for p in items])}
+
+
+def warm_up(base, tokenizer, settings: Settings, out: Path):
+    """The shared supervised warm-up: the top `warmup_layers` layers trained on k = 1 problems (their own seed, apart
+    from the training and test problems), the answer token's CE only. Every arm but `base` starts from its result,
+    so it is one model, built once. None when `warmup_steps` is 0."""
+    if not settings.warmup_steps:
+        return None, {}
+    if not 1 <= settings.warmup_layers < base.config.num_hidden_layers:
+        raise ValueError(f"warmup_layers={settings.warmup_layers!r} is invalid: allowed values are 1.."
+                         f"{base.config.num_hidden_layers - 1}")  # fmt: skip
+    start = base.config.num_hidden_layers - settings.warmup_layers
+    model = copy.deepcopy(base)
+    items = draw(settings, 2000, (1,), settings.warmup_problems)
+    cache, encoded = cached(model, tokenizer, items, settings, start)
+    for layer in model.model.layers[start:]:
+        layer.requires_grad_(True)
+    seconds = train_arm(model, Rows(cache, encoded), start, settings, 2000, out / "runs" / "warmup",
+                        settings.warmup_steps, settings.warmup_learning_rate)  # fmt: skip
+    freeze_for_thinking_all(model)
+    model.eval()
+    trained = sum(p.numel() for p in model.model.layers[start:].parameters())
+    return model, {"start_layer": start, "train_s": seconds, "trainable_parameters": trained}
 
 
 def freeze_for_thinking_all(model) -> None:
@@ -289,12 +317,14 @@ def block_parameters(base) -> int:
     return sum(p.numel() for n, p in probe.named_parameters() if ".thinking." in n)
 
 
-def train_arm(model, rows: Rows, start_layer: int, settings: Settings, seed: int, out_dir: Path) -> float:
+def train_arm(model, rows: Rows, start_layer: int, settings: Settings, seed: int, out_dir: Path,
+              steps: int | None = None, learning_rate: float | None = None) -> float:  # fmt: skip
     from transformers import TrainingArguments
 
+    steps, learning_rate = steps or settings.steps, learning_rate or settings.learning_rate
     args = TrainingArguments(
-        output_dir=str(out_dir), use_cpu=True, per_device_train_batch_size=settings.batch, max_steps=settings.steps,
-        learning_rate=settings.learning_rate, lr_scheduler_type="constant", logging_steps=max(1, settings.steps // 4),
+        output_dir=str(out_dir), use_cpu=True, per_device_train_batch_size=settings.batch, max_steps=steps,
+        learning_rate=learning_rate, lr_scheduler_type="constant", logging_steps=max(1, steps // 4),
         save_strategy="no", report_to=[], seed=seed, data_seed=seed, dataloader_num_workers=0, disable_tqdm=True,
     )  # fmt: skip
     model.train()
@@ -314,20 +344,24 @@ def run(settings: Settings, seeds: list[int], out: Path, control_only: bool = Fa
     freeze_for_thinking_all(base)
     top = base.config.num_hidden_layers - 1
     started = time.perf_counter()
-    result = {"settings": asdict(settings), "seeds": seeds, "positive_control": control(base, tokenizer, settings)}
+    warmed, warmup = warm_up(base, tokenizer, settings, out)
+    start = warmed if warmed is not None else base  # what every trained arm starts from
+    test = draw(settings, 1000, settings.test_hops, settings.eval_problems_per_k)
+    test_hops = [p["hops"] for p in test]
+    test_cache, test_encoded = cached(start, tokenizer, test, settings, top)
+    result = {"settings": asdict(settings), "seeds": seeds, "warmup": warmup}
+    result["positive_control"] = control(start, tokenizer, settings, (test_cache, test_encoded, test_hops))
     result["control_s"] = time.perf_counter() - started
     if control_only:
         return finish(result, out)
-    # the control's chain problems: their trunk cache is already built, and `base` is the control's chain row
-    test = draw(settings, 1000, settings.test_hops, settings.eval_problems_per_k)
-    test_cache, test_encoded = cached(base, tokenizer, test, settings, top)
-    test_hops = [p["hops"] for p in test]
+    # `base` is always the untrained model, on its own trunk (the same as `start`'s without a warm-up)
+    base_test = (test_cache, test_encoded) if warmed is None else cached(base, tokenizer, test, settings, top)
     per_seed = []
     for seed in seeds:
         torch.manual_seed(seed)
         per_train = max(1, settings.train_problems // len(settings.train_hops))
         train = draw(settings, seed, settings.train_hops, per_train)
-        train_cache, train_encoded = cached(base, tokenizer, train, settings, top)
+        train_cache, train_encoded = cached(start, tokenizer, train, settings, top)
         rows = Rows(train_cache, train_encoded)
         seq_len = round(train_encoded["position"].float().mean().item()) + 1
         numbers = {"seed": seed, "arms": {}}
@@ -335,14 +369,14 @@ def run(settings: Settings, seeds: list[int], out: Path, control_only: bool = Fa
             if arm == "k4_test_k8":
                 continue  # scored with k4's model
             torch.manual_seed(seed)
-            model = base if arm == "base" else build_arm(arm, base, seq_len)
+            model = base if arm == "base" else build_arm(arm, start, seq_len)
             entry = {}
             if arm != "base":
                 entry["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 entry["train_s"] = train_arm(model, rows, top, settings, seed, out / "runs" / f"{arm}-{seed}")
                 if arm == "mlp_iso_flops":
                     entry["extra_mlp_units"] = model.model.layers[top].mlp.gate_proj.out_features
-            entry.update(score(model, test_cache, test_encoded, test_hops))
+            entry.update(score(model, *(base_test if arm == "base" else (test_cache, test_encoded)), test_hops))
             numbers["arms"][arm] = entry
             if arm == "k4" and "k4_test_k8" in settings.arms:
                 with ticks(model, 8):
@@ -377,7 +411,9 @@ def finish(result: dict, out: Path) -> dict:
     lines = ["# Multi-hop questions in natural language (chat format)", "",
              f"Settings: `{json.dumps(result['settings'])}`; seeds {result['seeds']}; chance "
              f"1/{chance_denominator(result['settings'])}.", "",
-             "## Positive control (untrained base)", "", "| form | metric | " + " | ".join(
+             f"Warm-up: `{json.dumps(result['warmup'])}`.", "",
+             "## Positive control (the model the arms start from: " + ("warmed-up" if result["warmup"] else
+             "the untrained base") + ")", "", "| form | metric | " + " | ".join(
                  result["positive_control"]["chain"]["accuracy"]) + " |",
              "|---|---|" + "---|" * len(result["positive_control"]["chain"]["accuracy"])]  # fmt: skip
     for form, scores in result["positive_control"].items():
@@ -398,6 +434,10 @@ def finish(result: dict, out: Path) -> dict:
     return result
 
 
+NUMBERS = {"steps": int, "train_problems": int, "eval_problems_per_k": int, "batch": int, "learning_rate": float,
+           "warmup_layers": int, "warmup_problems": int, "warmup_steps": int, "warmup_learning_rate": float}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=Settings.model, help="a converted CTM folder or a named offline source")
@@ -405,11 +445,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 8 training problems, 2 steps, 4 per k")
     parser.add_argument("--control-only", action="store_true", help="only the positive control on the base")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--train-problems", type=int, default=None)
-    parser.add_argument("--eval-problems-per-k", type=int, default=None)
+    for name, kind in NUMBERS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"Settings.{name}")
     parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--reply", default="bare", choices=REPLIES, help="how the answer is asked for (see encode)")
+    parser.add_argument("--reply", default=Settings.reply, choices=REPLIES, help="how the answer is asked (encode)")
     parser.add_argument("--cycles", type=int, default=Settings.cycles, help="disjoint cycles of names per problem")
     parser.add_argument("--cycle-length", type=int, default=Settings.cycle_length, help="names per cycle (hops < it)")
     parser.add_argument("--template", default=Settings.template, choices=tuple(TEMPLATE_SETS),
@@ -422,7 +461,8 @@ def main(argv=None) -> dict:
                         threads=int(os.environ.get("OMP_NUM_THREADS", "1")))  # fmt: skip
     if args.quick:
         settings.train_problems, settings.steps, settings.eval_problems_per_k, settings.batch = 8, 2, 4, 2
-    for name in ("steps", "train_problems", "eval_problems_per_k"):
+        settings.warmup_layers, settings.warmup_problems, settings.warmup_steps = 1, 8, 2
+    for name in NUMBERS:
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     arms = tuple(a for a in args.arms.split(",") if a)

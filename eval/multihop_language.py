@@ -49,11 +49,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from flops import ctm_block_flops
-from multihop_problems import (  # noqa: F401 (re-exported for the tests)
-    FORMS, NAMES, REPLIES, SEPARATORS, SYSTEM, TEMPLATE_SETS, ProblemFormat, encode, make_problem, problems,
-)
+from multihop_problems import REPLIES, SEPARATORS, TEMPLATE_SETS, ProblemFormat, encode, problems
 
 from modeling_ctm import CTMConfig, CTMForCausalLM
 from modeling_ctm.io_ctm import atomic_write

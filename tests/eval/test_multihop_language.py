@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "eval"))
 import multihop_language as mh  # noqa: E402
+import multihop_problems as mp  # noqa: E402
 
 
 FACT = re.compile(r"^(?:(\w+)'s (\w+) is (\w+)|The (\w+) of (\w+) is (\w+)|(\w+) is (\w+)'s (\w+))$")
@@ -44,7 +45,7 @@ def parse(problem):
 def test_the_answer_is_k_hops_away_and_no_name_stands_out(hops):
     rng = random.Random(hops)
     for _ in range(20):
-        problem = mh.make_problem(rng, hops)
+        problem = mp.make_problem(rng, hops)
         successor, asked, k = parse(problem)
         assert k == hops
         answer = asked
@@ -53,7 +54,7 @@ def test_the_answer_is_k_hops_away_and_no_name_stands_out(hops):
         assert answer == problem["answer"] != asked
         assert set(problem["candidates"]) == set(successor) - {asked} and len(problem["candidates"]) == 9
         facts = problem["messages"][1]["content"].rsplit(" Who is ", 1)[0]
-        counts = Counter(word for word in re.findall(r"\w+", facts) if word in mh.NAMES)
+        counts = Counter(word for word in re.findall(r"\w+", facts) if word in mp.NAMES)
         assert len(counts) == 10 and set(counts.values()) == {2}  # every name: once a subject, once an object
 
 
@@ -64,7 +65,7 @@ def test_the_answer_is_not_where_the_candidates_are_not():
     for hops in (1, 2, 4):
         first, last = [], []
         for _ in range(300):
-            problem = mh.make_problem(rng, hops)
+            problem = mp.make_problem(rng, hops)
             words = re.findall(r"\w+", problem["messages"][1]["content"].rsplit(" Who is ", 1)[0])
             by_first = sorted(problem["candidates"], key=words.index)
             by_last = sorted(problem["candidates"], key=lambda n: len(words) - words[::-1].index(n))
@@ -76,17 +77,17 @@ def test_the_answer_is_not_where_the_candidates_are_not():
 def test_bad_arguments_are_refused():
     rng = random.Random(0)
     with pytest.raises(ValueError, match="hops=5"):
-        mh.make_problem(rng, 5)
+        mp.make_problem(rng, 5)
     with pytest.raises(ValueError, match="form='single'"):
-        mh.make_problem(rng, 1, "single")
+        mp.make_problem(rng, 1, "single")
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
     rng = random.Random(0)
     texts = [
-        mh.make_problem(rng, k, f)["messages"][1]["content"] for k in (1, 2, 3, 4) for f in mh.FORMS for _ in range(30)
+        mp.make_problem(rng, k, f)["messages"][1]["content"] for k in (1, 2, 3, 4) for f in mp.FORMS for _ in range(30)
     ]
-    words = {w for t in texts + [mh.SYSTEM, "<|system|> <|user|> <|assistant|> So is"] + list(mh.NAMES)
+    words = {w for t in texts + [mp.SYSTEM, "<|system|> <|user|> <|assistant|> So is"] + list(mp.NAMES)
              for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(t)}  # fmt: skip
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *sorted(words)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -148,9 +149,9 @@ def test_the_prefilled_reply_ends_where_the_name_comes():
 def test_the_fixed_template_states_every_fact_in_one_order(separator):
     rng = random.Random(3)
     for hops in (1, 2, 3):
-        problem = mh.make_problem(rng, hops, template="fixed", separator=separator)
+        problem = mp.make_problem(rng, hops, template="fixed", separator=separator)
         text = problem["messages"][1]["content"]
-        facts = re.split(r"(?<=\.)" + mh.SEPARATORS[separator], text)[:-1]
+        facts = re.split(r"(?<=\.)" + mp.SEPARATORS[separator], text)[:-1]
         assert len(facts) == 10 and all(re.fullmatch(r"\w+'s \w+ is \w+\.", f) for f in facts), facts
         successor, asked, k = parse({"messages": [None, {"content": " ".join(facts) + " Who is " + problem["path"]}]})
         answer = asked
@@ -158,7 +159,7 @@ def test_the_fixed_template_states_every_fact_in_one_order(separator):
             answer = successor[answer]
         assert answer == problem["answer"] and k == hops
     with pytest.raises(ValueError, match="template='sorted'"):
-        mh.make_problem(rng, 1, template="sorted")
+        mp.make_problem(rng, 1, template="sorted")
 
 
 def test_the_stem_reply_asks_with_the_question_turned_into_the_answers_start():

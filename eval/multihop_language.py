@@ -2,33 +2,37 @@
 
     python eval/multihop_language.py --model DIR_OR_SOURCE --seeds 3 --out DIR [--quick] [--control-only]
 
-A problem: names joined by one relation, stated one fact per sentence, then a question k hops deep:
+A problem (eval/multihop_problems.py): names joined by one relation, one fact per sentence, then a question k hops
+deep, and the reply started with the question turned into the answer's stem (`--reply stem`):
 
-    system: Answer with one name only.
-    user:   Ben's mentor is Tom. Anna's mentor is Ben. ... Who is Anna's mentor's mentor?
-    assistant: Tom
+    system:    Answer with one name only.
+    user:      Ben's mentor is Tom.\nAnna's mentor is Ben.\n...\nWho is Anna's mentor's mentor?
+    assistant: Anna's mentor's mentor is [Tom]
 
 What keeps surface cues from giving the answer away:
-* the facts form disjoint cycles (two of five names): every name is the subject of exactly one fact and the object of
-  exactly one, so no name is more frequent or sits at a chain's end; the answer is never the asked name (k < 5);
+* the facts form cycles (default one of nine names): every name is the subject of exactly one fact and the object of
+  exactly one, so no name is more frequent or sits at a chain's end; with nine names in one cycle, k <= 4 hops
+  forward is never fewer hops backward (a cycle of five would make k = 4 one backward hop);
 * the statement order is shuffled, the names (54 first names, each one token with and without a leading space, so
-  every candidate costs the same one token) and the relation (8) are drawn per problem, the sentence template per fact;
-* the candidates are all the problem's names but the asked one (9; chance 1/9).
+  every candidate costs the same one token) and the relation (8) are drawn per problem;
+* the candidates are all the problem's names but the asked one (8; chance 1/8).
 
 Scores, per hop count k (reported as `{"k=1": ..., "k=2": ...}`):
-* `accuracy`: the answer has the highest log-probability, among the candidates, as the first token of the reply;
-* `exact_match`: the greedy reply's first token (over the whole vocabulary) is the answer (names are one token, so
-  the greedy reply names the answer first).
+* `accuracy`: the answer has the highest log-probability, among the candidates, as the next token;
+* `exact_match`: the greedy next token (over the whole vocabulary) is the answer.
 
-Positive control (`--control-only` runs it alone, on `base`): k = 1, and `composed`: the k-hop fact stated in one
-sentence among the others ("Anna's mentor's mentor is Tom."), asked the same way.
+The untrained converted SmolLM2-135M-Instruct does not answer one hop in any format tried (the folder README of
+docs/results/multihop-language has the table), so every arm but `base` starts from one shared warm-up: the top
+`warmup_layers` layers trained on k = 1 problems of their own seed (`warm_up`). The positive control is that
+warmed-up model on the test problems at k = 1, and `composed` (the k-hop fact stated among the others, "Anna's
+mentor's mentor is Tom.", so answering is copying). `base` stays the untrained model.
 
-Arms (`base` untrained; the others train only layer L = the top layer, on the same problems with k <= 2 and the
-same steps, the loss on the answer token only; the frozen trunk below L is cached once and shared by every arm):
-`k1`, `k2`, `k4` (a CTM block beside the top MLP at K ticks, `ctm_mlp="keep"`, exact start), `k4_test_k8` (`k4`
-run at 8 ticks), `mlp_iso_flops` (the top layer's MLP fine-tuned: same data and steps, the base's FLOPs: NOT a
-wider MLP at k4's FLOPs), `lora_iso_params` (LoRA on every linear map of the top layer, rank chosen so its
-parameters match the `k4` block's).
+Arms (`base` untrained; the others start from the warm-up and train only the top layer L, on the same problems with
+k <= 2 and the same steps, the loss on the answer token only; the frozen trunk below L is cached once per seed and
+shared by every arm): `k1`, `k2`, `k4` (a CTM block beside the top MLP at K ticks, `ctm_mlp="keep"`, exact start),
+`k4_test_k8` (`k4` run at 8 ticks), `mlp_iso_flops` (the top MLP widened by as many hidden units as make the `k4`
+block's FLOPs per token, `iso_flops_width`, and trained whole), `lora_iso_params` (LoRA on every linear map of the
+top layer, rank chosen so its parameters match the `k4` block's).
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ import contextlib
 import copy
 import json
 import os
-import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,98 +49,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from flops import ctm_block_flops
+from multihop_problems import REPLIES, SEPARATORS, TEMPLATE_SETS, ProblemFormat, encode, problems
 
-from modeling_ctm import CTMForCausalLM
+from modeling_ctm import CTMConfig, CTMForCausalLM
 from modeling_ctm.io_ctm import atomic_write
 from modeling_ctm.loss_ctm import multi_tick_loss, tick_certainty
 from modeling_ctm.training.phases import freeze_for_thinking, start_thinking
 from modeling_ctm.training.trunk_cache import TrunkCache, TrunkCacheTrainer
 
 
-NAMES = (
-    "Anna", "Ben", "David", "Frank", "Henry", "Jack", "Mark", "Sam", "Victor", "Alice", "Martin", "Peter", "Simon",
-    "Tom", "Paul", "John", "James", "Mary", "Sarah", "Emily", "Adam", "Daniel", "Michael", "Robert", "Thomas",
-    "George", "Charles", "Maria", "Chris", "Andrew", "Joseph", "Anne", "Jane", "Carl", "Fred", "Max", "Luke", "Jacob",
-    "Rose", "Alex", "Nick", "Matt", "Dan", "Bill", "Bob", "Jim", "Tim", "Ray", "Ann", "Kim", "Greg", "Jeff", "Scott",
-    "Neil",
-)  # fmt: skip
-RELATIONS = ("mentor", "boss", "neighbor", "coach", "teacher", "doctor", "landlord", "partner")
-TEMPLATES = ("{a}'s {r} is {b}.", "The {r} of {a} is {b}.", "{b} is {a}'s {r}.")
-SYSTEM = "Answer with one name only."
-CYCLES, CYCLE_LENGTH = 2, 5
-FORMS = ("chain", "composed")
-REPLIES = ("bare", "prefilled")
 ARMS = ("base", "k1", "k2", "k4", "k4_test_k8", "mlp_iso_flops", "lora_iso_params")
 # a small block: the default (synapse depth 32, 288 pairs) is 22M parameters and dominates a CPU step
 BLOCK_FIELDS = dict(
     ctm_synapse_depth=4, ctm_n_synch_out=128, ctm_n_synch_action=64, ctm_memory_length=8, ctm_nlm_hidden_size=8,
     ctm_tick_embeddings=False, ctm_readout_norm="rms_gate", ctm_input_injection="every_tick", ctm_sync_seed="zero",
 )  # fmt: skip
-
-
-def make_problem(rng: random.Random, hops: int, form: str = "chain", cycles: int = CYCLES,
-                 cycle_length: int = CYCLE_LENGTH) -> dict:  # fmt: skip
-    """One problem: chat messages, the answer, the candidate names (all but the asked one), the asked path."""
-    if form not in FORMS:
-        raise ValueError(f"form={form!r} is invalid: allowed values are {FORMS}")
-    if not 1 <= hops < cycle_length:
-        raise ValueError(f"hops={hops!r} is invalid: allowed values are 1..{cycle_length - 1}")
-    names = rng.sample(NAMES, cycles * cycle_length)
-    relation = rng.choice(RELATIONS)
-    successor = {}
-    for c in range(cycles):
-        cycle = names[c * cycle_length : (c + 1) * cycle_length]
-        successor.update({a: cycle[(i + 1) % cycle_length] for i, a in enumerate(cycle)})
-    facts = [rng.choice(TEMPLATES).format(a=a, r=relation, b=b) for a, b in successor.items()]
-    asked = rng.choice(names)
-    answer = asked
-    for _ in range(hops):
-        answer = successor[answer]
-    path = f"{asked}" + f"'s {relation}" * hops
-    if form == "composed":
-        facts.append(f"{path} is {answer}.")
-    rng.shuffle(facts)
-    question = f"Who is {path}?"
-    return {
-        "messages": [
-            {"role": "system", "content": SYSTEM},
-            {"role": "user", "content": " ".join(facts) + " " + question},
-        ],
-        "answer": answer,
-        "candidates": [n for n in names if n != asked],
-        "hops": hops,
-        "form": form,
-        "path": path,
-    }
-
-
-def encode(problems: list[dict], tokenizer, reply: str = "bare") -> dict[str, torch.Tensor]:
-    """Right-padded prompt ids (B, T), the position of each prompt's last token, the answer's token id and the
-    candidates' token ids (B, 9). Causal attention: the padding after a prompt changes nothing before it.
-    `reply="prefilled"` starts the assistant's reply with "So <asked path> is", so the name comes as the model
-    writes it mid-sentence (with a leading space) instead of as the first token of the reply."""
-    if reply not in REPLIES:
-        raise ValueError(f"reply={reply!r} is invalid: allowed values are {REPLIES}")
-    prompts = [
-        tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False) for p in problems
-    ]
-    if reply == "prefilled":
-        prompts = [text + f"So {p['path']} is" for text, p in zip(prompts, problems)]
-    ids = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
-    lead = " " if reply == "prefilled" else ""
-
-    def token(name):
-        (only,) = tokenizer(lead + name, add_special_tokens=False).input_ids  # NAMES are one token each, both ways
-        return only
-
-    width = max(map(len, ids))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return {
-        "input_ids": torch.tensor([row + [pad] * (width - len(row)) for row in ids]),
-        "position": torch.tensor([len(row) - 1 for row in ids]),
-        "answer": torch.tensor([token(p["answer"]) for p in problems]),
-        "candidates": torch.tensor([[token(n) for n in p["candidates"]] for p in problems]),
-    }
 
 
 class Rows(torch.utils.data.Dataset):
@@ -246,14 +173,20 @@ class Settings:
     train_hops: tuple = (1, 2)
     test_hops: tuple = (1, 2, 3, 4)
     steps: int = 120
-    batch: int = 4
+    batch: int = 8
     learning_rate: float = 1e-3
     cache_dir: str = ""
     threads: int = 1
     arms: tuple = ARMS
-    reply: str = "bare"
-    cycles: int = CYCLES
-    cycle_length: int = CYCLE_LENGTH
+    reply: str = "stem"
+    cycles: int = 1
+    cycle_length: int = 9
+    template: str = "fixed"
+    separator: str = "line"
+    warmup_layers: int = 4
+    warmup_problems: int = 800
+    warmup_steps: int = 200
+    warmup_learning_rate: float = 3e-4
     extra: dict = field(default_factory=dict)
 
 
@@ -269,10 +202,9 @@ def load_base(source: str) -> tuple[CTMForCausalLM, object]:
     return model, AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
 
 
-def problems(seed: int, hops: tuple, n_per_k: int, form: str = "chain", cycles: int = CYCLES,
-             cycle_length: int = CYCLE_LENGTH) -> list[dict]:  # fmt: skip
-    rng = random.Random(seed)
-    return [make_problem(rng, k, form, cycles, cycle_length) for k in hops for _ in range(n_per_k)]
+def draw(settings: Settings, seed: int, hops: tuple, n_per_k: int, form: str = "chain") -> list[dict]:
+    return problems(seed, hops, n_per_k, form, settings.cycles, settings.cycle_length, settings.template,
+                    settings.separator)  # fmt: skip
 
 
 def cached(model, tokenizer, items: list[dict], settings: Settings, start_layer: int) -> tuple[TrunkCache, dict]:
@@ -281,18 +213,37 @@ def cached(model, tokenizer, items: list[dict], settings: Settings, start_layer:
     return cache, encoded
 
 
-def control(base, tokenizer, settings: Settings, seed: int = 1000) -> dict:
-    """The positive control on the untrained base: k = 1 (chain) and the composed single sentence, plus base at
-    every test k."""
-    freeze_for_thinking_all(base)
-    top = base.config.num_hidden_layers - 1
-    out = {}
-    for form in FORMS:
-        items = problems(seed, settings.test_hops, settings.eval_problems_per_k, form, settings.cycles,
-                         settings.cycle_length)  # fmt: skip
-        cache, encoded = cached(base, tokenizer, items, settings, top)
-        out[form] = score(base, cache, encoded, [p["hops"] for p in items])
-    return out
+def control(model, tokenizer, settings: Settings, chain: tuple[TrunkCache, dict, list], seed: int = 1000) -> dict:
+    """The positive control on the model the arms start from (the warmed-up model when there is a warm-up, else the
+    untrained base): the test problems (`chain`, k = 1 is the one hop the control asks for) and `composed` (the k-hop
+    fact stated in one sentence, so answering is copying)."""
+    top = model.config.num_hidden_layers - 1
+    items = draw(settings, seed, settings.test_hops, settings.eval_problems_per_k, "composed")
+    cache, encoded = cached(model, tokenizer, items, settings, top)
+    return {"chain": score(model, *chain), "composed": score(model, cache, encoded, [p["hops"] for p in items])}
+
+
+def warm_up(base, tokenizer, settings: Settings, out: Path):
+    """The shared supervised warm-up: the top `warmup_layers` layers trained on k = 1 problems (their own seed, apart
+    from the training and test problems), the answer token's CE only. Every arm but `base` starts from its result,
+    so it is one model, built once. None when `warmup_steps` is 0."""
+    if not settings.warmup_steps:
+        return None, {}
+    if not 1 <= settings.warmup_layers < base.config.num_hidden_layers:
+        raise ValueError(f"warmup_layers={settings.warmup_layers!r} is invalid: allowed values are 1.."
+                         f"{base.config.num_hidden_layers - 1}")  # fmt: skip
+    start = base.config.num_hidden_layers - settings.warmup_layers
+    model = copy.deepcopy(base)
+    items = draw(settings, 2000, (1,), settings.warmup_problems)
+    cache, encoded = cached(model, tokenizer, items, settings, start)
+    for layer in model.model.layers[start:]:
+        layer.requires_grad_(True)
+    seconds = train_arm(model, Rows(cache, encoded), start, settings, 2000, out / "runs" / "warmup",
+                        settings.warmup_steps, settings.warmup_learning_rate)  # fmt: skip
+    freeze_for_thinking_all(model)
+    model.eval()
+    trained = sum(p.numel() for p in model.model.layers[start:].parameters())
+    return model, {"start_layer": start, "train_s": seconds, "trainable_parameters": trained}
 
 
 def freeze_for_thinking_all(model) -> None:
@@ -300,8 +251,36 @@ def freeze_for_thinking_all(model) -> None:
         p.requires_grad_(False)
 
 
-def build_arm(arm: str, base: CTMForCausalLM):
-    """The model of an arm, with only what the arm trains left trainable; its tick count at test time."""
+class WiderMLP(torch.nn.Module):
+    """A layer's MLP with `extra` more hidden units beside its own. The new down projection starts at zero, so the
+    widened layer starts at the base's function exactly; the whole widened MLP trains."""
+
+    def __init__(self, mlp, extra: int, config):
+        super().__init__()
+        self.mlp, self.act_fn = mlp, mlp.act_fn
+        self.gate_proj = torch.nn.Linear(config.hidden_size, extra, bias=False)
+        self.up_proj = torch.nn.Linear(config.hidden_size, extra, bias=False)
+        self.down_proj = torch.nn.Linear(extra, config.hidden_size, bias=False)
+        for linear in (self.gate_proj, self.up_proj):
+            torch.nn.init.normal_(linear.weight, std=config.initializer_range)
+        torch.nn.init.zeros_(self.down_proj.weight)
+
+    def forward(self, x):
+        return self.mlp(x) + self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def iso_flops_width(base, seq_len: int) -> int:
+    """Extra MLP hidden units whose forward FLOPs per token (6 D per unit: gate, up, down) equal the `k4` block's
+    (`eval/flops.py`'s count, at `seq_len` tokens; the head is not counted: only the answer position reaches it)."""
+    config = CTMConfig(**{**base.config.to_dict(), "ctm_layers": "last", "ctm_mlp": "keep", "ctm_ticks": 4,
+                          **BLOCK_FIELDS})  # fmt: skip
+    block = sum(ctm_block_flops(config, seq_len, readout_every_tick=True).values())
+    return max(1, round(block / (6 * base.config.hidden_size)))
+
+
+def build_arm(arm: str, base: CTMForCausalLM, seq_len: int = 128):
+    """The model of an arm, with only what the arm trains left trainable; `seq_len` (the problems' mean length) sets
+    `mlp_iso_flops`'s width."""
     top = base.config.num_hidden_layers - 1
     if arm in ("k1", "k2", "k4"):
         model = start_thinking(base, ctm_layers="last", ctm_mlp="keep", ctm_ticks=int(arm[1:]), **BLOCK_FIELDS)
@@ -310,7 +289,9 @@ def build_arm(arm: str, base: CTMForCausalLM):
     model = copy.deepcopy(base)
     freeze_for_thinking_all(model)
     if arm == "mlp_iso_flops":
-        for p in model.model.layers[top].mlp.parameters():
+        layer = model.model.layers[top]
+        layer.mlp = WiderMLP(layer.mlp, iso_flops_width(base, seq_len), base.config)
+        for p in layer.mlp.parameters():
             p.requires_grad_(True)
         return model
     if arm == "lora_iso_params":
@@ -333,12 +314,14 @@ def block_parameters(base) -> int:
     return sum(p.numel() for n, p in probe.named_parameters() if ".thinking." in n)
 
 
-def train_arm(model, rows: Rows, start_layer: int, settings: Settings, seed: int, out_dir: Path) -> float:
+def train_arm(model, rows: Rows, start_layer: int, settings: Settings, seed: int, out_dir: Path,
+              steps: int | None = None, learning_rate: float | None = None) -> float:  # fmt: skip
     from transformers import TrainingArguments
 
+    steps, learning_rate = steps or settings.steps, learning_rate or settings.learning_rate
     args = TrainingArguments(
-        output_dir=str(out_dir), use_cpu=True, per_device_train_batch_size=settings.batch, max_steps=settings.steps,
-        learning_rate=settings.learning_rate, lr_scheduler_type="constant", logging_steps=max(1, settings.steps // 4),
+        output_dir=str(out_dir), use_cpu=True, per_device_train_batch_size=settings.batch, max_steps=steps,
+        learning_rate=learning_rate, lr_scheduler_type="constant", logging_steps=max(1, steps // 4),
         save_strategy="no", report_to=[], seed=seed, data_seed=seed, dataloader_num_workers=0, disable_tqdm=True,
     )  # fmt: skip
     model.train()
@@ -358,33 +341,39 @@ def run(settings: Settings, seeds: list[int], out: Path, control_only: bool = Fa
     freeze_for_thinking_all(base)
     top = base.config.num_hidden_layers - 1
     started = time.perf_counter()
-    result = {"settings": asdict(settings), "seeds": seeds, "positive_control": control(base, tokenizer, settings)}
+    warmed, warmup = warm_up(base, tokenizer, settings, out)
+    start = warmed if warmed is not None else base  # what every trained arm starts from
+    test = draw(settings, 1000, settings.test_hops, settings.eval_problems_per_k)
+    test_hops = [p["hops"] for p in test]
+    test_cache, test_encoded = cached(start, tokenizer, test, settings, top)
+    result = {"settings": asdict(settings), "seeds": seeds, "warmup": warmup}
+    result["positive_control"] = control(start, tokenizer, settings, (test_cache, test_encoded, test_hops))
     result["control_s"] = time.perf_counter() - started
     if control_only:
         return finish(result, out)
-    # the control's chain problems: their trunk cache is already built, and `base` is the control's chain row
-    test = problems(1000, settings.test_hops, settings.eval_problems_per_k, "chain", settings.cycles,
-                    settings.cycle_length)  # fmt: skip
-    test_cache, test_encoded = cached(base, tokenizer, test, settings, top)
-    test_hops = [p["hops"] for p in test]
+    # `base` is always the untrained model, on its own trunk (the same as `start`'s without a warm-up)
+    base_test = (test_cache, test_encoded) if warmed is None else cached(base, tokenizer, test, settings, top)
     per_seed = []
     for seed in seeds:
         torch.manual_seed(seed)
         per_train = max(1, settings.train_problems // len(settings.train_hops))
-        train = problems(seed, settings.train_hops, per_train, "chain", settings.cycles, settings.cycle_length)
-        train_cache, train_encoded = cached(base, tokenizer, train, settings, top)
+        train = draw(settings, seed, settings.train_hops, per_train)
+        train_cache, train_encoded = cached(start, tokenizer, train, settings, top)
         rows = Rows(train_cache, train_encoded)
+        seq_len = round(train_encoded["position"].float().mean().item()) + 1
         numbers = {"seed": seed, "arms": {}}
         for arm in settings.arms:
             if arm == "k4_test_k8":
                 continue  # scored with k4's model
             torch.manual_seed(seed)
-            model = base if arm == "base" else build_arm(arm, base)
+            model = base if arm == "base" else build_arm(arm, start, seq_len)
             entry = {}
             if arm != "base":
                 entry["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 entry["train_s"] = train_arm(model, rows, top, settings, seed, out / "runs" / f"{arm}-{seed}")
-            entry.update(score(model, test_cache, test_encoded, test_hops))
+                if arm == "mlp_iso_flops":
+                    entry["extra_mlp_units"] = model.model.layers[top].mlp.gate_proj.out_features
+            entry.update(score(model, *(base_test if arm == "base" else (test_cache, test_encoded)), test_hops))
             numbers["arms"][arm] = entry
             if arm == "k4" and "k4_test_k8" in settings.arms:
                 with ticks(model, 8):
@@ -419,7 +408,9 @@ def finish(result: dict, out: Path) -> dict:
     lines = ["# Multi-hop questions in natural language (chat format)", "",
              f"Settings: `{json.dumps(result['settings'])}`; seeds {result['seeds']}; chance "
              f"1/{chance_denominator(result['settings'])}.", "",
-             "## Positive control (untrained base)", "", "| form | metric | " + " | ".join(
+             f"Warm-up: `{json.dumps(result['warmup'])}`.", "",
+             "## Positive control (the model the arms start from: " + ("warmed-up" if result["warmup"] else
+             "the untrained base") + ")", "", "| form | metric | " + " | ".join(
                  result["positive_control"]["chain"]["accuracy"]) + " |",
              "|---|---|" + "---|" * len(result["positive_control"]["chain"]["accuracy"])]  # fmt: skip
     for form, scores in result["positive_control"].items():
@@ -440,6 +431,10 @@ def finish(result: dict, out: Path) -> dict:
     return result
 
 
+NUMBERS = {"steps": int, "train_problems": int, "eval_problems_per_k": int, "batch": int, "learning_rate": float,
+           "warmup_layers": int, "warmup_problems": int, "warmup_steps": int, "warmup_learning_rate": float}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=Settings.model, help="a converted CTM folder or a named offline source")
@@ -447,20 +442,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 8 training problems, 2 steps, 4 per k")
     parser.add_argument("--control-only", action="store_true", help="only the positive control on the base")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--train-problems", type=int, default=None)
-    parser.add_argument("--eval-problems-per-k", type=int, default=None)
+    for name, kind in NUMBERS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"Settings.{name}")
     parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--reply", default="bare", choices=REPLIES, help="how the answer is asked for (see encode)")
-    parser.add_argument("--cycles", type=int, default=CYCLES, help="disjoint cycles of names per problem")
-    parser.add_argument("--cycle-length", type=int, default=CYCLE_LENGTH, help="names per cycle (hops < this)")
+    parser.add_argument("--reply", default=Settings.reply, choices=REPLIES, help="how the answer is asked (encode)")
+    parser.add_argument("--cycles", type=int, default=Settings.cycles, help="disjoint cycles of names per problem")
+    parser.add_argument("--cycle-length", type=int, default=Settings.cycle_length, help="names per cycle (hops < it)")
+    parser.add_argument("--template", default=Settings.template, choices=tuple(TEMPLATE_SETS),
+                        help="the facts' sentence templates: one fixed order or three mixed")
+    parser.add_argument("--separator", default=Settings.separator, choices=tuple(SEPARATORS),
+                        help="what separates the facts")
     parser.add_argument("--cache-dir", default=None, help="trunk cache folder (default: OUT/trunk-cache)")
     args = parser.parse_args(argv)
     settings = Settings(model=args.model, cache_dir=args.cache_dir or str(Path(args.out) / "trunk-cache"),
                         threads=int(os.environ.get("OMP_NUM_THREADS", "1")))  # fmt: skip
     if args.quick:
         settings.train_problems, settings.steps, settings.eval_problems_per_k, settings.batch = 8, 2, 4, 2
-    for name in ("steps", "train_problems", "eval_problems_per_k"):
+        settings.warmup_layers, settings.warmup_problems, settings.warmup_steps = 1, 8, 2
+    for name in NUMBERS:
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     arms = tuple(a for a in args.arms.split(",") if a)
@@ -469,6 +468,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--arms: {bad} are invalid: allowed values are {ARMS}")
     settings.arms = arms
     settings.reply, settings.cycles, settings.cycle_length = args.reply, args.cycles, args.cycle_length
+    settings.template, settings.separator = args.template, args.separator
+    ProblemFormat(settings.cycles, settings.cycle_length, settings.template, settings.separator, settings.reply)
     settings.test_hops = tuple(k for k in settings.test_hops if k < settings.cycle_length)
     settings.train_hops = tuple(k for k in settings.train_hops if k < settings.cycle_length)
     return run(settings, list(range(args.seeds)), Path(args.out), args.control_only)

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "eval"))
 import multihop_language as mh  # noqa: E402
+import multihop_problems as mp  # noqa: E402
 
 
 FACT = re.compile(r"^(?:(\w+)'s (\w+) is (\w+)|The (\w+) of (\w+) is (\w+)|(\w+) is (\w+)'s (\w+))$")
@@ -44,7 +45,7 @@ def parse(problem):
 def test_the_answer_is_k_hops_away_and_no_name_stands_out(hops):
     rng = random.Random(hops)
     for _ in range(20):
-        problem = mh.make_problem(rng, hops)
+        problem = mp.make_problem(rng, hops)
         successor, asked, k = parse(problem)
         assert k == hops
         answer = asked
@@ -53,7 +54,7 @@ def test_the_answer_is_k_hops_away_and_no_name_stands_out(hops):
         assert answer == problem["answer"] != asked
         assert set(problem["candidates"]) == set(successor) - {asked} and len(problem["candidates"]) == 9
         facts = problem["messages"][1]["content"].rsplit(" Who is ", 1)[0]
-        counts = Counter(word for word in re.findall(r"\w+", facts) if word in mh.NAMES)
+        counts = Counter(word for word in re.findall(r"\w+", facts) if word in mp.NAMES)
         assert len(counts) == 10 and set(counts.values()) == {2}  # every name: once a subject, once an object
 
 
@@ -64,7 +65,7 @@ def test_the_answer_is_not_where_the_candidates_are_not():
     for hops in (1, 2, 4):
         first, last = [], []
         for _ in range(300):
-            problem = mh.make_problem(rng, hops)
+            problem = mp.make_problem(rng, hops)
             words = re.findall(r"\w+", problem["messages"][1]["content"].rsplit(" Who is ", 1)[0])
             by_first = sorted(problem["candidates"], key=words.index)
             by_last = sorted(problem["candidates"], key=lambda n: len(words) - words[::-1].index(n))
@@ -76,17 +77,17 @@ def test_the_answer_is_not_where_the_candidates_are_not():
 def test_bad_arguments_are_refused():
     rng = random.Random(0)
     with pytest.raises(ValueError, match="hops=5"):
-        mh.make_problem(rng, 5)
+        mp.make_problem(rng, 5)
     with pytest.raises(ValueError, match="form='single'"):
-        mh.make_problem(rng, 1, "single")
+        mp.make_problem(rng, 1, "single")
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
     rng = random.Random(0)
     texts = [
-        mh.make_problem(rng, k, f)["messages"][1]["content"] for k in (1, 2, 3, 4) for f in mh.FORMS for _ in range(30)
+        mp.make_problem(rng, k, f)["messages"][1]["content"] for k in (1, 2, 3, 4) for f in mp.FORMS for _ in range(30)
     ]
-    words = {w for t in texts + [mh.SYSTEM, "<|system|> <|user|> <|assistant|> So is"] + list(mh.NAMES)
+    words = {w for t in texts + [mp.SYSTEM, "<|system|> <|user|> <|assistant|> So is"] + list(mp.NAMES)
              for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(t)}  # fmt: skip
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *sorted(words)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -142,3 +143,47 @@ def test_the_prefilled_reply_ends_where_the_name_comes():
         assert prefilled["position"][row] > bare["position"][row]
     with pytest.raises(ValueError, match="reply='free'"):
         mh.encode(items, tokenizer, "free")
+
+
+@pytest.mark.parametrize("separator", ["space", "line"])
+def test_the_fixed_template_states_every_fact_in_one_order(separator):
+    rng = random.Random(3)
+    for hops in (1, 2, 3):
+        problem = mp.make_problem(rng, hops, template="fixed", separator=separator)
+        text = problem["messages"][1]["content"]
+        facts = re.split(r"(?<=\.)" + mp.SEPARATORS[separator], text)[:-1]
+        assert len(facts) == 10 and all(re.fullmatch(r"\w+'s \w+ is \w+\.", f) for f in facts), facts
+        successor, asked, k = parse({"messages": [None, {"content": " ".join(facts) + " Who is " + problem["path"]}]})
+        answer = asked
+        for _ in range(k):
+            answer = successor[answer]
+        assert answer == problem["answer"] and k == hops
+    with pytest.raises(ValueError, match="template='sorted'"):
+        mp.make_problem(rng, 1, template="sorted")
+
+
+def test_the_stem_reply_asks_with_the_question_turned_into_the_answers_start():
+    tokenizer = word_tokenizer()
+    items = mh.problems(0, (2,), 3)
+    stem = mh.encode(items, tokenizer, "stem")
+    for row, problem in enumerate(items):
+        words = tokenizer.decode(stem["input_ids"][row, : stem["position"][row] + 1]).split()
+        assert words[-1] == "is" and words[-2 - 3 * problem["hops"]] == problem["path"].split("'")[0], words[-10:]
+
+
+def test_the_wider_mlp_arm_starts_at_the_base_and_matches_k4s_flops():
+    tokenizer = word_tokenizer()
+    base = tiny_model(vocab_size=len(tokenizer), ctm_layers="none", max_position_embeddings=256)
+    mh.freeze_for_thinking_all(base)
+    wide = mh.build_arm("mlp_iso_flops", base, seq_len=40)
+    ids = mh.encode(mh.problems(0, (1,), 2), tokenizer)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(wide(ids).logits, base(ids).logits, atol=1e-6, rtol=1e-6)
+    extra = wide.model.layers[-1].mlp.gate_proj.out_features
+    d = base.config.hidden_size
+    config = mh.CTMConfig(**{**base.config.to_dict(), "ctm_layers": "last", "ctm_mlp": "keep", "ctm_ticks": 4,
+                             **mh.BLOCK_FIELDS})  # fmt: skip
+    block = sum(mh.ctm_block_flops(config, 40, readout_every_tick=True).values())
+    assert abs(6 * d * extra - block) <= 3 * d  # rounded to a whole unit
+    trainable = {n for n, p in wide.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(f"model.layers.{base.config.num_hidden_layers - 1}.mlp.") for n in trainable)

@@ -32,15 +32,7 @@ import torch.nn.functional as F
 
 torch.set_num_threads(1)  # batch 4 of 64-token chunks: a second thread on a shared 2-core box costs more than it gains
 
-from harness import (  # noqa: E402
-    experiment_parser,
-    experiment_result,
-    finish_experiment,
-    format_stat,
-    run_seeds,
-    stat,
-    summarize_arms,
-)
+import harness  # noqa: E402
 
 from modeling_ctm import CTMForCausalLM  # noqa: E402
 
@@ -168,7 +160,7 @@ def without_carry(model: CTMForCausalLM) -> CTMForCausalLM:
 
 
 def main(argv=None) -> dict:
-    parser = experiment_parser(__doc__, default_out="eval/results/carry_real", settings=Settings, quick=QUICK)
+    parser = harness.experiment_parser(__doc__, default_out="eval/results/carry_real", settings=Settings, quick=QUICK)
     parser.add_argument("--model", default=None, help="a phase-3 checkpoint folder (the `model` setting)")
     args = parser.parse_args(argv)
     settings = args.settings
@@ -189,10 +181,12 @@ def main(argv=None) -> dict:
         parser.error(f"chunk={chunk} is invalid: allowed values are multiples of ctm_chunk_size="
                      f"{model.config.ctm_chunk_size} (the carried state crosses only at a carry boundary)")  # fmt: skip
     base = load(settings.base)[0] if settings.base else without_carry(model)
-    per_seed = run_seeds(settings.seeds, lambda seed: run_seed(settings, seed, model, base, stream, chunk), log=print)
-    arms = summarize_arms(per_seed, ARMS, metrics=("ce",))
-    gains = {gain: stat([record[gain] for record in per_seed]) for gain in GAINS}
-    result = experiment_result(settings, per_seed, arms, gains=gains, chunk=chunk, tokens_per_arm_and_seed=
+    per_seed = harness.run_seeds(
+        settings.seeds, lambda seed: run_seed(settings, seed, model, base, stream, chunk), log=print
+    )
+    arms = harness.summarize_arms(per_seed, ARMS, metrics=("ce",))
+    gains = {gain: harness.stat([record[gain] for record in per_seed]) for gain in GAINS}
+    result = harness.experiment_result(settings, per_seed, arms, gains=gains, chunk=chunk, tokens_per_arm_and_seed=
                                settings.windows * (chunk - 1), threads=torch.get_num_threads())  # fmt: skip
     lines = [
         "# What carrying the thinking state is worth on held-out text (nats/token)", "",
@@ -202,12 +196,14 @@ def main(argv=None) -> dict:
         "first, each predicted from inside it.", "",
         "| arm | description | CE (mean ± sd) |", "|---|---|---:|",
     ]  # fmt: skip
-    lines += [f"| {arm} | {ARMS[arm]} | {format_stat(stat(row['ce_per_seed']), 4)} |" for arm, row in arms.items()]
+    ce = {arm: harness.format_stat(harness.stat(row["ce_per_seed"]), 4) for arm, row in arms.items()}
+    lines += [f"| {arm} | {ARMS[arm]} | {ce[arm]} |" for arm in arms]
+    gain = {name: harness.format_stat(value, 4) for name, value in gains.items()}
     lines += ["", "| effect | nats/token (mean ± sd) |", "|---|---:|",
-              f"| carried over zeroed: CE(zeroed) - CE(carried) | {format_stat(gains['carried_over_zeroed'], 4)} |",
-              f"| ceiling: CE(base_alone) - CE(attention_previous) | {format_stat(gains['ceiling'], 4)} |"]  # fmt: skip
+              f"| carried over zeroed: CE(zeroed) - CE(carried) | {gain['carried_over_zeroed']} |",
+              f"| ceiling: CE(base_alone) - CE(attention_previous) | {gain['ceiling']} |"]  # fmt: skip
     markdown = "\n".join(lines) + "\n"
-    finish_experiment(args.out, result, markdown, shown=markdown)
+    harness.finish_experiment(args.out, result, markdown, shown=markdown)
     return result
 
 

@@ -306,14 +306,18 @@ def format_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def marker_parser():
     parser = experiment_parser(__doc__, default_out="eval/results/introspection_marker", settings=Settings,
                                quick=QUICK)  # fmt: skip
     parser.add_argument("--models", type=Path, help="folder holding the chain models (chain_seed<N>)")
     parser.add_argument("--save", type=Path, help="save the first seed's save_arm model here")
+    return parser
+
+
+def main(argv=None) -> dict:
+    parser = marker_parser()
     args = parser.parse_args(argv)
-    settings = args.settings
-    settings.seeds = args.seeds
+    settings = args.settings  # --seeds is in it already (experiment_settings)
     bad = [arm for arm in settings.arms.split(",") if arm not in ("", "rows", "lora", "twin")]
     if bad:
         parser.error(f"--set arms={settings.arms!r}: allowed arms are rows, lora, twin")

@@ -206,6 +206,7 @@ class BasePhase(PhaseRecipe):
 
 class ThinkingPhase(PhaseRecipe):
     number = 2
+    caches = None  # (train, held-out) trunk caches, once `before_training` has built them; None: the plain Trainer
 
     def build_model(self) -> CTMForCausalLM:
         model = start_thinking(self.source, **self.config.thinking_fields())
@@ -218,7 +219,6 @@ class ThinkingPhase(PhaseRecipe):
         and held-out blocks; with distillation, phase 1's top-k next-token log-probabilities cached beside it.
         Phase 1 is its own teacher where the start is exact (the blocks beside their MLPs); otherwise its
         checkpoint is loaded as the teacher (a second pass over the blocks)."""
-        self.caches = None
         if not self.spec.trunk_cache:
             return {}
         spec = self.spec

@@ -260,8 +260,7 @@ class CTMOnlineSession:
             return [i for i, (a, b) in enumerate(offsets) if a < at + hi and b > at + lo]
 
         subject_tokens, value_tokens = tokens(subject_start, subject_end), tokens(value_start, value_end)
-        read = torch.zeros(len(ids), dtype=torch.bool)
-        read[tokens(0, len(message))] = True
+        read = self._message_mask(text, message, offsets)
         with self._aside():
             return self.contextual.write(self.model, self.tokenizer, ids, subject_tokens[-1], value_tokens[0], text=read)
 
@@ -292,12 +291,13 @@ class CTMOnlineSession:
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return torch.tensor(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
 
-    def _message_mask(self, text: str, message: str) -> torch.Tensor:
+    def _message_mask(self, text: str, message: str, offsets: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """True at the tokens of `text` that belong to `message` (its last occurrence): what the fact memory reads,
-        not the chat template's scaffolding."""
-        if not getattr(self.tokenizer, "is_fast", False):
-            return torch.ones(len(self.tokenizer(text, add_special_tokens=False).input_ids), dtype=torch.bool)
-        _, offsets = self._tokens_with_offsets(text)
+        not the chat template's scaffolding. `offsets`: `text`'s token offsets, when the caller has them."""
+        if offsets is None:
+            if not getattr(self.tokenizer, "is_fast", False):
+                return torch.ones(len(self.tokenizer(text, add_special_tokens=False).input_ids), dtype=torch.bool)
+            _, offsets = self._tokens_with_offsets(text)
         at = text.rindex(message)
         return torch.tensor([a < at + len(message) and b > at for a, b in offsets], dtype=torch.bool)
 

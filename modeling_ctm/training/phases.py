@@ -35,7 +35,7 @@ from .allocator import keep_freed_memory
 from .distillation import DistillationConfig
 from .finish import PhaseResult, finish_phase
 from .phase_names import phase_name
-from .recipe_config import OnlinePhaseConfig, RecipeConfig, sleep_callback
+from .recipe_config import OnlinePhaseConfig, RecipeConfig, resolve_base, sleep_callback
 from .run_data import Data, conversation_script, held_out_recall_rows, phase1_data, recall_warmup_rows
 from .trainers import ContinuityTrainer, CTMTrainer, recall_accuracy
 from .transitions import FREEZE_CHOICES, freeze_for_thinking, language_config, start_continuity, start_thinking
@@ -43,8 +43,9 @@ from .trunk_cache import TrunkCache, TrunkCacheTrainer
 
 
 __all__ = [
-    "FREEZE_CHOICES", "PHASES", "BasePhase", "ContinuityPhase", "LanguagePhase", "OnlinePhase", "PhaseRecipe", "ThinkingPhase",
-    "freeze_for_thinking", "get_phase", "language_config", "online_session", "start_continuity", "start_thinking",
+    "FREEZE_CHOICES", "PHASES", "BasePhase", "ContinuityPhase", "LanguagePhase", "OnlinePhase", "PhaseRecipe",
+    "ThinkingPhase", "freeze_for_thinking", "get_phase", "language_config", "online_session", "start_continuity",
+    "start_thinking",
 ]  # fmt: skip
 
 RECALL_WARMUP_FOLDER = "recall-warmup"  # inside phase 1's folder: the warm-up stage's Trainer output
@@ -170,11 +171,8 @@ class LanguagePhase(PhaseRecipe):
 def load_base(source: str, dtype: torch.dtype = torch.float32) -> CTMForCausalLM:
     """A base (`base.source`) as a CTM model with no thinking layers: a converted folder loads as it is, a named
     source or a Llama-family folder converts exactly (`CTMForCausalLM.from_llama`)."""
-    from ..hub.sources import resolve_source
-
-    folder, gguf_file = resolve_source(source)
-    config_file = Path(folder) / "config.json"
-    if gguf_file is None and config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "ctm":
+    folder, gguf_file, converted = resolve_base(source)
+    if converted:
         model = CTMForCausalLM.from_pretrained(folder, dtype=dtype)
         if model.config.ctm_layer_indices:
             raise ValueError(f"base.source={source!r} is invalid: it has thinking layers (ctm_layers="

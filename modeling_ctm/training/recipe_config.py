@@ -525,14 +525,23 @@ class RecipeConfig:
                 raise RecipeConfigError(f"sleep: {error}") from None
 
 
-def base_config(source: str) -> CTMConfig:
-    """The decoder config of a base (`base.source`): a converted CTM folder's own, or a Llama-family config (a GGUF's
-    header for a named source) converted; its config only, no weight is read."""
+def resolve_base(source: str) -> tuple[str, str | None, bool]:
+    """Where a base (`base.source`) lives: (folder, GGUF file or None, whether the folder is a converted CTM model
+    rather than a Llama-family checkpoint to convert)."""
     from ..hub.sources import resolve_source
 
     folder, gguf_file = resolve_source(source)
     config_file = Path(folder) / "config.json"
-    if gguf_file is None and config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "ctm":
+    if gguf_file is not None or not config_file.is_file():
+        return folder, gguf_file, False
+    return folder, gguf_file, json.loads(config_file.read_text()).get("model_type") == "ctm"
+
+
+def base_config(source: str) -> CTMConfig:
+    """The decoder config of a base (`base.source`): a converted CTM folder's own, or a Llama-family config (a GGUF's
+    header for a named source) converted; its config only, no weight is read."""
+    folder, gguf_file, converted = resolve_base(source)
+    if converted:
         config = CTMConfig.from_pretrained(folder)
         return CTMConfig.from_dict({**config.to_dict(), "ctm_layers": "none"})
     from transformers import AutoConfig
